@@ -1,0 +1,47 @@
+"""The `consortium` command: everything a user does that is not kubectl or helm.
+
+Each subcommand lives in its own module with two functions, `add_arguments(parser)` and
+`run(args) -> int`; modules are imported only when their subcommand runs, so `consortium --help`
+stays fast and a subcommand's heavy imports (llama.cpp, kubernetes) cost nothing elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("consortium.commands.generate", "generate text, single-node or split into stages in one process"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="consortium", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        _lazy_arguments(p, module_name)
+    return parser
+
+
+def _lazy_arguments(parser: argparse.ArgumentParser, module_name: str) -> None:
+    # Arguments are declared by the subcommand's module; importing it is cheap by convention
+    # (heavy imports happen inside run()).
+    importlib.import_module(module_name).add_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `consortium` subcommand (see consortium.cli)."""
