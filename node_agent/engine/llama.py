@@ -1,0 +1,124 @@
+"""Checked access to llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Only what the stage engine needs: loading a model and a context, the evaluation callback that
+captures a layer's output and stops the rest of the graph, and the build's identity. The ggml
+functions the callback needs live in libggml-base, which llama-cpp-python ships but does not bind.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+from pathlib import Path
+
+import llama_cpp
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused or failed an operation."""
+
+
+@functools.cache
+def _ggml_base() -> ctypes.CDLL:
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        if (lib_dir / name).exists():
+            lib = ctypes.CDLL(str(lib_dir / name))
+            break
+    else:  # a build that links ggml statically into libllama
+        lib = ctypes.CDLL(str(next(lib_dir.glob("libllama.*"))))
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_nelements.argtypes = [ctypes.c_void_p]
+    lib.ggml_nelements.restype = ctypes.c_int64
+    lib.ggml_nrows.argtypes = [ctypes.c_void_p]
+    lib.ggml_nrows.restype = ctypes.c_int64
+    lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+    lib.ggml_is_contiguous.restype = ctypes.c_bool
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_version.restype = ctypes.c_char_p
+    lib.ggml_commit.restype = ctypes.c_char_p
+    return lib
+
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            if not os.environ.get("CONSORTIUM_LLAMA_VERBOSE"):
+                llama_cpp.llama_log_set(_silent_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+@llama_cpp.llama_log_callback
+def _silent_log(level, text, user_data):  # noqa: ARG001 - llama.cpp logs every tensor at load time
+    return None
+
+
+def build_info() -> dict:
+    """The llama.cpp build this process runs: what a stage output is bit-exact against."""
+    lib = _ggml_base()
+    system = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "ggml_version": lib.ggml_version().decode(),
+        "commit": lib.ggml_commit().decode(),
+        "system_info": system,
+    }
+
+
+def detect_backend() -> str:
+    """What llama.cpp actually offloads to on this machine: cuda, metal or cpu (never a claim)."""
+    init_backend()
+    if not llama_cpp.llama_supports_gpu_offload():
+        return "cpu"
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").upper()
+    for name in ("CUDA", "METAL", "VULKAN", "HIP", "SYCL"):
+        if name in info:
+            return name.lower()
+    return "gpu"
+
+
+class LayerOutputCapture:
+    """An eval callback that copies `l_out-<layer>` out of the graph and stops the rest of it.
+
+    Returning false after the copy makes ggml's scheduler skip the remaining nodes of that graph
+    split, so a non-final stage never computes the final norm and LM head (on CPU: one split).
+    """
+
+    def __init__(self, layer: int):
+        self.name = f"l_out-{layer}".encode()
+        self.data: bytearray | None = None
+        self.rows = 0
+        self.width = 0
+        self.error: str | None = None  # an exception cannot cross the C callback; it is reported here
+        self._lib = _ggml_base()
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
+
+    def reset(self) -> None:
+        self.data, self.rows, self.width, self.error = None, 0, 0, None
+
+    def _on_tensor(self, tensor, ask, user_data):  # noqa: ARG002
+        lib = self._lib
+        if lib.ggml_get_name(tensor) != self.name:
+            return False if ask else True
+        if ask:
+            return True
+        nbytes = lib.ggml_nbytes(tensor)
+        n = lib.ggml_nelements(tensor)
+        if not lib.ggml_is_contiguous(tensor) or nbytes != 4 * n:
+            self.error = f"layer output is not contiguous float32 ({nbytes} bytes for {n} elements)"
+            return False
+        buf = bytearray(nbytes)
+        lib.ggml_backend_tensor_get(tensor, (ctypes.c_char * nbytes).from_buffer(buf), 0, nbytes)
+        self.data, self.rows, self.width = buf, lib.ggml_nrows(tensor), n // max(1, lib.ggml_nrows(tensor))
+        return False  # stop: nothing after this layer is needed

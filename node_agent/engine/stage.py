@@ -1,0 +1,226 @@
+"""A loaded pipeline stage: a llama.cpp context over one stage file.
+
+The first stage takes token ids, later stages take float32 hidden states (one row per token, written
+into llama_batch.embd). A non-final stage returns the hidden state of its last layer for every row,
+captured by an eval callback that also stops the graph there; the final stage returns logits. Each
+stage has its own KV cache holding several sequences (sessions), each of which can be truncated to a
+position so that a replay or a rollback continues from there.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import threading
+
+import llama_cpp
+import numpy as np
+
+from consortium.layers import LayerRange
+from node_agent.engine import llama as ll
+
+
+class StageInputError(ValueError):
+    """The input does not fit this stage: wrong kind, width, count, position or non-finite values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    threads: int = 0              # 0: every core of this machine
+    n_ctx: int = 2048             # KV cells shared by all sequences of the stage
+    n_seq_max: int = 4            # sessions (or batched prompts) the stage holds at once
+    # Rows per llama_decode call. llama.cpp reserves n_vocab floats of logits per output row even on
+    # stages that never compute logits, and every row of a non-final stage is an output, so this
+    # bounds that memory (64 rows x 128256 vocab x 4 B = 33 MB for Llama 3).
+    n_batch: int = 64
+    repack: bool = True           # llama.cpp's CPU weight repacking (use_extra_bufts); off = other kernels
+    n_gpu_layers: int = -1        # -1: offload every layer when the build has a GPU backend
+
+    def resolved_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+class Stage:
+    def __init__(self, path: str | os.PathLike, layers: LayerRange, n_layers_total: int,
+                 config: StageConfig = StageConfig()):
+        ll.init_backend()
+        self.path = str(path)
+        self.layers = layers
+        self.is_first = layers.first == 0
+        self.is_last = layers.last == n_layers_total - 1
+        self.config = config
+        self._lock = threading.Lock()  # one llama_decode at a time per context
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.use_mmap = True
+        mparams.use_extra_bufts = bool(config.repack)
+        mparams.n_gpu_layers = (999 if config.n_gpu_layers < 0 else config.n_gpu_layers) \
+            if llama_cpp.llama_supports_gpu_offload() else 0
+        self._model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
+        if not self._model:
+            raise ll.LlamaError(f"llama.cpp could not load stage file {self.path}")
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        n_layer = llama_cpp.llama_model_n_layer(self._model)
+        if n_layer != layers.count:
+            self.close()
+            raise ll.LlamaError(f"stage file {self.path} has {n_layer} layers, expected {layers.count} ({layers})")
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = config.n_batch
+        cparams.n_ubatch = config.n_batch
+        cparams.n_seq_max = config.n_seq_max
+        cparams.n_threads = cparams.n_threads_batch = config.resolved_threads()
+        cparams.kv_unified = True  # any sequence may use the whole context
+        cparams.no_perf = True
+        self._capture = None
+        if not self.is_last:
+            self._capture = ll.LayerOutputCapture(n_layer - 1)
+            cparams.cb_eval = self._capture.callback
+            cparams.cb_eval_user_data = None
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise ll.LlamaError(f"llama.cpp could not create a context for {self.path} (n_ctx={config.n_ctx})")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(config.n_batch, 0 if self.is_first else self.n_embd, 1)
+        self.forward_steps = 0  # llama_decode calls, for the benchmark and counters
+
+    # -- sequences -------------------------------------------------------------------------------
+
+    def next_position(self, seq: int) -> int:
+        """The position the next row of `seq` must have (0 for an empty sequence)."""
+        self._check_seq(seq)
+        return int(llama_cpp.llama_memory_seq_pos_max(self._mem, seq)) + 1
+
+    def truncate(self, seq: int, position: int) -> None:
+        """Forget positions >= `position` of `seq`, so the sequence continues from there."""
+        self._check_seq(seq)
+        with self._lock:
+            if not llama_cpp.llama_memory_seq_rm(self._mem, seq, max(0, position), -1):
+                raise ll.LlamaError(f"llama.cpp could not truncate sequence {seq} at position {position}")
+
+    def clear(self, seq: int) -> None:
+        self.truncate(seq, 0)
+
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < self.config.n_seq_max:
+            raise StageInputError(f"sequence {seq} out of range: this stage holds {self.config.n_seq_max} (0-{self.config.n_seq_max - 1})")
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, seq: int, position: int, *, tokens=None, hidden=None, all_logits: bool = False) -> np.ndarray:
+        """Run rows at positions position.. of sequence `seq` through the stage.
+
+        Returns float32 [n, n_embd] hidden states on a non-final stage; on the final stage, logits
+        [1, n_vocab] for the last row (or [n, n_vocab] for every row with all_logits).
+        """
+        rows = self._check_input(seq, position, tokens, hidden)
+        n = len(rows)
+        outputs = []
+        with self._lock:
+            for start in range(0, n, self.config.n_batch):
+                chunk = rows[start:start + self.config.n_batch]
+                last_chunk = start + len(chunk) == n
+                outputs.append(self._decode(seq, position + start, chunk, all_logits, last_chunk))
+        outputs = [o for o in outputs if o is not None]
+        return np.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
+
+    def _check_input(self, seq, position, tokens, hidden):
+        self._check_seq(seq)
+        if (tokens is None) == (hidden is None):
+            raise StageInputError("give either token ids or hidden states")
+        if self.is_first and tokens is None:
+            raise StageInputError(f"stage {self.layers} is the first stage: it takes token ids, not hidden states")
+        if not self.is_first and hidden is None:
+            raise StageInputError(f"stage {self.layers} takes hidden states of width {self.n_embd}, not token ids")
+        if tokens is not None:
+            rows = np.asarray(tokens)
+            if rows.ndim != 1 or rows.size == 0 or not np.issubdtype(rows.dtype, np.integer):
+                raise StageInputError(f"token ids must be a non-empty 1-D integer array, got shape {rows.shape} {rows.dtype}")
+            bad = rows[(rows < 0) | (rows >= self.n_vocab)]
+            if bad.size:
+                raise StageInputError(f"token id {int(bad[0])} is outside the vocabulary (0-{self.n_vocab - 1})")
+            rows = rows.astype(np.int32)
+        else:
+            rows = np.asarray(hidden)
+            if rows.ndim != 2 or rows.shape[0] == 0:
+                raise StageInputError(f"hidden states must be [tokens, {self.n_embd}], got shape {rows.shape}")
+            if rows.shape[1] != self.n_embd:
+                raise StageInputError(f"hidden states have width {rows.shape[1]}, stage {self.layers} expects {self.n_embd}")
+            if rows.dtype != np.float32:
+                raise StageInputError(f"hidden states must be float32, got {rows.dtype}")
+            if not np.isfinite(rows).all():
+                raise StageInputError("hidden states contain NaN or Inf")
+            rows = np.ascontiguousarray(rows)
+        expected = self.next_position(seq)
+        if position != expected:
+            raise StageInputError(f"sequence {seq} continues at position {expected}, not {position} "
+                                  f"(truncate it first to replay from an earlier position)")
+        if position + len(rows) > self.config.n_ctx:
+            raise StageInputError(f"{position + len(rows)} positions do not fit the context of {self.config.n_ctx}")
+        return rows
+
+    def _decode(self, seq: int, position: int, rows: np.ndarray, all_logits: bool, last_chunk: bool):
+        b = self._batch
+        n = len(rows)
+        b.n_tokens = n
+        if self.is_first:
+            ctypes.memmove(b.token, rows.ctypes.data, rows.nbytes)
+        else:
+            ctypes.memmove(b.embd, rows.ctypes.data, rows.nbytes)
+        want_logits = self.is_last and (all_logits or last_chunk)
+        for i in range(n):
+            b.pos[i] = position + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            # Every row of a non-final stage is an output: llama.cpp drops non-output rows inside
+            # the last layer, and the next stage needs them all.
+            b.logits[i] = 1 if not self.is_last else int(all_logits or (last_chunk and i == n - 1)) if want_logits else 0
+        if self._capture is not None:
+            self._capture.reset()
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        self.forward_steps += 1
+        if rc != 0:
+            raise ll.LlamaError(f"llama_decode failed with code {rc}" + (" (no room in the KV cache)" if rc == 1 else ""))
+        if self._capture is not None:
+            cap = self._capture
+            if cap.error or cap.data is None:
+                raise ll.LlamaError(cap.error or "the stage's last layer output was not captured")
+            if cap.rows != n or cap.width != self.n_embd:
+                raise ll.LlamaError(f"captured {cap.rows}x{cap.width} hidden states, expected {n}x{self.n_embd}")
+            return np.frombuffer(cap.data, dtype=np.float32).reshape(n, self.n_embd).copy()
+        if not want_logits:
+            return None
+        idx = range(n) if all_logits else [n - 1]
+        out = np.empty((len(idx), self.n_vocab), dtype=np.float32)
+        for j, i in enumerate(idx):
+            ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
+            out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
