@@ -1,0 +1,116 @@
+"""The token loop, written once for every way of running the stages.
+
+A pipeline turns the rows of one sequence at a position into the final stage's logits for the last
+row; in process (node_agent.engine.pipeline.LocalPipeline) or over the network (the session driver).
+This module prefills the prompt, samples, feeds each token back, and keeps the figures a report
+needs: per-token latency, per-stage time, prefill time and decode rate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+
+from consortium.sampling import SamplingParams, sample
+
+
+class Pipeline(Protocol):
+    n_stages: int
+
+    def forward(self, seq: int, position: int, tokens: np.ndarray) -> np.ndarray:
+        """Logits [n_vocab] of the last row of `tokens`, placed at `position`.. of sequence `seq`."""
+
+    def stage_ms(self) -> list[float]:
+        """Milliseconds each stage spent in the last forward call."""
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    prefill_ms: float
+    token_ms: list[float]                  # wall time of each generated token (the first includes prefill)
+    stage_ms: list[list[float]]            # per generated token, per stage
+    stopped: str                           # "max_tokens" or "end_of_generation"
+
+    @property
+    def decode_s(self) -> float:
+        return sum(self.token_ms[1:]) / 1000.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode rate: tokens after the first over the time they took (prefill excluded)."""
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def per_stage_mean_ms(self) -> list[float]:
+        rows = self.stage_ms[1:] or self.stage_ms
+        return [float(np.mean(col)) for col in zip(*rows)] if rows else []
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": len(self.prompt_tokens),
+            "tokens": self.tokens,
+            "text": self.text,
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "prefill_ms": round(self.prefill_ms, 3),
+            "token_ms": [round(x, 3) for x in self.token_ms],
+            "per_stage_ms": [round(x, 3) for x in self.per_stage_mean_ms()],
+            "stopped": self.stopped,
+        }
+
+
+def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
+             sampling: SamplingParams = SamplingParams(), is_end: Callable[[int], bool] | None = None,
+             detokenize: Callable[[list[int]], str] | None = None, seq: int = 0,
+             progress: Callable[[int, int, float], None] | None = None) -> GenerationResult:
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    if not prompt_tokens:
+        raise ValueError("the prompt is empty")
+    tokens: list[int] = []
+    token_ms: list[float] = []
+    stage_ms: list[list[float]] = []
+    position = 0
+    feed = np.asarray(prompt_tokens, dtype=np.int32)
+    prefill_ms = 0.0
+    stopped = "max_tokens"
+    while len(tokens) < max_tokens:
+        t0 = time.perf_counter()
+        logits = pipeline.forward(seq, position, feed)
+        position += len(feed)
+        token = sample(logits, position, sampling)  # position: where the new token will sit
+        dt = (time.perf_counter() - t0) * 1000.0
+        if not tokens:
+            prefill_ms = dt
+        tokens.append(token)
+        token_ms.append(dt)
+        stage_ms.append(pipeline.stage_ms())
+        if progress:
+            progress(len(tokens), max_tokens, dt)
+        if is_end is not None and is_end(token):
+            stopped = "end_of_generation"
+            break
+        feed = np.asarray([token], dtype=np.int32)
+    text = detokenize(tokens) if detokenize else ""
+    return GenerationResult(list(prompt_tokens), tokens, text, prefill_ms, token_ms, stage_ms, stopped)
+
+
+def terminal_progress(label: str) -> Callable[[int, int, float], None] | None:
+    """A one-line progress display on a terminal; nothing when output is redirected."""
+    if not sys.stderr.isatty():
+        return None
+    start = time.perf_counter()
+
+    def show(done: int, total: int, _ms: float) -> None:
+        elapsed = time.perf_counter() - start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        end = "\n" if done == total else ""
+        sys.stderr.write(f"\r{label}: {done}/{total} tokens, {rate:.1f} tok/s\x1b[K{end}")
+        sys.stderr.flush()
+
+    return show

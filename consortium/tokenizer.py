@@ -1,0 +1,73 @@
+"""Tokenizer and chat template of a GGUF model, read with llama.cpp from the model file itself.
+
+Only the vocabulary is loaded (no weights), so the session driver can tokenize and detokenize on a
+machine that runs no stage. The prompt is rendered with the model's own chat template; a BOS token
+is added only when the vocabulary asks for one and the template did not already write it.
+"""
+from __future__ import annotations
+
+import os
+
+import llama_cpp
+from llama_cpp import _internals
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | os.PathLike):
+        from node_agent.engine.llama import init_backend  # silences llama.cpp's load log
+
+        init_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self._model = _internals.LlamaModel(path_model=str(model_path), params=params, verbose=False)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
+        self.n_vocab = self._model.n_vocab()
+        self.bos_id = self._model.token_bos()
+        self.eos_id = self._model.token_eos()
+        template = llama_cpp.llama_model_chat_template(self._model.model, None)
+        self.chat_template = template.decode("utf-8") if template else None
+
+    def token_text(self, token: int) -> str:
+        return self._model.token_get_text(token) if 0 <= token < self.n_vocab else ""
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        add_bos = self._model.add_bos_token() and not (
+            self.bos_id >= 0 and text.startswith(self.token_text(self.bos_id)))
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos, special))
+
+    def decode(self, tokens: list[int]) -> str:
+        return self._model.detokenize(list(tokens), special=False).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The prompt text for chat `messages`, through the model's own template."""
+        if not self.chat_template:
+            if len(messages) == 1 and messages[0].get("role") == "user":
+                return messages[0]["content"]  # a base model: the prompt as it is
+            raise ValueError("this model has no chat template; give a plain prompt instead of messages")
+        formatter = Jinja2ChatFormatter(
+            template=self.chat_template,
+            eos_token=self.token_text(self.eos_id) if self.eos_id >= 0 else "",
+            bos_token=self.token_text(self.bos_id) if self.bos_id >= 0 else "",
+            add_generation_prompt=True)
+        return formatter(messages=messages).prompt
+
+    def prompt_tokens(self, prompt: str | None = None, messages: list[dict] | None = None,
+                      *, raw: bool = False) -> list[int]:
+        """Token ids for a user prompt (wrapped in the chat template unless raw) or chat messages."""
+        if messages is None:
+            if prompt is None:
+                raise ValueError("give a prompt or chat messages")
+            if raw:
+                return self.encode(prompt, special=False)
+            messages = [{"role": "user", "content": prompt}]
+        return self.encode(self.render_chat(messages))
+
+    def close(self) -> None:
+        self._model.close()
+
+
+__all__ = ["Tokenizer"]
