@@ -20,7 +20,10 @@ import datetime as _dt
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import base64
+import binascii
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "consortium.io"
@@ -45,6 +48,18 @@ MAX_AUDITS = 1024
 
 HEX64 = r"^[0-9a-f]{64}$"
 LAYERS_PATTERN = r"^[0-9]{1,4}-[0-9]{1,4}$"
+
+
+def _base64(value: str) -> str:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not base64: {exc}") from None
+    return value
+
+
+# Bytes carried as standard base64, as the API server's `format: byte` checks them.
+Base64 = Annotated[str, AfterValidator(_base64), Field(json_schema_extra={"format": "byte"})]
 
 
 def _cel(rule: str, message: str, **extra: str) -> dict[str, str]:
@@ -328,7 +343,7 @@ class ReceiptSpec(_Model):
     merkle_root: str = Field(pattern=HEX64, max_length=64)
     input_digest: str = Field(pattern=HEX64, max_length=64, description="SHA-256 over the window's stage inputs.")
     grid: CanonicalGrid
-    signature: str = Field(max_length=256, json_schema_extra={"format": "byte"},
+    signature: Base64 = Field(max_length=256,
                            description="Ed25519 signature by the node, base64.")
     public_key_fingerprint: str = Field(pattern=HEX64, max_length=64,
                                         description="SHA-256 of the node's raw public key, hex.")
@@ -363,7 +378,7 @@ class ReceiptStatus(_Model):
 class ComputeNodeSpec(_Model):
     endpoint: str = Field(max_length=261, pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
                           description="host:port of the agent's gRPC server.")
-    public_key: str = Field(max_length=128, json_schema_extra={"format": "byte"},
+    public_key: Base64 = Field(max_length=128,
                             description="Raw Ed25519 public key, base64.")
     memory_bytes: int | None = Field(default=None, ge=0)
     labels: dict[str, str] | None = Field(default=None, max_length=64, description=(
