@@ -200,7 +200,7 @@ class Stage(_Model):
 
     @model_validator(mode="after")
     def _ordered(self) -> "Stage":
-        self.layer_range  # raises ValueError when start > end
+        LayerRange.parse(self.layers)  # raises ValueError when start > end
         return self
 
 
