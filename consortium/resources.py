@@ -287,13 +287,14 @@ class InferenceSessionStatus(_Model):
 
 class StageAssignmentSpec(_Model):
     model_config = ConfigDict(json_schema_extra=_extra(validations=[
-        _cel("!has(self.layerRange) || self.layerRange == "
-             "string(self.layers.start) + '-' + string(self.layers.end)",
+        # Parsed rather than formatted: string(int) has no cost bound the server can estimate.
+        _cel("!has(self.layerRange) || (int(self.layerRange.split('-')[0]) == self.layers.start "
+             "&& int(self.layerRange.split('-')[1]) == self.layers.end)",
              "layerRange must equal layers written as 'start-end'")]))
     session: str = Field(min_length=1, max_length=253)
     stage_index: int = Field(ge=0, lt=MAX_STAGES)
     layers: LayerRange
-    layer_range: str | None = Field(default=None, max_length=9, description=(
+    layer_range: str | None = Field(default=None, max_length=9, pattern=LAYERS_PATTERN, description=(
         "layers as 'start-end', for display (kubectl get); filled in by the model, checked by the server."))
     node_name: str = Field(min_length=1, max_length=253, description="The ComputeNode that runs this stage.")
     epoch: int = Field(default=0, ge=0, description="Bumped on every reassignment; stale epochs are refused.")
