@@ -9,7 +9,7 @@ import yaml
 
 from consortium import resources as r
 
-from helpers import ROOT, apply, eventually, ensure_namespace, get_json, headers, install_crds
+from k8s_helpers import ROOT, apply, ensure_namespace, get_json, headers, install_crds
 
 pytestmark = pytest.mark.k8s
 

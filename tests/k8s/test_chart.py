@@ -12,7 +12,7 @@ import yaml
 
 from consortium import resources as r
 
-from helpers import ROOT, apply, ensure_namespace, eventually, get_json, install_crds
+from k8s_helpers import ROOT, ensure_namespace, eventually, get_json, install_crds
 
 pytestmark = pytest.mark.k8s
 
