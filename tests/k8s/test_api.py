@@ -171,3 +171,17 @@ def test_status_is_a_subresource(api):
     obj["status"] = {"verdict": "Fraud"}
     apply(api, obj, NS)
     assert get_json(api, "receipt", "status-ignored", "-n", NS).get("status", {}).get("verdict") is None
+
+
+@pytest.mark.parametrize("patch_file, expected", [
+    ("n0-coordinator.patch.yaml", {r.LABEL_ACCELERATOR: "cuda", r.LABEL_COORDINATOR: "true", r.LABEL_VERIFIER: "true"}),
+    ("n1-worker.patch.yaml", {r.LABEL_ACCELERATOR: "cuda", r.LABEL_WORKER: "true"}),
+])
+def test_node_label_patches_label_a_node(api, patch_file, expected):
+    # No kubelet runs here, so the Node object is made by hand, as a k3s agent would register it.
+    name = patch_file.split(".")[0]
+    apply(api, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+    api.kubectl("patch", "node", name, "--type", "merge", "--patch-file", str(ROOT / "manifests/nodes" / patch_file))
+    labels = get_json(api, "node", name)["metadata"]["labels"]
+    assert {k: v for k, v in labels.items() if k.startswith("consortium.io/")} == expected
+    api.kubectl("delete", "node", name)
