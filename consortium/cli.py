@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("consortium.commands.generate", "generate text, single-node or split into stages in one process"),
+    "cluster": ("consortium.commands.cluster", "start, stop or inspect the local Kubernetes control plane"),
 }
 
 
@@ -20,17 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="consortium", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    # Arguments are declared by each subcommand's module; importing it is cheap by convention
+    # (heavy imports happen inside run()).
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # A subcommand whose module is not in this checkout (yet) must not break the others.
+            if e.name != module_name:
+                raise
+            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        _lazy_arguments(p, module_name)
+        module.add_arguments(p)
     return parser
-
-
-def _lazy_arguments(parser: argparse.ArgumentParser, module_name: str) -> None:
-    # Arguments are declared by the subcommand's module; importing it is cheap by convention
-    # (heavy imports happen inside run()).
-    importlib.import_module(module_name).add_arguments(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,176 @@
+"""The Helm chart on a real API server: it lints, renders into objects the server accepts, installs,
+and its two ServiceAccounts can do exactly what the chart says (tokens from `kubectl create token`).
+
+No kubelet runs here, so the Deployment and DaemonSet never start pods; the operator and agent
+processes run elsewhere with these same tokens (DESIGN.md §7)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from consortium import resources as r
+
+from k8s_helpers import ROOT, ensure_namespace, eventually, get_json, install_crds
+
+pytestmark = pytest.mark.k8s
+
+CHART = str(ROOT / "charts/consortium")
+RELEASE = "consortium"
+NS = "consortium-system"
+SESSIONS = "rbac-sessions"
+HEX = "cd" * 32
+
+
+def test_helm_lint(cluster):
+    done = cluster.helm("lint", "--strict", CHART)
+    assert "0 chart(s) failed" in done.stdout
+
+
+@pytest.mark.parametrize("values", [[], ["--set", "models.type=pvc", "--set", "models.existingClaim=models",
+                                         "--set", "agent.hostNetwork=true", "--set", "devPlaintext=true"]],
+                         ids=["defaults", "pvc-hostnetwork-plaintext"])
+def test_rendered_chart_is_accepted_by_the_server(cluster, values):
+    ensure_namespace(cluster, NS)
+    rendered = cluster.helm("template", RELEASE, CHART, "-n", NS, "--include-crds", *values).stdout
+    done = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+    for kind in ("deployment.apps/consortium-operator", "daemonset.apps/consortium-agent",
+                 "clusterrole.rbac.authorization.k8s.io/consortium-operator",
+                 "validatingadmissionpolicy.admissionregistration.k8s.io/consortium-agents-cannot-approve",
+                 "customresourcedefinition.apiextensions.k8s.io/receipts.consortium.io"):
+        assert kind in done.stdout
+
+
+def test_daemonset_runs_only_on_accelerator_labels(cluster):
+    rendered = cluster.helm("template", RELEASE, CHART, "-n", NS, "--show-only", "templates/agent-daemonset.yaml").stdout
+    ds = yaml.safe_load(rendered)
+    terms = ds["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [{"key": r.LABEL_ACCELERATOR, "operator": "In", "values": ["cuda", "metal"]}]}]
+    assert ds["spec"]["template"]["spec"]["serviceAccountName"] == "consortium-agent"
+    assert ds["spec"]["template"]["spec"]["containers"][0]["command"] == ["node-agent"]
+
+
+def test_bad_model_source_is_refused_at_render_time(cluster):
+    done = cluster.helm("template", RELEASE, CHART, "--set", "models.type=nfs", check=False)
+    assert done.returncode != 0 and "models.type must be hostPath, pvc or none" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def installed(cluster):
+    install_crds(cluster)
+    ensure_namespace(cluster, SESSIONS)
+    cluster.helm("upgrade", "--install", RELEASE, CHART, "-n", NS, "--create-namespace")
+    cluster.kubectl("apply", "-n", SESSIONS, "-f", str(ROOT / "manifests/sessions/minimal.yaml"))
+    tokens = {who: cluster.create_token(f"{RELEASE}-{who}", NS) for who in ("operator", "agent")}
+    yield cluster, tokens
+    cluster.helm("uninstall", RELEASE, "-n", NS, check=False)
+
+
+def _as(installed, who, *args, input=None):
+    cluster, tokens = installed
+    return cluster.kubectl(*args, token=tokens[who], input=input, check=False)
+
+
+def _forbidden(done) -> bool:
+    return done.returncode != 0 and "forbidden" in done.stderr.lower()
+
+
+def _can(installed, who, verb, resource, namespace=None, subresource=None) -> bool:
+    args = ["auth", "can-i", verb, resource] + (["-n", namespace] if namespace else []) + \
+        ([f"--subresource={subresource}"] if subresource else [])
+    return _as(installed, who, *args).stdout.strip() == "yes"
+
+
+def _wait_until_bound(installed, who, verb, resource):
+    # Without this, a "forbidden" below could mean only that the bindings had not arrived yet.
+    def check():
+        assert _can(installed, who, verb, resource)
+    eventually(check)
+
+
+def test_operator_can_drive_sessions(installed):
+    def check():
+        done = _as(installed, "operator", "patch", "inferencesession", "minimal", "-n", SESSIONS,
+                   "--subresource=status", "--type=merge", "-p", json.dumps({"status": {"phase": "Scheduling"}}))
+        assert done.returncode == 0, done.stderr
+    eventually(check)
+    assert get_json(installed[0], "inferencesession", "minimal", "-n", SESSIONS)["status"]["phase"] == "Scheduling"
+    assignment = r.StageAssignment(metadata={"name": "minimal-s0"}, spec=r.StageAssignmentSpec(
+        session="minimal", stage_index=0, layers=r.LayerRange(start=0, end=29), node_name="n0")).to_k8s()
+    done = _as(installed, "operator", "apply", "-n", SESSIONS, "-f", "-", input=json.dumps(assignment))
+    assert done.returncode == 0, done.stderr
+    receipt = r.Receipt(metadata={"name": "minimal-s0-w0"}, spec=r.ReceiptSpec(
+        session="minimal", stage=0, node="n0", epoch=0, window=r.Window(start=0, count=1), commitments=[HEX],
+        merkle_root=HEX, input_digest=HEX, grid=r.CanonicalGrid(), signature="c2ln",
+        public_key_fingerprint=HEX)).to_k8s()
+    done = _as(installed, "operator", "create", "-n", SESSIONS, "-f", "-", input=json.dumps(receipt))
+    assert done.returncode == 0, done.stderr
+    assert _can(installed, "operator", "create", "events", SESSIONS)
+    assert _can(installed, "operator", "watch", "leases", NS)
+    assert _can(installed, "operator", "patch", "computenodes", subresource="status")
+
+
+def test_operator_cannot_read_secrets_or_delete_sessions(installed):
+    _wait_until_bound(installed, "operator", "list", "inferencesessions")
+    assert _forbidden(_as(installed, "operator", "get", "secrets", "-n", NS))
+    assert _forbidden(_as(installed, "operator", "get", "secrets", "-n", SESSIONS))
+    assert _forbidden(_as(installed, "operator", "delete", "inferencesession", "minimal", "-n", SESSIONS))
+    assert _forbidden(_as(installed, "operator", "get", "pods", "-n", NS))
+    assert not _can(installed, "operator", "create", "leases", NS)
+
+
+def test_agent_registers_and_reports_its_node(installed):
+    node = r.ComputeNode(metadata={"name": "agent-registered"}, spec=r.ComputeNodeSpec(
+        endpoint="10.0.0.7:50051", public_key="0fT6pV3b9dEwFz3m2p6s8b1xQk2o9u7c4a5Wm3nYt1A=",
+        labels={r.LABEL_ACCELERATOR: "cuda"})).to_k8s()
+
+    def check():
+        done = _as(installed, "agent", "apply", "-f", "-", input=json.dumps(node))
+        assert done.returncode == 0, done.stderr
+    eventually(check)
+    done = _as(installed, "agent", "patch", "computenode", "agent-registered", "--subresource=status",
+               "--type=merge", "-p", json.dumps({"status": {"backend": "cpu", "llamaCpp": {"version": "0.3.36"}}}))
+    assert done.returncode == 0, done.stderr
+    assert get_json(installed[0], "computenode", "agent-registered")["status"]["backend"] == "cpu"
+    lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+             "metadata": {"name": "agent-registered", "namespace": NS},
+             "spec": {"holderIdentity": "agent-registered", "leaseDurationSeconds": 15}}
+    assert _as(installed, "agent", "apply", "-f", "-", input=json.dumps(lease)).returncode == 0
+    assert _can(installed, "agent", "watch", "stageassignments", SESSIONS)
+    assert _can(installed, "agent", "patch", "stageassignments", SESSIONS, subresource="status")
+
+
+def test_agent_cannot_approve_itself(installed):
+    _as(installed, "agent", "apply", "-f", "-", input=json.dumps(r.ComputeNode(
+        metadata={"name": "agent-greedy"}, spec=r.ComputeNodeSpec(
+            endpoint="10.0.0.8:50051", public_key="0fT6pV3b9dEwFz3m2p6s8b1xQk2o9u7c4a5Wm3nYt1A=")).to_k8s()))
+
+    def refused():
+        done = _as(installed, "agent", "patch", "computenode", "agent-greedy", "--type=merge",
+                   "-p", json.dumps({"spec": {"approved": True}}))
+        assert done.returncode != 0 and "a node agent cannot approve a ComputeNode" in done.stderr, done.stderr
+    eventually(refused)  # the admission policy takes effect a moment after install
+    greedy = r.ComputeNode(metadata={"name": "agent-approved-at-birth"}, spec=r.ComputeNodeSpec(
+        endpoint="10.0.0.9:50051", public_key="0fT6pV3b9dEwFz3m2p6s8b1xQk2o9u7c4a5Wm3nYt1A=", approved=True))
+    done = _as(installed, "agent", "create", "-f", "-", input=json.dumps(greedy.to_k8s()))
+    assert done.returncode != 0 and "a node agent cannot approve a ComputeNode" in done.stderr
+    # The admin still can.
+    installed[0].kubectl("patch", "computenode", "agent-greedy", "--type=merge", "-p", '{"spec":{"approved":true}}')
+    assert get_json(installed[0], "computenode", "agent-greedy")["spec"]["approved"] is True
+
+
+def test_agent_cannot_touch_sessions_receipts_or_secrets(installed):
+    _wait_until_bound(installed, "agent", "get", "computenodes")
+    assert _forbidden(_as(installed, "agent", "delete", "inferencesession", "minimal", "-n", SESSIONS))
+    assert _forbidden(_as(installed, "agent", "get", "inferencesessions", "-n", SESSIONS))
+    receipt = {"apiVersion": r.API_VERSION, "kind": "Receipt", "metadata": {"name": "forged", "namespace": SESSIONS},
+               "spec": {"session": "minimal", "stage": 0, "node": "n", "epoch": 0, "window": {"start": 0, "count": 1},
+                        "commitments": [HEX], "merkleRoot": HEX, "inputDigest": HEX, "grid": {},
+                        "signature": "c2ln", "publicKeyFingerprint": HEX}}
+    assert _forbidden(_as(installed, "agent", "create", "-f", "-", input=json.dumps(receipt)))
+    assert _forbidden(_as(installed, "agent", "get", "secrets", "-n", NS))
+    assert _forbidden(_as(installed, "agent", "delete", "computenode", "agent-registered"))
+    assert not _can(installed, "agent", "create", "leases", SESSIONS)
+    assert not _can(installed, "agent", "create", "stageassignments", SESSIONS)
