@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("consortium.commands.generate", "generate text, single-node or split into stages in one process"),
+    "bench": ("consortium.commands.bench", "benchmarks with figures measured side by side in one run"),
     "cluster": ("consortium.commands.cluster", "start, stop or inspect the local Kubernetes control plane"),
 }
 

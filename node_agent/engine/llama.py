@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 
 class LlamaError(RuntimeError):
@@ -93,19 +99,56 @@ class LayerOutputCapture:
 
     Returning false after the copy makes ggml's scheduler skip the remaining nodes of that graph
     split, so a non-final stage never computes the final norm and LM head (on CPU: one split).
+    ggml asks the callback about every node of the graph, so the callback is the C function in
+    capture.c, compiled once with the system's C compiler and cached; where no compiler is found
+    the same logic runs in Python, correct but slower (a few microseconds per node).
     """
 
-    def __init__(self, layer: int):
+    def __init__(self, layer: int, max_rows: int, width: int):
         self.name = f"l_out-{layer}".encode()
-        self.data: bytearray | None = None
+        self.width = width
+        self.buffer = np.empty((max_rows, width), dtype=np.float32)
         self.rows = 0
-        self.width = 0
-        self.error: str | None = None  # an exception cannot cross the C callback; it is reported here
+        self.error: str | None = None
         self._lib = _ggml_base()
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
+        native = _native_capture()
+        if native is not None:
+            lib = self._lib
+            addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+            self._state = _CaptureState(
+                addr(lib.ggml_get_name), addr(lib.ggml_nbytes), addr(lib.ggml_nrows), addr(lib.ggml_is_contiguous),
+                addr(lib.ggml_backend_tensor_get), self.name, self.buffer.ctypes.data, self.buffer.nbytes)
+            self.callback = llama_cpp.ggml_backend_sched_eval_callback(ctypes.cast(native, ctypes.c_void_p).value)
+            self.user_data = ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p)
+            self.native = True
+        else:
+            self._state = None
+            self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
+            self.user_data = None
+            self.native = False
 
     def reset(self) -> None:
-        self.data, self.rows, self.width, self.error = None, 0, 0, None
+        self.rows, self.error = 0, None
+        if self._state is not None:
+            self._state.status, self._state.got_rows, self._state.got_bytes = 0, 0, 0
+
+    def result(self, n_rows: int) -> np.ndarray:
+        """The captured rows as a new array, or LlamaError if the capture did not happen as expected."""
+        if self._state is not None:
+            st = self._state
+            if st.status == 2:
+                raise LlamaError(f"layer output of {st.got_bytes} bytes exceeds the capture buffer")
+            if st.status == 3:
+                raise LlamaError("layer output tensor is not contiguous")
+            self.rows = st.got_rows if st.status == 1 else 0
+            got = st.got_bytes if st.status == 1 else 0
+        else:
+            if self.error:
+                raise LlamaError(self.error)
+            got = self.rows * self.width * 4
+        if self.rows != n_rows or got != n_rows * self.width * 4:
+            raise LlamaError(f"captured {self.rows} rows ({got} bytes) of layer output, expected {n_rows}x{self.width}")
+        return self.buffer[:n_rows].copy()
 
     def _on_tensor(self, tensor, ask, user_data):  # noqa: ARG002
         lib = self._lib
@@ -115,10 +158,41 @@ class LayerOutputCapture:
             return True
         nbytes = lib.ggml_nbytes(tensor)
         n = lib.ggml_nelements(tensor)
-        if not lib.ggml_is_contiguous(tensor) or nbytes != 4 * n:
-            self.error = f"layer output is not contiguous float32 ({nbytes} bytes for {n} elements)"
+        if not lib.ggml_is_contiguous(tensor) or nbytes != 4 * n or nbytes > self.buffer.nbytes:
+            self.error = f"layer output is not contiguous float32 that fits ({nbytes} bytes for {n} elements)"
             return False
-        buf = bytearray(nbytes)
-        lib.ggml_backend_tensor_get(tensor, (ctypes.c_char * nbytes).from_buffer(buf), 0, nbytes)
-        self.data, self.rows, self.width = buf, lib.ggml_nrows(tensor), n // max(1, lib.ggml_nrows(tensor))
+        lib.ggml_backend_tensor_get(tensor, self.buffer.ctypes.data, 0, nbytes)
+        self.rows = lib.ggml_nrows(tensor)
         return False  # stop: nothing after this layer is needed
+
+
+class _CaptureState(ctypes.Structure):
+    # Mirrors struct capture in capture.c.
+    _fields_ = [("get_name", ctypes.c_void_p), ("nbytes", ctypes.c_void_p), ("nrows", ctypes.c_void_p),
+                ("is_contiguous", ctypes.c_void_p), ("tensor_get", ctypes.c_void_p), ("name", ctypes.c_char * 64),
+                ("dst", ctypes.c_void_p), ("capacity", ctypes.c_size_t), ("got_bytes", ctypes.c_size_t),
+                ("got_rows", ctypes.c_int64), ("status", ctypes.c_int32)]
+
+
+@functools.cache
+def _native_capture():
+    """The C callback's address, compiled from capture.c once per source version; None if impossible."""
+    if os.environ.get("CONSORTIUM_PYTHON_CAPTURE"):
+        return None
+    src = Path(__file__).with_name("capture.c")
+    code = src.read_bytes()
+    key = hashlib.sha256(code + platform.machine().encode() + sys.platform.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("CONSORTIUM_CACHE", Path.home() / ".cache" / "consortium")) / "native"
+    lib_path = cache / f"capture-{key}.so"
+    if not lib_path.exists():
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not compiler:
+            return None
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = lib_path.with_suffix(f".tmp{os.getpid()}.so")
+        proc = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None
+        os.replace(tmp, lib_path)
+    return ctypes.CDLL(str(lib_path)).consortium_capture_cb

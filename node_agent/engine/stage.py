@@ -76,9 +76,9 @@ class Stage:
         cparams.no_perf = True
         self._capture = None
         if not self.is_last:
-            self._capture = ll.LayerOutputCapture(n_layer - 1)
+            self._capture = ll.LayerOutputCapture(n_layer - 1, config.n_batch, self.n_embd)
             cparams.cb_eval = self._capture.callback
-            cparams.cb_eval_user_data = None
+            cparams.cb_eval_user_data = self._capture.user_data
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self.close()
@@ -185,12 +185,7 @@ class Stage:
         if rc != 0:
             raise ll.LlamaError(f"llama_decode failed with code {rc}" + (" (no room in the KV cache)" if rc == 1 else ""))
         if self._capture is not None:
-            cap = self._capture
-            if cap.error or cap.data is None:
-                raise ll.LlamaError(cap.error or "the stage's last layer output was not captured")
-            if cap.rows != n or cap.width != self.n_embd:
-                raise ll.LlamaError(f"captured {cap.rows}x{cap.width} hidden states, expected {n}x{self.n_embd}")
-            return np.frombuffer(cap.data, dtype=np.float32).reshape(n, self.n_embd).copy()
+            return self._capture.result(n)
         if not want_logits:
             return None
         idx = range(n) if all_logits else [n - 1]
