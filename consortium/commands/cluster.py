@@ -1,7 +1,7 @@
 """`consortium cluster up|down|status`: the local Kubernetes control plane for development.
 
-`up` and `status` end with a line `KUBECONFIG=<path>`, so `eval "$(consortium cluster up | tail -1)"`
-or `export $(consortium cluster status | tail -1)` points kubectl at it.
+`up` and `status` end with a line `KUBECONFIG=<path>`, so `export "$(consortium cluster up | tail -1)"`
+points kubectl and helm at it.
 """
 from __future__ import annotations
 
