@@ -298,6 +298,11 @@ class LocalCluster:
         tmp.write_text(json.dumps(st, indent=2) + "\n")
         tmp.replace(self.state_file)
 
+    @property
+    def pids(self) -> dict[str, int]:
+        """The recorded process id of each component."""
+        return dict(self._pids)
+
     def processes(self) -> dict[str, bool]:
         """Each recorded component and whether its process is alive."""
         return {name: _pid_is(pid, name) for name, pid in self._pids.items()}
