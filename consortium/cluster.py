@@ -298,6 +298,11 @@ class LocalCluster:
         tmp.write_text(json.dumps(st, indent=2) + "\n")
         tmp.replace(self.state_file)
 
+    @property
+    def pids(self) -> dict[str, int]:
+        """The recorded process id of each component."""
+        return dict(self._pids)
+
     def processes(self) -> dict[str, bool]:
         """Each recorded component and whether its process is alive."""
         return {name: _pid_is(pid, name) for name, pid in self._pids.items()}
@@ -370,6 +375,9 @@ class LocalCluster:
                 f"--kubeconfig={self.state_dir / 'controller-manager.kubeconfig'}",
                 f"--authentication-kubeconfig={self.state_dir / 'controller-manager.kubeconfig'}",
                 f"--authorization-kubeconfig={self.state_dir / 'controller-manager.kubeconfig'}",
+                # No front proxy here: name the client CA directly instead of looking up the
+                # requestheader CA in kube-system (which does not exist and floods the log).
+                "--authentication-skip-lookup=true", f"--client-ca-file={pki / 'client-ca.crt'}",
                 "--bind-address=127.0.0.1", f"--secure-port={kcm_port}",
                 f"--cert-dir={self.state_dir / 'controller-manager-certs'}",
                 "--leader-elect=false",

@@ -39,14 +39,16 @@ all_present && done_
 GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 [ -x "$GO" ] || { log "Go not found (set GO=/path/to/go)"; exit 1; }
 # k8s.io/kubernetes names the Go release it needs in its go line; let Go fetch it if this one is older.
-export GOTOOLCHAIN="${GOTOOLCHAIN_OVERRIDE:-auto}"
+export GOTOOLCHAIN=auto
 export GOFLAGS="-buildvcs=false"
 export CGO_ENABLED=0
 
 mkdir -p "$root"
 # One build per cache key at a time (setup.sh and a test run may race).
-exec 9>"$root/.lock"
-flock 9
+if command -v flock >/dev/null; then  # util-linux; absent on macOS, where builds are rarely concurrent
+    exec 9>"$root/.lock"
+    flock 9
+fi
 all_present && done_
 
 start=$(date +%s)

@@ -1,7 +1,7 @@
 """`consortium cluster up|down|status`: the local Kubernetes control plane for development.
 
-`up` and `status` end with a line `KUBECONFIG=<path>`, so `eval "$(consortium cluster up | tail -1)"`
-or `export $(consortium cluster status | tail -1)` points kubectl at it.
+`up` and `status` end with a line `KUBECONFIG=<path>`, so `export "$(consortium cluster up | tail -1)"`
+points kubectl and helm at it.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"down (no state in {lc.state_dir})")
         return 1
     for name, alive in procs.items():
-        print(f"{name:24s} pid {lc._pids[name]:<8d} {'running' if alive else 'not running'}")
+        print(f"{name:24s} pid {lc.pids[name]:<8d} {'running' if alive else 'not running'}")
     ready = lc.is_running() and lc.is_ready()
     print(f"{'up' if ready else 'not ready'}: Kubernetes {lc.version} at {lc.server}")
     print(f"KUBECONFIG={lc.kubeconfig}")

@@ -112,7 +112,7 @@ def test_cli_up_status_down(tmp_path):
         ns = subprocess.run([str(c.bin_dir / "kubectl"), "get", "namespace", "default", "-o", "name"],
                             capture_output=True, text=True, env={**env, "KUBECONFIG": last.split("=", 1)[1]})
         assert ns.stdout.strip() == "namespace/default", ns.stderr
-        pids = dict(c._pids)
+        pids = c.pids
     finally:
         down = cli("down")
     assert down.returncode == 0, down.stderr
