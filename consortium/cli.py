@@ -25,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Arguments are declared by each subcommand's module; importing it is cheap by convention
     # (heavy imports happen inside run()).
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            # A subcommand whose module is not in this checkout (yet) must not break the others.
-            if e.name != module_name:
-                raise
-            continue
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
         module.add_arguments(p)
