@@ -8,6 +8,7 @@ no two different leaf lists share a root). The 0x00/0x01 prefixes keep a leaf fr
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass
 from typing import Sequence
@@ -51,11 +52,12 @@ class InclusionProof:
     path: tuple[bytes, ...]
 
     def to_json(self) -> dict:
-        return {"index": self.index, "size": self.size, "path": [p.hex() for p in self.path]}
+        return {"index": self.index, "size": self.size,
+                "path": [base64.b64encode(p).decode("ascii") for p in self.path]}
 
     @classmethod
     def from_json(cls, obj: dict) -> "InclusionProof":
-        return cls(int(obj["index"]), int(obj["size"]), tuple(bytes.fromhex(p) for p in obj["path"]))
+        return cls(int(obj["index"]), int(obj["size"]), tuple(base64.b64decode(p, validate=True) for p in obj["path"]))
 
 
 def inclusion_proof(commitments: Sequence[bytes], index: int) -> InclusionProof:
