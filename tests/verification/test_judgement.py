@@ -74,6 +74,6 @@ def test_record_counts():
 
 def test_false_fraud_counts_only_honest_nodes():
     recs = [NodeRecord("h1").add("Passed"), NodeRecord("h2").add("Fraud"), NodeRecord("c1").add("Fraud"),
-            record(5, 3).__class__("h3", 5, 2, 0, 3, 0)]
+            NodeRecord("h3", audits=5, passed=2, mismatches=3)]
     assert judgement.false_fraud(recs, honest={"h1", "h2", "h3"}, honest_rate=0.02) == 2  # h2 and h3
     assert judgement.false_fraud(recs, honest={"h1"}, honest_rate=0.02) == 0

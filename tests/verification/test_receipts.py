@@ -167,3 +167,13 @@ def test_key_file_readable_by_others_refused(tmp_path):
     os.chmod(path, 0o644)
     with pytest.raises(UnsafeKeyFile):
         NodeIdentity.load_or_create(path)
+
+
+def test_docs_state_the_measured_bytes_per_token():
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "verification.md").read_text()
+    for w in (16, 32):
+        m = receipts.receipt_bytes_per_token(w)
+        row = (f"| {w} | {m['json_bytes']} B | {m['json_per_token']:.1f} B | {m['binary_bytes']} B "
+               f"| {m['binary_per_token']:.1f} B |")
+        assert row in doc, row
