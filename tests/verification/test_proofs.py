@@ -11,7 +11,7 @@ import pytest
 from consortium import cli
 from consortium.commands import verify_proof
 from consortium.verification import canonical, proofs, receipts, signing
-from consortium.verification.verdicts import Figures, Limits, Tolerance
+from consortium.verification.verdicts import Limits, Tolerance
 
 TOL = Tolerance(honest=Limits(relative_l2=0.1, cosine=0.99), decisive=Limits(relative_l2=1.0, cosine=0.5))
 D = 64
