@@ -1,0 +1,26 @@
+"""`consortium verify-proof FILE`: re-check a fraud proof independently of whoever wrote it."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a fraud proof JSON file ('-' for stdin)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from consortium.verification import proofs
+
+    try:
+        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+        proof = proofs.FraudProof.from_json(json.loads(text))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"cannot read a fraud proof from {args.file}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    holds, reasons = proofs.check_proof(proof)
+    print("HOLDS" if holds else "DOES NOT HOLD")
+    for r in reasons:
+        print(f"  {r}")
+    return 0 if holds else 1

@@ -1,0 +1,160 @@
+"""Canonical-grid commitments: the 32 bytes a stage commits to for each token's output row.
+
+The seed (Test Case v1 §4) fixes the idea: cast to float16, snap to a grid of 1/64, clamp to ±100,
+hash the little-endian bytes with SHA-256. Two machines can only agree on a hash if every detail is
+the same, so this module pins the details the seed leaves open (docs/verification.md, "Commitment"):
+
+- the float16 cast is IEEE round-to-nearest-even, straight from the input's own dtype; finite
+  values beyond float16's range become ±inf there and are then clamped like any large value;
+- NaN or ±Inf in the input is refused with NonFiniteActivation: a stage that emits them is broken
+  or cheating, and a hash of them would pass it silently;
+- y*grid is computed exactly (float64) and rounded half to even (numpy rint, Python round);
+- what is hashed is the integer grid index k = clip(round(y*grid), -clamp*grid, clamp*grid) as
+  little-endian int32, not k/grid as float16: float16 cannot hold every k/64 above 32 (50.015625
+  would become 50.0), and integers have no -0.0;
+- one commitment per token row, rows in order; each hash starts with a header naming the grid
+  config and the row width, so two configs never produce the same digest for the same indices.
+
+`seed_commit_rows` keeps the seed's literal byte layout (float16 values, no header) for comparison
+with implementations that follow the seed to the letter.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "CanonicalGrid", "NonFiniteActivation", "NonCanonicalTensor", "DEFAULT_GRID",
+    "canonical_rows", "commit_canonical", "commit_rows", "seed_commit_rows", "row_header",
+]
+
+ROW_DOMAIN = b"consortium.commit.row.v1"
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+_MAX_STEPS = 2**31 - 1
+
+
+class NonFiniteActivation(ValueError):
+    """A tensor to be committed or compared holds NaN or ±Inf."""
+
+
+class NonCanonicalTensor(ValueError):
+    """A tensor claimed to be canonical (grid indices) is not: wrong shape, dtype or range."""
+
+
+@dataclass(frozen=True)
+class CanonicalGrid:
+    """Per-session canonicalization settings (InferenceSession spec.canonicalGrid)."""
+
+    dtype: str = "float16"
+    grid: int = 64
+    clamp: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 2**20:
+            # 2**20 keeps a float32 value times the grid exact in float64 (24 + 20 bits < 53).
+            raise ValueError(f"grid must be an integer in [1, 2**20], got {self.grid!r}")
+        clamp = float(self.clamp)
+        if not math.isfinite(clamp) or clamp <= 0:
+            raise ValueError(f"clamp must be finite and positive, got {self.clamp!r}")
+        steps = clamp * self.grid
+        # Clipping the index and clipping the value agree only when the clamp lies on the grid.
+        if steps != math.floor(steps) or steps > _MAX_STEPS:
+            raise ValueError(f"clamp*grid must be an integer <= {_MAX_STEPS}, got {steps!r}")
+        object.__setattr__(self, "clamp", clamp)
+
+    @property
+    def clamp_steps(self) -> int:
+        """The largest grid index: clamp * grid."""
+        return int(self.clamp * self.grid)
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "grid": self.grid, "clamp": self.clamp}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "CanonicalGrid":
+        return cls(dtype=str(obj["dtype"]), grid=int(obj["grid"]), clamp=float(obj["clamp"]))
+
+
+DEFAULT_GRID = CanonicalGrid()
+
+
+def row_header(grid: CanonicalGrid, width: int) -> bytes:
+    """The bytes hashed before a row's indices: domain, dtype, grid, clamp steps, row width."""
+    dtype = grid.dtype.encode("ascii")
+    return (struct.pack("<I", len(ROW_DOMAIN)) + ROW_DOMAIN
+            + struct.pack("<I", len(dtype)) + dtype
+            + struct.pack("<III", grid.grid, grid.clamp_steps, width))
+
+
+def _as_rows(x) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 2:
+        raise ValueError(f"expected a [n_tokens, width] array, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"expected a floating-point array, got {a.dtype}")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise NonFiniteActivation(f"non-finite value {a[r, c]!r} at row {r}, column {c}")
+    return a
+
+
+def canonical_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> np.ndarray:
+    """Grid indices k (int32, shape [n, d]) of a [n, d] activation array; the value is k / grid."""
+    a = _as_rows(x)
+    with np.errstate(over="ignore"):  # beyond float16's range -> ±inf, clamped below
+        cast = a.astype(_DTYPES[grid.dtype])
+    scaled = cast.astype(np.float64) * grid.grid  # exact: a power of two or small integer times f16/f32
+    k = np.clip(np.rint(scaled), -grid.clamp_steps, grid.clamp_steps)  # rint: ties to even
+    return k.astype(np.int32)
+
+
+def _check_indices(k, grid: CanonicalGrid) -> np.ndarray:
+    a = np.asarray(k)
+    if a.ndim != 2:
+        raise NonCanonicalTensor(f"expected [n_tokens, width] grid indices, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise NonCanonicalTensor(f"grid indices must be integers, got {a.dtype}")
+    if a.size and (a.min() < -grid.clamp_steps or a.max() > grid.clamp_steps):
+        raise NonCanonicalTensor(f"grid index outside ±{grid.clamp_steps}")
+    return a.astype("<i4", copy=False)
+
+
+def commit_canonical(k, grid: CanonicalGrid = DEFAULT_GRID) -> list[bytes]:
+    """SHA-256 commitments of [n, d] grid indices, one 32-byte digest per row, rows in order."""
+    a = _check_indices(k, grid)
+    base = hashlib.sha256(row_header(grid, a.shape[1]))
+    out = []
+    for row in a:
+        h = base.copy()
+        h.update(np.ascontiguousarray(row).tobytes())
+        out.append(h.digest())
+    return out
+
+
+def commit_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> list[bytes]:
+    """Commitments of a [n_tokens, width] activation array: one 32-byte digest per token row."""
+    return commit_canonical(canonical_rows(x, grid), grid)
+
+
+def seed_commit_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> list[bytes]:
+    """The seed's literal digest per row: float16 values round(y*g)/g clipped, no header.
+
+    Arithmetic stays in the grid dtype as the seed's numpy one-liner would do it, so k/64 above 32
+    is rounded again by float16. The pinned details that don't change the layout still apply:
+    non-finite input refused, ties to even, -0.0 written as +0.0.
+    """
+    a = _as_rows(x)
+    t = _DTYPES[grid.dtype]
+    with np.errstate(over="ignore"):
+        y = a.astype(t)
+        g = np.round(y * t(grid.grid)) / t(grid.grid)
+    c = np.clip(g, t(-grid.clamp), t(grid.clamp)) + t(0.0)  # -0.0 + 0.0 == +0.0
+    le = c.astype(np.dtype(t).newbyteorder("<"))
+    return [hashlib.sha256(np.ascontiguousarray(row).tobytes()).digest() for row in le]

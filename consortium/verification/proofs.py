@@ -1,0 +1,237 @@
+"""Fraud proofs: everything a third party needs to re-check a Fraud verdict without trusting anyone.
+
+A proof binds the worker's own signed words (its window statement and signature, the audited
+commitment and its inclusion path to the signed root, the inputs' digests) to the verifier's claim
+(its recomputation of that row, the figures, the tolerance it applied), all signed by the verifier.
+`check_proof` re-derives every part: signatures, inclusion, input chain, the hash of the revealed
+tensor, and the figures and verdict from the tensors themselves. What it cannot re-derive is the
+recomputation: that is the verifier's signed claim, checkable by re-running the stage on the input
+whose digest the proof names.
+
+A revealed tensor that hashes to the signed commitment is the worker's by the hash. One that does not
+is only the worker's if the worker signed it (reveal_signature over the reveal statement); without
+that, anyone could fabricate a wrong "reveal", so such a proof does not hold.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from . import canonical, merkle, receipts, signing, verdicts
+from .merkle import InclusionProof
+from .receipts import Receipt, WindowStatement
+from .verdicts import Figures, Tolerance, Verdict
+
+__all__ = ["FraudProof", "make_fraud_proof", "check_proof", "reveal_message", "sign_reveal"]
+
+PROOF_DOMAIN = "consortium.fraud-proof.v1"
+REVEAL_DOMAIN = "consortium.reveal.v1"
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s, validate=True)
+
+
+def _array_out(a: np.ndarray, dtype: str) -> dict:
+    a = np.asarray(a).astype("<" + np.dtype(dtype).str[1:])
+    return {"dtype": dtype, "shape": list(a.shape), "data": _b64(np.ascontiguousarray(a).tobytes())}
+
+
+def _array_in(o: dict, allowed: str) -> np.ndarray:
+    if o["dtype"] != allowed:
+        raise ValueError(f"expected a {allowed} tensor, got {o['dtype']!r}")
+    shape = tuple(int(s) for s in o["shape"])
+    a = np.frombuffer(_unb64(o["data"]), dtype="<" + np.dtype(allowed).str[1:])
+    return a.reshape(shape).astype(allowed)
+
+
+def canonical_json(obj) -> bytes:
+    """Deterministic JSON: sorted keys, no whitespace, ASCII, no NaN (Python's float repr for numbers)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def reveal_message(statement: WindowStatement, position: int, revealed: np.ndarray) -> bytes:
+    """What a worker signs when it reveals its canonical row for one position."""
+    k = np.ascontiguousarray(np.asarray(revealed).astype("<i4"))
+    return signing.encode_fields(REVEAL_DOMAIN, statement.session, statement.stage, statement.node_id,
+                                 statement.epoch, position, k.shape[0], k.tobytes())
+
+
+def sign_reveal(private_key: signing.Ed25519PrivateKey, statement: WindowStatement, position: int,
+                revealed: np.ndarray) -> bytes:
+    return signing.sign(private_key, reveal_message(statement, position, revealed))
+
+
+@dataclass(frozen=True, eq=False)
+class FraudProof:
+    session: str
+    stage: int
+    position: int
+    input_digest: bytes
+    window_input_digests: tuple[bytes, ...]
+    statement: WindowStatement
+    worker_signature: bytes
+    worker_public_key: bytes
+    commitment: bytes
+    inclusion: InclusionProof
+    revealed: np.ndarray | None          # int32 [d] grid indices, or None
+    reveal_signature: bytes | None
+    recomputed: np.ndarray               # float32 [d]
+    figures: Figures | None
+    reasons: tuple[str, ...]
+    tolerance: Tolerance
+    verifier_id: str
+    verifier_public_key: bytes
+    verifier_signature: bytes = b""
+
+    def body(self) -> dict:
+        """Everything but the verifier's signature, as JSON."""
+        return {
+            "kind": "FraudProof", "version": 1,
+            "session": self.session, "stage": self.stage, "position": self.position,
+            "inputDigest": _b64(self.input_digest),
+            "windowInputDigests": [_b64(d) for d in self.window_input_digests],
+            "statement": self.statement.to_json(),
+            "workerSignature": _b64(self.worker_signature), "workerPublicKey": _b64(self.worker_public_key),
+            "commitment": _b64(self.commitment), "inclusion": self.inclusion.to_json(),
+            "revealed": None if self.revealed is None else _array_out(self.revealed, "int32"),
+            "revealSignature": None if self.reveal_signature is None else _b64(self.reveal_signature),
+            "recomputed": _array_out(self.recomputed, "float32"),
+            "figures": None if self.figures is None else self.figures.to_json(),
+            "reasons": list(self.reasons), "tolerance": self.tolerance.to_json(),
+            "verifierId": self.verifier_id, "verifierPublicKey": _b64(self.verifier_public_key),
+        }
+
+    def signed_bytes(self) -> bytes:
+        return signing.encode_fields(PROOF_DOMAIN, canonical_json(self.body()))
+
+    def to_json(self) -> dict:
+        return {**self.body(), "verifierSignature": _b64(self.verifier_signature)}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+    @classmethod
+    def from_json(cls, o: dict) -> "FraudProof":
+        if o.get("kind") != "FraudProof" or o.get("version") != 1:
+            raise ValueError("not a version-1 FraudProof")
+        return cls(
+            session=str(o["session"]), stage=int(o["stage"]), position=int(o["position"]),
+            input_digest=_unb64(o["inputDigest"]),
+            window_input_digests=tuple(_unb64(d) for d in o["windowInputDigests"]),
+            statement=WindowStatement.from_json(o["statement"]),
+            worker_signature=_unb64(o["workerSignature"]), worker_public_key=_unb64(o["workerPublicKey"]),
+            commitment=_unb64(o["commitment"]), inclusion=InclusionProof.from_json(o["inclusion"]),
+            revealed=None if o["revealed"] is None else _array_in(o["revealed"], "int32"),
+            reveal_signature=None if o["revealSignature"] is None else _unb64(o["revealSignature"]),
+            recomputed=_array_in(o["recomputed"], "float32"),
+            figures=None if o["figures"] is None else Figures.from_json(o["figures"]),
+            reasons=tuple(str(r) for r in o["reasons"]), tolerance=Tolerance.from_json(o["tolerance"]),
+            verifier_id=str(o["verifierId"]), verifier_public_key=_unb64(o["verifierPublicKey"]),
+            verifier_signature=_unb64(o["verifierSignature"]),
+        )
+
+
+def make_fraud_proof(receipt: Receipt, position: int, window_input_digests: Sequence[bytes],
+                     worker_public_key: signing.PublicKeyLike, recomputed: np.ndarray, tolerance: Tolerance,
+                     verifier_key: signing.Ed25519PrivateKey, verifier_id: str | None = None, *,
+                     revealed: np.ndarray | None = None, reveal_signature: bytes | None = None) -> FraudProof:
+    """Judge one unit of a receipt and, if the verdict is Fraud, return the signed proof of it.
+
+    Raises ValueError when there is no provable fraud (any other verdict, or a bad receipt
+    signature, which proves nothing to a third party: anyone can make a bad signature).
+    """
+    st = receipt.statement
+    if position not in st.positions:
+        raise ValueError(f"position {position} is not in the receipt's window {st.positions}")
+    ok, why = receipts.verify_receipt(receipt, worker_public_key)
+    if not ok:
+        raise ValueError("the receipt does not verify, so it proves nothing about the worker: " + "; ".join(why))
+    i = position - st.window_start
+    row = np.asarray(recomputed, dtype=np.float32)
+    result = verdicts.judge_unit(receipt.commitments[i], row, grid=st.grid, tolerance=tolerance, revealed=revealed)
+    if result.verdict is not Verdict.FRAUD:
+        raise ValueError(f"no fraud to prove: the verdict is {result.verdict.value} ({'; '.join(result.reasons)})")
+    proof = FraudProof(
+        session=st.session, stage=st.stage, position=position, input_digest=bytes(window_input_digests[i]),
+        window_input_digests=tuple(bytes(d) for d in window_input_digests), statement=st,
+        worker_signature=receipt.signature, worker_public_key=signing.public_key_bytes(worker_public_key),
+        commitment=receipt.commitments[i], inclusion=merkle.inclusion_proof(receipt.commitments, i),
+        revealed=None if revealed is None else np.asarray(revealed).astype(np.int32),
+        reveal_signature=reveal_signature, recomputed=row, figures=result.figures, reasons=result.reasons,
+        tolerance=tolerance, verifier_id=verifier_id or signing.node_id_for(verifier_key),
+        verifier_public_key=signing.public_key_bytes(verifier_key))
+    return dataclasses.replace(proof, verifier_signature=signing.sign(verifier_key, proof.signed_bytes()))
+
+
+def check_proof(proof: FraudProof) -> tuple[bool, list[str]]:
+    """Re-check every part of a proof. Returns (holds, reasons): the failures if it does not hold,
+    otherwise what was checked and what a reader must still compare with the session."""
+    fail, ok = [], []
+    st = proof.statement
+
+    def need(cond: bool, good: str, bad: str) -> bool:
+        (ok if cond else fail).append(good if cond else bad)
+        return cond
+
+    need(signing.verify_signature(proof.verifier_public_key, proof.signed_bytes(), proof.verifier_signature),
+         f"verifier {proof.verifier_id!r} signed this proof",
+         "the verifier's signature does not cover this proof (altered, or signed by another key)")
+    need(signing.verify_signature(proof.worker_public_key, st.encode(), proof.worker_signature),
+         f"worker {st.node_id!r} signed the window statement",
+         "the worker's signature over the window statement does not verify")
+    need(proof.session == st.session and proof.stage == st.stage, "session and stage match the statement",
+         f"proof names {proof.session!r} stage {proof.stage}, the statement {st.session!r} stage {st.stage}")
+    if need(proof.position in st.positions, f"position {proof.position} lies in the signed window",
+            f"position {proof.position} is outside the signed window {st.window_start}..{st.window_start + st.count - 1}"):
+        i = proof.position - st.window_start
+        need(proof.inclusion.index == i and proof.inclusion.size == st.count
+             and merkle.verify_inclusion(proof.commitment, proof.inclusion, st.merkle_root),
+             "the audited commitment is in the signed Merkle root",
+             "the audited commitment's inclusion proof does not lead to the signed root at this position")
+        ins = proof.window_input_digests
+        need(len(ins) == st.count and len(set(map(len, ins)) | {32}) == 1
+             and receipts.input_chain(ins) == st.input_digest and ins[i] == proof.input_digest,
+             "the input digest is the signed window's input at this position",
+             "the input digests do not chain to the signed input digest, or not at this position")
+
+    try:
+        result = verdicts.judge_unit(proof.commitment, proof.recomputed, grid=st.grid, tolerance=proof.tolerance,
+                                     revealed=proof.revealed)
+    except (canonical.NonFiniteActivation, ValueError) as e:
+        fail.append(f"the verifier's recomputation is unusable: {e}")
+        result = None
+    if result is not None:
+        reveal_bad = result.verdict is Verdict.FRAUD and result.figures is None and proof.revealed is not None
+        if reveal_bad:
+            # A wrong reveal is only the worker's if the worker signed it.
+            signed = proof.reveal_signature is not None and signing.verify_signature(
+                proof.worker_public_key, reveal_message(st, proof.position, proof.revealed), proof.reveal_signature)
+            need(signed, f"Fraud: {result.reasons[0]}, and the worker signed that reveal",
+                 f"{result.reasons[0]}, but the worker did not sign that reveal, so it is not the worker's")
+        elif need(result.verdict is Verdict.FRAUD, "Fraud: " + "; ".join(result.reasons),
+                  f"re-judged from the tensors the verdict is {result.verdict.value}, not Fraud: "
+                  + "; ".join(result.reasons)):
+            need(proof.figures == result.figures, "the stated figures are the recomputed ones",
+                 "the stated figures differ from those recomputed from the tensors")
+
+    if fail:
+        return False, fail
+    notes = [f"note: the tolerance applied has SHA-256 {hashlib.sha256(canonical_json(proof.tolerance.to_json())).hexdigest()[:16]}; "
+             "compare it with the session's",
+             f"note: the recomputation is the verifier's signed claim; re-run stage {st.stage} at position "
+             f"{proof.position} on the input with digest {proof.input_digest.hex()[:16]} to check it"]
+    if signing.node_id_for(proof.worker_public_key) != st.node_id:
+        notes.append(f"note: node id {st.node_id!r} is not derived from the worker key; check the key against "
+                     "that ComputeNode's public key")
+    return True, ok + notes

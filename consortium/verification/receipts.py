@@ -1,0 +1,247 @@
+"""Window statements, their signatures, and receipts.
+
+A node agent signs, with every forward response, the statement of its current window so far:
+(session, stage, node id, epoch, window start, count, Merkle root of the window's per-token
+commitments, hash chain of the window's per-token input digests, grid config). A window cut short by
+a crash or an epoch change is therefore still proven by the last response's signature, and is
+written as a shorter receipt. A Receipt is that statement, the per-token commitments and the
+signature; the commitments stay in it so a dead node's work can still be audited.
+
+Windows are aligned: a window closes after position p when (p + 1) % window == 0, so receipts of
+different nodes and epochs cover predictable position ranges (a node that starts at 20 signs 20..31).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from . import merkle, signing
+from .canonical import CanonicalGrid
+
+__all__ = [
+    "WindowStatement", "SignedStatement", "Receipt", "WindowSigner", "verify_receipt",
+    "token_input_digest", "hidden_input_digest", "input_chain", "receipt_bytes_per_token", "DEFAULT_WINDOW",
+]
+
+DEFAULT_WINDOW = 16
+STATEMENT_DOMAIN = "consortium.window.v1"
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s, validate=True)
+
+
+def token_input_digest(token_id: int) -> bytes:
+    """Input digest of a stage-0 position: the token id."""
+    return hashlib.sha256(signing.encode_fields("consortium.input.token.v1", int(token_id))).digest()
+
+
+def hidden_input_digest(row: np.ndarray) -> bytes:
+    """Input digest of a later stage's position: the exact bytes of the hidden-state row it was fed."""
+    a = np.asarray(row)
+    if a.ndim != 1 or a.dtype.kind != "f":
+        raise ValueError(f"expected one floating-point row, got {a.dtype} {a.shape}")
+    le = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<")))
+    return hashlib.sha256(signing.encode_fields("consortium.input.hidden.v1", a.dtype.name, a.shape[0],
+                                                le.tobytes())).digest()
+
+
+def input_chain(digests: Sequence[bytes]) -> bytes:
+    """Hash chain over a window's per-token input digests: c = SHA-256(c || d), from a domain seed."""
+    c = hashlib.sha256(signing.encode_fields("consortium.input.chain.v1")).digest()
+    for d in digests:
+        if len(d) != 32:
+            raise ValueError("input digests are 32 bytes")
+        c = hashlib.sha256(c + bytes(d)).digest()
+    return c
+
+
+@dataclass(frozen=True)
+class WindowStatement:
+    session: str
+    stage: int
+    node_id: str
+    epoch: int
+    window_start: int
+    count: int
+    merkle_root: bytes
+    input_digest: bytes
+    grid: CanonicalGrid = field(default_factory=CanonicalGrid)
+
+    @classmethod
+    def for_window(cls, *, session: str, stage: int, node_id: str, epoch: int, window_start: int,
+                   commitments: Sequence[bytes], input_digests: Sequence[bytes],
+                   grid: CanonicalGrid = CanonicalGrid()) -> "WindowStatement":
+        """The statement a driver rebuilds from the commitments it received and the inputs it sent."""
+        if len(commitments) != len(input_digests):
+            raise ValueError("one input digest per commitment")
+        return cls(session, stage, node_id, epoch, window_start, len(commitments),
+                   merkle.merkle_root(commitments), input_chain(input_digests), grid)
+
+    def encode(self) -> bytes:
+        """The signed bytes (docs/verification.md, "Window statement")."""
+        return signing.encode_fields(
+            STATEMENT_DOMAIN, self.session, self.stage, self.node_id, self.epoch, self.window_start,
+            self.count, self.merkle_root, self.input_digest, self.grid.dtype, self.grid.grid,
+            self.grid.clamp_steps)
+
+    @property
+    def positions(self) -> range:
+        return range(self.window_start, self.window_start + self.count)
+
+    def to_json(self) -> dict:
+        return {"session": self.session, "stage": self.stage, "nodeId": self.node_id, "epoch": self.epoch,
+                "windowStart": self.window_start, "count": self.count, "merkleRoot": _b64(self.merkle_root),
+                "inputDigest": _b64(self.input_digest), "grid": self.grid.to_json()}
+
+    @classmethod
+    def from_json(cls, o: dict) -> "WindowStatement":
+        return cls(str(o["session"]), int(o["stage"]), str(o["nodeId"]), int(o["epoch"]), int(o["windowStart"]),
+                   int(o["count"]), _unb64(o["merkleRoot"]), _unb64(o["inputDigest"]),
+                   CanonicalGrid.from_json(o["grid"]))
+
+
+@dataclass(frozen=True)
+class SignedStatement:
+    statement: WindowStatement
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class Receipt:
+    statement: WindowStatement
+    commitments: tuple[bytes, ...]
+    signature: bytes
+
+    def to_json(self) -> dict:
+        """Kubernetes-style JSON (camelCase); every byte string is standard base64 with padding."""
+        return {"version": 1, **self.statement.to_json(),
+                "commitments": [_b64(c) for c in self.commitments], "signature": _b64(self.signature)}
+
+    @classmethod
+    def from_json(cls, o: dict) -> "Receipt":
+        if o.get("version") != 1:
+            raise ValueError(f"unsupported receipt version {o.get('version')!r}")
+        return cls(WindowStatement.from_json(o), tuple(_unb64(c) for c in o["commitments"]),
+                   _unb64(o["signature"]))
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+
+def verify_receipt(receipt: Receipt, public_key: signing.PublicKeyLike) -> tuple[bool, list[str]]:
+    """Check the commitments against the signed root and the signature; (ok, reasons it is not)."""
+    st, reasons = receipt.statement, []
+    if st.count < 1:
+        reasons.append(f"count {st.count} < 1")
+    if len(receipt.commitments) != st.count:
+        reasons.append(f"{len(receipt.commitments)} commitments for a signed count of {st.count}")
+    if any(len(c) != 32 for c in receipt.commitments):
+        reasons.append("a commitment is not 32 bytes")
+    elif receipt.commitments and merkle.merkle_root(receipt.commitments) != st.merkle_root:
+        reasons.append("the commitments do not hash to the signed Merkle root")
+    try:
+        key = signing.public_key(public_key)
+    except ValueError as e:
+        reasons.append(f"unusable public key: {e}")
+    else:
+        if not signing.verify_signature(key, st.encode(), receipt.signature):
+            reasons.append(f"the signature does not verify under the public key of {st.node_id!r}")
+    return not reasons, reasons
+
+
+class WindowSigner:
+    """Agent side: keeps the open window of one (session, stage, epoch) and signs it after each token."""
+
+    def __init__(self, private_key: signing.Ed25519PrivateKey, *, session: str, stage: int, node_id: str,
+                 epoch: int, grid: CanonicalGrid = CanonicalGrid(), window: int = DEFAULT_WINDOW):
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self._key = private_key
+        self.session, self.stage, self.node_id, self.epoch = session, stage, node_id, epoch
+        self.grid, self.window = grid, window
+        self._start: int | None = None
+        self._commitments: list[bytes] = []
+        self._inputs: list[bytes] = []
+        self._last: SignedStatement | None = None
+
+    def reset(self, *, epoch: int | None = None) -> None:
+        """Drop the open window (after a KV truncation, or with a new epoch after fencing)."""
+        if epoch is not None:
+            self.epoch = epoch
+        self._start, self._commitments, self._inputs, self._last = None, [], [], None
+
+    def _closed(self) -> bool:
+        return self._start is None or (self._start + len(self._commitments)) % self.window == 0
+
+    def _append(self, position: int, input_digest: bytes, commitment: bytes) -> None:
+        if len(commitment) != 32 or len(input_digest) != 32:
+            raise ValueError("commitments and input digests are 32 bytes")
+        if self._closed():
+            self._start, self._commitments, self._inputs = position, [], []
+        elif position != self._start + len(self._commitments):
+            raise ValueError(f"position {position} does not continue the window at "
+                             f"{self._start + len(self._commitments)}; reset() first")
+        self._commitments.append(bytes(commitment))
+        self._inputs.append(bytes(input_digest))
+
+    def _sign(self) -> SignedStatement:
+        st = WindowStatement.for_window(session=self.session, stage=self.stage, node_id=self.node_id,
+                                        epoch=self.epoch, window_start=self._start,
+                                        commitments=self._commitments, input_digests=self._inputs, grid=self.grid)
+        self._last = SignedStatement(st, signing.sign(self._key, st.encode()))
+        return self._last
+
+    def add(self, position: int, input_digest: bytes, commitment: bytes) -> SignedStatement:
+        """Record one token's commitment and return the signed statement of its window so far."""
+        self._append(position, input_digest, commitment)
+        return self._sign()
+
+    def add_batch(self, start: int, input_digests: Sequence[bytes],
+                  commitments: Sequence[bytes]) -> list[SignedStatement]:
+        """Record consecutive positions; one signed statement per window touched, signed once each."""
+        if len(input_digests) != len(commitments):
+            raise ValueError("one input digest per commitment")
+        out = []
+        for i, (d, c) in enumerate(zip(input_digests, commitments)):
+            self._append(start + i, d, c)
+            if self._closed() or i == len(commitments) - 1:
+                out.append(self._sign())
+        return out
+
+    @property
+    def last(self) -> SignedStatement | None:
+        return self._last
+
+    def receipt(self) -> Receipt | None:
+        """The receipt of the open (or just closed) window, as last signed."""
+        if self._last is None:
+            return None
+        n = self._last.statement.count
+        return Receipt(self._last.statement, tuple(self._commitments[:n]), self._last.signature)
+
+
+def receipt_bytes_per_token(window: int = DEFAULT_WINDOW, *, session: str = "sky-is-blue",
+                            node_id: str = "node-0123456789abcdef") -> dict[str, float]:
+    """Measured size of a full receipt per token per stage: its JSON and its raw binary form.
+
+    Independent of hidden size: a token costs one 32-byte commitment whatever the width. Binary is
+    the signed statement encoding + 32 bytes per commitment + the 64-byte signature.
+    """
+    key = signing.generate_private_key()
+    signer = WindowSigner(key, session=session, stage=1, node_id=node_id, epoch=1, window=window)
+    for p in range(window):
+        signer.add(p, hashlib.sha256(b"in%d" % p).digest(), hashlib.sha256(b"out%d" % p).digest())
+    r = signer.receipt()
+    binary = len(r.statement.encode()) + 32 * len(r.commitments) + len(r.signature)
+    return {"window": window, "json_bytes": len(r.dumps()), "json_per_token": len(r.dumps()) / window,
+            "binary_bytes": binary, "binary_per_token": binary / window}

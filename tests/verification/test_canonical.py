@@ -1,0 +1,133 @@
+"""The numpy commitment against the published vectors and against the spec's edge cases."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from consortium.verification import canonical
+from consortium.verification.canonical import CanonicalGrid, NonCanonicalTensor, NonFiniteActivation
+
+from . import reference_commit
+
+VECTORS = Path(canonical.__file__).with_name("vectors") / "commitments.json"
+DATA = json.loads(VECTORS.read_text())
+IDS = [v["name"] for v in DATA["vectors"]]
+
+
+def test_vectors_file_is_what_the_reference_generates():
+    # Guards the committed file against hand edits: it must be exactly the reference's output.
+    assert DATA == json.loads(json.dumps(reference_commit.build()))
+
+
+def test_vectors_cover_the_open_details():
+    assert len(DATA["vectors"]) >= 20
+    names = set(IDS)
+    for needed in ("signed-zero", "ties-to-even", "near-32", "near-50", "near-clamp", "large", "subnormals"):
+        assert needed in names
+
+
+@pytest.mark.parametrize("vec", DATA["vectors"], ids=IDS)
+def test_numpy_implementation_matches_vectors(vec):
+    grid = CanonicalGrid.from_json(vec["grid"])
+    x = np.array(vec["rows"], dtype=vec["input_dtype"])
+    # The JSON numbers and the raw bytes describe the same input.
+    assert [row.astype("<" + x.dtype.str[1:]).tobytes().hex() for row in x] == vec["rows_hex"]
+    assert canonical.canonical_rows(x, grid).tolist() == vec["indices"]
+    assert [d.hex() for d in canonical.commit_rows(x, grid)] == vec["digests"]
+    assert [d.hex() for d in canonical.seed_commit_rows(x, grid)] == vec["seed_digests"]
+
+
+def test_configs_never_share_digests():
+    same = [v for v in DATA["vectors"] if v["name"].startswith("same-input-")]
+    assert len(same) == 3
+    assert all(v["indices"] == same[0]["indices"] for v in same)  # same indices...
+    assert len({v["digests"][0] for v in same}) == 3  # ...different digests: the header differs
+
+
+def test_one_commitment_per_row_in_order():
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]], dtype=np.float32)
+    d = canonical.commit_rows(x)
+    assert len(d) == 3 and all(len(c) == 32 for c in d)
+    assert d[0] == d[2] != d[1]
+    assert canonical.commit_rows(x[1:2]) == [d[1]]
+
+
+def test_negative_zero_equals_positive_zero():
+    a = np.array([[-0.0, -0.001, -1e-40]], dtype=np.float32)
+    b = np.zeros((1, 3), dtype=np.float32)
+    assert canonical.commit_rows(a) == canonical.commit_rows(b)
+    assert canonical.seed_commit_rows(a) == canonical.seed_commit_rows(b)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_refused(bad):
+    x = np.ones((2, 5), dtype=np.float32)
+    x[1, 3] = bad
+    with pytest.raises(NonFiniteActivation, match="row 1, column 3"):
+        canonical.commit_rows(x)
+    with pytest.raises(NonFiniteActivation):
+        canonical.seed_commit_rows(x)
+
+
+def test_finite_overflow_of_float16_is_clamped_not_refused():
+    x = np.array([[7e4, -3e38]], dtype=np.float32)
+    assert canonical.canonical_rows(x).tolist() == [[6400, -6400]]
+
+
+def test_ties_round_half_to_even():
+    # y*64 = n + 0.5 exactly for these float16-representable inputs.
+    y = np.array([[0.5 / 64, 1.5 / 64, 2.5 / 64, -0.5 / 64, -1.5 / 64, 99.5 / 64]], dtype=np.float32)
+    assert canonical.canonical_rows(y).tolist() == [[0, 2, 2, 0, -2, 100]]
+
+
+def test_clamp_is_inclusive_and_symmetric():
+    g = CanonicalGrid(grid=64, clamp=100.0)
+    y = np.array([[100.0, -100.0, 100.0625, -250.0]], dtype=np.float32)
+    assert canonical.canonical_rows(y, g).tolist() == [[6400, -6400, 6400, -6400]]
+
+
+def test_revealed_indices_must_be_canonical():
+    g = CanonicalGrid()
+    with pytest.raises(NonCanonicalTensor):
+        canonical.commit_canonical(np.array([[6401]], dtype=np.int32), g)
+    with pytest.raises(NonCanonicalTensor):
+        canonical.commit_canonical(np.array([[0.5]]), g)
+    with pytest.raises(NonCanonicalTensor):
+        canonical.commit_canonical(np.array([1, 2], dtype=np.int32), g)
+
+
+def test_grid_config_validation():
+    with pytest.raises(ValueError):
+        CanonicalGrid(dtype="bfloat16")
+    with pytest.raises(ValueError):
+        CanonicalGrid(grid=0)
+    with pytest.raises(ValueError):
+        CanonicalGrid(grid=64, clamp=0.1)  # 6.4 grid steps: the clamp is not on the grid
+    with pytest.raises(ValueError):
+        CanonicalGrid(clamp=float("inf"))
+    assert CanonicalGrid(grid=16, clamp=8).clamp_steps == 128
+
+
+def test_input_must_be_two_dimensional_float():
+    with pytest.raises(ValueError):
+        canonical.commit_rows(np.zeros(4, dtype=np.float32))
+    with pytest.raises(TypeError):
+        canonical.commit_rows(np.zeros((1, 4), dtype=np.int32))
+
+
+def test_random_rows_agree_with_reference():
+    # Beyond the fixed vectors: many random rows, including ties and values past the clamp.
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((6, 64)) * rng.choice([0.01, 1, 30, 200], size=(6, 64))).astype(np.float32)
+    x[0, :8] = (np.arange(8) + 0.5) / 64  # exact ties
+    for grid in (CanonicalGrid(), CanonicalGrid(dtype="float32", grid=256, clamp=50.0)):
+        got = canonical.commit_rows(x, grid)
+        want = [reference_commit.digest([float(v) for v in row], grid.dtype, grid.grid, grid.clamp)[1] for row in x]
+        assert got == want
+        seed_got = canonical.seed_commit_rows(x, grid)
+        seed_want = [reference_commit.seed_digest([float(v) for v in row], grid.dtype, grid.grid, grid.clamp)
+                     for row in x]
+        assert seed_got == seed_want
