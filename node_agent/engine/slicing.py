@@ -15,9 +15,12 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 from consortium.layers import LayerRange
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+STAGE_FORMAT = 2  # bump when stage files are written differently: cached files of older formats are not reused
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -153,6 +156,11 @@ def slice_model(src: str | os.PathLike, layers: LayerRange, dst: str | os.PathLi
     if layers.last >= info.n_layers:
         raise ValueError(f"layers {layers} run past the model: it has {info.n_layers} layers (0-{info.n_layers - 1})")
     is_last = layers.last == info.n_layers - 1
+    # A middle stage never sees a token id nor computes logits, but llama.cpp's loader wants a
+    # token_embd of [n_embd, n_vocab] and reserves n_vocab logits per output row. Giving it a
+    # vocabulary of one dummy token saves the embedding (for Llama 3, ~280 MB in Q4_K) and the
+    # logits buffers; the blocks, which are all the stage computes, are untouched.
+    vocabless = layers.first != 0 and not is_last
     reader = _reader(src)
     arch = info.architecture
     n_all = info.n_layers
@@ -167,6 +175,8 @@ def slice_model(src: str | os.PathLike, layers: LayerRange, dst: str | os.PathLi
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
+        if vocabless and (key.startswith("tokenizer.") or key == f"{arch}.vocab_size"):
+            continue
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         value = field.contents()
@@ -178,6 +188,9 @@ def slice_model(src: str | os.PathLike, layers: LayerRange, dst: str | os.PathLi
               and isinstance(value, list) and len(value) == n_all):
             value = value[layers.first:layers.last + 1]  # an attribute indexed by layer
         writer.add_key_value(key, value, vtype, sub_type=sub_type)
+    if vocabless:
+        writer.add_string("tokenizer.ggml.model", "none")
+        writer.add_uint32(f"{arch}.vocab_size", 1)
     for key, per_layer in overrides.items():
         writer.add_array(key, per_layer[layers.first:layers.last + 1])
     writer.add_uint32("consortium.stage.first_layer", layers.first)
@@ -195,6 +208,9 @@ def slice_model(src: str | os.PathLike, layers: LayerRange, dst: str | os.PathLi
             name = f"blk.{il - layers.first}.{m.group(2)}"
         elif t.name == "output.weight" and not is_last:
             continue  # the LM head only runs on the final stage; llama.cpp then reuses token_embd
+        elif t.name == "token_embd.weight" and vocabless:
+            writer.add_tensor(t.name, np.zeros((1, info.n_embd), dtype=np.float32))
+            continue
         else:
             name = t.name  # token_embd (required by the loader), output_norm, rope_freqs, ...
         writer.add_tensor(name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
@@ -225,7 +241,7 @@ def stage_file(model_path: str | os.PathLike, layers: LayerRange, *, cache_dir: 
     digest = model_sha256 or sha256_file(model_path, cache_dir)
     if info.n_layers == layers.count:
         return Path(model_path)  # the whole model: nothing to slice
-    out = cache_dir / "stages" / digest[:32] / f"layers-{layers.first}-{layers.last}.gguf"
+    out = cache_dir / "stages" / digest[:32] / f"v{STAGE_FORMAT}-layers-{layers.first}-{layers.last}.gguf"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         slice_model(model_path, layers, out, source_sha256=digest)
