@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+import consortium.cache
 from consortium.layers import LayerRange
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
@@ -148,7 +149,7 @@ def _per_layer_overrides(reader, arch: str, n_layers: int) -> dict[str, list]:
 
 def slice_model(src: str | os.PathLike, layers: LayerRange, dst: str | os.PathLike,
                 *, source_sha256: str = "") -> Path:
-    """Write a stage file for `layers` of `src` to `dst` (atomically) and return its path."""
+    """Write a stage file for `layers` of `src` to `dst` and return its path."""
     import gguf
 
     info = read_model_info(src)
@@ -165,8 +166,7 @@ def slice_model(src: str | os.PathLike, layers: LayerRange, dst: str | os.PathLi
     arch = info.architecture
     n_all = info.n_layers
 
-    writer_tmp = Path(str(dst) + f".tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(str(writer_tmp), arch)
+    writer = gguf.GGUFWriter(str(dst), arch)
     alignment = _field_value(reader, "general.alignment")
     if alignment:
         writer.data_alignment = int(alignment)
@@ -215,26 +215,17 @@ def slice_model(src: str | os.PathLike, layers: LayerRange, dst: str | os.PathLi
             name = t.name  # token_embd (required by the loader), output_norm, rope_freqs, ...
         writer.add_tensor(name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
 
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(writer_tmp, dst)
-    finally:
-        if writer_tmp.exists():
-            writer_tmp.unlink()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return Path(dst)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CONSORTIUM_CACHE", Path.home() / ".cache" / "consortium"))
 
 
 def stage_file(model_path: str | os.PathLike, layers: LayerRange, *, cache_dir: Path | None = None,
                model_sha256: str | None = None) -> Path:
     """The stage file for `layers` of a model, sliced once and cached by (model sha256, range)."""
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or consortium.cache.cache_dir()
     info = read_model_info(model_path)
     check_supported(info)
     validate_range(layers, info)
@@ -242,10 +233,7 @@ def stage_file(model_path: str | os.PathLike, layers: LayerRange, *, cache_dir: 
     if info.n_layers == layers.count:
         return Path(model_path)  # the whole model: nothing to slice
     out = cache_dir / "stages" / digest[:32] / f"v{STAGE_FORMAT}-layers-{layers.first}-{layers.last}.gguf"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        slice_model(model_path, layers, out, source_sha256=digest)
-    return out
+    return consortium.cache.made_once(out, lambda tmp: slice_model(model_path, layers, tmp, source_sha256=digest))
 
 
 def validate_range(layers: LayerRange, info: ModelInfo) -> None:
