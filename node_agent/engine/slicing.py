@@ -9,6 +9,7 @@ llama.cpp derives from a layer's index (Gemma 3's sliding-window pattern) are wr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -55,9 +56,16 @@ def _field_value(reader, key: str, default=None):
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
+    # Parsing a GGUF's metadata takes seconds (its vocabulary arrays); a node taking over a stage
+    # mid-session must not pay that twice, so the result is kept per (file, size, mtime).
+    st = os.stat(path)
+    return _read_model_info(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_model_info(path: str, _size: int, _mtime_ns: int) -> ModelInfo:
     import gguf
 
-    path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
     reader = _reader(path)
