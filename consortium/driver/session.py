@@ -278,7 +278,7 @@ class SessionDriver:
                     self.dead.add(backup)
         st.nodes[s] = backup
         event = {"stage": s, "from": old, "to": backup, "epoch": st.epochs[s], "at_position": upto,
-                 "at_token": max(0, upto - len(st.prompt_tokens)), "replayed_rows": replayed,
+                 "at_token": max(0, upto - len(st.prompt_tokens) + 1), "replayed_rows": replayed,
                  "ms": round((time.perf_counter() - t0) * 1000, 3), "reason": reason}
         st.failovers.append(event)
         log.info("failover: %s", event)
@@ -360,6 +360,9 @@ class SessionDriver:
         r = self.split[s]
         with self._lock:
             gen = self._generation
+            units = [u for u in units if u.generation == gen and u.position in self._inputs[s]]
+            if not units:
+                return  # rolled back meanwhile
             start = self._audit_progress.get((verifier, s), 0)
             want = [u.position for u in units]
             if min(want) < start:
