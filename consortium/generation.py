@@ -36,6 +36,7 @@ class GenerationResult:
     token_ms: list[float]                  # wall time of each generated token (the first includes prefill)
     stage_ms: list[list[float]]            # per generated token, per stage
     stopped: str                           # "max_tokens" or "end_of_generation"
+    rewinds: int = 0                       # rollbacks that regenerated from an earlier position
 
     @property
     def decode_s(self) -> float:
@@ -79,25 +80,47 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
     feed = np.asarray(prompt_tokens, dtype=np.int32)
     prefill_ms = 0.0
     stopped = "max_tokens"
-    while len(tokens) < max_tokens:
-        t0 = time.perf_counter()
-        logits = pipeline.forward(seq, position, feed)
-        position += len(feed)
-        token = sample(logits, position, sampling)  # position: where the new token will sit
-        dt = (time.perf_counter() - t0) * 1000.0
-        if not tokens:
-            prefill_ms = dt
-        tokens.append(token)
-        token_ms.append(dt)
-        stage_ms.append(pipeline.stage_ms())
-        if progress:
-            progress(len(tokens), max_tokens, dt)
-        if is_end is not None and is_end(token):
-            stopped = "end_of_generation"
-            break
-        feed = np.asarray([token], dtype=np.int32)
+    # A pipeline that audits (the session driver) may ask to regenerate from an earlier position
+    # after a rollback; it is asked after every token and, waiting for its audits, at the end.
+    rewind = getattr(pipeline, "rewind_position", None)
+    rewinds = 0
+    while True:
+        if len(tokens) >= max_tokens or stopped == "end_of_generation":
+            q = rewind(wait=True) if rewind else None
+            if q is None:
+                break
+        else:
+            t0 = time.perf_counter()
+            logits = pipeline.forward(seq, position, feed)
+            position += len(feed)
+            token = sample(logits, position, sampling)  # position: where the new token will sit
+            dt = (time.perf_counter() - t0) * 1000.0
+            if not tokens:
+                prefill_ms = dt
+            tokens.append(token)
+            token_ms.append(dt)
+            stage_ms.append(pipeline.stage_ms())
+            if progress:
+                progress(len(tokens), max_tokens, dt)
+            if is_end is not None and is_end(token):
+                stopped = "end_of_generation"
+            feed = np.asarray([token], dtype=np.int32)
+            q = rewind(wait=False) if rewind else None
+            if q is None:
+                continue
+        # Rows from position q on were wrong: keep the tokens up to the one at q and go on from there.
+        rewinds += 1
+        stopped = "max_tokens"
+        keep = max(0, q - len(prompt_tokens) + 1) if q >= len(prompt_tokens) else 0
+        del tokens[keep:], token_ms[keep:], stage_ms[keep:]
+        if q < len(prompt_tokens) or not tokens:
+            position, feed = 0, np.asarray(prompt_tokens, dtype=np.int32)
+            del tokens[:], token_ms[:], stage_ms[:]
+        else:
+            # The token at q is kept and fed again; the one after it is sampled again.
+            position, feed = q, np.asarray([(list(prompt_tokens) + tokens)[q]], dtype=np.int32)
     text = detokenize(tokens) if detokenize else ""
-    return GenerationResult(list(prompt_tokens), tokens, text, prefill_ms, token_ms, stage_ms, stopped)
+    return GenerationResult(list(prompt_tokens), tokens, text, prefill_ms, token_ms, stage_ms, stopped, rewinds)
 
 
 def terminal_progress(label: str) -> Callable[[int, int, float], None] | None:

@@ -1,0 +1,41 @@
+"""The seam between the driver's failover mechanism and the decision of who takes over.
+
+The driver detects, fences, rebuilds and continues; which node takes over a stage and which node
+verifies an audit is asked of a policy. Without Kubernetes the LocalPolicy decides from a preference
+order; the operator's policy answers from StageAssignments and node selectors.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+
+class Policy(Protocol):
+    def choose_backup(self, stage: int, failed: str, candidates: Sequence[str]) -> str:
+        """A node to take over `stage` from `failed`; candidates are alive and not quarantined."""
+
+    def choose_verifier(self, stage: int, worker: str, candidates: Sequence[str]) -> str:
+        """A node (not the worker) to recompute an audited unit of `stage`."""
+
+
+class NoCandidate(RuntimeError):
+    pass
+
+
+class LocalPolicy:
+    """First choice by a fixed preference order (the seed: N0 takes over and verifies)."""
+
+    def __init__(self, preference: Sequence[str]):
+        self.preference = list(preference)
+
+    def _first(self, candidates, exclude):
+        ordered = [n for n in self.preference if n in candidates] + [n for n in candidates if n not in self.preference]
+        for n in ordered:
+            if n != exclude:
+                return n
+        raise NoCandidate(f"no node left to choose (all failed, quarantined or excluded: {exclude})")
+
+    def choose_backup(self, stage, failed, candidates):
+        return self._first(candidates, failed)
+
+    def choose_verifier(self, stage, worker, candidates):
+        return self._first(candidates, worker)

@@ -1,0 +1,503 @@
+"""The session driver: a star over node agents, implementing consortium.generation's Pipeline.
+
+Each token step sends stage 0 the new token ids and every later stage the hidden rows the stage
+before returned. The token loop itself stays in consortium.generation.generate; this object adds:
+
+- checks on every response: the commitments match the rows received (the driver holds the output,
+  so its canonicalization is the reveal), the window statements verify under the node's key and
+  their Merkle roots match those commitments; receipts are assembled from the signed windows and a
+  window cut short by a failover or rollback is flushed as a shorter receipt;
+- failover, written once: an RPC error or deadline on a stage bumps its epoch, fences the old node,
+  asks the policy for a backup, loads the layers there and replays the stage's inputs (resent by
+  the upstream agent, or recomputed through a replacement of it if that agent is gone too) in the
+  batch shapes of the original run; the step then continues at the same position;
+- audits: about audit_probability of the units (stage, position) are recomputed by another node in
+  a background thread; verdicts come from consortium.verification.verdicts;
+- rollback: on Fraud or quarantine, every stage the node served fails over, all stages truncate to
+  the first position it computed since its last passed audit, and generate() resamples from there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from consortium import wire
+from consortium.driver.client import NodeClient, RpcLog
+from consortium.driver.policy import Policy
+from consortium.driver.state import SessionState
+from consortium.layers import LayerRange
+from consortium.verification import canonical, judgement, receipts, signing, verdicts
+from consortium.verification.canonical import CanonicalGrid
+from consortium.wire import pb
+
+log = logging.getLogger("consortium.driver")
+
+# Codes that mean "this node cannot serve the step": fail the stage over. Anything else (a
+# malformed request from us) is a bug in the driver and is raised.
+FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED}
+
+
+class DriverError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class AuditUnit:
+    stage: int
+    position: int
+    node: str
+    epoch: int
+    commitment: bytes
+    worker_row: np.ndarray        # the output the worker sent: its canonicalization is the reveal
+    signature_ok: bool
+    generation: int               # rollback generation it belongs to
+
+
+@dataclasses.dataclass
+class StepRecord:
+    position: int
+    rows: int
+    stage_ms: list[float]
+    wall_ms: float
+    failover: bool
+
+
+class SessionDriver:
+    def __init__(self, *, session: str, model_path: str, split: Sequence[LayerRange], n_layers: int,
+                 endpoints: dict[str, str], state: SessionState, policy: Policy, model_sha256: str = "",
+                 grid: CanonicalGrid = CanonicalGrid(), tolerance: verdicts.Tolerance | None = None,
+                 rpc_timeout_s: float = 30.0, load_timeout_s: float = 120.0, honest_alpha: float = judgement.DEFAULT_ALPHA):
+        self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
+        self.split, self.n_layers = list(split), n_layers
+        self.n_stages = len(self.split)
+        self.state, self.policy, self.grid = state, policy, grid
+        self.tolerance = tolerance or verdicts.Tolerance.load()
+        self.alpha = honest_alpha
+        self.rpc = RpcLog()
+        self.clients = {n: NodeClient(n, ep, self.rpc, rpc_timeout_s) for n, ep in endpoints.items()}
+        self.load_timeout_s = load_timeout_s
+        self.public_keys: dict[str, str] = {}
+        self.dead: set[str] = set()
+        self._lock = threading.RLock()
+        # What the driver received, per stage: inputs it sent (for audits) and commitments by position.
+        self._inputs: list[dict[int, object]] = [dict() for _ in self.split]
+        self._commits: list[dict[int, tuple[str, int, bytes]]] = [dict() for _ in self.split]
+        self._open: list[dict | None] = [None] * self.n_stages  # open receipt window per stage
+        self.receipts: list[dict] = []
+        self.records: dict[str, judgement.NodeRecord] = {}
+        self.steps: list[StepRecord] = []
+        self._last_ms = [0.0] * self.n_stages
+        self._step_failover = False
+        self._generation = 0
+        self._pending_fraud: list[tuple[str, str]] = []
+        self._audit_q: "queue.Queue[AuditUnit]" = queue.Queue()
+        self._audit_busy = 0
+        self._audit_idle = threading.Condition(self._lock)
+        self._audit_progress: dict[tuple[str, int], int] = {}
+        self.audit_cpu_ms = 0.0
+        self._stop = threading.Event()
+        self.on_stage = None  # test hook: called before each stage hop with (stage, position)
+        self._auditor = threading.Thread(target=self._audit_loop, name="auditor", daemon=True)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _ref(self, stage: int, epoch: int | None = None) -> pb.StageRef:
+        return pb.StageRef(session=self.session, stage=stage,
+                           epoch=self.state.epochs[stage] if epoch is None else epoch)
+
+    def _load(self, node: str, stage: int) -> None:
+        r = self.split[stage]
+        resp = self.clients[node].call("LoadStage", pb.LoadStageRequest(
+            ref=self._ref(stage), model_path=self.model_path, model_sha256=self.model_sha256,
+            first_layer=r.first, last_layer=r.last, grid=wire.grid_to_pb(self.grid)), timeout=self.load_timeout_s)
+        self.public_keys[node] = resp.public_key
+
+    def start(self) -> None:
+        for s, node in enumerate(self.state.nodes):
+            self._load(node, s)
+        self._auditor.start()
+
+    def alive(self) -> list[str]:
+        return [n for n in self.clients if n not in self.dead and n not in self.state.quarantined]
+
+    # -- the Pipeline protocol ------------------------------------------------------------------
+
+    def forward(self, seq: int, position: int, tokens: np.ndarray) -> np.ndarray:
+        del seq  # one session per driver; the agents hold it under the session's name
+        t0 = time.perf_counter()
+        tokens = np.asarray(tokens, dtype=np.int32)
+        st = self.state
+        P = len(st.prompt_tokens)
+        with self._lock:
+            st.batches = [b for b in st.batches if b[0] < position] + [[position, len(tokens)]]
+            # Generated tokens fed back become part of the sequence (the prompt is already there).
+            for i, t in enumerate(tokens):
+                p = position + i
+                if p >= P:
+                    del st.tokens[p - P:]
+                    st.tokens.append(int(t))
+        self._step_failover = False
+        x = tokens
+        for s in range(self.n_stages):
+            if self.on_stage is not None:
+                self.on_stage(s, position)
+            ts = time.perf_counter()
+            x = self._stage_step(s, position, x)
+            self._last_ms[s] = (time.perf_counter() - ts) * 1000
+        self.steps.append(StepRecord(position, len(tokens), list(self._last_ms),
+                                     (time.perf_counter() - t0) * 1000, self._step_failover))
+        return x[-1]
+
+    def stage_ms(self) -> list[float]:
+        return list(self._last_ms)
+
+    def rewind_position(self, wait: bool = False) -> int | None:
+        """Called by generate() after each token (wait=False) and at the end (wait=True): the position
+        to regenerate from after a rollback, or None."""
+        if wait:
+            self._drain_audits()
+        with self._lock:
+            if not self._pending_fraud:
+                return None
+            node, why = self._pending_fraud[0]
+            self._pending_fraud = [f for f in self._pending_fraud if f[0] != node]
+        return self._rollback(node, why)
+
+    # -- one stage of one step -------------------------------------------------------------------
+
+    def _stage_step(self, s: int, position: int, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            for i in range(len(x)):
+                self._inputs[s][position + i] = x[i] if s else int(x[i])
+        for _ in range(4):
+            node = self.state.nodes[s]
+            req = self._forward_request(s, position, x)
+            try:
+                resp = self.clients[node].call("Forward", req)
+            except grpc.RpcError as e:
+                if e.code() not in FAILOVER_CODES:
+                    raise DriverError(f"stage {s} on {node} refused step {position}: {e.code().name}: {e.details()}")
+                self._step_failover = True
+                self._failover(s, f"{node}: {e.code().name}: {e.details()}")
+                continue
+            out = wire.decode_tensor(resp.output, ndim=2)
+            self._accept(s, node, self.state.epochs[s], resp.output_position, out, list(resp.commitments),
+                         list(resp.windows))
+            self.state.done[s] = position + len(x)
+            return out
+        raise DriverError(f"stage {s} failed over repeatedly at position {position}")
+
+    def _forward_request(self, s: int, position: int, x) -> pb.ForwardRequest:
+        if s == 0:
+            return pb.ForwardRequest(ref=self._ref(s), position=position, tokens=[int(t) for t in x])
+        return pb.ForwardRequest(ref=self._ref(s), position=position, hidden=wire.encode_tensor(x))
+
+    def _accept(self, s: int, node: str, epoch: int, first: int, out: np.ndarray | None,
+                commitments: list[bytes], windows: list, select: bool = True) -> None:
+        """Check one response's commitments and signed windows; record receipts and audit units."""
+        if out is not None:
+            mine = canonical.commit_rows(out, self.grid)
+            if mine != commitments:
+                # The worker's own output does not match what it signed: provable on its face.
+                self._fraud(node, f"stage {s} at {first}: sent rows do not hash to the signed commitments")
+        sig_ok = True
+        with self._lock:
+            for i, c in enumerate(commitments):
+                self._commits[s][first + i] = (node, epoch, c)
+            for w in windows:
+                sst = wire.window_from_pb(w)
+                st = sst.statement
+                ok = (st.session == self.session and st.stage == s and st.epoch == epoch and
+                      signing.verify_signature(self.public_keys.get(node, ""), st.encode(), sst.signature))
+                cs = [self._commits[s].get(p, (None, None, b""))[2] for p in st.positions]
+                ok = ok and len(cs) == st.count and receipts.merkle.merkle_root(cs) == st.merkle_root
+                sig_ok = sig_ok and ok
+                o = self._open[s]
+                if o is not None and (o["node"] != node or o["epoch"] != epoch or o["start"] != st.window_start):
+                    self._flush(s)
+                self._open[s] = {"node": node, "epoch": epoch, "start": st.window_start, "signed": sst,
+                                 "commitments": tuple(cs), "ok": ok}
+                if (st.window_start + st.count) % receipts.DEFAULT_WINDOW == 0:
+                    self._flush(s)
+            if not sig_ok:
+                self._fraud(node, f"stage {s} at {first}: a window signature or Merkle root does not verify")
+            if select and out is not None:
+                for i, c in enumerate(commitments):
+                    p = first + i
+                    if self.state.selected(s, p):
+                        self._audit_q.put(AuditUnit(s, p, node, epoch, c, np.array(out[i]), sig_ok,
+                                                    self._generation))
+
+    def _flush(self, s: int) -> None:
+        o = self._open[s]
+        self._open[s] = None
+        if o is None:
+            return
+        r = receipts.Receipt(o["signed"].statement, o["commitments"], o["signed"].signature)
+        ok, why = receipts.verify_receipt(r, self.public_keys.get(o["node"], ""))
+        self.receipts.append({"stage": s, "node": o["node"], "epoch": o["epoch"], "start": o["start"],
+                              "count": r.statement.count, "verified": ok, "reasons": why, "bytes": len(r.dumps()),
+                              "receipt": r.to_json()})
+
+    # -- failover --------------------------------------------------------------------------------
+
+    def _failover(self, s: int, reason: str, exclude: Sequence[str] = ()) -> str:
+        t0 = time.perf_counter()
+        st = self.state
+        old = st.nodes[s]
+        with self._lock:
+            self._flush(s)
+        st.epochs[s] += 1
+        try:  # fence the old node if it can still hear us; a dead one is fenced by its death
+            self.clients[old].call("Fence", pb.FenceRequest(ref=self._ref(s)), timeout=2.0)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self.dead.add(old)
+        upto = st.done[s]
+        tried = {old, *exclude}
+        while True:
+            candidates = [n for n in self.alive() if n not in tried]
+            backup = self.policy.choose_backup(s, old, candidates)
+            tried.add(backup)
+            try:
+                self._load(backup, s)
+                replayed = self._rebuild(s, backup, upto)
+                break
+            except grpc.RpcError as e:
+                log.warning("backup %s for stage %d failed: %s", backup, s, e.code().name)
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.dead.add(backup)
+        st.nodes[s] = backup
+        event = {"stage": s, "from": old, "to": backup, "epoch": st.epochs[s], "at_position": upto,
+                 "at_token": max(0, upto - len(st.prompt_tokens) + 1), "replayed_rows": replayed,
+                 "ms": round((time.perf_counter() - t0) * 1000, 3), "reason": reason}
+        st.failovers.append(event)
+        log.info("failover: %s", event)
+        return backup
+
+    def _stage_inputs(self, s: int, lo: int, hi: int):
+        """The inputs of stage s at positions [lo, hi): token ids, or hidden rows resent upstream."""
+        if s == 0:
+            return np.asarray(self.state.sequence()[lo:hi], dtype=np.int32)
+        for _ in range(3):
+            up = self.state.nodes[s - 1]
+            try:
+                chunks = self.clients[up].stream("Resend", pb.ResendRequest(
+                    ref=self._ref(s - 1), from_position=lo, to_position=hi))
+                return np.concatenate([wire.decode_tensor(c.output, ndim=2) for c in chunks])
+            except grpc.RpcError as e:
+                if e.code() not in FAILOVER_CODES:
+                    raise
+                # The upstream agent is gone too: its outputs are recomputed through its replacement.
+                self._failover(s - 1, f"{up} could not resend: {e.code().name}")
+        raise DriverError(f"no upstream node could resend the inputs of stage {s}")
+
+    def _rebuild(self, s: int, node: str, upto: int) -> int:
+        """Replay stage s's inputs [0, upto) on `node` in the original batch shapes."""
+        if upto == 0:
+            return 0
+        x = self._stage_inputs(s, 0, upto)
+        rows = 0
+        for start, n in self.state.batches:
+            if start >= upto:
+                break
+            n = min(n, upto - start)
+            chunk = x[start:start + n]
+            req = self._forward_request(s, start, chunk)
+            resp = self.clients[node].call("Replay", req, timeout=self.load_timeout_s)
+            with self._lock:
+                for i in range(n):
+                    self._inputs[s][start + i] = chunk[i] if s else int(chunk[i])
+            self._accept(s, node, self.state.epochs[s], start if s < self.n_stages - 1 else start + n - 1, None,
+                         list(resp.commitments), list(resp.windows), select=False)
+            rows += n
+        return rows
+
+    # -- audits ----------------------------------------------------------------------------------
+
+    def _audit_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._audit_q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            units = [first]
+            while True:
+                try:
+                    units.append(self._audit_q.get_nowait())
+                except queue.Empty:
+                    break
+            with self._lock:
+                self._audit_busy += 1
+            try:
+                groups: dict[tuple[int, str], list[AuditUnit]] = {}
+                for u in units:
+                    if u.generation == self._generation:
+                        groups.setdefault((u.stage, u.node), []).append(u)
+                for (s, node), us in sorted(groups.items()):
+                    self._audit_group(s, node, sorted(us, key=lambda u: u.position))
+            except Exception:  # an audit must never take generation down; it is logged and retried never
+                log.exception("audit failed")
+            finally:
+                with self._lock:
+                    self._audit_busy -= 1
+                    self._audit_idle.notify_all()
+
+    def _audit_group(self, s: int, worker: str, units: list[AuditUnit]) -> None:
+        candidates = [n for n in self.alive() if n != worker]
+        if not candidates:
+            return
+        verifier = self.policy.choose_verifier(s, worker, candidates)
+        r = self.split[s]
+        with self._lock:
+            gen = self._generation
+            units = [u for u in units if u.generation == gen and u.position in self._inputs[s]]
+            if not units:
+                return  # rolled back meanwhile
+            start = self._audit_progress.get((verifier, s), 0)
+            want = [u.position for u in units]
+            if min(want) < start:
+                start = 0  # an earlier position than the verifier's sequence: replay from the start
+            batches = [(b, n) for b, n in self.state.batches if b + n > start and b <= max(want)]
+            if not batches:
+                return
+            end = batches[-1][0] + batches[-1][1]
+            if batches[0][0] < start:
+                start = batches[0][0]
+            sizes = [min(b + n, end) - max(b, start) for b, n in batches]
+            try:
+                xs = [self._inputs[s][p] for p in range(start, end)]
+            except KeyError:
+                return  # rolled back meanwhile
+        req = pb.AuditRequest(ref=self._ref(s, units[0].epoch), model_path=self.model_path,
+                              model_sha256=self.model_sha256, first_layer=r.first, last_layer=r.last,
+                              start_position=start, batch_sizes=sizes, positions=want)
+        if s == 0:
+            req.tokens.extend(int(t) for t in xs)
+        else:
+            req.hidden.CopyFrom(wire.encode_tensor(np.stack(xs)))
+        try:
+            resp = self.clients[verifier].call("Audit", req, timeout=self.load_timeout_s)
+        except grpc.RpcError as e:
+            log.warning("audit on %s failed: %s %s", verifier, e.code().name, e.details())
+            with self._lock:
+                self._audit_progress[(verifier, s)] = 0
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.dead.add(verifier)
+                    for u in units:
+                        self._audit_q.put(u)  # another verifier takes them
+            return
+        rows = wire.decode_tensor(resp.rows, ndim=2)
+        with self._lock:
+            self.audit_cpu_ms += resp.compute_ms
+            if gen != self._generation:
+                return
+            self._audit_progress[(verifier, s)] = end
+            for u, row in zip(units, rows):
+                revealed = canonical.canonical_rows(u.worker_row[None, :], self.grid)[0]
+                res = verdicts.judge_unit(u.commitment, row, grid=self.grid, tolerance=self.tolerance,
+                                          revealed=revealed, signature_ok=u.signature_ok)
+                rec = self.records.get(u.node) or judgement.NodeRecord(u.node)
+                rec = rec.add(res.verdict)
+                self.records[u.node] = rec
+                self.state.audits.append({
+                    "stage": s, "position": u.position, "node": u.node, "epoch": u.epoch, "verifier": verifier,
+                    "verdict": res.verdict.value, "reasons": list(res.reasons),
+                    "figures": res.figures.to_json() if res.figures else None,
+                    "hash_equal": res.verifier_commitment == u.commitment})
+                key = f"{s}/{u.node}"
+                if res.verdict in (verdicts.Verdict.PASSED, verdicts.Verdict.PASSED_WITHIN_TOLERANCE):
+                    self.state.last_passed[key] = max(self.state.last_passed.get(key, -1), u.position)
+                verdict_node = judgement.judge_node(rec, self.tolerance.honest_mismatch_rate, self.alpha)
+                if res.verdict == verdicts.Verdict.FRAUD or verdict_node.quarantine:
+                    self._fraud(u.node, f"stage {s} position {u.position}: {res.verdict.value}; {verdict_node.reason}")
+
+    def _drain_audits(self) -> None:
+        with self._lock:
+            while not self._audit_q.empty() or self._audit_busy:
+                self._audit_idle.wait(timeout=0.5)
+
+    def _fraud(self, node: str, why: str) -> None:
+        with self._lock:
+            if node not in self.state.quarantined and all(f[0] != node for f in self._pending_fraud):
+                log.warning("node %s caught: %s", node, why)
+                self._pending_fraud.append((node, why))
+
+    # -- rollback --------------------------------------------------------------------------------
+
+    def _rollback(self, node: str, why: str) -> int | None:
+        st = self.state
+        with self._lock:
+            first_bad = None
+            for s in range(self.n_stages):
+                since = st.last_passed.get(f"{s}/{node}", -1)
+                ps = [p for p, (n, _, _) in self._commits[s].items() if n == node and p > since]
+                if ps:
+                    first_bad = min(ps) if first_bad is None else min(first_bad, min(ps))
+            st.quarantined.append(node)
+            self._generation += 1
+        served = [s for s in range(self.n_stages) if st.nodes[s] == node]
+        if first_bad is None:
+            for s in served:
+                self._failover(s, f"{node} quarantined: {why}")
+            return None
+        q = first_bad if first_bad >= len(st.prompt_tokens) else 0  # a prompt is replayed whole, same shape
+        t0 = time.perf_counter()
+        with self._lock:
+            for s in range(self.n_stages):
+                self._flush(s)
+                for d in (self._inputs[s], self._commits[s]):
+                    for k in [k for k in d if k >= q]:
+                        del d[k]
+            st.batches = [b for b in st.batches if b[0] < q]
+            st.done = [min(d, q) for d in st.done]
+            del st.tokens[max(0, q - len(st.prompt_tokens)):]
+            for k in list(self._audit_progress):
+                self._audit_progress[k] = min(self._audit_progress[k], q)
+        for s in range(self.n_stages):
+            if s in served:
+                continue
+            try:
+                self.clients[st.nodes[s]].call("Truncate", pb.TruncateRequest(ref=self._ref(s), position=q))
+            except grpc.RpcError as e:
+                if e.code() not in FAILOVER_CODES:
+                    raise
+                self._failover(s, f"{st.nodes[s]} could not truncate: {e.code().name}")
+        for s in served:
+            self._failover(s, f"{node} quarantined: {why}")
+        st.rollbacks.append({"node": node, "reason": why, "to_position": q,
+                             "to_token": max(0, q - len(st.prompt_tokens)), "stages": served,
+                             "ms": round((time.perf_counter() - t0) * 1000, 3)})
+        return q
+
+    # -- end -------------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, list]:
+        """Each reachable agent's forward counters for this session: node -> [(stage, position, fwd, replay)]."""
+        out = {}
+        for n, c in self.clients.items():
+            try:
+                h = c.call("Health", pb.HealthRequest(), timeout=5.0)
+            except grpc.RpcError:
+                continue
+            out[n] = [(x.stage, x.position, x.forward, x.replay) for x in h.counters if x.session == self.session]
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._auditor.is_alive():
+            self._auditor.join(timeout=5)
+        with self._lock:
+            for s in range(self.n_stages):
+                self._flush(s)
+        for c in self.clients.values():
+            c.close()

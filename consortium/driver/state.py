@@ -1,0 +1,54 @@
+"""The session's progress as a plain object: what a driver needs to continue after a restart.
+
+Audit selection needs no saved RNG state: a unit (stage, position) is audited when a generator
+seeded with (seed, stage, position) draws below the probability, so a resumed driver and a rollback
+select the same units again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class SessionState:
+    session: str
+    prompt_tokens: list[int]
+    nodes: list[str]                        # node serving each stage
+    epochs: list[int]                       # each stage's epoch (bumped on every failover)
+    audit_probability: float = 0.2
+    audit_seed: int = 0
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    done: list[int] = dataclasses.field(default_factory=list)        # next position per stage
+    batches: list[list[int]] = dataclasses.field(default_factory=list)  # [start, rows] of each step
+    last_passed: dict[str, int] = dataclasses.field(default_factory=dict)  # "stage/node" -> position
+    quarantined: list[str] = dataclasses.field(default_factory=list)
+    audits: list[dict] = dataclasses.field(default_factory=list)
+    failovers: list[dict] = dataclasses.field(default_factory=list)
+    rollbacks: list[dict] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.done:
+            self.done = [0] * len(self.nodes)
+
+    def sequence(self) -> list[int]:
+        """Every token id by position: the prompt, then the generated tokens fed so far."""
+        return list(self.prompt_tokens) + list(self.tokens)
+
+    def selected(self, stage: int, position: int) -> bool:
+        if self.audit_probability <= 0:
+            return False
+        u = np.random.Generator(np.random.PCG64([self.audit_seed & 0xFFFFFFFF, stage, position])).random()
+        return bool(u < self.audit_probability)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, o: dict) -> "SessionState":
+        return cls(**o)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json())

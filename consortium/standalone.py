@@ -1,0 +1,329 @@
+"""Test Case v1 without Kubernetes: three node agents as processes on loopback, a single-node
+baseline, the distributed session with audits, a SIGKILL of one agent mid-generation, and a report.
+
+Roles follow the seed: N0 (cuda role, coordinator, verifier, backup) serves the last stage, N1 (cuda
+role) the first, N2 (metal role) the middle one. The backend each agent reports is what llama.cpp
+detected; the role is a label, and the report shows both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+NODES = ("N0", "N1", "N2")
+ROLES = {"N0": "cuda", "N1": "cuda", "N2": "metal"}
+PLACEMENT = ["N1", "N2", "N0"]      # stage -> node
+PROMPT = "Explain in one paragraph why the sky appears blue."
+
+
+@dataclasses.dataclass
+class Options:
+    model: str | None = None
+    max_tokens: int = 64
+    kill_stage: int | None = 1
+    kill_at: int = 20
+    audit_probability: float = 0.2
+    audit_seed: int = 7
+    faulty_stage: int | None = None
+    fault: str | None = None
+    heterogeneous: bool = False
+    threads: int = 1
+    prompt: str = PROMPT
+    json_out: str | None = None
+    report_dir: str | None = None
+    rpc_timeout_s: float = 30.0
+
+
+class Agents:
+    """The three node-agent processes."""
+
+    def __init__(self, workdir: Path, opts: Options, faulty_node: str | None):
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.endpoints: dict[str, str] = {}
+        for n in NODES:
+            port_file = workdir / f"{n}.port"
+            cmd = [sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+                   "--key-file", str(workdir / "keys" / f"{n}.pem"), "--node-id", n, "--plaintext",
+                   "--labels", f"consortium.io/node={n},consortium.io/role={ROLES[n]}", "--threads", str(opts.threads)]
+            if opts.heterogeneous and ROLES[n] == "metal":
+                cmd.append("--no-repack")
+            if n == faulty_node:
+                cmd += ["--fault", opts.fault]
+            log = open(workdir / f"{n}.log", "wb")
+            self.procs[n] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        for n in NODES:
+            pf = workdir / f"{n}.port"
+            while not pf.is_file():
+                if self.procs[n].poll() is not None:
+                    raise RuntimeError(f"node agent {n} exited: {(workdir / f'{n}.log').read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"node agent {n} did not start")
+                time.sleep(0.05)  # waiting for a process to bind its port, not for compute
+            self.endpoints[n] = f"127.0.0.1:{int(pf.read_text())}"
+
+    def kill(self, node: str) -> None:
+        self.procs[node].send_signal(signal.SIGKILL)
+        self.procs[node].wait()
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+class _Recording:
+    """Wraps a pipeline to keep each step's top-2 logit margin (for the first divergence)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.n_stages, self.margins = pipe, pipe.n_stages, []
+
+    def forward(self, seq, position, tokens):
+        from consortium.sampling import top2_margin
+
+        row = self.pipe.forward(seq, position, tokens)
+        self.margins.append(top2_margin(row))
+        return row
+
+    def stage_ms(self):
+        return self.pipe.stage_ms()
+
+
+def run(opts: Options) -> dict:
+    from consortium import generation
+    from consortium.driver.policy import LocalPolicy
+    from consortium.driver.session import SessionDriver
+    from consortium.driver.state import SessionState
+    from consortium.layers import even_split, format_split
+    from consortium.models import resolve_model
+    from consortium.tokenizer import Tokenizer
+    from consortium.verification import judgement
+    from node_agent.engine import llama as ll
+    from node_agent.engine.pipeline import LocalPipeline
+    from node_agent.engine.slicing import read_model_info
+    from node_agent.engine.stage import StageConfig
+
+    model = resolve_model(opts.model or ("gemma3-270m" if opts.heterogeneous else None))
+    info = read_model_info(model)
+    split = even_split(info.n_layers, 3)
+    tok = Tokenizer(model)
+    prompt_ids = tok.prompt_tokens(opts.prompt)
+    max_tokens = opts.max_tokens
+
+    # Baseline first, alone on the machine.
+    with LocalPipeline(model, None, StageConfig(threads=opts.threads)) as pipe:
+        rec = _Recording(pipe)
+        base = generation.generate(rec, prompt_ids, max_tokens, detokenize=tok.decode)
+    faulty_node = PLACEMENT[opts.faulty_stage] if opts.faulty_stage is not None and opts.fault else None
+    kill_node = PLACEMENT[opts.kill_stage] if opts.kill_stage is not None else None
+
+    workdir = Path(tempfile.mkdtemp(prefix="consortium-testcase-"))
+    agents = Agents(workdir, opts, faulty_node)
+    driver = None
+    try:
+        state = SessionState(session="sky-is-blue", prompt_tokens=prompt_ids, nodes=list(PLACEMENT),
+                             epochs=[1, 1, 1], audit_probability=opts.audit_probability, audit_seed=opts.audit_seed)
+        driver = SessionDriver(session=state.session, model_path=str(model), split=split, n_layers=info.n_layers,
+                               endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
+                               rpc_timeout_s=opts.rpc_timeout_s)
+        health = {n: driver.clients[n].call("Health", __import__("consortium.wire", fromlist=["pb"]).pb.HealthRequest())
+                  for n in NODES}
+        driver.start()
+        killed = {}
+        # The kill lands inside the step that produces token kill_at, just before the stage's hop.
+        kill_position = 0 if opts.kill_at <= 0 else len(prompt_ids) + opts.kill_at - 1
+
+        def on_stage(s, position):
+            if kill_node and not killed and s == opts.kill_stage and position == kill_position:
+                agents.kill(kill_node)
+                killed.update(node=kill_node, position=position, time=time.time())
+
+        driver.on_stage = on_stage
+        t0 = time.perf_counter()
+        dist = generation.generate(driver, prompt_ids, max_tokens, detokenize=tok.decode)
+        wall_s = time.perf_counter() - t0
+        counters = driver.counters()
+        rpc = driver.rpc.summary()
+        report = _report(opts, model, info, split, prompt_ids, base, rec.margins, dist, wall_s, driver, health,
+                         killed, kill_node, faulty_node, counters, rpc, format_split(split), ll, judgement)
+    finally:
+        if driver is not None:
+            driver.close()
+        agents.close()
+        tok.close()
+    report["workdir_logs"] = "agent logs kept in the run's temporary directory"
+    if opts.json_out:
+        Path(opts.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if opts.report_dir:
+        write_report_dir(report, Path(opts.report_dir))
+    return report
+
+
+def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, driver, health, killed, kill_node,
+            faulty_node, counters, rpc, split_text, ll, judgement):
+    st = driver.state
+    audits = st.audits
+    count = {v: sum(a["verdict"] == v for a in audits) for v in ("Passed", "PassedWithinTolerance", "Mismatch", "Fraud")}
+    honest = [n for n in NODES if n != faulty_node]
+    records = list(driver.records.values())
+    false_fraud = judgement.false_fraud(records, honest, driver.tolerance.honest_mismatch_rate, driver.alpha)
+    diverge = next((i for i, (a, b) in enumerate(zip(base.tokens, dist.tokens)) if a != b), None)
+    if diverge is None and len(base.tokens) != len(dist.tokens):
+        diverge = min(len(base.tokens), len(dist.tokens))
+    agree = sum(a == b for a, b in zip(base.tokens, dist.tokens)) / max(1, len(base.tokens))
+
+    # Session restarts from the agents' own counters: a restart recomputes position 0 on every stage
+    # by a forward step (a replay on a backup is a rebuild, not a restart; rollbacks to 0 are counted).
+    pos0 = []
+    per_stage = []
+    for s in range(len(split)):
+        fwd = {}
+        rep = 0
+        for n, rows in counters.items():
+            for stage, p, f, r in rows:
+                if stage == s:
+                    fwd[p] = fwd.get(p, 0) + f
+                    rep += r
+        pos0.append(fwd.get(0, 0))
+        per_stage.append({"stage": s, "positions": len(fwd), "forward_rows": sum(fwd.values()),
+                          "positions_computed_more_than_once": sum(1 for v in fwd.values() if v > 1),
+                          "replayed_rows": rep})
+    rollbacks_to_0 = sum(1 for r in st.rollbacks if r["to_position"] == 0)
+    session_restarts = max(0, min(pos0) - 1 - rollbacks_to_0) if pos0 else 0
+
+    steps = driver.steps
+    fo_steps = [i for i, s in enumerate(steps) if s.failover]
+    normal = [s.wall_ms for s in steps[1:] if not s.failover] or [0.0]
+    fo = next((f for f in st.failovers if kill_node and f["from"] == kill_node), None)
+    spike = (max(steps[i].wall_ms for i in fo_steps) - statistics.median(normal)) if fo_steps else None
+    failover = {"injected": bool(killed), "stage": opts.kill_stage if killed else None,
+                "at_token": opts.kill_at if killed else None, "killed_node": killed.get("node"),
+                "completed": bool(killed) and fo is not None and len(dist.tokens) > 0,
+                "spike_ms": round(spike, 3) if spike is not None else None,
+                "failover_ms": fo["ms"] if fo else None, "replayed_rows": fo["replayed_rows"] if fo else None,
+                "backup_node": fo["to"] if fo else None, "events": st.failovers}
+    nodes = {}
+    for n, h in health.items():
+        nodes[n] = {"node_id": h.node_id, "role": ROLES[n], "backend": h.backend,
+                    "shown": h.backend if h.backend == ROLES[n] else f"{h.backend} (labeled {ROLES[n]})",
+                    "labels": dict(h.labels), "fault": h.fault or None,
+                    "repack": not (opts.heterogeneous and ROLES[n] == "metal")}
+    gen_ms = sum(sum(s.stage_ms) for s in steps)
+    exact = base.tokens == dist.tokens
+    fault_caught = None
+    if faulty_node:
+        fault_caught = faulty_node in st.quarantined
+    honest_verdicts_ok = all(a["verdict"] in ("Passed", "PassedWithinTolerance") for a in audits if a["node"] in honest)
+    report = {
+        "model": {"path_name": Path(str(model)).name, "architecture": info.architecture, "layers": info.n_layers,
+                  "file_type": info.file_type},
+        "llama_cpp": {k: ll.build_info().get(k) for k in ("llama_cpp_python", "ggml_version", "commit")},
+        "split": split_text, "placement": {f"stage{s}": n for s, n in enumerate(PLACEMENT)}, "nodes": nodes,
+        "prompt": opts.prompt, "prompt_tokens": len(prompt_ids), "max_tokens": opts.max_tokens,
+        "threads_per_agent": opts.threads, "heterogeneous": opts.heterogeneous,
+        "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3)},
+        "distributed": {"tokens": dist.tokens, "text": dist.text, "tokens_per_s": round(dist.tokens_per_s, 3),
+                        "per_stage_ms": [round(x, 3) for x in dist.per_stage_mean_ms()], "wall_s": round(wall_s, 3),
+                        "rewinds": dist.rewinds,
+                        "steps": [{"position": s.position, "rows": s.rows, "wall_ms": round(s.wall_ms, 3),
+                                   "stage_ms": [round(x, 3) for x in s.stage_ms], "failover": s.failover}
+                                  for s in steps]},
+        "speed_ratio": round(dist.tokens_per_s / base.tokens_per_s, 4) if base.tokens_per_s else None,
+        "exact_match": exact,
+        "token_agreement": round(agree, 4),
+        "first_divergence": diverge,
+        "top2_margin_at_divergence": round(margins[diverge], 5) if diverge is not None and diverge < len(margins) else None,
+        "audits": {"total": len(audits), "passed": count["Passed"], "passed_within_tolerance": count["PassedWithinTolerance"],
+                   "mismatch": count["Mismatch"], "fraud": count["Fraud"], "probability": opts.audit_probability,
+                   "seed": opts.audit_seed, "audit_compute_ms": round(driver.audit_cpu_ms, 3),
+                   "generation_compute_ms": round(gen_ms, 3),
+                   "audit_over_generation": round(driver.audit_cpu_ms / gen_ms, 4) if gen_ms else None,
+                   "units": audits},
+        "hash_equal_rate": round(sum(a["hash_equal"] for a in audits) / len(audits), 4) if audits else None,
+        "false_fraud": false_fraud,
+        "node_records": {r.node_id: dataclasses.asdict(r) for r in records},
+        "quarantined": list(st.quarantined),
+        "fault": {"node": faulty_node, "stage": opts.faulty_stage, "kind": opts.fault, "caught": fault_caught,
+                  "rollbacks": st.rollbacks} if faulty_node else None,
+        "failover": failover,
+        "session_restarts": session_restarts,
+        "counters": per_stage,
+        "receipts": {"count": len(driver.receipts), "verified": sum(r["verified"] for r in driver.receipts),
+                     "short_windows": sum(r["count"] < 16 for r in driver.receipts),
+                     "bytes_json": sum(r["bytes"] for r in driver.receipts)},
+        "rpc": rpc,
+        "state": st.to_json(),
+    }
+    report["success"] = bool(
+        (exact or opts.heterogeneous) and false_fraud == 0 and session_restarts == 0 and len(dist.tokens) > 0
+        and honest_verdicts_ok and (failover["completed"] or not kill_node)
+        and (fault_caught is not False) and all(r["verified"] for r in driver.receipts))
+    return report
+
+
+def write_report_dir(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    steps = report["distributed"]["steps"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    xs = list(range(len(steps)))
+    for s in range(len(steps[0]["stage_ms"]) if steps else 0):
+        ax.plot(xs, [st["stage_ms"][s] for st in steps], marker=".", label=f"stage {s}")
+    ax.plot(xs, [st["wall_ms"] for st in steps], color="black", alpha=0.4, label="step (all stages)")
+    for i, st in enumerate(steps):
+        if st["failover"]:
+            ax.axvline(i, color="red", linestyle="--", label="failover")
+    ax.set_yscale("log")
+    ax.set_xlabel("step (0 = prompt)")
+    ax.set_ylabel("ms")
+    ax.set_title("per-token latency per stage")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+    r = report
+    a = r["audits"]
+    lines = [
+        "# Test Case v1, standalone", "",
+        f"- model: {r['model']['path_name']} ({r['model']['architecture']}, {r['model']['layers']} layers, "
+        f"{r['model']['file_type']}), split {r['split']}, placement {r['placement']}",
+        "- nodes: " + ", ".join(f"{n} {v['shown']}{' repacking off' if not v['repack'] else ''}"
+                               f"{' FAULT ' + v['fault'] if v['fault'] else ''}" for n, v in r["nodes"].items()),
+        f"- exact_match: **{r['exact_match']}** (token agreement {r['token_agreement']}, first divergence "
+        f"{r['first_divergence']}, top-2 margin there {r['top2_margin_at_divergence']})",
+        f"- baseline {r['baseline']['tokens_per_s']} tok/s, distributed {r['distributed']['tokens_per_s']} tok/s "
+        f"(ratio {r['speed_ratio']}), {r['threads_per_agent']} thread(s) per agent",
+        f"- audits: {a['total']} total, {a['passed']} Passed, {a['passed_within_tolerance']} PassedWithinTolerance, "
+        f"{a['mismatch']} Mismatch, {a['fraud']} Fraud; hash_equal_rate {r['hash_equal_rate']}; "
+        f"false_fraud {r['false_fraud']}; audit compute / generation compute {a['audit_over_generation']}",
+        f"- failover: {json.dumps({k: v for k, v in r['failover'].items() if k != 'events'})}",
+        f"- session_restarts (from agent counters): {r['session_restarts']}",
+        f"- receipts: {r['receipts']}",
+        f"- success: **{r['success']}**", "", "| RPC | count | p50 ms | p95 ms | bytes |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {v['count']} | {v['p50_ms']} | {v['p95_ms']} | {v['bytes']} |" for m, v in r["rpc"].items()]
+    if r.get("fault"):
+        lines += ["", f"Fault: {json.dumps(r['fault'])}"]
+    lines += ["", "![latency](latency.png)", ""]
+    (out / "summary.md").write_text("\n".join(lines))

@@ -1,0 +1,473 @@
+"""The node agent's gRPC service: serves the stages it is given, one assignment per (session, stage).
+
+An assignment holds the stage's epoch, a sequence slot in a llama.cpp context for that layer range,
+the agent's window signer and the outputs it sent (bounded), so that it can resend them to a node
+taking over the next stage, reveal a committed row, or be truncated for a rollback. Audits run on
+separate sequence slots of the same engines, so verifying never disturbs serving.
+
+Every handler turns bad input into INVALID_ARGUMENT with a reason and a stale epoch into
+FAILED_PRECONDITION; nothing a client sends can take the server down.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from consortium import wire
+from consortium.layers import LayerRange
+from consortium.verification import canonical, proofs, receipts
+from consortium.verification.canonical import CanonicalGrid
+from consortium.wire import pb
+from node_agent import faults
+from node_agent.engine import llama as ll
+from node_agent.engine.slicing import read_model_info, stage_file, verify_sha256
+from node_agent.engine.stage import Stage, StageConfig, StageInputError
+from node_agent.identity import NodeIdentity
+
+log = logging.getLogger("node_agent")
+
+# The final stage keeps only its latest logits rows: a Llama-3 row is 0.5 MB.
+FINAL_STAGE_KEEP = 64
+
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _bad(msg: str) -> Refused:
+    return Refused(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    node_id: str | None = None
+    labels: dict = dataclasses.field(default_factory=dict)
+    threads: int = 0
+    n_ctx: int = 2048
+    n_seq_max: int = 8
+    repack: bool = True
+    fault: str | None = None
+
+
+class Engines:
+    """llama.cpp stages loaded on this node, keyed by stage file, with their sequence slots."""
+
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self._lock = threading.Lock()
+        self._stages: dict[str, Stage] = {}
+        self._free: dict[str, list[int]] = {}
+
+    def acquire(self, path: Path, layers: LayerRange, n_layers_total: int) -> tuple[Stage, int]:
+        key = str(path)
+        with self._lock:
+            if key not in self._stages:
+                cfg = StageConfig(threads=self.config.threads, n_ctx=self.config.n_ctx,
+                                  n_seq_max=self.config.n_seq_max, repack=self.config.repack)
+                self._stages[key] = Stage(path, layers, n_layers_total, cfg)
+                self._free[key] = list(range(self.config.n_seq_max))
+            if not self._free[key]:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"all {self.config.n_seq_max} sequence slots of layers {layers} are in use")
+            seq = self._free[key].pop(0)
+        stage = self._stages[key]
+        stage.clear(seq)
+        return stage, seq
+
+    def release(self, stage: Stage, seq: int) -> None:
+        with self._lock:
+            self._free[stage.path].append(seq)
+            self._free[stage.path].sort()
+
+
+@dataclasses.dataclass
+class Assignment:
+    session: str
+    stage_index: int
+    epoch: int
+    layers: LayerRange
+    n_layers_total: int
+    model_path: str
+    engine: Stage
+    seq: int
+    signer: receipts.WindowSigner
+    grid: CanonicalGrid
+    outputs: dict = dataclasses.field(default_factory=dict)        # position -> float32 row
+    commitments: dict = dataclasses.field(default_factory=dict)    # position -> 32 bytes
+    windows: dict = dataclasses.field(default_factory=dict)        # window start -> SignedStatement
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def is_first(self) -> bool:
+        return self.layers.first == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layers.last == self.n_layers_total - 1
+
+
+class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
+    def __init__(self, identity: NodeIdentity, config: AgentConfig = AgentConfig()):
+        self.identity = identity
+        self.config = config
+        self.fault = faults.parse_fault(config.fault)
+        self.backend = ll.detect_backend()
+        self.build = ll.build_info()
+        self.engines = Engines(config)
+        self._lock = threading.Lock()
+        self._assignments: dict[tuple[str, int], Assignment] = {}
+        self._fences: dict[tuple[str, int], int] = {}
+        self._audits: dict[tuple, tuple[Stage, int, threading.Lock]] = {}
+        self._counters: dict[tuple[str, int, int], list[int]] = collections.defaultdict(lambda: [0, 0])
+        self._rng = np.random.default_rng(0)
+        self.requests = 0
+        self.rejected = 0
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _handle(self, context, fn, *args):
+        with self._lock:
+            self.requests += 1
+        try:
+            return fn(*args)
+        except Refused as e:
+            self._reject(context, e.code, str(e))
+        except (StageInputError, wire.TensorError, canonical.NonFiniteActivation) as e:
+            self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (ValueError, TypeError, OverflowError) as e:
+            self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
+        except FileNotFoundError as e:
+            self._reject(context, grpc.StatusCode.NOT_FOUND, str(e))
+        except ll.LlamaError as e:
+            self._reject(context, grpc.StatusCode.INTERNAL, f"llama.cpp: {e}")
+
+    def _reject(self, context, code, message):
+        with self._lock:
+            self.rejected += 1
+        context.abort(code, message or code.name)
+
+    def _ref(self, ref: pb.StageRef) -> tuple[str, int, int]:
+        if not ref.session:
+            raise _bad("the request names no session")
+        if len(ref.session) > 253:
+            raise _bad("session name longer than 253 characters")
+        if ref.stage < 0:
+            raise _bad(f"stage {ref.stage} is negative")
+        if ref.epoch < 0:
+            raise _bad(f"epoch {ref.epoch} is negative")
+        return ref.session, int(ref.stage), int(ref.epoch)
+
+    def _check_fence(self, key, epoch):
+        fence = self._fences.get(key, 0)
+        if epoch < fence:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"stale epoch {epoch} for session {key[0]!r} stage {key[1]}: fenced at epoch {fence}")
+
+    def _assignment(self, ref: pb.StageRef) -> Assignment:
+        session, stage, epoch = self._ref(ref)
+        key = (session, stage)
+        with self._lock:
+            self._check_fence(key, epoch)
+            a = self._assignments.get(key)
+        if a is None:
+            raise _bad(f"unknown session {session!r} stage {stage} on this node (LoadStage first)")
+        if epoch < a.epoch:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"stale epoch {epoch} for session {session!r} stage {stage}: this node serves epoch {a.epoch}")
+        if epoch > a.epoch:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"epoch {epoch} is newer than the loaded epoch {a.epoch}: LoadStage it first")
+        return a
+
+    def _stage_path(self, model_path: str, sha: str, layers: LayerRange, fault: str | None):
+        if not model_path:
+            raise _bad("no model path")
+        if not Path(model_path).is_file():
+            raise _bad(f"model file {model_path!r} does not exist on this node")
+        info = read_model_info(model_path)
+        if layers.last >= info.n_layers:
+            raise _bad(f"layers {layers} run past the model's {info.n_layers} layers")
+        digest = verify_sha256(model_path, sha) if sha else None
+        rng = faults.engine_range(fault, layers)
+        path = stage_file(model_path, rng, model_sha256=digest)
+        if fault == "cheap-quant":
+            path = faults.cheap_quant_file(path)
+        return path, rng, info
+
+    def _layers(self, first: int, last: int) -> LayerRange:
+        if first < 0 or last < first:
+            raise _bad(f"bad layer range {first}-{last}")
+        return LayerRange(int(first), int(last))
+
+    # -- LoadStage / Fence / Truncate ---------------------------------------------------------
+
+    def LoadStage(self, request, context):
+        return self._handle(context, self._load_stage, request)
+
+    def _load_stage(self, req: pb.LoadStageRequest) -> pb.LoadStageResponse:
+        session, stage_index, epoch = self._ref(req.ref)
+        key = (session, stage_index)
+        layers = self._layers(req.first_layer, req.last_layer)
+        grid = wire.grid_from_pb(req.grid)
+        t0 = time.perf_counter()
+        with self._lock:
+            self._check_fence(key, epoch)
+            old = self._assignments.get(key)
+        if old is not None and epoch < old.epoch:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"stale epoch {epoch}: this node serves epoch {old.epoch}")
+        path, run_layers, info = self._stage_path(req.model_path, req.model_sha256, layers, self.fault)
+        engine, seq = self.engines.acquire(path, run_layers, info.n_layers)
+        signer = receipts.WindowSigner(self.identity.private_key, session=session, stage=stage_index,
+                                       node_id=self.identity.node_id, epoch=epoch, grid=grid)
+        a = Assignment(session, stage_index, epoch, layers, info.n_layers, req.model_path, engine, seq, signer, grid)
+        with self._lock:
+            old = self._assignments.get(key)
+            self._assignments[key] = a
+        if old is not None:
+            with old.lock:
+                self.engines.release(old.engine, old.seq)
+        return pb.LoadStageResponse(node_id=self.identity.node_id, public_key=self.identity.public_key_text,
+                                    backend=self.backend, n_embd=engine.n_embd, n_vocab=engine.n_vocab,
+                                    n_layers_total=info.n_layers, load_ms=(time.perf_counter() - t0) * 1000)
+
+    def Fence(self, request, context):
+        return self._handle(context, self._fence, request)
+
+    def _fence(self, req: pb.FenceRequest) -> pb.FenceResponse:
+        session, stage_index, epoch = self._ref(req.ref)
+        key = (session, stage_index)
+        with self._lock:
+            self._fences[key] = max(self._fences.get(key, 0), epoch)
+            a = self._assignments.get(key)
+            if a is not None and a.epoch < epoch:
+                del self._assignments[key]  # fenced: its KV and outputs must not be used again
+            else:
+                a = None
+        if a is not None:
+            with a.lock:
+                self.engines.release(a.engine, a.seq)
+        return pb.FenceResponse(epoch=self._fences[key])
+
+    def Truncate(self, request, context):
+        return self._handle(context, self._truncate, request)
+
+    def _truncate(self, req: pb.TruncateRequest) -> pb.TruncateResponse:
+        a = self._assignment(req.ref)
+        if req.position < 0:
+            raise _bad(f"position {req.position} is negative")
+        with a.lock:
+            p = min(int(req.position), a.engine.next_position(a.seq))
+            a.engine.truncate(a.seq, p)
+            for d in (a.outputs, a.commitments):
+                for k in [k for k in d if k >= p]:
+                    del d[k]
+            for k in [k for k in a.windows if k >= p]:
+                del a.windows[k]
+            a.signer.reset()
+            return pb.TruncateResponse(next_position=a.engine.next_position(a.seq))
+
+    # -- Forward / Replay ---------------------------------------------------------------------
+
+    def Forward(self, request, context):
+        return self._handle(context, self._forward, request, True)
+
+    def Replay(self, request, context):
+        return self._handle(context, self._forward, request, False)
+
+    def _inputs(self, a_is_first: bool, n_embd: int, tokens, hidden: pb.Tensor, has_hidden: bool):
+        if a_is_first:
+            if has_hidden:
+                raise _bad("stage 0 takes token ids, not hidden states")
+            if not tokens:
+                raise _bad("no token ids")
+            return np.asarray(tokens, dtype=np.int64), None
+        if tokens:
+            raise _bad("this stage takes hidden states, not token ids")
+        if not has_hidden:
+            raise _bad("no hidden states")
+        h = wire.decode_tensor(hidden, ndim=2)
+        if h.shape[1] != n_embd:
+            raise _bad(f"hidden states have width {h.shape[1]}, this stage expects {n_embd}")
+        if not np.isfinite(h).all():
+            raise _bad("hidden states contain NaN or Inf")
+        return None, h
+
+    def _forward(self, req: pb.ForwardRequest, send: bool):
+        a = self._assignment(req.ref)
+        tokens, hidden = self._inputs(a.is_first, a.engine.n_embd, list(req.tokens), req.hidden,
+                                      req.HasField("hidden"))
+        n = len(tokens) if tokens is not None else hidden.shape[0]
+        with a.lock:
+            expected = a.engine.next_position(a.seq)
+            if req.position != expected:
+                raise _bad(f"session {a.session!r} stage {a.stage_index} continues at position {expected}, "
+                           f"not {req.position}")
+            t0 = time.perf_counter()
+            if tokens is not None:
+                out = a.engine.forward(a.seq, req.position, tokens=tokens)
+                digests = [receipts.token_input_digest(int(t)) for t in tokens]
+            else:
+                out = a.engine.forward(a.seq, req.position, hidden=hidden)
+                digests = [receipts.hidden_input_digest(r) for r in hidden]
+            first_out = req.position if not a.is_last else req.position + n - 1
+            if a.is_last:
+                digests = digests[-1:]
+            out = faults.tamper(self.fault, out, first_out, a.outputs, self._rng)
+            commitments = canonical.commit_rows(out, a.grid)
+            windows = a.signer.add_batch(first_out, digests, commitments)
+            compute_ms = (time.perf_counter() - t0) * 1000
+            for i, c in enumerate(commitments):
+                a.outputs[first_out + i] = out[i]
+                a.commitments[first_out + i] = c
+            for w in windows:
+                a.windows[w.statement.window_start] = w
+            if a.is_last:
+                for k in [k for k in a.outputs if k <= first_out - FINAL_STAGE_KEEP]:
+                    del a.outputs[k]
+            with self._lock:
+                for p in range(req.position, req.position + n):
+                    self._counters[(a.session, a.stage_index, p)][0 if send else 1] += 1
+        wins = [wire.window_to_pb(w) for w in windows]
+        if not send:
+            return pb.ReplayResponse(rows=n, commitments=commitments, windows=wins, compute_ms=compute_ms)
+        return pb.ForwardResponse(output=wire.encode_tensor(out), output_position=first_out,
+                                  commitments=commitments, windows=wins, compute_ms=compute_ms)
+
+    # -- Resend / Reveal ----------------------------------------------------------------------
+
+    def Resend(self, request, context):
+        yield from self._handle(context, self._resend_chunks, request) or []
+
+    def _resend_chunks(self, req: pb.ResendRequest) -> list:
+        a = self._assignment(req.ref)
+        lo, hi = int(req.from_position), int(req.to_position)
+        if lo < 0 or hi <= lo:
+            raise _bad(f"bad position range [{lo}, {hi})")
+        with a.lock:
+            missing = [p for p in range(lo, hi) if p not in a.outputs]
+            if missing:
+                raise _bad(f"no stored output for positions {missing[0]}..{missing[-1]} "
+                           f"(this node holds {len(a.outputs)} rows)")
+            rows = np.stack([a.outputs[p] for p in range(lo, hi)])
+        per = max(1, wire.RESEND_CHUNK_BYTES // max(1, rows[0].nbytes))
+        return [pb.ResendChunk(position=lo + i, output=wire.encode_tensor(rows[i:i + per]))
+                for i in range(0, len(rows), per)]
+
+    def Reveal(self, request, context):
+        return self._handle(context, self._reveal, request)
+
+    def _reveal(self, req: pb.RevealRequest) -> pb.RevealResponse:
+        a = self._assignment(req.ref)
+        p = int(req.position)
+        with a.lock:
+            row = a.outputs.get(p)
+            if row is None:
+                raise _bad(f"no stored output for position {p}")
+            win = next((w for w in a.windows.values() if p in w.statement.positions), None)
+            if win is None:
+                raise _bad(f"no signed window holds position {p}")
+            k = canonical.canonical_rows(row[None, :], a.grid)[0]
+            sig = proofs.sign_reveal(self.identity.private_key, win.statement, p, k)
+            return pb.RevealResponse(canonical=wire.encode_tensor(k), window=wire.window_to_pb(win),
+                                     commitment=a.commitments[p], reveal_signature=sig)
+
+    # -- Audit --------------------------------------------------------------------------------
+
+    def Audit(self, request, context):
+        return self._handle(context, self._audit, request)
+
+    def _audit(self, req: pb.AuditRequest) -> pb.AuditResponse:
+        session, stage_index, _ = self._ref(req.ref)
+        layers = self._layers(req.first_layer, req.last_layer)
+        # Audits are honest even on a cheating agent: the cheater under test is a worker.
+        path, _, info = self._stage_path(req.model_path, req.model_sha256, layers, None)
+        key = (session, stage_index, str(path))
+        with self._lock:
+            slot = self._audits.get(key)
+        if slot is None:
+            slot = (*self.engines.acquire(path, layers, info.n_layers), threading.Lock())
+            with self._lock:
+                self._audits[key] = slot
+        engine, seq, audit_lock = slot
+        is_first, is_last = layers.first == 0, layers.last == info.n_layers - 1
+        tokens, hidden = self._inputs(is_first, engine.n_embd, list(req.tokens), req.hidden, req.HasField("hidden"))
+        n = len(tokens) if tokens is not None else hidden.shape[0]
+        sizes = list(req.batch_sizes) or [n]
+        if any(s <= 0 for s in sizes) or sum(sizes) != n:
+            raise _bad(f"batch sizes {sizes[:8]} do not add up to the {n} rows given")
+        start = int(req.start_position)
+        if start < 0:
+            raise _bad("negative start position")
+        want = [int(p) for p in req.positions]
+        if any(p < start or p >= start + n for p in want):
+            raise _bad(f"audited positions must lie in [{start}, {start + n})")
+        ends = set()
+        pos = start
+        for s in sizes:
+            pos += s
+            ends.add(pos - 1)
+        if is_last and any(p not in ends for p in want):
+            raise _bad("the final stage is audited at the last row of a batch (where logits exist)")
+        t0 = time.perf_counter()
+        got: dict[int, np.ndarray] = {}
+        with audit_lock:
+            nxt = engine.next_position(seq)
+            if start > nxt:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"audit sequence continues at {nxt}, not {start}")
+            engine.truncate(seq, start)
+            pos, i = start, 0
+            for s in sizes:
+                if tokens is not None:
+                    out = engine.forward(seq, pos, tokens=tokens[i:i + s])
+                else:
+                    out = engine.forward(seq, pos, hidden=hidden[i:i + s])
+                if is_last:
+                    got[pos + s - 1] = out[-1]
+                else:
+                    for j in range(s):
+                        if pos + j in want:
+                            got[pos + j] = out[j]
+                pos, i = pos + s, i + s
+        rows = np.stack([got[p] for p in want]) if want else np.zeros((1, 1), np.float32)
+        return pb.AuditResponse(rows=wire.encode_tensor(rows), compute_ms=(time.perf_counter() - t0) * 1000,
+                                replayed_rows=n)
+
+    # -- Health -------------------------------------------------------------------------------
+
+    def Health(self, request, context):
+        return self._handle(context, self._health)
+
+    def _health(self) -> pb.HealthResponse:
+        with self._lock:
+            counters = [pb.PositionCount(session=s, stage=st, position=p, forward=c[0], replay=c[1])
+                        for (s, st, p), c in sorted(self._counters.items())]
+            req, rej = self.requests, self.rejected
+        return pb.HealthResponse(node_id=self.identity.node_id, public_key=self.identity.public_key_text,
+                                 backend=self.backend, labels={str(k): str(v) for k, v in self.config.labels.items()},
+                                 llama_cpp_version=str(self.build.get("llama_cpp_python", "")),
+                                 ggml_commit=str(self.build.get("commit", "")), counters=counters,
+                                 requests=req, rejected=rej, fault=self.fault or "")
+
+
+def serve(identity: NodeIdentity, listen: str, config: AgentConfig = AgentConfig(), *,
+          max_workers: int = 8) -> tuple[grpc.Server, NodeAgentService, int]:
+    """Start the agent on `listen` (host:port, port 0 picks one); returns (server, service, port)."""
+    service = NodeAgentService(identity, config)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=wire.CHANNEL_OPTIONS)
+    wire.pb_grpc.add_NodeAgentServicer_to_server(service, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    return server, service, port

@@ -1,0 +1,166 @@
+"""The node agent over real gRPC on loopback with real llama.cpp stages."""
+import grpc
+import numpy as np
+import pytest
+
+from consortium import wire
+from consortium.layers import LayerRange
+from consortium.verification import canonical, receipts, signing
+from consortium.wire import pb
+from node_agent.engine.pipeline import LocalPipeline
+from node_agent.engine.stage import StageConfig
+
+SPLIT = [(0, 9), (10, 19), (20, 29)]
+PROMPT = [1, 504, 3458, 314, 253, 1345, 30, 2]
+
+
+def ref(session, stage, epoch=1):
+    return pb.StageRef(session=session, stage=stage, epoch=epoch)
+
+
+def load(stub, model, session, epoch=1):
+    for i, (a, b) in enumerate(SPLIT):
+        stub.LoadStage(pb.LoadStageRequest(ref=ref(session, i, epoch), model_path=model, first_layer=a, last_layer=b))
+
+
+def step(stub, session, position, tokens, epoch=1):
+    r0 = stub.Forward(pb.ForwardRequest(ref=ref(session, 0, epoch), position=position, tokens=tokens))
+    r1 = stub.Forward(pb.ForwardRequest(ref=ref(session, 1, epoch), position=position, hidden=r0.output))
+    r2 = stub.Forward(pb.ForwardRequest(ref=ref(session, 2, epoch), position=position, hidden=r1.output))
+    return r0, r1, r2
+
+
+def test_round_trip_matches_in_process_pipeline_and_is_signed(agent, model_path):
+    stub, service, ident = agent
+    load(stub, model_path, "rt")
+    with LocalPipeline(model_path, [LayerRange(a, b) for a, b in SPLIT], StageConfig(threads=1)) as pipe:
+        want = pipe.forward(0, 0, np.array(PROMPT, np.int32))
+        want2 = pipe.forward(0, len(PROMPT), np.array([42], np.int32))
+    r0, r1, r2 = step(stub, "rt", 0, PROMPT)
+    assert np.array_equal(wire.decode_tensor(r2.output)[0], want)  # bit-identical logits
+    _, _, r2b = step(stub, "rt", len(PROMPT), [42])
+    assert np.array_equal(wire.decode_tensor(r2b.output)[0], want2)
+    # Commitments are the canonical hashes of the rows sent, and the window is signed by the node.
+    h = wire.decode_tensor(r1.output, ndim=2)
+    assert list(r1.commitments) == canonical.commit_rows(h)
+    w = wire.window_from_pb(r1.windows[-1])
+    assert w.statement.count == len(PROMPT) and w.statement.node_id == ident.node_id
+    assert signing.verify_signature(ident.public_key_text, w.statement.encode(), w.signature)
+    assert w.statement.merkle_root == receipts.merkle.merkle_root(list(r1.commitments))
+    # Resend gives back exactly what was sent; Reveal hashes to the commitment.
+    chunks = list(stub.Resend(pb.ResendRequest(ref=ref("rt", 0), from_position=0, to_position=len(PROMPT))))
+    assert np.array_equal(np.concatenate([wire.decode_tensor(c.output) for c in chunks]),
+                          wire.decode_tensor(r0.output))
+    rv = stub.Reveal(pb.RevealRequest(ref=ref("rt", 1), position=3))
+    k = wire.decode_tensor(rv.canonical, dtype="int32", ndim=1)
+    assert canonical.commit_canonical(k[None, :])[0] == r1.commitments[3] == rv.commitment
+    # An audit on the agent's own copy of the layers recomputes the same rows.
+    a = stub.Audit(pb.AuditRequest(ref=ref("rt", 1), model_path=model_path, first_layer=10, last_layer=19,
+                                   start_position=0, hidden=r0.output, batch_sizes=[len(PROMPT)], positions=[2, 5]))
+    assert np.array_equal(wire.decode_tensor(a.rows), h[[2, 5]])
+    # Counters: each position computed once by a forward step.
+    counts = [c for c in stub.Health(pb.HealthRequest()).counters if c.session == "rt"]
+    assert len(counts) == 3 * (len(PROMPT) + 1) and all(c.forward == 1 and c.replay == 0 for c in counts)
+
+
+def test_stale_epoch_refused_and_fence(agent, model_path):
+    stub, _, _ = agent
+    load(stub, model_path, "ep", epoch=2)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Forward(pb.ForwardRequest(ref=ref("ep", 0, 1), position=0, tokens=PROMPT))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "stale epoch 1" in e.value.details()
+    stub.Forward(pb.ForwardRequest(ref=ref("ep", 0, 2), position=0, tokens=PROMPT))
+    stub.Fence(pb.FenceRequest(ref=ref("ep", 0, 3)))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Forward(pb.ForwardRequest(ref=ref("ep", 0, 2), position=len(PROMPT), tokens=[5]))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "fenced at epoch 3" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # a fenced node cannot even reload the old epoch
+        stub.LoadStage(pb.LoadStageRequest(ref=ref("ep", 0, 2), model_path=model_path, first_layer=0, last_layer=9))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_truncate_then_replay_gives_same_rows(agent, model_path):
+    stub, _, _ = agent
+    load(stub, model_path, "tr")
+    r0, r1, _ = step(stub, "tr", 0, PROMPT)
+    nxt = stub.Truncate(pb.TruncateRequest(ref=ref("tr", 1), position=4)).next_position
+    assert nxt == 4
+    h = wire.decode_tensor(r0.output)
+    again = stub.Forward(pb.ForwardRequest(ref=ref("tr", 1), position=4, hidden=wire.encode_tensor(h[4:])))
+    assert np.array_equal(wire.decode_tensor(again.output), wire.decode_tensor(r1.output)[4:])
+
+
+def malformed_requests(model_path, width=576):
+    good = wire.encode_tensor(np.zeros((1, width), np.float32))
+    nan = wire.encode_tensor(np.full((1, width), np.nan, np.float32))
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 1), position=0, hidden=pb.Tensor(dtype="float32", shape=[1, width], data=b"\0" * 7)), "bytes"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 1), position=0, hidden=wire.encode_tensor(np.zeros((1, 3), np.float32))), "width"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 1), position=0, hidden=nan), "NaN"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 1), position=0, tokens=[1, 2]), "not token ids"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[10 ** 9]), "vocabulary"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 0), position=5, tokens=[1]), "continues at position"
+    yield "Forward", pb.ForwardRequest(ref=ref("nobody", 0), position=0, tokens=[1]), "unknown session"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 1), position=0, hidden=pb.Tensor(dtype="float64", shape=[1, width], data=good.data)), "dtype"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 1), position=0, hidden=pb.Tensor(dtype="float32", shape=[0, width])), "empty"
+    yield "Forward", pb.ForwardRequest(ref=pb.StageRef(session="", stage=0, epoch=1), position=0, tokens=[1]), "no session"
+    yield "Resend", pb.ResendRequest(ref=ref("mf", 0), from_position=0, to_position=99), "no stored output"
+    yield "Reveal", pb.RevealRequest(ref=ref("mf", 1), position=3), "no stored output"
+    yield "Truncate", pb.TruncateRequest(ref=ref("mf", 0), position=-1), "negative"
+    yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path="/nonexistent.gguf", first_layer=0, last_layer=3), "does not exist"
+    yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=5, last_layer=2), "bad layer range"
+    yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=0, last_layer=99), "run past"
+    yield "Audit", pb.AuditRequest(ref=ref("mf", 1), model_path=model_path, first_layer=10, last_layer=19, hidden=good, batch_sizes=[2], positions=[0]), "batch sizes"
+
+
+def call(stub, method, req):
+    if method == "Resend":
+        return list(stub.Resend(req))
+    return getattr(stub, method)(req)
+
+
+def test_malformed_requests_answered_with_reasons_and_agent_keeps_serving(agent, model_path):
+    stub, _, _ = agent
+    load(stub, model_path, "mf")
+    for method, req, reason in malformed_requests(model_path):
+        with pytest.raises(grpc.RpcError) as e:
+            call(stub, method, req)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, reason, e.value.details())
+        assert reason.lower() in e.value.details().lower(), (reason, e.value.details())
+    step(stub, "mf", 0, PROMPT)  # still serving, and the session is intact
+
+
+def test_fuzz_many_malformed_requests(agent, model_path):
+    """~1000 random corruptions of valid requests: every one refused with a reason, no crash."""
+    stub, service, _ = agent
+    load(stub, model_path, "fz")
+    rng = np.random.default_rng(1)
+    before = service.rejected
+    n = 0
+    for i in range(1000):
+        kind = i % 6
+        if kind == 0:  # truncated or padded bytes
+            data = bytes(rng.integers(0, 256, int(rng.integers(0, 5000)), dtype=np.uint8))
+            req = pb.ForwardRequest(ref=ref("fz", 1), position=0,
+                                    hidden=pb.Tensor(dtype="float32", shape=[1, 576], data=data))
+        elif kind == 1:  # wrong shapes
+            shape = [int(x) for x in rng.integers(-2, 700, int(rng.integers(0, 4)))]
+            req = pb.ForwardRequest(ref=ref("fz", 1), position=0, hidden=pb.Tensor(dtype="float32", shape=shape))
+        elif kind == 2:  # NaN/Inf somewhere
+            h = rng.normal(size=(2, 576)).astype(np.float32)
+            h[int(rng.integers(0, 2)), int(rng.integers(0, 576))] = rng.choice([np.nan, np.inf, -np.inf])
+            req = pb.ForwardRequest(ref=ref("fz", 1), position=0, hidden=wire.encode_tensor(h))
+        elif kind == 3:  # unknown sessions / stages
+            req = pb.ForwardRequest(ref=pb.StageRef(session=f"s{rng.integers(1e9)}", stage=int(rng.integers(-5, 9)),
+                                                    epoch=int(rng.integers(0, 9))), position=0, tokens=[1])
+        elif kind == 4:  # stale epochs
+            req = pb.ForwardRequest(ref=ref("fz", int(rng.integers(0, 3)), 0), position=0, tokens=[1])
+        else:  # bad positions and token ids
+            req = pb.ForwardRequest(ref=ref("fz", 0), position=int(rng.integers(1, 10 ** 6)),
+                                    tokens=[int(x) for x in rng.integers(-10, 10 ** 6, 3)])
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Forward(req)
+        assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+        assert e.value.details()
+        n += 1
+    assert service.rejected - before == n
+    step(stub, "fz", 0, PROMPT)
