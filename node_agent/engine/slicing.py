@@ -54,12 +54,26 @@ def _field_value(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def read_model_info(path: str | os.PathLike) -> ModelInfo:
-    import gguf
+_INFO_MEMO: dict[tuple, ModelInfo] = {}
 
+
+def read_model_info(path: str | os.PathLike) -> ModelInfo:
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
+    # gguf-py parses every vocabulary string on open (3 s for SmolLM2, 15 s for Gemma 3's 262k
+    # tokens), and stage_file() asks once per stage: remember the answer per (path, size, mtime).
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    info = _INFO_MEMO.get(key)
+    if info is None:
+        info = _INFO_MEMO[key] = _read_model_info(path)
+    return dataclasses.replace(info, path=path)
+
+
+def _read_model_info(path: str) -> ModelInfo:
+    import gguf
+
     reader = _reader(path)
     arch = _field_value(reader, "general.architecture")
     if arch is None:
