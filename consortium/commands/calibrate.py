@@ -497,37 +497,46 @@ def plot(rows: list[Rows], tol, figure: str, grid_sweep: list[dict], path: str, 
     dec = getattr(tol.decisive, src)
     if figure in _FIGURE_OF:
         thr, dec = 1.0 - thr, (None if dec is None else 1.0 - dec)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 6.2), gridspec_kw={"width_ratios": [2.3, 1]})
-    groups = [("honest: " + p, _select(rows, "heldout", honest=True, source=p))
-              for p in sorted({r.source for r in rows if r.honest})]
-    groups += [(c, _select(rows, "heldout", honest=False, source=c)) for c in cheater_classes(rows)]
-    vals = {name: _cat(rs, figure) for name, rs in groups}
-    pos = np.concatenate([v[v > 0] for v in vals.values()])
+    honest = {"honest: " + p: _cat(_select(rows, "heldout", honest=True, source=p), figure)
+              for p in sorted({r.source for r in rows if r.honest})}
+    cheat = {c: _cat(_select(rows, "heldout", honest=False, source=c), figure) for c in cheater_classes(rows)}
+    pos = np.concatenate([v[v > 0] for v in list(honest.values()) + list(cheat.values())])
     lo, hi = max(pos.min() / 2, 1e-7), pos.max() * 2
-    bins = np.logspace(np.log10(lo), np.log10(hi), 80)
-    noise = [n for n in vals if n.startswith("noise-")]
-    cmap = plt.get_cmap("viridis")
-    colors = {"honest: repack-off": "#1f77b4", "honest: reference": "#17becf", "skip-layer": "#d62728",
+    bins = np.logspace(np.log10(lo), np.log10(hi), 70)
+    noise = [c for c in cheat if c.startswith("noise-")]
+    core = [c for c in cheat if c not in noise]
+    cmap = plt.get_cmap("plasma")
+    colors = {"honest: repack-off": "#1f77b4", "honest: reference": "#2ca02c", "skip-layer": "#d62728",
               "cheap-quant": "#ff7f0e", "replay": "#9467bd", "random": "#8c564b"}
-    for i, n in enumerate(noise):
-        colors[n] = cmap(0.15 + 0.7 * i / max(1, len(noise) - 1))
-    for name, v in vals.items():
+    for i, c in enumerate(noise):
+        colors[c] = cmap(0.05 + 0.8 * i / max(1, len(noise) - 1))
+
+    def label(name, v):
         zero = int((v == 0).sum())
-        honest = name.startswith("honest")
-        label = f"{name} (n={v.size}" + (f", {zero} hash-equal not shown)" if zero else ")")
-        ax.hist(np.clip(v[v > 0], lo, hi), bins=bins, histtype="stepfilled" if honest else "step",
-                alpha=0.45 if honest else 1.0, linewidth=1.0 if honest else 1.6, density=False,
-                color=colors.get(name), label=label)
-    ax.axvline(thr, color="k", linestyle="--", linewidth=1.5, label=f"honest limit {thr:.4g} (Mismatch beyond)")
-    if dec is not None:
-        ax.axvline(dec, color="r", linestyle="-", linewidth=1.5, label=f"decisive limit {dec:.4g} (Fraud beyond)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"{figure} between worker and verifier (canonical grid, held-out prompts)")
-    ax.set_ylabel("token rows (one stage each)")
-    ax.set_title("Honest pairs vs cheaters")
-    ax.legend(fontsize=7.5, loc="upper left", ncol=1, framealpha=0.9)
-    ax.grid(True, which="major", alpha=0.3)
+        return f"{name} (n={v.size}" + (f", {zero} hash-equal off the log axis)" if zero else ")")
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6), gridspec_kw={"width_ratios": [1.35, 1.35, 1]})
+    for ax, classes, sub in ((axes[0], core, "skipped layer, cheaper quantization, replay, random"),
+                             (axes[1], noise, "noise-s: each element times (1 + s N(0,1))")):
+        for name, v in honest.items():
+            ax.hist(np.clip(v[v > 0], lo, hi), bins=bins, histtype="stepfilled", alpha=0.35,
+                    color=colors.get(name), label=label(name, v))
+        for name in classes:
+            v = cheat[name]
+            ax.hist(np.clip(v[v > 0], lo, hi), bins=bins, histtype="step", linewidth=1.8,
+                    color=colors.get(name), label=label(name, v))
+        ax.axvline(thr, color="k", linestyle="--", linewidth=1.5, label=f"honest limit {thr:.4g} (Mismatch beyond)")
+        if dec is not None:
+            ax.axvline(dec, color="r", linewidth=1.5, label=f"decisive limit {dec:.4g} (Fraud beyond)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(0.8, None)
+        ax.set_xlabel(f"{figure}, worker vs verifier (held-out prompts)")
+        ax.set_ylabel("token rows (one stage each)")
+        ax.set_title(f"Honest pairs vs cheaters: {sub}", fontsize=10)
+        ax.legend(fontsize=7.5, loc="upper left", framealpha=0.85)
+        ax.grid(True, which="major", alpha=0.3)
+    ax2 = axes[2]
     grids = [g["grid"] for g in grid_sweep]
     ax2.plot(grids, [g["hash_match_rate"] for g in grid_sweep], "k-o", label="all honest pairs")
     for key in grid_sweep[0]["by_pair"]:
@@ -536,14 +545,14 @@ def plot(rows: list[Rows], tol, figure: str, grid_sweep: list[dict], path: str, 
     ax2.set_xticks(grids)
     ax2.set_xticklabels([str(g) for g in grids])
     ax2.set_ylim(-0.02, 1.02)
-    ax2.set_xlabel("grid (steps per unit)")
-    ax2.set_ylabel("share of honest rows with equal hashes")
-    ax2.set_title("Exact-hash match rate vs grid size")
-    ax2.legend(fontsize=7.5)
+    ax2.set_xlabel("grid (steps per unit; the seed uses 64)")
+    ax2.set_ylabel("share of honest rows whose hashes are equal")
+    ax2.set_title("Exact-hash match rate vs grid size", fontsize=10)
+    ax2.legend(fontsize=7.5, loc="upper right")
     ax2.grid(True, alpha=0.3)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
