@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         labels = parse_labels(args.labels)
-        fault = faults.parse_fault(args.fault)
+        fault = faults.parse_fault(args.fault).name if args.fault else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

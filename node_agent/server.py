@@ -67,14 +67,25 @@ class Engines:
         self._lock = threading.Lock()
         self._stages: dict[str, Stage] = {}
         self._free: dict[str, list[int]] = {}
+        self._keys: dict[int, str] = {}   # id(stage) -> its key
 
-    def acquire(self, path: Path, layers: LayerRange, n_layers_total: int) -> tuple[Stage, int]:
-        key = str(path)
+    def acquire(self, path: Path, layers: LayerRange, n_layers_total: int, *, model_path: str | None = None,
+                fault: faults.Fault | None = None) -> tuple[Stage, int]:
+        """A sequence slot of the stage for `path`; with a fault, of a cheating stage for the same layers."""
+        key = str(path) if fault is None else f"{path}#{fault.name}"
         with self._lock:
             if key not in self._stages:
                 cfg = StageConfig(threads=self.config.threads, n_ctx=self.config.n_ctx,
                                   n_seq_max=self.config.n_seq_max, repack=self.config.repack)
-                self._stages[key] = Stage(path, layers, n_layers_total, cfg)
+                if fault is None:
+                    stage = Stage(path, layers, n_layers_total, cfg)
+                else:
+                    try:
+                        stage = faults.CheatingStage(fault, model_path, layers, n_layers_total, cfg)
+                    except ValueError as e:   # e.g. skip-layer on a stage of fewer than 3 layers
+                        raise _bad(f"fault {fault.name}: {e}") from e
+                self._stages[key] = stage
+                self._keys[id(stage)] = key
                 self._free[key] = list(range(self.config.n_seq_max))
             if not self._free[key]:
                 raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -86,8 +97,9 @@ class Engines:
 
     def release(self, stage: Stage, seq: int) -> None:
         with self._lock:
-            self._free[stage.path].append(seq)
-            self._free[stage.path].sort()
+            key = self._keys[id(stage)]
+            self._free[key].append(seq)
+            self._free[key].sort()
 
 
 @dataclasses.dataclass
@@ -120,7 +132,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     def __init__(self, identity: NodeIdentity, config: AgentConfig = AgentConfig()):
         self.identity = identity
         self.config = config
-        self.fault = faults.parse_fault(config.fault)
+        self.fault = faults.parse_fault(config.fault) if config.fault else None
         self.backend = ll.detect_backend()
         self.build = ll.build_info()
         self.engines = Engines(config)
@@ -129,7 +141,6 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         self._fences: dict[tuple[str, int], int] = {}
         self._audits: dict[tuple, tuple[Stage, int, threading.Lock]] = {}
         self._counters: dict[tuple[str, int, int], list[int]] = collections.defaultdict(lambda: [0, 0])
-        self._rng = np.random.default_rng(0)
         self.requests = 0
         self.rejected = 0
 
@@ -189,7 +200,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                           f"epoch {epoch} is newer than the loaded epoch {a.epoch}: LoadStage it first")
         return a
 
-    def _stage_path(self, model_path: str, sha: str, layers: LayerRange, fault: str | None):
+    def _stage_path(self, model_path: str, sha: str, layers: LayerRange):
         if not model_path:
             raise _bad("no model path")
         if not Path(model_path).is_file():
@@ -198,11 +209,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         if layers.last >= info.n_layers:
             raise _bad(f"layers {layers} run past the model's {info.n_layers} layers")
         digest = verify_sha256(model_path, sha) if sha else None
-        rng = faults.engine_range(fault, layers)
-        path = stage_file(model_path, rng, model_sha256=digest)
-        if fault == "cheap-quant":
-            path = faults.cheap_quant_file(path)
-        return path, rng, info
+        return stage_file(model_path, layers, model_sha256=digest), info
 
     def _layers(self, first: int, last: int) -> LayerRange:
         if first < 0 or last < first:
@@ -225,8 +232,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             old = self._assignments.get(key)
         if old is not None and epoch < old.epoch:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"stale epoch {epoch}: this node serves epoch {old.epoch}")
-        path, run_layers, info = self._stage_path(req.model_path, req.model_sha256, layers, self.fault)
-        engine, seq = self.engines.acquire(path, run_layers, info.n_layers)
+        path, info = self._stage_path(req.model_path, req.model_sha256, layers)
+        engine, seq = self.engines.acquire(path, layers, info.n_layers, model_path=req.model_path, fault=self.fault)
         signer = receipts.WindowSigner(self.identity.private_key, session=session, stage=stage_index,
                                        node_id=self.identity.node_id, epoch=epoch, grid=grid)
         a = Assignment(session, stage_index, epoch, layers, info.n_layers, req.model_path, engine, seq, signer, grid)
@@ -322,7 +329,6 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             first_out = req.position if not a.is_last else req.position + n - 1
             if a.is_last:
                 digests = digests[-1:]
-            out = faults.tamper(self.fault, out, first_out, a.outputs, self._rng)
             commitments = canonical.commit_rows(out, a.grid)
             windows = a.signer.add_batch(first_out, digests, commitments)
             compute_ms = (time.perf_counter() - t0) * 1000
@@ -390,7 +396,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         session, stage_index, _ = self._ref(req.ref)
         layers = self._layers(req.first_layer, req.last_layer)
         # Audits are honest even on a cheating agent: the cheater under test is a worker.
-        path, _, info = self._stage_path(req.model_path, req.model_sha256, layers, None)
+        path, info = self._stage_path(req.model_path, req.model_sha256, layers)
         key = (session, stage_index, str(path))
         with self._lock:
             slot = self._audits.get(key)
@@ -457,7 +463,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                  backend=self.backend, labels={str(k): str(v) for k, v in self.config.labels.items()},
                                  llama_cpp_version=str(self.build.get("llama_cpp_python", "")),
                                  ggml_commit=str(self.build.get("commit", "")), counters=counters,
-                                 requests=req, rejected=rej, fault=self.fault or "")
+                                 requests=req, rejected=rej, fault=self.fault.name if self.fault else "")
 
 
 def serve(identity: NodeIdentity, listen: str, config: AgentConfig = AgentConfig(), *,

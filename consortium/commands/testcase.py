@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: --faulty-stage and --fault go together", file=sys.stderr)
         return 2
     try:
-        faults.parse_fault(args.fault)
+        if args.fault:
+            faults.parse_fault(args.fault)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,662 @@
+"""consortium calibrate: measure honest disagreement and cheaters on real stage outputs, choose tolerances.
+
+Method (docs/calibration.md has the measured figures):
+- Each model is split 3 ways. For every prompt, the worker's pipeline (llama.cpp, CPU weight
+  repacking on) gives every stage its input; on that same input, honest verifiers recompute the stage
+  on other "hardware" (llama.cpp with repacking off; the numpy float64 reference for llama models),
+  and cheaters (node_agent.faults) produce their own output. One comparison is one token row of one
+  stage, judged on the canonical grid the way an audit judges it (verdicts.figures).
+- Prompts are split in two: tolerances are chosen on the calibration prompts only, and every figure
+  reported as a result comes from the held-out prompts.
+- The honest threshold is a high percentile (98th, as seed 003) of the honest calibration distances
+  whose hashes differ, on the figure that best separates cheaters; the decisive (Fraud) threshold is a
+  large multiple of the largest honest calibration distance.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODELS = ("smollm2-135m-q4_k_m", "gemma3-270m")
+QUICK_MODELS = ("smollm2-135m-q4_k_m",)
+HONEST_PERCENTILE = 98.0
+DECISIVE_FACTOR = 8.0       # Fraud only this far beyond the largest honest distance seen in calibration
+GRIDS = (16, 32, 64, 128, 256, 512, 1024)
+ROW_CHUNK = 16              # rows per vectorized figure batch (a Gemma logit row is 262144 wide)
+
+# Distances derived from verdicts.Figures, all "larger = further apart"; similarities become 1 - s.
+CANDIDATES = ("relative_l2", "frac_gt_1", "frac_gt_2", "frac_gt_4", "max_abs_steps",
+              "one_minus_cosine", "topk_disagreement")
+_FIGURE_OF = {"one_minus_cosine": "cosine", "topk_disagreement": "topk_agreement"}
+_CORE_CHEATERS = ("skip-layer", "cheap-quant", "replay", "random")
+
+# Prose of 100-150 tokens each, on unrelated subjects, so prefill gives many rows per stage. The first
+# half calibrates, the second half is held out.
+PROMPTS = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based inks and a screw press adapted from wine making. Within fifty years presses "
+    "had spread to more than two hundred cities across Europe, and the price of books fell sharply. Scholars "
+    "argue about how much this changed literacy, religion and science, but almost all agree that the speed of "
+    "copying made it easier to compare, correct and build on earlier work. Explain the three most important "
+    "consequences.",
+    "A sourdough starter is a living culture of wild yeast and lactic acid bacteria. To make one, mix equal "
+    "weights of whole wheat flour and water in a clean jar, cover it loosely and keep it somewhere warm. Every "
+    "day discard half and feed it again with fresh flour and water. After about a week it should double in "
+    "size within six hours of feeding and smell pleasantly sour. If a grey liquid appears on top, the starter "
+    "is hungry, not dead. Describe what goes wrong most often and how to fix it.",
+    "Plate tectonics explains why earthquakes and volcanoes cluster along narrow belts. The outer shell of "
+    "the Earth is broken into rigid plates that move a few centimetres a year over the hotter, softer mantle. "
+    "Where plates pull apart, magma rises and forms new ocean floor; where they collide, one plate may sink "
+    "beneath the other, melting as it descends and feeding chains of volcanoes. Where they slide past each "
+    "other, stress builds for decades and is released in sudden slips. Summarize the evidence for this theory.",
+    "Our team maintains a small web service written in Python that stores customer orders in PostgreSQL. "
+    "Last month the nightly report started timing out. The query joins orders, customers and shipments, "
+    "filters by date and groups by region. The orders table has grown to forty million rows, and the "
+    "execution plan shows a sequential scan followed by a hash join that spills to disk. We added an index "
+    "on the order date, but nothing changed. What would you check next, and in which order?",
+    "The violin family evolved in northern Italy during the sixteenth century. Makers in Cremona, above all "
+    "the Amati, Guarneri and Stradivari families, refined the shape of the body, the arching of the plates "
+    "and the varnish. Many people have tried to explain why their instruments sound the way they do: the "
+    "density of the spruce, chemical treatments of the wood, the climate of the little ice age. Blind tests "
+    "with modern players have given surprising results. What do those tests show, and how should we read them?",
+    "Photosynthesis converts light energy into chemical energy stored in sugar. In the light reactions, "
+    "chlorophyll in the thylakoid membranes absorbs photons, splits water, releases oxygen and produces ATP "
+    "and NADPH. In the Calvin cycle, which takes place in the stroma, the enzyme rubisco fixes carbon dioxide "
+    "into a three-carbon compound that is then reduced using that ATP and NADPH. Rubisco is slow and sometimes "
+    "grabs oxygen instead of carbon dioxide. Explain how C4 and CAM plants work around this problem.",
+    "When the city council proposed closing the main street to cars on weekends, shop owners were worried "
+    "that customers would stop coming. A year later the council published the numbers: foot traffic rose by "
+    "a third, restaurants added outdoor seating, and two shops that sold bulky furniture lost sales while "
+    "most others gained. Residents of the side streets complained about parking and noise. Write a balanced "
+    "memo for the council that weighs these results and recommends what to do next year, with reasons.",
+    "A binary search tree keeps its keys in order so that lookups, insertions and deletions take time "
+    "proportional to the height of the tree. If keys arrive in sorted order, a naive tree degenerates into a "
+    "linked list and every operation becomes linear. Self-balancing trees such as red-black trees and AVL "
+    "trees restore logarithmic height by rotating nodes after each change. B-trees, used by databases and "
+    "file systems, store many keys per node to reduce disk reads. Compare these three designs for a beginner.",
+    "The expedition left the coast in early March with twelve camels, four guides and enough water for nine "
+    "days between wells. On the third day a sandstorm buried the track, and the guides disagreed about the "
+    "direction of the next well. The leader, a geologist with no desert experience, had to decide whether to "
+    "wait, turn back or follow the oldest guide, who navigated by the shape of the dunes. Continue the story "
+    "from the leader's point of view, and keep the details of travel in the desert realistic.",
+    "Vaccines train the immune system to recognize a pathogen without causing the disease. Older vaccines use "
+    "weakened or inactivated viruses; newer ones deliver only a protein from the surface of the pathogen, or "
+    "the messenger RNA that tells our cells to make that protein for a short time. The immune system then "
+    "produces antibodies and memory cells that respond quickly to a real infection. Explain why some vaccines "
+    "need booster doses while others protect for decades, and what herd immunity means in practice.",
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", metavar="PATH",
+                   help="a GGUF file or a named model (repeatable); default: "
+                        f"{' and '.join(DEFAULT_MODELS)} ({QUICK_MODELS[0]} with --quick)")
+    p.add_argument("--json", metavar="OUT", help="write the full report as JSON here")
+    p.add_argument("--plot", metavar="PNG", help="write the separation plot and grid sweep here")
+    p.add_argument("--quick", action="store_true",
+                   help="CI size: the default model only, one calibration and one held-out prompt")
+    p.add_argument("--write-default", action="store_true",
+                   help="also write the chosen tolerance over the shipped default (tolerance.default.json)")
+    p.add_argument("--tolerance-out", metavar="FILE", help="write the chosen tolerance (Tolerance JSON) here")
+    p.add_argument("--prompts", type=int, default=None,
+                   help=f"prompts per role (calibration, held-out); default 5, 1 with --quick (max {len(PROMPTS) // 2})")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per stage (0: every core)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and random cheaters")
+
+
+# -- figures for many rows at once ----------------------------------------------------------------
+
+def batch_figures(worker: np.ndarray, verifier: np.ndarray, topk: int = 16) -> dict[str, np.ndarray]:
+    """verdicts.figures for every row of two [n, d] grid-index arrays, vectorized, with the same exact
+    integer sums and the same IEEE steps (tests hold the two equal)."""
+    a = np.asarray(worker, dtype=np.int64)
+    b = np.asarray(verifier, dtype=np.int64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"need two [n, d] arrays of one shape, got {a.shape} and {b.shape}")
+    n, width = a.shape
+    d = np.abs(a - b)
+    dd, bb = np.einsum("ij,ij->i", d, d), np.einsum("ij,ij->i", b, b)
+    aa, ab = np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", a, b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(dd == 0, 0.0, np.where(bb == 0, np.inf, np.sqrt(dd.astype(np.float64)) /
+                                              np.sqrt(bb.astype(np.float64))))
+        cos = ab.astype(np.float64) / (np.sqrt(aa.astype(np.float64)) * np.sqrt(bb.astype(np.float64)))
+    cos = np.where((aa == 0) & (bb == 0), 1.0, np.where((aa == 0) | (bb == 0), 0.0, cos))
+    k = min(topk, width)
+    agree = (_topk_mask(a, k) & _topk_mask(b, k)).sum(axis=1) / k
+    return {
+        "relative_l2": rel,
+        "frac_gt_1": (d > 1).sum(axis=1) / width,
+        "frac_gt_2": (d > 2).sum(axis=1) / width,
+        "frac_gt_4": (d > 4).sum(axis=1) / width,
+        "max_abs_steps": d.max(axis=1).astype(np.float64),
+        "cosine": cos,
+        "topk_agreement": agree,
+    }
+
+
+def _topk_mask(x: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the k largest magnitudes, ties going to the lower index (verdicts._topk's order)."""
+    m = np.abs(x)
+    kth = np.partition(m, m.shape[1] - k, axis=1)[:, m.shape[1] - k][:, None]
+    above = m > kth
+    tie = m == kth
+    room = k - above.sum(axis=1, keepdims=True)
+    return above | (tie & (np.cumsum(tie, axis=1) <= room))
+
+
+def distances(fig: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name in CANDIDATES:
+        src = _FIGURE_OF.get(name, name)
+        out[name] = 1.0 - fig[src] if name in _FIGURE_OF else fig[src]
+    return out
+
+
+# -- collecting comparisons -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Rows:
+    """Comparisons of one source (an honest pair or a cheater class) on one stage and prompt."""
+    model: str
+    stage: int
+    role: str           # calibration | heldout
+    source: str         # honest pair name, or cheater class
+    honest: bool
+    hash_equal: np.ndarray
+    figures: dict[str, np.ndarray]
+    grid_equal: dict[int, np.ndarray] | None = None   # honest only: hash equal at each swept grid
+
+
+def compare(worker: np.ndarray, verifier_idx: np.ndarray, grid, topk: int) -> tuple[np.ndarray, dict]:
+    from consortium.verification.canonical import canonical_rows
+
+    eq, figs = [], []
+    for s in range(0, len(worker), ROW_CHUNK):
+        w = canonical_rows(worker[s:s + ROW_CHUNK], grid)
+        v = verifier_idx[s:s + ROW_CHUNK]
+        # Equal canonical rows are exactly the rows whose commitments are equal (same header, same bytes).
+        eq.append(np.all(w == v, axis=1))
+        figs.append(batch_figures(w, v, topk))
+    return np.concatenate(eq), {k: np.concatenate([f[k] for f in figs]) for k in figs[0]}
+
+
+def grid_equal(worker: np.ndarray, verifier: np.ndarray, grids=GRIDS) -> dict[int, np.ndarray]:
+    from consortium.verification.canonical import CanonicalGrid, canonical_rows
+
+    out = {}
+    for g in grids:
+        cg = CanonicalGrid(grid=g)
+        out[g] = np.concatenate([np.all(canonical_rows(worker[s:s + ROW_CHUNK], cg) ==
+                                        canonical_rows(verifier[s:s + ROW_CHUNK], cg), axis=1)
+                                 for s in range(0, len(worker), ROW_CHUNK)])
+    return out
+
+
+def even_split(n_layers: int, parts: int = 3):
+    from consortium.layers import LayerRange
+
+    bounds = [round(i * n_layers / parts) for i in range(parts + 1)]
+    return [LayerRange(bounds[i], bounds[i + 1] - 1) for i in range(parts)]
+
+
+def collect_model(spec: str, prompts: list[tuple[str, str]], *, threads: int, seed: int, noise_scales,
+                  log) -> tuple[list[Rows], dict]:
+    """Every comparison for one model: honest pairs and cheaters, per stage, per prompt."""
+    from consortium.models import resolve_model
+    from consortium.tokenizer import Tokenizer
+    from consortium.verification.canonical import DEFAULT_GRID, canonical_rows
+    from consortium.verification.verdicts import Tolerance
+    from node_agent.engine.reference import ReferenceError, ReferenceLlama
+    from node_agent.engine.slicing import read_model_info, stage_file
+    from node_agent.engine.stage import Stage, StageConfig
+    from node_agent.faults import CheatingStage, Fault, apply_fault
+
+    t0 = time.time()
+    path = resolve_model(spec)
+    info = read_model_info(path)
+    n = info.n_layers
+    split = even_split(n)
+    label = spec if not Path(str(spec)).is_file() else Path(str(spec)).name
+    grid, topk = DEFAULT_GRID, Tolerance.load().topk
+    n_ctx = 512
+    worker_cfg = StageConfig(threads=threads, n_ctx=n_ctx, n_seq_max=1, n_batch=64, repack=True)
+    other_cfg = dataclasses.replace(worker_cfg, repack=False)
+    try:
+        ref = ReferenceLlama(path)
+    except ReferenceError as e:
+        ref = None
+        log(f"  {label}: no numpy reference pair ({e})")
+    stages = []
+    for r in split:
+        f = stage_file(path, r)
+        stages.append({
+            "worker": Stage(f, r, n, worker_cfg),
+            "repack-off": Stage(f, r, n, other_cfg),
+            "skip-layer": CheatingStage("skip-layer", path, r, n, worker_cfg),
+            "cheap-quant": CheatingStage("cheap-quant", path, r, n, worker_cfg),
+        })
+    log(f"  {label}: {n} layers split {', '.join(map(str, split))}; stages loaded in {time.time() - t0:.1f} s")
+    tok = Tokenizer(path)
+    out: list[Rows] = []
+    output_faults = [Fault("noise", s) for s in noise_scales] + [Fault("replay"), Fault("random")]
+    n_tokens = []
+    try:
+        for pi, (role, text) in enumerate(prompts):
+            ids = np.asarray(tok.encode(text), dtype=np.int32)[: n_ctx - 8]
+            n_tokens.append(len(ids))
+            x = None
+            for si, (r, st) in enumerate(zip(split, stages)):
+                last = si == len(split) - 1
+                kw = {"tokens": ids} if x is None else {"hidden": x}
+                for s in st.values():
+                    s.clear(0)
+                y = st["worker"].forward(0, 0, all_logits=last, **kw)
+                verifiers = {"repack-off": st["repack-off"].forward(0, 0, all_logits=last, **kw)}
+                if ref is not None:
+                    h = ref.run_layers(ref.embed(ids) if x is None else x, r.first, r.last)
+                    verifiers["reference"] = (ref.logits(h) if last else h).astype(np.float32)
+                for name, v in verifiers.items():
+                    vidx = canonical_rows(v, grid)
+                    eq, fig = compare(y, vidx, grid, topk)
+                    out.append(Rows(label, si, role, name, True, eq, fig,
+                                    grid_equal(y, v) if role == "heldout" else None))
+                # Cheaters are audited by the repacking-off verifier, like the honest worker.
+                vidx = canonical_rows(verifiers["repack-off"], grid)
+                for name in ("skip-layer", "cheap-quant"):
+                    c = st[name].forward(0, 0, all_logits=last, **kw)
+                    eq, fig = compare(c, vidx, grid, topk)
+                    out.append(Rows(label, si, role, name, False, eq, fig))
+                rng = np.random.default_rng([seed, pi, si])
+                for fault in output_faults:
+                    eq, fig = compare(apply_fault(fault, y, rng=rng), vidx, grid, topk)
+                    out.append(Rows(label, si, role, fault.name, False, eq, fig))
+                x = y
+            log(f"  {label}: prompt {pi + 1}/{len(prompts)} ({role}, {len(ids)} tokens) done at {time.time() - t0:.0f} s")
+    finally:
+        tok.close()
+        for st in stages:
+            for s in st.values():
+                s.close()
+    meta = {"model": label, "architecture": info.architecture, "file_type": info.file_type, "layers": n,
+            "split": [str(r) for r in split], "honest_pairs": ["repack-off"] + (["reference"] if ref else []),
+            "prompt_tokens": n_tokens, "seconds": round(time.time() - t0, 1)}
+    return out, meta
+
+
+# -- choosing and evaluating the tolerance --------------------------------------------------------
+
+def _select(rows: list[Rows], role: str, honest: bool | None = None, source: str | None = None):
+    return [r for r in rows if r.role == role and (honest is None or r.honest == honest)
+            and (source is None or r.source == source)]
+
+
+def _cat(rows: list[Rows], key: str) -> np.ndarray:
+    if not rows:
+        return np.zeros(0)
+    if key == "hash_equal":
+        return np.concatenate([r.hash_equal for r in rows])
+    return np.concatenate([distances(r.figures)[key] for r in rows])
+
+
+def cheater_classes(rows: list[Rows]) -> list[str]:
+    seen = []
+    for r in rows:
+        if not r.honest and r.source not in seen:
+            seen.append(r.source)
+    return seen
+
+
+def choose_tolerance(rows: list[Rows], percentile: float = HONEST_PERCENTILE, factor: float = DECISIVE_FACTOR):
+    """Pick the figure that separates cheaters best on the calibration prompts, and its thresholds."""
+    from consortium.verification.verdicts import Limits, Tolerance
+
+    honest = _select(rows, "calibration", honest=True)
+    differ = ~_cat(honest, "hash_equal")
+    classes = cheater_classes(rows)
+    table = {}
+    for name in CANDIDATES:
+        h = _cat(honest, name)[differ]
+        if h.size == 0:
+            raise RuntimeError("no honest calibration comparison had a differing hash: nothing to calibrate")
+        thr = float(np.percentile(h, percentile))
+        det = {}
+        for c in classes:
+            cr = _select(rows, "calibration", honest=False, source=c)
+            v, eq = _cat(cr, name), _cat(cr, "hash_equal")
+            det[c] = float(np.mean((v > thr) & ~eq))
+        core = min(det[c] for c in _CORE_CHEATERS if c in det)
+        noise = float(np.mean([d for c, d in det.items() if c.startswith("noise-")] or [0.0]))
+        table[name] = {"honest_threshold": thr, "honest_max": float(h.max()), "detection": det,
+                       "core_min_detection": core, "noise_mean_detection": noise}
+    # Catch every core cheater first; among near-equals, the one that also catches smaller noise.
+    best = max(CANDIDATES, key=lambda k: (round(table[k]["core_min_detection"], 3), table[k]["noise_mean_detection"]))
+    thr, hmax = table[best]["honest_threshold"], table[best]["honest_max"]
+    decisive = factor * hmax
+    src = _FIGURE_OF.get(best, best)
+    if best in _FIGURE_OF:  # similarity: limits are minima of 1 - distance
+        honest_lim = {src: 1.0 - thr}
+        decisive_lim = {src: 1.0 - decisive} if decisive < 1.0 else {}
+    else:
+        honest_lim = {src: thr}
+        bounded = best.startswith("frac_gt")
+        decisive_lim = {src: decisive} if not (bounded and decisive >= 1.0) else {}
+    n_h = int(differ.size)
+    # The pooled percentile gives about 2% Mismatch over all honest pairs, but a node is judged against
+    # the verifiers it meets, and the noisier pair (llama.cpp vs the float64 reference) takes most of
+    # that 2%. The binomial test must assume the worst pair's rate, and not its point estimate: the
+    # upper 95% bound, so that prompts unlike the calibration ones don't quarantine honest nodes.
+    pair_rates = {}
+    for key in sorted({(r.model, r.source) for r in honest}):
+        rs = [r for r in honest if (r.model, r.source) == key]
+        k = int(np.sum((_cat(rs, best) > thr) & ~_cat(rs, "hash_equal")))
+        m = int(sum(len(r.hash_equal) for r in rs))
+        pair_rates[f"{key[0]} {key[1]}"] = {"comparisons": m, "mismatch": k, "upper95": upper_bound(k, m)}
+    rate = max(v["upper95"] for v in pair_rates.values())
+    table[best]["pair_rates"] = pair_rates
+    about = (f"Calibrated by `consortium calibrate` on {datetime.date.today().isoformat()}: honest limit = "
+             f"{percentile:g}th percentile of {int(differ.sum())} honest calibration comparisons whose hashes "
+             f"differ ({n_h} in all), decisive limit = {factor:g} x the largest of them, on {best}; "
+             f"honest Mismatch rate = upper 95% bound of the worst honest pair's calibration rate.")
+    tol = Tolerance(Limits.from_json(honest_lim), Limits.from_json(decisive_lim),
+                    honest_mismatch_rate=round(rate, 6), topk=16, about=about)
+    return tol, best, table
+
+
+def upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate, k events in n: p with P[X <= k | p] = 1 - confidence."""
+    from consortium.verification.judgement import binomial_tail
+
+    if n == 0:
+        return 1.0
+    lo, hi = k / n, 1.0
+    for _ in range(50):  # bisection: P[X <= k] falls as p rises
+        mid = (lo + hi) / 2
+        if 1.0 - binomial_tail(k + 1, n, mid) > 1.0 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return min(hi, 0.999999)
+
+
+def _fig_objects(r: Rows):
+    from consortium.verification.verdicts import Figures
+
+    names = [f.name for f in dataclasses.fields(Figures)]
+    cols = [r.figures[k] for k in names]
+    for i in range(len(r.hash_equal)):
+        yield bool(r.hash_equal[i]), Figures(**{k: float(c[i]) for k, c in zip(names, cols)})
+
+
+def verdicts_of(r: Rows, tol) -> list[str]:
+    """The audit's verdict per row: Passed when the hash matches, else what the tolerance says."""
+    from consortium.verification.verdicts import Verdict
+
+    return [Verdict.PASSED.value if eq else tol.classify(f)[0].value for eq, f in _fig_objects(r)]
+
+
+def evaluate(rows: list[Rows], tol, role: str = "heldout") -> dict:
+    from consortium.verification.judgement import NodeRecord, judge_node
+
+    def tally(rs):
+        c = {"Passed": 0, "PassedWithinTolerance": 0, "Mismatch": 0, "Fraud": 0}
+        for r in rs:
+            for v in verdicts_of(r, tol):
+                c[v] += 1
+        return c
+
+    honest = _select(rows, role, honest=True)
+    c = tally(honest)
+    n = sum(c.values())
+    differ = n - c["Passed"]
+    # Each (model, honest pair, stage) is one simulated honest node; judge it as the network would.
+    nodes, quarantined = {}, []
+    for r in honest:
+        key = (r.model, r.source, r.stage)
+        rec = nodes.get(key, NodeRecord("/".join(map(str, key))))
+        for v in verdicts_of(r, tol):
+            rec = rec.add(v)
+        nodes[key] = rec
+    for rec in nodes.values():
+        j = judge_node(rec, tol.honest_mismatch_rate)
+        if rec.frauds or j.quarantine:
+            quarantined.append({"node": rec.node_id, "audits": rec.audits, "mismatches": rec.mismatches,
+                                "frauds": rec.frauds, "p_value": j.p_value})
+    by_pair = {}
+    for key in sorted({(r.model, r.source) for r in honest}):
+        t = tally([r for r in honest if (r.model, r.source) == key])
+        m = sum(t.values())
+        by_pair[f"{key[0]} {key[1]}"] = {"comparisons": m, "hash_equal": t["Passed"], "mismatch": t["Mismatch"],
+                                         "fraud": t["Fraud"], "mismatch_rate": t["Mismatch"] / max(1, m)}
+    result = {
+        "honest": {
+            "comparisons": n, "hash_equal": c["Passed"], "hash_differ": differ,
+            "within_tolerance": c["PassedWithinTolerance"], "mismatch": c["Mismatch"],
+            "fraud_verdicts": c["Fraud"], "false_fraud": len(quarantined),
+            "mismatch_rate": c["Mismatch"] / max(1, n), "mismatch_rate_hash_differ": c["Mismatch"] / max(1, differ),
+            "nodes": len(nodes), "nodes_quarantined_or_fraud": quarantined, "by_pair": by_pair,
+        },
+        "cheaters": {},
+    }
+    for cls in cheater_classes(rows):
+        cr = _select(rows, role, honest=False, source=cls)
+        t = tally(cr)
+        audits = sum(t.values())
+        det = t["Mismatch"] + t["Fraud"]
+        result["cheaters"][cls] = {"audits": audits, "detected": det, "fraud": t["Fraud"],
+                                   "detection_rate": det / max(1, audits)}
+    return result
+
+
+def noise_breakpoint(cheaters: dict) -> dict:
+    """The largest noise scale whose detection is below 50%, and the log-interpolated 50% crossing."""
+    pts = sorted((float(k[len("noise-"):]), v["detection_rate"]) for k, v in cheaters.items() if k.startswith("noise-"))
+    below = [s for s, d in pts if d < 0.5]
+    out = {"detection_by_scale": {f"{s:g}": d for s, d in pts},
+           "largest_scale_below_50pct": max(below) if below else None, "crossing_50pct": None}
+    for (s0, d0), (s1, d1) in zip(pts, pts[1:]):
+        if d0 < 0.5 <= d1:
+            f = (0.5 - d0) / (d1 - d0) if d1 > d0 else 0.0
+            out["crossing_50pct"] = float(math.exp(math.log(s0) + f * (math.log(s1) - math.log(s0))))
+    return out
+
+
+def sweep(rows: list[Rows], role: str = "heldout") -> list[dict]:
+    honest = [r for r in _select(rows, role, honest=True) if r.grid_equal is not None]
+    out = []
+    for g in GRIDS:
+        all_eq = np.concatenate([r.grid_equal[g] for r in honest])
+        by_pair = {}
+        for key in sorted({(r.model, r.source) for r in honest}):
+            e = np.concatenate([r.grid_equal[g] for r in honest if (r.model, r.source) == key])
+            by_pair[f"{key[0]} {key[1]}"] = float(e.mean())
+        out.append({"grid": g, "hash_match_rate": float(all_eq.mean()), "comparisons": int(all_eq.size),
+                    "by_pair": by_pair})
+    return out
+
+
+# -- plot -----------------------------------------------------------------------------------------
+
+def plot(rows: list[Rows], tol, figure: str, grid_sweep: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    src = _FIGURE_OF.get(figure, figure)
+    thr = getattr(tol.honest, src)
+    dec = getattr(tol.decisive, src)
+    if figure in _FIGURE_OF:
+        thr, dec = 1.0 - thr, (None if dec is None else 1.0 - dec)
+    honest = {"honest: " + p: _cat(_select(rows, "heldout", honest=True, source=p), figure)
+              for p in sorted({r.source for r in rows if r.honest})}
+    cheat = {c: _cat(_select(rows, "heldout", honest=False, source=c), figure) for c in cheater_classes(rows)}
+    pos = np.concatenate([v[v > 0] for v in list(honest.values()) + list(cheat.values())])
+    lo, hi = max(pos.min() / 2, 1e-7), pos.max() * 2
+    bins = np.logspace(np.log10(lo), np.log10(hi), 70)
+    noise = [c for c in cheat if c.startswith("noise-")]
+    core = [c for c in cheat if c not in noise]
+    cmap = plt.get_cmap("plasma")
+    colors = {"honest: repack-off": "#1f77b4", "honest: reference": "#2ca02c", "skip-layer": "#d62728",
+              "cheap-quant": "#ff7f0e", "replay": "#9467bd", "random": "#8c564b"}
+    for i, c in enumerate(noise):
+        colors[c] = cmap(0.05 + 0.8 * i / max(1, len(noise) - 1))
+
+    def label(name, v):
+        zero = int((v == 0).sum())
+        return f"{name} (n={v.size}" + (f", {zero} hash-equal off the log axis)" if zero else ")")
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6), gridspec_kw={"width_ratios": [1.35, 1.35, 1]})
+    for ax, classes, sub in ((axes[0], core, "skipped layer, cheaper quantization, replay, random"),
+                             (axes[1], noise, "noise-s: each element times (1 + s N(0,1))")):
+        for name, v in honest.items():
+            ax.hist(np.clip(v[v > 0], lo, hi), bins=bins, histtype="stepfilled", alpha=0.35,
+                    color=colors.get(name), label=label(name, v))
+        for name in classes:
+            v = cheat[name]
+            ax.hist(np.clip(v[v > 0], lo, hi), bins=bins, histtype="step", linewidth=1.8,
+                    color=colors.get(name), label=label(name, v))
+        ax.axvline(thr, color="k", linestyle="--", linewidth=1.5, label=f"honest limit {thr:.4g} (Mismatch beyond)")
+        if dec is not None:
+            ax.axvline(dec, color="r", linewidth=1.5, label=f"decisive limit {dec:.4g} (Fraud beyond)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(0.8, None)
+        ax.set_xlabel(f"{figure}, worker vs verifier (held-out prompts)")
+        ax.set_ylabel("token rows (one stage each)")
+        ax.set_title(f"Honest pairs vs cheaters: {sub}", fontsize=10)
+        ax.legend(fontsize=7.5, loc="upper left", framealpha=0.85)
+        ax.grid(True, which="major", alpha=0.3)
+    ax2 = axes[2]
+    grids = [g["grid"] for g in grid_sweep]
+    ax2.plot(grids, [g["hash_match_rate"] for g in grid_sweep], "k-o", label="all honest pairs")
+    for key in grid_sweep[0]["by_pair"]:
+        ax2.plot(grids, [g["by_pair"][key] for g in grid_sweep], "--o", markersize=3, label=key)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xticks(grids)
+    ax2.set_xticklabels([str(g) for g in grids])
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.set_xlabel("grid (steps per unit; the seed uses 64)")
+    ax2.set_ylabel("share of honest rows whose hashes are equal")
+    ax2.set_title("Exact-hash match rate vs grid size", fontsize=10)
+    ax2.legend(fontsize=7.5, loc="upper right")
+    ax2.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- command --------------------------------------------------------------------------------------
+
+def run(args) -> int:
+    from consortium.verification.verdicts import DEFAULT_TOLERANCE_PATH, Tolerance
+    from node_agent.faults import DEFAULT_NOISE_SCALES
+
+    t0 = time.time()
+    per_role = args.prompts or (1 if args.quick else 5)
+    half = len(PROMPTS) // 2
+    if not 1 <= per_role <= half:
+        print(f"--prompts must be 1-{half}", file=sys.stderr)
+        return 2
+    prompts = [("calibration", p) for p in PROMPTS[:per_role]] + [("heldout", p) for p in PROMPTS[half:half + per_role]]
+    models = args.model or list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    rows, metas = [], []
+    for m in models:
+        r, meta = collect_model(m, prompts, threads=args.threads, seed=args.seed,
+                                noise_scales=DEFAULT_NOISE_SCALES, log=log)
+        rows += r
+        metas.append(meta)
+    tol, figure, table = choose_tolerance(rows)
+    calib = evaluate(rows, tol, "calibration")
+    held = evaluate(rows, tol, "heldout")
+    grid_sweep = sweep(rows)
+    brk = noise_breakpoint(held["cheaters"])
+    import llama_cpp
+
+    report = {
+        "about": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "machine": f"{platform.machine()} {platform.system()}, CPU backend",
+                  "llama_cpp_python": llama_cpp.__version__, "quick": bool(args.quick),
+                  "prompts_per_role": per_role, "models": metas, "grid": "float16, grid 64, clamp 100",
+                  "worker": "llama.cpp, CPU weight repacking on",
+                  "cheaters_audited_by": "llama.cpp, repacking off",
+                  "not_measured": "CUDA and Metal (no GPU on this machine)"},
+        "honest": held["honest"],
+        "cheaters": held["cheaters"],
+        "noise_breakpoint": brk,
+        "tolerance": tol.to_json(),
+        "figure": figure,
+        "figure_choice": table,
+        "calibration": {"honest": calib["honest"], "cheaters": calib["cheaters"]},
+        "grid_sweep": grid_sweep,
+        "runtime_s": round(time.time() - t0, 1),
+    }
+    print(summary(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    tol_json = json.dumps(tol.to_json(), indent=2) + "\n"
+    if args.tolerance_out:
+        Path(args.tolerance_out).write_text(tol_json)
+    if args.write_default:
+        Tolerance.from_json(json.loads(tol_json))  # must load before it replaces the shipped file
+        DEFAULT_TOLERANCE_PATH.write_text(tol_json)
+        print(f"wrote the shipped default tolerance {DEFAULT_TOLERANCE_PATH.name}")
+    if args.plot:
+        plot(rows, tol, figure, grid_sweep, args.plot,
+             f"consortium calibrate, {', '.join(m['model'] for m in metas)}: 3-way split, "
+             f"{per_role} held-out prompts, {report['about']['date'][:10]}")
+    return 0
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(type(o))
+
+
+def summary(rep: dict) -> str:
+    h = rep["honest"]
+    tol = rep["tolerance"]
+    lines = [
+        f"calibration ({'quick' if rep['about']['quick'] else 'full'}), {rep['about']['date']}, "
+        f"llama-cpp-python {rep['about']['llama_cpp_python']}",
+        "models: " + "; ".join(f"{m['model']} ({m['file_type']}, split {' / '.join(m['split'])}, honest pairs: "
+                               f"{', '.join(m['honest_pairs'])})" for m in rep["about"]["models"]),
+        f"figure chosen: {rep['figure']}; honest limit {json.dumps(tol['honest'])}, decisive limit "
+        f"{json.dumps(tol['decisive'])}, honest Mismatch rate for the binomial test {tol['honest_mismatch_rate']:g}",
+        f"held-out honest: {h['comparisons']} comparisons, {h['hash_equal']} hash-equal, {h['hash_differ']} differ: "
+        f"{h['within_tolerance']} within tolerance, {h['mismatch']} Mismatch "
+        f"({100 * h['mismatch_rate']:.2f}% of all, {100 * h['mismatch_rate_hash_differ']:.2f}% of differing), "
+        f"{h['fraud_verdicts']} Fraud; false fraud (honest nodes with Fraud or quarantined, of {h['nodes']}): "
+        f"{h['false_fraud']}",
+    ]
+    for k, v in h["by_pair"].items():
+        lines.append(f"  {k}: {v['comparisons']} comparisons, {v['hash_equal']} hash-equal, "
+                     f"{v['mismatch']} Mismatch ({100 * v['mismatch_rate']:.2f}%), {v['fraud']} Fraud")
+    lines.append("held-out cheaters (detected = Mismatch or Fraud):")
+    for k, v in rep["cheaters"].items():
+        lines.append(f"  {k:12s} {v['detected']:5d}/{v['audits']:<5d} detected ({100 * v['detection_rate']:.2f}%), "
+                     f"{v['fraud']} Fraud")
+    b = rep["noise_breakpoint"]
+    lines.append(f"noise: detection falls below 50% at scale {b['largest_scale_below_50pct']} and below "
+                 f"(50% crossing about {b['crossing_50pct'] and round(b['crossing_50pct'], 5)})")
+    lines.append("grid sweep (exact hash match rate of honest pairs): " +
+                 ", ".join(f"{g['grid']}: {g['hash_match_rate']:.3f}" for g in rep["grid_sweep"]))
+    lines.append(f"runtime {rep['runtime_s']} s")
+    return "\n".join(lines)

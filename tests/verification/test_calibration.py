@@ -1,0 +1,141 @@
+"""consortium calibrate (--quick, end to end) and the cheaters of node_agent.faults on real stages."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from consortium import cli
+from consortium.commands import calibrate
+from consortium.layers import LayerRange
+from consortium.models import resolve_model
+from consortium.tokenizer import Tokenizer
+from consortium.verification.verdicts import Tolerance, figures
+from node_agent.engine.slicing import stage_file
+from node_agent.engine.stage import Stage, StageConfig
+from node_agent.faults import CheatingStage, Fault, apply_fault, parse_fault, skipped_layer
+
+CONFIG = StageConfig(threads=2, n_ctx=256, n_seq_max=1)
+CORE = ("skip-layer", "cheap-quant", "replay", "random")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    d = tmp_path_factory.mktemp("calibrate")
+    out, png, tol = d / "calib.json", d / "calib.png", d / "tolerance.json"
+    rc = cli.main(["calibrate", "--quick", "--threads", "2", "--json", str(out), "--plot", str(png),
+                   "--tolerance-out", str(tol)])
+    assert rc == 0
+    return json.loads(out.read_text()), png, tol
+
+
+def test_quick_report_has_the_keys_and_consistent_counts(quick):
+    rep, _, _ = quick
+    for key in ("honest", "cheaters", "tolerance", "grid_sweep", "noise_breakpoint"):
+        assert key in rep
+    h = rep["honest"]
+    for key in ("comparisons", "hash_equal", "within_tolerance", "mismatch", "false_fraud"):
+        assert isinstance(h[key], int) and h[key] >= 0
+    assert h["comparisons"] >= 300  # one held-out prompt of ~100 tokens x 3 stages x 2 honest pairs
+    assert h["hash_equal"] + h["within_tolerance"] + h["mismatch"] + h["fraud_verdicts"] == h["comparisons"]
+    # The reference pair never hashes equal, so most honest comparisons must reach the tolerance.
+    assert h["hash_equal"] < h["comparisons"] / 2
+    assert set(rep["cheaters"]) >= set(CORE) | {"noise-0.001", "noise-1"}
+    pairs = len(h["by_pair"])
+    for c, v in rep["cheaters"].items():
+        assert v["audits"] == h["comparisons"] // pairs, c
+        assert 0 <= v["detected"] <= v["audits"]
+    assert [g["grid"] for g in rep["grid_sweep"]] == [16, 32, 64, 128, 256, 512, 1024]
+    assert all(0.0 <= g["hash_match_rate"] <= 1.0 for g in rep["grid_sweep"])
+
+
+def test_quick_run_accuses_no_honest_pair_and_catches_the_cheaters(quick):
+    rep, _, _ = quick
+    assert rep["honest"]["false_fraud"] == 0
+    assert rep["honest"]["fraud_verdicts"] == 0
+    for c in CORE + ("noise-1",):
+        assert rep["cheaters"][c]["detection_rate"] >= 0.95, (c, rep["cheaters"][c])
+    # Noise far below the grid step is indistinguishable from honest hardware.
+    assert rep["cheaters"]["noise-0.001"]["detection_rate"] < 0.5
+
+
+def test_quick_outputs_load(quick):
+    rep, png, tol_path = quick
+    tol = Tolerance.load(tol_path)
+    assert tol.to_json() == rep["tolerance"]
+    assert 0 < tol.honest_mismatch_rate < 0.2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batch_figures_equal_verdicts_figures():
+    rng = np.random.default_rng(3)
+    a = rng.integers(-40, 40, size=(12, 300))
+    b = a + rng.integers(-3, 4, size=a.shape)
+    a[0], b[1] = 0, 0          # all-zero rows: cosine and relative L2 edge cases
+    b[2] = a[2]                # identical
+    a[3, :40] = 7              # ties in magnitude at the top-k border
+    b[3, :40] = -7
+    got = calibrate.batch_figures(a, b, topk=16)
+    for i in range(len(a)):
+        want = figures(a[i], b[i], 16)
+        for k, v in want.to_json().items():
+            assert float(got[k][i]) == float(v), (i, k)
+
+
+def test_upper_bound_and_breakpoint():
+    assert calibrate.upper_bound(0, 1000) == pytest.approx(0.002991, rel=1e-3)  # 1 - 0.05**(1/1000)
+    assert 0.02 < calibrate.upper_bound(20, 1000) < 0.03
+    brk = calibrate.noise_breakpoint({"noise-0.01": {"detection_rate": 0.1}, "noise-0.1": {"detection_rate": 0.9},
+                                      "noise-1": {"detection_rate": 1.0}})
+    assert brk["largest_scale_below_50pct"] == 0.01
+    assert brk["crossing_50pct"] == pytest.approx(10 ** -1.5)
+
+
+def test_parse_fault():
+    assert parse_fault("noise-0.01") == Fault("noise", 0.01)
+    assert parse_fault("noise-1").name == "noise-1"
+    assert parse_fault("skip-layer").name == "skip-layer"
+    for bad in ("noise-0", "noise-x", "skip", "noise--1"):
+        with pytest.raises(ValueError):
+            parse_fault(bad)
+    with pytest.raises(ValueError):
+        skipped_layer(LayerRange(3, 4))
+    assert skipped_layer(LayerRange(0, 9)) == 5
+
+
+def test_replay_shifts_by_one_token():
+    y = np.arange(12, dtype=np.float32).reshape(4, 3)
+    r = apply_fault("replay", y)
+    assert np.array_equal(r[1:], y[:-1]) and not r[0].any()
+    r2 = apply_fault("replay", y, previous=y[-1])
+    assert np.array_equal(r2[0], y[-1])
+
+
+@pytest.fixture(scope="module")
+def smollm2_stage():
+    model = resolve_model("smollm2-135m-q4_k_m")
+    tok = Tokenizer(model)
+    ids = np.asarray(tok.encode("A short test prompt about the weather in the mountains in spring."), np.int32)
+    tok.close()
+    r = LayerRange(0, 9)
+    with Stage(stage_file(model, r), r, 30, CONFIG) as honest:
+        yield model, r, ids, honest
+
+
+@pytest.mark.parametrize("kind", ["skip-layer", "cheap-quant", "noise-0.01", "noise-1", "replay", "random"])
+def test_every_cheater_class_has_the_honest_shape_and_differs(smollm2_stage, kind):
+    model, r, ids, honest = smollm2_stage
+    honest.clear(0)
+    want = honest.forward(0, 0, tokens=ids)
+    with CheatingStage(kind, model, r, 30, CONFIG, honest=honest) as cheat:
+        cheat.clear(0)
+        got = cheat.forward(0, 0, tokens=ids)
+        assert got.shape == want.shape and got.dtype == np.float32
+        assert np.isfinite(got).all()
+        assert not np.array_equal(got, want)
+        # Cheaters keep per-sequence state like a stage: the next token continues the sequence.
+        nxt = cheat.forward(0, len(ids), tokens=ids[:1])
+        assert nxt.shape == (1, want.shape[1])
+        if kind == "replay":
+            assert np.array_equal(nxt[0], want[-1])
