@@ -104,6 +104,7 @@ class _Recording:
 
 
 def run(opts: Options) -> dict:
+    import consortium.cache
     from consortium import generation
     from consortium.driver.policy import LocalPolicy
     from consortium.driver.session import SessionDriver
@@ -114,7 +115,7 @@ def run(opts: Options) -> dict:
     from consortium.verification import judgement
     from node_agent.engine import llama as ll
     from node_agent.engine.pipeline import LocalPipeline
-    from node_agent.engine.slicing import read_model_info
+    from node_agent.engine.slicing import read_model_info, sha256_file
     from node_agent.engine.stage import StageConfig
 
     model = resolve_model(opts.model or ("gemma3-270m" if opts.heterogeneous else None))
@@ -138,7 +139,7 @@ def run(opts: Options) -> dict:
         state = SessionState(session="sky-is-blue", prompt_tokens=prompt_ids, nodes=list(PLACEMENT),
                              epochs=[1, 1, 1], audit_probability=opts.audit_probability, audit_seed=opts.audit_seed)
         driver = SessionDriver(session=state.session, model_path=str(model), split=split, n_layers=info.n_layers,
-                               endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
+                               model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
                                rpc_timeout_s=opts.rpc_timeout_s)
         health = {n: driver.clients[n].call("Health", __import__("consortium.wire", fromlist=["pb"]).pb.HealthRequest())
                   for n in NODES}
@@ -181,7 +182,7 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     count = {v: sum(a["verdict"] == v for a in audits) for v in ("Passed", "PassedWithinTolerance", "Mismatch", "Fraud")}
     honest = [n for n in NODES if n != faulty_node]
     records = list(driver.records.values())
-    false_fraud = judgement.false_fraud(records, honest, driver.tolerance.honest_mismatch_rate, driver.alpha)
+    false_fraud = judgement.false_fraud(records, honest, driver.honest_rate, driver.alpha)
     diverge = next((i for i, (a, b) in enumerate(zip(base.tokens, dist.tokens)) if a != b), None)
     if diverge is None and len(base.tokens) != len(dist.tokens):
         diverge = min(len(base.tokens), len(dist.tokens))

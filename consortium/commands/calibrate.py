@@ -10,7 +10,10 @@ Method (docs/calibration.md has the measured figures):
   reported as a result comes from the held-out prompts.
 - The honest threshold is a high percentile (98th, as seed 003) of the honest calibration distances
   whose hashes differ, on the figure that best separates cheaters; the decisive (Fraud) threshold is a
-  large multiple of the largest honest calibration distance.
+  large multiple of the largest honest calibration distance. Both are chosen twice: pooled over
+  everything (for models and ranges never calibrated) and per (model sha256, layer range), because
+  honest disagreement differs several-fold between stages and one pooled limit is too loose for the
+  quiet stages (cheaters slip under it) and too tight for the noisy ones (honest Mismatch piles up).
 """
 from __future__ import annotations
 
@@ -26,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODELS = ("smollm2-135m-q4_k_m", "gemma3-270m")
+DEFAULT_MODELS = ("smollm2-135m", "smollm2-135m-q4_k_m", "gemma3-270m")
 QUICK_MODELS = ("smollm2-135m-q4_k_m",)
 HONEST_PERCENTILE = 98.0
 DECISIVE_FACTOR = 8.0       # Fraud only this far beyond the largest honest distance seen in calibration
+MIN_STAGE_ROWS = 200        # honest differing rows a stage needs for limits of its own
 GRIDS = (16, 32, 64, 128, 256, 512, 1024)
 ROW_CHUNK = 16              # rows per vectorized figure batch (a Gemma logit row is 262144 wide)
 
@@ -175,6 +179,7 @@ class Rows:
     hash_equal: np.ndarray
     figures: dict[str, np.ndarray]
     grid_equal: dict[int, np.ndarray] | None = None   # honest only: hash equal at each swept grid
+    stage_key: tuple[str, str] = ("", "")              # (model sha256, "first-last"): its own tolerance
 
 
 def compare(worker: np.ndarray, verifier_idx: np.ndarray, grid, topk: int) -> tuple[np.ndarray, dict]:
@@ -287,7 +292,13 @@ def collect_model(spec: str, prompts: list[tuple[str, str]], *, threads: int, se
         for st in stages:
             for s in st.values():
                 s.close()
-    meta = {"model": label, "architecture": info.architecture, "file_type": info.file_type, "layers": n,
+    import consortium.cache
+    from node_agent.engine.slicing import sha256_file
+
+    sha = sha256_file(path, consortium.cache.cache_dir())
+    for r in out:
+        r.stage_key = (sha, str(split[r.stage]))
+    meta = {"model": label, "sha256": sha, "architecture": info.architecture, "file_type": info.file_type, "layers": n,
             "split": [str(r) for r in split], "honest_pairs": ["repack-off"] + (["reference"] if ref else []),
             "prompt_tokens": n_tokens, "seconds": round(time.time() - t0, 1)}
     return out, meta
@@ -351,25 +362,51 @@ def choose_tolerance(rows: list[Rows], percentile: float = HONEST_PERCENTILE, fa
         bounded = best.startswith("frac_gt")
         decisive_lim = {src: decisive} if not (bounded and decisive >= 1.0) else {}
     n_h = int(differ.size)
-    # The pooled percentile gives about 2% Mismatch over all honest pairs, but a node is judged against
-    # the verifiers it meets, and the noisier pair (llama.cpp vs the float64 reference) takes most of
-    # that 2%. The binomial test must assume the worst pair's rate, and not its point estimate: the
-    # upper 95% bound, so that prompts unlike the calibration ones don't quarantine honest nodes.
-    pair_rates = {}
-    for key in sorted({(r.model, r.source) for r in honest}):
-        rs = [r for r in honest if (r.model, r.source) == key]
+    # The pooled percentile gives about 2% Mismatch over all honest comparisons, but a node is judged
+    # on the stage it serves against the verifiers it meets, and honest disagreement differs a lot
+    # between them (Gemma's middle stage against repacking off: ~15%, SmolLM2's stages: under 1%).
+    # The binomial test must assume the worst honest (model, pair, stage), and not its point estimate:
+    # the upper 95% bound, so that prompts unlike the calibration ones don't quarantine honest nodes.
+    node_rates = {}
+    for key in sorted({(r.model, r.source, r.stage) for r in honest}):
+        rs = [r for r in honest if (r.model, r.source, r.stage) == key]
         k = int(np.sum((_cat(rs, best) > thr) & ~_cat(rs, "hash_equal")))
         m = int(sum(len(r.hash_equal) for r in rs))
-        pair_rates[f"{key[0]} {key[1]}"] = {"comparisons": m, "mismatch": k, "upper95": upper_bound(k, m)}
-    rate = max(v["upper95"] for v in pair_rates.values())
-    table[best]["pair_rates"] = pair_rates
+        node_rates["{} {} stage {}".format(*key)] = {"comparisons": m, "mismatch": k, "upper95": upper_bound(k, m)}
+    rate = max(v["upper95"] for v in node_rates.values())
+    table[best]["node_rates"] = node_rates
+    stages = {}
+    for key in sorted({r.stage_key for r in honest if r.stage_key[0]}):
+        rs = [r for r in honest if r.stage_key == key]
+        if int((~_cat(rs, "hash_equal")).sum()) >= MIN_STAGE_ROWS:   # else the pooled limits judge it
+            stages[key] = _stage_tolerance(rs, best, percentile, factor)
     about = (f"Calibrated by `consortium calibrate` on {datetime.date.today().isoformat()}: honest limit = "
              f"{percentile:g}th percentile of {int(differ.sum())} honest calibration comparisons whose hashes "
              f"differ ({n_h} in all), decisive limit = {factor:g} x the largest of them, on {best}; "
-             f"honest Mismatch rate = upper 95% bound of the worst honest pair's calibration rate.")
+             f"honest Mismatch rate = upper 95% bound of the worst honest (model, pair, stage) calibration rate.")
     tol = Tolerance(Limits.from_json(honest_lim), Limits.from_json(decisive_lim),
-                    honest_mismatch_rate=round(rate, 6), topk=16, about=about)
+                    honest_mismatch_rate=round(rate, 6), topk=16, about=about, stages=stages)
     return tol, best, table
+
+
+def _stage_tolerance(honest: list[Rows], figure: str, percentile: float, factor: float):
+    """One stage's own limits on the chosen figure: the same rules as the pooled ones, on its rows."""
+    from consortium.verification.verdicts import Limits, Tolerance
+
+    v, differ = _cat(honest, figure), ~_cat(honest, "hash_equal")
+    h = v[differ]
+    thr, hmax = float(np.percentile(h, percentile)), float(h.max())
+    rate = max(upper_bound(int(np.sum((_cat(rs, figure) > thr) & ~_cat(rs, "hash_equal"))),
+                           int(sum(len(r.hash_equal) for r in rs)))
+               for rs in ([r for r in honest if r.source == p] for p in sorted({r.source for r in honest})))
+    src, decisive = _FIGURE_OF.get(figure, figure), factor * hmax
+    if figure in _FIGURE_OF:
+        honest_lim, decisive_lim = {src: 1.0 - thr}, ({src: 1.0 - decisive} if decisive < 1.0 else {})
+    else:
+        honest_lim = {src: thr}
+        decisive_lim = {src: decisive} if not (figure.startswith("frac_gt") and decisive >= 1.0) else {}
+    return Tolerance(Limits.from_json(honest_lim), Limits.from_json(decisive_lim), honest_mismatch_rate=round(rate, 6),
+                     topk=16, about=f"{int(differ.sum())} honest calibration comparisons whose hashes differ")
 
 
 def upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
@@ -401,6 +438,7 @@ def verdicts_of(r: Rows, tol) -> list[str]:
     """The audit's verdict per row: Passed when the hash matches, else what the tolerance says."""
     from consortium.verification.verdicts import Verdict
 
+    tol = tol.for_stage(*r.stage_key)
     return [Verdict.PASSED.value if eq else tol.classify(f)[0].value for eq, f in _fig_objects(r)]
 
 
@@ -426,17 +464,22 @@ def evaluate(rows: list[Rows], tol, role: str = "heldout") -> dict:
         for v in verdicts_of(r, tol):
             rec = rec.add(v)
         nodes[key] = rec
-    for rec in nodes.values():
-        j = judge_node(rec, tol.honest_mismatch_rate)
+    stage_keys = {(r.model, r.source, r.stage): r.stage_key for r in honest}
+    for key, rec in nodes.items():
+        j = judge_node(rec, tol.for_stage(*stage_keys[key]).honest_mismatch_rate)
         if rec.frauds or j.quarantine:
             quarantined.append({"node": rec.node_id, "audits": rec.audits, "mismatches": rec.mismatches,
                                 "frauds": rec.frauds, "p_value": j.p_value})
-    by_pair = {}
-    for key in sorted({(r.model, r.source) for r in honest}):
-        t = tally([r for r in honest if (r.model, r.source) == key])
-        m = sum(t.values())
-        by_pair[f"{key[0]} {key[1]}"] = {"comparisons": m, "hash_equal": t["Passed"], "mismatch": t["Mismatch"],
-                                         "fraud": t["Fraud"], "mismatch_rate": t["Mismatch"] / max(1, m)}
+    def by(key_of):
+        out = {}
+        for key in sorted({key_of(r) for r in honest}):
+            t = tally([r for r in honest if key_of(r) == key])
+            m = sum(t.values())
+            out[" ".join(map(str, key))] = {"comparisons": m, "hash_equal": t["Passed"], "mismatch": t["Mismatch"],
+                                            "fraud": t["Fraud"], "mismatch_rate": t["Mismatch"] / max(1, m)}
+        return out
+    by_pair = by(lambda r: (r.model, r.source))
+    by_stage = by(lambda r: (r.model, r.source, "stage", r.stage))
     result = {
         "honest": {
             "comparisons": n, "hash_equal": c["Passed"], "hash_differ": differ,
@@ -444,6 +487,7 @@ def evaluate(rows: list[Rows], tol, role: str = "heldout") -> dict:
             "fraud_verdicts": c["Fraud"], "false_fraud": len(quarantined),
             "mismatch_rate": c["Mismatch"] / max(1, n), "mismatch_rate_hash_differ": c["Mismatch"] / max(1, differ),
             "nodes": len(nodes), "nodes_quarantined_or_fraud": quarantined, "by_pair": by_pair,
+            "by_stage": by_stage,
         },
         "cheaters": {},
     }
@@ -452,8 +496,12 @@ def evaluate(rows: list[Rows], tol, role: str = "heldout") -> dict:
         t = tally(cr)
         audits = sum(t.values())
         det = t["Mismatch"] + t["Fraud"]
+        by_stage = {}
+        for key in sorted({(r.model, r.stage) for r in cr}):
+            ts = tally([r for r in cr if (r.model, r.stage) == key])
+            by_stage["{} stage {}".format(*key)] = (ts["Mismatch"] + ts["Fraud"]) / max(1, sum(ts.values()))
         result["cheaters"][cls] = {"audits": audits, "detected": det, "fraud": t["Fraud"],
-                                   "detection_rate": det / max(1, audits)}
+                                   "detection_rate": det / max(1, audits), "detection_by_stage": by_stage}
     return result
 
 
@@ -492,14 +540,24 @@ def plot(rows: list[Rows], tol, figure: str, grid_sweep: list[dict], path: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    src = _FIGURE_OF.get(figure, figure)
-    thr = getattr(tol.honest, src)
-    dec = getattr(tol.decisive, src)
-    if figure in _FIGURE_OF:
-        thr, dec = 1.0 - thr, (None if dec is None else 1.0 - dec)
-    honest = {"honest: " + p: _cat(_select(rows, "heldout", honest=True, source=p), figure)
+    # Every row is shown as its distance over its own stage's honest limit, so one line at 1 is the
+    # Mismatch boundary of every stage; decisive limits differ per stage and show as a band.
+    def limits(r: Rows) -> tuple[float, float | None]:
+        t = tol.for_stage(*r.stage_key)
+        src = _FIGURE_OF.get(figure, figure)
+        h, d = getattr(t.honest, src), getattr(t.decisive, src)
+        if figure in _FIGURE_OF:
+            h, d = 1.0 - h, (None if d is None else 1.0 - d)
+        return h, d
+
+    def scaled(rs: list[Rows]) -> np.ndarray:
+        return np.concatenate([distances(r.figures)[figure] / limits(r)[0] for r in rs]) if rs else np.zeros(0)
+
+    ratios = [d / h for h, d in map(limits, rows) if d is not None]
+    dec = (min(ratios), max(ratios)) if ratios else None
+    honest = {"honest: " + p: scaled(_select(rows, "heldout", honest=True, source=p))
               for p in sorted({r.source for r in rows if r.honest})}
-    cheat = {c: _cat(_select(rows, "heldout", honest=False, source=c), figure) for c in cheater_classes(rows)}
+    cheat = {c: scaled(_select(rows, "heldout", honest=False, source=c)) for c in cheater_classes(rows)}
     pos = np.concatenate([v[v > 0] for v in list(honest.values()) + list(cheat.values())])
     lo, hi = max(pos.min() / 2, 1e-7), pos.max() * 2
     bins = np.logspace(np.log10(lo), np.log10(hi), 70)
@@ -525,13 +583,14 @@ def plot(rows: list[Rows], tol, figure: str, grid_sweep: list[dict], path: str, 
             v = cheat[name]
             ax.hist(np.clip(v[v > 0], lo, hi), bins=bins, histtype="step", linewidth=1.8,
                     color=colors.get(name), label=label(name, v))
-        ax.axvline(thr, color="k", linestyle="--", linewidth=1.5, label=f"honest limit {thr:.4g} (Mismatch beyond)")
+        ax.axvline(1.0, color="k", linestyle="--", linewidth=1.5, label="honest limit of the row's stage (Mismatch beyond)")
         if dec is not None:
-            ax.axvline(dec, color="r", linewidth=1.5, label=f"decisive limit {dec:.4g} (Fraud beyond)")
+            ax.axvspan(dec[0], dec[1], color="r", alpha=0.12,
+                       label=f"decisive limits, {dec[0]:.3g}-{dec[1]:.3g} x honest (Fraud beyond)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_ylim(0.8, None)
-        ax.set_xlabel(f"{figure}, worker vs verifier (held-out prompts)")
+        ax.set_xlabel(f"{figure} (worker vs verifier, held-out prompts) / its stage's honest limit")
         ax.set_ylabel("token rows (one stage each)")
         ax.set_title(f"Honest pairs vs cheaters: {sub}", fontsize=10)
         ax.legend(fontsize=7.5, loc="upper left", framealpha=0.85)
@@ -646,13 +705,14 @@ def summary(rep: dict) -> str:
         f"{h['fraud_verdicts']} Fraud; false fraud (honest nodes with Fraud or quarantined, of {h['nodes']}): "
         f"{h['false_fraud']}",
     ]
-    for k, v in h["by_pair"].items():
+    for k, v in {**h["by_pair"], **h.get("by_stage", {})}.items():
         lines.append(f"  {k}: {v['comparisons']} comparisons, {v['hash_equal']} hash-equal, "
                      f"{v['mismatch']} Mismatch ({100 * v['mismatch_rate']:.2f}%), {v['fraud']} Fraud")
     lines.append("held-out cheaters (detected = Mismatch or Fraud):")
     for k, v in rep["cheaters"].items():
         lines.append(f"  {k:12s} {v['detected']:5d}/{v['audits']:<5d} detected ({100 * v['detection_rate']:.2f}%), "
-                     f"{v['fraud']} Fraud")
+                     f"{v['fraud']} Fraud" + "".join(f"; {st} {100 * d:.1f}%" for st, d in
+                                                     v.get("detection_by_stage", {}).items() if d < 0.99))
     b = rep["noise_breakpoint"]
     lines.append(f"noise: detection falls below 50% at scale {b['largest_scale_below_50pct']} and below "
                  f"(50% crossing about {b['crossing_50pct'] and round(b['crossing_50pct'], 5)})")

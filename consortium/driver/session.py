@@ -81,6 +81,10 @@ class SessionDriver:
         self.n_stages = len(self.split)
         self.state, self.policy, self.grid = state, policy, grid
         self.tolerance = tolerance or verdicts.Tolerance.load()
+        # Limits calibrated for this model's stage when there are any (found by the model's sha256).
+        self.stage_tolerances = [self.tolerance.for_stage(model_sha256, r) for r in self.split]
+        # A node is judged across every stage it served: assume the largest of their honest rates.
+        self.honest_rate = max(t.honest_mismatch_rate for t in self.stage_tolerances)
         self.alpha = honest_alpha
         self.rpc = RpcLog()
         self.clients = {n: NodeClient(n, ep, self.rpc, rpc_timeout_s) for n, ep in endpoints.items()}
@@ -404,7 +408,7 @@ class SessionDriver:
             self._audit_progress[(verifier, s)] = end
             for u, row in zip(units, rows):
                 revealed = canonical.canonical_rows(u.worker_row[None, :], self.grid)[0]
-                res = verdicts.judge_unit(u.commitment, row, grid=self.grid, tolerance=self.tolerance,
+                res = verdicts.judge_unit(u.commitment, row, grid=self.grid, tolerance=self.stage_tolerances[s],
                                           revealed=revealed, signature_ok=u.signature_ok)
                 rec = self.records.get(u.node) or judgement.NodeRecord(u.node)
                 rec = rec.add(res.verdict)
@@ -417,7 +421,7 @@ class SessionDriver:
                 key = f"{s}/{u.node}"
                 if res.verdict in (verdicts.Verdict.PASSED, verdicts.Verdict.PASSED_WITHIN_TOLERANCE):
                     self.state.last_passed[key] = max(self.state.last_passed.get(key, -1), u.position)
-                verdict_node = judgement.judge_node(rec, self.tolerance.honest_mismatch_rate, self.alpha)
+                verdict_node = judgement.judge_node(rec, self.honest_rate, self.alpha)
                 if res.verdict == verdicts.Verdict.FRAUD or verdict_node.quarantine:
                     self._fraud(u.node, f"stage {s} position {u.position}: {res.verdict.value}; {verdict_node.reason}")
 

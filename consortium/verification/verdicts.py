@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -148,6 +148,10 @@ class Tolerance:
     honest_mismatch_rate: float = 0.02
     topk: int = 16
     about: str = ""
+    # Calibrated per stage: (model sha256, "first-last") -> its own Tolerance. Honest disagreement
+    # differs a lot between stages (calibration measured <1% to 13% Mismatch at one pooled limit),
+    # so a stage that was calibrated is judged by its own limits; anything else by the pooled ones.
+    stages: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not self.honest._items():
@@ -163,13 +167,24 @@ class Tolerance:
                 raise ValueError(f"decisive {name} {d} lies inside the honest tolerance {h}")
 
     def to_json(self) -> dict:
-        return {"about": self.about, "honest_mismatch_rate": self.honest_mismatch_rate, "topk": self.topk,
-                "honest": self.honest.to_json(), "decisive": self.decisive.to_json()}
+        o = {"about": self.about, "honest_mismatch_rate": self.honest_mismatch_rate, "topk": self.topk,
+             "honest": self.honest.to_json(), "decisive": self.decisive.to_json()}
+        if self.stages:
+            o["stages"] = [{"model_sha256": sha, "layers": layers, **{k: v for k, v in t.to_json().items() if k != "about"},
+                            **({"about": t.about} if t.about else {})}
+                           for (sha, layers), t in sorted(self.stages.items())]
+        return o
 
     @classmethod
     def from_json(cls, o: dict) -> "Tolerance":
+        stages = {(str(e["model_sha256"]), str(e["layers"])): cls.from_json(e) for e in o.get("stages", [])}
         return cls(Limits.from_json(o["honest"]), Limits.from_json(o.get("decisive", {})),
-                   float(o.get("honest_mismatch_rate", 0.02)), int(o.get("topk", 16)), str(o.get("about", "")))
+                   float(o.get("honest_mismatch_rate", 0.02)), int(o.get("topk", 16)), str(o.get("about", "")),
+                   stages)
+
+    def for_stage(self, model_sha256: str, layers) -> "Tolerance":
+        """The limits calibrated for this model's layer range, or the pooled ones."""
+        return self.stages.get((model_sha256, str(layers)), self)
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Tolerance":

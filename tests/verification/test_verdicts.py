@@ -97,10 +97,35 @@ def test_non_finite_recomputation_raises(bad):
         verdicts.judge_unit(c, y, grid=GRID, tolerance=TOL, revealed=rev)
 
 
-def test_default_tolerance_file_loads_and_says_it_is_uncalibrated():
+def test_default_tolerance_file_is_calibrated_for_the_default_split():
+    from consortium.cache import cache_dir
+    from consortium.layers import even_split
+    from consortium.models import resolve_model
+    from node_agent.engine.slicing import read_model_info, sha256_file
+
     t = Tolerance.load()
-    assert "calibrate" in t.about and "Nothing in this file has been measured" in t.about
+    assert "consortium calibrate" in t.about
     assert Tolerance.from_json(json.loads(json.dumps(t.to_json()))) == t
+    model = resolve_model(None)
+    sha = sha256_file(model, cache_dir())
+    for r in even_split(read_model_info(model).n_layers, 3):
+        own = t.for_stage(sha, r)
+        assert own is not t, f"no calibrated limits for the default model's stage {r}"
+        assert own.honest.relative_l2 is not None and own.decisive.relative_l2 > own.honest.relative_l2
+        assert 0 < own.honest_mismatch_rate < 0.2
+
+
+def test_stage_limits_round_trip_and_fall_back_to_the_pooled_ones():
+    stage = Tolerance(honest=Limits(relative_l2=0.03), decisive=Limits(relative_l2=0.3), honest_mismatch_rate=0.04)
+    t = Tolerance(honest=TOL.honest, decisive=TOL.decisive, stages={("ab" * 32, "0-9"): stage})
+    back = Tolerance.from_json(json.loads(json.dumps(t.to_json())))
+    assert back.for_stage("ab" * 32, "0-9") == stage
+    assert back.for_stage("ab" * 32, "10-19") is back and back.for_stage("cd" * 32, "0-9") is back
+    # 0.05 is within the pooled limit but beyond this stage's own.
+    fig = verdicts.Figures(relative_l2=0.05, frac_gt_1=0, frac_gt_2=0, frac_gt_4=0, max_abs_steps=1, cosine=0.999,
+                           topk_agreement=1.0)
+    assert back.classify(fig)[0] == Verdict.PASSED_WITHIN_TOLERANCE
+    assert back.for_stage("ab" * 32, "0-9").classify(fig)[0] == Verdict.MISMATCH
 
 
 def test_decisive_inside_honest_refused():
