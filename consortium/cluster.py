@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import consortium.cache
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO_ROOT / "scripts"
 VERSIONS_FILE = SCRIPTS / "k8s-versions.env"
@@ -84,7 +86,7 @@ def versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CONSORTIUM_CACHE") or Path.home() / ".cache" / "consortium")
+    return consortium.cache.cache_dir()
 
 
 def expected_bin_dir() -> Path:

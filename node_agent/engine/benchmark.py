@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from consortium.layers import LayerRange, format_split, parse_split
+from consortium.layers import LayerRange, format_split
 
 
 def _interleaved(a, b, prompt: np.ndarray, n_tokens: int) -> tuple[float, float]:

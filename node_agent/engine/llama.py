@@ -20,6 +20,8 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+import consortium.cache
+
 
 class LlamaError(RuntimeError):
     """llama.cpp refused or failed an operation."""
@@ -182,7 +184,7 @@ def _native_capture():
     src = Path(__file__).with_name("capture.c")
     code = src.read_bytes()
     key = hashlib.sha256(code + platform.machine().encode() + sys.platform.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("CONSORTIUM_CACHE", Path.home() / ".cache" / "consortium")) / "native"
+    cache = consortium.cache.cache_dir() / "native"
     lib_path = cache / f"capture-{key}.so"
     if not lib_path.exists():
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from node_agent.engine.slicing import default_cache_dir, sha256_file
+import consortium.cache
+from node_agent.engine.slicing import sha256_file
 
 
 class QuantizeError(RuntimeError):
@@ -56,22 +57,10 @@ def requantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = "Q4_
 def requantized(model_path: str | os.PathLike, ftype: str, *, cache_dir: Path | None = None,
                 threads: int = 0) -> Path:
     """`model_path` quantized to `ftype`, made once and cached by (source sha256, ftype)."""
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or consortium.cache.cache_dir()
     digest = sha256_file(model_path, cache_dir)
     out = cache_dir / "models" / f"{digest[:16]}-{ftype.upper()}.gguf"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed, so a concurrent or interrupted run never leaves a
-    # half-written file under the final name.
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    try:
-        requantize(model_path, tmp, ftype, threads=threads)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return consortium.cache.made_once(out, lambda tmp: requantize(model_path, tmp, ftype, threads=threads))
 
 
 __all__ = ["QuantizeError", "ftype_code", "requantize", "requantized"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node_agent.engine.slicing import default_cache_dir
+import consortium.cache
 
 # Bumped when the generator changes, so cached files made by an older generator are not reused.
 _GENERATOR_VERSION = 1
@@ -142,19 +142,9 @@ def _write_f32(s: SyntheticLlama3, path: Path) -> Path:
 def synthetic_llama3(ftype: str = "Q4_K_M", *, cache_dir: Path | None = None, **params) -> Path:
     """The synthetic model for `params` (see SyntheticLlama3) in `ftype`, made once into the cache."""
     spec = SyntheticLlama3(**params)
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or consortium.cache.cache_dir()
     out = cache_dir / "models" / f"synthetic-llama3-{spec.key()}-{ftype.upper()}.gguf"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    try:
-        write_synthetic_llama3(tmp, ftype=ftype, **dataclasses.asdict(spec))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return consortium.cache.made_once(out, lambda tmp: write_synthetic_llama3(tmp, ftype=ftype, **dataclasses.asdict(spec)))
 
 
 __all__ = ["SyntheticLlama3", "write_synthetic_llama3", "synthetic_llama3"]

@@ -1,6 +1,5 @@
 import filecmp
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

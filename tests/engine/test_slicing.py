@@ -43,3 +43,11 @@ def test_even_split_covers_the_model(default_model):
     ranges = even_split(info.n_layers, 4)
     assert [r.count for r in ranges] == [8, 8, 7, 7]
     assert ranges[0].first == 0 and ranges[-1].last == info.n_layers - 1
+
+
+def test_a_middle_stage_carries_no_vocabulary(default_model, tmp_path):
+    _, kv = _fields(stage_file(default_model, LayerRange(10, 19), cache_dir=tmp_path))
+    assert kv["tokenizer.ggml.model"] == "none" and kv["llama.vocab_size"] == 1
+    assert "tokenizer.ggml.tokens" not in kv
+    _, first = _fields(stage_file(default_model, LayerRange(0, 9), cache_dir=tmp_path))
+    assert first["tokenizer.ggml.model"] != "none" and len(first["tokenizer.ggml.tokens"]) == 49152
