@@ -1,10 +1,9 @@
 """Consortium on a control plane, with the operator and the agents as processes: what
 `consortium testcase` (without --standalone) and the operator tests set up.
 
-The chart's ServiceAccounts and RBAC are applied as `helm template` renders them (no kubelet runs
-the Deployment or DaemonSet), and the operator and each agent run with a token of their own
-ServiceAccount, so the chart's RBAC is what they live with. Agents register themselves; an admin
-approves them.
+The chart is installed as a Helm release (no kubelet runs its Deployment or DaemonSet), and the
+operator and each agent run with a token of their own ServiceAccount, so the chart's RBAC is what
+they live with. Agents register themselves; an admin approves them.
 """
 from __future__ import annotations
 
@@ -65,9 +64,10 @@ class Testbed:
                   *[f"crd/{k.plural}.{r.GROUP}" for k in r.KINDS])
         c.kubectl("apply", "-f", "-", input=json.dumps(
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))
-        rendered = c.helm("template", RELEASE, str(ROOT / "charts/consortium"), "-n", NS,
-                          "--set", "devPlaintext=true").stdout
-        c.kubectl("apply", "-n", NS, "-f", "-", input=rendered)
+        # Installed as a Helm release (not `helm template | kubectl apply`), so the chart's own tests
+        # and `helm upgrade` find objects Helm owns. The operator runs as a process, not a Deployment.
+        c.helm("upgrade", "--install", RELEASE, str(ROOT / "charts/consortium"), "-n", NS,
+               "--set", "devPlaintext=true", "--set", "operator.replicas=0")
         self.operator_kubeconfig = c.write_kubeconfig(self.workdir / "operator.kubeconfig",
                                                       token=c.create_token(OPERATOR_SA, NS, duration="2h"))
         self.agent_kubeconfig = c.write_kubeconfig(self.workdir / "agent.kubeconfig",
