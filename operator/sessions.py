@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -216,14 +217,18 @@ class SessionRun:
                    "auditsMismatch": sum(x["verdict"] == "Mismatch" for x in a),
                    "auditsFraud": sum(x["verdict"] == "Fraud" for x in a),
                    "failovers": len(state.failovers), "rollbacks": len(state.rollbacks),
-                   "receipts": len(writer.index), "receiptsDiscarded": writer.discarded}
+                   "receipts": len(writer.index), "receiptsDiscarded": writer.discarded,
+                   **step_metrics(driver.steps)}
         with driver._lock:
             saved = state.to_json()
         self.patch_status(tokens=result.tokens, position=len(result.tokens), text=result.text,
                           stageEpochs=list(state.epochs), metrics=metrics, finishedAt=kube.timestamp(),
                           report={"driverState": saved, "stopped": result.stopped,
                                   "counters": {n: [list(x) for x in rows] for n, rows in counters.items()},
-                                  "rpc": driver.rpc.summary()})
+                                  "rpc": driver.rpc.summary(),
+                                  # [position, rows, step ms, failover] of each step this run drove
+                                  "steps": [[x.position, x.rows, round(x.wall_ms, 3), x.failover]
+                                            for x in driver.steps]})
         self.set_condition("StageFailover", False, "NoFailover", "") if not state.failovers else None
         self.set_condition("Ready", True, "Completed", f"{len(result.tokens)} tokens ({result.stopped})",
                            phase="Completed")
@@ -279,6 +284,17 @@ class SessionRun:
                 with driver._lock:
                     for p, c in enumerate(cs):
                         driver._commits[s][p] = (st.nodes[s], st.epochs[s], c)
+
+
+def step_metrics(steps) -> dict[str, float]:
+    """The median step (the prompt's step left out) and, when a failover happened inside a step,
+    how much longer the slowest such step took than the median: the failover's latency spike."""
+    normal = [x.wall_ms for x in steps[1:] if not x.failover]
+    out = {"stepMsMedian": round(statistics.median(normal), 3)} if normal else {}
+    fo = [x.wall_ms for x in steps if x.failover]
+    if fo:
+        out["failoverSpikeMs"] = round(max(fo) - (statistics.median(normal) if normal else 0.0), 3)
+    return out
 
 
 class _Guarded:
