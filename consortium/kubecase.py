@@ -63,9 +63,9 @@ def run(opts) -> dict:
         if opts.kill_stage is not None:
             bed.wait_phase(SESSION, NAMESPACE, ("Running", "Completed"), 300)
             victim = bed.get("stageassignment", f"{SESSION}-s{opts.kill_stage}", NAMESPACE)["spec"]["nodeName"]
-            testbed.wait_until(lambda: (bed.session(SESSION, NAMESPACE).get("status") or {}).get("position", 0)
-                               >= opts.kill_at, 600, f"token {opts.kill_at}", every=0.02)
-            at = (bed.session(SESSION, NAMESPACE).get("status") or {}).get("position")
+            # Killed as soon as the API shows kill_at tokens: inside the step that produces the next
+            # one, if the watch beats that step's hop to the stage (the report says where it landed).
+            at = bed.wait_position(SESSION, NAMESPACE, opts.kill_at, 600)
             bed.kill_agent(victim)
             killed = {"node": victim, "at_token_observed": at}
         s = bed.wait_phase(SESSION, NAMESPACE, ("Completed", "Failed"), 1200)
@@ -100,7 +100,8 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed) -> dict:
     report = {
         "mode": "kubernetes",
         "split": ",".join(sa["spec"]["layerRange"] for sa in sas.values()),
-        "placement": {f"stage{i}": sa["spec"]["nodeName"] for i, sa in sas.items()},
+        "placement": {f"stage{i}": sa["spec"]["nodeName"] for i, sa in sas.items()},   # at the end
+        "placement_at_start": _first_placement(sas, fo),
         "nodes": {n: {"backend": (c.get("status") or {}).get("backend"),
                       "labels": c["spec"].get("labels"),
                       "shown": ((c.get("status") or {}).get("backend") or "?") +
@@ -111,7 +112,10 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed) -> dict:
         "phase": st.get("phase"),
         "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3)},
         "distributed": {"tokens": tokens, "text": st.get("text"), "wall_s": round(wall, 3),
-                        "tokens_per_s": (st.get("metrics") or {}).get("tokensPerSecond")},
+                        "generation_s": (st.get("metrics") or {}).get("wallSeconds"),
+                        "tokens_per_s": (st.get("metrics") or {}).get("tokensPerSecond"),
+                        "step_ms_median": (st.get("metrics") or {}).get("stepMsMedian"),
+                        "steps": (st.get("report") or {}).get("steps")},
         "exact_match": exact, "first_divergence": diverge,
         "audits": {"total": len(audits), "passed": count["Passed"],
                    "passed_within_tolerance": count["PassedWithinTolerance"], "mismatch": count["Mismatch"],
@@ -119,6 +123,9 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed) -> dict:
         "false_fraud": len(quarantined) + count["Fraud"],
         "quarantined": quarantined,
         "failover": {"injected": bool(killed), **killed, "completed": bool(fo) and st.get("phase") == "Completed",
+                     "at_token": fo[0]["at_token"] if fo else None, "backup_node": fo[0]["to"] if fo else None,
+                     "failover_ms": fo[0]["ms"] if fo else None, "replayed_rows": fo[0]["replayed_rows"] if fo else None,
+                     "spike_ms": (st.get("metrics") or {}).get("failoverSpikeMs"),
                      "events": fo, "stage_epochs": st.get("stageEpochs")},
         "events": sorted(set(events)),
         "session_restarts": max(0, per_pos.get((0, 0), 1) - 1),
@@ -133,6 +140,13 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed) -> dict:
     return report
 
 
+def _first_placement(sas: dict, failovers: list[dict]) -> dict[str, str]:
+    nodes = {i: sa["spec"]["nodeName"] for i, sa in sas.items()}
+    for f in reversed(failovers):
+        nodes[f["stage"]] = f["from"]
+    return {f"stage{i}": n for i, n in nodes.items()}
+
+
 def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +157,13 @@ def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         a = report["audits"]
         lines = ["# Test Case v1, through Kubernetes", "",
-                 f"- placement {report['placement']}, split {report['split']}",
+                 f"- placement {report['placement_at_start']} at the start, {report['placement']} at the end; "
+                 f"split {report['split']}",
                  "- nodes: " + ", ".join(f"{n} {v['shown']}" for n, v in report["nodes"].items()),
                  f"- exact_match: **{report['exact_match']}** (first divergence {report['first_divergence']})",
+                 f"- baseline {report['baseline']['tokens_per_s']} tok/s, distributed {report['distributed']['tokens_per_s']} "
+                 f"tok/s ({report['threads_per_agent']} thread(s) per agent); median step "
+                 f"{report['distributed']['step_ms_median']} ms; apply to Completed {report['distributed']['wall_s']} s",
                  f"- audits: {a['total']} ({a['passed']} Passed, {a['passed_within_tolerance']} PWT, {a['mismatch']} "
                  f"Mismatch, {a['fraud']} Fraud); false_fraud {report['false_fraud']}",
                  f"- failover: {json.dumps({k: v for k, v in report['failover'].items() if k != 'events'})}",

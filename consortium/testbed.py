@@ -151,6 +151,25 @@ class Testbed:
     def session(self, name: str, namespace: str) -> dict:
         return self.get("inferencesession", name, namespace)
 
+    def wait_position(self, name: str, namespace: str, at_least: int, timeout: float) -> int:
+        """Block until the session's status.position reaches `at_least`, by a watch: the event comes
+        milliseconds after the operator's patch, where polling with kubectl lags by a token or more.
+        Returns the position seen."""
+        from kubernetes import client, config, watch
+
+        api = client.CustomObjectsApi(config.new_client_from_config(config_file=self.cluster.kubeconfig))
+        w = watch.Watch()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in w.stream(api.list_namespaced_custom_object, r.GROUP, r.VERSION, namespace,
+                               r.InferenceSession.plural, field_selector=f"metadata.name={name}",
+                               timeout_seconds=max(1, int(deadline - time.monotonic()))):
+                pos = ((ev["object"].get("status") or {}).get("position")) or 0
+                if pos >= at_least:
+                    w.stop()
+                    return pos
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {name} to reach position {at_least}")
+
     def wait_phase(self, name: str, namespace: str, phases: tuple[str, ...], timeout: float) -> dict:
         def check():
             if self.operator is not None and self.operator.poll() is not None:

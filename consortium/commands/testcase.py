@@ -60,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
             print(report["distributed"]["text"])
             print(f"\nexact_match {report['exact_match']} | audits {a['total']} (P {a['passed']}, PWT "
                   f"{a['passed_within_tolerance']}, M {a['mismatch']}, F {a['fraud']}) | false_fraud "
-                  f"{report['false_fraud']} | failover {f['completed']} | restarts {report['session_restarts']} | "
-                  f"receipts_in_api {report['receipts_in_api']} | success {report['success']}", file=sys.stderr)
+                  f"{report['false_fraud']} | failover {f['completed']} at token {f['at_token']} spike {f['spike_ms']} ms | "
+                  f"restarts {report['session_restarts']} | receipts_in_api {report['receipts_in_api']} | "
+                  f"{report['distributed']['tokens_per_s']} vs {report['baseline']['tokens_per_s']} tok/s | "
+                  f"wall {report['distributed']['wall_s']} s | success {report['success']}", file=sys.stderr)
         return 0 if report["success"] else 1
     report = standalone.run(opts)
     if args.json == "-":
