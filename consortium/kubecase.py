@@ -37,10 +37,12 @@ def _baseline(max_tokens: int, prompt: str, threads: int):
 def run(opts) -> dict:
     from consortium import cluster as lc
 
-    if os.environ.get("KUBECONFIG"):
-        raise SystemExit("KUBECONFIG is set: running Test Case v1 on a configured cluster is not implemented yet; "
-                         "unset it to use the local control plane (consortium cluster up)")
     cl = lc.LocalCluster(lc.default_state_dir())
+    configured = os.environ.get("KUBECONFIG")
+    if configured and os.path.realpath(configured) != os.path.realpath(cl.kubeconfig):
+        # (The local control plane's own kubeconfig, as `consortium cluster up` prints it, is fine.)
+        raise SystemExit("KUBECONFIG names another cluster: running Test Case v1 on a configured cluster is not "
+                         "implemented yet; unset it to use the local control plane (consortium cluster up)")
     started_here = not cl.is_ready()
     if started_here:
         cl.start(timeout=300)
