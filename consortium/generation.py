@@ -68,7 +68,16 @@ class GenerationResult:
 def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
              sampling: SamplingParams = SamplingParams(), is_end: Callable[[int], bool] | None = None,
              detokenize: Callable[[list[int]], str] | None = None, seq: int = 0,
-             progress: Callable[[int, int, float], None] | None = None) -> GenerationResult:
+             progress: Callable[[int, int, float], None] | None = None,
+             resume: list[int] | None = None,
+             on_token: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    """Greedy or seeded sampling of up to max_tokens after the prompt.
+
+    resume: tokens an earlier run of the same session already generated (the pipeline's stages hold
+    the KV of every position but the last token's): generation goes on from there instead of
+    prefilling again. on_token: called with the tokens so far after each one (and after a rewind), so
+    a caller can save progress.
+    """
     if max_tokens < 1:
         raise ValueError("max_tokens must be at least 1")
     if not prompt_tokens:
@@ -78,8 +87,12 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
     stage_ms: list[list[float]] = []
     position = 0
     feed = np.asarray(prompt_tokens, dtype=np.int32)
+    if resume:
+        tokens = [int(t) for t in resume]
+        position = len(prompt_tokens) + len(tokens) - 1
+        feed = np.asarray(tokens[-1:], dtype=np.int32)
     prefill_ms = 0.0
-    stopped = "max_tokens"
+    stopped = "end_of_generation" if resume and is_end is not None and is_end(int(resume[-1])) else "max_tokens"
     # A pipeline that audits (the session driver) may ask to regenerate from an earlier position
     # after a rollback; it is asked after every token and, waiting for its audits, at the end.
     rewind = getattr(pipeline, "rewind_position", None)
@@ -102,6 +115,8 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
             stage_ms.append(pipeline.stage_ms())
             if progress:
                 progress(len(tokens), max_tokens, dt)
+            if on_token:
+                on_token(list(tokens))
             if is_end is not None and is_end(token):
                 stopped = "end_of_generation"
             feed = np.asarray([token], dtype=np.int32)
@@ -119,6 +134,8 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
         else:
             # The token at q is kept and fed again; the one after it is sampled again.
             position, feed = q, np.asarray([(list(prompt_tokens) + tokens)[q]], dtype=np.int32)
+        if on_token:
+            on_token(list(tokens))
     text = detokenize(tokens) if detokenize else ""
     return GenerationResult(list(prompt_tokens), tokens, text, prefill_ms, token_ms, stage_ms, stopped, rewinds)
 

@@ -60,6 +60,10 @@ def _base64(value: str) -> str:
 
 # Bytes carried as standard base64, as the API server's `format: byte` checks them.
 Base64 = Annotated[str, AfterValidator(_base64), Field(json_schema_extra={"format": "byte"})]
+# The same bytes without `format: byte`, for fields under a CEL rule: the server's CEL turns a
+# byte-formatted string into bytes with a decoder that refuses standard base64's '/' and '+', so
+# `self == oldSelf` on a Receipt whose signature held one failed every status update (422).
+Base64Text = Annotated[str, AfterValidator(_base64), Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
 
 
 def _cel(rule: str, message: str, **extra: str) -> dict[str, str]:
@@ -344,7 +348,7 @@ class ReceiptSpec(_Model):
     merkle_root: str = Field(pattern=HEX64, max_length=64)
     input_digest: str = Field(pattern=HEX64, max_length=64, description="SHA-256 over the window's stage inputs.")
     grid: CanonicalGrid
-    signature: Base64 = Field(max_length=256,
+    signature: Base64Text = Field(max_length=256,
                            description="Ed25519 signature by the node, base64.")
     public_key_fingerprint: str = Field(pattern=HEX64, max_length=64,
                                         description="SHA-256 of the node's raw public key, hex.")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plaintext", action="store_true",
                    help="serve without TLS (the only mode so far; mutual TLS comes later)")
     p.add_argument("--fault", help="cheat on purpose, for tests: skip-layer, cheap-quant, noise-<scale>, replay, random")
+    k = p.add_argument_group("control plane", "register a ComputeNode and renew a Lease (bare: --kubeconfig; "
+                             "in the cluster: the pod's ServiceAccount, labels from the Node CONSORTIUM_NODE_NAME)")
+    k.add_argument("--kubeconfig", help="bare mode: kubeconfig of the agent ServiceAccount")
+    k.add_argument("--name", help="ComputeNode name (default: CONSORTIUM_NODE_NAME, else the node id)")
+    k.add_argument("--endpoint", help="host:port other machines reach this agent at (default: the listen address; "
+                                      "in the cluster CONSORTIUM_POD_IP:port)")
+    k.add_argument("--namespace", default=os.environ.get("CONSORTIUM_NAMESPACE", "consortium-system"),
+                   help="namespace of the heartbeat Lease (the chart's release namespace)")
+    k.add_argument("--lease-seconds", type=int, default=10, help="Lease duration; renewed every fifth of it")
     p.add_argument("--port-file", help="write the bound port here once serving (for --listen with port 0)")
     return p
 
@@ -58,15 +68,33 @@ def main(argv: list[str] | None = None) -> int:
     host = args.listen.rsplit(":", 1)[0]
     logging.info("node %s serving on %s:%d (backend %s%s%s)", identity.node_id, host, port, service.backend,
                  ", repacking off" if args.no_repack else "", f", FAULT {fault}" if fault else "")
+    registrar = None
+    node_name = os.environ.get("CONSORTIUM_NODE_NAME") or os.environ.get("NODE_NAME")
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not args.kubeconfig
+    if args.kubeconfig or in_cluster:
+        from consortium import kube
+        from node_agent import registration
+
+        kube.load_config(args.kubeconfig)
+        if in_cluster and node_name:
+            labels = {**registration.node_labels(node_name), **labels}  # the Node's labels, flags on top
+        pod_ip = os.environ.get("CONSORTIUM_POD_IP")
+        endpoint = args.endpoint or (f"{pod_ip}:{port}" if in_cluster and pod_ip else f"{host}:{port}")
+        registrar = registration.Registrar(service, name=args.name or node_name or identity.node_id,
+                                           endpoint=endpoint, labels=labels, namespace=args.namespace,
+                                           lease_seconds=args.lease_seconds,
+                                           renew_seconds=max(0.5, args.lease_seconds / 5))
+        registrar.start()
     if args.port_file:
         with open(args.port_file + ".tmp", "w") as f:
             f.write(f"{port}\n")
-        import os
         os.replace(args.port_file + ".tmp", args.port_file)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
+    if registrar is not None:
+        registrar.stop()
     srv.stop(grace=2).wait()
     return 0
 

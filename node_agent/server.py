@@ -449,6 +449,11 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         return pb.AuditResponse(rows=wire.encode_tensor(rows), compute_ms=(time.perf_counter() - t0) * 1000,
                                 replayed_rows=n)
 
+    def held(self) -> dict[tuple[str, int], int]:
+        """(session, stage) -> epoch of every assignment this agent serves now."""
+        with self._lock:
+            return {k: a.epoch for k, a in self._assignments.items()}
+
     # -- Health -------------------------------------------------------------------------------
 
     def Health(self, request, context):

@@ -1,4 +1,5 @@
-"""`consortium testcase --standalone`: Test Case v1 with three node-agent processes on loopback."""
+"""`consortium testcase`: Test Case v1 through Kubernetes (the operator and three agents against the
+local control plane); `--standalone`: the same with the driver in process and no Kubernetes."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,8 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--standalone", action="store_true", required=True,
-                   help="agents as local processes, no Kubernetes (the only mode so far)")
+    p.add_argument("--standalone", action="store_true",
+                   help="no Kubernetes: the driver in this process, agents as local processes")
     p.add_argument("--model", help="GGUF path or known name (default: smollm2-135m; gemma3-270m with --heterogeneous)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt", default=None, help="the user's message (default: the seed's sky question)")
@@ -45,6 +46,26 @@ def run(args: argparse.Namespace) -> int:
                               faulty_stage=args.faulty_stage, fault=args.fault, heterogeneous=args.heterogeneous,
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
                               json_out=None if args.json in (None, "-") else args.json, report_dir=args.report)
+    if not args.standalone:
+        if args.faulty_stage is not None or args.heterogeneous or args.model:
+            print("error: --faulty-stage, --heterogeneous and --model need --standalone so far", file=sys.stderr)
+            return 2
+        from consortium import kubecase
+
+        report = kubecase.run(opts)
+        kubecase.write(report, opts.json_out, opts.report_dir)
+        if args.json == "-":
+            print(json.dumps(report, indent=2))
+        else:
+            a, f = report["audits"], report["failover"]
+            print(report["distributed"]["text"])
+            print(f"\nexact_match {report['exact_match']} | audits {a['total']} (P {a['passed']}, PWT "
+                  f"{a['passed_within_tolerance']}, M {a['mismatch']}, F {a['fraud']}) | false_fraud "
+                  f"{report['false_fraud']} | failover {f['completed']} at token {f['at_token']} spike {f['spike_ms']} ms | "
+                  f"restarts {report['session_restarts']} | receipts_in_api {report['receipts_in_api']} | "
+                  f"{report['distributed']['tokens_per_s']} vs {report['baseline']['tokens_per_s']} tok/s | "
+                  f"wall {report['distributed']['wall_s']} s | success {report['success']}", file=sys.stderr)
+        return 0 if report["success"] else 1
     report = standalone.run(opts)
     if args.json == "-":
         print(json.dumps(report, indent=2))

@@ -1,4 +1,4 @@
-"""The `cluster` fixture: one real control plane (etcd, kube-apiserver, kube-controller-manager) per
+"""Shared by tests/k8s and tests/operator: the `cluster` fixture: one real control plane (etcd, kube-apiserver, kube-controller-manager) per
 test session, in a temporary state dir, stopped at the end.
 
     @pytest.mark.k8s

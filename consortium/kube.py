@@ -1,0 +1,162 @@
+"""Kubernetes access shared by the operator and the node agent: one client per process, conditions
+in the Kubernetes convention, Events, and Lease times.
+
+Both sides write conditions into lists that another writer may touch too (the agent's Ready and the
+operator's Quarantined on one ComputeNode), so condition updates read the object, change one entry
+and write back with the resourceVersion they read: a 409 means someone else wrote first, and the
+update is read and applied again instead of overwriting theirs.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from consortium import resources as r
+
+log = logging.getLogger("consortium.kube")
+
+GROUP, VERSION = r.GROUP, r.VERSION
+
+
+def load_config(kubeconfig: str | None = None) -> None:
+    """A kubeconfig file when given (or KUBECONFIG), else the in-cluster ServiceAccount."""
+    from kubernetes import config
+
+    if kubeconfig or os.environ.get("KUBECONFIG") or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_kube_config(config_file=kubeconfig)
+    else:
+        config.load_incluster_config()
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def timestamp(t: dt.datetime | None = None) -> str:
+    return (t or now()).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def micro_time(t: dt.datetime | None = None) -> str:
+    return (t or now()).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: Any) -> dt.datetime | None:
+    if text is None:
+        return None
+    if isinstance(text, dt.datetime):
+        return text if text.tzinfo else text.replace(tzinfo=dt.timezone.utc)
+    s = str(text).replace("Z", "+00:00")
+    return dt.datetime.fromisoformat(s)
+
+
+def api():
+    from kubernetes import client
+
+    return client.CustomObjectsApi()
+
+
+def core():
+    from kubernetes import client
+
+    return client.CoreV1Api()
+
+
+def coordination():
+    from kubernetes import client
+
+    return client.CoordinationV1Api()
+
+
+def is_status(e: Exception, *codes: int) -> bool:
+    return getattr(e, "status", None) in codes
+
+
+# -- conditions --------------------------------------------------------------------------------
+
+
+def condition(conditions: list[dict] | None, type_: str) -> dict | None:
+    return next((c for c in conditions or [] if c.get("type") == type_), None)
+
+
+def condition_true(obj: dict, type_: str) -> bool:
+    c = condition((obj.get("status") or {}).get("conditions"), type_)
+    return bool(c and c.get("status") == "True")
+
+
+def with_condition(conditions: list[dict] | None, type_: str, status: bool | str, reason: str, message: str = "",
+                   generation: int | None = None) -> list[dict]:
+    """The list with one condition set; lastTransitionTime moves only when the status changes."""
+    status = status if isinstance(status, str) else ("True" if status else "False")
+    out = [dict(c) for c in conditions or []]
+    old = condition(out, type_)
+    entry = {"type": type_, "status": status, "reason": reason, "message": message[:4000],
+             "lastTransitionTime": old["lastTransitionTime"] if old and old.get("status") == status
+             and old.get("lastTransitionTime") else timestamp()}
+    if generation is not None:
+        entry["observedGeneration"] = generation
+    if old is None:
+        out.append(entry)
+    else:
+        out[out.index(old)] = entry
+    return out
+
+
+def update_status(get: Callable[[], dict], patch: Callable[[dict], Any], change: Callable[[dict], dict],
+                  attempts: int = 8) -> Any:
+    """Read, change the status, write with the read resourceVersion; on 409 read again and retry."""
+    from kubernetes.client.exceptions import ApiException
+
+    for i in range(attempts):
+        obj = get()
+        status = change(dict(obj.get("status") or {}))
+        body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": status}
+        try:
+            return patch(body)
+        except ApiException as e:
+            if e.status != 409 or i == attempts - 1:
+                raise
+    return None
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+def event(obj: dict, reason: str, message: str, *, type_: str = "Normal", component: str = "consortium-operator",
+          namespace: str | None = None) -> None:
+    """An Event about `obj` (a decision, a failure); never raises, events are best effort."""
+    md = obj.get("metadata", {})
+    ns = md.get("namespace") or namespace or "default"
+    t = micro_time()
+    body = {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{md.get('name', 'object')}.", "namespace": ns},
+        "involvedObject": {"apiVersion": obj.get("apiVersion", r.API_VERSION), "kind": obj.get("kind"),
+                           "name": md.get("name"), "namespace": md.get("namespace"), "uid": md.get("uid")},
+        "reason": reason, "message": message[:1000], "type": type_,
+        "source": {"component": component}, "reportingComponent": component,
+        "firstTimestamp": timestamp(), "lastTimestamp": timestamp(), "eventTime": t, "count": 1,
+        "action": reason, "reportingInstance": component,
+    }
+    try:
+        core().create_namespaced_event(ns, body)
+    except Exception as e:  # noqa: BLE001 - an event that cannot be written must not stop the work
+        log.warning("event %s on %s/%s not written: %s", reason, ns, md.get("name"), e)
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+
+def lease_name(node: str) -> str:
+    return f"consortium-agent-{node}"
+
+
+def lease_expired(lease: Any, at: float | None = None) -> bool:
+    """True when the holder has not renewed within its lease duration."""
+    spec = lease.spec if hasattr(lease, "spec") else None
+    if spec is None or spec.renew_time is None:
+        return True
+    renewed = parse_time(spec.renew_time).timestamp()
+    return (at or time.time()) > renewed + float(spec.lease_duration_seconds or 15)

@@ -1,0 +1,175 @@
+"""Test Case v1 through Kubernetes: the local control plane (when no cluster is configured), the CRDs
+and the chart's RBAC, the operator and three agents as processes with their ServiceAccounts' tokens,
+the sky-is-blue session, a SIGKILL of stage 1's agent at token 20, and the report of the standalone
+run plus receipts_in_api (how many Receipt objects the API server holds for the session).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from consortium import testbed
+
+SESSION = "sky-is-blue"
+NAMESPACE = "default"
+
+
+def _baseline(max_tokens: int, prompt: str, threads: int):
+    from consortium import generation
+    from consortium.models import resolve_model
+    from consortium.tokenizer import Tokenizer
+    from node_agent.engine.pipeline import LocalPipeline
+    from node_agent.engine.stage import StageConfig
+
+    model = resolve_model(None)
+    tok = Tokenizer(model)
+    try:
+        ids = tok.prompt_tokens(prompt)
+        with LocalPipeline(model, None, StageConfig(threads=threads)) as pipe:
+            return generation.generate(pipe, ids, max_tokens, is_end=tok.is_end_of_generation, detokenize=tok.decode)
+    finally:
+        tok.close()
+
+
+def run(opts) -> dict:
+    from consortium import cluster as lc
+
+    cl = lc.LocalCluster(lc.default_state_dir())
+    configured = os.environ.get("KUBECONFIG")
+    if configured and os.path.realpath(configured) != os.path.realpath(cl.kubeconfig):
+        # (The local control plane's own kubeconfig, as `consortium cluster up` prints it, is fine.)
+        raise SystemExit("KUBECONFIG names another cluster: running Test Case v1 on a configured cluster is not "
+                         "implemented yet; unset it to use the local control plane (consortium cluster up)")
+    started_here = not cl.is_ready()
+    if started_here:
+        cl.start(timeout=300)
+    base = _baseline(opts.max_tokens, opts.prompt, opts.threads)
+    workdir = Path(tempfile.mkdtemp(prefix="consortium-k8s-testcase-"))
+    bed = testbed.Testbed(cl, workdir, threads=opts.threads)
+    try:
+        bed.install()
+        cl.kubectl("delete", "inferencesession", SESSION, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
+        for name, labels in testbed.NODE_LABELS.items():
+            bed.start_agent(name, labels)
+        bed.approve(*testbed.NODE_LABELS)
+        bed.start_operator()
+        body = testbed.sky_is_blue(opts.max_tokens, SESSION, opts.audit_probability)
+        body["spec"]["audit"]["seed"] = opts.audit_seed
+        body["spec"]["prompt"] = opts.prompt
+        t0 = time.perf_counter()
+        cl.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(body))
+        killed = {}
+        if opts.kill_stage is not None:
+            bed.wait_phase(SESSION, NAMESPACE, ("Running", "Completed"), 300)
+            victim = bed.get("stageassignment", f"{SESSION}-s{opts.kill_stage}", NAMESPACE)["spec"]["nodeName"]
+            # Killed as soon as the API shows kill_at tokens: inside the step that produces the next
+            # one, if the watch beats that step's hop to the stage (the report says where it landed).
+            at = bed.wait_position(SESSION, NAMESPACE, opts.kill_at, 600)
+            bed.kill_agent(victim)
+            killed = {"node": victim, "at_token_observed": at}
+        s = bed.wait_phase(SESSION, NAMESPACE, ("Completed", "Failed"), 1200)
+        wall = time.perf_counter() - t0
+        receipts = bed.get("receipts", namespace=NAMESPACE, selector=f"consortium.io/session={SESSION}")["items"]
+        events = [e["reason"] for e in bed.events(NAMESPACE, SESSION)]
+        sas = {i: bed.get("stageassignment", f"{SESSION}-s{i}", NAMESPACE) for i in range(3)}
+        nodes = {n["metadata"]["name"]: n for n in bed.get("computenodes")["items"]}
+    finally:
+        bed.close()
+        if started_here:
+            cl.stop()
+    return _report(opts, base, s, wall, receipts, events, sas, nodes, killed)
+
+
+def _report(opts, base, s, wall, receipts, events, sas, nodes, killed) -> dict:
+    st = s.get("status") or {}
+    drv = (st.get("report") or {}).get("driverState") or {}
+    audits = drv.get("audits", [])
+    count = {v: sum(a["verdict"] == v for a in audits) for v in ("Passed", "PassedWithinTolerance", "Mismatch", "Fraud")}
+    tokens = st.get("tokens") or []
+    exact = tokens == base.tokens
+    diverge = next((i for i, (a, b) in enumerate(zip(base.tokens, tokens)) if a != b), None)
+    counters = (st.get("report") or {}).get("counters") or {}
+    per_pos: dict[tuple[int, int], int] = {}
+    for rows in counters.values():
+        for stage, p, f, _ in rows:
+            per_pos[(stage, p)] = per_pos.get((stage, p), 0) + f
+    fo = drv.get("failovers", [])
+    quarantined = drv.get("quarantined", [])
+    verdicts = [(r.get("status") or {}).get("verdict") for r in receipts]
+    report = {
+        "mode": "kubernetes",
+        "split": ",".join(sa["spec"]["layerRange"] for sa in sas.values()),
+        "placement": {f"stage{i}": sa["spec"]["nodeName"] for i, sa in sas.items()},   # at the end
+        "placement_at_start": _first_placement(sas, fo),
+        "nodes": {n: {"backend": (c.get("status") or {}).get("backend"),
+                      "labels": c["spec"].get("labels"),
+                      "shown": ((c.get("status") or {}).get("backend") or "?") +
+                      ("" if c["spec"]["labels"].get("consortium.io/accelerator") == (c.get("status") or {}).get("backend")
+                       else f" (labeled {c['spec']['labels'].get('consortium.io/accelerator')})")}
+                  for n, c in nodes.items()},
+        "prompt": opts.prompt, "max_tokens": opts.max_tokens, "threads_per_agent": opts.threads,
+        "phase": st.get("phase"),
+        "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3)},
+        "distributed": {"tokens": tokens, "text": st.get("text"), "wall_s": round(wall, 3),
+                        "generation_s": (st.get("metrics") or {}).get("wallSeconds"),
+                        "tokens_per_s": (st.get("metrics") or {}).get("tokensPerSecond"),
+                        "step_ms_median": (st.get("metrics") or {}).get("stepMsMedian"),
+                        "steps": (st.get("report") or {}).get("steps")},
+        "exact_match": exact, "first_divergence": diverge,
+        "audits": {"total": len(audits), "passed": count["Passed"],
+                   "passed_within_tolerance": count["PassedWithinTolerance"], "mismatch": count["Mismatch"],
+                   "fraud": count["Fraud"], "probability": opts.audit_probability, "seed": opts.audit_seed},
+        "false_fraud": len(quarantined) + count["Fraud"],
+        "quarantined": quarantined,
+        "failover": {"injected": bool(killed), **killed, "completed": bool(fo) and st.get("phase") == "Completed",
+                     "at_token": fo[0]["at_token"] if fo else None, "backup_node": fo[0]["to"] if fo else None,
+                     "failover_ms": fo[0]["ms"] if fo else None, "replayed_rows": fo[0]["replayed_rows"] if fo else None,
+                     "spike_ms": (st.get("metrics") or {}).get("failoverSpikeMs"),
+                     "events": fo, "stage_epochs": st.get("stageEpochs")},
+        "events": sorted(set(events)),
+        "session_restarts": max(0, per_pos.get((0, 0), 1) - 1),
+        "positions_computed_more_than_once": sum(1 for v in per_pos.values() if v > 1),
+        "receipts_in_api": len(receipts),
+        "receipt_verdicts": {v: verdicts.count(v) for v in sorted(set(map(str, verdicts)))},
+        "metrics": st.get("metrics"),
+    }
+    report["success"] = bool(exact and st.get("phase") == "Completed" and report["false_fraud"] == 0
+                             and report["session_restarts"] == 0 and (report["failover"]["completed"] or not killed)
+                             and count["Mismatch"] == 0 and len(receipts) > 0)
+    return report
+
+
+def _first_placement(sas: dict, failovers: list[dict]) -> dict[str, str]:
+    nodes = {i: sa["spec"]["nodeName"] for i, sa in sas.items()}
+    for f in reversed(failovers):
+        nodes[f["stage"]] = f["from"]
+    return {f"stage{i}": n for i, n in nodes.items()}
+
+
+def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if report_dir:
+        out = Path(report_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        a = report["audits"]
+        lines = ["# Test Case v1, through Kubernetes", "",
+                 f"- placement {report['placement_at_start']} at the start, {report['placement']} at the end; "
+                 f"split {report['split']}",
+                 "- nodes: " + ", ".join(f"{n} {v['shown']}" for n, v in report["nodes"].items()),
+                 f"- exact_match: **{report['exact_match']}** (first divergence {report['first_divergence']})",
+                 f"- baseline {report['baseline']['tokens_per_s']} tok/s, distributed {report['distributed']['tokens_per_s']} "
+                 f"tok/s ({report['threads_per_agent']} thread(s) per agent); median step "
+                 f"{report['distributed']['step_ms_median']} ms; apply to Completed {report['distributed']['wall_s']} s",
+                 f"- audits: {a['total']} ({a['passed']} Passed, {a['passed_within_tolerance']} PWT, {a['mismatch']} "
+                 f"Mismatch, {a['fraud']} Fraud); false_fraud {report['false_fraud']}",
+                 f"- failover: {json.dumps({k: v for k, v in report['failover'].items() if k != 'events'})}",
+                 f"- session_restarts {report['session_restarts']}; receipts_in_api {report['receipts_in_api']} "
+                 f"{report['receipt_verdicts']}",
+                 f"- success: **{report['success']}**", ""]
+        (out / "summary.md").write_text("\n".join(lines))

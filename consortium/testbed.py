@@ -1,0 +1,196 @@
+"""Consortium on a control plane, with the operator and the agents as processes: what
+`consortium testcase` (without --standalone) and the operator tests set up.
+
+The chart is installed as a Helm release (no kubelet runs its Deployment or DaemonSet), and the
+operator and each agent run with a token of their own ServiceAccount, so the chart's RBAC is what
+they live with. Agents register themselves; an admin approves them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from consortium import resources as r
+
+ROOT = Path(__file__).resolve().parents[1]
+NS = "consortium-system"
+TEST_MAX_TOKENS = 32  # the operator tests: enough to pass token 20, where stage 1 dies
+RELEASE = "consortium"
+OPERATOR_SA = "consortium-operator"
+AGENT_SA = "consortium-agent"
+
+# Test Case v1's machines: N0 the CUDA coordinator (verifier, backup), N1 the CUDA worker, N2 the Metal
+# worker and verifier. The labels are what an admin would set; the backend is what llama.cpp detects.
+NODE_LABELS = {
+    "n0": {r.LABEL_ACCELERATOR: "cuda", r.LABEL_COORDINATOR: "true", r.LABEL_VERIFIER: "true"},
+    "n1": {r.LABEL_ACCELERATOR: "cuda", r.LABEL_WORKER: "true"},
+    "n2": {r.LABEL_ACCELERATOR: "metal", r.LABEL_WORKER: "true", r.LABEL_VERIFIER: "true"},
+}
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+    """Poll `check` until it returns something truthy (polling the API, not standing in for compute)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = check()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+class Testbed:
+    def __init__(self, cluster, workdir: Path, threads: int = 1):
+        self.cluster, self.workdir, self.threads = cluster, Path(workdir), threads
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.operator: subprocess.Popen | None = None
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.endpoints: dict[str, str] = {}
+        self._operator_runs = 0
+
+    # -- install ---------------------------------------------------------------------------------
+
+    def install(self) -> None:
+        c = self.cluster
+        c.kubectl("apply", "-f", str(ROOT / "crds"))
+        c.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                  *[f"crd/{k.plural}.{r.GROUP}" for k in r.KINDS])
+        c.kubectl("apply", "-f", "-", input=json.dumps(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))
+        # Installed as a Helm release (not `helm template | kubectl apply`), so the chart's own tests
+        # and `helm upgrade` find objects Helm owns. The operator runs as a process, not a Deployment.
+        c.helm("upgrade", "--install", RELEASE, str(ROOT / "charts/consortium"), "-n", NS,
+               "--set", "devPlaintext=true", "--set", "operator.replicas=0")
+        self.operator_kubeconfig = c.write_kubeconfig(self.workdir / "operator.kubeconfig",
+                                                      token=c.create_token(OPERATOR_SA, NS, duration="2h"))
+        self.agent_kubeconfig = c.write_kubeconfig(self.workdir / "agent.kubeconfig",
+                                                   token=c.create_token(AGENT_SA, NS, duration="2h"))
+        # RBAC reaches the server's authorizer a moment after it is written.
+        wait_until(lambda: c.kubectl("auth", "can-i", "create", "computenodes.consortium.io", "--as",
+                                     f"system:serviceaccount:{NS}:{AGENT_SA}", check=False).stdout.strip() == "yes",
+                   30, "agent RBAC")
+
+    # -- processes -------------------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("KUBECONFIG", None)
+        env["CONSORTIUM_NAMESPACE"] = NS
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start_operator(self) -> subprocess.Popen:
+        self._operator_runs += 1
+        log = open(self.workdir / f"operator-{self._operator_runs}.log", "wb")
+        self.operator = subprocess.Popen(
+            [sys.executable, "-m", "consortium_operator.main", "--kubeconfig", self.operator_kubeconfig,
+             "--agent-namespace", NS], stdout=log, stderr=subprocess.STDOUT, env=self._env())
+        return self.operator
+
+    def operator_log(self) -> str:
+        return (self.workdir / f"operator-{self._operator_runs}.log").read_text(errors="replace")
+
+    def kill_operator(self) -> None:
+        if self.operator and self.operator.poll() is None:
+            self.operator.send_signal(signal.SIGKILL)
+            self.operator.wait()
+
+    def start_agent(self, name: str, labels: dict[str, str], extra: list[str] = ()) -> subprocess.Popen:
+        port_file = self.workdir / f"{name}.port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+               "--key-file", str(self.workdir / "keys" / f"{name}.pem"), "--node-id", name, "--name", name,
+               "--plaintext", "--threads", str(self.threads), "--kubeconfig", self.agent_kubeconfig,
+               "--namespace", NS, "--labels", ",".join(f"{k}={v}" for k, v in labels.items()), *extra]
+        log = open(self.workdir / f"agent-{name}.log", "ab")
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
+        self.agents[name] = p
+        wait_until(lambda: port_file.is_file() or p.poll() is not None, 120, f"agent {name} to serve")
+        if p.poll() is not None:
+            raise RuntimeError(f"agent {name} exited: {(self.workdir / f'agent-{name}.log').read_text()[-2000:]}")
+        self.endpoints[name] = f"127.0.0.1:{int(port_file.read_text())}"
+        return p
+
+    def kill_agent(self, name: str) -> None:
+        p = self.agents[name]
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+
+    def approve(self, *names: str) -> None:
+        for n in names:
+            wait_until(lambda n=n: self.cluster.kubectl("get", "computenode", n, check=False).returncode == 0,
+                       60, f"ComputeNode {n}")
+            self.cluster.kubectl("patch", "computenode", n, "--type", "merge", "-p", '{"spec":{"approved":true}}')
+
+    def close(self) -> None:
+        procs = ([self.operator] if self.operator else []) + list(self.agents.values())
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    # -- API ---------------------------------------------------------------------------------------
+
+    def get(self, kind: str, name: str | None = None, namespace: str | None = None, selector: str | None = None):
+        args = ["get", kind] + ([name] if name else []) + (["-n", namespace] if namespace else [])
+        args += (["-l", selector] if selector else []) + ["-o", "json"]
+        return json.loads(self.cluster.kubectl(*args).stdout)
+
+    def session(self, name: str, namespace: str) -> dict:
+        return self.get("inferencesession", name, namespace)
+
+    def wait_position(self, name: str, namespace: str, at_least: int, timeout: float) -> int:
+        """Block until the session's status.position reaches `at_least`, by a watch: the event comes
+        milliseconds after the operator's patch, where polling with kubectl lags by a token or more.
+        Returns the position seen."""
+        from kubernetes import client, config, watch
+
+        api = client.CustomObjectsApi(config.new_client_from_config(config_file=self.cluster.kubeconfig))
+        w = watch.Watch()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in w.stream(api.list_namespaced_custom_object, r.GROUP, r.VERSION, namespace,
+                               r.InferenceSession.plural, field_selector=f"metadata.name={name}",
+                               timeout_seconds=max(1, int(deadline - time.monotonic()))):
+                pos = ((ev["object"].get("status") or {}).get("position")) or 0
+                if pos >= at_least:
+                    w.stop()
+                    return pos
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {name} to reach position {at_least}")
+
+    def wait_phase(self, name: str, namespace: str, phases: tuple[str, ...], timeout: float) -> dict:
+        def check():
+            if self.operator is not None and self.operator.poll() is not None:
+                raise RuntimeError(f"the operator exited: {self.operator_log()[-3000:]}")
+            s = self.session(name, namespace)
+            ph = (s.get("status") or {}).get("phase")
+            if ph == "Failed" and "Failed" not in phases:
+                raise RuntimeError(f"session {name} failed: {json.dumps(s.get('status'))[:3000]}")
+            return s if ph in phases else None
+        return wait_until(check, timeout, f"session {name} in {phases}", every=0.5)
+
+    def events(self, namespace: str, name: str) -> list[dict]:
+        items = self.get("events", namespace=namespace)["items"]
+        return [e for e in items if (e.get("involvedObject") or {}).get("name") == name]
+
+
+def sky_is_blue(max_tokens: int, name: str = "sky-is-blue", audit_probability: float = 0.2) -> dict:
+    import yaml
+
+    body = yaml.safe_load((ROOT / "manifests/sessions/sky-is-blue.yaml").read_text())
+    body["metadata"]["name"] = name
+    body["spec"]["maxTokens"] = max_tokens
+    body["spec"]["audit"]["probability"] = audit_probability
+    return body

@@ -1,0 +1,181 @@
+"""The agent's side of the control plane: its ComputeNode, its heartbeat Lease, and its stage
+assignments.
+
+Two modes, one code path: in the cluster (DaemonSet) the placement labels are copied from the
+agent's own Node object (CONSORTIUM_NODE_NAME); bare (the Mac, `node-agent --kubeconfig FILE`) they
+come from the agent's flags. Either way the agent states only what it can know: its endpoint, its
+public key, its memory, the backend llama.cpp detected. `approved` is left to an admin (the chart's
+admission policy refuses it from the agent's ServiceAccount).
+
+Every renewal also reads the StageAssignments: an assignment this agent still serves whose
+StageAssignment now names another node or a newer epoch is fenced here, so an agent that comes back
+from a partition refuses the old epoch even if no driver could reach it to say so; the ones it does
+serve get Loaded/Ready and observedEpoch in their status.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from consortium import kube
+from consortium import resources as r
+from consortium.wire import pb
+
+log = logging.getLogger("node_agent.registration")
+
+AGENT = "consortium-agent"
+
+
+def total_memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def node_labels(node_name: str) -> dict[str, str]:
+    """The consortium.io/* labels of this machine's Node (in-cluster mode)."""
+    node = kube.core().read_node(node_name)
+    return {k: v for k, v in (node.metadata.labels or {}).items() if k.startswith(f"{r.GROUP}/")}
+
+
+class Registrar:
+    def __init__(self, service, *, name: str, endpoint: str, labels: dict[str, str], namespace: str,
+                 lease_seconds: int = 10, renew_seconds: float = 2.0):
+        self.service, self.name, self.endpoint = service, name, endpoint
+        self.labels, self.namespace = dict(labels), namespace
+        self.lease_seconds, self.renew_seconds = lease_seconds, renew_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="registrar", daemon=True)
+
+    # -- ComputeNode ----------------------------------------------------------------------------
+
+    def register(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        spec = r.ComputeNodeSpec(endpoint=self.endpoint, public_key=self.service.identity.public_key_text,
+                                 memory_bytes=total_memory_bytes(), labels=self.labels).to_k8s()
+        del spec["approved"]  # never the agent's to say
+        body = {"apiVersion": r.API_VERSION, "kind": "ComputeNode", "metadata": {"name": self.name}, "spec": spec}
+        api = kube.api()
+        try:
+            api.create_cluster_custom_object(r.GROUP, r.VERSION, "computenodes", body)
+            log.info("registered ComputeNode %s at %s", self.name, self.endpoint)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            api.patch_cluster_custom_object(r.GROUP, r.VERSION, "computenodes", self.name, {"spec": spec})
+            log.info("refreshed ComputeNode %s at %s", self.name, self.endpoint)
+        build = self.service.build
+
+        def change(status: dict) -> dict:
+            status.update({"backend": self.service.backend if self.service.backend in r.ACCELERATORS else "cpu",
+                           "llamaCpp": {"version": str(build.get("llama_cpp_python", ""))[:64],
+                                        "commit": str(build.get("commit", ""))[:64]},
+                           "heartbeatLease": {"namespace": self.namespace, "name": kube.lease_name(self.name)}})
+            status["conditions"] = kube.with_condition(status.get("conditions"), "Ready", True, "AgentServing",
+                                                       f"agent serving on {self.endpoint}")
+            return status
+
+        kube.update_status(
+            lambda: api.get_cluster_custom_object(r.GROUP, r.VERSION, "computenodes", self.name),
+            lambda b: api.patch_cluster_custom_object_status(r.GROUP, r.VERSION, "computenodes", self.name, b),
+            change)
+
+    # -- Lease ----------------------------------------------------------------------------------
+
+    def renew_lease(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        co = kube.coordination()
+        name = kube.lease_name(self.name)
+        spec = {"holderIdentity": self.name, "leaseDurationSeconds": self.lease_seconds,
+                "renewTime": kube.micro_time()}
+        try:
+            co.patch_namespaced_lease(name, self.namespace, {"spec": spec})
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            co.create_namespaced_lease(self.namespace, {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "namespace": self.namespace, "labels": {"app.kubernetes.io/component": "agent"}},
+                "spec": {**spec, "acquireTime": kube.micro_time()}})
+
+    # -- StageAssignments -----------------------------------------------------------------------
+
+    def reconcile_assignments(self) -> None:
+        api = kube.api()
+        items = api.list_cluster_custom_object(r.GROUP, r.VERSION, "stageassignments").get("items", [])
+        held = self.service.held()  # (session, stage) -> epoch
+        for sa in items:
+            spec = sa.get("spec") or {}
+            key = (spec.get("session"), int(spec.get("stageIndex", -1)))
+            epoch = int(spec.get("epoch", 0))
+            mine = spec.get("nodeName") == self.name
+            have = held.get(key)
+            if have is None:
+                continue
+            if not mine or have < epoch:
+                # The stage moved on without us: refuse its old epoch from now on.
+                fence_at = epoch if not mine else epoch
+                self.service.Fence(pb.FenceRequest(ref=pb.StageRef(session=key[0], stage=key[1], epoch=fence_at)),
+                                   _NoContext())
+                log.warning("fenced %s stage %d below epoch %d (assignment is %s@%d)", key[0], key[1], fence_at,
+                            spec.get("nodeName"), epoch)
+                continue
+            if have == epoch and (sa.get("status") or {}).get("observedEpoch") != epoch:
+                self._report_loaded(sa, epoch)
+
+    def _report_loaded(self, sa: dict, epoch: int) -> None:
+        api = kube.api()
+        ns, name = sa["metadata"]["namespace"], sa["metadata"]["name"]
+
+        def change(status: dict) -> dict:
+            status["observedEpoch"] = epoch
+            status["endpoint"] = self.endpoint
+            c = kube.with_condition(status.get("conditions"), "Loaded", True, "LayersLoaded",
+                                    f"{self.name} holds the layers at epoch {epoch}")
+            status["conditions"] = kube.with_condition(c, "Fenced", False, "CurrentEpoch", "")
+            return status
+
+        kube.update_status(
+            lambda: api.get_namespaced_custom_object(r.GROUP, r.VERSION, ns, "stageassignments", name),
+            lambda b: api.patch_namespaced_custom_object_status(r.GROUP, r.VERSION, ns, "stageassignments", name, b),
+            change)
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.register()
+        self.renew_lease()
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.renew_seconds):
+            try:
+                self.renew_lease()
+                self.reconcile_assignments()
+            except Exception as e:  # noqa: BLE001 - the API server may be away for a while; keep serving
+                log.warning("control plane unreachable: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class _NoContext:
+    """Stands in for a gRPC context when the agent calls its own handlers."""
+
+    def abort(self, code, message):
+        raise RuntimeError(f"{code.name}: {message}")
+
+
+def wait_ready(timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes", limit=1)
+            return
+        except Exception:  # noqa: BLE001
+            time.sleep(0.5)

@@ -1,0 +1,103 @@
+"""Audit verdicts into the API: Receipt status, node audit records, and quarantine.
+
+The driver selects units (stage, position) by (seed, stage, position), recomputes them on a verifier
+other than the worker and judges them (consortium.verification.verdicts); this module puts each
+verdict on the Receipt whose window holds the unit, keeps each ComputeNode's audit record, and marks
+a node Quarantined when the driver quarantined it (one Fraud, or a Mismatch count failing the
+binomial test). The driver rolls the node's work back; placement skips a Quarantined node from then
+on. A receipt none of whose units was selected keeps verdict Pending, with a message saying so.
+"""
+from __future__ import annotations
+
+import logging
+
+from consortium import kube
+from consortium import resources as r
+
+log = logging.getLogger("consortium.operator.audits")
+
+SEVERITY = {"Passed": 0, "PassedWithinTolerance": 1, "Mismatch": 2, "Fraud": 3}
+
+
+def receipt_status(audits: list[dict]) -> dict:
+    if not audits:
+        return {"verdict": "Pending", "message": "no unit of this window was selected for audit (yet)"}
+    worst = max(audits, key=lambda a: SEVERITY[a["verdict"]])
+    return {"verdict": worst["verdict"], "verifier": worst["verifier"],
+            "audits": [{"position": a["position"], "verdict": a["verdict"],
+                        "figures": {k: float(v) for k, v in (a.get("figures") or {}).items()
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+                       for a in sorted(audits, key=lambda a: a["position"])][:r.MAX_AUDITS],
+            "message": f"{len(audits)} unit(s) audited; {'; '.join(worst.get('reasons') or [])}"[:4000]}
+
+
+class AuditPublisher:
+    def __init__(self, session: dict):
+        self.session = session
+        self._applied: dict[str, tuple] = {}
+        self._quarantined: set[str] = set()
+        self._records: dict[str, tuple] = {}
+
+    def publish(self, driver, receipts_index: dict[str, dict], *, final: bool = False) -> None:
+        with driver._lock:
+            audits = list(driver.state.audits)
+            quarantined = list(driver.state.quarantined)
+            records = {n: (rec.audits, rec.mismatches, rec.frauds) for n, rec in driver.records.items()
+                       if hasattr(rec, "audits")}
+        self._receipts(audits, receipts_index, final)
+        self._nodes(quarantined, records, driver)
+
+    def _receipts(self, audits: list[dict], index: dict[str, dict], final: bool) -> None:
+        md = self.session["metadata"]
+        for name, w in index.items():
+            mine = [a for a in audits if a["stage"] == w["stage"] and a["node"] == w["node"]
+                    and a["epoch"] == w["epoch"] and w["start"] <= a["position"] < w["start"] + w["count"]]
+            key = (len(mine), final)
+            if self._applied.get(name) == key:
+                continue
+            status = receipt_status(mine)
+            if not mine and final:
+                status["message"] = "no unit of this window was selected for audit"
+            try:
+                kube.api().patch_namespaced_custom_object_status(r.GROUP, r.VERSION, md["namespace"], "receipts",
+                                                                 name, {"status": status})
+                self._applied[name] = key
+            except Exception as e:  # noqa: BLE001 - retried on the next publish
+                log.warning("verdict on receipt %s not written: %s %s", name, e, getattr(e, "body", "")[:600])
+            if mine and status["verdict"] in ("Mismatch", "Fraud"):
+                kube.event(self.session, "AuditFailed", f"receipt {name}: {status['verdict']}", type_="Warning")
+
+    def _nodes(self, quarantined: list[str], records: dict[str, tuple], driver) -> None:
+        api = kube.api()
+        for node, rec in records.items():
+            if self._records.get(node) == rec and node not in set(quarantined) - self._quarantined:
+                continue
+            q = node in quarantined and node not in self._quarantined
+
+            def change(status: dict, rec=rec, node=node, q=q) -> dict:
+                old = status.get("auditRecord") or {}
+                # The record spans sessions: add what this session's driver saw since the last write.
+                prev = self._records.get(node, (0, 0, 0))
+                status["auditRecord"] = {"audits": int(old.get("audits", 0)) + rec[0] - prev[0],
+                                         "mismatches": int(old.get("mismatches", 0)) + rec[1] - prev[1],
+                                         "frauds": int(old.get("frauds", 0)) + rec[2] - prev[2]}
+                if q:
+                    why = next((rb["reason"] for rb in driver.state.rollbacks if rb["node"] == node),
+                               "failed its audits")
+                    status["conditions"] = kube.with_condition(status.get("conditions"), "Quarantined", True,
+                                                               "AuditFailed", why)
+                return status
+
+            try:
+                kube.update_status(
+                    lambda node=node: api.get_cluster_custom_object(r.GROUP, r.VERSION, "computenodes", node),
+                    lambda b, node=node: api.patch_cluster_custom_object_status(r.GROUP, r.VERSION, "computenodes",
+                                                                                node, b),
+                    change)
+                self._records[node] = rec
+                if q:
+                    self._quarantined.add(node)
+                    kube.event(self.session, "NodeQuarantined", f"{node}: quarantined; its work is rolled back",
+                               type_="Warning")
+            except Exception as e:  # noqa: BLE001
+                log.warning("audit record of %s not written: %s", node, e)

@@ -1,0 +1,127 @@
+"""Failover as reconciliation: the Kubernetes side of the driver's policy seam.
+
+The driver (consortium.driver.session) detects a lost stage on the data path, bumps its epoch, fences
+the old node, and asks its policy for a backup; this policy answers from the API (approved, Ready,
+non-quarantined nodes matching the session's backupSelector, then the stage's own nodeSelector),
+writes the decision into the StageAssignment (new node, new epoch) before the backup loads anything,
+and sets conditions and Events. A silent node is caught by its Lease: `LeaseWatch.check` fails a
+stage over before the next step when the node serving it stopped renewing.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+from consortium import kube
+from consortium import resources as r
+from consortium.driver.policy import NoCandidate
+from consortium_operator import placement
+
+log = logging.getLogger("consortium.operator.failover")
+
+
+class KubePolicy:
+    def __init__(self, session: dict, spec: r.InferenceSessionSpec, agent_namespace: str | None,
+                 set_condition: Callable[..., None]):
+        self.session, self.spec, self.agent_namespace = session, spec, agent_namespace
+        self.set_condition = set_condition
+        self.driver = None  # set once the driver exists: the new epoch is read from its state
+        self.decisions: list[dict] = []
+
+    def _usable(self, candidates: Sequence[str]) -> list[placement.NodeView]:
+        views = {n.name: n for n in placement.node_views(self.agent_namespace)}
+        return [views[c] for c in candidates if c in views and views[c].why_not() is None]
+
+    def choose_backup(self, stage: int, failed: str, candidates: Sequence[str]) -> str:
+        epoch = self.driver.state.epochs[stage] if self.driver else 0
+        kube.event(self.session, "FailoverStarted", f"stage {stage} lost {failed}; fenced below epoch {epoch}",
+                   type_="Warning")
+        self.set_condition("StageFailover", True, "StageLost", f"stage {stage} lost {failed} (epoch {epoch})",
+                           phase="Failover")
+        usable = self._usable(candidates)
+        by_backup = [n for n in usable if placement.matches(self.spec.failover.backup_selector, n.labels)]
+        by_stage = [n for n in usable if placement.matches(self.spec.stages[stage].node_selector, n.labels)]
+        pool = by_backup or by_stage
+        if not pool:
+            msg = (f"no backup for stage {stage}: none of {list(candidates)} is usable and matches the backup "
+                   f"selector or the stage's selector")
+            kube.event(self.session, "FailoverFailed", msg, type_="Warning")
+            raise NoCandidate(msg)
+        chosen = pool[0].name
+        placement.write_assignment(self.session, stage, self.spec.stages[stage], chosen, epoch,
+                                   self.spec.model.to_k8s())
+        self._assignment_condition(stage, "Ready", False, "Failover",
+                                   f"{failed} lost; {chosen} takes over at epoch {epoch}")
+        kube.event(self.session, "StageReassigned",
+                   f"stage {stage}: {failed} -> {chosen} at epoch {epoch} "
+                   f"({'backupSelector' if by_backup else 'stage nodeSelector'})")
+        self.decisions.append({"stage": stage, "from": failed, "to": chosen, "epoch": epoch})
+        return chosen
+
+    def choose_verifier(self, stage: int, worker: str, candidates: Sequence[str]) -> str:
+        sel = self.spec.audit.verifier_selector
+        names = [c for c in candidates if c != worker]
+        try:
+            usable = self._usable(names)
+        except Exception:  # noqa: BLE001 - the API away for a moment must not stop an audit
+            usable = []
+        preferred = [n.name for n in usable if placement.matches(sel, n.labels)]
+        pool = preferred or [n.name for n in usable] or names
+        if not pool:
+            raise NoCandidate(f"no verifier for stage {stage} other than {worker}")
+        return pool[0]
+
+    def _assignment_condition(self, stage: int, type_: str, status: bool, reason: str, message: str) -> None:
+        md = self.session["metadata"]
+        ns, name = md["namespace"], r.StageAssignment.name_for(md["name"], stage)
+        api = kube.api()
+        try:
+            kube.update_status(
+                lambda: api.get_namespaced_custom_object(r.GROUP, r.VERSION, ns, "stageassignments", name),
+                lambda b: api.patch_namespaced_custom_object_status(r.GROUP, r.VERSION, ns, "stageassignments",
+                                                                    name, b),
+                lambda st: {**st, "conditions": kube.with_condition(st.get("conditions"), type_, status, reason,
+                                                                     message)})
+        except Exception as e:  # noqa: BLE001
+            log.warning("condition %s on %s not written: %s", type_, name, e)
+
+    def finished(self, events: list[dict]) -> None:
+        """Failovers the driver completed since the last call: conditions and Events."""
+        for f in events:
+            msg = (f"stage {f['stage']}: {f['from']} -> {f['to']} at epoch {f['epoch']}, position {f['at_position']}, "
+                   f"{f['replayed_rows']} rows replayed in {f['ms']:.0f} ms ({f['reason']})")
+            kube.event(self.session, "FailoverFinished", msg)
+            self._assignment_condition(f["stage"], "Ready", True, "FailedOver", msg)
+            self.set_condition("StageFailover", False, "FailoverCompleted", msg, phase="Running")
+
+
+class LeaseWatch:
+    """Fails a stage over when the node serving it stopped renewing its Lease."""
+
+    def __init__(self, namespace: str | None, every_s: float = 1.0):
+        self.namespace, self.every_s = namespace, every_s
+        self._last = 0.0
+
+    def expired(self, nodes: Sequence[str]) -> list[str]:
+        if not self.namespace or time.monotonic() - self._last < self.every_s:
+            return []
+        self._last = time.monotonic()
+        try:
+            leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(self.namespace).items}
+        except Exception as e:  # noqa: BLE001 - no verdict without data: the data path still catches failures
+            log.warning("leases not readable: %s", e)
+            return []
+        out = []
+        for n in nodes:
+            lease = leases.get(kube.lease_name(n))
+            if lease is not None and kube.lease_expired(lease):
+                out.append(n)
+        return out
+
+    def check(self, driver) -> None:
+        for node in self.expired(sorted(set(driver.state.nodes))):
+            driver.dead.add(node)
+            for s, n in enumerate(list(driver.state.nodes)):
+                if n == node:
+                    driver._failover(s, f"Lease of {node} expired")

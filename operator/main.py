@@ -1,0 +1,62 @@
+"""`consortium-operator`: kopf in standalone mode (one replica, no peering objects).
+
+Out of the cluster it reads --kubeconfig (or KUBECONFIG); in a pod, its ServiceAccount. It watches
+--namespace (repeatable; CONSORTIUM_WATCH_NAMESPACES, comma list) or every namespace. kopf's own
+progress and diff-base go into annotations under consortium.io/: the CRDs' structural schemas
+would prune kopf's default status.kopf field.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="consortium-operator", description=__doc__.splitlines()[0])
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, else in-cluster)")
+    p.add_argument("--namespace", "-n", action="append", default=None,
+                   help="namespace to watch (repeatable; default: CONSORTIUM_WATCH_NAMESPACES or all)")
+    p.add_argument("--agent-namespace", default=os.environ.get("CONSORTIUM_NAMESPACE", "consortium-system"),
+                   help="where the agents' Leases live (the chart's release namespace)")
+    p.add_argument("--log-level", default=os.environ.get("CONSORTIUM_LOG_LEVEL", "info"))
+    p.add_argument("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.kubeconfig:
+        # kopf's login and the kubernetes client both read it from here.
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    os.environ["CONSORTIUM_NAMESPACE"] = args.agent_namespace
+    import kopf
+
+    from consortium import kube
+    from consortium_operator import sessions  # noqa: F401 - registers the handlers
+
+    kube.load_config(args.kubeconfig)
+
+    @kopf.on.startup()
+    def configure(settings: kopf.OperatorSettings, **_):
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="consortium.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="consortium.io", key="last-handled-configuration")
+        settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would repeat it
+        settings.watching.server_timeout = 60
+        settings.networking.request_timeout = 90
+
+    ns_env = [x for x in os.environ.get("CONSORTIUM_WATCH_NAMESPACES", "").split(",") if x]
+    namespaces = args.namespace or ns_env
+    try:
+        kopf.run(standalone=True, namespaces=namespaces, clusterwide=not namespaces,
+                 liveness_endpoint=args.liveness)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Placement: which ComputeNode runs each stage of a session.
+
+A node can take a stage when an admin approved it, its agent reports Ready and renews its Lease, it
+is not Quarantined, its labels match the stage's nodeSelector, and its memory holds the stages put
+on it (the stage's share of the model file, a rough but honest bound for weights plus KV). Stages
+are placed most-constrained first, each on the matching node with the fewest stages of this session,
+so the seed's roles come out as written (stage 1 on the only Metal node, stage 2 on the coordinator,
+stage 0 on the other CUDA worker). When nothing fits, the reasons per stage are returned and the
+session waits with a condition saying them.
+
+The backend a node detected is shown beside its accelerator label, never replaced by it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from consortium import kube
+from consortium import resources as r
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeView:
+    name: str
+    labels: dict
+    approved: bool
+    ready: bool
+    quarantined: bool
+    lease_ok: bool
+    backend: str | None
+    memory_bytes: int
+    endpoint: str
+    public_key: str
+
+    @property
+    def shown(self) -> str:
+        """'cpu (labeled metal)': what the machine computes on, and what the admin said."""
+        label = self.labels.get(r.LABEL_ACCELERATOR)
+        b = self.backend or "unknown"
+        return b if label in (None, b) else f"{b} (labeled {label})"
+
+    def why_not(self) -> str | None:
+        if not self.approved:
+            return "not approved"
+        if self.quarantined:
+            return "quarantined"
+        if not self.ready:
+            return "agent not Ready"
+        if not self.lease_ok:
+            return "Lease expired"
+        return None
+
+
+def node_views(namespace: str | None) -> list[NodeView]:
+    """Every ComputeNode, with its Lease read from `namespace` (the agents' release namespace)."""
+    items = kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes").get("items", [])
+    leases = {}
+    if namespace:
+        try:
+            leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(namespace).items}
+        except Exception:  # noqa: BLE001 - without Lease access, Ready alone decides
+            leases = {}
+    now = time.time()
+    out = []
+    for cn in items:
+        spec, status = cn.get("spec") or {}, cn.get("status") or {}
+        name = cn["metadata"]["name"]
+        lease = leases.get(kube.lease_name(name))
+        out.append(NodeView(
+            name=name, labels=dict(spec.get("labels") or {}), approved=bool(spec.get("approved")),
+            ready=kube.condition_true(cn, "Ready"), quarantined=kube.condition_true(cn, "Quarantined"),
+            lease_ok=(not leases) or (lease is not None and not kube.lease_expired(lease, now)),
+            backend=status.get("backend"), memory_bytes=int(spec.get("memoryBytes") or 0),
+            endpoint=spec.get("endpoint", ""), public_key=spec.get("publicKey", "")))
+    return sorted(out, key=lambda n: n.name)
+
+
+def matches(selector: r.LabelSelector | None, labels: dict) -> bool:
+    want = (selector.match_labels if selector else None) or {}
+    return all(labels.get(k) == v for k, v in want.items())
+
+
+def stage_bytes(model_bytes: int, n_layers: int, stages: list[r.Stage]) -> list[int]:
+    return [model_bytes * s.layer_range.count // max(1, n_layers) for s in stages]
+
+
+def place(stages: list[r.Stage], nodes: list[NodeView], need: list[int]) -> tuple[list[str] | None, list[str]]:
+    """Node name per stage, or None and one reason per stage that found no node."""
+    usable = [n for n in nodes if n.why_not() is None]
+    cands = {i: [n for n in usable if matches(s.node_selector, n.labels)] for i, s in enumerate(stages)}
+    reasons = []
+    for i, s in enumerate(stages):
+        if not cands[i]:
+            sel = (s.node_selector.match_labels if s.node_selector else None) or {}
+            skipped = [f"{n.name}: {n.why_not()}" for n in nodes if matches(s.node_selector, n.labels) and n.why_not()]
+            reasons.append(f"stage {i} ({s.layers}): no usable node matches {sel or 'any'}"
+                           + (f" ({'; '.join(skipped)})" if skipped else ""))
+    if reasons:
+        return None, reasons
+    load: dict[str, int] = {}
+    used: dict[str, int] = {}
+    chosen: dict[int, str] = {}
+    for i in sorted(cands, key=lambda i: (len(cands[i]), i)):
+        fits = [n for n in cands[i] if not n.memory_bytes or used.get(n.name, 0) + need[i] <= n.memory_bytes]
+        if not fits:
+            reasons.append(f"stage {i} ({stages[i].layers}): needs about {need[i] >> 20} MiB, no matching node "
+                           f"has that much left")
+            continue
+        n = min(fits, key=lambda n: (load.get(n.name, 0), n.name))
+        chosen[i] = n.name
+        load[n.name] = load.get(n.name, 0) + 1
+        used[n.name] = used.get(n.name, 0) + need[i]
+    if reasons:
+        return None, reasons
+    return [chosen[i] for i in range(len(stages))], []
+
+
+def assignment_body(session: dict, index: int, stage: r.Stage, node: str, epoch: int, model: dict) -> dict:
+    md = session["metadata"]
+    lr = stage.layer_range
+    spec = r.StageAssignmentSpec(session=md["name"], stage_index=index, layers=lr, node_name=node, epoch=epoch,
+                                 model=r.ModelRef.model_validate(model)).to_k8s()
+    return {"apiVersion": r.API_VERSION, "kind": "StageAssignment",
+            "metadata": {"name": r.StageAssignment.name_for(md["name"], index), "namespace": md["namespace"],
+                         "labels": {f"{r.GROUP}/session": md["name"]},
+                         "ownerReferences": [{"apiVersion": r.API_VERSION, "kind": "InferenceSession",
+                                              "name": md["name"], "uid": md["uid"], "controller": True,
+                                              "blockOwnerDeletion": True}]},
+            "spec": spec}
+
+
+def write_assignment(session: dict, index: int, stage: r.Stage, node: str, epoch: int, model: dict) -> dict:
+    """Create StageAssignment <session>-s<i>, or rewrite its node and epoch (failover)."""
+    from kubernetes.client.exceptions import ApiException
+
+    body = assignment_body(session, index, stage, node, epoch, model)
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    api = kube.api()
+    try:
+        return api.create_namespaced_custom_object(r.GROUP, r.VERSION, ns, "stageassignments", body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    return api.patch_namespaced_custom_object(r.GROUP, r.VERSION, ns, "stageassignments", name,
+                                              {"spec": {"nodeName": node, "epoch": epoch}})
+
+
+def read_assignments(namespace: str, session: str, n: int) -> list[dict | None]:
+    from kubernetes.client.exceptions import ApiException
+
+    out = []
+    for i in range(n):
+        try:
+            out.append(kube.api().get_namespaced_custom_object(
+                r.GROUP, r.VERSION, namespace, "stageassignments", r.StageAssignment.name_for(session, i)))
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            out.append(None)
+    return out

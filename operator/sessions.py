@@ -1,0 +1,340 @@
+"""The session driver as a kopf daemon, one per InferenceSession.
+
+The daemon places the stages (placement), writes the StageAssignments, and runs
+consortium.driver's SessionDriver with the Kubernetes policy (failover.KubePolicy) through the one
+token loop (consortium.generation.generate). After every token it saves the driver's SessionState
+(tokens, per-stage nodes and epochs, batch shapes, audit results) into the session's status, and
+publishes receipts, verdicts and failovers. An operator that restarts finds that state in status:
+it truncates every stage's KV to the saved position, refills the driver's audit inputs from the
+agents' stored outputs (Resend, not recomputation), and generates on from the same position, so the
+agents' forward counters show no position before the restart computed again.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import grpc
+import kopf
+import numpy as np
+
+from consortium import generation, kube
+from consortium import resources as r
+from consortium.driver.policy import NoCandidate
+from consortium.driver.session import DriverError, SessionDriver
+from consortium.driver.state import SessionState
+from consortium.layers import LayerRange
+from consortium.sampling import SamplingParams
+from consortium.verification import canonical
+from consortium.verification.canonical import CanonicalGrid
+from consortium.wire import pb
+from consortium_operator import audits, failover, placement, receipts
+
+log = logging.getLogger("consortium.operator.sessions")
+
+PLACEMENT_RETRY_S = 3.0
+
+
+class Interrupted(Exception):
+    """The operator is stopping: the session's progress is in status, the next operator resumes it."""
+
+
+def agent_namespace() -> str | None:
+    return os.environ.get("CONSORTIUM_NAMESPACE") or None
+
+
+def resolve_model_file(model: r.ModelRef) -> Path:
+    """The GGUF path the agents load; the same file on every machine (one machine in development)."""
+    if model.source and model.source.startswith("pypi:"):
+        spec = importlib.util.find_spec(model.source[5:].replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model package {model.source[5:]} is not installed")
+        return Path(list(spec.submodule_search_locations)[0]) / model.file
+    p = Path(model.file)
+    return p if p.is_absolute() else Path(os.environ.get("CONSORTIUM_MODEL_DIR", "/models")) / p
+
+
+def model_layers(path: Path) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    f = reader.fields[f"{arch}.block_count"]
+    return int(f.parts[f.data[0]][0])
+
+
+def _sha256(path: Path) -> str:
+    """The model's sha256, by which the driver finds the tolerances calibrated for its stages."""
+    import consortium.cache
+    from node_agent.engine.slicing import sha256_file   # memoized per (path, size, mtime)
+
+    return sha256_file(path, consortium.cache.cache_dir())
+
+
+class SessionRun:
+    def __init__(self, body: dict, stopped):
+        self.body = {"apiVersion": r.API_VERSION, "kind": "InferenceSession",
+                     "metadata": dict(body["metadata"]), "spec": dict(body["spec"])}
+        self.name, self.namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+        self.spec = r.InferenceSessionSpec.model_validate(body["spec"])
+        self.status = dict(body.get("status") or {})
+        self.stopped = stopped
+        self.api = kube.api()
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def patch_status(self, **fields) -> None:
+        self.status.update(fields)
+        self.api.patch_namespaced_custom_object_status(r.GROUP, r.VERSION, self.namespace, "inferencesessions",
+                                                       self.name, {"status": fields})
+
+    def set_condition(self, type_: str, status: bool, reason: str, message: str = "", phase: str | None = None):
+        conds = kube.with_condition(self.status.get("conditions"), type_, status, reason, message,
+                                    self.body["metadata"].get("generation"))
+        fields = {"conditions": conds}
+        if phase:
+            fields["phase"] = phase
+        self.patch_status(**fields)
+
+    # -- placement -------------------------------------------------------------------------------
+
+    def place(self, need: list[int]) -> list[str]:
+        """Node per stage; waits (condition Scheduled=False with the reasons) until everything fits."""
+        last = None
+        while True:
+            nodes = placement.node_views(agent_namespace())
+            chosen, reasons = placement.place(self.spec.stages, nodes, need)
+            if chosen:
+                shown = {n.name: n.shown for n in nodes}
+                msg = ", ".join(f"stage {i} -> {n} ({shown[n]})" for i, n in enumerate(chosen))
+                self.set_condition("Scheduled", True, "Placed", msg, phase="Scheduling")
+                kube.event(self.body, "Scheduled", msg)
+                return chosen
+            msg = "; ".join(reasons)
+            if msg != last:
+                self.set_condition("Scheduled", False, "Unschedulable", msg, phase="Scheduling")
+                kube.event(self.body, "Unschedulable", msg, type_="Warning")
+                last = msg
+            if self.stopped.wait(PLACEMENT_RETRY_S):
+                raise Interrupted()
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from consortium.tokenizer import Tokenizer
+
+        model_path = resolve_model_file(self.spec.model)
+        n_layers = model_layers(model_path)
+        if self.spec.stages[-1].layer_range.end != n_layers - 1:
+            self.fail("StagesDoNotCoverModel",
+                      f"the stages end at layer {self.spec.stages[-1].layer_range.end}; the model has {n_layers}")
+            return
+        tok = Tokenizer(model_path)
+        try:
+            prompt = tok.prompt_tokens(self.spec.prompt, [m.to_k8s() for m in self.spec.messages]
+                                       if self.spec.messages else None)
+            self._run(model_path, n_layers, tok, prompt)
+        finally:
+            tok.close()
+
+    def _run(self, model_path: Path, n_layers: int, tok, prompt: list[int]) -> None:
+        spec = self.spec
+        saved = (self.status.get("report") or {}).get("driverState")
+        generated = list(self.status.get("tokens") or [])
+        resume = bool(saved and generated)
+        need = placement.stage_bytes(model_path.stat().st_size, n_layers, spec.stages)
+        if resume:
+            state = SessionState.from_json(saved)
+            chosen = list(state.nodes)
+        else:
+            chosen = self.place(need)
+            state = SessionState(session=self.name, prompt_tokens=prompt, nodes=chosen, epochs=[1] * len(chosen),
+                                 audit_probability=spec.audit.probability, audit_seed=spec.audit.seed)
+            for i, n in enumerate(chosen):
+                placement.write_assignment(self.body, i, spec.stages[i], n, 1, spec.model.to_k8s())
+            self.patch_status(startedAt=kube.timestamp(), stageEpochs=state.epochs, position=0, tokens=[],
+                              stagesReady=f"0/{len(chosen)}")
+        views = {n.name: n for n in placement.node_views(agent_namespace())}
+        endpoints = {n.name: n.endpoint for n in views.values()
+                     if n.why_not() is None or n.name in state.nodes and not n.quarantined and n.approved}
+        policy = failover.KubePolicy(self.body, spec, agent_namespace(), self.set_condition)
+        grid = CanonicalGrid(dtype=spec.canonical_grid.dtype, grid=spec.canonical_grid.grid,
+                             clamp=spec.canonical_grid.clamp)
+        driver = SessionDriver(session=self.name, model_path=str(model_path),
+                               model_sha256=self.spec.model.sha256 or _sha256(model_path),
+                               split=[LayerRange(s.layer_range.start, s.layer_range.end) for s in spec.stages],
+                               n_layers=n_layers, endpoints=endpoints, state=state, policy=policy, grid=grid,
+                               rpc_timeout_s=spec.failover.rpc_timeout_seconds)
+        policy.driver = driver
+        writer = receipts.ReceiptWriter(self.body)
+        publisher = audits.AuditPublisher(self.body)
+        leases = failover.LeaseWatch(agent_namespace())
+        seen_failovers = len(state.failovers)
+        try:
+            if resume:
+                writer.load_existing()
+                self._resume(driver, views)
+                kube.event(self.body, "Resumed", f"resumed at token {len(generated)} (position "
+                                                 f"{state.done[0]}), epochs {state.epochs}")
+            else:
+                driver.start()
+                self._check_keys(driver, views)
+            self.set_condition("Ready", False, "Generating", f"stages on {state.nodes}", phase="Running")
+            self.patch_status(stagesReady=f"{len(chosen)}/{len(chosen)}")
+
+            def publish(final: bool = False) -> None:
+                nonlocal seen_failovers
+                if len(state.failovers) > seen_failovers:
+                    policy.finished(state.failovers[seen_failovers:])
+                    seen_failovers = len(state.failovers)
+                writer.publish(driver)
+                publisher.publish(driver, writer.index, final=final)
+
+            def on_token(tokens: list[int]) -> None:
+                with driver._lock:
+                    saved = state.to_json()
+                self.patch_status(tokens=tokens, position=len(tokens), text=tok.decode(tokens),
+                                  stageEpochs=list(state.epochs), report={"driverState": saved})
+                publish()
+
+            pipe = _Guarded(driver, self.stopped, leases)
+            t0 = time.perf_counter()
+            result = generation.generate(
+                pipe, prompt, spec.max_tokens,
+                sampling=SamplingParams(temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
+                                        seed=spec.sampling.seed),
+                is_end=tok.is_end_of_generation, detokenize=tok.decode, resume=generated if resume else None,
+                on_token=on_token)
+            wall = time.perf_counter() - t0
+            counters = driver.counters()
+        except Interrupted:
+            raise
+        except (NoCandidate, DriverError) as e:
+            self.fail("StageLost", str(e))
+            return
+        finally:
+            driver.close()
+        publish(final=True)
+        a = state.audits
+        metrics = {"tokensPerSecond": round(result.tokens_per_s, 3), "wallSeconds": round(wall, 3),
+                   "audits": len(a), "auditsPassed": sum(x["verdict"] == "Passed" for x in a),
+                   "auditsPassedWithinTolerance": sum(x["verdict"] == "PassedWithinTolerance" for x in a),
+                   "auditsMismatch": sum(x["verdict"] == "Mismatch" for x in a),
+                   "auditsFraud": sum(x["verdict"] == "Fraud" for x in a),
+                   "failovers": len(state.failovers), "rollbacks": len(state.rollbacks),
+                   "receipts": len(writer.index), "receiptsDiscarded": writer.discarded,
+                   **step_metrics(driver.steps)}
+        with driver._lock:
+            saved = state.to_json()
+        self.patch_status(tokens=result.tokens, position=len(result.tokens), text=result.text,
+                          stageEpochs=list(state.epochs), metrics=metrics, finishedAt=kube.timestamp(),
+                          report={"driverState": saved, "stopped": result.stopped,
+                                  "counters": {n: [list(x) for x in rows] for n, rows in counters.items()},
+                                  "rpc": driver.rpc.summary(),
+                                  # [position, rows, step ms, failover] of each step this run drove
+                                  "steps": [[x.position, x.rows, round(x.wall_ms, 3), x.failover]
+                                            for x in driver.steps]})
+        self.set_condition("StageFailover", False, "NoFailover", "") if not state.failovers else None
+        self.set_condition("Ready", True, "Completed", f"{len(result.tokens)} tokens ({result.stopped})",
+                           phase="Completed")
+        kube.event(self.body, "Completed", f"{len(result.tokens)} tokens, {len(a)} audits, "
+                                           f"{len(state.failovers)} failover(s)")
+
+    def fail(self, reason: str, message: str) -> None:
+        self.set_condition("Ready", False, reason, message, phase="Failed")
+        self.patch_status(finishedAt=kube.timestamp())
+        kube.event(self.body, reason, message, type_="Warning")
+
+    # -- resume ----------------------------------------------------------------------------------
+
+    def _check_keys(self, driver: SessionDriver, views: dict) -> None:
+        """The key each agent signs with must be the one registered on its ComputeNode."""
+        for node, key in driver.public_keys.items():
+            v = views.get(node)
+            if v is not None and v.public_key and v.public_key != key:
+                raise DriverError(f"{node} signs with a key other than its ComputeNode's")
+
+    def _resume(self, driver: SessionDriver, views: dict) -> None:
+        st = driver.state
+        sas = placement.read_assignments(self.namespace, self.name, len(st.nodes))
+        for s, sa in enumerate(sas):
+            if sa is not None and int(sa["spec"]["epoch"]) > st.epochs[s]:
+                # A failover was decided but not saved before the restart: finish it from the saved state.
+                st.epochs[s] = int(sa["spec"]["epoch"])
+        for n, v in views.items():
+            if v.public_key:
+                driver.public_keys[n] = v.public_key
+        driver._auditor.start()
+        for s, node in enumerate(list(st.nodes)):
+            try:
+                driver.clients[node].call("Truncate", pb.TruncateRequest(ref=driver._ref(s), position=st.done[s]))
+            except (grpc.RpcError, KeyError) as e:
+                why = e.details() if isinstance(e, grpc.RpcError) else "not a usable node"
+                driver._failover(s, f"{node} lost the stage across the operator restart: {why}")
+        # The audit inputs the driver kept in memory: token ids, and upstream outputs resent.
+        seq = st.sequence()
+        for s in range(len(st.nodes)):
+            upto = st.done[s]
+            if s == 0:
+                rows = seq[:upto]
+            else:
+                rows = list(driver._stage_inputs(s, 0, upto)) if upto else []
+            with driver._lock:
+                for p, x in enumerate(rows):
+                    driver._inputs[s][p] = x
+        for s in range(len(st.nodes) - 1):
+            rows = [driver._inputs[s + 1][p] for p in range(st.done[s])]
+            if rows:
+                cs = canonical.commit_rows(np.stack(rows), driver.grid)
+                with driver._lock:
+                    for p, c in enumerate(cs):
+                        driver._commits[s][p] = (st.nodes[s], st.epochs[s], c)
+
+
+def step_metrics(steps) -> dict[str, float]:
+    """The median step (the prompt's step left out) and, when a failover happened inside a step,
+    how much longer the slowest such step took than the median: the failover's latency spike."""
+    normal = [x.wall_ms for x in steps[1:] if not x.failover]
+    out = {"stepMsMedian": round(statistics.median(normal), 3)} if normal else {}
+    fo = [x.wall_ms for x in steps if x.failover]
+    if fo:
+        out["failoverSpikeMs"] = round(max(fo) - (statistics.median(normal) if normal else 0.0), 3)
+    return out
+
+
+class _Guarded:
+    """The driver as generate() sees it, checking between steps that the operator is not stopping
+    and that no stage's node lost its Lease."""
+
+    def __init__(self, driver: SessionDriver, stopped, leases: failover.LeaseWatch):
+        self.driver, self.stopped, self.leases = driver, stopped, leases
+        self.n_stages = driver.n_stages
+
+    def forward(self, seq, position, tokens):
+        if self.stopped:
+            raise Interrupted()
+        self.leases.check(self.driver)
+        return self.driver.forward(seq, position, tokens)
+
+    def stage_ms(self):
+        return self.driver.stage_ms()
+
+    def rewind_position(self, wait: bool = False):
+        return self.driver.rewind_position(wait)
+
+
+@kopf.daemon(r.GROUP, r.VERSION, "inferencesessions", cancellation_timeout=30.0,
+             when=lambda status, **_: (status or {}).get("phase") not in ("Completed", "Failed"))
+def session_daemon(body, stopped, logger, **_):
+    run = SessionRun(body, stopped)
+    try:
+        run.run()
+    except Interrupted:
+        logger.info("operator stopping; session %s resumes from its status", run.name)
+    except Exception as e:
+        logger.exception("session %s failed", run.name)
+        run.fail("OperatorError", f"{type(e).__name__}: {e}")

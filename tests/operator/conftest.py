@@ -1,0 +1,43 @@
+"""A control plane with the chart's RBAC, three registered and approved agents (Test Case v1's
+labels) and the operator, all as processes with their ServiceAccounts' tokens; plus the
+single-node baseline the distributed tokens must equal."""
+from __future__ import annotations
+
+import pytest
+
+from consortium import testbed
+
+MAX_TOKENS = testbed.TEST_MAX_TOKENS
+
+
+@pytest.fixture(scope="session")
+def bed(cluster, tmp_path_factory):
+    b = testbed.Testbed(cluster, tmp_path_factory.mktemp("bed"), threads=1)
+    b.install()
+    try:
+        for name, labels in testbed.NODE_LABELS.items():
+            b.start_agent(name, labels)
+        b.approve(*testbed.NODE_LABELS)
+        b.start_operator()
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture(scope="session")
+def baseline():
+    from consortium import generation
+    from consortium.models import resolve_model
+    from consortium.tokenizer import Tokenizer
+    from node_agent.engine.pipeline import LocalPipeline
+    from node_agent.engine.stage import StageConfig
+
+    model = resolve_model(None)
+    tok = Tokenizer(model)
+    try:
+        prompt = tok.prompt_tokens(testbed.sky_is_blue(MAX_TOKENS)["spec"]["prompt"])
+        with LocalPipeline(model, None, StageConfig(threads=1)) as pipe:
+            res = generation.generate(pipe, prompt, MAX_TOKENS, is_end=tok.is_end_of_generation)
+        return res.tokens
+    finally:
+        tok.close()

@@ -1,0 +1,121 @@
+"""Operator restart mid-session, stale epochs, and quarantined nodes, on the real API server."""
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from consortium import testbed, wire
+from consortium.wire import pb
+
+pytestmark = pytest.mark.k8s
+
+MAX_TOKENS = testbed.TEST_MAX_TOKENS
+
+
+@pytest.fixture()
+def agents_up(bed):
+    """Every agent serving (an earlier test may have killed one); a restarted one registers again."""
+    for name, labels in testbed.NODE_LABELS.items():
+        if bed.agents[name].poll() is not None:
+            bed.start_agent(name, labels)
+    return bed
+
+
+def _stub(bed, node):
+    return wire.pb_grpc.NodeAgentStub(grpc.insecure_channel(bed.endpoints[node], options=wire.CHANNEL_OPTIONS))
+
+
+def test_operator_restart_resumes_without_recomputing(agents_up, baseline):
+    bed = agents_up
+    ns, name = "restart", "resume-me"
+    bed.cluster.kubectl("create", "namespace", ns)
+    body = testbed.sky_is_blue(MAX_TOKENS, name)
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(body))
+    testbed.wait_until(lambda: (bed.session(name, ns).get("status") or {}).get("position", 0) >= 12, 180,
+                       "token 12", every=0.05)
+    bed.kill_operator()
+    saved = bed.session(name, ns)["status"]
+    assert saved["phase"] == "Running" and 12 <= saved["position"] < MAX_TOKENS
+    bed.start_operator()
+    s = bed.wait_phase(name, ns, ("Completed",), 300)
+    assert s["status"]["tokens"] == baseline
+    P = len(s["status"]["report"]["driverState"]["prompt_tokens"])
+    fed_before = P + saved["position"] - 1   # positions every stage had computed when status was saved
+    forward = {}
+    for node in testbed.NODE_LABELS:
+        h = _stub(bed, node).Health(pb.HealthRequest(), timeout=10)
+        for c in h.counters:
+            if c.session == name:
+                forward[(c.stage, c.position)] = forward.get((c.stage, c.position), 0) + c.forward
+    for stage in range(3):
+        before = [forward.get((stage, p), 0) for p in range(fed_before)]
+        assert before and all(n == 1 for n in before), (stage, before)
+        assert forward.get((stage, P + MAX_TOKENS - 2), 0) == 1   # and it went on to the end
+    assert "Resumed" in [e["reason"] for e in bed.events(ns, name)]
+
+
+def test_agent_refuses_an_epoch_its_assignment_moved_past(agents_up):
+    from consortium.models import resolve_model
+
+    bed = agents_up
+    ns, session = "stale", "stale-epoch"
+    bed.cluster.kubectl("create", "namespace", ns)
+    stub = _stub(bed, "n0")
+    ref = pb.StageRef(session=session, stage=0, epoch=1)
+    stub.LoadStage(pb.LoadStageRequest(ref=ref, model_path=str(resolve_model(None)), first_layer=0, last_layer=9),
+                   timeout=120)
+    stub.Forward(pb.ForwardRequest(ref=ref, position=0, tokens=[1, 2, 3]), timeout=60)
+    # The control plane moves stage 0 to n1 at epoch 2 (as a failover would); n0 never hears it by RPC.
+    sa = {"apiVersion": "consortium.io/v1alpha1", "kind": "StageAssignment",
+          "metadata": {"name": f"{session}-s0", "namespace": ns},
+          "spec": {"session": session, "stageIndex": 0, "layers": {"start": 0, "end": 9}, "nodeName": "n1",
+                   "epoch": 2}}
+    bed.cluster.kubectl("apply", "-f", "-", input=json.dumps(sa))
+
+    def refused():
+        try:
+            stub.Truncate(pb.TruncateRequest(ref=ref, position=3), timeout=10)
+            return False
+        except grpc.RpcError as e:
+            return e
+    e = testbed.wait_until(refused, 30, "n0 to fence itself")
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "stale epoch 1" in e.details()
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Forward(pb.ForwardRequest(ref=ref, position=3, tokens=[4]), timeout=10)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _set_quarantined(bed, node: str, value: bool) -> None:
+    cn = bed.get("computenode", node)
+    conds = [c for c in (cn.get("status") or {}).get("conditions", []) if c["type"] != "Quarantined"]
+    conds.append({"type": "Quarantined", "status": "True" if value else "False", "reason": "Test",
+                  "message": "set by the test", "lastTransitionTime": "2025-01-01T00:00:00Z"})
+    bed.cluster.kubectl("patch", "computenode", node, "--subresource=status", "--type", "merge",
+                        "-p", json.dumps({"status": {"conditions": conds}}))
+
+
+def test_a_quarantined_node_gets_no_new_stage(agents_up):
+    bed = agents_up
+    ns, name = "quarantine", "waits"
+    bed.cluster.kubectl("create", "namespace", ns)
+    _set_quarantined(bed, "n1", True)   # the only node matching stage 0's cuda+worker selector
+    try:
+        bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(4, name)))
+
+        def unschedulable():
+            st = bed.session(name, ns).get("status") or {}
+            c = next((c for c in st.get("conditions") or [] if c["type"] == "Scheduled"), None)
+            return c if c and c["status"] == "False" else None
+        c = testbed.wait_until(unschedulable, 60, "Scheduled=False")
+        assert c["reason"] == "Unschedulable" and "n1: quarantined" in c["message"], c
+        assert bed.session(name, ns)["status"]["phase"] == "Scheduling"
+        assert bed.cluster.kubectl("get", "stageassignment", f"{name}-s0", "-n", ns, check=False).returncode != 0
+        assert "Unschedulable" in [e["reason"] for e in bed.events(ns, name)]
+    finally:
+        _set_quarantined(bed, "n1", False)
+    # Lifted: the session is placed and runs.
+    s = bed.wait_phase(name, ns, ("Completed",), 180)
+    assert bed.get("stageassignment", f"{name}-s0", ns)["spec"]["nodeName"] == "n1"
+    assert len(s["status"]["tokens"]) == 4

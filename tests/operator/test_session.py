@@ -1,0 +1,102 @@
+"""Test Case v1 through the operator on a real API server: placement by labels, the session driver
+as a kopf daemon, receipts and verdicts as objects, and failover when stage 1's agent is SIGKILLed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from consortium import testbed
+
+from consortium.testbed import TEST_MAX_TOKENS as MAX_TOKENS
+
+pytestmark = pytest.mark.k8s
+
+NS = "tc-v1"
+KILL_AT = 20
+
+
+@pytest.fixture(scope="module")
+def completed(bed, baseline):
+    bed.cluster.kubectl("create", "namespace", NS)
+    body = testbed.sky_is_blue(MAX_TOKENS)
+    bed.cluster.kubectl("apply", "-n", NS, "-f", "-", input=json.dumps(body))
+    s = bed.wait_phase("sky-is-blue", NS, ("Running",), 120)
+    victim = bed.get("stageassignment", "sky-is-blue-s1", NS)["spec"]["nodeName"]
+    # Kill stage 1's agent once the session has generated KILL_AT tokens (read from its status).
+    testbed.wait_until(lambda: (bed.session("sky-is-blue", NS).get("status") or {}).get("position", 0) >= KILL_AT,
+                       180, f"token {KILL_AT}", every=0.05)
+    bed.kill_agent(victim)
+    s = bed.wait_phase("sky-is-blue", NS, ("Completed",), 300)
+    return s, victim
+
+
+def test_placement_follows_the_seeds_roles(completed, bed):
+    s, victim = completed
+    nodes = {i: bed.get("stageassignment", f"sky-is-blue-s{i}", NS) for i in range(3)}
+    # Stage 1 began on the only metal-labeled node and failed over to the coordinator.
+    assert victim == "n2"
+    assert nodes[1]["spec"]["nodeName"] == "n0" and nodes[1]["spec"]["epoch"] == 2
+    assert nodes[0]["spec"]["nodeName"] == "n1" and nodes[0]["spec"]["epoch"] == 1
+    assert nodes[2]["spec"]["nodeName"] == "n0" and nodes[2]["spec"]["epoch"] == 1
+    for sa in nodes.values():
+        owner = sa["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "InferenceSession" and owner["uid"] == s["metadata"]["uid"]
+    sched = next(c for c in s["status"]["conditions"] if c["type"] == "Scheduled")
+    assert "stage 1 -> n2 (cpu (labeled metal))" in sched["message"], sched
+
+
+def test_tokens_equal_the_baseline(completed, baseline):
+    s, _ = completed
+    assert s["status"]["phase"] == "Completed"
+    assert s["status"]["tokens"] == baseline
+    assert s["status"]["position"] == len(baseline)
+    assert s["status"]["stageEpochs"] == [1, 2, 1]
+
+
+def test_a_receipt_for_every_stage_and_window_with_a_verdict(completed, bed):
+    s, _ = completed
+    items = bed.get("receipts", namespace=NS, selector="consortium.io/session=sky-is-blue")["items"]
+    drv = s["status"]["report"]["driverState"]
+    P = len(drv["prompt_tokens"])
+    last = P + MAX_TOKENS - 1   # positions fed: the prompt and every token but the last
+    for stage in range(3):
+        covered = set()
+        for it in items:
+            if it["spec"]["stage"] == stage:
+                w = it["spec"]["window"]
+                covered |= set(range(w["start"], w["start"] + w["count"]))
+        want = set(range(last)) if stage < 2 else set(range(P - 1, last))
+        assert want <= covered, (stage, sorted(want - covered)[:10])
+    verdicts = [it.get("status", {}).get("verdict") for it in items]
+    assert all(v in ("Passed", "PassedWithinTolerance", "Pending") for v in verdicts), verdicts
+    assert sum(v in ("Passed", "PassedWithinTolerance") for v in verdicts) >= 3
+    audited = {(a["stage"], a["position"]) for a in drv["audits"]}
+    for it in items:
+        positions = [a["position"] for a in (it.get("status") or {}).get("audits") or []]
+        w = it["spec"]["window"]
+        assert all(w["start"] <= p < w["start"] + w["count"] and (it["spec"]["stage"], p) in audited
+                   for p in positions)
+    # The window stage 1's dead node was filling is flushed short, under its epoch 1.
+    s1 = sorted((it["spec"]["window"]["start"], it["spec"]["node"], it["spec"]["epoch"])
+                for it in items if it["spec"]["stage"] == 1)
+    assert any(n == "n2" and e == 1 for _, n, e in s1) and any(n == "n0" and e == 2 for _, n, e in s1)
+    out = bed.cluster.kubectl("get", "receipts", "-n", NS).stdout
+    assert out.splitlines()[0].split()[:5] == ["NAME", "SESSION", "STAGE", "NODE", "TOKENS"]
+    assert all(v in out for v in ("Passed",))
+
+
+def test_failover_in_conditions_and_events(completed, bed):
+    s, victim = completed
+    cond = {c["type"]: c for c in s["status"]["conditions"]}
+    assert cond["StageFailover"]["status"] == "False" and cond["StageFailover"]["reason"] == "FailoverCompleted"
+    assert f"{victim} -> n0" in cond["StageFailover"]["message"]
+    reasons = [e["reason"] for e in bed.events(NS, "sky-is-blue")]
+    for r in ("Scheduled", "FailoverStarted", "StageReassigned", "FailoverFinished", "Completed"):
+        assert r in reasons, reasons
+    sa = bed.get("stageassignment", "sky-is-blue-s1", NS)
+    ready = next(c for c in sa["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True" and ready["reason"] == "FailedOver"
+    drv = s["status"]["report"]["driverState"]
+    assert [(f["stage"], f["from"], f["to"]) for f in drv["failovers"]] == [(1, victim, "n0")]
+    assert drv["quarantined"] == []
