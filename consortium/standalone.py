@@ -229,7 +229,11 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     fault_caught = None
     if faulty_node:
         fault_caught = faulty_node in st.quarantined
-    honest_verdicts_ok = all(a["verdict"] in ("Passed", "PassedWithinTolerance") for a in audits if a["node"] in honest)
+    # Same kernels everywhere: every honest audit must pass. Heterogeneous: an honest Mismatch now and
+    # then is what calibration measured (a few percent per stage); the binomial test (false_fraud)
+    # decides whether there are too many.
+    honest_verdicts_ok = all(a["verdict"] in ("Passed", "PassedWithinTolerance") or
+                             (opts.heterogeneous and a["verdict"] == "Mismatch") for a in audits if a["node"] in honest)
     report = {
         "model": {"path_name": Path(str(model)).name, "architecture": info.architecture, "layers": info.n_layers,
                   "file_type": info.file_type},

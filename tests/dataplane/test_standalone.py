@@ -36,12 +36,26 @@ def test_kill_stage_1(kill_at, tmp_path):
 
 
 @pytest.mark.slow
-def test_faulty_worker_caught_and_rolled_back():
-    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=None, faulty_stage=1, fault="skip-layer"))
+@pytest.mark.parametrize("fault", ["skip-layer", "cheap-quant", "noise-0.3", "replay", "random"])
+def test_faulty_worker_caught_and_rolled_back(fault):
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=None, faulty_stage=1, fault=fault))
     assert r["exact_match"]
     assert r["fault"]["caught"] and r["quarantined"] == ["N2"]
     assert r["fault"]["rollbacks"] and r["distributed"]["rewinds"] >= 1
     assert r["false_fraud"] == 0
     honest = [a for a in r["audits"]["units"] if a["node"] != "N2"]
     assert all(a["verdict"] in ("Passed", "PassedWithinTolerance") for a in honest)
+    assert r["success"]
+
+
+@pytest.mark.slow
+def test_heterogeneous_gemma_accuses_no_honest_node():
+    # N2 runs stage 1 with repacking off: its hashes differ from the verifiers' and the calibrated
+    # tolerance of Gemma's stage 6-11 must take them as honest.
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=None, heterogeneous=True))
+    assert r["nodes"]["N2"]["repack"] is False and r["model"]["architecture"] == "gemma3"
+    odd = [a for a in r["audits"]["units"] if a["node"] == "N2"]
+    assert odd and not any(a["verdict"] == "Fraud" for a in odd)
+    assert any(a["verdict"] == "PassedWithinTolerance" for a in odd), [a["verdict"] for a in odd]
+    assert r["false_fraud"] == 0 and r["quarantined"] == []
     assert r["success"]
