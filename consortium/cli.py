@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("consortium.commands.generate", "generate text, single-node or split into stages in one process"),
     "bench": ("consortium.commands.bench", "benchmarks with figures measured side by side in one run"),
     "cluster": ("consortium.commands.cluster", "start, stop or inspect the local Kubernetes control plane"),
-    "testcase": ("consortium.commands.testcase", "Test Case v1: node agents on loopback, baseline, audits, a killed node, a report"),
+    "testcase": ("consortium.commands.testcase", "Test Case v1 through Kubernetes (or --standalone): baseline, audits, a killed node, a report"),
     "calibrate": ("consortium.commands.calibrate", "measure honest and cheating stage outputs; choose the verification tolerances"),
     "verify-proof": ("consortium.commands.verify_proof", "re-check a fraud proof file: HOLDS or DOES NOT HOLD, and why"),
 }

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from consortium import testbed
+from consortium import standalone, testbed
 
 SESSION = "sky-is-blue"
 NAMESPACE = "default"
@@ -172,4 +172,8 @@ def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
                  f"- session_restarts {report['session_restarts']}; receipts_in_api {report['receipts_in_api']} "
                  f"{report['receipt_verdicts']}",
                  f"- success: **{report['success']}**", ""]
+        steps = [{"wall_ms": ms, "failover": fo} for _, _, ms, fo in report["distributed"].get("steps") or []]
+        if steps:
+            standalone.plot_latency(steps, out / "latency.png")
+            lines += ["![latency](latency.png)", ""]
         (out / "summary.md").write_text("\n".join(lines))

@@ -281,10 +281,8 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     return report
 
 
-def write_report_dir(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    steps = report["distributed"]["steps"]
+def plot_latency(steps: list[dict], path: Path) -> None:
+    """Per-token latency, per stage where the steps have stage_ms, with failovers marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,7 +290,7 @@ def write_report_dir(report: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     xs = list(range(len(steps)))
-    for s in range(len(steps[0]["stage_ms"]) if steps else 0):
+    for s in range(len(steps[0].get("stage_ms") or []) if steps else 0):
         ax.plot(xs, [st["stage_ms"][s] for st in steps], marker=".", label=f"stage {s}")
     ax.plot(xs, [st["wall_ms"] for st in steps], color="black", alpha=0.4, label="step (all stages)")
     for i, st in enumerate(steps):
@@ -301,11 +299,17 @@ def write_report_dir(report: dict, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step (0 = prompt)")
     ax.set_ylabel("ms")
-    ax.set_title("per-token latency per stage")
+    ax.set_title("per-token latency per stage" if steps and steps[0].get("stage_ms") else "per-token latency")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_report_dir(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_latency(report["distributed"]["steps"], out / "latency.png")
     r = report
     a = r["audits"]
     lines = [
