@@ -54,27 +54,29 @@ def run(args: argparse.Namespace) -> int:
 
         report = kubecase.run(opts)
         kubecase.write(report, opts.json_out, opts.report_dir)
-        if args.json == "-":
-            print(json.dumps(report, indent=2))
-        else:
-            a, f = report["audits"], report["failover"]
-            print(report["distributed"]["text"])
-            print(f"\nexact_match {report['exact_match']} | audits {a['total']} (P {a['passed']}, PWT "
-                  f"{a['passed_within_tolerance']}, M {a['mismatch']}, F {a['fraud']}) | false_fraud "
-                  f"{report['false_fraud']} | failover {f['completed']} at token {f['at_token']} spike {f['spike_ms']} ms | "
-                  f"restarts {report['session_restarts']} | receipts_in_api {report['receipts_in_api']} | "
-                  f"{report['distributed']['tokens_per_s']} vs {report['baseline']['tokens_per_s']} tok/s | "
-                  f"wall {report['distributed']['wall_s']} s | success {report['success']}", file=sys.stderr)
-        return 0 if report["success"] else 1
-    report = standalone.run(opts)
+    else:
+        report = standalone.run(opts)
     if args.json == "-":
         print(json.dumps(report, indent=2))
     else:
-        a, f = report["audits"], report["failover"]
         print(report["distributed"]["text"])
-        print(f"\nexact_match {report['exact_match']} | audits {a['total']} (P {a['passed']}, PWT "
-              f"{a['passed_within_tolerance']}, M {a['mismatch']}, F {a['fraud']}) | false_fraud {report['false_fraud']} | "
-              f"failover {f['completed']} spike {f['spike_ms']} ms | restarts {report['session_restarts']} | "
-              f"{report['distributed']['tokens_per_s']} vs {report['baseline']['tokens_per_s']} tok/s | "
-              f"success {report['success']}", file=sys.stderr)
+        print("\n" + verdict_line(report), file=sys.stderr)
     return 0 if report["success"] else 1
+
+
+def verdict_line(report: dict) -> str:
+    a, f, d = report["audits"], report["failover"], report["distributed"]
+    parts = [f"exact_match {report['exact_match']}",
+             f"audits {a['total']} (P {a['passed']}, PWT {a['passed_within_tolerance']}, M {a['mismatch']}, "
+             f"F {a['fraud']})",
+             f"false_fraud {report['false_fraud']}",
+             f"failover {f['completed']}" + (f" at token {f['at_token']}" if f.get("at_token") is not None else "")
+             + f" spike {f.get('spike_ms')} ms",
+             f"restarts {report['session_restarts']}"]
+    if "receipts_in_api" in report:
+        parts.append(f"receipts_in_api {report['receipts_in_api']}")
+    parts.append(f"{d['tokens_per_s']} vs {report['baseline']['tokens_per_s']} tok/s")
+    if d.get("wall_s") is not None:
+        parts.append(f"wall {d['wall_s']} s")
+    parts.append(f"success {report['success']}")
+    return " | ".join(parts)
