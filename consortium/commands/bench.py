@@ -7,13 +7,16 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", choices=["engine"], default="engine",
-                   help="engine: split-in-process vs unsplit tokens/s, and each stage's memory against its weights")
+    p.add_argument("--suite", choices=["engine", "dataplane"], default="engine",
+                   help="engine: split-in-process vs unsplit tokens/s, and each stage's memory against its weights; "
+                        "dataplane: three agents vs single node with and without audits, commitment and signature "
+                        "share of token time, audit cost, failover spike")
     p.add_argument("--model", help="GGUF path or known name (default: smollm2-135m)")
     p.add_argument("--split", default=None, help="layer ranges (default: three even stages)")
     p.add_argument("--tokens", type=int, default=64, help="decode tokens per round")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of unsplit and split")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="llama.cpp threads per stage (default: every core for engine, 1 per agent for dataplane)")
     p.add_argument("--json", metavar="OUT", help="write the figures as JSON")
 
 
@@ -23,15 +26,25 @@ def run(args: argparse.Namespace) -> int:
     from node_agent.engine import benchmark, llama as ll
     from node_agent.engine.slicing import read_model_info
 
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.suite == "dataplane":
+        from consortium import dataplane_bench
+
+        res = dataplane_bench.run(args.model, args.tokens, 1 if args.threads is None else args.threads, log)
+        print(dataplane_bench.summary(res))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return 0
+    threads = args.threads or 0
     model = str(resolve_model(args.model))
     info = read_model_info(model)
     split = validate_split(parse_split(args.split), info.n_layers) if args.split else even_split(info.n_layers, 3)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"engine benchmark: {info.architecture} {info.file_type}, {info.n_layers} layers, split {format_split(split)}")
     result = {"model": {"path": model, "architecture": info.architecture, "file_type": info.file_type},
               "llama_cpp": ll.build_info(), "speed": benchmark.speed(model, split, n_tokens=args.tokens,
-                                                                       rounds=args.rounds, threads=args.threads, log=log)}
-    result["memory"] = benchmark.memory(model, split, threads=args.threads)
+                                                                       rounds=args.rounds, threads=threads, log=log)}
+    result["memory"] = benchmark.memory(model, split, threads=threads)
     s = result["speed"]
     print(f"split-in-process over unsplit tokens/s: {s['split_over_unsplit']:.3f} "
           f"(median {s['split_median']} vs {s['unsplit_median']} tok/s over {s['rounds']} rounds; target >= 0.95)")

@@ -131,3 +131,13 @@ def test_random_rows_agree_with_reference():
         seed_want = [reference_commit.seed_digest([float(v) for v in row], grid.dtype, grid.grid, grid.clamp)
                      for row in x]
         assert seed_got == seed_want
+
+
+@pytest.mark.parametrize("g", [1, 3, 64, 100, 1000, 4095, 8191, 8192])
+def test_float32_arithmetic_is_exact_for_every_float16_value(g):
+    # canonical_rows scales float16 values in float32 for speed; it must equal the float64 result.
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    every = every[np.isfinite(every)].astype(np.float32)[None, :]
+    gr = CanonicalGrid(grid=g, clamp=100.0)
+    exact = np.clip(np.rint(every.astype(np.float16).astype(np.float64) * g), -gr.clamp_steps, gr.clamp_steps)
+    assert (canonical.canonical_rows(every, gr) == exact.astype(np.int32)).all()

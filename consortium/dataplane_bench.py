@@ -1,0 +1,113 @@
+"""The data plane benchmark (`consortium bench --suite dataplane`), every ratio measured in one run.
+
+- Three agent processes on loopback against the single-node baseline, tokens/s, with 20% audits and
+  without (each standalone run times its own baseline right before its distributed run).
+- Audit CPU over generation CPU at 20% audits, and the per-token latency audits add (the two runs).
+- Commitments and signatures as a share of token time: in one process, each stage's forward timed
+  against committing its output rows and signing its window, exactly what an agent does per call.
+- The failover spike: a run with stage 1's agent killed at token 20.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def commit_share(model, split, n_tokens: int, threads: int, prompt: str) -> dict:
+    """Forward time against commit + sign time per stage, token by token, on the same outputs."""
+    import numpy as np
+
+    from consortium.tokenizer import Tokenizer
+    from consortium.verification import canonical, receipts, signing
+    from node_agent.engine.slicing import read_model_info, stage_file
+    from node_agent.engine.stage import Stage, StageConfig
+
+    n_layers = read_model_info(model).n_layers
+    tok = Tokenizer(model)
+    ids = tok.prompt_tokens(prompt)
+    tok.close()
+    key = signing.Ed25519PrivateKey.generate()
+    grid = canonical.CanonicalGrid()
+    stages = [Stage(stage_file(model, r), r, n_layers, StageConfig(threads=threads)) for r in split]
+    signers = [receipts.WindowSigner(key, session="bench", stage=i, node_id="bench", epoch=1, grid=grid)
+               for i in range(len(split))]
+    fwd = [0.0] * len(split)
+    commit = [0.0] * len(split)
+    try:
+        pos, x = 0, list(ids)
+        for step in range(n_tokens + 1):
+            h = None
+            for i, st in enumerate(stages):
+                last = i == len(stages) - 1
+                t0 = time.perf_counter()
+                out = st.forward(0, pos, tokens=x) if i == 0 else st.forward(0, pos, hidden=h)
+                t1 = time.perf_counter()
+                digests = ([receipts.token_input_digest(int(t)) for t in x] if i == 0
+                           else [receipts.hidden_input_digest(r) for r in h])
+                rows, first = (out[-1:], pos + len(x) - 1) if last else (out, pos)
+                signers[i].add_batch(first, digests[-1:] if last else digests, canonical.commit_rows(rows, grid))
+                t2 = time.perf_counter()
+                if step > 0:   # decode tokens only: the prompt step is one large batch
+                    fwd[i] += t1 - t0
+                    commit[i] += t2 - t1
+                h = out
+            pos += len(x)
+            x = [int(np.argmax(h[-1]))]
+    finally:
+        for st in stages:
+            st.close()
+    total_f, total_c = sum(fwd), sum(commit)
+    return {"tokens": n_tokens, "forward_ms_per_token": round(1000 * total_f / n_tokens, 3),
+            "commit_sign_ms_per_token": round(1000 * total_c / n_tokens, 3),
+            "share_of_token_time": round(total_c / (total_f + total_c), 4),
+            "per_stage_share": [round(c / (f + c), 4) for f, c in zip(fwd, commit)]}
+
+
+def run(model_name, n_tokens: int, threads: int, log) -> dict:
+    from consortium import standalone
+    from consortium.layers import even_split
+    from consortium.models import resolve_model
+    from node_agent.engine.slicing import read_model_info
+
+    model = resolve_model(model_name)
+    split = even_split(read_model_info(model).n_layers, 3)
+    runs = {}
+    for name, audit, kill in (("audits_20", 0.2, None), ("no_audits", 0.0, None), ("kill_at_20", 0.2, 1)):
+        log(f"dataplane benchmark: {name} ({n_tokens} tokens)")
+        r = standalone.run(standalone.Options(model=model_name, max_tokens=n_tokens, kill_stage=kill,
+                                              audit_probability=audit, threads=threads))
+        steps = [s["wall_ms"] for s in r["distributed"]["steps"][1:] if not s["failover"]]
+        runs[name] = {"exact_match": r["exact_match"], "success": r["success"],
+                      "single_node_tokens_per_s": r["baseline"]["tokens_per_s"],
+                      "distributed_tokens_per_s": r["distributed"]["tokens_per_s"],
+                      "ratio": round(r["distributed"]["tokens_per_s"] / r["baseline"]["tokens_per_s"], 3),
+                      "median_step_ms": round(statistics.median(steps), 3) if steps else None,
+                      "audits": r["audits"]["total"],
+                      "audit_over_generation_cpu": r["audits"].get("audit_over_generation"),
+                      "failover_spike_ms": r["failover"].get("spike_ms")}
+    log("dataplane benchmark: commitments and signatures in process")
+    share = commit_share(model, split, n_tokens, threads, standalone.PROMPT)
+    a, b = runs["audits_20"], runs["no_audits"]
+    return {"model": str(model_name or "smollm2-135m"), "threads_per_agent": threads, "runs": runs,
+            "commit_sign": share,
+            "latency_added_by_audits_ms": (round(a["median_step_ms"] - b["median_step_ms"], 3)
+                                           if a["median_step_ms"] and b["median_step_ms"] else None)}
+
+
+def summary(res: dict) -> str:
+    r = res["runs"]
+    c = res["commit_sign"]
+    return "\n".join([
+        f"three agents on loopback over single node, tokens/s: {r['audits_20']['ratio']:.3f} with 20% audits "
+        f"({r['audits_20']['distributed_tokens_per_s']} vs {r['audits_20']['single_node_tokens_per_s']}), "
+        f"{r['no_audits']['ratio']:.3f} without ({r['no_audits']['distributed_tokens_per_s']} vs "
+        f"{r['no_audits']['single_node_tokens_per_s']}); target >= 0.85",
+        f"commitments + signatures: {100 * c['share_of_token_time']:.2f}% of token time "
+        f"({c['commit_sign_ms_per_token']} ms of {c['forward_ms_per_token'] + c['commit_sign_ms_per_token']:.3f} ms "
+        f"per token, per stage {c['per_stage_share']}); target < 2%",
+        f"audit CPU over generation CPU at 20%: {r['audits_20']['audit_over_generation_cpu']}; latency audits add "
+        f"per token: {res['latency_added_by_audits_ms']} ms (median step {r['audits_20']['median_step_ms']} vs "
+        f"{r['no_audits']['median_step_ms']} ms)",
+        f"failover spike (stage 1 killed at token 20): {r['kill_at_20']['failover_spike_ms']} ms; "
+        f"runs exact: {all(v['exact_match'] for v in r.values())}",
+    ])
