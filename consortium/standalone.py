@@ -40,6 +40,7 @@ class Options:
     json_out: str | None = None
     report_dir: str | None = None
     rpc_timeout_s: float = 30.0
+    hang: bool = False   # SIGSTOP instead of SIGKILL: the agent keeps its socket and never answers
 
 
 class Agents:
@@ -48,6 +49,7 @@ class Agents:
     def __init__(self, workdir: Path, opts: Options, faulty_node: str | None):
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen] = {}
+        self.hung: set[str] = set()
         self.endpoints: dict[str, str] = {}
         for n in NODES:
             port_file = workdir / f"{n}.port"
@@ -75,10 +77,14 @@ class Agents:
         self.procs[node].send_signal(signal.SIGKILL)
         self.procs[node].wait()
 
+    def hang(self, node: str) -> None:
+        self.procs[node].send_signal(signal.SIGSTOP)
+        self.hung.add(node)
+
     def close(self) -> None:
-        for p in self.procs.values():
+        for n, p in self.procs.items():
             if p.poll() is None:
-                p.terminate()
+                p.kill() if n in self.hung else p.terminate()
         for p in self.procs.values():
             try:
                 p.wait(timeout=10)
@@ -150,8 +156,9 @@ def run(opts: Options) -> dict:
 
         def on_stage(s, position):
             if kill_node and not killed and s == opts.kill_stage and position == kill_position:
-                agents.kill(kill_node)
-                killed.update(node=kill_node, position=position, time=time.time())
+                (agents.hang if opts.hang else agents.kill)(kill_node)
+                killed.update(node=kill_node, position=position, time=time.time(),
+                              how="SIGSTOP" if opts.hang else "SIGKILL")
 
         driver.on_stage = on_stage
         t0 = time.perf_counter()
@@ -214,6 +221,7 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     spike = (max(steps[i].wall_ms for i in fo_steps) - statistics.median(normal)) if fo_steps else None
     failover = {"injected": bool(killed), "stage": opts.kill_stage if killed else None,
                 "at_token": opts.kill_at if killed else None, "killed_node": killed.get("node"),
+                "how": killed.get("how"),
                 "completed": bool(killed) and fo is not None and len(dist.tokens) > 0,
                 "spike_ms": round(spike, 3) if spike is not None else None,
                 "failover_ms": fo["ms"] if fo else None, "replayed_rows": fo["replayed_rows"] if fo else None,

@@ -16,6 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kill-stage", type=int, default=1, help="stage whose agent is SIGKILLed (default 1)")
     p.add_argument("--kill-at", type=int, default=20, help="token index at which it is killed (default 20)")
     p.add_argument("--no-kill", action="store_true", help="inject no failure")
+    p.add_argument("--hang", action="store_true",
+                   help="SIGSTOP the agent instead of killing it: alive but silent, caught by the RPC deadline "
+                        "(--standalone)")
+    p.add_argument("--rpc-timeout", type=float, default=None,
+                   help="seconds before an unanswered RPC counts as a lost stage (default 30; --standalone)")
     p.add_argument("--audit-probability", type=float, default=0.2)
     p.add_argument("--audit-seed", type=int, default=7)
     p.add_argument("--faulty-stage", type=int, help="the agent serving this stage cheats (with --fault)")
@@ -45,10 +50,12 @@ def run(args: argparse.Namespace) -> int:
                               audit_probability=args.audit_probability, audit_seed=args.audit_seed,
                               faulty_stage=args.faulty_stage, fault=args.fault, heterogeneous=args.heterogeneous,
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
-                              json_out=None if args.json in (None, "-") else args.json, report_dir=args.report)
+                              json_out=None if args.json in (None, "-") else args.json, report_dir=args.report,
+                              hang=args.hang, **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     if not args.standalone:
-        if args.faulty_stage is not None or args.heterogeneous or args.model:
-            print("error: --faulty-stage, --heterogeneous and --model need --standalone so far", file=sys.stderr)
+        if args.faulty_stage is not None or args.heterogeneous or args.model or args.hang or args.rpc_timeout:
+            print("error: --faulty-stage, --heterogeneous, --model, --hang and --rpc-timeout need --standalone so far",
+                  file=sys.stderr)
             return 2
         from consortium import kubecase
 

@@ -59,3 +59,15 @@ def test_heterogeneous_gemma_accuses_no_honest_node():
     assert any(a["verdict"] == "PassedWithinTolerance" for a in odd), [a["verdict"] for a in odd]
     assert r["false_fraud"] == 0 and r["quarantined"] == []
     assert r["success"]
+
+
+@pytest.mark.slow
+def test_hung_agent_is_caught_by_the_deadline():
+    # SIGSTOP: the agent's socket stays open and nothing answers; only the RPC deadline can tell.
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=1, kill_at=20, hang=True,
+                                          rpc_timeout_s=2.0))
+    check_common(r)
+    f = r["failover"]
+    assert f["how"] == "SIGSTOP" and f["completed"] and f["backup_node"] == "N0"
+    assert f["spike_ms"] >= 2000   # at least one deadline was waited out
+    assert r["success"]
