@@ -329,7 +329,6 @@ def cheater_classes(rows: list[Rows]) -> list[str]:
 
 def choose_tolerance(rows: list[Rows], percentile: float = HONEST_PERCENTILE, factor: float = DECISIVE_FACTOR):
     """Pick the figure that separates cheaters best on the calibration prompts, and its thresholds."""
-    from consortium.verification.verdicts import Limits, Tolerance
 
     honest = _select(rows, "calibration", honest=True)
     differ = ~_cat(honest, "hash_equal")
@@ -351,62 +350,55 @@ def choose_tolerance(rows: list[Rows], percentile: float = HONEST_PERCENTILE, fa
                        "core_min_detection": core, "noise_mean_detection": noise}
     # Catch every core cheater first; among near-equals, the one that also catches smaller noise.
     best = max(CANDIDATES, key=lambda k: (round(table[k]["core_min_detection"], 3), table[k]["noise_mean_detection"]))
-    thr, hmax = table[best]["honest_threshold"], table[best]["honest_max"]
-    decisive = factor * hmax
-    src = _FIGURE_OF.get(best, best)
-    if best in _FIGURE_OF:  # similarity: limits are minima of 1 - distance
-        honest_lim = {src: 1.0 - thr}
-        decisive_lim = {src: 1.0 - decisive} if decisive < 1.0 else {}
-    else:
-        honest_lim = {src: thr}
-        bounded = best.startswith("frac_gt")
-        decisive_lim = {src: decisive} if not (bounded and decisive >= 1.0) else {}
-    n_h = int(differ.size)
-    # The pooled percentile gives about 2% Mismatch over all honest comparisons, but a node is judged
-    # on the stage it serves against the verifiers it meets, and honest disagreement differs a lot
-    # between them (Gemma's middle stage against repacking off: ~15%, SmolLM2's stages: under 1%).
-    # The binomial test must assume the worst honest (model, pair, stage), and not its point estimate:
-    # the upper 95% bound, so that prompts unlike the calibration ones don't quarantine honest nodes.
+    # A node is judged on the stage it serves against the verifiers it meets, and honest disagreement
+    # differs a lot between them (Gemma's middle stage against repacking off: ~15% beyond the pooled
+    # limit, SmolLM2's stages: under 1%). So the pooled binomial rate is the worst honest (model,
+    # pair, stage), and every stage with enough rows gets limits of its own.
     node_rates = {}
     for key in sorted({(r.model, r.source, r.stage) for r in honest}):
         rs = [r for r in honest if (r.model, r.source, r.stage) == key]
-        k = int(np.sum((_cat(rs, best) > thr) & ~_cat(rs, "hash_equal")))
+        k = int(np.sum((_cat(rs, best) > table[best]["honest_threshold"]) & ~_cat(rs, "hash_equal")))
         m = int(sum(len(r.hash_equal) for r in rs))
         node_rates["{} {} stage {}".format(*key)] = {"comparisons": m, "mismatch": k, "upper95": upper_bound(k, m)}
-    rate = max(v["upper95"] for v in node_rates.values())
     table[best]["node_rates"] = node_rates
     stages = {}
     for key in sorted({r.stage_key for r in honest if r.stage_key[0]}):
         rs = [r for r in honest if r.stage_key == key]
         if int((~_cat(rs, "hash_equal")).sum()) >= MIN_STAGE_ROWS:   # else the pooled limits judge it
-            stages[key] = _stage_tolerance(rs, best, percentile, factor)
+            stages[key] = _tolerance_from(rs, best, percentile, factor, lambda r: r.source,
+                                          f"{int((~_cat(rs, 'hash_equal')).sum())} honest calibration "
+                                          "comparisons whose hashes differ")
     about = (f"Calibrated by `consortium calibrate` on {datetime.date.today().isoformat()}: honest limit = "
              f"{percentile:g}th percentile of {int(differ.sum())} honest calibration comparisons whose hashes "
-             f"differ ({n_h} in all), decisive limit = {factor:g} x the largest of them, on {best}; "
+             f"differ ({int(differ.size)} in all), decisive limit = {factor:g} x the largest of them, on {best}; "
              f"honest Mismatch rate = upper 95% bound of the worst honest (model, pair, stage) calibration rate.")
-    tol = Tolerance(Limits.from_json(honest_lim), Limits.from_json(decisive_lim),
-                    honest_mismatch_rate=round(rate, 6), topk=16, about=about, stages=stages)
+    pooled = _tolerance_from(honest, best, percentile, factor, lambda r: (r.model, r.source, r.stage), about)
+    tol = dataclasses.replace(pooled, stages=stages)
     return tol, best, table
 
 
-def _stage_tolerance(honest: list[Rows], figure: str, percentile: float, factor: float):
-    """One stage's own limits on the chosen figure: the same rules as the pooled ones, on its rows."""
+def _tolerance_from(honest: list[Rows], figure: str, percentile: float, factor: float, group_of, about: str):
+    """Limits on `figure` from honest rows whose hashes differ: the percentile is the honest limit,
+    factor x the largest the decisive one; the binomial rate is the upper 95% bound of the worst group
+    (not its point estimate, so that prompts unlike the calibration ones don't quarantine honest nodes)."""
     from consortium.verification.verdicts import Limits, Tolerance
 
     v, differ = _cat(honest, figure), ~_cat(honest, "hash_equal")
     h = v[differ]
-    thr, hmax = float(np.percentile(h, percentile)), float(h.max())
-    rate = max(upper_bound(int(np.sum((_cat(rs, figure) > thr) & ~_cat(rs, "hash_equal"))),
-                           int(sum(len(r.hash_equal) for r in rs)))
-               for rs in ([r for r in honest if r.source == p] for p in sorted({r.source for r in honest})))
-    src, decisive = _FIGURE_OF.get(figure, figure), factor * hmax
-    if figure in _FIGURE_OF:
+    thr, decisive = float(np.percentile(h, percentile)), factor * float(h.max())
+    rate = 0.0
+    for g in sorted({group_of(r) for r in honest}):
+        rs = [r for r in honest if group_of(r) == g]
+        k = int(np.sum((_cat(rs, figure) > thr) & ~_cat(rs, "hash_equal")))
+        rate = max(rate, upper_bound(k, int(sum(len(r.hash_equal) for r in rs))))
+    src = _FIGURE_OF.get(figure, figure)
+    if figure in _FIGURE_OF:  # similarity: limits are minima of 1 - distance
         honest_lim, decisive_lim = {src: 1.0 - thr}, ({src: 1.0 - decisive} if decisive < 1.0 else {})
     else:
         honest_lim = {src: thr}
         decisive_lim = {src: decisive} if not (figure.startswith("frac_gt") and decisive >= 1.0) else {}
     return Tolerance(Limits.from_json(honest_lim), Limits.from_json(decisive_lim), honest_mismatch_rate=round(rate, 6),
-                     topk=16, about=f"{int(differ.sum())} honest calibration comparisons whose hashes differ")
+                     topk=16, about=about)
 
 
 def upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
