@@ -329,7 +329,6 @@ def cheater_classes(rows: list[Rows]) -> list[str]:
 
 def choose_tolerance(rows: list[Rows], percentile: float = HONEST_PERCENTILE, factor: float = DECISIVE_FACTOR):
     """Pick the figure that separates cheaters best on the calibration prompts, and its thresholds."""
-
     honest = _select(rows, "calibration", honest=True)
     differ = ~_cat(honest, "hash_equal")
     classes = cheater_classes(rows)
