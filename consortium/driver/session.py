@@ -261,11 +261,17 @@ class SessionDriver:
         with self._lock:
             self._flush(s)
         st.epochs[s] += 1
-        try:  # fence the old node if it can still hear us; a dead one is fenced by its death
-            self.clients[old].call("Fence", pb.FenceRequest(ref=self._ref(s)), timeout=2.0)
-        except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                self.dead.add(old)
+        ref = self._ref(s)
+
+        def fence() -> None:  # the old node, if it can still hear us; a dead one is fenced by its death
+            try:
+                self.clients[old].call("Fence", pb.FenceRequest(ref=ref), timeout=2.0)
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.dead.add(old)
+        # Without waiting: a hung node would hold the failover for another deadline, and the new
+        # epoch already keeps its answers out of the session.
+        threading.Thread(target=fence, name=f"fence-{old}", daemon=True).start()
         upto = st.done[s]
         tried = {old, *exclude}
         while True:
