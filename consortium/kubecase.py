@@ -17,7 +17,8 @@ SESSION = "sky-is-blue"
 NAMESPACE = "default"
 
 
-def _baseline(max_tokens: int, prompt: str, threads: int):
+def baseline(max_tokens: int, prompt: str, threads: int):
+    """The single-node run the session's tokens must equal."""
     from consortium import generation
     from consortium.models import resolve_model
     from consortium.tokenizer import Tokenizer
@@ -46,7 +47,7 @@ def run(opts) -> dict:
     started_here = not cl.is_ready()
     if started_here:
         cl.start(timeout=300)
-    base = _baseline(opts.max_tokens, opts.prompt, opts.threads)
+    base = baseline(opts.max_tokens, opts.prompt, opts.threads)
     workdir = Path(tempfile.mkdtemp(prefix="consortium-k8s-testcase-"))
     bed = testbed.Testbed(cl, workdir, threads=opts.threads)
     try:

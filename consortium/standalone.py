@@ -119,6 +119,7 @@ def run(opts: Options) -> dict:
     from consortium.models import resolve_model
     from consortium.tokenizer import Tokenizer
     from consortium.verification import judgement
+    from consortium.wire import pb
     from node_agent.engine import llama as ll
     from node_agent.engine.pipeline import LocalPipeline
     from node_agent.engine.slicing import read_model_info, sha256_file
@@ -147,7 +148,7 @@ def run(opts: Options) -> dict:
         driver = SessionDriver(session=state.session, model_path=str(model), split=split, n_layers=info.n_layers,
                                model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
                                rpc_timeout_s=opts.rpc_timeout_s)
-        health = {n: driver.clients[n].call("Health", __import__("consortium.wire", fromlist=["pb"]).pb.HealthRequest())
+        health = {n: driver.clients[n].call("Health", pb.HealthRequest())
                   for n in NODES}
         driver.start()
         killed = {}

@@ -33,6 +33,7 @@ from consortium.verification import canonical
 from consortium.verification.canonical import CanonicalGrid
 from consortium.wire import pb
 from consortium_operator import audits, failover, placement, receipts
+from node_agent.engine.slicing import read_model_info, sha256_file
 
 log = logging.getLogger("consortium.operator.sessions")
 
@@ -58,19 +59,9 @@ def resolve_model_file(model: r.ModelRef) -> Path:
     return p if p.is_absolute() else Path(os.environ.get("CONSORTIUM_MODEL_DIR", "/models")) / p
 
 
-def model_layers(path: Path) -> int:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    f = reader.fields[f"{arch}.block_count"]
-    return int(f.parts[f.data[0]][0])
-
-
 def _sha256(path: Path) -> str:
     """The model's sha256, by which the driver finds the tolerances calibrated for its stages."""
     import consortium.cache
-    from node_agent.engine.slicing import sha256_file   # memoized per (path, size, mtime)
 
     return sha256_file(path, consortium.cache.cache_dir())
 
@@ -128,7 +119,7 @@ class SessionRun:
         from consortium.tokenizer import Tokenizer
 
         model_path = resolve_model_file(self.spec.model)
-        n_layers = model_layers(model_path)
+        n_layers = read_model_info(model_path).n_layers   # parsed once per file
         if self.spec.stages[-1].layer_range.end != n_layers - 1:
             self.fail("StagesDoNotCoverModel",
                       f"the stages end at layer {self.spec.stages[-1].layer_range.end}; the model has {n_layers}")

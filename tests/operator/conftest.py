@@ -26,18 +26,7 @@ def bed(cluster, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def baseline():
-    from consortium import generation
-    from consortium.models import resolve_model
-    from consortium.tokenizer import Tokenizer
-    from node_agent.engine.pipeline import LocalPipeline
-    from node_agent.engine.stage import StageConfig
+    from consortium import kubecase
 
-    model = resolve_model(None)
-    tok = Tokenizer(model)
-    try:
-        prompt = tok.prompt_tokens(testbed.sky_is_blue(MAX_TOKENS)["spec"]["prompt"])
-        with LocalPipeline(model, None, StageConfig(threads=1)) as pipe:
-            res = generation.generate(pipe, prompt, MAX_TOKENS, is_end=tok.is_end_of_generation)
-        return res.tokens
-    finally:
-        tok.close()
+    prompt = testbed.sky_is_blue(MAX_TOKENS)["spec"]["prompt"]
+    return kubecase.baseline(MAX_TOKENS, prompt, threads=1).tokens
