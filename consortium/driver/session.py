@@ -6,7 +6,10 @@ before returned. The token loop itself stays in consortium.generation.generate; 
 - checks on every response: the commitments match the rows received (the driver holds the output,
   so its canonicalization is the reveal), the window statements verify under the node's key and
   their Merkle roots match those commitments; receipts are assembled from the signed windows and a
-  window cut short by a failover or rollback is flushed as a shorter receipt;
+  window cut short by a failover or rollback is flushed as a shorter receipt. The checks of one hop
+  run while the next hop is in flight, and agents commit and sign after answering (deferred: a
+  step's commitments come with the stage's next response, the last ones from Commitments at the
+  end), so neither side hashes or signs on the token's critical path;
 - failover, written once: an RPC error or deadline on a stage bumps its epoch, fences the old node,
   asks the policy for a backup, loads the layers there and replays the stage's inputs (resent by
   the upstream agent, or recomputed through a replacement of it if that agent is gone too) in the
@@ -19,6 +22,7 @@ before returned. The token loop itself stays in consortium.generation.generate; 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -75,7 +79,8 @@ class SessionDriver:
     def __init__(self, *, session: str, model_path: str, split: Sequence[LayerRange], n_layers: int,
                  endpoints: dict[str, str], state: SessionState, policy: Policy, model_sha256: str = "",
                  grid: CanonicalGrid = CanonicalGrid(), tolerance: verdicts.Tolerance | None = None,
-                 rpc_timeout_s: float = 30.0, load_timeout_s: float = 120.0, honest_alpha: float = judgement.DEFAULT_ALPHA):
+                 rpc_timeout_s: float = 30.0, load_timeout_s: float = 120.0, honest_alpha: float = judgement.DEFAULT_ALPHA,
+                 defer_commitments: bool = True):
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
         self.split, self.n_layers = list(split), n_layers
         self.n_stages = len(self.split)
@@ -96,6 +101,10 @@ class SessionDriver:
         self._inputs: list[dict[int, object]] = [dict() for _ in self.split]
         self._commits: list[dict[int, tuple[str, int, bytes]]] = [dict() for _ in self.split]
         self._open: list[dict | None] = [None] * self.n_stages  # open receipt window per stage
+        self.defer_commitments = defer_commitments
+        # Rows received whose commitments are deferred, per stage: position -> (node, epoch, row).
+        self._unsigned: list[dict[int, tuple[str, int, np.ndarray]]] = [dict() for _ in self.split]
+        self._pending_check = None  # the last stage's response check, run during the next step's first hop
         self.receipts: list[dict] = []
         self.records: dict[str, judgement.NodeRecord] = {}
         self.steps: list[StepRecord] = []
@@ -155,7 +164,8 @@ class SessionDriver:
             if self.on_stage is not None:
                 self.on_stage(s, position)
             ts = time.perf_counter()
-            x = self._stage_step(s, position, x)
+            check, self._pending_check = self._pending_check, None
+            x, self._pending_check = self._stage_step(s, position, x, while_waiting=check)
             self._last_ms[s] = (time.perf_counter() - ts) * 1000
         self.steps.append(StepRecord(position, len(tokens), list(self._last_ms),
                                      (time.perf_counter() - t0) * 1000, self._step_failover))
@@ -168,6 +178,8 @@ class SessionDriver:
         """Called by generate() after each token (wait=False) and at the end (wait=True): the position
         to regenerate from after a rollback, or None."""
         if wait:
+            self._settle_checks()
+            self._collect_deferred()
             self._drain_audits()
         with self._lock:
             if not self._pending_fraud:
@@ -178,15 +190,20 @@ class SessionDriver:
 
     # -- one stage of one step -------------------------------------------------------------------
 
-    def _stage_step(self, s: int, position: int, x: np.ndarray) -> np.ndarray:
+    def _stage_step(self, s: int, position: int, x: np.ndarray, while_waiting=None):
+        """Stage s's output rows for this step, and the check of its response (for the caller to run
+        while the next hop is in flight). while_waiting: work to do once this hop is sent."""
         with self._lock:
             for i in range(len(x)):
                 self._inputs[s][position + i] = x[i] if s else int(x[i])
         for _ in range(4):
-            node = self.state.nodes[s]
-            req = self._forward_request(s, position, x)
+            node, epoch = self.state.nodes[s], self.state.epochs[s]
+            call = self.clients[node].start("Forward", self._forward_request(s, position, x, self.defer_commitments))
+            if while_waiting is not None:
+                while_waiting()
+                while_waiting = None
             try:
-                resp = self.clients[node].call("Forward", req)
+                resp = call.result()
             except grpc.RpcError as e:
                 if e.code() not in FAILOVER_CODES:
                     raise DriverError(f"stage {s} on {node} refused step {position}: {e.code().name}: {e.details()}")
@@ -194,16 +211,56 @@ class SessionDriver:
                 self._failover(s, f"{node}: {e.code().name}: {e.details()}")
                 continue
             out = wire.decode_tensor(resp.output, ndim=2)
-            self._accept(s, node, self.state.epochs[s], resp.output_position, out, list(resp.commitments),
-                         list(resp.windows))
             self.state.done[s] = position + len(x)
-            return out
+            return out, functools.partial(self._check_response, s, node, epoch, resp, out)
         raise DriverError(f"stage {s} failed over repeatedly at position {position}")
 
-    def _forward_request(self, s: int, position: int, x) -> pb.ForwardRequest:
+    def _check_response(self, s: int, node: str, epoch: int, resp: pb.ForwardResponse, out: np.ndarray) -> None:
+        if resp.earlier.commitments:
+            self._accept_deferred(s, node, epoch, resp.earlier)
+        if resp.commitments:
+            self._accept(s, node, epoch, resp.output_position, out, list(resp.commitments), list(resp.windows))
+        else:
+            with self._lock:
+                for i in range(len(out)):
+                    self._unsigned[s][resp.output_position + i] = (node, epoch, out[i])
+
+    def _accept_deferred(self, s: int, node: str, epoch: int, d: pb.DeferredCommitments) -> None:
+        """Deferred commitments checked against the rows they commit to, when the driver holds them."""
+        first, cs = int(d.position), list(d.commitments)
+        with self._lock:
+            held = [self._unsigned[s].pop(first + i, None) for i in range(len(cs))]
+        rows = None
+        if all(h is not None and h[0] == node and h[1] == epoch for h in held):
+            rows = held[0][2][None, :] if len(held) == 1 else np.stack([h[2] for h in held])
+        self._accept(s, node, epoch, first, rows, cs, list(d.windows), select=rows is not None)
+
+    def _settle_checks(self) -> None:
+        check, self._pending_check = self._pending_check, None
+        if check is not None:
+            check()
+
+    def _collect_deferred(self, timeout: float | None = None) -> None:
+        """The commitments of each stage's last deferred step(s), which no later response carried."""
+        for s in range(self.n_stages):
+            with self._lock:
+                if not self._unsigned[s]:
+                    continue
+            node, epoch = self.state.nodes[s], self.state.epochs[s]
+            try:
+                d = self.clients[node].call("Commitments", pb.CommitmentsRequest(ref=self._ref(s)), timeout=timeout)
+            except grpc.RpcError as e:  # its rows stay unsigned by it; a failover replays and signs them
+                log.warning("stage %d on %s could not deliver its deferred commitments: %s", s, node, e.code().name)
+                continue
+            if d.commitments:
+                self._accept_deferred(s, node, epoch, d)
+
+    def _forward_request(self, s: int, position: int, x, defer: bool = False) -> pb.ForwardRequest:
         if s == 0:
-            return pb.ForwardRequest(ref=self._ref(s), position=position, tokens=[int(t) for t in x])
-        return pb.ForwardRequest(ref=self._ref(s), position=position, hidden=wire.encode_tensor(x))
+            return pb.ForwardRequest(ref=self._ref(s), position=position, tokens=[int(t) for t in x],
+                                     defer_commitments=defer)
+        return pb.ForwardRequest(ref=self._ref(s), position=position, hidden=wire.encode_tensor(x),
+                                 defer_commitments=defer)
 
     def _accept(self, s: int, node: str, epoch: int, first: int, out: np.ndarray | None,
                 commitments: list[bytes], windows: list, select: bool = True) -> None:
@@ -260,6 +317,8 @@ class SessionDriver:
         old = st.nodes[s]
         with self._lock:
             self._flush(s)
+            # The old node's last rows will never be signed by it: its replacement replays and signs them.
+            self._unsigned[s].clear()
         st.epochs[s] += 1
         ref = self._ref(s)
 
@@ -446,6 +505,7 @@ class SessionDriver:
 
     def _rollback(self, node: str, why: str) -> int | None:
         st = self.state
+        self._settle_checks()
         with self._lock:
             first_bad = None
             for s in range(self.n_stages):
@@ -465,7 +525,7 @@ class SessionDriver:
         with self._lock:
             for s in range(self.n_stages):
                 self._flush(s)
-                for d in (self._inputs[s], self._commits[s]):
+                for d in (self._inputs[s], self._commits[s], self._unsigned[s]):
                     for k in [k for k in d if k >= q]:
                         del d[k]
             st.batches = [b for b in st.batches if b[0] < q]
@@ -503,6 +563,11 @@ class SessionDriver:
         return out
 
     def close(self) -> None:
+        try:   # after a normal end there is nothing left; after an error, what can still be had quickly
+            self._settle_checks()
+            self._collect_deferred(timeout=2.0)
+        except Exception:
+            log.exception("collecting deferred commitments at close failed")
         self._stop.set()
         if self._auditor.is_alive():
             self._auditor.join(timeout=5)
