@@ -41,6 +41,7 @@ class Options:
     report_dir: str | None = None
     rpc_timeout_s: float = 30.0
     hang: bool = False   # SIGSTOP instead of SIGKILL: the agent keeps its socket and never answers
+    defer_commitments: bool = True   # agents commit and sign after answering (False: before, in the response)
 
 
 class Agents:
@@ -147,7 +148,7 @@ def run(opts: Options) -> dict:
                              epochs=[1, 1, 1], audit_probability=opts.audit_probability, audit_seed=opts.audit_seed)
         driver = SessionDriver(session=state.session, model_path=str(model), split=split, n_layers=info.n_layers,
                                model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
-                               rpc_timeout_s=opts.rpc_timeout_s)
+                               rpc_timeout_s=opts.rpc_timeout_s, defer_commitments=opts.defer_commitments)
         health = {n: driver.clients[n].call("Health", pb.HealthRequest())
                   for n in NODES}
         driver.start()

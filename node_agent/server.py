@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from consortium import wire
+from consortium import priority, wire
 from consortium.layers import LayerRange
 from consortium.verification import canonical, proofs, receipts
 from consortium.verification.canonical import CanonicalGrid
@@ -161,6 +161,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         self._counters: dict[tuple[str, int, int], list[int]] = collections.defaultdict(lambda: [0, 0])
         # Commits and signs deferred steps after their response went out (one job per assignment at a time).
         self._committer = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="commit")
+        # Audits replay on threads of lower CPU priority, so forward steps on this node go first.
+        self._auditors = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="audit",
+                                                    initializer=priority.lower_thread_priority)
         self.requests = 0
         self.rejected = 0
 
@@ -446,7 +449,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     # -- Audit --------------------------------------------------------------------------------
 
     def Audit(self, request, context):
-        return self._handle(context, self._audit, request)
+        return self._handle(context, lambda req: self._auditors.submit(self._audit, req).result(), request)
 
     def _audit(self, req: pb.AuditRequest) -> pb.AuditResponse:
         session, stage_index, _ = self._ref(req.ref)

@@ -32,7 +32,7 @@ from typing import Sequence
 import grpc
 import numpy as np
 
-from consortium import wire
+from consortium import priority, wire
 from consortium.driver.client import NodeClient, RpcLog
 from consortium.driver.policy import Policy
 from consortium.driver.state import SessionState
@@ -394,6 +394,7 @@ class SessionDriver:
     # -- audits ----------------------------------------------------------------------------------
 
     def _audit_loop(self) -> None:
+        priority.lower_thread_priority()
         while not self._stop.is_set():
             try:
                 first = self._audit_q.get(timeout=0.2)
