@@ -64,6 +64,14 @@ def commit_share(model, split, n_tokens: int, threads: int, prompt: str) -> dict
             "per_stage_share": [round(c / (f + c), 4) for f, c in zip(fwd, commit)]}
 
 
+def _p10_ratio(single_ms: list[float], distributed_ms: list[float]) -> float | None:
+    import numpy as np
+
+    if not single_ms or not distributed_ms:
+        return None
+    return round(float(np.percentile(single_ms, 10) / np.percentile(distributed_ms, 10)), 3)
+
+
 def run(model_name, n_tokens: int, threads: int, log) -> dict:
     from consortium import standalone
     from consortium.layers import even_split
@@ -78,7 +86,11 @@ def run(model_name, n_tokens: int, threads: int, log) -> dict:
         log(f"dataplane benchmark: {name} ({n_tokens} tokens)")
         r = standalone.run(standalone.Options(model=model_name, max_tokens=n_tokens, kill_stage=kill,
                                               audit_probability=audit, threads=threads, defer_commitments=defer))
-        steps = [s["wall_ms"] for s in r["distributed"]["steps"][1:] if not s["failover"]]
+        normal = [s for s in r["distributed"]["steps"][1:] if not s["failover"]]
+        steps = [s["wall_ms"] for s in normal]
+        # What a hop costs beyond the agent's own work: the driver's time for the stage minus the agent's.
+        hop = [round(statistics.median(s["stage_ms"][i] - s["agent_ms"][i] for s in normal), 3)
+               for i in range(len(normal[0]["stage_ms"]))] if normal else None
         runs[name] = {"exact_match": r["exact_match"], "success": r["success"],
                       "single_node_tokens_per_s": r["baseline"]["tokens_per_s"],
                       "distributed_tokens_per_s": r["distributed"]["tokens_per_s"],
@@ -86,7 +98,13 @@ def run(model_name, n_tokens: int, threads: int, log) -> dict:
                       "median_step_ms": round(statistics.median(steps), 3) if steps else None,
                       "audits": r["audits"]["total"],
                       "audit_over_generation_cpu": r["audits"].get("audit_over_generation"),
-                      "failover_spike_ms": r["failover"].get("spike_ms")}
+                      "failover_spike_ms": r["failover"].get("spike_ms"),
+                      "hop_overhead_ms": hop,
+                      # Contention only adds time: the fastest tenth of the steps on each side is
+                      # the least disturbed comparison this machine allows.
+                      "p10_ratio": _p10_ratio(r["baseline"]["token_ms"][1:], steps),
+                      "agent_ms_median": [round(statistics.median(s["agent_ms"][i] for s in normal), 3)
+                                          for i in range(len(hop))] if normal else None}
     log("dataplane benchmark: commitments and signatures in process")
     share = commit_share(model, split, n_tokens, threads, standalone.PROMPT)
     a, b = runs["audits_20"], runs["no_audits"]
@@ -105,6 +123,10 @@ def summary(res: dict) -> str:
         f"{r['no_audits']['ratio']:.3f} without ({r['no_audits']['distributed_tokens_per_s']} vs "
         f"{r['no_audits']['single_node_tokens_per_s']}); target >= 0.85; agents committing before answering, "
         f"20% audits: {r['audits_20_undeferred']['ratio']:.3f}",
+        f"fastest tenth of the steps, single node over three agents (contention only adds time): "
+        f"{r['audits_20']['p10_ratio']} with 20% audits, {r['no_audits']['p10_ratio']} without, "
+        f"{r['audits_20_undeferred']['p10_ratio']} undeferred; a hop beyond the agent's own time, per stage "
+        f"(median ms): {r['no_audits']['hop_overhead_ms']}, agents' own time {r['no_audits']['agent_ms_median']}",
         f"commitments + signatures: {100 * c['share_of_token_time']:.2f}% of token time if done before answering "
         f"({c['commit_sign_ms_per_token']} ms of {c['forward_ms_per_token'] + c['commit_sign_ms_per_token']:.3f} ms "
         f"per token, per stage {c['per_stage_share']}); deferred (the default), none of it is on the critical "

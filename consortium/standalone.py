@@ -251,12 +251,14 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         "split": split_text, "placement": {f"stage{s}": n for s, n in enumerate(PLACEMENT)}, "nodes": nodes,
         "prompt": opts.prompt, "prompt_tokens": len(prompt_ids), "max_tokens": opts.max_tokens,
         "threads_per_agent": opts.threads, "heterogeneous": opts.heterogeneous,
-        "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3)},
+        "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3),
+                     "token_ms": [round(x, 3) for x in base.token_ms]},
         "distributed": {"tokens": dist.tokens, "text": dist.text, "tokens_per_s": round(dist.tokens_per_s, 3),
                         "per_stage_ms": [round(x, 3) for x in dist.per_stage_mean_ms()], "wall_s": round(wall_s, 3),
                         "rewinds": dist.rewinds,
                         "steps": [{"position": s.position, "rows": s.rows, "wall_ms": round(s.wall_ms, 3),
-                                   "stage_ms": [round(x, 3) for x in s.stage_ms], "failover": s.failover}
+                                   "stage_ms": [round(x, 3) for x in s.stage_ms], "failover": s.failover,
+                                   "agent_ms": [round(x, 3) for x in s.agent_ms]}
                                   for s in steps]},
         "speed_ratio": round(dist.tokens_per_s / base.tokens_per_s, 4) if base.tokens_per_s else None,
         "exact_match": exact,

@@ -73,6 +73,7 @@ class StepRecord:
     stage_ms: list[float]
     wall_ms: float
     failover: bool
+    agent_ms: list[float] = dataclasses.field(default_factory=list)  # each agent's own time in the step
 
 
 class SessionDriver:
@@ -109,6 +110,7 @@ class SessionDriver:
         self.records: dict[str, judgement.NodeRecord] = {}
         self.steps: list[StepRecord] = []
         self._last_ms = [0.0] * self.n_stages
+        self._agent_ms = [0.0] * self.n_stages
         self._step_failover = False
         self._generation = 0
         self._pending_fraud: list[tuple[str, str]] = []
@@ -168,7 +170,7 @@ class SessionDriver:
             x, self._pending_check = self._stage_step(s, position, x, while_waiting=check)
             self._last_ms[s] = (time.perf_counter() - ts) * 1000
         self.steps.append(StepRecord(position, len(tokens), list(self._last_ms),
-                                     (time.perf_counter() - t0) * 1000, self._step_failover))
+                                     (time.perf_counter() - t0) * 1000, self._step_failover, list(self._agent_ms)))
         return x[-1]
 
     def stage_ms(self) -> list[float]:
@@ -211,6 +213,7 @@ class SessionDriver:
                 self._failover(s, f"{node}: {e.code().name}: {e.details()}")
                 continue
             out = wire.decode_tensor(resp.output, ndim=2)
+            self._agent_ms[s] = resp.compute_ms
             self.state.done[s] = position + len(x)
             return out, functools.partial(self._check_response, s, node, epoch, resp, out)
         raise DriverError(f"stage {s} failed over repeatedly at position {position}")

@@ -55,7 +55,8 @@ def decode_tensor(t: pb.Tensor, *, dtype: str = "float32", ndim: int | None = No
     want = n * _DTYPES[dtype].itemsize
     if len(t.data) != want:
         raise TensorError(f"tensor {list(shape)} {dtype} needs {want} bytes, got {len(t.data)}")
-    return np.frombuffer(t.data, dtype=_DTYPES[dtype]).reshape(shape).astype(dtype)
+    # A read-only view of the message's bytes (no copy on little-endian machines, which is all of them here).
+    return np.frombuffer(t.data, dtype=_DTYPES[dtype]).reshape(shape).astype(dtype, copy=False)
 
 
 def grid_to_pb(g: CanonicalGrid) -> pb.Grid:
