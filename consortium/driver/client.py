@@ -60,11 +60,6 @@ class NodeClient:
             size = request.ByteSize() + (resp.ByteSize() if resp is not None else 0)
             self.log.add(RpcRecord(self.name, method, (time.perf_counter() - t0) * 1000, size, ok))
 
-    def start(self, method: str, request, timeout: float | None = None) -> "PendingCall":
-        """Send a unary call without waiting for it: the caller works meanwhile, then takes result()."""
-        future = getattr(self.stub, method).future(request, timeout=timeout or self.timeout_s)
-        return PendingCall(self, method, request, future, time.perf_counter())
-
     def stream(self, method: str, request, timeout: float | None = None) -> list:
         t0 = time.perf_counter()
         out, ok = [], False
@@ -79,24 +74,3 @@ class NodeClient:
 
     def close(self) -> None:
         self.channel.close()
-
-
-@dataclasses.dataclass
-class PendingCall:
-    client: NodeClient
-    method: str
-    request: object
-    future: grpc.Future
-    t0: float
-
-    def result(self):
-        """The response, or the call's grpc.RpcError; logged like a blocking call."""
-        resp, ok = None, False
-        try:
-            resp = self.future.result()
-            ok = True
-            return resp
-        finally:
-            size = self.request.ByteSize() + (resp.ByteSize() if resp is not None else 0)
-            self.client.log.add(RpcRecord(self.client.name, self.method, (time.perf_counter() - self.t0) * 1000,
-                                          size, ok))

@@ -6,10 +6,10 @@ before returned. The token loop itself stays in consortium.generation.generate; 
 - checks on every response: the commitments match the rows received (the driver holds the output,
   so its canonicalization is the reveal), the window statements verify under the node's key and
   their Merkle roots match those commitments; receipts are assembled from the signed windows and a
-  window cut short by a failover or rollback is flushed as a shorter receipt. The checks of one hop
-  run while the next hop is in flight, and agents commit and sign after answering (deferred: a
-  step's commitments come with the stage's next response, the last ones from Commitments at the
-  end), so neither side hashes or signs on the token's critical path;
+  window cut short by a failover or rollback is flushed as a shorter receipt. The checks run in a
+  checker thread while the next hops are in flight, and agents commit and sign after answering
+  (deferred: a step's commitments come with the stage's next response, the last ones from
+  Commitments at the end), so neither side hashes or signs on the token's critical path;
 - failover, written once: an RPC error or deadline on a stage bumps its epoch, fences the old node,
   asks the policy for a backup, loads the layers there and replays the stage's inputs (resent by
   the upstream agent, or recomputed through a replacement of it if that agent is gone too) in the
@@ -27,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent import futures
 from typing import Sequence
 
 import grpc
@@ -52,6 +53,15 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
 class DriverError(RuntimeError):
     pass
+
+
+@functools.lru_cache(maxsize=256)
+def _public_key(text: str):
+    """A node's key parsed once, not at every signature check; None when it is no key."""
+    try:
+        return signing.public_key(text)
+    except ValueError:
+        return None
 
 
 @dataclasses.dataclass
@@ -105,7 +115,10 @@ class SessionDriver:
         self.defer_commitments = defer_commitments
         # Rows received whose commitments are deferred, per stage: position -> (node, epoch, row).
         self._unsigned: list[dict[int, tuple[str, int, np.ndarray]]] = [dict() for _ in self.split]
-        self._pending_check = None  # the last stage's response check, run during the next step's first hop
+        # Response checks, in order, off the token's critical path; settled before anything that
+        # needs them done (failover, rollback, the end).
+        self._checker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checker")
+        self._last_check: futures.Future | None = None
         self.receipts: list[dict] = []
         self.records: dict[str, judgement.NodeRecord] = {}
         self.steps: list[StepRecord] = []
@@ -166,8 +179,8 @@ class SessionDriver:
             if self.on_stage is not None:
                 self.on_stage(s, position)
             ts = time.perf_counter()
-            check, self._pending_check = self._pending_check, None
-            x, self._pending_check = self._stage_step(s, position, x, while_waiting=check)
+            x, check = self._stage_step(s, position, x)
+            self._last_check = self._checker.submit(self._run_check, check)
             self._last_ms[s] = (time.perf_counter() - ts) * 1000
         self.steps.append(StepRecord(position, len(tokens), list(self._last_ms),
                                      (time.perf_counter() - t0) * 1000, self._step_failover, list(self._agent_ms)))
@@ -192,20 +205,15 @@ class SessionDriver:
 
     # -- one stage of one step -------------------------------------------------------------------
 
-    def _stage_step(self, s: int, position: int, x: np.ndarray, while_waiting=None):
-        """Stage s's output rows for this step, and the check of its response (for the caller to run
-        while the next hop is in flight). while_waiting: work to do once this hop is sent."""
+    def _stage_step(self, s: int, position: int, x: np.ndarray):
+        """Stage s's output rows for this step, and the check of its response (for the checker)."""
         with self._lock:
             for i in range(len(x)):
                 self._inputs[s][position + i] = x[i] if s else int(x[i])
         for _ in range(4):
             node, epoch = self.state.nodes[s], self.state.epochs[s]
-            call = self.clients[node].start("Forward", self._forward_request(s, position, x, self.defer_commitments))
-            if while_waiting is not None:
-                while_waiting()
-                while_waiting = None
             try:
-                resp = call.result()
+                resp = self.clients[node].call("Forward", self._forward_request(s, position, x, self.defer_commitments))
             except grpc.RpcError as e:
                 if e.code() not in FAILOVER_CODES:
                     raise DriverError(f"stage {s} on {node} refused step {position}: {e.code().name}: {e.details()}")
@@ -238,10 +246,19 @@ class SessionDriver:
             rows = held[0][2][None, :] if len(held) == 1 else np.stack([h[2] for h in held])
         self._accept(s, node, epoch, first, rows, cs, list(d.windows), select=rows is not None)
 
-    def _settle_checks(self) -> None:
-        check, self._pending_check = self._pending_check, None
-        if check is not None:
+    @staticmethod
+    def _run_check(check) -> None:
+        try:
             check()
+        except Exception:
+            log.exception("checking a response failed")
+            raise
+
+    def _settle_checks(self) -> None:
+        """Wait until every response received so far is checked."""
+        last, self._last_check = self._last_check, None
+        if last is not None:
+            last.result()
 
     def _collect_deferred(self, timeout: float | None = None) -> None:
         """The commitments of each stage's last deferred step(s), which no later response carried."""
@@ -281,7 +298,8 @@ class SessionDriver:
                 sst = wire.window_from_pb(w)
                 st = sst.statement
                 ok = (st.session == self.session and st.stage == s and st.epoch == epoch and
-                      signing.verify_signature(self.public_keys.get(node, ""), st.encode(), sst.signature))
+                      signing.verify_signature(_public_key(self.public_keys.get(node, "")) or "", st.encode(),
+                                               sst.signature))
                 cs = [self._commits[s].get(p, (None, None, b""))[2] for p in st.positions]
                 ok = ok and len(cs) == st.count and receipts.merkle.merkle_root(cs) == st.merkle_root
                 sig_ok = sig_ok and ok
@@ -316,6 +334,7 @@ class SessionDriver:
 
     def _failover(self, s: int, reason: str, exclude: Sequence[str] = ()) -> str:
         t0 = time.perf_counter()
+        self._settle_checks()
         st = self.state
         old = st.nodes[s]
         with self._lock:
@@ -573,6 +592,7 @@ class SessionDriver:
         except Exception:
             log.exception("collecting deferred commitments at close failed")
         self._stop.set()
+        self._checker.shutdown(wait=True)
         if self._auditor.is_alive():
             self._auditor.join(timeout=5)
         with self._lock:
