@@ -1,7 +1,7 @@
 """Background work gives way to the token's critical path.
 
-Audits are optimistic (generation never waits for them) but their replays cost about half of the
-generation's CPU, on the same cores as the forward steps. Running them in threads of lower CPU
+Audits are optimistic (generation never waits for them) but an agent's audit replays cost about half
+of the generation's CPU, on the same cores as the forward steps. Running them in threads of lower CPU
 priority lets the scheduler prefer the forward steps when the cores are contended. Linux sets the
 nice value per thread; elsewhere (macOS: per process) this does nothing rather than slow the agent.
 """

@@ -33,7 +33,7 @@ from typing import Sequence
 import grpc
 import numpy as np
 
-from consortium import priority, wire
+from consortium import wire
 from consortium.driver.client import NodeClient, RpcLog
 from consortium.driver.policy import Policy
 from consortium.driver.state import SessionState
@@ -416,7 +416,8 @@ class SessionDriver:
     # -- audits ----------------------------------------------------------------------------------
 
     def _audit_loop(self) -> None:
-        priority.lower_thread_priority()
+        # Not at a lower priority, unlike the agents' audit threads: a descheduled thread holding the
+        # GIL would hold up the token loop that waits for it.
         while not self._stop.is_set():
             try:
                 first = self._audit_q.get(timeout=0.2)
