@@ -5,6 +5,8 @@ are written once. The generated stubs (agent_pb2, agent_pb2_grpc) come from scri
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from consortium.verification.canonical import CanonicalGrid
@@ -49,7 +51,7 @@ def decode_tensor(t: pb.Tensor, *, dtype: str = "float32", ndim: int | None = No
         raise TensorError(f"tensor has {len(shape)} dimensions {list(shape)}, expected {ndim}")
     if any(s <= 0 for s in shape):
         raise TensorError(f"tensor shape {list(shape)} has an empty or negative dimension")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)  # Python integers: no overflow, and cheaper than numpy on a short tuple
     if n > max_elements:
         raise TensorError(f"tensor of {n} elements is too large")
     want = n * _DTYPES[dtype].itemsize
