@@ -472,12 +472,14 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
 
 
 def serve(identity: NodeIdentity, listen: str, config: AgentConfig = AgentConfig(), *,
-          max_workers: int = 8) -> tuple[grpc.Server, NodeAgentService, int]:
-    """Start the agent on `listen` (host:port, port 0 picks one); returns (server, service, port)."""
+          max_workers: int = 8, tls=None) -> tuple[grpc.Server, NodeAgentService, int]:
+    """Start the agent on `listen` (host:port, port 0 picks one); returns (server, service, port).
+    `tls` (consortium.tls.Credentials): mutual TLS, callers must present a certificate from its CA;
+    None: plaintext (development only)."""
     service = NodeAgentService(identity, config)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=wire.CHANNEL_OPTIONS)
     wire.pb_grpc.add_NodeAgentServicer_to_server(service, server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, tls.server_credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     server.start()
