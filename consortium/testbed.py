@@ -78,8 +78,6 @@ class Testbed:
                "--set", f"devPlaintext={str(self.ca is None).lower()}", "--set", "operator.replicas=0")
         self.operator_kubeconfig = c.write_kubeconfig(self.workdir / "operator.kubeconfig",
                                                       token=c.create_token(OPERATOR_SA, NS, duration="2h"))
-        self.agent_kubeconfig = c.write_kubeconfig(self.workdir / "agent.kubeconfig",
-                                                   token=c.create_token(AGENT_SA, NS, duration="2h"))
         # RBAC reaches the server's authorizer a moment after it is written.
         wait_until(lambda: c.kubectl("auth", "can-i", "create", "computenodes.consortium.io", "--as",
                                      f"system:serviceaccount:{NS}:{AGENT_SA}", check=False).stdout.strip() == "yes",
@@ -117,12 +115,17 @@ class Testbed:
             self.operator.send_signal(signal.SIGKILL)
             self.operator.wait()
 
+    def agent_kubeconfig(self, name: str) -> str:
+        """The agent ServiceAccount with a token bound to Node `name`, as an admin hands a bare agent."""
+        return self.cluster.write_kubeconfig(self.workdir / f"agent-{name}.kubeconfig", token=self.cluster.node_bound_token(
+            AGENT_SA, NS, name, duration="2h"))
+
     def start_agent(self, name: str, labels: dict[str, str], extra: list[str] = ()) -> subprocess.Popen:
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
                "--key-file", str(self.workdir / "keys" / f"{name}.pem"), "--node-id", name, "--name", name,
-               *self._tls_args(name), "--threads", str(self.threads), "--kubeconfig", self.agent_kubeconfig,
+               *self._tls_args(name), "--threads", str(self.threads), "--kubeconfig", self.agent_kubeconfig(name),
                "--namespace", NS, "--labels", ",".join(f"{k}={v}" for k, v in labels.items()), *extra]
         log = open(self.workdir / f"agent-{name}.log", "ab")
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
