@@ -65,6 +65,29 @@ class CertificateAuthority:
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
+    def save(self, directory: str | os.PathLike) -> None:
+        """ca.crt and ca.key (0600) in `directory`; never overwrites an existing CA."""
+        d = Path(directory)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(d / "ca.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_key_pem(self.key))
+        (d / "ca.crt").write_bytes(self.cert_pem)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "CertificateAuthority":
+        d = Path(directory)
+        try:
+            cert = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+            key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+        except OSError as e:
+            raise TLSError(f"cannot read the CA in {d}: {e.strerror}: {e.filename}") from None
+        except (ValueError, TypeError) as e:
+            raise TLSError(f"the CA in {d} is not a PEM certificate and unencrypted key: {e}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+            raise TLSError(f"{d / 'ca.key'} is not the key of {d / 'ca.crt'}")
+        return cls(key, cert)
+
     def issue(self, name: str, *, server: bool = True, client: bool = True, days: int = 365,
               addresses: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
         """(certificate PEM, key PEM) for `name`: a node's name (server) or the driver's (client).

@@ -132,3 +132,27 @@ def test_agent_flags_refuse_a_missing_or_mixed_tls_setup(tmp_path, capsys):
     for extra, message in cases:
         assert agent_main.main(["--key-file", key, "--listen", "127.0.0.1:0", *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_certs_command_issues_certificates_that_handshake(tmp_path, capsys):
+    from consortium import cli
+
+    d = tmp_path / "pki"
+    assert cli.main(["certs", str(d), "n7", "--driver"]) == 0
+    assert cli.main(["certs", str(d), "n8"]) == 0          # the same CA, loaded
+    agent_creds = tls.Credentials.load(d / "n8" / "tls.crt", d / "n8" / "tls.key", d / "n8" / "ca.crt")
+    driver = tls.Credentials.load(*(d / tls.DRIVER_NAME / f for f in ("tls.crt", "tls.key", "ca.crt")))
+    assert agent_creds.name == "n8" and (d / "n8" / "tls.key").stat().st_mode & 0o077 == 0
+    ident = NodeIdentity.load_or_create(tmp_path / "node.pem", "n8")
+    srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(node_id="n8", threads=1, n_ctx=64),
+                                tls=agent_creds)
+    try:
+        assert health(f"127.0.0.1:{port}", "n8", driver).node_id == "n8"
+    finally:
+        srv.stop(None)
+    capsys.readouterr()
+    (d / "ca.key").write_bytes(tls.CertificateAuthority.create().key.private_bytes(
+        tls.serialization.Encoding.PEM, tls.serialization.PrivateFormat.PKCS8, tls.serialization.NoEncryption()))
+    assert cli.main(["certs", str(d), "n9"]) == 2
+    assert "is not the key of" in capsys.readouterr().err
+    assert cli.main(["certs", str(tmp_path / "empty")]) == 2
