@@ -53,6 +53,23 @@ def test_daemonset_runs_only_on_accelerator_labels(cluster):
     assert ds["spec"]["template"]["spec"]["containers"][0]["command"] == ["node-agent"]
 
 
+@pytest.mark.parametrize("plaintext", [False, True], ids=["mtls", "dev-plaintext"])
+def test_tls_material_is_mounted_unless_dev_plaintext(cluster, plaintext):
+    """The operator reads its client certificate from a Secret, each agent its node's from the node."""
+    values = ["--set", "devPlaintext=true"] if plaintext else []
+    for template, source in (("operator-deployment", "secret"), ("agent-daemonset", "hostPath")):
+        obj = yaml.safe_load(cluster.helm("template", RELEASE, CHART, "-n", NS, *values,
+                                          "--show-only", f"templates/{template}.yaml").stdout)
+        pod = obj["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        tls_volumes = [v for v in pod["volumes"] if v["name"] == "tls"]
+        if plaintext:
+            assert env["CONSORTIUM_PLAINTEXT"] == "1" and "CONSORTIUM_TLS_CERT" not in env and not tls_volumes
+        else:
+            assert env["CONSORTIUM_PLAINTEXT"] == "0" and env["CONSORTIUM_TLS_CA"] == "/etc/consortium/tls/ca.crt"
+            assert source in tls_volumes[0]
+
+
 def test_bad_model_source_is_refused_at_render_time(cluster):
     done = cluster.helm("template", RELEASE, CHART, "--set", "models.type=nfs", check=False)
     assert done.returncode != 0 and "models.type must be hostPath, pvc or none" in done.stderr
