@@ -57,6 +57,9 @@ class AgentConfig:
     n_seq_max: int = 8
     repack: bool = True
     fault: str | None = None
+    # Under mutual TLS: names a caller's certificate must carry (the driver's), so another agent's
+    # certificate from the same CA cannot fence or truncate this node's stages. Empty: any caller.
+    allowed_callers: tuple[str, ...] = ()
 
 
 class Engines:
@@ -149,6 +152,12 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     def _handle(self, context, fn, *args):
         with self._lock:
             self.requests += 1
+        if self.config.allowed_callers:
+            names = [n.decode(errors="replace") for n in context.auth_context().get("x509_subject_alternative_name", [])]
+            if not set(names) & set(self.config.allowed_callers):
+                self._reject(context, grpc.StatusCode.PERMISSION_DENIED,
+                             f"caller {', '.join(names) or '(no certificate)'} is not one of "
+                             f"{', '.join(self.config.allowed_callers)}")
         try:
             return fn(*args)
         except Refused as e:
@@ -476,6 +485,10 @@ def serve(identity: NodeIdentity, listen: str, config: AgentConfig = AgentConfig
     """Start the agent on `listen` (host:port, port 0 picks one); returns (server, service, port).
     `tls` (consortium.tls.Credentials): mutual TLS, callers must present a certificate from its CA;
     None: plaintext (development only)."""
+    if tls is not None and not config.allowed_callers:
+        from consortium.tls import DRIVER_NAME
+
+        config = dataclasses.replace(config, allowed_callers=(DRIVER_NAME,))
     service = NodeAgentService(identity, config)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=wire.CHANNEL_OPTIONS)
     wire.pb_grpc.add_NodeAgentServicer_to_server(service, server)

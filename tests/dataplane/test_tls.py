@@ -67,6 +67,18 @@ def test_agent_with_another_nodes_certificate_is_refused(pki, agents):
     refused(agents["n1"], "n2", driver)
 
 
+def test_another_agents_certificate_cannot_call_an_agent(pki, agents):
+    """n2's certificate is from the same CA, but only the driver may fence or truncate n1's stages."""
+    _, creds, _ = pki
+    for method, req in (("Health", pb.HealthRequest()), ("Fence", pb.FenceRequest(ref=pb.StageRef(session="s", stage=0, epoch=9)))):
+        client = NodeClient("n1", agents["n1"], RpcLog(), CALL_S, creds["n2"])
+        with pytest.raises(grpc.RpcError) as e:
+            client.call(method, req)
+        client.close()
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "caller n2 is not one of consortium-driver" in e.value.details()
+
+
 def test_callers_without_a_certificate_from_the_ca_are_refused(pki, agents):
     ca, creds, _ = pki
     no_cert = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem)
