@@ -49,7 +49,7 @@ def run(opts) -> dict:
         cl.start(timeout=300)
     base = baseline(opts.max_tokens, opts.prompt, opts.threads)
     workdir = Path(tempfile.mkdtemp(prefix="consortium-k8s-testcase-"))
-    bed = testbed.Testbed(cl, workdir, threads=opts.threads)
+    bed = testbed.Testbed(cl, workdir, threads=opts.threads, plaintext=opts.plaintext)
     try:
         bed.install()
         cl.kubectl("delete", "inferencesession", SESSION, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
@@ -102,6 +102,7 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed) -> dict:
     verdicts = [(r.get("status") or {}).get("verdict") for r in receipts]
     report = {
         "mode": "kubernetes",
+        "transport": "plaintext" if opts.plaintext else "mutual TLS",
         "split": ",".join(sa["spec"]["layerRange"] for sa in sas.values()),
         "placement": {f"stage{i}": sa["spec"]["nodeName"] for i, sa in sas.items()},   # at the end
         "placement_at_start": _first_placement(sas, fo),

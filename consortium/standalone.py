@@ -41,20 +41,33 @@ class Options:
     report_dir: str | None = None
     rpc_timeout_s: float = 30.0
     hang: bool = False   # SIGSTOP instead of SIGKILL: the agent keeps its socket and never answers
+    plaintext: bool = False  # gRPC without TLS; by default a CA made for the run issues mutual-TLS certificates
 
 
 class Agents:
     """The three node-agent processes."""
 
     def __init__(self, workdir: Path, opts: Options, faulty_node: str | None):
+        from node_agent.identity import NodeIdentity
+
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen] = {}
         self.hung: set[str] = set()
         self.endpoints: dict[str, str] = {}
+        self.driver_tls = None   # the driver's client credentials; None: plaintext
+        # The keys are made here, as an admin registers a node's key, so signatures verify under them.
+        self.public_keys = {n: NodeIdentity.load_or_create(workdir / "keys" / f"{n}.pem", n).public_key_text
+                            for n in NODES}
+        agent_tls = {n: ["--plaintext"] for n in NODES}
+        if not opts.plaintext:
+            from consortium import tls
+
+            files, self.driver_tls = tls.local_pki(workdir / "tls", list(NODES))
+            agent_tls = {n: ["--tls-cert", f["cert"], "--tls-key", f["key"], "--tls-ca", f["ca"]] for n, f in files.items()}
         for n in NODES:
             port_file = workdir / f"{n}.port"
             cmd = [sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-                   "--key-file", str(workdir / "keys" / f"{n}.pem"), "--node-id", n, "--plaintext",
+                   "--key-file", str(workdir / "keys" / f"{n}.pem"), "--node-id", n, *agent_tls[n],
                    "--labels", f"consortium.io/node={n},consortium.io/role={ROLES[n]}", "--threads", str(opts.threads)]
             if opts.heterogeneous and ROLES[n] == "metal":
                 cmd.append("--no-repack")
@@ -147,7 +160,8 @@ def run(opts: Options) -> dict:
                              epochs=[1, 1, 1], audit_probability=opts.audit_probability, audit_seed=opts.audit_seed)
         driver = SessionDriver(session=state.session, model_path=str(model), split=split, n_layers=info.n_layers,
                                model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
-                               rpc_timeout_s=opts.rpc_timeout_s)
+                               rpc_timeout_s=opts.rpc_timeout_s, tls=agents.driver_tls,
+                               registered_keys=agents.public_keys)
         health = {n: driver.clients[n].call("Health", pb.HealthRequest())
                   for n in NODES}
         driver.start()
@@ -250,6 +264,7 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         "split": split_text, "placement": {f"stage{s}": n for s, n in enumerate(PLACEMENT)}, "nodes": nodes,
         "prompt": opts.prompt, "prompt_tokens": len(prompt_ids), "max_tokens": opts.max_tokens,
         "threads_per_agent": opts.threads, "heterogeneous": opts.heterogeneous,
+        "transport": "plaintext" if opts.plaintext else "mutual TLS",
         "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3)},
         "distributed": {"tokens": dist.tokens, "text": dist.text, "tokens_per_s": round(dist.tokens_per_s, 3),
                         "per_stage_ms": [round(x, 3) for x in dist.per_stage_mean_ms()], "wall_s": round(wall_s, 3),

@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 
+from consortium import tls
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="node-agent", description=__doc__.splitlines()[0])
@@ -19,8 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=2048, help="KV cells per loaded layer range, shared by its sessions")
     p.add_argument("--no-repack", action="store_true",
                    help="turn off llama.cpp's CPU weight repacking: other kernels, honest float differences")
-    p.add_argument("--plaintext", action="store_true",
-                   help="serve without TLS (the only mode so far; mutual TLS comes later)")
     p.add_argument("--fault", help="cheat on purpose, for tests: skip-layer, cheap-quant, noise-<scale>, replay, random")
     k = p.add_argument_group("control plane", "register a ComputeNode and renew a Lease (bare: --kubeconfig; "
                              "in the cluster: the pod's ServiceAccount, labels from the Node CONSORTIUM_NODE_NAME)")
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="namespace of the heartbeat Lease (the chart's release namespace)")
     k.add_argument("--lease-seconds", type=int, default=10, help="Lease duration; renewed every fifth of it")
     p.add_argument("--port-file", help="write the bound port here once serving (for --listen with port 0)")
+    tls.add_arguments(p, "agent")
     return p
 
 
@@ -48,25 +49,26 @@ def parse_labels(text: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(message)s")
-    if not args.plaintext:
-        print("error: only --plaintext is implemented so far (mutual TLS is a later issue); pass --plaintext",
-              file=sys.stderr)
-        return 2
     from node_agent import faults, server
     from node_agent.identity import NodeIdentity
 
     try:
         labels = parse_labels(args.labels)
         fault = faults.parse_fault(args.fault).name if args.fault else None
+        creds = tls.from_args(args)   # TLSError is a ValueError
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     identity = NodeIdentity.load_or_create(args.key_file, args.node_id)
     config = server.AgentConfig(node_id=identity.node_id, labels=labels, threads=args.threads, n_ctx=args.ctx,
                                 repack=not args.no_repack, fault=fault)
-    srv, service, port = server.serve(identity, args.listen, config)
+    if creds is not None and args.name and creds.name != args.name:
+        print(f"error: the TLS certificate names {creds.name!r}, not this node ({args.name!r})", file=sys.stderr)
+        return 2
+    srv, service, port = server.serve(identity, args.listen, config, tls=creds)
     host = args.listen.rsplit(":", 1)[0]
-    logging.info("node %s serving on %s:%d (backend %s%s%s)", identity.node_id, host, port, service.backend,
+    logging.info("node %s serving on %s:%d (%s, backend %s%s%s)", identity.node_id, host, port,
+                 f"mutual TLS as {creds.name}" if creds else "PLAINTEXT", service.backend,
                  ", repacking off" if args.no_repack else "", f", FAULT {fault}" if fault else "")
     registrar = None
     node_name = os.environ.get("CONSORTIUM_NODE_NAME") or os.environ.get("NODE_NAME")

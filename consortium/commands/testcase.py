@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heterogeneous", action="store_true",
                    help="the metal-role node runs with CPU weight repacking off (other kernels) on a Q4_K_M model")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads per agent and for the baseline")
+    p.add_argument("--plaintext", action="store_true",
+                   help="gRPC without TLS (development only); by default a CA made for the run issues "
+                        "mutual-TLS certificates to the agents and the driver")
     p.add_argument("--json", metavar="OUT", help="write the report JSON here ('-' for stdout)")
     p.add_argument("--report", metavar="DIR", help="write report.json, summary.md and latency.png here")
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                               faulty_stage=args.faulty_stage, fault=args.fault, heterogeneous=args.heterogeneous,
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
                               json_out=None if args.json in (None, "-") else args.json, report_dir=args.report,
-                              hang=args.hang, **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
+                              hang=args.hang, plaintext=args.plaintext, **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     if not args.standalone:
         if args.faulty_stage is not None or args.heterogeneous or args.model or args.hang or args.rpc_timeout:
             print("error: --faulty-stage, --heterogeneous, --model, --hang and --rpc-timeout need --standalone so far",

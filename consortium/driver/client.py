@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 
 from consortium import wire
+from consortium.tls import secure_channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +45,12 @@ class RpcLog:
 
 
 class NodeClient:
-    def __init__(self, name: str, endpoint: str, log: RpcLog, timeout_s: float = 30.0):
+    def __init__(self, name: str, endpoint: str, log: RpcLog, timeout_s: float = 30.0, tls=None):
+        """`tls` (consortium.tls.Credentials): mutual TLS, the agent must prove it is node `name`;
+        None: plaintext (development only)."""
         self.name, self.endpoint, self.log, self.timeout_s = name, endpoint, log, timeout_s
-        self.channel = grpc.insecure_channel(endpoint, options=wire.CHANNEL_OPTIONS)
+        self.channel = (secure_channel(endpoint, name, tls, wire.CHANNEL_OPTIONS) if tls is not None
+                        else grpc.insecure_channel(endpoint, options=wire.CHANNEL_OPTIONS))
         self.stub = wire.pb_grpc.NodeAgentStub(self.channel)
 
     def call(self, method: str, request, timeout: float | None = None):
