@@ -13,8 +13,18 @@ from consortium import tls
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="node-agent", description=__doc__.splitlines()[0])
-    p.add_argument("--listen", default="127.0.0.1:50051", help="host:port to serve on (port 0: any free port)")
-    p.add_argument("--key-file", required=True, help="the node's Ed25519 key (PKCS#8 PEM, mode 0600; created if missing)")
+    env = os.environ.get
+    # In a pod the chart sets CONSORTIUM_AGENT_PORT and CONSORTIUM_IDENTITY_DIR (a hostPath, so the key
+    # outlives the pod); flags win over them.
+    port = env("CONSORTIUM_AGENT_PORT")
+    p.add_argument("--listen", default=f"0.0.0.0:{port}" if port else "127.0.0.1:50051",
+                   help="host:port to serve on (port 0: any free port; default 0.0.0.0:$CONSORTIUM_AGENT_PORT "
+                        "if set, else 127.0.0.1:50051)")
+    identity_dir = env("CONSORTIUM_IDENTITY_DIR")
+    p.add_argument("--key-file", required=not identity_dir,
+                   default=os.path.join(identity_dir, "node.pem") if identity_dir else None,
+                   help="the node's Ed25519 key (PKCS#8 PEM, mode 0600; created if missing; default "
+                        "$CONSORTIUM_IDENTITY_DIR/node.pem)")
     p.add_argument("--node-id", help="node id (default: derived from the public key)")
     p.add_argument("--labels", default="", help="comma-separated key=value labels, e.g. role=metal,consortium.io/node=N2")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads per stage (default: all cores)")

@@ -185,3 +185,19 @@ def test_undecodable_bytes_to_every_method_are_refused(agent, model_path):
                 assert e.code() != grpc.StatusCode.UNKNOWN, (m.name, e.details())
                 assert e.details(), m.name
     step(stub, "raw", 0, PROMPT)   # still serving, the session intact
+
+
+def test_agent_flags_default_to_the_charts_environment(monkeypatch, tmp_path):
+    """The DaemonSet runs plain `node-agent`: port and key location come from its environment."""
+    from node_agent.main import build_parser
+
+    monkeypatch.setenv("CONSORTIUM_AGENT_PORT", "50123")
+    monkeypatch.setenv("CONSORTIUM_IDENTITY_DIR", str(tmp_path))
+    args = build_parser().parse_args([])
+    assert args.listen == "0.0.0.0:50123"
+    assert args.key_file == str(tmp_path / "node.pem")
+    monkeypatch.delenv("CONSORTIUM_AGENT_PORT")
+    monkeypatch.delenv("CONSORTIUM_IDENTITY_DIR")
+    assert build_parser().parse_args(["--key-file", "k.pem"]).listen == "127.0.0.1:50051"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])   # no key file and no identity dir
