@@ -310,6 +310,8 @@ def plot_latency(steps: list[dict], path: Path, outcome: str | None = None) -> N
     for i, st in enumerate(steps):
         if st["failover"]:
             ax.axvline(i, color="red", linestyle="--", label="failover")
+            ax.annotate(f"{st['wall_ms']:.0f} ms", (i, st["wall_ms"]), textcoords="offset points", xytext=(4, 4),
+                        color="red")
     ax.set_yscale("log")
     ax.set_xlabel("step (0 = prompt)")
     ax.set_ylabel("ms")
