@@ -78,7 +78,8 @@ def metrics(r: dict) -> list[tuple[str, str]]:
     rows = [("exact token match with the baseline", f"{r['exact_match']}"),
             ("false fraud (honest nodes with Fraud or quarantined)", f"{r['false_fraud']}"),
             ("audit pass rate", f"{(a['passed'] + a['passed_within_tolerance']) / total:.3f} of {total} audits "
-                                f"(probability {a['probability']})" if total else "no audits"),
+                                f"(probability {a['probability']}"
+                                + (", the faulty node's included)" if r.get("fault") else ")") if total else "no audits"),
             ("hash stability across hardware (audits of honest nodes)",
              hash_stability(r, [u for u in units if u["node"] != (r.get("fault") or {}).get("node")]))]
     if d.get("per_stage_ms"):
