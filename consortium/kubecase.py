@@ -39,9 +39,10 @@ def baseline(max_tokens: int, prompt: str, threads: int):
         tok.close()
 
 
-def run(opts, cluster=None) -> dict:
+def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
     """`cluster`: a running LocalCluster the caller owns (tests); default: the local control plane of
-    `consortium cluster up`, started and stopped here unless it is already up."""
+    `consortium cluster up`, started and stopped here unless it is already up. `spec_overrides`: top-
+    level fields of the session's spec merged one level deep (an extension's deadlines)."""
     from consortium import cluster as lc
 
     cl = cluster or lc.LocalCluster(lc.default_state_dir())
@@ -67,6 +68,8 @@ def run(opts, cluster=None) -> dict:
         body = testbed.sky_is_blue(opts.max_tokens, SESSION, opts.audit_probability)
         body["spec"]["audit"]["seed"] = opts.audit_seed
         body["spec"]["prompt"] = opts.prompt
+        for k, v in (spec_overrides or {}).items():
+            body["spec"][k] = {**body["spec"].get(k, {}), **v} if isinstance(v, dict) else v
         t0 = time.perf_counter()
         cl.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(body))
         killed = {}

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: through Kubernetes --faulty-stage must be one of {sorted(kubecase.FAULTY_STAGES)}: stage 2's "
                   "node is the only coordinator, so nobody could take its stage over", file=sys.stderr)
             return 2
-        report = kubecase.run(opts)
+        report = kubecase.run(opts, spec_overrides=extensions.session_overrides(args.extension))
         extensions.add_figures(args.extension, report, opts)
         kubecase.write(report, json_out, args.report)
     else:
