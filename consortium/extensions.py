@@ -86,10 +86,11 @@ def add_figures(names: list[str], report: dict, opts, *, log=lambda m: print(m, 
 def _audit_figures(r: dict) -> dict:
     a = r["audits"]
     stages = len(r["split"].split(","))
-    # Units that could have been audited: every stage at every position computed (the prompt's and
-    # each token's but the last, which is sampled and never fed back).
-    pt = r.get("prompt_tokens")
-    units = stages * (pt + len(r["distributed"]["tokens"]) - 1) if pt else None
+    # Units that could have been audited: every position each stage committed to. A hidden stage
+    # commits every row it computed (the prompt's and each token's but the last, which is sampled and
+    # never fed back); the final stage one logit row per step.
+    pt, n = r.get("prompt_tokens"), len(r["distributed"]["tokens"])
+    units = (stages - 1) * (pt + n - 1) + n if pt else None
     ok = a["probability"] == 0.5 and a["total"] > 0 and a["mismatch"] == 0 and a["fraud"] == 0
     return {"probability": a["probability"], "audits": a["total"],
             "audited_share": round(a["total"] / units, 4) if units else None,
