@@ -60,6 +60,9 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
     try:
         bed.install()
         cl.kubectl("delete", "inferencesession", SESSION, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
+        # This run's agents have new keys, so they are new nodes: forget an earlier run's (on a control
+        # plane left up), whose Quarantined condition from a faulty-worker run would keep a stage unplaced.
+        cl.kubectl("delete", "computenode", *testbed.NODE_LABELS, "--ignore-not-found", "--wait=true")
         faulty_node = FAULTY_STAGES[opts.faulty_stage] if opts.faulty_stage is not None else None
         for name, labels in testbed.NODE_LABELS.items():
             bed.start_agent(name, labels, ["--fault", opts.fault] if name == faulty_node else [])
