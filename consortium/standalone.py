@@ -189,12 +189,16 @@ def run(opts: Options) -> dict:
         agents.close()
         tok.close()
     report["workdir_logs"] = "agent logs kept in the run's temporary directory"
-    if opts.json_out:
-        Path(opts.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.json_out).write_text(json.dumps(report, indent=2) + "\n")
-    if opts.report_dir:
-        write_report_dir(report, Path(opts.report_dir))
+    write(report, opts.json_out, opts.report_dir)
     return report
+
+
+def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if report_dir:
+        write_report_dir(report, Path(report_dir))
 
 
 def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, driver, health, killed, kill_node,
@@ -305,8 +309,9 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     return report
 
 
-def plot_latency(steps: list[dict], path: Path) -> None:
-    """Per-token latency, per stage where the steps have stage_ms, with failovers marked."""
+def plot_latency(steps: list[dict], path: Path, outcome: str | None = None) -> None:
+    """Per-token latency, per stage where the steps have stage_ms, with failovers marked; `outcome`
+    (the verdict in words) heads the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,10 +325,14 @@ def plot_latency(steps: list[dict], path: Path) -> None:
     for i, st in enumerate(steps):
         if st["failover"]:
             ax.axvline(i, color="red", linestyle="--", label="failover")
+            ax.annotate(f"{st['wall_ms']:.0f} ms", (i, st["wall_ms"]), textcoords="offset points", xytext=(4, 4),
+                        color="red")
     ax.set_yscale("log")
     ax.set_xlabel("step (0 = prompt)")
     ax.set_ylabel("ms")
     ax.set_title("per-token latency per stage" if steps and steps[0].get("stage_ms") else "per-token latency")
+    if outcome:
+        fig.suptitle(outcome, color="green" if outcome.startswith("PASS") else "red", fontsize=11)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -332,12 +341,14 @@ def plot_latency(steps: list[dict], path: Path) -> None:
 
 def write_report_dir(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    from consortium import testreport
+
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_latency(report["distributed"]["steps"], out / "latency.png")
+    plot_latency(report["distributed"]["steps"], out / "latency.png", testreport.outcome(report))
     r = report
     a = r["audits"]
     lines = [
-        "# Test Case v1, standalone", "",
+        "# Test Case v1, standalone", "", *testreport.markdown(r), "## Details", "",
         f"- model: {r['model']['path_name']} ({r['model']['architecture']}, {r['model']['layers']} layers, "
         f"{r['model']['file_type']}), split {r['split']}, placement {r['placement']}",
         "- nodes: " + ", ".join(f"{n} {v['shown']}{' repacking off' if not v['repack'] else ''}"
