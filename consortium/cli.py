@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "testcase": ("consortium.commands.testcase", "Test Case v1 through Kubernetes (or --standalone): baseline, audits, a killed node, a report"),
     "calibrate": ("consortium.commands.calibrate", "measure honest and cheating stage outputs; choose the verification tolerances"),
     "verify-proof": ("consortium.commands.verify_proof", "re-check a fraud proof file: HOLDS or DOES NOT HOLD, and why"),
+    "certs": ("consortium.commands.certs", "a CA and mutual-TLS certificates for node agents and the operator"),
 }
 
 

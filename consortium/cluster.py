@@ -584,6 +584,14 @@ class LocalCluster:
         return self.kubectl("create", "token", service_account, "-n", namespace,
                             f"--duration={duration}").stdout.strip()
 
+    def node_bound_token(self, service_account: str, namespace: str, node: str, duration: str = "1h") -> str:
+        """A token bound to Node `node` (created first when missing; no kubelet backs it here): the
+        API server names the node in the token's userInfo.extra, which is how the chart's admission
+        policy tells one agent from another. Deleting the Node revokes the token."""
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}))
+        return self.kubectl("create", "token", service_account, "-n", namespace, f"--duration={duration}",
+                            "--bound-object-kind", "Node", "--bound-object-name", node).stdout.strip()
+
     def __enter__(self) -> "LocalCluster":
         return self.start()
 

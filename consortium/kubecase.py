@@ -11,10 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from consortium import standalone, testbed
+from consortium import standalone, testbed, testreport
 
 SESSION = "sky-is-blue"
 NAMESPACE = "default"
+# --faulty-stage: the node the sky-is-blue selectors place on the stage starts with --fault. Stage 2's
+# node (n0) is the only coordinator, the backup of every stage, so a cheating n0 leaves no one to
+# take its stage over.
+FAULTY_STAGES = {0: "n1", 1: "n2"}
 
 
 def baseline(max_tokens: int, prompt: str, threads: int):
@@ -35,12 +39,15 @@ def baseline(max_tokens: int, prompt: str, threads: int):
         tok.close()
 
 
-def run(opts) -> dict:
+def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
+    """`cluster`: a running LocalCluster the caller owns (tests); default: the local control plane of
+    `consortium cluster up`, started and stopped here unless it is already up. `spec_overrides`: top-
+    level fields of the session's spec merged one level deep (an extension's deadlines)."""
     from consortium import cluster as lc
 
-    cl = lc.LocalCluster(lc.default_state_dir())
+    cl = cluster or lc.LocalCluster(lc.default_state_dir())
     configured = os.environ.get("KUBECONFIG")
-    if configured and os.path.realpath(configured) != os.path.realpath(cl.kubeconfig):
+    if cluster is None and configured and os.path.realpath(configured) != os.path.realpath(cl.kubeconfig):
         # (The local control plane's own kubeconfig, as `consortium cluster up` prints it, is fine.)
         raise SystemExit("KUBECONFIG names another cluster: running Test Case v1 on a configured cluster is not "
                          "implemented yet; unset it to use the local control plane (consortium cluster up)")
@@ -49,17 +56,23 @@ def run(opts) -> dict:
         cl.start(timeout=300)
     base = baseline(opts.max_tokens, opts.prompt, opts.threads)
     workdir = Path(tempfile.mkdtemp(prefix="consortium-k8s-testcase-"))
-    bed = testbed.Testbed(cl, workdir, threads=opts.threads)
+    bed = testbed.Testbed(cl, workdir, threads=opts.threads, plaintext=opts.plaintext)
     try:
         bed.install()
         cl.kubectl("delete", "inferencesession", SESSION, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
+        # This run's agents have new keys, so they are new nodes: forget an earlier run's (on a control
+        # plane left up), whose Quarantined condition from a faulty-worker run would keep a stage unplaced.
+        cl.kubectl("delete", "computenode", *testbed.NODE_LABELS, "--ignore-not-found", "--wait=true")
+        faulty_node = FAULTY_STAGES[opts.faulty_stage] if opts.faulty_stage is not None else None
         for name, labels in testbed.NODE_LABELS.items():
-            bed.start_agent(name, labels)
+            bed.start_agent(name, labels, ["--fault", opts.fault] if name == faulty_node else [])
         bed.approve(*testbed.NODE_LABELS)
         bed.start_operator()
         body = testbed.sky_is_blue(opts.max_tokens, SESSION, opts.audit_probability)
         body["spec"]["audit"]["seed"] = opts.audit_seed
         body["spec"]["prompt"] = opts.prompt
+        for k, v in (spec_overrides or {}).items():
+            body["spec"][k] = {**body["spec"].get(k, {}), **v} if isinstance(v, dict) else v
         t0 = time.perf_counter()
         cl.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(body))
         killed = {}
@@ -81,10 +94,10 @@ def run(opts) -> dict:
         bed.close()
         if started_here:
             cl.stop()
-    return _report(opts, base, s, wall, receipts, events, sas, nodes, killed)
+    return _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node)
 
 
-def _report(opts, base, s, wall, receipts, events, sas, nodes, killed) -> dict:
+def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node=None) -> dict:
     st = s.get("status") or {}
     drv = (st.get("report") or {}).get("driverState") or {}
     audits = drv.get("audits", [])
@@ -99,9 +112,14 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed) -> dict:
             per_pos[(stage, p)] = per_pos.get((stage, p), 0) + f
     fo = drv.get("failovers", [])
     quarantined = drv.get("quarantined", [])
+    honest_audits = [a for a in audits if a["node"] != faulty_node]
+    honest_bad = sum(a["verdict"] == "Fraud" for a in honest_audits)
+    in_api = {n for n, c in nodes.items() if any(x["type"] == "Quarantined" and x["status"] == "True"
+                                                  for x in (c.get("status") or {}).get("conditions") or [])}
     verdicts = [(r.get("status") or {}).get("verdict") for r in receipts]
     report = {
         "mode": "kubernetes",
+        "transport": "plaintext" if opts.plaintext else "mutual TLS",
         "split": ",".join(sa["spec"]["layerRange"] for sa in sas.values()),
         "placement": {f"stage{i}": sa["spec"]["nodeName"] for i, sa in sas.items()},   # at the end
         "placement_at_start": _first_placement(sas, fo),
@@ -111,7 +129,8 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed) -> dict:
                       ("" if c["spec"]["labels"].get("consortium.io/accelerator") == (c.get("status") or {}).get("backend")
                        else f" (labeled {c['spec']['labels'].get('consortium.io/accelerator')})")}
                   for n, c in nodes.items()},
-        "prompt": opts.prompt, "max_tokens": opts.max_tokens, "threads_per_agent": opts.threads,
+        "prompt": opts.prompt, "prompt_tokens": len(drv.get("prompt_tokens") or []) or None,
+        "max_tokens": opts.max_tokens, "threads_per_agent": opts.threads,
         "phase": st.get("phase"),
         "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3)},
         "distributed": {"tokens": tokens, "text": st.get("text"), "wall_s": round(wall, 3),
@@ -122,24 +141,34 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed) -> dict:
         "exact_match": exact, "first_divergence": diverge,
         "audits": {"total": len(audits), "passed": count["Passed"],
                    "passed_within_tolerance": count["PassedWithinTolerance"], "mismatch": count["Mismatch"],
-                   "fraud": count["Fraud"], "probability": opts.audit_probability, "seed": opts.audit_seed},
-        "false_fraud": len(quarantined) + count["Fraud"],
+                   "fraud": count["Fraud"], "probability": opts.audit_probability, "seed": opts.audit_seed,
+                   "units": audits},
+        "hash_equal_rate": round(sum(a["hash_equal"] for a in audits) / len(audits), 4) if audits else None,
+        "false_fraud": len(set(quarantined) - {faulty_node}) + honest_bad,
         "quarantined": quarantined,
+        "quarantined_in_api": sorted(in_api),
+        "fault": {"node": faulty_node, "stage": opts.faulty_stage, "kind": opts.fault,
+                  "caught": faulty_node in quarantined, "quarantined_in_api": faulty_node in in_api,
+                  "rollbacks": drv.get("rollbacks", [])} if faulty_node else None,
         "failover": {"injected": bool(killed), **killed, "completed": bool(fo) and st.get("phase") == "Completed",
                      "at_token": fo[0]["at_token"] if fo else None, "backup_node": fo[0]["to"] if fo else None,
                      "failover_ms": fo[0]["ms"] if fo else None, "replayed_rows": fo[0]["replayed_rows"] if fo else None,
                      "spike_ms": (st.get("metrics") or {}).get("failoverSpikeMs"),
                      "events": fo, "stage_epochs": st.get("stageEpochs")},
         "events": sorted(set(events)),
-        "session_restarts": max(0, per_pos.get((0, 0), 1) - 1),
+        # A rollback to position 0 (a cheater caught in the prompt) recomputes it too: not a restart.
+        "session_restarts": max(0, per_pos.get((0, 0), 1) - 1
+                                - sum(r["to_position"] == 0 for r in drv.get("rollbacks", []))),
         "positions_computed_more_than_once": sum(1 for v in per_pos.values() if v > 1),
         "receipts_in_api": len(receipts),
         "receipt_verdicts": {v: verdicts.count(v) for v in sorted(set(map(str, verdicts)))},
         "metrics": st.get("metrics"),
+        "rpc": (st.get("report") or {}).get("rpc"),
     }
     report["success"] = bool(exact and st.get("phase") == "Completed" and report["false_fraud"] == 0
                              and report["session_restarts"] == 0 and (report["failover"]["completed"] or not killed)
-                             and count["Mismatch"] == 0 and len(receipts) > 0)
+                             and not any(a["verdict"] == "Mismatch" for a in honest_audits) and len(receipts) > 0
+                             and (not faulty_node or report["fault"]["caught"]))
     return report
 
 
@@ -159,7 +188,7 @@ def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         a = report["audits"]
-        lines = ["# Test Case v1, through Kubernetes", "",
+        lines = ["# Test Case v1, through Kubernetes", "", *testreport.markdown(report), "## Details", "",
                  f"- placement {report['placement_at_start']} at the start, {report['placement']} at the end; "
                  f"split {report['split']}",
                  "- nodes: " + ", ".join(f"{n} {v['shown']}" for n, v in report["nodes"].items()),
@@ -175,6 +204,6 @@ def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
                  f"- success: **{report['success']}**", ""]
         steps = [{"wall_ms": ms, "failover": fo} for _, _, ms, fo in report["distributed"].get("steps") or []]
         if steps:
-            standalone.plot_latency(steps, out / "latency.png")
+            standalone.plot_latency(steps, out / "latency.png", testreport.outcome(report))
             lines += ["![latency](latency.png)", ""]
         (out / "summary.md").write_text("\n".join(lines))

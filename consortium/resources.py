@@ -58,12 +58,12 @@ def _base64(value: str) -> str:
     return value
 
 
-# Bytes carried as standard base64, as the API server's `format: byte` checks them.
-Base64 = Annotated[str, AfterValidator(_base64), Field(json_schema_extra={"format": "byte"})]
-# The same bytes without `format: byte`, for fields under a CEL rule: the server's CEL turns a
-# byte-formatted string into bytes with a decoder that refuses standard base64's '/' and '+', so
-# `self == oldSelf` on a Receipt whose signature held one failed every status update (422).
-Base64Text = Annotated[str, AfterValidator(_base64), Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+# Bytes carried as standard base64. A pattern, not `format: byte`: the API server lets a JSON array
+# through a `type: string, format: byte` field (found by tests/k8s/test_fuzz_resources.py), and its
+# CEL turns a byte-formatted string into bytes with a decoder that refuses standard base64's '/' and
+# '+', so `self == oldSelf` on a Receipt whose signature held one failed every status update (422).
+# The pattern sits in json_schema_extra because a field's own Field(...) would drop an Annotated one.
+Base64 = Annotated[str, AfterValidator(_base64), Field(json_schema_extra={"pattern": r"^[A-Za-z0-9+/]*={0,2}$"})]
 
 
 def _cel(rule: str, message: str, **extra: str) -> dict[str, str]:
@@ -348,7 +348,7 @@ class ReceiptSpec(_Model):
     merkle_root: str = Field(pattern=HEX64, max_length=64)
     input_digest: str = Field(pattern=HEX64, max_length=64, description="SHA-256 over the window's stage inputs.")
     grid: CanonicalGrid
-    signature: Base64Text = Field(max_length=256,
+    signature: Base64 = Field(max_length=256,
                            description="Ed25519 signature by the node, base64.")
     public_key_fingerprint: str = Field(pattern=HEX64, max_length=64,
                                         description="SHA-256 of the node's raw public key, hex.")

@@ -41,6 +41,7 @@ class Options:
     report_dir: str | None = None
     rpc_timeout_s: float = 30.0
     hang: bool = False   # SIGSTOP instead of SIGKILL: the agent keeps its socket and never answers
+    plaintext: bool = False  # gRPC without TLS; by default a CA made for the run issues mutual-TLS certificates
     defer_commitments: bool = True   # agents commit and sign after answering (False: before, in the response)
 
 
@@ -48,14 +49,26 @@ class Agents:
     """The three node-agent processes."""
 
     def __init__(self, workdir: Path, opts: Options, faulty_node: str | None):
+        from node_agent.identity import NodeIdentity
+
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen] = {}
         self.hung: set[str] = set()
         self.endpoints: dict[str, str] = {}
+        self.driver_tls = None   # the driver's client credentials; None: plaintext
+        # The keys are made here, as an admin registers a node's key, so signatures verify under them.
+        self.public_keys = {n: NodeIdentity.load_or_create(workdir / "keys" / f"{n}.pem", n).public_key_text
+                            for n in NODES}
+        agent_tls = {n: ["--plaintext"] for n in NODES}
+        if not opts.plaintext:
+            from consortium import tls
+
+            files, self.driver_tls = tls.local_pki(workdir / "tls", list(NODES))
+            agent_tls = {n: ["--tls-cert", f["cert"], "--tls-key", f["key"], "--tls-ca", f["ca"]] for n, f in files.items()}
         for n in NODES:
             port_file = workdir / f"{n}.port"
             cmd = [sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-                   "--key-file", str(workdir / "keys" / f"{n}.pem"), "--node-id", n, "--plaintext",
+                   "--key-file", str(workdir / "keys" / f"{n}.pem"), "--node-id", n, *agent_tls[n],
                    "--labels", f"consortium.io/node={n},consortium.io/role={ROLES[n]}", "--threads", str(opts.threads)]
             if opts.heterogeneous and ROLES[n] == "metal":
                 cmd.append("--no-repack")
@@ -148,7 +161,8 @@ def run(opts: Options) -> dict:
                              epochs=[1, 1, 1], audit_probability=opts.audit_probability, audit_seed=opts.audit_seed)
         driver = SessionDriver(session=state.session, model_path=str(model), split=split, n_layers=info.n_layers,
                                model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
-                               rpc_timeout_s=opts.rpc_timeout_s, defer_commitments=opts.defer_commitments)
+                               rpc_timeout_s=opts.rpc_timeout_s, tls=agents.driver_tls,
+                               registered_keys=agents.public_keys, defer_commitments=opts.defer_commitments)
         health = {n: driver.clients[n].call("Health", pb.HealthRequest())
                   for n in NODES}
         driver.start()
@@ -176,12 +190,16 @@ def run(opts: Options) -> dict:
         agents.close()
         tok.close()
     report["workdir_logs"] = "agent logs kept in the run's temporary directory"
-    if opts.json_out:
-        Path(opts.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.json_out).write_text(json.dumps(report, indent=2) + "\n")
-    if opts.report_dir:
-        write_report_dir(report, Path(opts.report_dir))
+    write(report, opts.json_out, opts.report_dir)
     return report
+
+
+def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if report_dir:
+        write_report_dir(report, Path(report_dir))
 
 
 def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, driver, health, killed, kill_node,
@@ -251,6 +269,7 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         "split": split_text, "placement": {f"stage{s}": n for s, n in enumerate(PLACEMENT)}, "nodes": nodes,
         "prompt": opts.prompt, "prompt_tokens": len(prompt_ids), "max_tokens": opts.max_tokens,
         "threads_per_agent": opts.threads, "heterogeneous": opts.heterogeneous,
+        "transport": "plaintext" if opts.plaintext else "mutual TLS",
         "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3),
                      "token_ms": [round(x, 3) for x in base.token_ms]},
         "distributed": {"tokens": dist.tokens, "text": dist.text, "tokens_per_s": round(dist.tokens_per_s, 3),
@@ -293,8 +312,9 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     return report
 
 
-def plot_latency(steps: list[dict], path: Path) -> None:
-    """Per-token latency, per stage where the steps have stage_ms, with failovers marked."""
+def plot_latency(steps: list[dict], path: Path, outcome: str | None = None) -> None:
+    """Per-token latency, per stage where the steps have stage_ms, with failovers marked; `outcome`
+    (the verdict in words) heads the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,10 +328,14 @@ def plot_latency(steps: list[dict], path: Path) -> None:
     for i, st in enumerate(steps):
         if st["failover"]:
             ax.axvline(i, color="red", linestyle="--", label="failover")
+            ax.annotate(f"{st['wall_ms']:.0f} ms", (i, st["wall_ms"]), textcoords="offset points", xytext=(4, 4),
+                        color="red")
     ax.set_yscale("log")
     ax.set_xlabel("step (0 = prompt)")
     ax.set_ylabel("ms")
     ax.set_title("per-token latency per stage" if steps and steps[0].get("stage_ms") else "per-token latency")
+    if outcome:
+        fig.suptitle(outcome, color="green" if outcome.startswith("PASS") else "red", fontsize=11)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -320,12 +344,14 @@ def plot_latency(steps: list[dict], path: Path) -> None:
 
 def write_report_dir(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    from consortium import testreport
+
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_latency(report["distributed"]["steps"], out / "latency.png")
+    plot_latency(report["distributed"]["steps"], out / "latency.png", testreport.outcome(report))
     r = report
     a = r["audits"]
     lines = [
-        "# Test Case v1, standalone", "",
+        "# Test Case v1, standalone", "", *testreport.markdown(r), "## Details", "",
         f"- model: {r['model']['path_name']} ({r['model']['architecture']}, {r['model']['layers']} layers, "
         f"{r['model']['file_type']}), split {r['split']}, placement {r['placement']}",
         "- nodes: " + ", ".join(f"{n} {v['shown']}{' repacking off' if not v['repack'] else ''}"

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import grpc
+
 from consortium import resources as r
+from consortium import tls, wire
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "consortium-system"
@@ -47,8 +50,13 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, every: float
 
 
 class Testbed:
-    def __init__(self, cluster, workdir: Path, threads: int = 1):
+    def __init__(self, cluster, workdir: Path, threads: int = 1, plaintext: bool = False):
+        """Mutual TLS unless `plaintext`: a CA made for this testbed issues each agent a certificate
+        naming it (as a user supplies them) and the operator its client certificate."""
         self.cluster, self.workdir, self.threads = cluster, Path(workdir), threads
+        self.ca = None if plaintext else tls.CertificateAuthority.create()
+        self.driver_tls = None if plaintext else tls.Credentials(*self.ca.issue(tls.DRIVER_NAME, server=False),
+                                                                 self.ca.cert_pem)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.operator: subprocess.Popen | None = None
         self.agents: dict[str, subprocess.Popen] = {}
@@ -67,11 +75,9 @@ class Testbed:
         # Installed as a Helm release (not `helm template | kubectl apply`), so the chart's own tests
         # and `helm upgrade` find objects Helm owns. The operator runs as a process, not a Deployment.
         c.helm("upgrade", "--install", RELEASE, str(ROOT / "charts/consortium"), "-n", NS,
-               "--set", "devPlaintext=true", "--set", "operator.replicas=0")
+               "--set", f"devPlaintext={str(self.ca is None).lower()}", "--set", "operator.replicas=0")
         self.operator_kubeconfig = c.write_kubeconfig(self.workdir / "operator.kubeconfig",
                                                       token=c.create_token(OPERATOR_SA, NS, duration="2h"))
-        self.agent_kubeconfig = c.write_kubeconfig(self.workdir / "agent.kubeconfig",
-                                                   token=c.create_token(AGENT_SA, NS, duration="2h"))
         # RBAC reaches the server's authorizer a moment after it is written.
         wait_until(lambda: c.kubectl("auth", "can-i", "create", "computenodes.consortium.io", "--as",
                                      f"system:serviceaccount:{NS}:{AGENT_SA}", check=False).stdout.strip() == "yes",
@@ -86,12 +92,19 @@ class Testbed:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
+    def _tls_args(self, name: str) -> list[str]:
+        if self.ca is None:
+            return ["--plaintext"]
+        creds = self.driver_tls if name == tls.DRIVER_NAME else tls.Credentials(*self.ca.issue(name), self.ca.cert_pem)
+        f = creds.write(self.workdir / "tls" / name)
+        return ["--tls-cert", f["cert"], "--tls-key", f["key"], "--tls-ca", f["ca"]]
+
     def start_operator(self) -> subprocess.Popen:
         self._operator_runs += 1
         log = open(self.workdir / f"operator-{self._operator_runs}.log", "wb")
         self.operator = subprocess.Popen(
             [sys.executable, "-m", "consortium_operator.main", "--kubeconfig", self.operator_kubeconfig,
-             "--agent-namespace", NS], stdout=log, stderr=subprocess.STDOUT, env=self._env())
+             "--agent-namespace", NS, *self._tls_args(tls.DRIVER_NAME)], stdout=log, stderr=subprocess.STDOUT, env=self._env())
         return self.operator
 
     def operator_log(self) -> str:
@@ -102,12 +115,17 @@ class Testbed:
             self.operator.send_signal(signal.SIGKILL)
             self.operator.wait()
 
+    def agent_kubeconfig(self, name: str) -> str:
+        """The agent ServiceAccount with a token bound to Node `name`, as an admin hands a bare agent."""
+        return self.cluster.write_kubeconfig(self.workdir / f"agent-{name}.kubeconfig", token=self.cluster.node_bound_token(
+            AGENT_SA, NS, name, duration="2h"))
+
     def start_agent(self, name: str, labels: dict[str, str], extra: list[str] = ()) -> subprocess.Popen:
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
                "--key-file", str(self.workdir / "keys" / f"{name}.pem"), "--node-id", name, "--name", name,
-               "--plaintext", "--threads", str(self.threads), "--kubeconfig", self.agent_kubeconfig,
+               *self._tls_args(name), "--threads", str(self.threads), "--kubeconfig", self.agent_kubeconfig(name),
                "--namespace", NS, "--labels", ",".join(f"{k}={v}" for k, v in labels.items()), *extra]
         log = open(self.workdir / f"agent-{name}.log", "ab")
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
@@ -117,6 +135,12 @@ class Testbed:
             raise RuntimeError(f"agent {name} exited: {(self.workdir / f'agent-{name}.log').read_text()[-2000:]}")
         self.endpoints[name] = f"127.0.0.1:{int(port_file.read_text())}"
         return p
+
+    def channel(self, name: str):
+        """A gRPC channel to agent `name` as the operator would open it (tests call agents directly)."""
+        if self.ca is None:
+            return grpc.insecure_channel(self.endpoints[name], options=wire.CHANNEL_OPTIONS)
+        return tls.secure_channel(self.endpoints[name], name, self.driver_tls, wire.CHANNEL_OPTIONS)
 
     def kill_agent(self, name: str) -> None:
         p = self.agents[name]

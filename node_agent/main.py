@@ -8,19 +8,29 @@ import signal
 import sys
 import threading
 
+from consortium import tls
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="node-agent", description=__doc__.splitlines()[0])
-    p.add_argument("--listen", default="127.0.0.1:50051", help="host:port to serve on (port 0: any free port)")
-    p.add_argument("--key-file", required=True, help="the node's Ed25519 key (PKCS#8 PEM, mode 0600; created if missing)")
+    env = os.environ.get
+    # In a pod the chart sets CONSORTIUM_AGENT_PORT and CONSORTIUM_IDENTITY_DIR (a hostPath, so the key
+    # outlives the pod); flags win over them.
+    port = env("CONSORTIUM_AGENT_PORT")
+    p.add_argument("--listen", default=f"0.0.0.0:{port}" if port else "127.0.0.1:50051",
+                   help="host:port to serve on (port 0: any free port; default 0.0.0.0:$CONSORTIUM_AGENT_PORT "
+                        "if set, else 127.0.0.1:50051)")
+    identity_dir = env("CONSORTIUM_IDENTITY_DIR")
+    p.add_argument("--key-file", required=not identity_dir,
+                   default=os.path.join(identity_dir, "node.pem") if identity_dir else None,
+                   help="the node's Ed25519 key (PKCS#8 PEM, mode 0600; created if missing; default "
+                        "$CONSORTIUM_IDENTITY_DIR/node.pem)")
     p.add_argument("--node-id", help="node id (default: derived from the public key)")
     p.add_argument("--labels", default="", help="comma-separated key=value labels, e.g. role=metal,consortium.io/node=N2")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads per stage (default: all cores)")
     p.add_argument("--ctx", type=int, default=2048, help="KV cells per loaded layer range, shared by its sessions")
     p.add_argument("--no-repack", action="store_true",
                    help="turn off llama.cpp's CPU weight repacking: other kernels, honest float differences")
-    p.add_argument("--plaintext", action="store_true",
-                   help="serve without TLS (the only mode so far; mutual TLS comes later)")
     p.add_argument("--fault", help="cheat on purpose, for tests: skip-layer, cheap-quant, noise-<scale>, replay, random")
     k = p.add_argument_group("control plane", "register a ComputeNode and renew a Lease (bare: --kubeconfig; "
                              "in the cluster: the pod's ServiceAccount, labels from the Node CONSORTIUM_NODE_NAME)")
@@ -32,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="namespace of the heartbeat Lease (the chart's release namespace)")
     k.add_argument("--lease-seconds", type=int, default=10, help="Lease duration; renewed every fifth of it")
     p.add_argument("--port-file", help="write the bound port here once serving (for --listen with port 0)")
+    tls.add_arguments(p, "agent")
     return p
 
 
@@ -48,25 +59,26 @@ def parse_labels(text: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(message)s")
-    if not args.plaintext:
-        print("error: only --plaintext is implemented so far (mutual TLS is a later issue); pass --plaintext",
-              file=sys.stderr)
-        return 2
     from node_agent import faults, server
     from node_agent.identity import NodeIdentity
 
     try:
         labels = parse_labels(args.labels)
         fault = faults.parse_fault(args.fault).name if args.fault else None
+        creds = tls.from_args(args)   # TLSError is a ValueError
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     identity = NodeIdentity.load_or_create(args.key_file, args.node_id)
     config = server.AgentConfig(node_id=identity.node_id, labels=labels, threads=args.threads, n_ctx=args.ctx,
                                 repack=not args.no_repack, fault=fault)
-    srv, service, port = server.serve(identity, args.listen, config)
+    if creds is not None and args.name and creds.name != args.name:
+        print(f"error: the TLS certificate names {creds.name!r}, not this node ({args.name!r})", file=sys.stderr)
+        return 2
+    srv, service, port = server.serve(identity, args.listen, config, tls=creds)
     host = args.listen.rsplit(":", 1)[0]
-    logging.info("node %s serving on %s:%d (backend %s%s%s)", identity.node_id, host, port, service.backend,
+    logging.info("node %s serving on %s:%d (%s, backend %s%s%s)", identity.node_id, host, port,
+                 f"mutual TLS as {creds.name}" if creds else "PLAINTEXT", service.backend,
                  ", repacking off" if args.no_repack else "", f", FAULT {fault}" if fault else "")
     registrar = None
     node_name = os.environ.get("CONSORTIUM_NODE_NAME") or os.environ.get("NODE_NAME")

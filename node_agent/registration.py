@@ -167,6 +167,8 @@ class Registrar:
 class _NoContext:
     """Stands in for a gRPC context when the agent calls its own handlers."""
 
+    in_process = True   # not a network caller: no certificate to check
+
     def abort(self, code, message):
         raise RuntimeError(f"{code.name}: {message}")
 

@@ -57,6 +57,9 @@ class AgentConfig:
     n_seq_max: int = 8
     repack: bool = True
     fault: str | None = None
+    # Under mutual TLS: names a caller's certificate must carry (the driver's), so another agent's
+    # certificate from the same CA cannot fence or truncate this node's stages. Empty: any caller.
+    allowed_callers: tuple[str, ...] = ()
 
 
 class Engines:
@@ -172,6 +175,12 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     def _handle(self, context, fn, *args):
         with self._lock:
             self.requests += 1
+        if self.config.allowed_callers and not getattr(context, "in_process", False):
+            names = [n.decode(errors="replace") for n in context.auth_context().get("x509_subject_alternative_name", [])]
+            if not set(names) & set(self.config.allowed_callers):
+                self._reject(context, grpc.StatusCode.PERMISSION_DENIED,
+                             f"caller {', '.join(names) or '(no certificate)'} is not one of "
+                             f"{', '.join(self.config.allowed_callers)}")
         try:
             return fn(*args)
         except Refused as e:
@@ -531,12 +540,18 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
 
 
 def serve(identity: NodeIdentity, listen: str, config: AgentConfig = AgentConfig(), *,
-          max_workers: int = 8) -> tuple[grpc.Server, NodeAgentService, int]:
-    """Start the agent on `listen` (host:port, port 0 picks one); returns (server, service, port)."""
+          max_workers: int = 8, tls=None) -> tuple[grpc.Server, NodeAgentService, int]:
+    """Start the agent on `listen` (host:port, port 0 picks one); returns (server, service, port).
+    `tls` (consortium.tls.Credentials): mutual TLS, callers must present a certificate from its CA;
+    None: plaintext (development only)."""
+    if tls is not None and not config.allowed_callers:
+        from consortium.tls import DRIVER_NAME
+
+        config = dataclasses.replace(config, allowed_callers=(DRIVER_NAME,))
     service = NodeAgentService(identity, config)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=wire.CHANNEL_OPTIONS)
     wire.pb_grpc.add_NodeAgentServicer_to_server(service, server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, tls.server_credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     server.start()

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from consortium import tls
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="consortium-operator", description=__doc__.splitlines()[0])
@@ -22,12 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the agents' Leases live (the chart's release namespace)")
     p.add_argument("--log-level", default=os.environ.get("CONSORTIUM_LOG_LEVEL", "info"))
     p.add_argument("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    tls.add_arguments(p, "driver")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        creds = tls.from_args(args)
+    except tls.TLSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.kubeconfig:
         # kopf's login and the kubernetes client both read it from here.
         os.environ["KUBECONFIG"] = args.kubeconfig
@@ -38,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from consortium_operator import sessions  # noqa: F401 - registers the handlers
 
     kube.load_config(args.kubeconfig)
+    sessions.AGENT_TLS = creds
 
     @kopf.on.startup()
     def configure(settings: kopf.OperatorSettings, **_):

@@ -38,6 +38,7 @@ from node_agent.engine.slicing import read_model_info, sha256_file
 log = logging.getLogger("consortium.operator.sessions")
 
 PLACEMENT_RETRY_S = 3.0
+AGENT_TLS = None   # the operator's client credentials for the agents (consortium.tls); None: --plaintext
 
 
 class Interrupted(Exception):
@@ -159,7 +160,8 @@ class SessionRun:
                                model_sha256=self.spec.model.sha256 or _sha256(model_path),
                                split=[LayerRange(s.layer_range.start, s.layer_range.end) for s in spec.stages],
                                n_layers=n_layers, endpoints=endpoints, state=state, policy=policy, grid=grid,
-                               rpc_timeout_s=spec.failover.rpc_timeout_seconds)
+                               rpc_timeout_s=spec.failover.rpc_timeout_seconds, tls=AGENT_TLS,
+                               registered_keys={n: v.public_key for n, v in views.items() if v.public_key})
         policy.driver = driver
         writer = receipts.ReceiptWriter(self.body)
         publisher = audits.AuditPublisher(self.body)
@@ -173,7 +175,6 @@ class SessionRun:
                                                  f"{state.done[0]}), epochs {state.epochs}")
             else:
                 driver.start()
-                self._check_keys(driver, views)
             self.set_condition("Ready", False, "Generating", f"stages on {state.nodes}", phase="Running")
             self.patch_status(stagesReady=f"{len(chosen)}/{len(chosen)}")
 
@@ -241,13 +242,6 @@ class SessionRun:
         kube.event(self.body, reason, message, type_="Warning")
 
     # -- resume ----------------------------------------------------------------------------------
-
-    def _check_keys(self, driver: SessionDriver, views: dict) -> None:
-        """The key each agent signs with must be the one registered on its ComputeNode."""
-        for node, key in driver.public_keys.items():
-            v = views.get(node)
-            if v is not None and v.public_key and v.public_key != key:
-                raise DriverError(f"{node} signs with a key other than its ComputeNode's")
 
     def _resume(self, driver: SessionDriver, views: dict) -> None:
         st = driver.state

@@ -7,10 +7,11 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", choices=["engine", "dataplane"], default="engine",
+    p.add_argument("--suite", choices=["engine", "dataplane", "tls"], default="engine",
                    help="engine: split-in-process vs unsplit tokens/s, and each stage's memory against its weights; "
                         "dataplane: three agents vs single node with and without audits, commitment and signature "
-                        "share of token time, audit cost, failover spike")
+                        "share of token time, audit cost, failover spike; tls: mutual TLS against plaintext on the "
+                        "agent link (handshake, small calls, activations)")
     p.add_argument("--model", help="GGUF path or known name (default: smollm2-135m)")
     p.add_argument("--split", default=None, help="layer ranges (default: three even stages)")
     p.add_argument("--tokens", type=int, default=64, help="decode tokens per round")
@@ -27,6 +28,15 @@ def run(args: argparse.Namespace) -> int:
     from node_agent.engine.slicing import read_model_info
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.suite == "tls":
+        from consortium import tls_bench
+
+        res = tls_bench.run(args.model, args.rounds, 50, log)
+        print(tls_bench.summary(res))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return 0
     if args.suite == "dataplane":
         from consortium import dataplane_bench
 

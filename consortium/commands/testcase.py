@@ -28,41 +28,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heterogeneous", action="store_true",
                    help="the metal-role node runs with CPU weight repacking off (other kernels) on a Q4_K_M model")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads per agent and for the baseline")
+    p.add_argument("--plaintext", action="store_true",
+                   help="gRPC without TLS (development only); by default a CA made for the run issues "
+                        "mutual-TLS certificates to the agents and the driver")
+    p.add_argument("--extension", action="append", default=[], metavar="NAME",
+                   help="an extension test of the seed (repeatable): audit-50, batch, faulty-worker, grid-sweep "
+                        "(docs/testcase-extensions.md)")
     p.add_argument("--json", metavar="OUT", help="write the report JSON here ('-' for stdout)")
     p.add_argument("--report", metavar="DIR", help="write report.json, summary.md and latency.png here")
 
 
 def run(args: argparse.Namespace) -> int:
-    from consortium import standalone
+    from consortium import extensions, standalone
     from node_agent import faults
 
     if (args.faulty_stage is None) != (args.fault is None):
         print("error: --faulty-stage and --fault go together", file=sys.stderr)
         return 2
-    try:
-        if args.fault:
-            faults.parse_fault(args.fault)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # The report is written here, after the extensions' figures are in it.
     opts = standalone.Options(model=args.model, max_tokens=args.max_tokens,
                               kill_stage=None if args.no_kill else args.kill_stage, kill_at=args.kill_at,
                               audit_probability=args.audit_probability, audit_seed=args.audit_seed,
                               faulty_stage=args.faulty_stage, fault=args.fault, heterogeneous=args.heterogeneous,
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
-                              json_out=None if args.json in (None, "-") else args.json, report_dir=args.report,
-                              hang=args.hang, **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
+                              hang=args.hang, plaintext=args.plaintext, **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
+    try:
+        extensions.apply(args.extension, opts, prompt_given=args.prompt is not None,
+                         fault_given=args.fault is not None, audit_given=args.audit_probability != 0.2)
+        if opts.fault:
+            faults.parse_fault(opts.fault)
+        if opts.faulty_stage is not None and not 0 <= opts.faulty_stage < len(standalone.PLACEMENT):
+            raise ValueError(f"--faulty-stage must be 0-{len(standalone.PLACEMENT) - 1}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    json_out = None if args.json in (None, "-") else args.json
     if not args.standalone:
-        if args.faulty_stage is not None or args.heterogeneous or args.model or args.hang or args.rpc_timeout:
-            print("error: --faulty-stage, --heterogeneous, --model, --hang and --rpc-timeout need --standalone so far",
+        if args.heterogeneous or args.model or args.hang or args.rpc_timeout:
+            print("error: --heterogeneous, --model, --hang and --rpc-timeout need --standalone so far",
                   file=sys.stderr)
             return 2
         from consortium import kubecase
 
-        report = kubecase.run(opts)
-        kubecase.write(report, opts.json_out, opts.report_dir)
+        if opts.faulty_stage is not None and opts.faulty_stage not in kubecase.FAULTY_STAGES:
+            print(f"error: through Kubernetes --faulty-stage must be one of {sorted(kubecase.FAULTY_STAGES)}: stage 2's "
+                  "node is the only coordinator, so nobody could take its stage over", file=sys.stderr)
+            return 2
+        report = kubecase.run(opts, spec_overrides=extensions.session_overrides(args.extension))
+        extensions.add_figures(args.extension, report, opts)
+        kubecase.write(report, json_out, args.report)
     else:
         report = standalone.run(opts)
+        extensions.add_figures(args.extension, report, opts)
+        standalone.write(report, json_out, args.report)
     if args.json == "-":
         print(json.dumps(report, indent=2))
     else:

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 
 from consortium import wire
+from consortium.tls import secure_channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +19,11 @@ class RpcRecord:
     ms: float
     bytes: int          # serialized request + response(s)
     ok: bool
+    # Forward only, for the activation bandwidth of each hop of the star: the stage, the rows sent
+    # (token ids or hidden rows) and the serialized bytes driver -> stage (the rest came back).
+    stage: int | None = None
+    rows: int = 0
+    sent: int = 0
 
 
 class RpcLog:
@@ -40,13 +46,33 @@ class RpcLog:
             out[m] = {"count": len(rs), "p50_ms": round(float(np.percentile(ms, 50)), 3),
                       "p95_ms": round(float(np.percentile(ms, 95)), 3), "bytes": int(sum(r.bytes for r in rs)),
                       "bytes_per_call": int(sum(r.bytes for r in rs) / len(rs)), "errors": sum(not r.ok for r in rs)}
+        if "Forward" in out:
+            out["Forward"]["by_stage"] = self.forward_by_stage(recs)
+        return out
+
+    @staticmethod
+    def forward_by_stage(recs: list[RpcRecord]) -> dict[str, dict]:
+        """Per stage, answered Forward calls: rows, bytes each way, and bytes per row each way (the
+        hop into the stage carries token ids or hidden rows; the hop back, hidden rows or the final
+        stage's logits, plus commitments and signed windows)."""
+        out = {}
+        for s in sorted({r.stage for r in recs if r.method == "Forward" and r.ok and r.stage is not None}):
+            rs = [r for r in recs if r.method == "Forward" and r.ok and r.stage == s]
+            rows, sent = sum(r.rows for r in rs), sum(r.sent for r in rs)
+            back = sum(r.bytes for r in rs) - sent
+            out[str(s)] = {"calls": len(rs), "rows": rows, "bytes_in": sent, "bytes_out": back,
+                           "bytes_in_per_row": round(sent / rows, 1) if rows else None,
+                           "bytes_out_per_row": round(back / rows, 1) if rows else None}
         return out
 
 
 class NodeClient:
-    def __init__(self, name: str, endpoint: str, log: RpcLog, timeout_s: float = 30.0):
+    def __init__(self, name: str, endpoint: str, log: RpcLog, timeout_s: float = 30.0, tls=None):
+        """`tls` (consortium.tls.Credentials): mutual TLS, the agent must prove it is node `name`;
+        None: plaintext (development only)."""
         self.name, self.endpoint, self.log, self.timeout_s = name, endpoint, log, timeout_s
-        self.channel = grpc.insecure_channel(endpoint, options=wire.CHANNEL_OPTIONS)
+        self.channel = (secure_channel(endpoint, name, tls, wire.CHANNEL_OPTIONS) if tls is not None
+                        else grpc.insecure_channel(endpoint, options=wire.CHANNEL_OPTIONS))
         self.stub = wire.pb_grpc.NodeAgentStub(self.channel)
 
     def call(self, method: str, request, timeout: float | None = None):
@@ -57,8 +83,13 @@ class NodeClient:
             ok = True
             return resp
         finally:
-            size = request.ByteSize() + (resp.ByteSize() if resp is not None else 0)
-            self.log.add(RpcRecord(self.name, method, (time.perf_counter() - t0) * 1000, size, ok))
+            sent = request.ByteSize()
+            size = sent + (resp.ByteSize() if resp is not None else 0)
+            hop = {}
+            if method == "Forward":
+                rows = len(request.tokens) or (request.hidden.shape[0] if request.hidden.shape else 0)
+                hop = {"stage": request.ref.stage, "rows": rows, "sent": sent}
+            self.log.add(RpcRecord(self.name, method, (time.perf_counter() - t0) * 1000, size, ok, **hop))
 
     def stream(self, method: str, request, timeout: float | None = None) -> list:
         t0 = time.perf_counter()

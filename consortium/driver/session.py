@@ -55,6 +55,10 @@ class DriverError(RuntimeError):
     pass
 
 
+class KeyMismatch(DriverError):
+    """An agent signs with another key than the one registered for its node."""
+
+
 @functools.lru_cache(maxsize=256)
 def _public_key(text: str):
     """A node's key parsed once, not at every signature check; None when it is no key."""
@@ -91,7 +95,7 @@ class SessionDriver:
                  endpoints: dict[str, str], state: SessionState, policy: Policy, model_sha256: str = "",
                  grid: CanonicalGrid = CanonicalGrid(), tolerance: verdicts.Tolerance | None = None,
                  rpc_timeout_s: float = 30.0, load_timeout_s: float = 120.0, honest_alpha: float = judgement.DEFAULT_ALPHA,
-                 defer_commitments: bool = True):
+                 tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True):
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
         self.split, self.n_layers = list(split), n_layers
         self.n_stages = len(self.split)
@@ -103,8 +107,11 @@ class SessionDriver:
         self.honest_rate = max(t.honest_mismatch_rate for t in self.stage_tolerances)
         self.alpha = honest_alpha
         self.rpc = RpcLog()
-        self.clients = {n: NodeClient(n, ep, self.rpc, rpc_timeout_s) for n, ep in endpoints.items()}
+        self.clients = {n: NodeClient(n, ep, self.rpc, rpc_timeout_s, tls) for n, ep in endpoints.items()}
         self.load_timeout_s = load_timeout_s
+        # Signatures verify under the key registered for a node (its ComputeNode's), never under the key
+        # an agent reports; a node without a registered key is trusted on first use.
+        self.registered_keys = dict(registered_keys or {})
         self.public_keys: dict[str, str] = {}
         self.dead: set[str] = set()
         self._lock = threading.RLock()
@@ -147,7 +154,12 @@ class SessionDriver:
         resp = self.clients[node].call("LoadStage", pb.LoadStageRequest(
             ref=self._ref(stage), model_path=self.model_path, model_sha256=self.model_sha256,
             first_layer=r.first, last_layer=r.last, grid=wire.grid_to_pb(self.grid)), timeout=self.load_timeout_s)
-        self.public_keys[node] = resp.public_key
+        registered = self.registered_keys.get(node)
+        if registered is not None and resp.public_key != registered:
+            self.dead.add(node)
+            raise KeyMismatch(f"{node} signs with key {resp.public_key[:12]}..., not the key registered for it "
+                              f"({registered[:12]}...): refused")
+        self.public_keys[node] = registered or resp.public_key
 
     def start(self) -> None:
         for s, node in enumerate(self.state.nodes):
@@ -363,6 +375,8 @@ class SessionDriver:
                 self._load(backup, s)
                 replayed = self._rebuild(s, backup, upto)
                 break
+            except KeyMismatch as e:
+                log.warning("backup %s for stage %d: %s", backup, s, e)
             except grpc.RpcError as e:
                 log.warning("backup %s for stage %d failed: %s", backup, s, e.code().name)
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -18,6 +18,8 @@ def agent(tmp_path_factory):
     ident = NodeIdentity.load_or_create(tmp_path_factory.mktemp("key") / "node.pem", "test-node")
     srv, service, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(threads=1, n_ctx=512))
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.CHANNEL_OPTIONS)
-    yield wire.pb_grpc.NodeAgentStub(channel), service, ident
+    stub = wire.pb_grpc.NodeAgentStub(channel)
+    stub.channel = channel   # for calls with raw bytes instead of messages
+    yield stub, service, ident
     channel.close()
     srv.stop(None)

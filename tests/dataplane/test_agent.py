@@ -164,3 +164,40 @@ def test_fuzz_many_malformed_requests(agent, model_path):
         n += 1
     assert service.rejected - before == n
     step(stub, "fz", 0, PROMPT)
+
+
+def test_undecodable_bytes_to_every_method_are_refused(agent, model_path):
+    """Raw random bytes as the request of every RPC: whatever protobuf makes of them, the agent
+    answers with a status (never UNKNOWN, gRPC's code for an exception the agent did not handle)."""
+    stub, _, _ = agent
+    load(stub, model_path, "raw")
+    rng = np.random.default_rng(2)
+    methods = wire.pb.DESCRIPTOR.services_by_name["NodeAgent"].methods
+    for m in methods:
+        path = f"/{m.containing_service.full_name}/{m.name}"
+        call_raw = (stub.channel.unary_stream if m.server_streaming else stub.channel.unary_unary)(path)
+        for _ in range(40):
+            data = bytes(rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8))
+            try:
+                out = call_raw(data, timeout=10)
+                list(out) if m.server_streaming else out
+            except grpc.RpcError as e:
+                assert e.code() != grpc.StatusCode.UNKNOWN, (m.name, e.details())
+                assert e.details(), m.name
+    step(stub, "raw", 0, PROMPT)   # still serving, the session intact
+
+
+def test_agent_flags_default_to_the_charts_environment(monkeypatch, tmp_path):
+    """The DaemonSet runs plain `node-agent`: port and key location come from its environment."""
+    from node_agent.main import build_parser
+
+    monkeypatch.setenv("CONSORTIUM_AGENT_PORT", "50123")
+    monkeypatch.setenv("CONSORTIUM_IDENTITY_DIR", str(tmp_path))
+    args = build_parser().parse_args([])
+    assert args.listen == "0.0.0.0:50123"
+    assert args.key_file == str(tmp_path / "node.pem")
+    monkeypatch.delenv("CONSORTIUM_AGENT_PORT")
+    monkeypatch.delenv("CONSORTIUM_IDENTITY_DIR")
+    assert build_parser().parse_args(["--key-file", "k.pem"]).listen == "127.0.0.1:50051"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])   # no key file and no identity dir

@@ -38,6 +38,7 @@ def test_rendered_chart_is_accepted_by_the_server(cluster, values):
     for kind in ("deployment.apps/consortium-operator", "daemonset.apps/consortium-agent",
                  "clusterrole.rbac.authorization.k8s.io/consortium-operator",
                  "validatingadmissionpolicy.admissionregistration.k8s.io/consortium-agents-cannot-approve",
+                 "validatingadmissionpolicy.admissionregistration.k8s.io/consortium-agents-own-node-only",
                  "customresourcedefinition.apiextensions.k8s.io/receipts.consortium.io"):
         assert kind in done.stdout
 
@@ -50,6 +51,23 @@ def test_daemonset_runs_only_on_accelerator_labels(cluster):
     assert terms == [{"matchExpressions": [{"key": r.LABEL_ACCELERATOR, "operator": "In", "values": ["cuda", "metal"]}]}]
     assert ds["spec"]["template"]["spec"]["serviceAccountName"] == "consortium-agent"
     assert ds["spec"]["template"]["spec"]["containers"][0]["command"] == ["node-agent"]
+
+
+@pytest.mark.parametrize("plaintext", [False, True], ids=["mtls", "dev-plaintext"])
+def test_tls_material_is_mounted_unless_dev_plaintext(cluster, plaintext):
+    """The operator reads its client certificate from a Secret, each agent its node's from the node."""
+    values = ["--set", "devPlaintext=true"] if plaintext else []
+    for template, source in (("operator-deployment", "secret"), ("agent-daemonset", "hostPath")):
+        obj = yaml.safe_load(cluster.helm("template", RELEASE, CHART, "-n", NS, *values,
+                                          "--show-only", f"templates/{template}.yaml").stdout)
+        pod = obj["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        tls_volumes = [v for v in pod["volumes"] if v["name"] == "tls"]
+        if plaintext:
+            assert env["CONSORTIUM_PLAINTEXT"] == "1" and "CONSORTIUM_TLS_CERT" not in env and not tls_volumes
+        else:
+            assert env["CONSORTIUM_PLAINTEXT"] == "0" and env["CONSORTIUM_TLS_CA"] == "/etc/consortium/tls/ca.crt"
+            assert source in tls_volumes[0]
 
 
 def test_bad_model_source_is_refused_at_render_time(cluster):
@@ -69,7 +87,11 @@ def installed(cluster):
 
 
 def _as(installed, who, *args, input=None):
+    """Run kubectl as "operator", "agent" (a token bound to no node) or "agent:<node>" (the agent
+    ServiceAccount with a token bound to Node <node>, as every real agent has)."""
     cluster, tokens = installed
+    if who not in tokens:
+        tokens[who] = cluster.node_bound_token(f"{RELEASE}-agent", NS, who.split(":", 1)[1])
     return cluster.kubectl(*args, token=tokens[who], input=input, check=False)
 
 
@@ -127,34 +149,34 @@ def test_agent_registers_and_reports_its_node(installed):
         labels={r.LABEL_ACCELERATOR: "cuda"})).to_k8s()
 
     def check():
-        done = _as(installed, "agent", "apply", "-f", "-", input=json.dumps(node))
+        done = _as(installed, "agent:agent-registered", "apply", "-f", "-", input=json.dumps(node))
         assert done.returncode == 0, done.stderr
     eventually(check)
-    done = _as(installed, "agent", "patch", "computenode", "agent-registered", "--subresource=status",
+    done = _as(installed, "agent:agent-registered", "patch", "computenode", "agent-registered", "--subresource=status",
                "--type=merge", "-p", json.dumps({"status": {"backend": "cpu", "llamaCpp": {"version": "0.3.36"}}}))
     assert done.returncode == 0, done.stderr
     assert get_json(installed[0], "computenode", "agent-registered")["status"]["backend"] == "cpu"
     lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-             "metadata": {"name": "agent-registered", "namespace": NS},
+             "metadata": {"name": "consortium-agent-agent-registered", "namespace": NS},
              "spec": {"holderIdentity": "agent-registered", "leaseDurationSeconds": 15}}
-    assert _as(installed, "agent", "apply", "-f", "-", input=json.dumps(lease)).returncode == 0
+    assert _as(installed, "agent:agent-registered", "apply", "-f", "-", input=json.dumps(lease)).returncode == 0
     assert _can(installed, "agent", "watch", "stageassignments", SESSIONS)
     assert _can(installed, "agent", "patch", "stageassignments", SESSIONS, subresource="status")
 
 
 def test_agent_cannot_approve_itself(installed):
-    _as(installed, "agent", "apply", "-f", "-", input=json.dumps(r.ComputeNode(
+    _as(installed, "agent:agent-greedy", "apply", "-f", "-", input=json.dumps(r.ComputeNode(
         metadata={"name": "agent-greedy"}, spec=r.ComputeNodeSpec(
             endpoint="10.0.0.8:50051", public_key="0fT6pV3b9dEwFz3m2p6s8b1xQk2o9u7c4a5Wm3nYt1A=")).to_k8s()))
 
     def refused():
-        done = _as(installed, "agent", "patch", "computenode", "agent-greedy", "--type=merge",
+        done = _as(installed, "agent:agent-greedy", "patch", "computenode", "agent-greedy", "--type=merge",
                    "-p", json.dumps({"spec": {"approved": True}}))
         assert done.returncode != 0 and "a node agent cannot approve a ComputeNode" in done.stderr, done.stderr
     eventually(refused)  # the admission policy takes effect a moment after install
     greedy = r.ComputeNode(metadata={"name": "agent-approved-at-birth"}, spec=r.ComputeNodeSpec(
         endpoint="10.0.0.9:50051", public_key="0fT6pV3b9dEwFz3m2p6s8b1xQk2o9u7c4a5Wm3nYt1A=", approved=True))
-    done = _as(installed, "agent", "create", "-f", "-", input=json.dumps(greedy.to_k8s()))
+    done = _as(installed, "agent:agent-approved-at-birth", "create", "-f", "-", input=json.dumps(greedy.to_k8s()))
     assert done.returncode != 0 and "a node agent cannot approve a ComputeNode" in done.stderr
     # The admin still can.
     installed[0].kubectl("patch", "computenode", "agent-greedy", "--type=merge", "-p", '{"spec":{"approved":true}}')
@@ -174,3 +196,60 @@ def test_agent_cannot_touch_sessions_receipts_or_secrets(installed):
     assert _forbidden(_as(installed, "agent", "delete", "computenode", "agent-registered"))
     assert not _can(installed, "agent", "create", "leases", SESSIONS)
     assert not _can(installed, "agent", "create", "stageassignments", SESSIONS)
+
+
+# -- one agent cannot speak for another (the agents-own-node-only admission policy) ---------------
+
+def _node(name: str) -> str:
+    return json.dumps(r.ComputeNode(metadata={"name": name}, spec=r.ComputeNodeSpec(
+        endpoint="10.0.0.10:50051", public_key="0fT6pV3b9dEwFz3m2p6s8b1xQk2o9u7c4a5Wm3nYt1A=")).to_k8s())
+
+
+def _lease(node: str, holder: str | None = None) -> str:
+    return json.dumps({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                       "metadata": {"name": f"consortium-agent-{node}", "namespace": NS},
+                       "spec": {"holderIdentity": holder or node, "leaseDurationSeconds": 15}})
+
+
+def test_agent_token_bound_to_no_node_is_refused(installed):
+    def refused():
+        done = _as(installed, "agent", "apply", "-f", "-", input=_node("agent-unbound"))
+        assert done.returncode != 0 and "token must be bound to its node" in done.stderr, done.stderr
+    eventually(refused)
+    done = _as(installed, "agent", "apply", "-f", "-", input=_lease("agent-unbound"))
+    assert done.returncode != 0 and "token must be bound to its node" in done.stderr
+
+
+def test_agent_cannot_write_another_nodes_computenode_lease_or_assignment(installed):
+    cluster = installed[0]
+
+    def own_node_ok():
+        done = _as(installed, "agent:id-a", "apply", "-f", "-", input=_node("id-a"))
+        assert done.returncode == 0, done.stderr
+    eventually(own_node_ok)
+    assert _as(installed, "agent:id-a", "apply", "-f", "-", input=_lease("id-a")).returncode == 0
+
+    # b poses as a: its ComputeNode (spec and status), its Lease; and registering as a from scratch.
+    for args in (["patch", "computenode", "id-a", "--type=merge", "-p", '{"spec":{"endpoint":"10.6.6.6:50051"}}'],
+                 ["patch", "computenode", "id-a", "--subresource=status", "--type=merge", "-p",
+                  '{"status":{"backend":"cuda"}}']):
+        done = _as(installed, "agent:id-b", *args)
+        assert done.returncode != 0 and "the agent of node id-b cannot write ComputeNode id-a" in done.stderr, done.stderr
+    done = _as(installed, "agent:id-b", "apply", "-f", "-", input=_lease("id-a", holder="id-b"))
+    assert done.returncode != 0 and "the agent of node id-b cannot write Lease consortium-agent-id-a" in done.stderr
+    done = _as(installed, "agent:id-b", "create", "-f", "-", input=_node("id-c"))
+    assert done.returncode != 0 and "cannot write ComputeNode id-c" in done.stderr
+    assert get_json(cluster, "computenode", "id-a")["spec"]["endpoint"] == "10.0.0.10:50051"
+
+    # StageAssignments: only the status of one placed on the caller's node.
+    sa = r.StageAssignment(metadata={"name": "minimal-s1"}, spec=r.StageAssignmentSpec(
+        session="minimal", stage_index=1, layers=r.LayerRange(start=0, end=29), node_name="id-a")).to_k8s()
+    cluster.kubectl("apply", "-n", SESSIONS, "-f", "-", input=json.dumps(sa))
+    status = ["patch", "stageassignment", "minimal-s1", "-n", SESSIONS, "--subresource=status", "--type=merge",
+              "-p", '{"status":{"observedEpoch":1}}']
+    done = _as(installed, "agent:id-b", *status)
+    assert done.returncode != 0 and "cannot write StageAssignment minimal-s1 (placed on id-a)" in done.stderr
+    done = _as(installed, "agent:id-a", *status)
+    assert done.returncode == 0, done.stderr
+    # The admin is not an agent: the policy does not apply.
+    cluster.kubectl("patch", "computenode", "id-a", "--type=merge", "-p", '{"spec":{"endpoint":"10.0.0.11:50051"}}')

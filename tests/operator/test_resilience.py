@@ -24,7 +24,7 @@ def agents_up(bed):
 
 
 def _stub(bed, node):
-    return wire.pb_grpc.NodeAgentStub(grpc.insecure_channel(bed.endpoints[node], options=wire.CHANNEL_OPTIONS))
+    return wire.pb_grpc.NodeAgentStub(bed.channel(node))
 
 
 def test_operator_restart_resumes_without_recomputing(agents_up, baseline):

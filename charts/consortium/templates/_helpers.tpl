@@ -31,3 +31,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "consortium.agentServiceAccount" -}}
 {{ include "consortium.fullname" . }}-agent
 {{- end -}}
+
+{{/* The model files, for the agents (stages) and the operator (layer count, tokenizer, sha256): one
+volume definition for both, mounted read-only at /models. */}}
+{{- define "consortium.modelsMount" -}}
+{{- if ne .Values.models.type "none" -}}
+- name: models
+  mountPath: /models
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "consortium.modelsVolume" -}}
+{{- if eq .Values.models.type "hostPath" -}}
+- name: models
+  hostPath:
+    path: {{ .Values.models.hostPath }}
+    type: DirectoryOrCreate
+{{- else if eq .Values.models.type "pvc" -}}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ required "models.existingClaim is required when models.type is pvc" .Values.models.existingClaim }}
+    readOnly: true
+{{- else if ne .Values.models.type "none" }}
+{{- fail "models.type must be hostPath, pvc or none" }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,226 @@
+"""Mutual TLS for the gRPC links between the session driver (the operator, or the standalone driver)
+and the node agents.
+
+One CA signs every certificate. An agent's certificate names its node (the ComputeNode name) as its
+only DNS subject alternative name; the driver dials an agent expecting that name, so an agent holding
+another node's certificate, or none from this CA, fails the handshake. The agent asks every caller
+for a certificate from the same CA. Keys are ECDSA P-256, which gRPC's TLS accepts everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["CertificateAuthority", "Credentials", "TLSError", "secure_channel", "local_pki"]
+
+DRIVER_NAME = "consortium-driver"   # the client certificate's name for the driver/operator
+
+
+class TLSError(ValueError):
+    """A certificate, key or CA file that cannot be used; the message says which and why."""
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateAuthority:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, name: str = "consortium-ca", days: int = 365) -> "CertificateAuthority":
+        key = _new_key()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(_now() - datetime.timedelta(minutes=5))
+                .not_valid_after(_now() + datetime.timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                             crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                .sign(key, hashes.SHA256()))
+        return cls(key, cert)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """ca.crt and ca.key (0600) in `directory`; never overwrites an existing CA."""
+        d = Path(directory)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(d / "ca.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_key_pem(self.key))
+        (d / "ca.crt").write_bytes(self.cert_pem)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "CertificateAuthority":
+        d = Path(directory)
+        try:
+            cert = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+            key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+        except OSError as e:
+            raise TLSError(f"cannot read the CA in {d}: {e.strerror}: {e.filename}") from None
+        except (ValueError, TypeError) as e:
+            raise TLSError(f"the CA in {d} is not a PEM certificate and unencrypted key: {e}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+            raise TLSError(f"{d / 'ca.key'} is not the key of {d / 'ca.crt'}")
+        return cls(key, cert)
+
+    def issue(self, name: str, *, server: bool = True, client: bool = True, days: int = 365,
+              addresses: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM) for `name`: a node's name (server) or the driver's (client).
+        `addresses` are extra IP subject alternative names (not needed by the driver, which checks
+        the name)."""
+        if not name or len(name) > 253:
+            raise TLSError(f"certificate name {name!r} must be 1-253 characters")
+        key = _new_key()
+        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+        sans = [x509.DNSName(name)] + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(_now() - datetime.timedelta(minutes=5))
+                .not_valid_after(_now() + datetime.timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """What one process holds: its certificate and key, and the CA it trusts (all PEM)."""
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+
+    def __post_init__(self):
+        for what, pem in (("certificate", self.cert_pem), ("CA certificate", self.ca_pem)):
+            try:
+                x509.load_pem_x509_certificate(pem)
+            except ValueError as e:
+                raise TLSError(f"the {what} is not a PEM X.509 certificate: {e}") from None
+        try:
+            serialization.load_pem_private_key(self.key_pem, password=None)
+        except (ValueError, TypeError) as e:
+            raise TLSError(f"the TLS key is not an unencrypted PEM private key: {e}") from None
+
+    @classmethod
+    def load(cls, cert: str | os.PathLike, key: str | os.PathLike, ca: str | os.PathLike) -> "Credentials":
+        data = {}
+        for what, path in (("cert", cert), ("key", key), ("ca", ca)):
+            try:
+                data[what] = Path(path).read_bytes()
+            except OSError as e:
+                raise TLSError(f"cannot read the TLS {what} file {path}: {e.strerror}") from None
+        return cls(data["cert"], data["key"], data["ca"])
+
+    @property
+    def name(self) -> str:
+        """The certificate's DNS name (the node's name for an agent)."""
+        cert = x509.load_pem_x509_certificate(self.cert_pem)
+        try:
+            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.DNSName)
+        except x509.ExtensionNotFound:
+            names = []
+        return names[0] if names else ""
+
+    def server_credentials(self):
+        import grpc
+
+        return grpc.ssl_server_credentials([(self.key_pem, self.cert_pem)], root_certificates=self.ca_pem,
+                                           require_client_auth=True)
+
+    def channel_credentials(self):
+        import grpc
+
+        return grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=self.key_pem,
+                                            certificate_chain=self.cert_pem)
+
+    def write(self, directory: str | os.PathLike) -> dict[str, str]:
+        """Write tls.crt, tls.key (0600) and ca.crt into `directory`; returns their paths by role."""
+        d = Path(directory)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths = {"cert": d / "tls.crt", "key": d / "tls.key", "ca": d / "ca.crt"}
+        paths["cert"].write_bytes(self.cert_pem)
+        paths["ca"].write_bytes(self.ca_pem)
+        fd = os.open(paths["key"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.key_pem)
+        return {k: str(v) for k, v in paths.items()}
+
+
+def secure_channel(endpoint: str, node_name: str, creds: Credentials, options=()):
+    """A channel to the agent at `endpoint` that only completes its handshake if the agent presents
+    a certificate from our CA naming `node_name` (whatever host or address `endpoint` has)."""
+    import grpc
+
+    return grpc.secure_channel(endpoint, creds.channel_credentials(),
+                               options=[*options, ("grpc.ssl_target_name_override", node_name)])
+
+
+def local_pki(directory: str | os.PathLike, nodes: list[str]) -> tuple[dict[str, dict[str, str]], Credentials]:
+    """A CA made for one run: per-node agent certificates written under `directory`/<node>/, and the
+    driver's client credentials. Returns ({node: {cert, key, ca paths}}, driver credentials)."""
+    ca = CertificateAuthority.create()
+    files = {n: Credentials(*ca.issue(n), ca.cert_pem).write(Path(directory) / n) for n in nodes}
+    driver = Credentials(*ca.issue(DRIVER_NAME, server=False), ca.cert_pem)
+    driver.write(Path(directory) / DRIVER_NAME)
+    return files, driver
+
+
+def add_arguments(p, role: str) -> None:
+    """--tls-cert/--tls-key/--tls-ca and --plaintext, for the agent ("agent") or the driver ("driver");
+    defaults from CONSORTIUM_TLS_CERT, CONSORTIUM_TLS_KEY, CONSORTIUM_TLS_CA and CONSORTIUM_PLAINTEXT=1
+    (what the chart sets from a mounted Secret)."""
+    env = os.environ.get
+    whose = "the node's certificate (its DNS name is the node's name)" if role == "agent" else \
+        "the driver's client certificate"
+    g = p.add_argument_group("mutual TLS", "every gRPC link is mutual TLS under one CA; --plaintext only for "
+                                           "local development")
+    g.add_argument("--tls-cert", default=env("CONSORTIUM_TLS_CERT"), help=f"PEM file: {whose}")
+    g.add_argument("--tls-key", default=env("CONSORTIUM_TLS_KEY"), help="PEM file: its private key")
+    g.add_argument("--tls-ca", default=env("CONSORTIUM_TLS_CA"),
+                   help="PEM file: the CA that signed every agent's and the driver's certificate")
+    g.add_argument("--plaintext", action="store_true", default=env("CONSORTIUM_PLAINTEXT") == "1",
+                   help="no TLS (development only: anyone on the network reads prompts and activations "
+                        "and can pose as any node)")
+
+
+def from_args(args) -> Credentials | None:
+    """The credentials the flags name, or None for --plaintext; TLSError says what is missing."""
+    given = [f for f in ("tls_cert", "tls_key", "tls_ca") if getattr(args, f)]
+    if args.plaintext:
+        if given:
+            raise TLSError("--plaintext and --tls-* exclude each other")
+        return None
+    if len(given) != 3:
+        missing = [f"--{f.replace('_', '-')}" for f in ("tls_cert", "tls_key", "tls_ca") if f not in given]
+        raise TLSError(f"mutual TLS needs --tls-cert, --tls-key and --tls-ca (missing {', '.join(missing)}); "
+                       "pass --plaintext for local development without TLS")
+    return Credentials.load(args.tls_cert, args.tls_key, args.tls_ca)

@@ -1,0 +1,37 @@
+"""`consortium testcase --extension faulty-worker` through Kubernetes: stage 1's agent runs with
+--fault skip-layer; the operator must quarantine it in the API, roll its work back, fail its stage
+over, and finish with the baseline's tokens and no honest node accused.
+
+On a control plane of its own: the session-wide one may hold the operator tests' agents, which
+carry the same node names."""
+import pytest
+
+from consortium import cluster as lc
+from consortium import extensions, kubecase, standalone
+
+
+@pytest.fixture(scope="module")
+def own_cluster(tmp_path_factory):
+    c = lc.LocalCluster(tmp_path_factory.mktemp("faulty") / "cluster")
+    c.start(timeout=300)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.mark.k8s
+@pytest.mark.slow
+def test_faulty_worker_is_quarantined_in_the_api(own_cluster):
+    opts = standalone.Options(max_tokens=24, threads=1)
+    extensions.apply(["faulty-worker"], opts, prompt_given=False, fault_given=False, audit_given=False)
+    assert (opts.faulty_stage, opts.fault, opts.kill_stage) == (1, "skip-layer", None)
+    r = kubecase.run(opts, cluster=own_cluster)
+    extensions.add_figures(["faulty-worker"], r, opts)
+    f = r["extensions"]["faulty-worker"]
+    assert r["fault"]["node"] == "n2" and f["caught"] and f["quarantined_in_api"]
+    assert r["quarantined"] == ["n2"] and r["quarantined_in_api"] == ["n2"]
+    assert f["rollbacks"] >= 1 and f["failed_over_to"] == "n0"
+    assert {"NodeQuarantined", "AuditFailed", "StageReassigned"} <= set(r["events"])
+    assert r["phase"] == "Completed" and r["exact_match"] and r["false_fraud"] == 0
+    assert f["honest_verdicts_all_pass"] and f["ok"] and r["success"]

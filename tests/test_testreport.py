@@ -1,0 +1,64 @@
+"""The person-facing outcome of a Test Case v1 report: each of the seed's criteria marked from the
+report's own figures, so a wrong token, a failed audit or a restart shows up as FAIL."""
+import copy
+
+from consortium import testreport
+
+
+def passing_report() -> dict:
+    units = [{"stage": s, "position": p, "node": n, "verifier": "N0" if n != "N0" else "N2",
+              "verdict": "Passed", "hash_equal": True} for s, n in enumerate(("N1", "N2", "N0")) for p in range(3)]
+    return {
+        "max_tokens": 4, "split": "0-9,10-19,20-29", "prompt_tokens": 5,
+        "nodes": {n: {"backend": "cpu", "repack": True} for n in ("N0", "N1", "N2")},
+        "baseline": {"tokens": [1, 2, 3, 4], "tokens_per_s": 50.0},
+        "distributed": {"tokens": [1, 2, 3, 4], "tokens_per_s": 12.0, "per_stage_ms": [5.0, 6.0, 7.0]},
+        "exact_match": True, "first_divergence": None,
+        "audits": {"total": 9, "passed": 9, "passed_within_tolerance": 0, "mismatch": 0, "fraud": 0,
+                   "probability": 0.2, "units": units},
+        "failover": {"injected": True, "completed": True, "killed_node": "N2", "how": "SIGKILL", "at_token": 2,
+                     "backup_node": "N0", "spike_ms": 400.0, "events": []},
+        "session_restarts": 0, "false_fraud": 0, "success": True,
+    }
+
+
+def marks(r):
+    return {c: ok for c, ok, _ in testreport.criteria(r)}
+
+
+def test_a_passing_run_is_all_pass():
+    r = passing_report()
+    assert set(marks(r).values()) == {True}
+    md = "\n".join(testreport.markdown(r))
+    assert md.startswith("**PASS") and "| FAIL |" not in md
+    assert "cpu / cpu: 9 of 9 equal" in md and "CUDA and Metal not measured yet" in md
+
+
+def test_each_failure_is_marked_on_its_own_criterion():
+    cases = {
+        "2. output correct": lambda r: r.update(exact_match=False, first_divergence=3,
+                                                distributed={**r["distributed"], "tokens": [1, 2, 3, 9]}),
+        "3. all audits": lambda r: r["audits"]["units"][4].update(verdict="Mismatch"),
+        "4. failover": lambda r: r["failover"].update(completed=False),
+        # A restart is also a failover that did not go on without one.
+        "4. failover|no session restart": lambda r: r.update(session_restarts=1),
+        "no false fraud": lambda r: r.update(false_fraud=1),
+    }
+    for prefixes, breaks in cases.items():
+        r = copy.deepcopy(passing_report())
+        breaks(r)
+        r["success"] = False
+        failed = [c for c, ok in marks(r).items() if ok is False]
+        want = prefixes.split("|")
+        assert len(failed) == len(want) and all(c.startswith(p) for c, p in zip(failed, want)), (want, failed)
+        assert testreport.outcome(r).startswith("FAIL")
+
+
+def test_no_failure_injected_is_not_exercised_and_a_caught_cheater_is_not_an_honest_failure():
+    r = passing_report()
+    r["failover"] = {"injected": False, "completed": False, "events": []}
+    assert marks(r)["4. failover completes without a session abort"] is None
+    r["audits"]["units"][4].update(verdict="Fraud", hash_equal=False)   # N2's unit
+    r["fault"] = {"node": "N2", "kind": "replay", "caught": True, "rollbacks": [{}]}
+    m = marks(r)
+    assert m["3. all audits of honest nodes pass"] and m["the faulty worker is caught and quarantined"]
