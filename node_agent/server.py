@@ -313,10 +313,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                     del d[k]
             for k in [k for k in a.windows if k >= p]:
                 del a.windows[k]
-            # Undelivered statements that sign a forgotten position would no longer verify.
-            a.undelivered = [(q, c) for q, c in a.undelivered if q < p]
-            a.undelivered_windows = {k: w for k, w in a.undelivered_windows.items()
-                                     if w.statement.window_start + w.statement.count <= p}
+            # A driver that truncates is rolling back or resuming after its own crash: it could not check
+            # an undelivered window whose earlier commitments it never received, so none is delivered.
+            a.undelivered, a.undelivered_windows = [], {}
             a.signer.reset()
             return pb.TruncateResponse(next_position=a.engine.next_position(a.seq))
 

@@ -563,9 +563,10 @@ class SessionDriver:
         with self._lock:
             for s in range(self.n_stages):
                 self._flush(s)
-                for d in (self._inputs[s], self._commits[s], self._unsigned[s]):
+                for d in (self._inputs[s], self._commits[s]):
                     for k in [k for k in d if k >= q]:
                         del d[k]
+                self._unsigned[s].clear()   # Truncate (or the failover below) drops their commitments
             st.batches = [b for b in st.batches if b[0] < q]
             st.done = [min(d, q) for d in st.done]
             del st.tokens[max(0, q - len(st.prompt_tokens)):]

@@ -68,9 +68,10 @@ def test_deferred_commitments_come_with_the_next_response(agent, model_path):
     # A synchronous step after deferred ones: its own commitments inline, the pending ones in earlier.
     r0c = forward(stub, "df", 0, n + 1, [43], defer=False)
     assert len(r0c.commitments) == 1 and r0c.earlier.position == n and len(r0c.earlier.commitments) == 1
-    # Truncate forgets undelivered commitments at and after the position.
+    # Truncate forgets undelivered commitments, also those before the position (a driver resuming
+    # after a crash could not check their windows).
     forward(stub, "df", 1, n + 1, r0c.output)
-    stub.Truncate(pb.TruncateRequest(ref=ref("df", 1), position=n + 1))
+    stub.Truncate(pb.TruncateRequest(ref=ref("df", 1), position=n + 2))
     assert not stub.Commitments(pb.CommitmentsRequest(ref=ref("df", 1))).commitments
 
     with pytest.raises(grpc.RpcError) as e:
