@@ -42,6 +42,7 @@ class Options:
     rpc_timeout_s: float = 30.0
     hang: bool = False   # SIGSTOP instead of SIGKILL: the agent keeps its socket and never answers
     plaintext: bool = False  # gRPC without TLS; by default a CA made for the run issues mutual-TLS certificates
+    defer_commitments: bool = True   # agents commit and sign after answering (False: before, in the response)
 
 
 class Agents:
@@ -161,7 +162,7 @@ def run(opts: Options) -> dict:
         driver = SessionDriver(session=state.session, model_path=str(model), split=split, n_layers=info.n_layers,
                                model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
                                rpc_timeout_s=opts.rpc_timeout_s, tls=agents.driver_tls,
-                               registered_keys=agents.public_keys)
+                               registered_keys=agents.public_keys, defer_commitments=opts.defer_commitments)
         health = {n: driver.clients[n].call("Health", pb.HealthRequest())
                   for n in NODES}
         driver.start()
@@ -269,12 +270,14 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         "prompt": opts.prompt, "prompt_tokens": len(prompt_ids), "max_tokens": opts.max_tokens,
         "threads_per_agent": opts.threads, "heterogeneous": opts.heterogeneous,
         "transport": "plaintext" if opts.plaintext else "mutual TLS",
-        "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3)},
+        "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3),
+                     "token_ms": [round(x, 3) for x in base.token_ms]},
         "distributed": {"tokens": dist.tokens, "text": dist.text, "tokens_per_s": round(dist.tokens_per_s, 3),
                         "per_stage_ms": [round(x, 3) for x in dist.per_stage_mean_ms()], "wall_s": round(wall_s, 3),
                         "rewinds": dist.rewinds,
                         "steps": [{"position": s.position, "rows": s.rows, "wall_ms": round(s.wall_ms, 3),
-                                   "stage_ms": [round(x, 3) for x in s.stage_ms], "failover": s.failover}
+                                   "stage_ms": [round(x, 3) for x in s.stage_ms], "failover": s.failover,
+                                   "agent_ms": [round(x, 3) for x in s.agent_ms]}
                                   for s in steps]},
         "speed_ratio": round(dist.tokens_per_s / base.tokens_per_s, 4) if base.tokens_per_s else None,
         "exact_match": exact,

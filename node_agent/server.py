@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from consortium import wire
+from consortium import priority, wire
 from consortium.layers import LayerRange
 from consortium.verification import canonical, proofs, receipts
 from consortium.verification.canonical import CanonicalGrid
@@ -121,6 +121,24 @@ class Assignment:
     commitments: dict = dataclasses.field(default_factory=dict)    # position -> 32 bytes
     windows: dict = dataclasses.field(default_factory=dict)        # window start -> SignedStatement
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    # Deferred steps: the commit-and-sign job of the last one (settled under `lock` before anything
+    # reads the fields above), and what they committed that no response has carried yet.
+    pending: futures.Future | None = None
+    undelivered: list = dataclasses.field(default_factory=list)    # [(position, commitment)]
+    undelivered_windows: dict = dataclasses.field(default_factory=dict)  # window start -> latest signed
+
+    def settle(self) -> None:
+        """Wait for the deferred commit-and-sign job; its error, if any, is raised here once."""
+        job, self.pending = self.pending, None
+        if job is not None:
+            job.result()
+
+    def take_undelivered(self) -> pb.DeferredCommitments:
+        out = pb.DeferredCommitments(position=self.undelivered[0][0] if self.undelivered else 0,
+                                     commitments=[c for _, c in self.undelivered],
+                                     windows=[wire.window_to_pb(w) for _, w in sorted(self.undelivered_windows.items())])
+        self.undelivered, self.undelivered_windows = [], {}
+        return out
 
     @property
     def is_first(self) -> bool:
@@ -144,6 +162,11 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         self._fences: dict[tuple[str, int], int] = {}
         self._audits: dict[tuple, tuple[Stage, int, threading.Lock]] = {}
         self._counters: dict[tuple[str, int, int], list[int]] = collections.defaultdict(lambda: [0, 0])
+        # Commits and signs deferred steps after their response went out (one job per assignment at a time).
+        self._committer = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="commit")
+        # Audits replay on threads of lower CPU priority, so forward steps on this node go first.
+        self._auditors = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="audit",
+                                                    initializer=priority.lower_thread_priority)
         self.requests = 0
         self.rejected = 0
 
@@ -282,6 +305,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         if req.position < 0:
             raise _bad(f"position {req.position} is negative")
         with a.lock:
+            a.settle()
             p = min(int(req.position), a.engine.next_position(a.seq))
             a.engine.truncate(a.seq, p)
             for d in (a.outputs, a.commitments):
@@ -289,6 +313,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                     del d[k]
             for k in [k for k in a.windows if k >= p]:
                 del a.windows[k]
+            # A driver that truncates is rolling back or resuming after its own crash: it could not check
+            # an undelivered window whose earlier commitments it never received, so none is delivered.
+            a.undelivered, a.undelivered_windows = [], {}
             a.signer.reset()
             return pb.TruncateResponse(next_position=a.engine.next_position(a.seq))
 
@@ -323,7 +350,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         tokens, hidden = self._inputs(a.is_first, a.engine.n_embd, list(req.tokens), req.hidden,
                                       req.HasField("hidden"))
         n = len(tokens) if tokens is not None else hidden.shape[0]
+        defer = send and req.defer_commitments
         with a.lock:
+            a.settle()
             expected = a.engine.next_position(a.seq)
             if req.position != expected:
                 raise _bad(f"session {a.session!r} stage {a.stage_index} continues at position {expected}, "
@@ -331,32 +360,60 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             t0 = time.perf_counter()
             if tokens is not None:
                 out = a.engine.forward(a.seq, req.position, tokens=tokens)
-                digests = [receipts.token_input_digest(int(t)) for t in tokens]
             else:
                 out = a.engine.forward(a.seq, req.position, hidden=hidden)
-                digests = [receipts.hidden_input_digest(r) for r in hidden]
             first_out = req.position if not a.is_last else req.position + n - 1
-            if a.is_last:
-                digests = digests[-1:]
-            commitments = canonical.commit_rows(out, a.grid)
-            windows = a.signer.add_batch(first_out, digests, commitments)
-            compute_ms = (time.perf_counter() - t0) * 1000
-            for i, c in enumerate(commitments):
+            for i in range(len(out)):
                 a.outputs[first_out + i] = out[i]
-                a.commitments[first_out + i] = c
-            for w in windows:
-                a.windows[w.statement.window_start] = w
             if a.is_last:
                 for k in [k for k in a.outputs if k <= first_out - FINAL_STAGE_KEEP]:
                     del a.outputs[k]
             with self._lock:
                 for p in range(req.position, req.position + n):
                     self._counters[(a.session, a.stage_index, p)][0 if send else 1] += 1
+            earlier = a.take_undelivered() if send else None   # before the job below adds to it
+            if defer:
+                commitments, windows = [], []
+                a.pending = self._committer.submit(self._commit_and_sign, a, first_out, out, tokens, hidden, True)
+            else:
+                commitments, windows = self._commit_and_sign(a, first_out, out, tokens, hidden, False)
+            compute_ms = (time.perf_counter() - t0) * 1000
         wins = [wire.window_to_pb(w) for w in windows]
         if not send:
             return pb.ReplayResponse(rows=n, commitments=commitments, windows=wins, compute_ms=compute_ms)
         return pb.ForwardResponse(output=wire.encode_tensor(out), output_position=first_out,
-                                  commitments=commitments, windows=wins, compute_ms=compute_ms)
+                                  commitments=commitments, windows=wins, compute_ms=compute_ms, earlier=earlier)
+
+    def _commit_and_sign(self, a: Assignment, first_out: int, out: np.ndarray, tokens, hidden,
+                         deferred: bool) -> tuple[list[bytes], list]:
+        """Commit the output rows and sign the window(s) they touch; kept for Reveal (and, deferred,
+        for the next response). Runs under a.lock, or as a.pending's job while no one else reads a."""
+        if tokens is not None:
+            digests = [receipts.token_input_digest(int(t)) for t in tokens]
+        else:
+            digests = [receipts.hidden_input_digest(r) for r in hidden]
+        if a.is_last:
+            digests = digests[-1:]
+        commitments = canonical.commit_rows(out, a.grid)
+        windows = a.signer.add_batch(first_out, digests, commitments)
+        for i, c in enumerate(commitments):
+            a.commitments[first_out + i] = c
+        for w in windows:
+            a.windows[w.statement.window_start] = w
+        if deferred:
+            a.undelivered += [(first_out + i, c) for i, c in enumerate(commitments)]
+            for w in windows:
+                a.undelivered_windows[w.statement.window_start] = w
+        return commitments, windows
+
+    def Commitments(self, request, context):
+        return self._handle(context, self._commitments, request)
+
+    def _commitments(self, req: pb.CommitmentsRequest) -> pb.DeferredCommitments:
+        a = self._assignment(req.ref)
+        with a.lock:
+            a.settle()
+            return a.take_undelivered()
 
     # -- Resend / Reveal ----------------------------------------------------------------------
 
@@ -385,6 +442,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         a = self._assignment(req.ref)
         p = int(req.position)
         with a.lock:
+            a.settle()
             row = a.outputs.get(p)
             if row is None:
                 raise _bad(f"no stored output for position {p}")
@@ -399,7 +457,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     # -- Audit --------------------------------------------------------------------------------
 
     def Audit(self, request, context):
-        return self._handle(context, self._audit, request)
+        return self._handle(context, lambda req: self._auditors.submit(self._audit, req).result(), request)
 
     def _audit(self, req: pb.AuditRequest) -> pb.AuditResponse:
         session, stage_index, _ = self._ref(req.ref)

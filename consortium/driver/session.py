@@ -6,7 +6,10 @@ before returned. The token loop itself stays in consortium.generation.generate; 
 - checks on every response: the commitments match the rows received (the driver holds the output,
   so its canonicalization is the reveal), the window statements verify under the node's key and
   their Merkle roots match those commitments; receipts are assembled from the signed windows and a
-  window cut short by a failover or rollback is flushed as a shorter receipt;
+  window cut short by a failover or rollback is flushed as a shorter receipt. The checks run in a
+  checker thread while the next hops are in flight, and agents commit and sign after answering
+  (deferred: a step's commitments come with the stage's next response, the last ones from
+  Commitments at the end), so neither side hashes or signs on the token's critical path;
 - failover, written once: an RPC error or deadline on a stage bumps its epoch, fences the old node,
   asks the policy for a backup, loads the layers there and replays the stage's inputs (resent by
   the upstream agent, or recomputed through a replacement of it if that agent is gone too) in the
@@ -19,10 +22,12 @@ before returned. The token loop itself stays in consortium.generation.generate; 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import threading
 import time
+from concurrent import futures
 from typing import Sequence
 
 import grpc
@@ -54,6 +59,15 @@ class KeyMismatch(DriverError):
     """An agent signs with another key than the one registered for its node."""
 
 
+@functools.lru_cache(maxsize=256)
+def _public_key(text: str):
+    """A node's key parsed once, not at every signature check; None when it is no key."""
+    try:
+        return signing.public_key(text)
+    except ValueError:
+        return None
+
+
 @dataclasses.dataclass
 class AuditUnit:
     stage: int
@@ -73,6 +87,7 @@ class StepRecord:
     stage_ms: list[float]
     wall_ms: float
     failover: bool
+    agent_ms: list[float] = dataclasses.field(default_factory=list)  # each agent's own time in the step
 
 
 class SessionDriver:
@@ -80,7 +95,7 @@ class SessionDriver:
                  endpoints: dict[str, str], state: SessionState, policy: Policy, model_sha256: str = "",
                  grid: CanonicalGrid = CanonicalGrid(), tolerance: verdicts.Tolerance | None = None,
                  rpc_timeout_s: float = 30.0, load_timeout_s: float = 120.0, honest_alpha: float = judgement.DEFAULT_ALPHA,
-                 tls=None, registered_keys: dict[str, str] | None = None):
+                 tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True):
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
         self.split, self.n_layers = list(split), n_layers
         self.n_stages = len(self.split)
@@ -104,10 +119,18 @@ class SessionDriver:
         self._inputs: list[dict[int, object]] = [dict() for _ in self.split]
         self._commits: list[dict[int, tuple[str, int, bytes]]] = [dict() for _ in self.split]
         self._open: list[dict | None] = [None] * self.n_stages  # open receipt window per stage
+        self.defer_commitments = defer_commitments
+        # Rows received whose commitments are deferred, per stage: position -> (node, epoch, row).
+        self._unsigned: list[dict[int, tuple[str, int, np.ndarray]]] = [dict() for _ in self.split]
+        # Response checks, in order, off the token's critical path; settled before anything that
+        # needs them done (failover, rollback, the end).
+        self._checker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checker")
+        self._last_check: futures.Future | None = None
         self.receipts: list[dict] = []
         self.records: dict[str, judgement.NodeRecord] = {}
         self.steps: list[StepRecord] = []
         self._last_ms = [0.0] * self.n_stages
+        self._agent_ms = [0.0] * self.n_stages
         self._step_failover = False
         self._generation = 0
         self._pending_fraud: list[tuple[str, str]] = []
@@ -168,10 +191,11 @@ class SessionDriver:
             if self.on_stage is not None:
                 self.on_stage(s, position)
             ts = time.perf_counter()
-            x = self._stage_step(s, position, x)
+            x, check = self._stage_step(s, position, x)
+            self._last_check = self._checker.submit(self._run_check, check)
             self._last_ms[s] = (time.perf_counter() - ts) * 1000
         self.steps.append(StepRecord(position, len(tokens), list(self._last_ms),
-                                     (time.perf_counter() - t0) * 1000, self._step_failover))
+                                     (time.perf_counter() - t0) * 1000, self._step_failover, list(self._agent_ms)))
         return x[-1]
 
     def stage_ms(self) -> list[float]:
@@ -181,6 +205,8 @@ class SessionDriver:
         """Called by generate() after each token (wait=False) and at the end (wait=True): the position
         to regenerate from after a rollback, or None."""
         if wait:
+            self._settle_checks()
+            self._collect_deferred()
             self._drain_audits()
         with self._lock:
             if not self._pending_fraud:
@@ -191,15 +217,15 @@ class SessionDriver:
 
     # -- one stage of one step -------------------------------------------------------------------
 
-    def _stage_step(self, s: int, position: int, x: np.ndarray) -> np.ndarray:
+    def _stage_step(self, s: int, position: int, x: np.ndarray):
+        """Stage s's output rows for this step, and the check of its response (for the checker)."""
         with self._lock:
             for i in range(len(x)):
                 self._inputs[s][position + i] = x[i] if s else int(x[i])
         for _ in range(4):
-            node = self.state.nodes[s]
-            req = self._forward_request(s, position, x)
+            node, epoch = self.state.nodes[s], self.state.epochs[s]
             try:
-                resp = self.clients[node].call("Forward", req)
+                resp = self.clients[node].call("Forward", self._forward_request(s, position, x, self.defer_commitments))
             except grpc.RpcError as e:
                 if e.code() not in FAILOVER_CODES:
                     raise DriverError(f"stage {s} on {node} refused step {position}: {e.code().name}: {e.details()}")
@@ -207,16 +233,66 @@ class SessionDriver:
                 self._failover(s, f"{node}: {e.code().name}: {e.details()}")
                 continue
             out = wire.decode_tensor(resp.output, ndim=2)
-            self._accept(s, node, self.state.epochs[s], resp.output_position, out, list(resp.commitments),
-                         list(resp.windows))
+            self._agent_ms[s] = resp.compute_ms
             self.state.done[s] = position + len(x)
-            return out
+            return out, functools.partial(self._check_response, s, node, epoch, resp, out)
         raise DriverError(f"stage {s} failed over repeatedly at position {position}")
 
-    def _forward_request(self, s: int, position: int, x) -> pb.ForwardRequest:
+    def _check_response(self, s: int, node: str, epoch: int, resp: pb.ForwardResponse, out: np.ndarray) -> None:
+        if resp.earlier.commitments:
+            self._accept_deferred(s, node, epoch, resp.earlier)
+        if resp.commitments:
+            self._accept(s, node, epoch, resp.output_position, out, list(resp.commitments), list(resp.windows))
+        else:
+            with self._lock:
+                for i in range(len(out)):
+                    self._unsigned[s][resp.output_position + i] = (node, epoch, out[i])
+
+    def _accept_deferred(self, s: int, node: str, epoch: int, d: pb.DeferredCommitments) -> None:
+        """Deferred commitments checked against the rows they commit to, when the driver holds them."""
+        first, cs = int(d.position), list(d.commitments)
+        with self._lock:
+            held = [self._unsigned[s].pop(first + i, None) for i in range(len(cs))]
+        rows = None
+        if all(h is not None and h[0] == node and h[1] == epoch for h in held):
+            rows = held[0][2][None, :] if len(held) == 1 else np.stack([h[2] for h in held])
+        self._accept(s, node, epoch, first, rows, cs, list(d.windows), select=rows is not None)
+
+    @staticmethod
+    def _run_check(check) -> None:
+        try:
+            check()
+        except Exception:
+            log.exception("checking a response failed")
+            raise
+
+    def _settle_checks(self) -> None:
+        """Wait until every response received so far is checked."""
+        last, self._last_check = self._last_check, None
+        if last is not None:
+            last.result()
+
+    def _collect_deferred(self, timeout: float | None = None) -> None:
+        """The commitments of each stage's last deferred step(s), which no later response carried."""
+        for s in range(self.n_stages):
+            with self._lock:
+                if not self._unsigned[s]:
+                    continue
+            node, epoch = self.state.nodes[s], self.state.epochs[s]
+            try:
+                d = self.clients[node].call("Commitments", pb.CommitmentsRequest(ref=self._ref(s)), timeout=timeout)
+            except grpc.RpcError as e:  # its rows stay unsigned by it; a failover replays and signs them
+                log.warning("stage %d on %s could not deliver its deferred commitments: %s", s, node, e.code().name)
+                continue
+            if d.commitments:
+                self._accept_deferred(s, node, epoch, d)
+
+    def _forward_request(self, s: int, position: int, x, defer: bool = False) -> pb.ForwardRequest:
         if s == 0:
-            return pb.ForwardRequest(ref=self._ref(s), position=position, tokens=[int(t) for t in x])
-        return pb.ForwardRequest(ref=self._ref(s), position=position, hidden=wire.encode_tensor(x))
+            return pb.ForwardRequest(ref=self._ref(s), position=position, tokens=[int(t) for t in x],
+                                     defer_commitments=defer)
+        return pb.ForwardRequest(ref=self._ref(s), position=position, hidden=wire.encode_tensor(x),
+                                 defer_commitments=defer)
 
     def _accept(self, s: int, node: str, epoch: int, first: int, out: np.ndarray | None,
                 commitments: list[bytes], windows: list, select: bool = True) -> None:
@@ -234,7 +310,8 @@ class SessionDriver:
                 sst = wire.window_from_pb(w)
                 st = sst.statement
                 ok = (st.session == self.session and st.stage == s and st.epoch == epoch and
-                      signing.verify_signature(self.public_keys.get(node, ""), st.encode(), sst.signature))
+                      signing.verify_signature(_public_key(self.public_keys.get(node, "")) or "", st.encode(),
+                                               sst.signature))
                 cs = [self._commits[s].get(p, (None, None, b""))[2] for p in st.positions]
                 ok = ok and len(cs) == st.count and receipts.merkle.merkle_root(cs) == st.merkle_root
                 sig_ok = sig_ok and ok
@@ -269,10 +346,13 @@ class SessionDriver:
 
     def _failover(self, s: int, reason: str, exclude: Sequence[str] = ()) -> str:
         t0 = time.perf_counter()
+        self._settle_checks()
         st = self.state
         old = st.nodes[s]
         with self._lock:
             self._flush(s)
+            # The old node's last rows will never be signed by it: its replacement replays and signs them.
+            self._unsigned[s].clear()
         st.epochs[s] += 1
         ref = self._ref(s)
 
@@ -350,6 +430,8 @@ class SessionDriver:
     # -- audits ----------------------------------------------------------------------------------
 
     def _audit_loop(self) -> None:
+        # Not at a lower priority, unlike the agents' audit threads: a descheduled thread holding the
+        # GIL would hold up the token loop that waits for it.
         while not self._stop.is_set():
             try:
                 first = self._audit_q.get(timeout=0.2)
@@ -461,6 +543,7 @@ class SessionDriver:
 
     def _rollback(self, node: str, why: str) -> int | None:
         st = self.state
+        self._settle_checks()
         with self._lock:
             first_bad = None
             for s in range(self.n_stages):
@@ -483,6 +566,7 @@ class SessionDriver:
                 for d in (self._inputs[s], self._commits[s]):
                     for k in [k for k in d if k >= q]:
                         del d[k]
+                self._unsigned[s].clear()   # Truncate (or the failover below) drops their commitments
             st.batches = [b for b in st.batches if b[0] < q]
             st.done = [min(d, q) for d in st.done]
             del st.tokens[max(0, q - len(st.prompt_tokens)):]
@@ -518,7 +602,13 @@ class SessionDriver:
         return out
 
     def close(self) -> None:
+        try:   # after a normal end there is nothing left; after an error, what can still be had quickly
+            self._settle_checks()
+            self._collect_deferred(timeout=2.0)
+        except Exception:
+            log.exception("collecting deferred commitments at close failed")
         self._stop.set()
+        self._checker.shutdown(wait=True)
         if self._auditor.is_alive():
             self._auditor.join(timeout=5)
         with self._lock:

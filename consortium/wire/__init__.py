@@ -5,6 +5,8 @@ are written once. The generated stubs (agent_pb2, agent_pb2_grpc) come from scri
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from consortium.verification.canonical import CanonicalGrid
@@ -49,13 +51,14 @@ def decode_tensor(t: pb.Tensor, *, dtype: str = "float32", ndim: int | None = No
         raise TensorError(f"tensor has {len(shape)} dimensions {list(shape)}, expected {ndim}")
     if any(s <= 0 for s in shape):
         raise TensorError(f"tensor shape {list(shape)} has an empty or negative dimension")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)  # Python integers: no overflow, and cheaper than numpy on a short tuple
     if n > max_elements:
         raise TensorError(f"tensor of {n} elements is too large")
     want = n * _DTYPES[dtype].itemsize
     if len(t.data) != want:
         raise TensorError(f"tensor {list(shape)} {dtype} needs {want} bytes, got {len(t.data)}")
-    return np.frombuffer(t.data, dtype=_DTYPES[dtype]).reshape(shape).astype(dtype)
+    # A read-only view of the message's bytes (no copy on little-endian machines, which is all of them here).
+    return np.frombuffer(t.data, dtype=_DTYPES[dtype]).reshape(shape).astype(dtype, copy=False)
 
 
 def grid_to_pb(g: CanonicalGrid) -> pb.Grid:

@@ -49,6 +49,11 @@ class NodeAgentStub:
                 request_serializer=consortium_dot_v1_dot_agent__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=consortium_dot_v1_dot_agent__pb2.ReplayResponse.FromString,
                 _registered_method=True)
+        self.Commitments = channel.unary_unary(
+                '/consortium.v1.NodeAgent/Commitments',
+                request_serializer=consortium_dot_v1_dot_agent__pb2.CommitmentsRequest.SerializeToString,
+                response_deserializer=consortium_dot_v1_dot_agent__pb2.DeferredCommitments.FromString,
+                _registered_method=True)
         self.Resend = channel.unary_stream(
                 '/consortium.v1.NodeAgent/Resend',
                 request_serializer=consortium_dot_v1_dot_agent__pb2.ResendRequest.SerializeToString,
@@ -98,6 +103,13 @@ class NodeAgentServicer:
 
     def Replay(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commitments(self, request, context):
+        """What deferred steps have not delivered yet (the last step's, at the end of a session).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -155,6 +167,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Replay,
                     request_deserializer=consortium_dot_v1_dot_agent__pb2.ForwardRequest.FromString,
                     response_serializer=consortium_dot_v1_dot_agent__pb2.ReplayResponse.SerializeToString,
+            ),
+            'Commitments': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commitments,
+                    request_deserializer=consortium_dot_v1_dot_agent__pb2.CommitmentsRequest.FromString,
+                    response_serializer=consortium_dot_v1_dot_agent__pb2.DeferredCommitments.SerializeToString,
             ),
             'Resend': grpc.unary_stream_rpc_method_handler(
                     servicer.Resend,
@@ -268,6 +285,33 @@ class NodeAgent:
             '/consortium.v1.NodeAgent/Replay',
             consortium_dot_v1_dot_agent__pb2.ForwardRequest.SerializeToString,
             consortium_dot_v1_dot_agent__pb2.ReplayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commitments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.v1.NodeAgent/Commitments',
+            consortium_dot_v1_dot_agent__pb2.CommitmentsRequest.SerializeToString,
+            consortium_dot_v1_dot_agent__pb2.DeferredCommitments.FromString,
             options,
             channel_credentials,
             insecure,

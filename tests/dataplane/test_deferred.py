@@ -1,0 +1,124 @@
+"""Deferred commitments: the agent answers with the rows, commits and signs them afterwards, and the
+signed commitments come with the stage's next response or from Commitments."""
+import grpc
+import pytest
+
+from consortium import wire
+from consortium.verification import canonical, receipts, signing
+from consortium.wire import pb
+
+SPLIT = [(0, 9), (10, 19), (20, 29)]
+PROMPT = [1, 504, 3458, 314, 253, 1345, 30, 2]
+
+
+def ref(session, stage, epoch=1):
+    return pb.StageRef(session=session, stage=stage, epoch=epoch)
+
+
+def forward(stub, session, stage, position, x, defer=True):
+    req = pb.ForwardRequest(ref=ref(session, stage), position=position, defer_commitments=defer)
+    if stage == 0:
+        req.tokens.extend(x)
+    else:
+        req.hidden.CopyFrom(x)
+    return stub.Forward(req)
+
+
+def check_signed(ident, d: pb.DeferredCommitments, rows, known: dict):
+    """d's commitments are the canonical hashes of `rows`, and its last window signs them (with the
+    commitments of its window's earlier positions, `known` by position)."""
+    assert list(d.commitments) == canonical.commit_rows(rows)
+    known.update({d.position + i: c for i, c in enumerate(d.commitments)})
+    w = wire.window_from_pb(d.windows[-1])
+    assert signing.verify_signature(ident.public_key_text, w.statement.encode(), w.signature)
+    assert w.statement.merkle_root == receipts.merkle.merkle_root([known[p] for p in w.statement.positions])
+
+
+def test_deferred_commitments_come_with_the_next_response(agent, model_path):
+    stub, _, ident = agent
+    for i, (a, b) in enumerate(SPLIT):
+        stub.LoadStage(pb.LoadStageRequest(ref=ref("df", i), model_path=model_path, first_layer=a, last_layer=b))
+    r0 = forward(stub, "df", 0, 0, PROMPT)
+    assert not r0.commitments and not r0.windows and not r0.earlier.commitments
+    r1 = forward(stub, "df", 1, 0, r0.output)
+    r2 = forward(stub, "df", 2, 0, r1.output)
+    assert r2.output_position == len(PROMPT) - 1 and not r2.commitments
+
+    # The next step carries the prompt step's commitments, signed.
+    n = len(PROMPT)
+    known = [{}, {}, {}]
+    r0b = forward(stub, "df", 0, n, [42])
+    assert r0b.earlier.position == 0 and len(r0b.earlier.commitments) == n
+    check_signed(ident, r0b.earlier, wire.decode_tensor(r0.output, ndim=2), known[0])
+    r1b = forward(stub, "df", 1, n, r0b.output)
+    check_signed(ident, r1b.earlier, wire.decode_tensor(r1.output, ndim=2), known[1])
+    r2b = forward(stub, "df", 2, n, r1b.output)
+    assert r2b.earlier.position == n - 1
+    check_signed(ident, r2b.earlier, wire.decode_tensor(r2.output, ndim=2), known[2])
+
+    # What no response carried yet comes from Commitments, once.
+    d = stub.Commitments(pb.CommitmentsRequest(ref=ref("df", 1)))
+    assert d.position == n
+    check_signed(ident, d, wire.decode_tensor(r1b.output, ndim=2), known[1])
+    assert not stub.Commitments(pb.CommitmentsRequest(ref=ref("df", 1))).commitments
+    # Reveal waits for the deferred job: the last row is revealable at once.
+    rv = stub.Reveal(pb.RevealRequest(ref=ref("df", 2), position=n))
+    assert rv.commitment == canonical.commit_rows(wire.decode_tensor(r2b.output, ndim=2))[0]
+
+    # A synchronous step after deferred ones: its own commitments inline, the pending ones in earlier.
+    r0c = forward(stub, "df", 0, n + 1, [43], defer=False)
+    assert len(r0c.commitments) == 1 and r0c.earlier.position == n and len(r0c.earlier.commitments) == 1
+    # Truncate forgets undelivered commitments, also those before the position (a driver resuming
+    # after a crash could not check their windows).
+    forward(stub, "df", 1, n + 1, r0c.output)
+    stub.Truncate(pb.TruncateRequest(ref=ref("df", 1), position=n + 2))
+    assert not stub.Commitments(pb.CommitmentsRequest(ref=ref("df", 1))).commitments
+
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Commitments(pb.CommitmentsRequest(ref=ref("no-such-session", 0)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Commitments(pb.CommitmentsRequest(ref=ref("df", 0, epoch=0)))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_driver_receipts_cover_every_position_with_or_without_deferral(tmp_path, model_path):
+    from consortium import generation
+    from consortium.driver.policy import LocalPolicy
+    from consortium.driver.session import SessionDriver
+    from consortium.driver.state import SessionState
+    from consortium.layers import LayerRange
+    from node_agent import server
+    from node_agent.identity import NodeIdentity
+
+    ident = NodeIdentity.load_or_create(tmp_path / "n.pem", "n")
+    srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(threads=1, n_ctx=256))
+    runs = {}
+    try:
+        for defer in (True, False):
+            state = SessionState(session=f"cover-{defer}", prompt_tokens=PROMPT, nodes=["n"] * 3, epochs=[1] * 3,
+                                 audit_probability=0.0)
+            driver = SessionDriver(session=state.session, model_path=model_path,
+                                   split=[LayerRange(a, b) for a, b in SPLIT], n_layers=30,
+                                   endpoints={"n": f"127.0.0.1:{port}"}, state=state, policy=LocalPolicy(["n"]),
+                                   defer_commitments=defer)
+            try:
+                driver.start()
+                tokens = generation.generate(driver, PROMPT, 20).tokens
+            finally:
+                driver.close()
+            runs[defer] = tokens, driver.receipts, list(state.done)
+    finally:
+        srv.stop(None)
+    assert runs[True][0] == runs[False][0]
+    for defer, (_, recs, done) in runs.items():
+        assert recs and all(r["verified"] for r in recs), defer
+        for s in range(3):
+            covered = sorted(p for r in recs if r["stage"] == s for p in range(r["start"], r["start"] + r["count"]))
+            # Every position a stage computed is in exactly one receipt (the final stage: one per step).
+            first = 0 if s < 2 else len(PROMPT) - 1
+            assert covered == list(range(first, done[s])), (defer, s)
+    # The same commitments either way: deferral moves the signing, not what is signed.
+    commits = {d: {(r["stage"], r["start"]): r["receipt"]["commitments"] for r in recs}
+               for d, (_, recs, _) in runs.items()}
+    assert commits[True] == commits[False]

@@ -1,0 +1,84 @@
+"""Failover when the agent that should resend a stage's inputs is dead too (DESIGN.md §6).
+
+Four real agents on loopback ports in this process. Stage 1's agent and stage 0's agent (its
+upstream, which would resend stage 1's inputs) are stopped together mid-generation: the failover of
+stage 1 finds no one to resend, fails stage 0 over as well (rebuilt from the token ids), takes stage
+1's inputs from stage 0's replacement, and the session ends with the single-node tokens.
+"""
+from consortium import generation
+from consortium.driver.policy import LocalPolicy
+from consortium.driver.session import SessionDriver
+from consortium.driver.state import SessionState
+from consortium.layers import LayerRange
+from consortium.verification import receipts, signing
+from node_agent import server
+from node_agent.engine.pipeline import LocalPipeline
+from node_agent.engine.stage import StageConfig
+from node_agent.identity import NodeIdentity
+
+SPLIT = [LayerRange(0, 9), LayerRange(10, 19), LayerRange(20, 29)]
+PROMPT = [1, 504, 3458, 314, 253, 1345, 30, 2]
+MAX_TOKENS = 10
+KILL_TOKEN = 5
+
+
+def test_stage_failover_recomputes_upstream_when_its_agent_is_dead_too(tmp_path, model_path):
+    with LocalPipeline(model_path, None, StageConfig(threads=1)) as pipe:
+        want = generation.generate(pipe, PROMPT, MAX_TOKENS).tokens
+
+    servers, endpoints = {}, {}
+    for n in ("A", "B", "C", "D"):
+        ident = NodeIdentity.load_or_create(tmp_path / f"{n}.pem", n)
+        srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(node_id=n, threads=1, n_ctx=256))
+        servers[n], endpoints[n] = srv, f"127.0.0.1:{port}"
+    state = SessionState(session="upstream-dead", prompt_tokens=PROMPT, nodes=["A", "B", "C"], epochs=[1, 1, 1],
+                         audit_probability=0.0)
+    driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
+                           endpoints=endpoints, state=state, policy=LocalPolicy(["D", "C", "B", "A"]),
+                           rpc_timeout_s=10.0)
+    kill_position = len(PROMPT) + KILL_TOKEN - 1
+
+    def on_stage(s, position):   # just before stage 1's hop: its agent and the upstream one die
+        if s == 1 and position == kill_position and not stopped:
+            for n in ("A", "B"):
+                servers[n].stop(None)
+                stopped.append(n)
+
+    stopped: list[str] = []
+    driver.on_stage = on_stage
+    try:
+        driver.start()
+        got = generation.generate(driver, PROMPT, MAX_TOKENS).tokens
+    finally:
+        driver.close()
+        for srv in servers.values():
+            srv.stop(None)
+
+    assert stopped == ["A", "B"]
+    assert got == want
+    fo = state.failovers
+    # Stage 1 failed over to D; rebuilding it needed stage 0's outputs, whose agent was gone: stage 0
+    # failed over (to D as well, the only node left besides C) and was rebuilt from the token ids.
+    assert [(f["stage"], f["from"]) for f in fo] == [(0, "A"), (1, "B")], fo
+    assert "could not resend" in fo[0]["reason"]
+    assert fo[0]["replayed_rows"] == kill_position + 1 and fo[1]["replayed_rows"] == kill_position
+    assert state.nodes[:2] == ["D", "D"] and state.epochs[:2] == [2, 2]
+    # Every receipt verifies, and positions before and after the failover are signed by each stage.
+    assert driver.receipts and all(r["verified"] for r in driver.receipts)
+    for s in range(3):
+        covered = set()
+        for r in driver.receipts:
+            if r["stage"] == s:
+                covered.update(range(r["start"], r["start"] + r["count"]))
+        assert covered, s
+    # The replayed rows of stage 0 are the rows A sent: their commitments agree position by position.
+    key = {n: NodeIdentity.load_or_create(tmp_path / f"{n}.pem", n).public_key_text for n in ("A", "D")}
+    by_node = {}
+    for r in driver.receipts:
+        if r["stage"] == 0:
+            rc = receipts.Receipt.from_json(r["receipt"])
+            assert signing.verify_signature(key[r["node"]], rc.statement.encode(), rc.signature)
+            for p, c in zip(rc.statement.positions, rc.commitments):
+                by_node.setdefault(r["node"], {})[p] = c
+    common = set(by_node["A"]) & set(by_node["D"])
+    assert common and all(by_node["A"][p] == by_node["D"][p] for p in common)
