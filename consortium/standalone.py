@@ -46,14 +46,19 @@ class Options:
 class Agents:
     """The three node-agent processes."""
 
-    def __init__(self, workdir: Path, opts: Options, faulty_node: str | None):
+    def __init__(self, workdir: Path, opts: Options, faulty_node: str | None,
+                 netns: dict[str, tuple[str, str]] | None = None):
+        """netns: node -> (network namespace, address there): that agent runs inside the namespace."""
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen] = {}
         self.hung: set[str] = set()
         self.endpoints: dict[str, str] = {}
+        where = {n: (netns or {}).get(n, (None, "127.0.0.1")) for n in NODES}
         for n in NODES:
             port_file = workdir / f"{n}.port"
-            cmd = [sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+            ns, host = where[n]
+            cmd = ["ip", "netns", "exec", ns] if ns else []
+            cmd += [sys.executable, "-m", "node_agent.main", "--listen", f"{host}:0", "--port-file", str(port_file),
                    "--key-file", str(workdir / "keys" / f"{n}.pem"), "--node-id", n, "--plaintext",
                    "--labels", f"consortium.io/node={n},consortium.io/role={ROLES[n]}", "--threads", str(opts.threads)]
             if opts.heterogeneous and ROLES[n] == "metal":
@@ -71,7 +76,7 @@ class Agents:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"node agent {n} did not start")
                 time.sleep(0.05)  # waiting for a process to bind its port, not for compute
-            self.endpoints[n] = f"127.0.0.1:{int(pf.read_text())}"
+            self.endpoints[n] = f"{where[n][1]}:{int(pf.read_text())}"
 
     def kill(self, node: str) -> None:
         self.procs[node].send_signal(signal.SIGKILL)
