@@ -134,9 +134,8 @@ class Bench:
                     try:
                         rows[p].append(sess.generate(s.tokens))
                         d = sess.driver
-                        gen_ms = sum(sum(x.stage_ms) for x in d.steps)
-                        if p:
-                            audit_cpu[p].append(d.audit_cpu_ms / gen_ms if gen_ms else None)
+                        if p:   # both compute times as the agents report them, around their llama.cpp calls
+                            audit_cpu[p].append(d.audit_cpu_ms / d.forward_cpu_ms if d.forward_cpu_ms else None)
                     finally:
                         sess.close()
                 self.log(f"speed round {r + 1}/{s.rounds}: single {base.tokens_per_s:.1f} tok/s, agents "
@@ -186,8 +185,12 @@ class Bench:
 
     # -- distance: network namespaces and a delaying proxy --------------------------------------------
 
-    def distance(self, bins, single_tps: float, rpc_single_tps: float | None) -> dict:
+    def distance(self, bins, rpc_single_tps: float | None) -> dict:
         from consortium.anchors import netns
+
+        from consortium import generation
+        from node_agent.engine.pipeline import LocalPipeline
+        from node_agent.engine.stage import StageConfig
 
         s = self.s
         rows = []
@@ -195,16 +198,23 @@ class Bench:
             where = {n: (hosts.names[i], hosts.addresses[i]) for i, n in enumerate(standalone.NODES)}
             agents = self.agents(netns=where)
             try:
-                for rtt in s.rtts_ms:
-                    with Proxies(list(agents.endpoints.values()), rtt / 2) as px:
-                        eps = dict(zip(agents.endpoints, px.endpoints))
-                        sess = self.session(eps, f"distance-{rtt:g}")
-                        res = sess.generate(s.distance_tokens)
-                        sess.close()
-                    row = {"rtt_ms": rtt, "emulated": True, "ours_tokens_per_s": round(res.tokens_per_s, 3),
-                           "ours_over_single": round(res.tokens_per_s / single_tps, 4)}
-                    self.log(f"distance {rtt:g} ms: ours {res.tokens_per_s:.1f} tok/s")
-                    rows.append(row)
+                with LocalPipeline(self.model, None, StageConfig(threads=s.threads)) as single:
+                    for rtt in s.rtts_ms:
+                        single.reset(0)   # the single node right before each row, side by side
+                        base = generation.generate(single, self.prompt, s.distance_tokens)
+                        with Proxies(list(agents.endpoints.values()), rtt / 2) as px:
+                            eps = dict(zip(agents.endpoints, px.endpoints))
+                            sess = self.session(eps, f"distance-{rtt:g}")
+                            try:
+                                res = sess.generate(s.distance_tokens)
+                            finally:
+                                sess.close()
+                        row = {"rtt_ms": rtt, "emulated": True, "ours_tokens_per_s": round(res.tokens_per_s, 3),
+                               "single_tokens_per_s": round(base.tokens_per_s, 3),
+                               "ours_over_single": round(res.tokens_per_s / base.tokens_per_s, 4)}
+                        self.log(f"distance {rtt:g} ms: ours {res.tokens_per_s:.1f} tok/s, single "
+                                 f"{base.tokens_per_s:.1f}")
+                        rows.append(row)
             finally:
                 agents.close()
             if bins is not None:
@@ -222,7 +232,8 @@ class Bench:
                                               if rpc_single_tps else None)
                     self.log(f"distance {row['rtt_ms']:g} ms: llama.cpp RPC {row['rpc_tokens_per_s']:.1f} tok/s")
         return {"rows": rows, "label": "separate network namespaces joined by veth; round-trip latency added by "
-                "a delaying TCP proxy per node (emulated, this kernel has no netem), 0 ms = proxy only"}
+                "a delaying TCP proxy per node (emulated, this kernel has no netem), 0 ms = proxy only; ours over a "
+                "single-node run right before each row, llama.cpp RPC over llama-bench's single-node run above"}
 
     # -- failover ----------------------------------------------------------------------------------------
 
@@ -388,7 +399,7 @@ def run(s: Settings, log) -> dict:
     why_ns = netns.available() if s.distance else "disabled (--no-distance)"
     if why_ns is None:
         rpc_single = res["rpc"]["single"]["generation"]["tokens_per_s"] if "rpc" in res else None
-        res["distance"] = timed("distance", b.distance, bins, res["speed"]["single_tokens_per_s"], rpc_single)
+        res["distance"] = timed("distance", b.distance, bins, rpc_single)
     else:
         res["skipped"]["distance"] = why_ns
     res["failover"] = timed("failover", b.failover)

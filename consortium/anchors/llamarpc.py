@@ -22,7 +22,9 @@ def bin_dir() -> tuple[Path | None, str | None]:
     """(the folder holding ggml-rpc-server and llama-bench, None), or (None, why not)."""
     if not SCRIPT.is_file():
         return None, "scripts/llama-rpc.sh is not next to this package (not a source checkout)"
-    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True)
+    proc = subprocess.run(["bash", str(SCRIPT), "--cached"], capture_output=True, text=True)
+    if proc.returncode == 3:
+        return None, "llama.cpp's RPC binaries are not built: run scripts/llama-rpc.sh"
     if proc.returncode != 0:
         return None, f"scripts/llama-rpc.sh failed: {proc.stderr.strip()[-500:]}"
     return Path(proc.stdout.strip().splitlines()[-1]), None

@@ -108,6 +108,7 @@ class SessionDriver:
         self._audit_idle = threading.Condition(self._lock)
         self._audit_progress: dict[tuple[str, int], int] = {}
         self.audit_cpu_ms = 0.0
+        self.forward_cpu_ms = 0.0   # the workers' own compute time for the session's steps (agent-reported)
         self._stop = threading.Event()
         self.on_stage = None  # test hook: called before each stage hop with (stage, position)
         self._auditor = threading.Thread(target=self._audit_loop, name="auditor", daemon=True)
@@ -194,6 +195,7 @@ class SessionDriver:
                 self._failover(s, f"{node}: {e.code().name}: {e.details()}")
                 continue
             out = wire.decode_tensor(resp.output, ndim=2)
+            self.forward_cpu_ms += resp.compute_ms
             self._accept(s, node, self.state.epochs[s], resp.output_position, out, list(resp.commitments),
                          list(resp.windows))
             self.state.done[s] = position + len(x)
