@@ -3,7 +3,8 @@
 # --rpc and reports prefill and generation tokens/s), from the exact llama.cpp sources vendored in the
 # llama-cpp-python sdist the project pins, with GGML_RPC on. Only those two targets are built.
 # Cached under ${CONSORTIUM_CACHE:-~/.cache/consortium}/llama-rpc/<version>-<cpu>; prints the bin dir.
-# Safe to run again; a warm run takes milliseconds.
+# Safe to run again; a warm run takes milliseconds. With --cached it never builds: it prints the bin
+# dir if the binaries are there and exits 3 otherwise (the benchmark uses this, so it never compiles).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,10 @@ cpu_key=$(grep -m1 -oE '\b(avx512[a-z_0-9]*|avx2|avx|fma|f16c|neon|asimd[a-z]*)\
 bin="$CACHE/llama-rpc/$LLAMA_CPP_PYTHON_VERSION-$cpu_key/bin"
 
 if [ ! -x "$bin/ggml-rpc-server" ] || [ ! -x "$bin/llama-bench" ]; then
+    if [ "${1:-}" = --cached ]; then
+        log "not built yet: run scripts/llama-rpc.sh"
+        exit 3
+    fi
     command -v cmake >/dev/null || { log "cmake not found"; exit 1; }
     log "building ggml-rpc-server and llama-bench from llama-cpp-python $LLAMA_CPP_PYTHON_VERSION's sources (once)"
     start=$(date +%s)
