@@ -48,7 +48,9 @@ class Options:
 class Agents:
     """The three node-agent processes."""
 
-    def __init__(self, workdir: Path, opts: Options, faulty_node: str | None):
+    def __init__(self, workdir: Path, opts: Options, faulty_node: str | None,
+                 netns: dict[str, tuple[str, str]] | None = None):
+        """netns: node -> (network namespace, address there): that agent runs inside the namespace."""
         from node_agent.identity import NodeIdentity
 
         self.workdir = workdir
@@ -65,10 +67,13 @@ class Agents:
 
             files, self.driver_tls = tls.local_pki(workdir / "tls", list(NODES))
             agent_tls = {n: ["--tls-cert", f["cert"], "--tls-key", f["key"], "--tls-ca", f["ca"]] for n, f in files.items()}
+        where = {n: (netns or {}).get(n, (None, "127.0.0.1")) for n in NODES}
         for n in NODES:
             port_file = workdir / f"{n}.port"
-            cmd = [sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-                   "--key-file", str(workdir / "keys" / f"{n}.pem"), "--node-id", n, *agent_tls[n],
+            ns, host = where[n]
+            cmd = ["ip", "netns", "exec", ns] if ns else []
+            cmd += [sys.executable, "-m", "node_agent.main", "--listen", f"{host}:0", "--port-file", str(port_file),
+                    "--key-file", str(workdir / "keys" / f"{n}.pem"), "--node-id", n, *agent_tls[n],
                    "--labels", f"consortium.io/node={n},consortium.io/role={ROLES[n]}", "--threads", str(opts.threads)]
             if opts.heterogeneous and ROLES[n] == "metal":
                 cmd.append("--no-repack")
@@ -85,7 +90,7 @@ class Agents:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"node agent {n} did not start")
                 time.sleep(0.05)  # waiting for a process to bind its port, not for compute
-            self.endpoints[n] = f"127.0.0.1:{int(pf.read_text())}"
+            self.endpoints[n] = f"{where[n][1]}:{int(pf.read_text())}"
 
     def kill(self, node: str) -> None:
         self.procs[node].send_signal(signal.SIGKILL)

@@ -42,8 +42,8 @@ class NodeIdentity:
             key = signing.generate_private_key()
             pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-            if not p.parent.exists():
-                p.parent.mkdir(mode=0o700, parents=True)
+            # exist_ok: agents sharing a key folder start at once, and the check-then-create raced.
+            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # O_EXCL: two agents starting at once must not both write a key and disagree about it.
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:

@@ -7,18 +7,36 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", choices=["engine", "dataplane", "tls"], default="engine",
-                   help="engine: split-in-process vs unsplit tokens/s, and each stage's memory against its weights; "
+    p.add_argument("--suite", choices=["anchors", "engine", "dataplane", "tls"], default="anchors",
+                   help="anchors (default): single-node llama.cpp, our split in process, our agents on loopback, "
+                        "llama.cpp's RPC mode on the same split, both over emulated distance, commitment and audit "
+                        "cost, failover spikes, concurrent sessions, memory per stage (docs/benchmarks.md); "
+                        "engine: split-in-process vs unsplit tokens/s, and each stage's memory against its weights; "
                         "dataplane: three agents vs single node with and without audits, commitment and signature "
                         "share of token time, audit cost, failover spike; tls: mutual TLS against plaintext on the "
                         "agent link (handshake, small calls, activations)")
     p.add_argument("--model", help="GGUF path or known name (default: smollm2-135m)")
-    p.add_argument("--split", default=None, help="layer ranges (default: three even stages)")
+    p.add_argument("--split", default=None, help="layer ranges, engine suite only (default: three even "
+                   "stages; anchors and dataplane use the test case's three even stages)")
     p.add_argument("--tokens", type=int, default=64, help="decode tokens per round")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of unsplit and split")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="alternating rounds of unsplit and split (default: 5 for engine, 3 for anchors)")
     p.add_argument("--threads", type=int, default=None,
-                   help="llama.cpp threads per stage (default: every core for engine, 1 per agent for dataplane)")
+                   help="llama.cpp threads per stage (default: every core for engine, 1 per stage for dataplane and anchors)")
     p.add_argument("--json", metavar="OUT", help="write the figures as JSON")
+    a = p.add_argument_group("anchors suite")
+    a.add_argument("--report", metavar="DIR", help="write report.json, summary.md and anchors.png there")
+    a.add_argument("--prompt-tokens", type=int, default=64, help="prefill length")
+    a.add_argument("--rtts", default="0,1,10", help="emulated round-trip latencies in ms, comma-separated")
+    a.add_argument("--distance-tokens", type=int, default=32, help="generated tokens per distance row")
+    a.add_argument("--failover-runs", type=int, default=10, help="runs with stage 1 killed at token 20")
+    a.add_argument("--failover-contexts", default="64,192",
+                   help="also kill at these tokens (longer replay), comma-separated; empty for none")
+    a.add_argument("--failover-context-runs", type=int, default=2, help="runs per extra kill token")
+    a.add_argument("--concurrent", default="2,4", help="numbers of sessions run at once, comma-separated")
+    a.add_argument("--no-rpc", action="store_true", help="skip llama.cpp's RPC mode")
+    a.add_argument("--no-distance", action="store_true", help="skip the network namespace rows")
+    a.add_argument("--no-memory", action="store_true", help="skip memory per stage")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,10 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from node_agent.engine.slicing import read_model_info
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.suite == "anchors":
+        return _anchors(args, log)
     if args.suite == "tls":
         from consortium import tls_bench
 
-        res = tls_bench.run(args.model, args.rounds, 50, log)
+        res = tls_bench.run(args.model, args.rounds or 6, 50, log)
         print(tls_bench.summary(res))
         if args.json:
             with open(args.json, "w") as f:
@@ -53,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     log(f"engine benchmark: {info.architecture} {info.file_type}, {info.n_layers} layers, split {format_split(split)}")
     result = {"model": {"path": model, "architecture": info.architecture, "file_type": info.file_type},
               "llama_cpp": ll.build_info(), "speed": benchmark.speed(model, split, n_tokens=args.tokens,
-                                                                       rounds=args.rounds, threads=threads, log=log)}
+                                                                       rounds=args.rounds or 5, threads=threads,
+                                                                       log=log)}
     result["memory"] = benchmark.memory(model, split, threads=threads)
     s = result["speed"]
     print(f"split-in-process over unsplit tokens/s: {s['split_over_unsplit']:.3f} "
@@ -65,4 +86,44 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    return 0
+
+
+def _numbers(text: str, name: str, kind=float) -> tuple:
+    try:
+        vals = tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"consortium bench: --{name} takes comma-separated numbers, got {text!r}")
+    if any(v < 0 for v in vals):
+        raise SystemExit(f"consortium bench: --{name} takes numbers >= 0, got {text!r}")
+    return vals
+
+
+def _anchors(args: argparse.Namespace, log) -> int:
+    from consortium.anchors import bench, report
+
+    if args.split:
+        raise SystemExit("consortium bench: --split is for --suite engine; the anchors suite uses three even stages")
+    for name in ("tokens", "prompt_tokens", "distance_tokens"):
+        if getattr(args, name) < 2:
+            raise SystemExit(f"consortium bench: --{name.replace('_', '-')} must be at least 2")
+    if (args.rounds is not None and args.rounds < 1) or args.failover_runs < 1 or args.failover_context_runs < 1:
+        raise SystemExit("consortium bench: --rounds, --failover-runs and --failover-context-runs must be at least 1")
+    concurrent = _numbers(args.concurrent, "concurrent", int)
+    if any(c < 1 or c > 7 for c in concurrent):
+        raise SystemExit("consortium bench: --concurrent takes session counts from 1 to 7 (an agent has 8 slots)")
+    s = bench.Settings(model=args.model, tokens=args.tokens, prompt_tokens=args.prompt_tokens,
+                       rounds=args.rounds or 3, threads=1 if args.threads is None else args.threads,
+                       rtts_ms=_numbers(args.rtts, "rtts"), distance_tokens=args.distance_tokens,
+                       failover_runs=args.failover_runs,
+                       failover_contexts=_numbers(args.failover_contexts, "failover-contexts", int),
+                       failover_context_runs=args.failover_context_runs, concurrent=concurrent,
+                       rpc=not args.no_rpc, distance=not args.no_distance, memory=not args.no_memory)
+    res = bench.run(s, log)
+    print(report.summary(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    if args.report:
+        report.write(res, args.report)
     return 0

@@ -139,6 +139,7 @@ class SessionDriver:
         self._audit_idle = threading.Condition(self._lock)
         self._audit_progress: dict[tuple[str, int], int] = {}
         self.audit_cpu_ms = 0.0
+        self.forward_cpu_ms = 0.0   # the workers' own compute time for the session's steps (agent-reported)
         self._stop = threading.Event()
         self.on_stage = None  # test hook: called before each stage hop with (stage, position)
         self._auditor = threading.Thread(target=self._audit_loop, name="auditor", daemon=True)
@@ -234,6 +235,7 @@ class SessionDriver:
                 continue
             out = wire.decode_tensor(resp.output, ndim=2)
             self._agent_ms[s] = resp.compute_ms
+            self.forward_cpu_ms += resp.compute_ms
             self.state.done[s] = position + len(x)
             return out, functools.partial(self._check_response, s, node, epoch, resp, out)
         raise DriverError(f"stage {s} failed over repeatedly at position {position}")

@@ -1,0 +1,456 @@
+"""The anchor benchmark (`consortium bench`, the default suite): where the data plane stands against
+single-node llama.cpp, llama.cpp's own RPC mode on the same split, and distance, in one run.
+
+Sections, all on the same model, machine and split, ratios taken side by side:
+  speed      single node (llama-cpp-python, in process), our split in process, our three agent
+             processes over loopback gRPC; rounds alternate single and distributed runs.
+  rpc        llama-bench alone and llama-bench driving one ggml-rpc-server per stage (same sources as
+             our llama-cpp-python, GGML_RPC on), prefill and generation; the layer placement llama.cpp
+             logged is reported.
+  distance   the same two approaches with each node in its own network namespace behind a delaying
+             TCP proxy (emulated round-trip latency; this kernel has no netem).
+  extras     commitments + receipt signatures as a share of token time; audits at 20% and 50% as audit
+             CPU over generation CPU and the wall time they add.
+  failover   the spike over several runs with stage 1's agent SIGKILLed, and against the context that
+             must be replayed.
+  concurrent several sessions at once through the same three agents: aggregate tokens/s.
+  memory     each stage alone in a fresh process: resident memory against its share of the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from consortium import standalone
+
+
+@dataclasses.dataclass
+class Settings:
+    model: str | None = None
+    tokens: int = 64              # generated tokens per measured run
+    prompt_tokens: int = 64       # prefill length (the prompt text repeated up to this many tokens)
+    rounds: int = 3               # alternating single/distributed rounds
+    threads: int = 1              # llama.cpp threads per stage and for the single node
+    rtts_ms: tuple[float, ...] = (0.0, 1.0, 10.0)
+    distance_tokens: int = 32
+    audit_probabilities: tuple[float, ...] = (0.2, 0.5)
+    failover_runs: int = 10
+    failover_kill_at: int = 20
+    failover_contexts: tuple[int, ...] = (64, 192)   # kill at these tokens too (longer replay)
+    failover_context_runs: int = 2
+    concurrent: tuple[int, ...] = (2, 4)
+    rpc: bool = True
+    distance: bool = True
+    memory: bool = True
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return round(statistics.median(xs), 4) if xs else None
+
+
+class Session:
+    """One driver session over running agents (a fresh driver; the agents keep their stages)."""
+
+    def __init__(self, agents_endpoints: dict[str, str], model: str, info, split, sha: str, prompt_ids: list[int],
+                 name: str, audit: float, rpc_timeout_s: float = 30.0, tls=None,
+                 registered_keys: dict[str, str] | None = None):
+        from consortium.driver.policy import LocalPolicy
+        from consortium.driver.session import SessionDriver
+        from consortium.driver.state import SessionState
+
+        state = SessionState(session=name, prompt_tokens=prompt_ids, nodes=list(standalone.PLACEMENT),
+                             epochs=[1, 1, 1], audit_probability=audit, audit_seed=7)
+        self.driver = SessionDriver(session=name, model_path=str(model), split=split, n_layers=info.n_layers,
+                                    model_sha256=sha, endpoints=agents_endpoints, state=state,
+                                    policy=LocalPolicy(list(standalone.NODES)), rpc_timeout_s=rpc_timeout_s,
+                                    tls=tls, registered_keys=registered_keys)
+        self.driver.start()
+        self.prompt_ids = prompt_ids
+
+    def generate(self, n: int):
+        from consortium import generation
+
+        return generation.generate(self.driver, self.prompt_ids, n)
+
+    def close(self):
+        self.driver.close()
+
+
+class Bench:
+    def __init__(self, s: Settings, log):
+        import consortium.cache
+        from consortium.layers import even_split
+        from consortium.models import resolve_model
+        from consortium.tokenizer import Tokenizer
+        from node_agent.engine.slicing import read_model_info, sha256_file
+
+        self.s, self.log = s, log
+        self.model = str(resolve_model(s.model))
+        self.info = read_model_info(self.model)
+        self.split = even_split(self.info.n_layers, 3)
+        self.sha = sha256_file(self.model, consortium.cache.cache_dir())
+        tok = Tokenizer(self.model)
+        ids = tok.prompt_tokens(standalone.PROMPT)
+        tok.close()
+        self.short_prompt = ids
+        self.prompt = (ids * (s.prompt_tokens // len(ids) + 1))[:max(s.prompt_tokens, 2)]
+        self.opts = standalone.Options(model=s.model, threads=s.threads)
+
+    def agents(self, netns=None) -> standalone.Agents:
+        return standalone.Agents(Path(tempfile.mkdtemp(prefix="consortium-bench-")), self.opts, None, netns=netns)
+
+    def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None) -> Session:
+        """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies)."""
+        return Session(endpoints or agents.endpoints, self.model, self.info, self.split, self.sha,
+                       prompt or self.prompt, name, audit, tls=agents.driver_tls, registered_keys=agents.public_keys)
+
+    # -- speed: single node, split in process, agents on loopback; audits' cost ------------------
+
+    def speed_and_audits(self, agents) -> dict:
+        from consortium import generation
+        from node_agent.engine.benchmark import speed
+        from node_agent.engine.pipeline import LocalPipeline
+        from node_agent.engine.stage import StageConfig
+
+        s = self.s
+        self.log("speed: split in process against unsplit")
+        inproc = speed(self.model, self.split, n_tokens=s.tokens, rounds=s.rounds, threads=s.threads,
+                       prompt_len=len(self.prompt), log=self.log)
+        probs = [0.0, *s.audit_probabilities]
+        rows = {"single": [], **{p: [] for p in probs}}
+        audit_cpu = {p: [] for p in s.audit_probabilities}
+        with LocalPipeline(self.model, None, StageConfig(threads=s.threads)) as single:
+            for r in range(s.rounds):
+                single.reset(0)
+                base = generation.generate(single, self.prompt, s.tokens)
+                rows["single"].append(base)
+                for p in probs:
+                    # A fresh driver per run (the agents refuse to restart a session at position 0);
+                    # loading is outside the timed generation.
+                    sess = self.session(agents, f"speed-{int(p * 100)}", p)
+                    try:
+                        rows[p].append(sess.generate(s.tokens))
+                        d = sess.driver
+                        if p:   # both compute times as the agents report them, around their llama.cpp calls
+                            audit_cpu[p].append(d.audit_cpu_ms / d.forward_cpu_ms if d.forward_cpu_ms else None)
+                    finally:
+                        sess.close()
+                self.log(f"speed round {r + 1}/{s.rounds}: single {base.tokens_per_s:.1f} tok/s, agents "
+                         + ", ".join(f"{int(p * 100)}% audits {rows[p][-1].tokens_per_s:.1f}" for p in probs))
+
+        def prefill_tps(res):
+            return len(self.prompt) / (res.prefill_ms / 1000) if res.prefill_ms else None
+
+        single_tps = [x.tokens_per_s for x in rows["single"]]
+        out = {"prompt_tokens": len(self.prompt), "generated_tokens": s.tokens, "rounds": s.rounds,
+               "single_tokens_per_s": _median(single_tps),
+               "single_prefill_tokens_per_s": _median([prefill_tps(x) for x in rows["single"]]),
+               "inprocess_split_over_single": inproc["split_over_unsplit"], "inprocess": inproc,
+               "loopback_tokens_per_s": _median([x.tokens_per_s for x in rows[0.0]]),
+               "loopback_prefill_tokens_per_s": _median([prefill_tps(x) for x in rows[0.0]]),
+               "loopback_over_single": _median([d.tokens_per_s / b.tokens_per_s
+                                                for d, b in zip(rows[0.0], rows["single"])]),
+               "loopback_prefill_over_single": _median([prefill_tps(d) / prefill_tps(b)
+                                                        for d, b in zip(rows[0.0], rows["single"])]),
+               "audits": {}}
+        for p in s.audit_probabilities:
+            out["audits"][f"{int(p * 100)}"] = {
+                "tokens_per_s": _median([x.tokens_per_s for x in rows[p]]),
+                "cpu_ratio": _median(audit_cpu[p]),
+                # wall time per token added, against the run without audits in the same round
+                "added_share": _median([a.tokens_per_s and (n.tokens_per_s / a.tokens_per_s - 1)
+                                        for a, n in zip(rows[p], rows[0.0])])}
+        return out
+
+    # -- llama.cpp RPC mode ------------------------------------------------------------------------
+
+    def rpc(self, bins, endpoints=None, prefixes=None, hosts=None, n_gen=None, reps=None) -> dict:
+        from consortium.anchors import llamarpc
+
+        s = self.s
+        kw = dict(threads=s.threads, n_prompt=len(self.prompt), n_gen=n_gen or s.tokens, reps=reps or s.rounds)
+        with llamarpc.RpcServers(bins, 3, s.threads, hosts=hosts, prefixes=prefixes) as servers:
+            eps = endpoints(servers.endpoints) if endpoints else servers.endpoints
+            return llamarpc.llama_bench(bins, self.model, rpc=eps, split=self.split, **kw)
+
+    def rpc_single(self, bins) -> dict:
+        from consortium.anchors import llamarpc
+
+        s = self.s
+        return llamarpc.llama_bench(bins, self.model, threads=s.threads, n_prompt=len(self.prompt),
+                                    n_gen=s.tokens, reps=s.rounds)
+
+    # -- distance: network namespaces and a delaying proxy --------------------------------------------
+
+    def distance(self, bins, rpc_single_tps: float | None) -> dict:
+        from consortium.anchors import netns
+
+        from consortium import generation
+        from node_agent.engine.pipeline import LocalPipeline
+        from node_agent.engine.stage import StageConfig
+
+        s = self.s
+        rows = []
+        with netns.Hosts(3) as hosts:
+            where = {n: (hosts.names[i], hosts.addresses[i]) for i, n in enumerate(standalone.NODES)}
+            agents = self.agents(netns=where)
+            try:
+                with LocalPipeline(self.model, None, StageConfig(threads=s.threads)) as single:
+                    for rtt in s.rtts_ms:
+                        single.reset(0)   # the single node right before each row, side by side
+                        base = generation.generate(single, self.prompt, s.distance_tokens)
+                        with Proxies(list(agents.endpoints.values()), rtt / 2) as px:
+                            eps = dict(zip(agents.endpoints, px.endpoints))
+                            sess = self.session(agents, f"distance-{rtt:g}", endpoints=eps)
+                            try:
+                                res = sess.generate(s.distance_tokens)
+                            finally:
+                                sess.close()
+                        row = {"rtt_ms": rtt, "emulated": True, "ours_tokens_per_s": round(res.tokens_per_s, 3),
+                               "single_tokens_per_s": round(base.tokens_per_s, 3),
+                               "ours_over_single": round(res.tokens_per_s / base.tokens_per_s, 4)}
+                        self.log(f"distance {rtt:g} ms: ours {res.tokens_per_s:.1f} tok/s, single "
+                                 f"{base.tokens_per_s:.1f}")
+                        rows.append(row)
+            finally:
+                agents.close()
+            if bins is not None:
+                for row in rows:
+                    def via_proxies(eps, rtt=row["rtt_ms"]):
+                        row["_proxies"] = Proxies(eps, rtt / 2)
+                        return row["_proxies"].endpoints
+                    try:
+                        r = self.rpc(bins, endpoints=via_proxies, prefixes=[hosts.exec_prefix(i) for i in range(3)],
+                                     hosts=hosts.addresses, n_gen=s.distance_tokens, reps=max(1, s.rounds - 1))
+                    finally:
+                        row.pop("_proxies").close()
+                    row["rpc_tokens_per_s"] = r["generation"]["tokens_per_s"]
+                    row["rpc_over_single"] = (round(r["generation"]["tokens_per_s"] / rpc_single_tps, 4)
+                                              if rpc_single_tps else None)
+                    self.log(f"distance {row['rtt_ms']:g} ms: llama.cpp RPC {row['rpc_tokens_per_s']:.1f} tok/s")
+        return {"rows": rows, "label": "separate network namespaces joined by veth; round-trip latency added by "
+                "a delaying TCP proxy per node (emulated, this kernel has no netem), 0 ms = proxy only; ours over a "
+                "single-node run right before each row, llama.cpp RPC over llama-bench's single-node run above"}
+
+    # -- failover ----------------------------------------------------------------------------------------
+
+    def failover_once(self, kill_at: int, max_tokens: int) -> dict:
+        agents = self.agents()
+        sess = None
+        try:
+            sess = self.session(agents, "failover", 0.0, prompt=self.short_prompt)
+            d = sess.driver
+            kill_node = standalone.PLACEMENT[1]
+            kill_position = len(self.short_prompt) + kill_at - 1
+            killed = []
+
+            def on_stage(stage, position):
+                if not killed and stage == 1 and position == kill_position:
+                    agents.kill(kill_node)
+                    killed.append(position)
+
+            d.on_stage = on_stage
+            sess.generate(max_tokens)
+            normal = [x.wall_ms for x in d.steps[1:] if not x.failover]
+            fo = [x.wall_ms for x in d.steps if x.failover]
+            event = next(e for e in d.state.failovers if e["from"] == kill_node)
+            return {"kill_at_token": kill_at, "context_replayed": event["replayed_rows"],
+                    "spike_ms": round(max(fo) - statistics.median(normal), 3), "failover_ms": event["ms"],
+                    "median_step_ms": round(statistics.median(normal), 3)}
+        finally:
+            if sess is not None:
+                sess.close()
+            agents.close()
+
+    def failover(self) -> dict:
+        s = self.s
+        runs = []
+        for i in range(s.failover_runs):
+            runs.append(self.failover_once(s.failover_kill_at, s.failover_kill_at + 4))
+            self.log(f"failover run {i + 1}/{s.failover_runs}: spike {runs[-1]['spike_ms']} ms")
+        growth = []
+        for k in s.failover_contexts:
+            for _ in range(s.failover_context_runs):
+                growth.append(self.failover_once(k, k + 4))
+                self.log(f"failover at token {k}: {growth[-1]['context_replayed']} rows replayed, "
+                         f"spike {growth[-1]['spike_ms']} ms")
+        spikes = [r["spike_ms"] for r in runs]
+        return {"runs": runs, "spike_ms": {"median": _median(spikes), "max": max(spikes), "min": min(spikes),
+                                            "n": len(spikes)},
+                "by_context": growth}
+
+    # -- concurrent sessions -----------------------------------------------------------------------------
+
+    def concurrent(self, agents) -> dict:
+        s = self.s
+        rows = []
+        counts = sorted({1, *s.concurrent})
+        for k in counts:
+            sessions = [self.session(agents, f"concurrent-{i}") for i in range(k)]
+            try:
+                results = [None] * k
+                errors = []
+
+                def one(i):
+                    try:
+                        results[i] = sessions[i].generate(s.tokens)
+                    except Exception as e:   # re-raised below, not swallowed
+                        errors.append(e)
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+            finally:
+                for x in sessions:
+                    x.close()
+            if errors:
+                raise errors[0]
+            agg = k * s.tokens / wall
+            rows.append({"sessions": k, "aggregate_tokens_per_s": round(agg, 3),
+                         "per_session_tokens_per_s": [round(r.tokens_per_s, 3) for r in results]})
+            self.log(f"concurrent {k}: aggregate {agg:.1f} tok/s")
+        one_agg = rows[0]["aggregate_tokens_per_s"]
+        for r in rows:
+            r["over_one_session"] = round(r["aggregate_tokens_per_s"] / one_agg, 4)
+        return {"rows": rows, "note": "aggregate = sessions x tokens / wall time from first start to last end "
+                                      "(prefill included)"}
+
+
+class Proxies:
+    """One delaying proxy process per endpoint (see consortium.anchors.proxy)."""
+
+    def __init__(self, targets: list[str], one_way_ms: float):
+        self.procs, self.endpoints = [], []
+        try:
+            for t in targets:
+                p = subprocess.Popen([sys.executable, "-m", "consortium.anchors.proxy", "127.0.0.1:0", t,
+                                      str(one_way_ms)], stdout=subprocess.PIPE, text=True)
+                self.procs.append(p)
+                line = p.stdout.readline()
+                if not line.strip().isdigit():
+                    raise RuntimeError(f"delay proxy to {t} did not start")
+                self.endpoints.append(f"127.0.0.1:{int(line)}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run(s: Settings, log) -> dict:
+    """Every section in one run; sections that cannot run here say why instead of a figure."""
+    from consortium.anchors import llamarpc, netns
+    from consortium.dataplane_bench import commit_share
+    from consortium.layers import format_split
+    from node_agent.engine import llama as ll
+
+    t_start = time.perf_counter()
+    b = Bench(s, log)
+    res = {"model": {"name": Path(b.model).name, "architecture": b.info.architecture, "layers": b.info.n_layers,
+                     "file_type": b.info.file_type},
+           "llama_cpp": {k: ll.build_info().get(k) for k in ("llama_cpp_python", "ggml_version", "commit")},
+           "split": format_split(b.split), "threads": s.threads, "machine": machine(),
+           "settings": dataclasses.asdict(s), "skipped": {}}
+    sections = res["section_s"] = {}
+
+    def timed(name, fn, *a):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a)
+        finally:
+            sections[name] = round(time.perf_counter() - t0, 1)
+
+    agents = b.agents()
+    try:
+        res["speed"] = timed("speed_and_audits", b.speed_and_audits, agents)
+        res["concurrent"] = timed("concurrent", b.concurrent, agents)
+    finally:
+        agents.close()
+    log("extras: commitments and signatures in process")
+    res["commit_sign"] = timed("commit_sign", commit_share, b.model, b.split, s.tokens, s.threads, standalone.PROMPT)
+
+    bins, why = llamarpc.bin_dir() if s.rpc else (None, "disabled (--no-rpc)")
+    if bins is not None:
+        log("llama.cpp RPC mode on loopback")
+        res["rpc"] = {"single": timed("rpc_single", b.rpc_single, bins), "loopback": timed("rpc_loopback", b.rpc, bins),
+                      "tensor_split": llamarpc.tensor_split(b.split)}
+    else:
+        res["skipped"]["rpc"] = why
+    why_ns = netns.available() if s.distance else "disabled (--no-distance)"
+    if why_ns is None:
+        rpc_single = res["rpc"]["single"]["generation"]["tokens_per_s"] if "rpc" in res else None
+        res["distance"] = timed("distance", b.distance, bins, rpc_single)
+    else:
+        res["skipped"]["distance"] = why_ns
+    res["failover"] = timed("failover", b.failover)
+    if s.memory:
+        from node_agent.engine.benchmark import memory
+
+        log("memory per stage")
+        res["memory"] = timed("memory", lambda: memory(b.model, b.split, threads=s.threads))
+    res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    res["headline"] = headline(res)
+    return res
+
+
+def headline(res: dict) -> dict:
+    """The figures the issue names, at the top level of the JSON."""
+    sp = res["speed"]
+    rpc = res.get("rpc")
+    rpc_over = (round(rpc["loopback"]["generation"]["tokens_per_s"] / rpc["single"]["generation"]["tokens_per_s"], 4)
+                if rpc else None)
+    conc = res["concurrent"]["rows"]
+    return {
+        "loopback_over_single": sp["loopback_over_single"],
+        "inprocess_over_single": sp["inprocess_split_over_single"],
+        "rpc_over_single": rpc_over,
+        "commit_share": res["commit_sign"]["share_of_token_time"],
+        "audit20_cpu_ratio": sp["audits"].get("20", {}).get("cpu_ratio"),
+        "audit20_added_share": sp["audits"].get("20", {}).get("added_share"),
+        "audit50_cpu_ratio": sp["audits"].get("50", {}).get("cpu_ratio"),
+        "audit50_added_share": sp["audits"].get("50", {}).get("added_share"),
+        "failover_spike_ms": {k: res["failover"]["spike_ms"][k] for k in ("median", "max")},
+        "concurrent_over_single": conc[-1]["over_one_session"],
+        "concurrent_sessions": conc[-1]["sessions"],
+        "memory_per_stage": [{"layers": m["layers"], "rss_mib": round(m["rss_delta_bytes"] / 2**20, 1),
+                              "weights_mib": round(m["weights_bytes"] / 2**20, 1),
+                              "rss_over_weights": m["rss_over_weights"]} for m in res.get("memory", [])],
+    }
+
+
+def machine() -> dict:
+    import os
+    import platform
+
+    cpu = ""
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "system": platform.system(),
+            "load_average_at_start": [round(x, 2) for x in load] if load else None}

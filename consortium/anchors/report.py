@@ -1,0 +1,148 @@
+"""The anchor benchmark's report: a markdown table, report.json and a PNG (anchors.png)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _f(x, fmt="{:.3f}"):
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _load_warning(m: dict) -> str:
+    load = (m.get("load_average_at_start") or [0])[0]
+    if not m.get("cores") or load <= m["cores"]:
+        return ""
+    return (f" **The machine was busy with other work (load {load} on {m['cores']} cores): the scheduler shares CPU "
+            "per process, so rows with more processes (agents, RPC servers, concurrent sessions) get more of it than "
+            "the single-node rows, and every figure here is noisy.**")
+
+
+def summary(res: dict) -> str:
+    h = res["headline"]
+    sp = res["speed"]
+    m = res["machine"]
+    lines = [f"# Anchor benchmark: {res['model']['name']} ({res['model']['architecture']}, {res['model']['layers']} "
+             f"layers, {res['model']['file_type']}), split {res['split']}, {res['threads']} llama.cpp thread(s) "
+             "per stage", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, load average at start {m['load_average_at_start']}; "
+             f"the whole run took {res['wall_s']} s. On 2 cores three agents, the driver and the auditor share "
+             "the CPU, so audits compete with generation." + _load_warning(m), "",
+             "| approach | generation tok/s | over single node | prefill tok/s | target |", "|---|---|---|---|---|",
+             f"| single node, llama-cpp-python in process | {_f(sp['single_tokens_per_s'], '{:.1f}')} | 1 | "
+             f"{_f(sp['single_prefill_tokens_per_s'], '{:.0f}')} | |",
+             f"| our split in process (its own alternation with the unsplit model, "
+             f"{_f(sp['inprocess']['unsplit_median'], '{:.1f}')} tok/s there) | "
+             f"{_f(sp['inprocess']['split_median'], '{:.1f}')} | {_f(h['inprocess_over_single'])} | | |",
+             f"| our three agents, loopback gRPC | {_f(sp['loopback_tokens_per_s'], '{:.1f}')} | "
+             f"{_f(h['loopback_over_single'])} | {_f(sp['loopback_prefill_tokens_per_s'], '{:.0f}')} | >= 0.85 |"]
+    rpc = res.get("rpc")
+    if rpc:
+        lines += [f"| llama-bench single node | {_f(rpc['single']['generation']['tokens_per_s'], '{:.1f}')} | 1 "
+                  f"(its own reference) | {_f(rpc['single']['prefill']['tokens_per_s'], '{:.0f}')} | |",
+                  f"| llama.cpp RPC mode, three ggml-rpc-servers, loopback | "
+                  f"{_f(rpc['loopback']['generation']['tokens_per_s'], '{:.1f}')} | {_f(h['rpc_over_single'])} | "
+                  f"{_f(rpc['loopback']['prefill']['tokens_per_s'], '{:.0f}')} | ours ahead |"]
+    else:
+        lines.append(f"| llama.cpp RPC mode | skipped: {res['skipped'].get('rpc')} | | | |")
+    if rpc:
+        pl = rpc["loopback"].get("placement", {})
+        lines += ["", f"llama.cpp placed the layers (its own log, tensor split {rpc['tensor_split']}; layer "
+                  f"{res['model']['layers']} is the output layer): {pl.get('layers_by_device')}, {pl.get('offloaded')}."]
+    dist = res.get("distance")
+    if dist:
+        lines += ["", f"Distance ({dist['label']}):", "",
+                  "| round trip (emulated) | ours tok/s | ours / single | llama.cpp RPC tok/s | RPC / its single |",
+                  "|---|---|---|---|---|"]
+        for r in dist["rows"]:
+            lines.append(f"| {r['rtt_ms']:g} ms | {_f(r['ours_tokens_per_s'], '{:.1f}')} | "
+                         f"{_f(r['ours_over_single'])} | {_f(r.get('rpc_tokens_per_s'), '{:.1f}')} | "
+                         f"{_f(r.get('rpc_over_single'))} |")
+    else:
+        lines += ["", f"Distance rows skipped: {res['skipped'].get('distance')}"]
+    c = res["commit_sign"]
+    lines += ["", "| our extras | measured | target |", "|---|---|---|",
+              f"| commitments + receipt signatures, share of token time | {_pct(h['commit_share'])} "
+              f"({c['commit_sign_ms_per_token']} of {c['forward_ms_per_token'] + c['commit_sign_ms_per_token']:.3f} "
+              f"ms per token; per stage {c['per_stage_share']}) | < 2% |"]
+    for p, a in sp["audits"].items():
+        lines.append(f"| audits at {p}%: audit CPU / generation CPU | {_f(a['cpu_ratio'])} | "
+                     f"{'<= 0.3' if p == '20' else ''} |")
+        lines.append(f"| audits at {p}%: wall time added per token | {_pct(a['added_share'])} | |")
+    fo = res["failover"]
+    lines += [f"| failover spike, stage 1 killed at token {res['settings']['failover_kill_at']} "
+              f"({fo['spike_ms']['n']} runs) | median {_f(fo['spike_ms']['median'], '{:.0f}')} ms, worst "
+              f"{_f(fo['spike_ms']['max'], '{:.0f}')} ms | < 1000 ms |"]
+    for g in fo["by_context"]:
+        lines.append(f"| failover at token {g['kill_at_token']} ({g['context_replayed']} rows replayed) | "
+                     f"{g['spike_ms']:.0f} ms | |")
+    for r in res["concurrent"]["rows"]:
+        lines.append(f"| {r['sessions']} session(s) at once: aggregate tok/s | {r['aggregate_tokens_per_s']:.1f} "
+                     f"({r['over_one_session']:.2f}x one session) | |")
+    if res.get("memory"):
+        lines += ["", "| stage | weights MiB | resident MiB | resident / weights |", "|---|---|---|---|"]
+        for row in h["memory_per_stage"]:
+            lines.append(f"| {row['layers']} | {row['weights_mib']} | {row['rss_mib']} | {row['rss_over_weights']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    h = res["headline"]
+    names = ["our split\nin process", "our agents\nloopback"]
+    vals = [h["inprocess_over_single"], h["loopback_over_single"]]
+    colors = ["tab:blue", "tab:blue"]
+    if h["rpc_over_single"] is not None:
+        names.append("llama.cpp RPC\nloopback")
+        vals.append(h["rpc_over_single"])
+        colors.append("tab:orange")
+    ax = axes[0]
+    ax.bar(range(len(vals)), vals, color=colors)
+    ax.axhline(1.0, color="gray", linestyle=":")
+    ax.axhline(0.85, color="red", linestyle="--", label="0.85 target (ours)")
+    ax.set_xticks(range(len(vals)), names, fontsize=8)
+    ax.set_ylabel("generation tokens/s over its single-node run")
+    ax.set_title("same model, machine and split")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    dist = res.get("distance")
+    if dist:
+        rtts = [r["rtt_ms"] for r in dist["rows"]]
+        ax.plot(rtts, [r["ours_over_single"] for r in dist["rows"]], marker="o", label="ours (gRPC agents)")
+        if any("rpc_over_single" in r for r in dist["rows"]):
+            ax.plot(rtts, [r.get("rpc_over_single") for r in dist["rows"]], marker="s", label="llama.cpp RPC")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.legend()
+    ax.set_xlabel("added round trip, ms (emulated by a delaying proxy)")
+    ax.set_ylabel("tokens/s over single node")
+    ax.set_title("separate network namespaces")
+    ax = axes[2]
+    fo = res["failover"]
+    runs = [(r["context_replayed"], r["spike_ms"]) for r in fo["runs"] + fo["by_context"]]
+    ax.scatter([x for x, _ in runs], [y for _, y in runs])
+    ax.axhline(1000, color="red", linestyle="--", label="1 s target")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("rows replayed on the backup (context)")
+    ax.set_ylabel("failover spike, ms")
+    ax.set_title("failover, stage 1 killed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(res: dict, out_dir: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "summary.md").write_text(summary(res) + "\n![anchors](anchors.png)\n")
+    plot(res, out / "anchors.png")
