@@ -1,7 +1,8 @@
 """docs/runbook.md as a new user would follow it, as far as one machine without a GPU allows: its
 `sh runnable` blocks run in order, in one shell, from the repository root, against a local control
 plane of their own (the rehearsal of section 8); the last block stops everything, and runs even when
-an earlier one failed."""
+an earlier one failed. The rehearsal takes the runbook's normal path: mutual TLS on every agent link
+and node-bound agent tokens, so plaintext appears only outside it, as the labeled shortcut."""
 import os
 import re
 import subprocess
@@ -30,10 +31,12 @@ def test_every_block_is_marked_and_the_rehearsal_covers_the_steps():
     infos = {info for info, _ in blocks(text)}
     assert infos <= {"sh", "sh runnable"}, infos   # nothing unmarked slips past the test
     script = "\n".join(runnable(text))
-    for step in ("consortium cluster up", "helm upgrade --install", "node-agent", "consortium-operator",
+    for step in ("consortium cluster up", "consortium certs", "create secret generic consortium-operator-tls",
+                 "--bound-object-kind Node", "helm upgrade --install", "node-agent", "--tls-cert", "consortium-operator",
                  "kubectl apply -f manifests/sessions/sky-is-blue.yaml", "kill -9", "kubectl get receipts",
                  "kubectl get events", "consortium generate", "consortium cluster down"):
         assert step in script, step
+    assert "--plaintext" not in script and "devPlaintext" not in script
     assert runnable(text)[-1].strip().endswith('consortium cluster down --state-dir "$REHEARSAL/cluster"')
 
 
@@ -56,7 +59,8 @@ def test_the_rehearsal_runs_as_written(tmp_path):
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-6000:]
     assert "identical to the baseline: True" in out, out[-3000:]
-    for seen in ("Completed", "FailoverStarted", "StageReassigned", "FailoverFinished", "Passed"):
+    for seen in ("mutual TLS as n0", "mutual TLS as n1", "mutual TLS as n2",
+                 "Completed", "FailoverStarted", "StageReassigned", "FailoverFinished", "Passed"):
         assert seen in out, seen
     assert down.returncode == 0, down.stdout + down.stderr
     assert not (tmp_path / "rehearsal/cluster").exists()

@@ -68,6 +68,10 @@ def test_tls_material_is_mounted_unless_dev_plaintext(cluster, plaintext):
         else:
             assert env["CONSORTIUM_PLAINTEXT"] == "0" and env["CONSORTIUM_TLS_CA"] == "/etc/consortium/tls/ca.crt"
             assert source in tls_volumes[0]
+    # Secret files are root's, mode 0400: only an fsGroup lets the operator's uid read its key.
+    operator = yaml.safe_load(cluster.helm("template", RELEASE, CHART, "-n", NS, "--show-only",
+                                           "templates/operator-deployment.yaml").stdout)["spec"]["template"]["spec"]
+    assert operator["securityContext"]["fsGroup"] == operator["securityContext"]["runAsUser"]
 
 
 def test_bad_model_source_is_refused_at_render_time(cluster):
