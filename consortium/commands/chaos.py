@@ -33,12 +33,16 @@ def run(args: argparse.Namespace) -> int:
     if why:
         print(f"error: {why}; consortium chaos runs the agents in network namespaces", file=sys.stderr)
         return 2
-    # SIGTERM unwinds like Ctrl-C, so the namespaces, links and processes are removed.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     results = run_plan(plan, args.max_tokens, args.threads, args.json)
     s = chaos.summary(results)
     print(json.dumps(s, indent=2), file=sys.stderr)
     return 0 if s["passed"] == s["trials"] else 1
+
+
+def _interrupt(*_) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the namespaces, links and processes are removed."""
+    raise KeyboardInterrupt()
 
 
 def run_plan(plan, max_tokens: int, threads: int, json_out: str | None) -> list[dict]:
