@@ -252,16 +252,17 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
         bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(session_body(name, cl.name, max_tokens, backup_labels)))
         bed.wait_phase(name, ns, ("Running", "Completed", "Failed"), 300)
         marks = {"running": time.monotonic()}
-        victim = None if t.stage is None else bed.get("stageassignment", f"{name}-s{t.stage}", ns)["spec"]["nodeName"]
+        victim, old_epoch = None, None
+        if t.stage is not None:   # read before the token is reached: the fault lands right after it
+            sa = bed.get("stageassignment", f"{name}-s{t.stage}", ns)["spec"]
+            victim, old_epoch = sa["nodeName"], int(sa["epoch"])
         out["victim"] = victim
         at = bed.wait_position(name, ns, t.at_token, timeout_s)
         t_fault = marks["fault"] = time.monotonic()
-        old_epoch = None
         if t.fault == "operator":
             bed.kill_operator()
             bed.start_operator()
         else:
-            old_epoch = int(bed.get("stageassignment", f"{name}-s{t.stage}", ns)["spec"]["epoch"])
             _inject(cl, t.fault, victim)
             if t.fault == "double":
                 backup = testbed.wait_until(lambda: _moved(bed, name, ns, t.stage, victim), 120,
