@@ -39,21 +39,28 @@ def baseline(max_tokens: int, prompt: str, threads: int):
         tok.close()
 
 
-def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
-    """`cluster`: a running LocalCluster the caller owns (tests); default: the local control plane of
-    `consortium cluster up`, started and stopped here unless it is already up. `spec_overrides`: top-
-    level fields of the session's spec merged one level deep (an extension's deadlines)."""
+def local_cluster(what: str = "Test Case v1", cluster=None):
+    """`cluster` when the caller owns a running one (tests), else the local control plane of
+    `consortium cluster up`, started here when it is not up: (cluster, started_here)."""
     from consortium import cluster as lc
 
     cl = cluster or lc.LocalCluster(lc.default_state_dir())
     configured = os.environ.get("KUBECONFIG")
     if cluster is None and configured and os.path.realpath(configured) != os.path.realpath(cl.kubeconfig):
         # (The local control plane's own kubeconfig, as `consortium cluster up` prints it, is fine.)
-        raise SystemExit("KUBECONFIG names another cluster: running Test Case v1 on a configured cluster is not "
+        raise SystemExit(f"KUBECONFIG names another cluster: running {what} on a configured cluster is not "
                          "implemented yet; unset it to use the local control plane (consortium cluster up)")
     started_here = not cl.is_ready()
     if started_here:
         cl.start(timeout=300)
+    return cl, started_here
+
+
+def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
+    """`cluster`: a running LocalCluster the caller owns (tests); default: the local control plane,
+    stopped at the end when it was started here. `spec_overrides`: top-level fields of the session's
+    spec merged one level deep (an extension's deadlines)."""
+    cl, started_here = local_cluster(cluster=cluster)
     base = baseline(opts.max_tokens, opts.prompt, opts.threads)
     workdir = Path(tempfile.mkdtemp(prefix="consortium-k8s-testcase-"))
     bed = testbed.Testbed(cl, workdir, threads=opts.threads, plaintext=opts.plaintext)

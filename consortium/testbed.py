@@ -120,12 +120,18 @@ class Testbed:
         return self.cluster.write_kubeconfig(self.workdir / f"agent-{name}.kubeconfig", token=self.cluster.node_bound_token(
             AGENT_SA, NS, name, duration="2h"))
 
-    def start_agent(self, name: str, labels: dict[str, str], extra: list[str] = ()) -> subprocess.Popen:
+    def start_agent(self, name: str, labels: dict[str, str], extra: list[str] = (), host=None,
+                    kubeconfig: str | None = None) -> subprocess.Popen:
+        """An agent process; with `host` (a consortium.netlab.Host) inside that host's network
+        namespace on its address, logging in with `kubeconfig` (one that reaches the API server from
+        there, netlab's forwarder)."""
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+        addr = host.address if host is not None else "127.0.0.1"
+        cmd = [*(host.prefix() if host is not None else []),
+               sys.executable, "-m", "node_agent.main", "--listen", f"{addr}:0", "--port-file", str(port_file),
                "--key-file", str(self.workdir / "keys" / f"{name}.pem"), "--node-id", name, "--name", name,
-               *self._tls_args(name), "--threads", str(self.threads), "--kubeconfig", self.agent_kubeconfig(name),
+               *self._tls_args(name), "--threads", str(self.threads), "--kubeconfig", kubeconfig or self.agent_kubeconfig(name),
                "--namespace", NS, "--labels", ",".join(f"{k}={v}" for k, v in labels.items()), *extra]
         log = open(self.workdir / f"agent-{name}.log", "ab")
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
@@ -133,7 +139,7 @@ class Testbed:
         wait_until(lambda: port_file.is_file() or p.poll() is not None, 120, f"agent {name} to serve")
         if p.poll() is not None:
             raise RuntimeError(f"agent {name} exited: {(self.workdir / f'agent-{name}.log').read_text()[-2000:]}")
-        self.endpoints[name] = f"127.0.0.1:{int(port_file.read_text())}"
+        self.endpoints[name] = f"{addr}:{int(port_file.read_text())}"
         return p
 
     def channel(self, name: str):
@@ -164,6 +170,15 @@ class Testbed:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+    def set_quarantined(self, node: str, value: bool) -> None:
+        """Set or lift a ComputeNode's Quarantined condition, as the operator would (for tests)."""
+        cn = self.get("computenode", node)
+        conds = [c for c in (cn.get("status") or {}).get("conditions", []) if c["type"] != "Quarantined"]
+        conds.append({"type": "Quarantined", "status": "True" if value else "False", "reason": "Test",
+                      "message": "set by the test", "lastTransitionTime": "2025-01-01T00:00:00Z"})
+        self.cluster.kubectl("patch", "computenode", node, "--subresource=status", "--type", "merge",
+                             "-p", json.dumps({"status": {"conditions": conds}}))
 
     # -- API ---------------------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ class Registrar:
         self.labels, self.namespace = dict(labels), namespace
         self.lease_seconds, self.renew_seconds = lease_seconds, renew_seconds
         self._stop = threading.Event()
+        self._sessions_seen: set[str] = set()   # sessions that had StageAssignments in the API
         self._thread = threading.Thread(target=self._loop, name="registrar", daemon=True)
 
     # -- ComputeNode ----------------------------------------------------------------------------
@@ -108,6 +109,7 @@ class Registrar:
     def reconcile_assignments(self) -> None:
         api = kube.api()
         items = api.list_cluster_custom_object(r.GROUP, r.VERSION, "stageassignments").get("items", [])
+        self._release_ended({(sa.get("spec") or {}).get("session") for sa in items})
         held = self.service.held()  # (session, stage) -> epoch
         for sa in items:
             spec = sa.get("spec") or {}
@@ -127,6 +129,15 @@ class Registrar:
                 continue
             if have == epoch and (sa.get("status") or {}).get("observedEpoch") != epoch:
                 self._report_loaded(sa, epoch)
+
+    def _release_ended(self, listed: set[str]) -> None:
+        """A session whose StageAssignments were all deleted (the session was) gives back its
+        sequence slots; without this an agent refuses new sessions once its few slots are used.
+        Only sessions seen with assignments count: one loaded before its assignment appears is kept."""
+        for session in sorted((self._sessions_seen - listed) & self.service.sessions()):
+            n = self.service.release_session(session)
+            log.info("session %s is gone: released %d sequence slot(s)", session, n)
+        self._sessions_seen = listed
 
     def _report_loaded(self, sa: dict, epoch: int) -> None:
         api = kube.api()

@@ -516,6 +516,28 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         return pb.AuditResponse(rows=wire.encode_tensor(rows), compute_ms=(time.perf_counter() - t0) * 1000,
                                 replayed_rows=n)
 
+    def sessions(self) -> set[str]:
+        """Sessions this agent holds sequence slots for (serving or auditing)."""
+        with self._lock:
+            return {k[0] for k in self._assignments} | {k[0] for k in self._audits}
+
+    def release_session(self, session: str) -> int:
+        """Free every sequence slot of a session that is over (its StageAssignments are gone);
+        returns how many. Its fences stay, so a late request with its old epochs is still refused."""
+        with self._lock:
+            gone = [self._assignments.pop(k) for k in [k for k in self._assignments if k[0] == session]]
+            audits = [self._audits.pop(k) for k in [k for k in self._audits if k[0] == session]]
+            for a in gone:
+                key = (a.session, a.stage_index)
+                self._fences[key] = max(self._fences.get(key, 0), a.epoch + 1)
+        for a in gone:
+            with a.lock:
+                self.engines.release(a.engine, a.seq)
+        for engine, seq, audit_lock in audits:
+            with audit_lock:
+                self.engines.release(engine, seq)
+        return len(gone) + len(audits)
+
     def held(self) -> dict[tuple[str, int], int]:
         """(session, stage) -> epoch of every assignment this agent serves now."""
         with self._lock:

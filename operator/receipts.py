@@ -97,3 +97,46 @@ class ReceiptWriter:
             self.index[name] = {"stage": e["stage"], "node": e["node"], "epoch": e["epoch"], "start": e["start"],
                                 "count": e["count"]}
         return written
+
+
+def recover_open_windows(driver) -> int:
+    """After an operator restart, before the stages are truncated: each stage's window that the
+    stopped operator was still filling was signed by its agent but never flushed into a Receipt.
+    The agent still holds it: Reveal gives the signed statement holding a position and that
+    position's commitment, so the whole window is fetched back, checked (signature, Merkle root)
+    and queued as a receipt like any other. Returns how many were queued."""
+    import grpc
+
+    from consortium import wire
+    from consortium.verification import receipts as vr
+    from consortium.wire import pb
+
+    queued = 0
+    st = driver.state
+    for s, node in enumerate(st.nodes):
+        last = st.done[s] - 1
+        client = driver.clients.get(node)
+        if last < 0 or client is None:
+            continue
+        ref = driver._ref(s)
+        try:
+            head = client.call("Reveal", pb.RevealRequest(ref=ref, position=last))
+            signed = wire.window_from_pb(head.window)
+            stmt = signed.statement
+            commitments = [bytes(head.commitment) if p == last else
+                           bytes(client.call("Reveal", pb.RevealRequest(ref=ref, position=p)).commitment)
+                           for p in stmt.positions]
+        except grpc.RpcError as e:
+            log.warning("stage %d: the open window on %s is not recoverable: %s %s", s, node, e.code().name,
+                        e.details())
+            continue
+        if stmt.epoch != st.epochs[s] or stmt.session != driver.session or stmt.stage != s:
+            continue
+        rc = vr.Receipt(stmt, tuple(commitments), signed.signature)
+        ok, why = vr.verify_receipt(rc, driver.public_keys.get(node, ""))
+        with driver._lock:
+            driver.receipts.append({"stage": s, "node": node, "epoch": stmt.epoch, "start": stmt.window_start,
+                                    "count": stmt.count, "verified": ok, "reasons": why, "bytes": len(rc.dumps()),
+                                    "receipt": rc.to_json()})
+        queued += 1
+    return queued

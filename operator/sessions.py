@@ -254,6 +254,7 @@ class SessionRun:
             if v.public_key:
                 driver.public_keys[n] = v.public_key
         driver._auditor.start()
+        receipts.recover_open_windows(driver)   # before Truncate drops commitments past the saved positions
         for s, node in enumerate(list(st.nodes)):
             try:
                 driver.clients[node].call("Truncate", pb.TruncateRequest(ref=driver._ref(s), position=st.done[s]))

@@ -66,6 +66,20 @@ class RpcLog:
         return out
 
 
+class Abandoned(grpc.RpcError):
+    """A call given up because its node was declared dead meanwhile; reads as UNAVAILABLE."""
+
+    def __init__(self, node: str):
+        super().__init__(f"{node} was declared dead during the call")
+        self.node = node
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return str(self)
+
+
 class NodeClient:
     def __init__(self, name: str, endpoint: str, log: RpcLog, timeout_s: float = 30.0, tls=None):
         """`tls` (consortium.tls.Credentials): mutual TLS, the agent must prove it is node `name`;
@@ -90,6 +104,26 @@ class NodeClient:
                 rows = len(request.tokens) or (request.hidden.shape[0] if request.hidden.shape else 0)
                 hop = {"stage": request.ref.stage, "rows": rows, "sent": sent}
             self.log.add(RpcRecord(self.name, method, (time.perf_counter() - t0) * 1000, size, ok, **hop))
+
+    def call_while(self, method: str, request, alive, timeout: float | None = None, every_s: float = 0.25):
+        """call() for long requests (audits): abandoned as soon as alive() turns false, instead of
+        holding the caller until a long deadline runs out on a node known to be gone."""
+        t0 = time.perf_counter()
+        resp, ok = None, False
+        fut = getattr(self.stub, method).future(request, timeout=timeout or self.timeout_s)
+        try:
+            while True:
+                try:
+                    resp = fut.result(timeout=every_s)
+                    ok = True
+                    return resp
+                except grpc.FutureTimeoutError:
+                    if not alive():
+                        fut.cancel()
+                        raise Abandoned(self.name) from None
+        finally:
+            size = request.ByteSize() + (resp.ByteSize() if resp is not None else 0)
+            self.log.add(RpcRecord(self.name, method, (time.perf_counter() - t0) * 1000, size, ok))
 
     def stream(self, method: str, request, timeout: float | None = None) -> list:
         t0 = time.perf_counter()

@@ -495,7 +495,8 @@ class SessionDriver:
         else:
             req.hidden.CopyFrom(wire.encode_tensor(np.stack(xs)))
         try:
-            resp = self.clients[verifier].call("Audit", req, timeout=self.load_timeout_s)
+            resp = self.clients[verifier].call_while("Audit", req, lambda: verifier not in self.dead,
+                                                     timeout=self.load_timeout_s)
         except grpc.RpcError as e:
             log.warning("audit on %s failed: %s %s", verifier, e.code().name, e.details())
             with self._lock:

@@ -201,3 +201,22 @@ def test_agent_flags_default_to_the_charts_environment(monkeypatch, tmp_path):
     assert build_parser().parse_args(["--key-file", "k.pem"]).listen == "127.0.0.1:50051"
     with pytest.raises(SystemExit):
         build_parser().parse_args([])   # no key file and no identity dir
+
+
+def test_a_released_session_gives_back_its_slots_and_stays_fenced(agent, model_path):
+    stub, service, _ = agent
+
+    def load_one(session):
+        stub.LoadStage(pb.LoadStageRequest(ref=ref(session, 0), model_path=model_path, first_layer=0, last_layer=4))
+    n = service.config.n_seq_max
+    for i in range(n):   # layers 0-4: a stage file no other test uses, so all its slots are free
+        load_one(f"slots-{i}")
+    with pytest.raises(grpc.RpcError) as e:
+        load_one("slots-late")
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "slots-0" in service.sessions()
+    assert service.release_session("slots-0") == 1 and "slots-0" not in service.sessions()
+    load_one("slots-late")
+    with pytest.raises(grpc.RpcError) as e:   # the released session's epoch is fenced, not forgotten
+        stub.Forward(pb.ForwardRequest(ref=ref("slots-0", 0), position=0, tokens=PROMPT))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "stale epoch 1" in e.value.details()

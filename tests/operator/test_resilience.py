@@ -87,20 +87,11 @@ def test_agent_refuses_an_epoch_its_assignment_moved_past(agents_up):
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def _set_quarantined(bed, node: str, value: bool) -> None:
-    cn = bed.get("computenode", node)
-    conds = [c for c in (cn.get("status") or {}).get("conditions", []) if c["type"] != "Quarantined"]
-    conds.append({"type": "Quarantined", "status": "True" if value else "False", "reason": "Test",
-                  "message": "set by the test", "lastTransitionTime": "2025-01-01T00:00:00Z"})
-    bed.cluster.kubectl("patch", "computenode", node, "--subresource=status", "--type", "merge",
-                        "-p", json.dumps({"status": {"conditions": conds}}))
-
-
 def test_a_quarantined_node_gets_no_new_stage(agents_up):
     bed = agents_up
     ns, name = "quarantine", "waits"
     bed.cluster.kubectl("create", "namespace", ns)
-    _set_quarantined(bed, "n1", True)   # the only node matching stage 0's cuda+worker selector
+    bed.set_quarantined("n1", True)   # the only node matching stage 0's cuda+worker selector
     try:
         bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(4, name)))
 
@@ -114,7 +105,7 @@ def test_a_quarantined_node_gets_no_new_stage(agents_up):
         assert bed.cluster.kubectl("get", "stageassignment", f"{name}-s0", "-n", ns, check=False).returncode != 0
         assert "Unschedulable" in [e["reason"] for e in bed.events(ns, name)]
     finally:
-        _set_quarantined(bed, "n1", False)
+        bed.set_quarantined("n1", False)
     # Lifted: the session is placed and runs.
     s = bed.wait_phase(name, ns, ("Completed",), 180)
     assert bed.get("stageassignment", f"{name}-s0", ns)["spec"]["nodeName"] == "n1"

@@ -1,0 +1,69 @@
+"""Faults on separate hosts (network namespaces) through the operator: a partition whose node comes
+back fenced, the operator killed mid-session without losing a receipt, and a double failure with no
+second backup that stops with a clear reason. The full randomized set is `consortium chaos`."""
+from __future__ import annotations
+
+import pytest
+
+from consortium import chaos, netlab
+from consortium import resources as r
+
+pytestmark = pytest.mark.k8s
+
+MAX_TOKENS = 12   # a prefix of the session baseline (greedy): short trials keep this module near a minute
+
+
+@pytest.fixture(scope="module")
+def lab(bed):
+    why = netlab.available()
+    if why:
+        pytest.skip(why)
+    cl = chaos.ChaosLab(bed)
+    try:
+        yield cl
+    finally:
+        cl.close()
+
+
+def _healthy(res: dict) -> None:
+    assert res["completed"] and res["identical"], res
+    assert res["receipts_complete"], res["receipt_gaps"]
+    assert res["false_fraud"] == 0 and res["stale_receipts"] == 0, res
+
+
+def test_agents_live_on_their_own_addresses(lab):
+    eps = {n: lab.bed.endpoints[n] for n in chaos.HOSTS}
+    hosts = {ep.rsplit(":", 1)[0] for ep in eps.values()}
+    assert len(hosts) == len(chaos.HOSTS) and not any(h.startswith("127.") for h in hosts), eps
+    registered = {n: lab.bed.get("computenode", n)["spec"]["endpoint"] for n in chaos.HOSTS}
+    assert registered == eps
+
+
+def test_a_partitioned_node_comes_back_fenced(lab, baseline):
+    res = chaos.run_trial(lab, chaos.Trial(0, "partition", 1, 4), baseline[:MAX_TOKENS], MAX_TOKENS)
+    _healthy(res)
+    assert [(f["stage"], f["from"]) for f in res["failovers"]] == [(1, res["victim"])]
+    # Healed, the node still holds the session at its old epoch; its own registrar fenced it.
+    assert res["stale_write_refused"] is True
+    assert res["recovery_ms"] is not None and res["recovery_ms"] >= chaos.RPC_TIMEOUT_S * 1000 * 0.5
+
+
+def test_operator_killed_mid_session_loses_no_receipt(lab, baseline):
+    res = chaos.run_trial(lab, chaos.Trial(1, "operator", None, 5), baseline[:MAX_TOKENS], MAX_TOKENS)
+    _healthy(res)
+    assert res["failovers"] == [] and res["recovery_ms"] is not None
+
+
+def test_double_failure_without_a_second_backup_stops_with_a_reason(lab, baseline):
+    # Backups must be coordinators, and h3 (the spare one) is quarantined: only h0 may take over.
+    lab.bed.set_quarantined("h3", True)
+    try:
+        res = chaos.run_trial(lab, chaos.Trial(2, "double", 1, 4), baseline[:MAX_TOKENS], MAX_TOKENS,
+                              backup_labels={r.LABEL_COORDINATOR: "true"})
+    finally:
+        lab.bed.set_quarantined("h3", False)
+    assert res["victim"] == "h2" and res["backup_killed"] == "h0", res
+    assert res["phase"] == "Failed" and not res["completed"], res
+    assert res["reason"].startswith("StageLost: no backup for stage 1"), res["reason"]
+    assert res["prefix_of_baseline"], res   # stopped, never with wrong tokens
+    assert res["false_fraud"] == 0
