@@ -8,7 +8,12 @@ so TCP peers see silence, not a reset), healed, or slowed with a tbf rate limit 
 are reached from the hosts through a Forwarder on the gateway address.
 
 Forwarder is also the delaying proxy: with delay_s > 0 every chunk is held that long in each
-direction (emulated latency; label such figures as emulated).
+direction (emulated latency; label such figures as emulated). A benchmark that must not share its
+interpreter with the proxy runs it as a process of its own:
+
+    python -m consortium.netlab LISTEN_HOST:PORT TARGET_HOST:PORT ONE_WAY_MS
+
+which prints its bound port on stdout once listening (PORT may be 0) and runs until terminated.
 
 Needs root (CAP_NET_ADMIN) and iproute2. Names carry the owning process id, so `Lab.sweep()` can
 remove what a killed run left behind without touching another live run's lab:
@@ -26,8 +31,10 @@ import queue
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -315,3 +322,37 @@ def _shut(*socks: socket.socket) -> None:
             s.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def main(argv: list[str]) -> int:
+    """The delaying forwarder as a process (see the module's docstring)."""
+    if len(argv) != 3:
+        print("usage: python -m consortium.netlab LISTEN_HOST:PORT TARGET_HOST:PORT ONE_WAY_MS", file=sys.stderr)
+        return 2
+    try:
+        listen, target, one_way_ms = _hostport(argv[0]), _hostport(argv[1]), float(argv[2])
+        fwd = Forwarder(listen, target, delay_s=one_way_ms / 1000.0)
+    except (ValueError, OSError) as e:
+        print(f"forwarder: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    fwd.start()
+    print(fwd.address[1], flush=True)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    fwd.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -190,16 +190,15 @@ class Bench:
     # -- distance: network namespaces and a delaying proxy --------------------------------------------
 
     def distance(self, bins, rpc_single_tps: float | None) -> dict:
-        from consortium.anchors import netns
-
-        from consortium import generation
+        from consortium import generation, netlab
         from node_agent.engine.pipeline import LocalPipeline
         from node_agent.engine.stage import StageConfig
 
         s = self.s
         rows = []
-        with netns.Hosts(3) as hosts:
-            where = {n: (hosts.names[i], hosts.addresses[i]) for i, n in enumerate(standalone.NODES)}
+        with netlab.Lab([n.lower() for n in standalone.NODES]) as lab:
+            hosts = list(lab.hosts.values())
+            where = {n: (h.netns, h.address) for n, h in zip(standalone.NODES, hosts)}
             agents = self.agents(netns=where)
             try:
                 with LocalPipeline(self.model, None, StageConfig(threads=s.threads)) as single:
@@ -227,8 +226,8 @@ class Bench:
                         row["_proxies"] = Proxies(eps, rtt / 2)
                         return row["_proxies"].endpoints
                     try:
-                        r = self.rpc(bins, endpoints=via_proxies, prefixes=[hosts.exec_prefix(i) for i in range(3)],
-                                     hosts=hosts.addresses, n_gen=s.distance_tokens, reps=max(1, s.rounds - 1))
+                        r = self.rpc(bins, endpoints=via_proxies, prefixes=[h.prefix() for h in hosts],
+                                     hosts=[h.address for h in hosts], n_gen=s.distance_tokens, reps=max(1, s.rounds - 1))
                     finally:
                         row.pop("_proxies").close()
                     row["rpc_tokens_per_s"] = r["generation"]["tokens_per_s"]
@@ -327,13 +326,14 @@ class Bench:
 
 
 class Proxies:
-    """One delaying proxy process per endpoint (see consortium.anchors.proxy)."""
+    """One delaying forwarder process per endpoint (consortium.netlab's, out of the benchmark's
+    interpreter so it takes none of the driver's time)."""
 
     def __init__(self, targets: list[str], one_way_ms: float):
         self.procs, self.endpoints = [], []
         try:
             for t in targets:
-                p = subprocess.Popen([sys.executable, "-m", "consortium.anchors.proxy", "127.0.0.1:0", t,
+                p = subprocess.Popen([sys.executable, "-m", "consortium.netlab", "127.0.0.1:0", t,
                                       str(one_way_ms)], stdout=subprocess.PIPE, text=True)
                 self.procs.append(p)
                 line = p.stdout.readline()
@@ -363,7 +363,8 @@ class Proxies:
 
 def run(s: Settings, log) -> dict:
     """Every section in one run; sections that cannot run here say why instead of a figure."""
-    from consortium.anchors import llamarpc, netns
+    from consortium import netlab
+    from consortium.anchors import llamarpc
     from consortium.dataplane_bench import commit_share
     from consortium.layers import format_split
     from node_agent.engine import llama as ll
@@ -400,7 +401,7 @@ def run(s: Settings, log) -> dict:
                       "tensor_split": llamarpc.tensor_split(b.split)}
     else:
         res["skipped"]["rpc"] = why
-    why_ns = netns.available() if s.distance else "disabled (--no-distance)"
+    why_ns = netlab.available() if s.distance else "disabled (--no-distance)"
     if why_ns is None:
         rpc_single = res["rpc"]["single"]["generation"]["tokens_per_s"] if "rpc" in res else None
         res["distance"] = timed("distance", b.distance, bins, rpc_single)

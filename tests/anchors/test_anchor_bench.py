@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from consortium.anchors import llamarpc, netns
+from consortium import netlab
+from consortium.anchors import llamarpc
 from consortium.anchors.bench import Proxies
 from consortium.layers import even_split
 
@@ -48,7 +49,7 @@ def test_proxy_forwards_every_byte_and_adds_the_round_trip():
 
 
 def test_proxy_refuses_bad_arguments():
-    p = subprocess.run([sys.executable, "-m", "consortium.anchors.proxy", "nohost", "127.0.0.1:1", "5"],
+    p = subprocess.run([sys.executable, "-m", "consortium.netlab", "nohost", "127.0.0.1:1", "5"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "HOST:PORT" in p.stderr
 
@@ -90,7 +91,7 @@ def test_tiny_anchor_bench_writes_every_headline(tmp_path):
         assert 0 < h["rpc_over_single"] < 20
         # llama.cpp's own log shows our split: 0-9, 10-19, 20-29 and the output layer (30) last
         assert sorted(res["rpc"]["loopback"]["placement"]["layers_by_device"].values()) == ["0-9", "10-19", "20-30"]
-    if netns.available() is None:
+    if netlab.available() is None:
         rows = res["distance"]["rows"]
         assert [r["rtt_ms"] for r in rows] == [0.0, 4.0] and all(r["ours_tokens_per_s"] > 0 for r in rows)
     else:
