@@ -246,10 +246,17 @@ class Forwarder:
         self.address: tuple[str, int] = self._sock.getsockname()
         self._closed = threading.Event()
         self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
+    def _thread(self, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, name=f"forward-{self.address[1]}", daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
     def start(self) -> "Forwarder":
-        threading.Thread(target=self._accept, name=f"forward-{self.address[1]}", daemon=True).start()
+        self._thread(self._accept)
         return self
 
     def _accept(self) -> None:
@@ -269,7 +276,7 @@ class Forwarder:
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                self._thread(self._pump, a, b)
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         """Copy src to dst; with a delay, a second thread sends each chunk when it is due, so the
@@ -289,8 +296,7 @@ class Forwarder:
             finally:
                 _shut(src, dst)
 
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
+        self._thread(send)
         try:
             while True:
                 data = src.recv(65536)
@@ -303,17 +309,23 @@ class Forwarder:
             line.put(None)
 
     def close(self) -> None:
+        """Stop it: every socket is shut down first, which wakes the threads blocked on them, and
+        closed only once they have returned. (A socket closed under a blocked accept or recv frees its
+        descriptor number while the thread may still retry on it, and would then act on whatever
+        socket reuses that number in this process.)"""
         self._closed.set()
-        try:
-            self._sock.close()
-        except OSError:
-            pass
-        with self._lock:
-            for s in self._conns:
-                try:
-                    s.close()
-                except OSError:
-                    pass
+        _shut(self._sock)
+        for _ in range(2):   # the accept thread first: it may still be starting a connection's threads
+            with self._lock:
+                socks, threads = list(self._conns), list(self._threads)
+            _shut(*socks)
+            for t in threads:
+                t.join(timeout=5)
+        for s in (self._sock, *socks):
+            try:
+                s.close()
+            except OSError:
+                pass
 
 
 def _shut(*socks: socket.socket) -> None:
