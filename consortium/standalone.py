@@ -79,14 +79,21 @@ class Agents:
                 cmd.append("--no-repack")
             if n == faulty_node:
                 cmd += ["--fault", opts.fault]
-            log = open(workdir / f"{n}.log", "wb")
-            self.procs[n] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            with open(workdir / f"{n}.log", "wb") as log:   # the child keeps its own descriptor
+                self.procs[n] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_serving(where)
+        except BaseException:
+            self.close()   # the ones that did start are not left behind
+            raise
+
+    def _wait_serving(self, where: dict[str, tuple[str | None, str]]) -> None:
         deadline = time.monotonic() + 120
         for n in NODES:
-            pf = workdir / f"{n}.port"
+            pf = self.workdir / f"{n}.port"
             while not pf.is_file():
                 if self.procs[n].poll() is not None:
-                    raise RuntimeError(f"node agent {n} exited: {(workdir / f'{n}.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"node agent {n} exited: {(self.workdir / f'{n}.log').read_text()[-2000:]}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"node agent {n} did not start")
                 time.sleep(0.05)  # waiting for a process to bind its port, not for compute

@@ -1,4 +1,6 @@
 """Test Case v1 end to end: three node-agent processes on loopback, baseline, audits, a kill."""
+from pathlib import Path
+
 import pytest
 
 from consortium import standalone
@@ -71,3 +73,21 @@ def test_hung_agent_is_caught_by_the_deadline():
     assert f["how"] == "SIGSTOP" and f["completed"] and f["backup_node"] == "N0"
     assert f["spike_ms"] >= 2000   # at least one deadline was waited out
     assert r["success"]
+
+
+def test_agents_that_started_are_stopped_when_one_fails_to(tmp_path):
+    """N1 is given an unknown fault kind and exits: the error says why, and the agents that did
+    start are not left running."""
+    bad = standalone.Options(plaintext=True, fault="no-such-fault")
+    with pytest.raises(RuntimeError, match="node agent N1 exited") as e:
+        standalone.Agents(tmp_path, bad, "N1")
+    assert "no-such-fault" in str(e.value)
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_names(p, tmp_path)]
+    assert left == []
+
+
+def _cmdline_names(proc: Path, text) -> bool:
+    try:
+        return str(text).encode() in (proc / "cmdline").read_bytes()
+    except OSError:   # gone meanwhile
+        return False
