@@ -99,12 +99,15 @@ class ReceiptWriter:
         return written
 
 
-def recover_open_windows(driver) -> int:
-    """After an operator restart, before the stages are truncated: each stage's window that the
-    stopped operator was still filling was signed by its agent but never flushed into a Receipt.
-    The agent still holds it: Reveal gives the signed statement holding a position and that
-    position's commitment, so the whole window is fetched back, checked (signature, Merkle root)
-    and queued as a receipt like any other. Returns how many were queued."""
+def recover_open_windows(driver, written: dict[str, dict]) -> int:
+    """After an operator restart, before the stages are truncated: the windows the stopped operator
+    never wrote as Receipts: the one each stage was still filling, and any closed one whose receipt
+    was still waiting to be published (commitments come in after the answer, so a closed window's
+    receipt is flushed and written a few tokens after the window closes). The agent still holds
+    them: Reveal gives the signed statement holding a position and that position's commitment, so
+    each window past the last written receipt (`written`: ReceiptWriter.index) up to the saved
+    position is fetched back, checked (signature, Merkle root) and queued as a receipt like any
+    other. Returns how many were queued."""
     import grpc
 
     from consortium import wire
@@ -114,29 +117,35 @@ def recover_open_windows(driver) -> int:
     queued = 0
     st = driver.state
     for s, node in enumerate(st.nodes):
-        last = st.done[s] - 1
         client = driver.clients.get(node)
-        if last < 0 or client is None:
+        if client is None:
             continue
         ref = driver._ref(s)
-        try:
-            head = client.call("Reveal", pb.RevealRequest(ref=ref, position=last))
-            signed = wire.window_from_pb(head.window)
-            stmt = signed.statement
-            commitments = [bytes(head.commitment) if p == last else
-                           bytes(client.call("Reveal", pb.RevealRequest(ref=ref, position=p)).commitment)
-                           for p in stmt.positions]
-        except grpc.RpcError as e:
-            log.warning("stage %d: the open window on %s is not recoverable: %s %s", s, node, e.code().name,
-                        e.details())
-            continue
-        if stmt.epoch != st.epochs[s] or stmt.session != driver.session or stmt.stage != s:
-            continue
-        rc = vr.Receipt(stmt, tuple(commitments), signed.signature)
-        ok, why = vr.verify_receipt(rc, driver.public_keys.get(node, ""))
-        with driver._lock:
-            driver.receipts.append({"stage": s, "node": node, "epoch": stmt.epoch, "start": stmt.window_start,
-                                    "count": stmt.count, "verified": ok, "reasons": why, "bytes": len(rc.dumps()),
-                                    "receipt": rc.to_json()})
-        queued += 1
+        ends = [w["start"] + w["count"] for w in written.values() if w["stage"] == s]
+        p = max(ends, default=0)
+        if s == len(st.nodes) - 1 and not ends:
+            p = max(0, len(st.prompt_tokens) - 1)   # the last stage commits the prompt's final row only
+        while p < st.done[s]:
+            try:
+                head = client.call("Reveal", pb.RevealRequest(ref=ref, position=p))
+                signed = wire.window_from_pb(head.window)
+                stmt = signed.statement
+                commitments = [bytes(head.commitment) if q == p else
+                               bytes(client.call("Reveal", pb.RevealRequest(ref=ref, position=q)).commitment)
+                               for q in stmt.positions]
+            except grpc.RpcError as e:
+                log.warning("stage %d: the window holding position %d on %s is not recoverable: %s %s", s, p, node,
+                            e.code().name, e.details())
+                p += 1
+                continue
+            p = max(p + 1, stmt.window_start + stmt.count)
+            if stmt.epoch != st.epochs[s] or stmt.session != driver.session or stmt.stage != s:
+                continue
+            rc = vr.Receipt(stmt, tuple(commitments), signed.signature)
+            ok, why = vr.verify_receipt(rc, driver.public_keys.get(node, ""))
+            with driver._lock:
+                driver.receipts.append({"stage": s, "node": node, "epoch": stmt.epoch, "start": stmt.window_start,
+                                        "count": stmt.count, "verified": ok, "reasons": why,
+                                        "bytes": len(rc.dumps()), "receipt": rc.to_json()})
+            queued += 1
     return queued

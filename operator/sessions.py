@@ -170,7 +170,7 @@ class SessionRun:
         try:
             if resume:
                 writer.load_existing()
-                self._resume(driver, views)
+                self._resume(driver, views, writer.index)
                 kube.event(self.body, "Resumed", f"resumed at token {len(generated)} (position "
                                                  f"{state.done[0]}), epochs {state.epochs}")
             else:
@@ -243,7 +243,7 @@ class SessionRun:
 
     # -- resume ----------------------------------------------------------------------------------
 
-    def _resume(self, driver: SessionDriver, views: dict) -> None:
+    def _resume(self, driver: SessionDriver, views: dict, written: dict[str, dict]) -> None:
         st = driver.state
         sas = placement.read_assignments(self.namespace, self.name, len(st.nodes))
         for s, sa in enumerate(sas):
@@ -254,7 +254,7 @@ class SessionRun:
             if v.public_key:
                 driver.public_keys[n] = v.public_key
         driver._auditor.start()
-        receipts.recover_open_windows(driver)   # before Truncate drops commitments past the saved positions
+        receipts.recover_open_windows(driver, written)   # before Truncate drops commitments past the saved positions
         for s, node in enumerate(list(st.nodes)):
             try:
                 driver.clients[node].call("Truncate", pb.TruncateRequest(ref=driver._ref(s), position=st.done[s]))
