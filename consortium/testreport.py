@@ -122,7 +122,8 @@ def _extension_figure(name: str, fig: dict) -> str:
                 f"bytes per row per hop: {hops}")
     if name == "faulty-worker":
         return (f"{fig['node']} at stage {fig['stage']} ({fig['kind']}): caught {fig['caught']}, verdicts "
-                f"{fig['faulty_verdicts']}, {fig['rollbacks']} rollbacks, stage failed over "
+                f"{fig['faulty_verdicts']}, proven by {fig.get('proofs_holding')} of {fig.get('proofs')} fraud proofs, "
+                f"{fig['rollbacks']} rollbacks, stage failed over "
                 f"to {fig['failed_over_to']}, tokens identical {fig['exact_match']}, false_fraud {fig['false_fraud']}")
     if name == "grid-sweep":
         g = fig["at_session_grid"]
