@@ -1,0 +1,71 @@
+"""Fraud proofs into the API: each on the Receipt of the window it proves, with an Event.
+
+The driver makes a signed FraudProof for every Fraud verdict once the worker's window is a receipt
+(consortium.driver.proofs; the operator signs as the coordinator). This module writes each proof's
+JSON text into `status.fraudProofs` of the Receipt that holds the worker's signed window, and posts a
+FraudProven Event on the session naming that Receipt, so a user can fetch the proof and check it:
+
+    kubectl get receipt NAME -o jsonpath='{.status.fraudProofs[0]}' > proof.json
+    consortium verify-proof proof.json
+
+A Fraud unit the driver could not prove (its reasons are in the operator's log) gets a FraudUnproven
+Event instead. A Receipt the writer has not created yet is tried again at the next publish.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+
+from consortium import kube
+from consortium import resources as r
+from consortium_operator.receipts import receipt_name
+
+log = logging.getLogger("consortium.operator.proofs")
+
+
+def proof_receipt(proof: dict) -> str:
+    """The name of the Receipt holding the window a proof's statement describes."""
+    st = proof["statement"]
+    return receipt_name(st["session"], st["stage"], st["epoch"], st["windowStart"],
+                        base64.b64decode(st["merkleRoot"]).hex())
+
+
+class ProofPublisher:
+    def __init__(self, session: dict):
+        self.session = session
+        self._written: dict[str, int] = {}   # receipt name -> proofs written there
+        self._unproven = 0
+
+    def publish(self, driver, receipts_index: dict[str, dict]) -> None:
+        with driver._lock:
+            entries = list(driver.proofs.entries)
+        by_receipt: dict[str, list[dict]] = {}
+        unproven = []
+        for e in entries:
+            if e["proof"] is None:
+                unproven.append(e)
+            else:
+                by_receipt.setdefault(proof_receipt(e["proof"]), []).append(e)
+        md = self.session["metadata"]
+        for name, es in by_receipt.items():
+            if name not in receipts_index or self._written.get(name) == len(es):
+                continue
+            texts = [json.dumps(e["proof"], sort_keys=True, separators=(",", ":")) for e in es]
+            try:
+                kube.api().patch_namespaced_custom_object_status(
+                    r.GROUP, r.VERSION, md["namespace"], "receipts", name, {"status": {"fraudProofs": texts}})
+            except Exception as e:  # noqa: BLE001 - retried on the next publish
+                log.warning("fraud proofs on receipt %s not written: %s %s", name, e, getattr(e, "body", "")[:600])
+                continue
+            for e in es[self._written.get(name, 0):]:
+                kube.event(self.session, "FraudProven",
+                           f"{e['node']} stage {e['stage']} position {e['position']}: signed fraud proof in "
+                           f"receipt {name} status.fraudProofs ({'holds' if e['holds'] else 'does not hold'})",
+                           type_="Warning")
+            self._written[name] = len(es)
+        for e in unproven[self._unproven:]:
+            kube.event(self.session, "FraudUnproven",
+                       f"{e['node']} stage {e['stage']} position {e['position']}: no proof: "
+                       + "; ".join(e["reasons"])[:900], type_="Warning")
+        self._unproven = len(unproven)
