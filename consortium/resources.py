@@ -45,9 +45,10 @@ MAX_STAGES = 16
 MAX_MESSAGES = 64
 MAX_WINDOW = 1024
 MAX_AUDITS = 1024
-# A proof holds two rows of the hidden width (about 11 bytes of JSON per element) and ~3 KiB more:
-# 256 KiB covers widths up to ~20000; the etcd object limit (1.5 MiB) bounds the list in practice.
-MAX_PROOF_BYTES = 262144
+# A proof holds two rows (about 11 bytes of JSON per element) and ~3 KiB more: 1 MiB covers a final
+# stage's logit row of up to ~90000 entries. The operator keeps a Receipt's proofs together under
+# this size too, since etcd refuses objects beyond 1.5 MiB.
+MAX_PROOF_BYTES = 1048576
 
 HEX64 = r"^[0-9a-f]{64}$"
 LAYERS_PATTERN = r"^[0-9]{1,4}-[0-9]{1,4}$"

@@ -51,7 +51,13 @@ class ProofPublisher:
         for name, es in by_receipt.items():
             if name not in receipts_index or self._written.get(name) == len(es):
                 continue
-            texts = [json.dumps(e["proof"], sort_keys=True, separators=(",", ":")) for e in es]
+            texts, kept = [], []
+            for e in es:
+                text = json.dumps(e["proof"], sort_keys=True, separators=(",", ":"))
+                # A Receipt's proofs stay within one proof's limit together, far from etcd's object limit.
+                if sum(map(len, texts)) + len(text) <= r.MAX_PROOF_BYTES:
+                    texts.append(text)
+                    kept.append(id(e))
             try:
                 kube.api().patch_namespaced_custom_object_status(
                     r.GROUP, r.VERSION, md["namespace"], "receipts", name, {"status": {"fraudProofs": texts}})
@@ -59,10 +65,14 @@ class ProofPublisher:
                 log.warning("fraud proofs on receipt %s not written: %s %s", name, e, getattr(e, "body", "")[:600])
                 continue
             for e in es[self._written.get(name, 0):]:
+                where = f"in receipt {name} status.fraudProofs"
+                if id(e) not in kept:
+                    where = f"too large for receipt {name}'s status, its JSON in the operator's log"
+                    log.warning("fraud proof too large for receipt %s's status; its JSON: %s", name,
+                                json.dumps(e["proof"], sort_keys=True, separators=(",", ":")))
                 kube.event(self.session, "FraudProven",
-                           f"{e['node']} stage {e['stage']} position {e['position']}: signed fraud proof in "
-                           f"receipt {name} status.fraudProofs ({'holds' if e['holds'] else 'does not hold'})",
-                           type_="Warning")
+                           f"{e['node']} stage {e['stage']} position {e['position']}: signed fraud proof {where} "
+                           f"({'holds' if e['holds'] else 'does not hold'})", type_="Warning")
             self._written[name] = len(es)
         for e in unproven[self._unproven:]:
             kube.event(self.session, "FraudUnproven",
