@@ -128,8 +128,10 @@ def _faulty_figures(r: dict) -> dict:
     honest_units = [a for a in r["audits"].get("units", []) if a["node"] != node]
     faulty_units = [a for a in r["audits"].get("units", []) if a["node"] == node]
     fo = [e for e in (r["failover"].get("events") or []) if e.get("from") == node]
-    # Each proof checked again from its JSON, as `consortium verify-proof` would.
-    checked = recheck(r.get("fraud_proofs") or [])
+    # Each proof checked again from its JSON, as `consortium verify-proof` would; a Fraud the driver
+    # could not prove has an entry without a proof.
+    entries = r.get("fraud_proofs") or []
+    checked = recheck([e for e in entries if e.get("proof")])
     out = {"node": node, "stage": f.get("stage"), "kind": f.get("kind"),
            "caught": bool(f.get("caught")), "quarantined": r.get("quarantined"),
            "quarantined_in_api": f.get("quarantined_in_api"),
@@ -140,7 +142,8 @@ def _faulty_figures(r: dict) -> dict:
            "failed_over_to": fo[0]["to"] if fo else None,
            "exact_match": r["exact_match"], "false_fraud": r["false_fraud"],
            "proofs": len(checked), "proofs_holding": sum(h for _, h, _ in checked),
-           "proofs_naming_honest_nodes": sum(e["node"] != node for e, _, _ in checked)}
+           "proofs_naming_honest_nodes": sum(e["node"] != node for e, _, _ in checked),
+           "frauds_unproven": len(entries) - len(checked)}
     out["ok"] = bool(out["caught"] and r.get("quarantined") == [node] and out["rollbacks"] and fo
                      and r["exact_match"] and r["false_fraud"] == 0 and out["honest_verdicts_all_pass"]
                      and out["quarantined_in_api"] is not False
