@@ -59,7 +59,8 @@ def criteria(r: dict) -> list[tuple[str, bool | None, str]]:
         out.append(("the faulty worker is caught and quarantined", bool(fr.get("caught")),
                     f"{fault_node} ({fr.get('kind')}) quarantined {fr.get('caught')}"
                     + (f", in the API {fr['quarantined_in_api']}" if "quarantined_in_api" in fr else "")
-                    + f", {len(fr.get('rollbacks') or [])} rollbacks"))
+                    + f", {len(fr.get('rollbacks') or [])} rollbacks, "
+                    f"{sum(bool(p.get('holds')) for p in r.get('fraud_proofs') or [])} fraud proofs holding"))
     for name, fig in (r.get("extensions") or {}).items():
         out.append((f"extension {name}", fig.get("ok"), _extension_figure(name, fig)))
     return out

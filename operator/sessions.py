@@ -163,7 +163,7 @@ class SessionRun:
                                n_layers=n_layers, endpoints=endpoints, state=state, policy=policy, grid=grid,
                                rpc_timeout_s=spec.failover.rpc_timeout_seconds, tls=AGENT_TLS,
                                registered_keys={n: v.public_key for n, v in views.items() if v.public_key},
-                               proof_key=PROOF_KEY and PROOF_KEY.private_key, proof_signer=PROOF_KEY and PROOF_KEY.node_id)
+                               proof_key=PROOF_KEY and PROOF_KEY.private_key, proof_signer="consortium-operator")
         policy.driver = driver
         writer = receipts.ReceiptWriter(self.body)
         publisher = audits.AuditPublisher(self.body)

@@ -1,5 +1,8 @@
-"""A fraud proof finds its Receipt by name: the one the receipt writer gives the same signed window."""
+"""A fraud proof finds its Receipt by name: the one the receipt writer gives the same signed window;
+and the operator refuses a proof key others can read."""
 import numpy as np
+
+from consortium_operator import main as operator_main
 
 from consortium.driver.proofs import FraudUnit, ProofBook
 from consortium.verification import canonical, receipts, signing
@@ -28,3 +31,14 @@ def test_a_proof_names_the_receipt_of_its_window():
     session = {"metadata": {"name": "sky-is-blue", "namespace": "default", "uid": "u"}}
     body = receipt_body(session, entry, signing.public_key_text(key))
     assert proof_receipt(e["proof"]) == body["metadata"]["name"]
+
+
+def test_the_operator_refuses_an_unsafe_proof_key(tmp_path, capsys):
+    from node_agent.identity import NodeIdentity
+
+    path = tmp_path / "proofs.pem"
+    NodeIdentity.load_or_create(path)
+    path.chmod(0o644)
+    assert operator_main.main(["--proof-key", str(path), "--plaintext"]) == 2
+    err = capsys.readouterr().err
+    assert "--proof-key" in err and "mode 0644" in err
