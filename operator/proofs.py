@@ -8,8 +8,10 @@ FraudProven Event on the session naming that Receipt, so a user can fetch the pr
     kubectl get receipt NAME -o jsonpath='{.status.fraudProofs[0]}' > proof.json
     consortium verify-proof proof.json
 
-A Fraud unit the driver could not prove (its reasons are in the operator's log) gets a FraudUnproven
-Event instead. A Receipt the writer has not created yet is tried again at the next publish.
+A Fraud unit the driver could not prove gets a FraudUnproven Event with the reasons instead. A
+Receipt the writer has not created yet is tried again at the next publish; a restarted operator adds
+to the proofs its predecessor wrote there. A Receipt's proofs stay within r.MAX_PROOF_BYTES together:
+one that does not fit goes to the operator's log, and its Event says so.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class ProofPublisher:
     def __init__(self, session: dict):
         self.session = session
         self._written: dict[str, int] = {}   # receipt name -> proofs written there
+        self._earlier: dict[str, list[str]] = {}   # receipt name -> proofs an earlier operator wrote there
         self._unproven = 0
 
     def publish(self, driver, receipts_index: dict[str, dict]) -> None:
@@ -51,11 +54,21 @@ class ProofPublisher:
         for name, es in by_receipt.items():
             if name not in receipts_index or self._written.get(name) == len(es):
                 continue
-            texts, kept = [], []
+            if name not in self._earlier:
+                # A restarted operator adds to what its predecessor wrote: the patch replaces the list.
+                try:
+                    got = kube.api().get_namespaced_custom_object(r.GROUP, r.VERSION, md["namespace"], "receipts", name)
+                except Exception as e:  # noqa: BLE001 - retried on the next publish
+                    log.warning("receipt %s not read: %s", name, e)
+                    continue
+                self._earlier[name] = list((got.get("status") or {}).get("fraudProofs") or [])
+            texts, kept = list(self._earlier[name]), []
             for e in es:
                 text = json.dumps(e["proof"], sort_keys=True, separators=(",", ":"))
+                if text in texts:
+                    kept.append(id(e))
                 # A Receipt's proofs stay within one proof's limit together, far from etcd's object limit.
-                if sum(map(len, texts)) + len(text) <= r.MAX_PROOF_BYTES:
+                elif sum(map(len, texts)) + len(text) <= r.MAX_PROOF_BYTES:
                     texts.append(text)
                     kept.append(id(e))
             try:
