@@ -189,10 +189,11 @@ def fraud_proofs_in_api(receipts: list[dict], audits: list[dict]) -> list[dict]:
         for text in (rc.get("status") or {}).get("fraudProofs") or []:
             try:
                 p = json.loads(text)
+                # The node as the Receipt names it (its ComputeNode), as the audits do.
                 e = {"session": p["session"], "stage": p["stage"], "position": p["position"],
-                     "node": p["statement"]["nodeId"], "verifier": p["verifierId"]}
+                     "node": rc["spec"]["node"], "verifier": p["verifierId"]}
             except (ValueError, KeyError, TypeError) as err:
-                out.append({"receipt": rc["metadata"]["name"], "holds": False, "proof": None,
+                out.append({"receipt": rc["metadata"]["name"], "node": rc["spec"]["node"], "holds": False, "proof": None,
                             "reasons": [f"unreadable proof: {err}"], "file": None})
                 continue
             e["auditor"] = next((a["verifier"] for a in audits if (a["stage"], a["position"], a["node"]) ==
