@@ -1,15 +1,16 @@
 """Fraud proofs from the driver's audits.
 
 An audit whose verdict is Fraud becomes a signed `FraudProof` (consortium.verification.proofs) as
-soon as the worker's signed window covering the position is in hand as a receipt. Windows close
-after their audits as often as before (a window of 16 positions closes at its 16th, or when a
+soon as the worker's signed window covering the position is in hand as a receipt. A window often
+closes after some of its units are audited (a window of 16 positions closes at its 16th, or when a
 failover or rollback cuts it), so a unit waits here until the receipt that covers it is flushed.
 
 The reveal is the worker's own output row, the one it sent downstream and the driver kept for the
 audit: its canonical form hashes to the commitment the worker signed, so it is the worker's by the
 hash and no Reveal signature is needed. When it does not hash (the worker signed one row and sent
 another), the driver has no signed word of the worker's about that row, and no proof is made: the
-response was already judged Fraud on its face when it arrived.
+response was already judged Fraud on its face when it arrived. (The agent's Reveal RPC would sign a
+reveal of the row it kept, which a cheater that sends one row and commits another need not give.)
 
 Who signs: the coordinator, the process that runs the driver (standalone: the test case; Kubernetes:
 the operator), with its own key. The recomputed row comes from the auditing node over the Audit RPC,
