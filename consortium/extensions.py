@@ -4,8 +4,9 @@
     batch          a long prompt (several paragraphs) through the pipeline: activation bytes per row
                    on every hop of the star, prefill and decode throughput
     faulty-worker  one agent cheats (default: stage 1's, skip-layer; --faulty-stage/--fault choose):
-                   it must be caught, quarantined, its work rolled back, its stage failed over, the
-                   tokens equal to the baseline, and no honest node accused
+                   it must be caught, proven (at least one signed fraud proof, every one holding
+                   and naming the cheater), quarantined, its work rolled back, its stage failed
+                   over, the tokens equal to the baseline, and no honest node accused
     grid-sweep     after the session, the honest and cheating stage outputs of calibration on the test
                    case's own model (the seed's prompt and one held-out calibration prompt), honest
                    pairs hashed at every grid size of `consortium calibrate`, cheaters judged with
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import sys
 import time
+
+from consortium.driver.proofs import recheck
 
 NAMES = ("audit-50", "batch", "faulty-worker", "grid-sweep")
 DEFAULT_FAULT = ("skip-layer", 1)     # (kind, stage): the Metal-role worker skips a layer
@@ -125,6 +128,10 @@ def _faulty_figures(r: dict) -> dict:
     honest_units = [a for a in r["audits"].get("units", []) if a["node"] != node]
     faulty_units = [a for a in r["audits"].get("units", []) if a["node"] == node]
     fo = [e for e in (r["failover"].get("events") or []) if e.get("from") == node]
+    # Each proof checked again from its JSON, as `consortium verify-proof` would; a Fraud the driver
+    # could not prove has an entry without a proof.
+    entries = r.get("fraud_proofs") or []
+    checked = recheck([e for e in entries if e.get("proof")])
     out = {"node": node, "stage": f.get("stage"), "kind": f.get("kind"),
            "caught": bool(f.get("caught")), "quarantined": r.get("quarantined"),
            "quarantined_in_api": f.get("quarantined_in_api"),
@@ -133,10 +140,15 @@ def _faulty_figures(r: dict) -> dict:
            "honest_verdicts_all_pass": all(a["verdict"] in ("Passed", "PassedWithinTolerance") for a in honest_units),
            "rollbacks": len(f.get("rollbacks") or []), "rewinds": r["distributed"].get("rewinds"),
            "failed_over_to": fo[0]["to"] if fo else None,
-           "exact_match": r["exact_match"], "false_fraud": r["false_fraud"]}
+           "exact_match": r["exact_match"], "false_fraud": r["false_fraud"],
+           "proofs": len(checked), "proofs_holding": sum(h for _, h, _ in checked),
+           "proofs_naming_honest_nodes": sum(e["node"] != node for e, _, _ in checked),
+           "frauds_unproven": len(entries) - len(checked)}
     out["ok"] = bool(out["caught"] and r.get("quarantined") == [node] and out["rollbacks"] and fo
                      and r["exact_match"] and r["false_fraud"] == 0 and out["honest_verdicts_all_pass"]
-                     and out["quarantined_in_api"] is not False)
+                     and out["quarantined_in_api"] is not False
+                     and out["proofs"] > 0 and out["proofs_holding"] == out["proofs"]
+                     and out["proofs_naming_honest_nodes"] == 0)
     return out
 
 

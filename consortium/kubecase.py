@@ -1,7 +1,8 @@
 """Test Case v1 through Kubernetes: the local control plane (when no cluster is configured), the CRDs
 and the chart's RBAC, the operator and three agents as processes with their ServiceAccounts' tokens,
 the sky-is-blue session, a SIGKILL of stage 1's agent at token 20, and the report of the standalone
-run plus receipts_in_api (how many Receipt objects the API server holds for the session).
+run plus receipts_in_api (how many Receipt objects the API server holds for the session) and the
+fraud proofs read back from those Receipts' status.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from consortium import standalone, testbed, testreport
+from consortium.driver.proofs import proof_file_name, recheck, write_proof_files
 
 SESSION = "sky-is-blue"
 NAMESPACE = "default"
@@ -168,6 +170,7 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
                                 - sum(r["to_position"] == 0 for r in drv.get("rollbacks", []))),
         "positions_computed_more_than_once": sum(1 for v in per_pos.values() if v > 1),
         "receipts_in_api": len(receipts),
+        "fraud_proofs": fraud_proofs_in_api(receipts, audits),
         "receipt_verdicts": {v: verdicts.count(v) for v in sorted(set(map(str, verdicts)))},
         "metrics": st.get("metrics"),
         "rpc": (st.get("report") or {}).get("rpc"),
@@ -177,6 +180,28 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
                              and not any(a["verdict"] == "Mismatch" for a in honest_audits) and len(receipts) > 0
                              and (not faulty_node or report["fault"]["caught"]))
     return report
+
+
+def fraud_proofs_in_api(receipts: list[dict], audits: list[dict]) -> list[dict]:
+    """The proofs the operator put in the Receipts' status.fraudProofs, each checked again here."""
+    out = []
+    for rc in receipts:
+        for text in (rc.get("status") or {}).get("fraudProofs") or []:
+            try:
+                p = json.loads(text)
+                # The node as the Receipt names it (its ComputeNode), as the audits do.
+                e = {"session": p["session"], "stage": p["stage"], "position": p["position"],
+                     "node": rc["spec"]["node"], "verifier": p["verifierId"]}
+            except (ValueError, KeyError, TypeError) as err:
+                out.append({"receipt": rc["metadata"]["name"], "node": rc["spec"]["node"], "holds": False, "proof": None,
+                            "reasons": [f"unreadable proof: {err}"], "file": None})
+                continue
+            e["auditor"] = next((a["verifier"] for a in audits if (a["stage"], a["position"], a["node"]) ==
+                                 (e["stage"], e["position"], e["node"]) and a["verdict"] == "Fraud"), None)
+            [(_, holds, why)] = recheck([{**e, "proof": p}])
+            out.append({**e, "receipt": rc["metadata"]["name"], "holds": holds, "reasons": why,
+                        "file": proof_file_name(e), "proof": p})
+    return sorted(out, key=lambda e: (e.get("stage", -1), e.get("position", -1)))
 
 
 def _first_placement(sas: dict, failovers: list[dict]) -> dict[str, str]:
@@ -194,6 +219,7 @@ def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_proof_files(report.get("fraud_proofs") or [], out / "proofs")
         a = report["audits"]
         lines = ["# Test Case v1, through Kubernetes", "", *testreport.markdown(report), "## Details", "",
                  f"- placement {report['placement_at_start']} at the start, {report['placement']} at the end; "
@@ -208,6 +234,9 @@ def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
                  f"- failover: {json.dumps({k: v for k, v in report['failover'].items() if k != 'events'})}",
                  f"- session_restarts {report['session_restarts']}; receipts_in_api {report['receipts_in_api']} "
                  f"{report['receipt_verdicts']}",
+                 f"- fraud proofs: {sum(p['holds'] for p in report['fraud_proofs'])} holding of "
+                 f"{len(report['fraud_proofs'])}, from the Receipts' status.fraudProofs, files in proofs/ "
+                 "(check one: consortium verify-proof FILE)",
                  f"- success: **{report['success']}**", ""]
         steps = [{"wall_ms": ms, "failover": fo} for _, _, ms, fo in report["distributed"].get("steps") or []]
         if steps:

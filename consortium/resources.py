@@ -45,6 +45,10 @@ MAX_STAGES = 16
 MAX_MESSAGES = 64
 MAX_WINDOW = 1024
 MAX_AUDITS = 1024
+# A proof holds two rows (about 11 bytes of JSON per element) and ~3 KiB more: 1 MiB covers a final
+# stage's logit row of up to ~90000 entries. The operator keeps a Receipt's proofs together under
+# this size too, since etcd refuses objects beyond 1.5 MiB.
+MAX_PROOF_BYTES = 1048576
 
 HEX64 = r"^[0-9a-f]{64}$"
 LAYERS_PATTERN = r"^[0-9]{1,4}-[0-9]{1,4}$"
@@ -374,6 +378,10 @@ class ReceiptStatus(_Model):
     verifier: str | None = Field(default=None, max_length=253)
     audits: list[AuditResult] | None = Field(default=None, max_length=MAX_AUDITS)
     message: str | None = Field(default=None, max_length=4096)
+    fraud_proofs: list[Annotated[str, Field(max_length=MAX_PROOF_BYTES)]] | None = Field(
+        default=None, max_length=MAX_WINDOW, description=(
+            "Signed FraudProofs of this window's Fraud units, each the JSON text that "
+            "`consortium verify-proof FILE` checks."))
 
 
 # ---------------------------------------------------------------------------------------------

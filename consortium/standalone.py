@@ -150,6 +150,7 @@ def run(opts: Options) -> dict:
     from node_agent.engine.pipeline import LocalPipeline
     from node_agent.engine.slicing import read_model_info, sha256_file
     from node_agent.engine.stage import StageConfig
+    from node_agent.identity import NodeIdentity
 
     model = resolve_model(opts.model or ("gemma3-270m" if opts.heterogeneous else None))
     info = read_model_info(model)
@@ -167,6 +168,8 @@ def run(opts: Options) -> dict:
 
     workdir = Path(tempfile.mkdtemp(prefix="consortium-testcase-"))
     agents = Agents(workdir, opts, faulty_node)
+    # The coordinator's own key signs the fraud proofs (consortium.driver.proofs says what they claim).
+    coordinator = NodeIdentity.load_or_create(workdir / "keys" / "coordinator.pem", "coordinator")
     driver = None
     try:
         state = SessionState(session="sky-is-blue", prompt_tokens=prompt_ids, nodes=list(PLACEMENT),
@@ -174,7 +177,8 @@ def run(opts: Options) -> dict:
         driver = SessionDriver(session=state.session, model_path=str(model), split=split, n_layers=info.n_layers,
                                model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
                                rpc_timeout_s=opts.rpc_timeout_s, tls=agents.driver_tls,
-                               registered_keys=agents.public_keys, defer_commitments=opts.defer_commitments)
+                               registered_keys=agents.public_keys, defer_commitments=opts.defer_commitments,
+                               proof_key=coordinator.private_key, proof_signer=coordinator.node_id)
         health = {n: driver.clients[n].call("Health", pb.HealthRequest())
                   for n in NODES}
         driver.start()
@@ -306,6 +310,8 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         "false_fraud": false_fraud,
         "node_records": {r.node_id: dataclasses.asdict(r) for r in records},
         "quarantined": list(st.quarantined),
+        "fraud_proofs": driver.proofs.report(),
+        "coordinator_public_key": driver.proofs.public_key_text,
         "fault": {"node": faulty_node, "stage": opts.faulty_stage, "kind": opts.fault, "caught": fault_caught,
                   "rollbacks": st.rollbacks} if faulty_node else None,
         "failover": failover,
@@ -357,9 +363,11 @@ def plot_latency(steps: list[dict], path: Path, outcome: str | None = None) -> N
 def write_report_dir(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from consortium import testreport
+    from consortium.driver.proofs import write_proof_files
 
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_latency(report["distributed"]["steps"], out / "latency.png", testreport.outcome(report))
+    write_proof_files(report.get("fraud_proofs") or [], out / "proofs")
     r = report
     a = r["audits"]
     lines = [
@@ -378,6 +386,8 @@ def write_report_dir(report: dict, out: Path) -> None:
         f"- failover: {json.dumps({k: v for k, v in r['failover'].items() if k != 'events'})}",
         f"- session_restarts (from agent counters): {r['session_restarts']}",
         f"- receipts: {r['receipts']}",
+        f"- fraud proofs: {len([p for p in r.get('fraud_proofs') or [] if p['holds']])} holding of "
+        f"{len(r.get('fraud_proofs') or [])}, files in proofs/ (check one: consortium verify-proof FILE)",
         f"- success: **{r['success']}**", "", "| RPC | count | p50 ms | p95 ms | bytes |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {v['count']} | {v['p50_ms']} | {v['p95_ms']} | {v['bytes']} |" for m, v in r["rpc"].items()]
     if r.get("fault"):

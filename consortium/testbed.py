@@ -104,7 +104,8 @@ class Testbed:
         log = open(self.workdir / f"operator-{self._operator_runs}.log", "wb")
         self.operator = subprocess.Popen(
             [sys.executable, "-m", "consortium_operator.main", "--kubeconfig", self.operator_kubeconfig,
-             "--agent-namespace", NS, *self._tls_args(tls.DRIVER_NAME)], stdout=log, stderr=subprocess.STDOUT, env=self._env())
+             "--agent-namespace", NS, "--proof-key", str(self.workdir / "keys" / "operator-proofs.pem"),
+             *self._tls_args(tls.DRIVER_NAME)], stdout=log, stderr=subprocess.STDOUT, env=self._env())
         return self.operator
 
     def operator_log(self) -> str:

@@ -59,7 +59,8 @@ def criteria(r: dict) -> list[tuple[str, bool | None, str]]:
         out.append(("the faulty worker is caught and quarantined", bool(fr.get("caught")),
                     f"{fault_node} ({fr.get('kind')}) quarantined {fr.get('caught')}"
                     + (f", in the API {fr['quarantined_in_api']}" if "quarantined_in_api" in fr else "")
-                    + f", {len(fr.get('rollbacks') or [])} rollbacks"))
+                    + f", {len(fr.get('rollbacks') or [])} rollbacks, "
+                    f"{sum(bool(p.get('holds')) for p in r.get('fraud_proofs') or [])} fraud proofs holding"))
     for name, fig in (r.get("extensions") or {}).items():
         out.append((f"extension {name}", fig.get("ok"), _extension_figure(name, fig)))
     return out
@@ -122,7 +123,8 @@ def _extension_figure(name: str, fig: dict) -> str:
                 f"bytes per row per hop: {hops}")
     if name == "faulty-worker":
         return (f"{fig['node']} at stage {fig['stage']} ({fig['kind']}): caught {fig['caught']}, verdicts "
-                f"{fig['faulty_verdicts']}, {fig['rollbacks']} rollbacks, stage failed over "
+                f"{fig['faulty_verdicts']}, proven by {fig.get('proofs_holding')} of {fig.get('proofs')} fraud proofs, "
+                f"{fig['rollbacks']} rollbacks, stage failed over "
                 f"to {fig['failed_over_to']}, tokens identical {fig['exact_match']}, false_fraud {fig['false_fraud']}")
     if name == "grid-sweep":
         g = fig["at_session_grid"]

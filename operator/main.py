@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the agents' Leases live (the chart's release namespace)")
     p.add_argument("--log-level", default=os.environ.get("CONSORTIUM_LOG_LEVEL", "info"))
     p.add_argument("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--proof-key", default=os.environ.get("CONSORTIUM_PROOF_KEY"),
+                   help="Ed25519 key file (PKCS#8 PEM, mode 0600; created if absent) with which the operator "
+                        "signs fraud proofs as the coordinator (default: CONSORTIUM_PROOF_KEY, else a new key "
+                        "per session, named in each proof)")
     tls.add_arguments(p, "driver")
     return p
 
@@ -36,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     except tls.TLSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    proof_key = None
+    if args.proof_key:
+        from node_agent.identity import NodeIdentity, UnsafeKeyFile
+
+        try:
+            proof_key = NodeIdentity.load_or_create(args.proof_key, "consortium-operator")
+        except (UnsafeKeyFile, ValueError, OSError) as e:
+            print(f"error: --proof-key: {e}", file=sys.stderr)
+            return 2
     if args.kubeconfig:
         # kopf's login and the kubernetes client both read it from here.
         os.environ["KUBECONFIG"] = args.kubeconfig
@@ -47,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kube.load_config(args.kubeconfig)
     sessions.AGENT_TLS = creds
+    sessions.PROOF_KEY = proof_key
 
     @kopf.on.startup()
     def configure(settings: kopf.OperatorSettings, **_):

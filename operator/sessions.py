@@ -32,13 +32,14 @@ from consortium.sampling import SamplingParams
 from consortium.verification import canonical
 from consortium.verification.canonical import CanonicalGrid
 from consortium.wire import pb
-from consortium_operator import audits, failover, placement, receipts
+from consortium_operator import audits, failover, placement, proofs, receipts
 from node_agent.engine.slicing import read_model_info, sha256_file
 
 log = logging.getLogger("consortium.operator.sessions")
 
 PLACEMENT_RETRY_S = 3.0
 AGENT_TLS = None   # the operator's client credentials for the agents (consortium.tls); None: --plaintext
+PROOF_KEY = None   # the operator's identity that signs fraud proofs (--proof-key); None: one key per session
 
 
 class Interrupted(Exception):
@@ -161,10 +162,12 @@ class SessionRun:
                                split=[LayerRange(s.layer_range.start, s.layer_range.end) for s in spec.stages],
                                n_layers=n_layers, endpoints=endpoints, state=state, policy=policy, grid=grid,
                                rpc_timeout_s=spec.failover.rpc_timeout_seconds, tls=AGENT_TLS,
-                               registered_keys={n: v.public_key for n, v in views.items() if v.public_key})
+                               registered_keys={n: v.public_key for n, v in views.items() if v.public_key},
+                               proof_key=PROOF_KEY and PROOF_KEY.private_key, proof_signer="consortium-operator")
         policy.driver = driver
         writer = receipts.ReceiptWriter(self.body)
         publisher = audits.AuditPublisher(self.body)
+        proof_publisher = proofs.ProofPublisher(self.body)
         leases = failover.LeaseWatch(agent_namespace())
         seen_failovers = len(state.failovers)
         try:
@@ -185,6 +188,7 @@ class SessionRun:
                     seen_failovers = len(state.failovers)
                 writer.publish(driver)
                 publisher.publish(driver, writer.index, final=final)
+                proof_publisher.publish(driver, writer.index)
 
             def on_token(tokens: list[int]) -> None:
                 with driver._lock:

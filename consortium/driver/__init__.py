@@ -6,4 +6,5 @@ state    the session's progress as a plain serializable object (tokens, per-stag
 policy   the seam: which node takes over a stage and which node verifies (local policy here; the
          operator fills it from Kubernetes)
 session  the driver itself: the stage hops of each token step, failover, audits, receipts, rollback
+proofs   signed fraud proofs of the audits' Fraud verdicts, each once its worker's window is a receipt
 """

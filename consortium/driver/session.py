@@ -16,6 +16,8 @@ before returned. The token loop itself stays in consortium.generation.generate; 
   batch shapes of the original run; the step then continues at the same position;
 - audits: about audit_probability of the units (stage, position) are recomputed by another node in
   a background thread; verdicts come from consortium.verification.verdicts;
+- fraud proofs: each Fraud verdict becomes a signed FraudProof once its worker's window is a receipt
+  (consortium.driver.proofs; `proof_key` is the coordinator's key that signs them);
 - rollback: on Fraud or quarantine, every stage the node served fails over, all stages truncate to
   the first position it computed since its last passed audit, and generate() resamples from there.
 """
@@ -36,6 +38,7 @@ import numpy as np
 from consortium import wire
 from consortium.driver.client import NodeClient, RpcLog
 from consortium.driver.policy import Policy
+from consortium.driver.proofs import FraudUnit, ProofBook
 from consortium.driver.state import SessionState
 from consortium.layers import LayerRange
 from consortium.verification import canonical, judgement, receipts, signing, verdicts
@@ -95,7 +98,8 @@ class SessionDriver:
                  endpoints: dict[str, str], state: SessionState, policy: Policy, model_sha256: str = "",
                  grid: CanonicalGrid = CanonicalGrid(), tolerance: verdicts.Tolerance | None = None,
                  rpc_timeout_s: float = 30.0, load_timeout_s: float = 120.0, honest_alpha: float = judgement.DEFAULT_ALPHA,
-                 tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True):
+                 tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True,
+                 proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None):
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
         self.split, self.n_layers = list(split), n_layers
         self.n_stages = len(self.split)
@@ -127,6 +131,7 @@ class SessionDriver:
         self._checker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checker")
         self._last_check: futures.Future | None = None
         self.receipts: list[dict] = []
+        self.proofs = ProofBook(session, grid, proof_key, proof_signer)
         self.records: dict[str, judgement.NodeRecord] = {}
         self.steps: list[StepRecord] = []
         self._last_ms = [0.0] * self.n_stages
@@ -343,6 +348,14 @@ class SessionDriver:
         self.receipts.append({"stage": s, "node": o["node"], "epoch": o["epoch"], "start": o["start"],
                               "count": r.statement.count, "verified": ok, "reasons": why, "bytes": len(r.dumps()),
                               "receipt": r.to_json()})
+        self.proofs.offer(self.receipts[-1], self.public_keys, self._input_digests)
+
+    def _input_digests(self, s: int, positions: Sequence[int]) -> list[bytes] | None:
+        """What the driver fed stage s at these positions, digested as the agent signs it."""
+        xs = [self._inputs[s].get(p) for p in positions]
+        if any(x is None for x in xs):
+            return None
+        return [receipts.token_input_digest(x) if s == 0 else receipts.hidden_input_digest(x) for x in xs]
 
     # -- failover --------------------------------------------------------------------------------
 
@@ -527,6 +540,10 @@ class SessionDriver:
                 key = f"{s}/{u.node}"
                 if res.verdict in (verdicts.Verdict.PASSED, verdicts.Verdict.PASSED_WITHIN_TOLERANCE):
                     self.state.last_passed[key] = max(self.state.last_passed.get(key, -1), u.position)
+                if res.verdict == verdicts.Verdict.FRAUD:
+                    self.proofs.add(FraudUnit(s, u.position, u.node, u.epoch, u.commitment, u.worker_row, row,
+                                              self.stage_tolerances[s], verifier),
+                                    self.receipts, self.public_keys, self._input_digests)
                 verdict_node = judgement.judge_node(rec, self.honest_rate, self.alpha)
                 if res.verdict == verdicts.Verdict.FRAUD or verdict_node.quarantine:
                     self._fraud(u.node, f"stage {s} position {u.position}: {res.verdict.value}; {verdict_node.reason}")

@@ -47,6 +47,10 @@ def test_faulty_worker_caught_and_rolled_back(fault):
     assert r["false_fraud"] == 0
     honest = [a for a in r["audits"]["units"] if a["node"] != "N2"]
     assert all(a["verdict"] in ("Passed", "PassedWithinTolerance") for a in honest)
+    # Every Fraud verdict is proven, against the cheater only (a quarantine on Mismatches alone has none).
+    frauds = {a["position"] for a in r["audits"]["units"] if a["verdict"] == "Fraud"}
+    assert {p["position"] for p in r["fraud_proofs"]} == frauds
+    assert all(p["holds"] and p["node"] == "N2" for p in r["fraud_proofs"]), r["fraud_proofs"]
     assert r["success"]
 
 

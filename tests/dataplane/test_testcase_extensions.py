@@ -1,5 +1,6 @@
 """The seed's extension tests through `consortium testcase --standalone`: audits at 50%, a long
-prompt with the activation bytes of every hop, and the grid sweep, in one small session."""
+prompt with the activation bytes of every hop, and the grid sweep, in one small session; and the
+faulty worker in a session of its own, with its fraud proofs."""
 import json
 
 import pytest
@@ -67,6 +68,26 @@ def test_grid_sweep(run):
     d = g["at_session_grid"]
     assert d["fraud"] == 0 and d["false_fraud"] == 0 and d["honest_comparisons"] > 0
     assert d["cheater_detection_rate"]["random"] == 1.0
+
+
+@pytest.mark.slow
+def test_faulty_worker_is_proven(tmp_path, capsys):
+    # Stage 1's agent skips a layer: caught, and proven by signed fraud proofs that
+    # `consortium verify-proof` accepts, every one naming the cheater.
+    rc = cli.main(["testcase", "--standalone", "--max-tokens", "16", "--extension", "faulty-worker",
+                   "--report", str(tmp_path)])
+    r = json.loads((tmp_path / "report.json").read_text())
+    f = r["extensions"]["faulty-worker"]
+    assert rc == 0 and f["ok"] and f["caught"] and r["quarantined"] == ["N2"]
+    assert f["proofs"] >= 1 and f["proofs_holding"] == f["proofs"] and f["proofs_naming_honest_nodes"] == 0
+    files = sorted((tmp_path / "proofs").iterdir())
+    assert [p.name for p in files] == sorted(p["file"] for p in r["fraud_proofs"])
+    for p in r["fraud_proofs"]:
+        assert (p["session"], p["stage"], p["node"], p["holds"]) == ("sky-is-blue", 1, "N2", True)
+    capsys.readouterr()
+    for path in files:
+        assert cli.main(["verify-proof", str(path)]) == 0
+        assert capsys.readouterr().out.startswith("HOLDS")
 
 
 def test_bad_extension_is_refused(capsys):

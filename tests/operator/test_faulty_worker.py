@@ -1,6 +1,7 @@
 """`consortium testcase --extension faulty-worker` through Kubernetes: stage 1's agent runs with
---fault skip-layer; the operator must quarantine it in the API, roll its work back, fail its stage
-over, and finish with the baseline's tokens and no honest node accused.
+--fault skip-layer; the operator must prove its fraud (signed proofs on the Receipts), quarantine it
+in the API, roll its work back, fail its stage over, and finish with the baseline's tokens and no
+honest node accused.
 
 On a control plane of its own: the session-wide one may hold the operator tests' agents, which
 carry the same node names."""
@@ -32,6 +33,12 @@ def test_faulty_worker_is_quarantined_in_the_api(own_cluster):
     assert r["fault"]["node"] == "n2" and f["caught"] and f["quarantined_in_api"]
     assert r["quarantined"] == ["n2"] and r["quarantined_in_api"] == ["n2"]
     assert f["rollbacks"] >= 1 and f["failed_over_to"] == "n0"
-    assert {"NodeQuarantined", "AuditFailed", "StageReassigned"} <= set(r["events"])
+    assert {"NodeQuarantined", "AuditFailed", "StageReassigned", "FraudProven"} <= set(r["events"])
+    # Proven: signed proofs read back from the Receipts' status, each holding, none naming an honest node.
+    proofs = r["fraud_proofs"]
+    assert proofs and f["proofs"] == len(proofs) == f["proofs_holding"] and f["proofs_naming_honest_nodes"] == 0
+    assert all(p["holds"] and p["node"] == "n2" and p["verifier"] == "consortium-operator" for p in proofs), proofs
+    frauds = {a["position"] for a in r["audits"]["units"] if a["verdict"] == "Fraud"}
+    assert {p["position"] for p in proofs} == frauds
     assert r["phase"] == "Completed" and r["exact_match"] and r["false_fraud"] == 0
     assert f["honest_verdicts_all_pass"] and f["ok"] and r["success"]
