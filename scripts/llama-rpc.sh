@@ -8,15 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE="${CONSORTIUM_CACHE:-$HOME/.cache/consortium}"
-PYTHON="${PYTHON:-python3}"
-LLAMA_CPP_PYTHON_VERSION=0.3.36
-
+source scripts/build-env.sh
 log() { printf '[llama-rpc] %s\n' "$*" >&2; }
 
-# Built with GGML_NATIVE like the wheel, so keyed by the CPU's vector features too (see setup.sh).
-cpu_key=$(grep -m1 -oE '\b(avx512[a-z_0-9]*|avx2|avx|fma|f16c|neon|asimd[a-z]*)\b' /proc/cpuinfo 2>/dev/null \
-          | sort -u | tr -d '\n' | sha256sum | cut -c1-12 || echo unknown)
 bin="$CACHE/llama-rpc/$LLAMA_CPP_PYTHON_VERSION-$cpu_key/bin"
 
 if [ ! -x "$bin/ggml-rpc-server" ] || [ ! -x "$bin/llama-bench" ]; then

@@ -7,16 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE="${CONSORTIUM_CACHE:-$HOME/.cache/consortium}"
-PYTHON="${PYTHON:-python3}"
-LLAMA_CPP_PYTHON_VERSION=0.3.36
-
+source scripts/build-env.sh
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# The wheel compiles llama.cpp for this CPU (GGML_NATIVE), so the key includes the CPU's vector
-# features: a cache carried to a different CPU is rebuilt instead of crashing with SIGILL.
-cpu_key=$(grep -m1 -oE '\b(avx512[a-z_0-9]*|avx2|avx|fma|f16c|neon|asimd[a-z]*)\b' /proc/cpuinfo 2>/dev/null \
-          | sort -u | tr -d '\n' | sha256sum | cut -c1-12 || echo unknown)
 py_key=$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 wheel_dir="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$py_key-$cpu_key"
 
