@@ -47,6 +47,10 @@ class Registrar:
         self.service, self.name, self.endpoint = service, name, endpoint
         self.labels, self.namespace = dict(labels), namespace
         self.lease_seconds, self.renew_seconds = lease_seconds, renew_seconds
+        # Each periodic request gives up after this long: one sent just before a partition would
+        # otherwise wait for TCP to retransmit it after the heal (15-20 s seen), and the agent would
+        # fence its stale stages that much later.
+        self.request_timeout_s = max(2.0, 2 * renew_seconds)
         self._stop = threading.Event()
         self._sessions_seen: set[str] = set()   # sessions that had StageAssignments in the API
         self._thread = threading.Thread(target=self._loop, name="registrar", daemon=True)
@@ -95,20 +99,21 @@ class Registrar:
         spec = {"holderIdentity": self.name, "leaseDurationSeconds": self.lease_seconds,
                 "renewTime": kube.micro_time()}
         try:
-            co.patch_namespaced_lease(name, self.namespace, {"spec": spec})
+            co.patch_namespaced_lease(name, self.namespace, {"spec": spec}, _request_timeout=self.request_timeout_s)
         except ApiException as e:
             if e.status != 404:
                 raise
             co.create_namespaced_lease(self.namespace, {
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": name, "namespace": self.namespace, "labels": {"app.kubernetes.io/component": "agent"}},
-                "spec": {**spec, "acquireTime": kube.micro_time()}})
+                "spec": {**spec, "acquireTime": kube.micro_time()}}, _request_timeout=self.request_timeout_s)
 
     # -- StageAssignments -----------------------------------------------------------------------
 
     def reconcile_assignments(self) -> None:
         api = kube.api()
-        items = api.list_cluster_custom_object(r.GROUP, r.VERSION, "stageassignments").get("items", [])
+        items = api.list_cluster_custom_object(r.GROUP, r.VERSION, "stageassignments",
+                                               _request_timeout=self.request_timeout_s).get("items", [])
         self._release_ended({(sa.get("spec") or {}).get("session") for sa in items})
         held = self.service.held()  # (session, stage) -> epoch
         for sa in items:
