@@ -351,16 +351,18 @@ def stale_write_refused(ch, session: str, stage: int, old_epoch: int, timeout_s:
 
     stub = wire.pb_grpc.NodeAgentStub(ch)
     ref = pb.StageRef(session=session, stage=stage, epoch=old_epoch)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            try:
-                # A Truncate at the session's end changes nothing; what matters is whether it is refused.
-                stub.Truncate(pb.TruncateRequest(ref=ref, position=10**6), timeout=5)
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "stale epoch" in (e.details() or ""):
-                    return True
-            time.sleep(0.5)  # polling the agent until its registrar has read the StageAssignment
+
+    def refused() -> bool:
+        try:
+            # A Truncate at the session's end changes nothing; what matters is whether it is refused.
+            stub.Truncate(pb.TruncateRequest(ref=ref, position=10**6), timeout=5)
+        except grpc.RpcError as e:
+            return e.code() == grpc.StatusCode.FAILED_PRECONDITION and "stale epoch" in (e.details() or "")
+        return False
+
+    try:   # polled until the agent's registrar has read the StageAssignment
+        return testbed.wait_until(refused, timeout_s, "the stale epoch refused", every=0.5)
+    except TimeoutError:
         return False
     finally:
         ch.close()

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import grpc
 
 from consortium import resources as r
-from consortium import tls, wire
+from consortium import kube, tls, wire
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "consortium-system"
@@ -177,7 +177,7 @@ class Testbed:
         cn = self.get("computenode", node)
         conds = [c for c in (cn.get("status") or {}).get("conditions", []) if c["type"] != "Quarantined"]
         conds.append({"type": "Quarantined", "status": "True" if value else "False", "reason": "Test",
-                      "message": "set by the test", "lastTransitionTime": "2025-01-01T00:00:00Z"})
+                      "message": "set by the test", "lastTransitionTime": kube.timestamp()})
         self.cluster.kubectl("patch", "computenode", node, "--subresource=status", "--type", "merge",
                              "-p", json.dumps({"status": {"conditions": conds}}))
 

@@ -141,11 +141,7 @@ def recover_open_windows(driver, written: dict[str, dict]) -> int:
             p = max(p + 1, stmt.window_start + stmt.count)
             if stmt.epoch != st.epochs[s] or stmt.session != driver.session or stmt.stage != s:
                 continue
-            rc = vr.Receipt(stmt, tuple(commitments), signed.signature)
-            ok, why = vr.verify_receipt(rc, driver.public_keys.get(node, ""))
             with driver._lock:
-                driver.receipts.append({"stage": s, "node": node, "epoch": stmt.epoch, "start": stmt.window_start,
-                                        "count": stmt.count, "verified": ok, "reasons": why,
-                                        "bytes": len(rc.dumps()), "receipt": rc.to_json()})
+                driver.record_receipt(s, node, stmt.epoch, vr.Receipt(stmt, tuple(commitments), signed.signature))
             queued += 1
     return queued

@@ -343,9 +343,14 @@ class SessionDriver:
         self._open[s] = None
         if o is None:
             return
-        r = receipts.Receipt(o["signed"].statement, o["commitments"], o["signed"].signature)
-        ok, why = receipts.verify_receipt(r, self.public_keys.get(o["node"], ""))
-        self.receipts.append({"stage": s, "node": o["node"], "epoch": o["epoch"], "start": o["start"],
+        self.record_receipt(s, o["node"], o["epoch"],
+                            receipts.Receipt(o["signed"].statement, o["commitments"], o["signed"].signature))
+
+    def record_receipt(self, s: int, node: str, epoch: int, r: receipts.Receipt) -> None:
+        """A window of stage s signed by `node` becomes a receipt entry (verified under the node's
+        key) and is offered to the fraud-proof book. Called with self._lock held."""
+        ok, why = receipts.verify_receipt(r, self.public_keys.get(node, ""))
+        self.receipts.append({"stage": s, "node": node, "epoch": epoch, "start": r.statement.window_start,
                               "count": r.statement.count, "verified": ok, "reasons": why, "bytes": len(r.dumps()),
                               "receipt": r.to_json()})
         self.proofs.offer(self.receipts[-1], self.public_keys, self._input_digests)
