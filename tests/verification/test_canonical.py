@@ -133,9 +133,10 @@ def test_random_rows_agree_with_reference():
         assert seed_got == seed_want
 
 
-@pytest.mark.parametrize("g", [1, 3, 64, 100, 1000, 4095, 8191, 8192])
-def test_float32_arithmetic_is_exact_for_every_float16_value(g):
-    # canonical_rows scales float16 values in float32 for speed; it must equal the float64 result.
+@pytest.mark.parametrize("g", [1, 3, 64, 100, 1000, 4095, 8191, 8192, 8193, 2**20])
+def test_index_table_is_exact_for_every_float16_value(g):
+    # canonical_rows looks float16 values up in a table made with float32 arithmetic (float64 above
+    # a grid of 2**13); every entry must equal the float64 result.
     every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     every = every[np.isfinite(every)].astype(np.float32)[None, :]
     gr = CanonicalGrid(grid=g, clamp=100.0)
