@@ -43,6 +43,7 @@ class Options:
     hang: bool = False   # SIGSTOP instead of SIGKILL: the agent keeps its socket and never answers
     plaintext: bool = False  # gRPC without TLS; by default a CA made for the run issues mutual-TLS certificates
     defer_commitments: bool = True   # agents commit and sign after answering (False: before, in the response)
+    audit_replay_rows: int = 1   # rows per batch when audits replay decode steps (driver.session.replay_batches)
 
 
 class Agents:
@@ -178,7 +179,8 @@ def run(opts: Options) -> dict:
                                model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
                                rpc_timeout_s=opts.rpc_timeout_s, tls=agents.driver_tls,
                                registered_keys=agents.public_keys, defer_commitments=opts.defer_commitments,
-                               proof_key=coordinator.private_key, proof_signer=coordinator.node_id)
+                               proof_key=coordinator.private_key, proof_signer=coordinator.node_id,
+                               audit_replay_rows=opts.audit_replay_rows)
         health = {n: driver.clients[n].call("Health", pb.HealthRequest())
                   for n in NODES}
         driver.start()
@@ -268,7 +270,6 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
                     "shown": h.backend if h.backend == ROLES[n] else f"{h.backend} (labeled {ROLES[n]})",
                     "labels": dict(h.labels), "fault": h.fault or None,
                     "repack": not (opts.heterogeneous and ROLES[n] == "metal")}
-    gen_ms = sum(sum(s.stage_ms) for s in steps)
     exact = base.tokens == dist.tokens
     fault_caught = None
     if faulty_node:
@@ -302,9 +303,10 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         "top2_margin_at_divergence": round(margins[diverge], 5) if diverge is not None and diverge < len(margins) else None,
         "audits": {"total": len(audits), "passed": count["Passed"], "passed_within_tolerance": count["PassedWithinTolerance"],
                    "mismatch": count["Mismatch"], "fraud": count["Fraud"], "probability": opts.audit_probability,
-                   "seed": opts.audit_seed, "audit_compute_ms": round(driver.audit_cpu_ms, 3),
-                   "generation_compute_ms": round(gen_ms, 3),
-                   "audit_over_generation": round(driver.audit_cpu_ms / gen_ms, 4) if gen_ms else None,
+                   "seed": opts.audit_seed, "audit_cpu_ms": round(driver.audit_cpu_ms, 3),
+                   "generation_cpu_ms": round(driver.forward_cpu_ms, 3),
+                   "audit_over_generation": (round(driver.audit_cpu_ms / driver.forward_cpu_ms, 4)
+                                             if driver.forward_cpu_ms else None),
                    "units": audits},
         "hash_equal_rate": round(sum(a["hash_equal"] for a in audits) / len(audits), 4) if audits else None,
         "false_fraud": false_fraud,
@@ -382,7 +384,7 @@ def write_report_dir(report: dict, out: Path) -> None:
         f"(ratio {r['speed_ratio']}), {r['threads_per_agent']} thread(s) per agent",
         f"- audits: {a['total']} total, {a['passed']} Passed, {a['passed_within_tolerance']} PassedWithinTolerance, "
         f"{a['mismatch']} Mismatch, {a['fraud']} Fraud; hash_equal_rate {r['hash_equal_rate']}; "
-        f"false_fraud {r['false_fraud']}; audit compute / generation compute {a['audit_over_generation']}",
+        f"false_fraud {r['false_fraud']}; audit CPU / generation CPU {a['audit_over_generation']}",
         f"- failover: {json.dumps({k: v for k, v in r['failover'].items() if k != 'events'})}",
         f"- session_restarts (from agent counters): {r['session_restarts']}",
         f"- receipts: {r['receipts']}",

@@ -115,7 +115,7 @@ def _extension_figure(name: str, fig: dict) -> str:
     if name == "audit-50":
         return (f"{fig['audits']} audits at probability {fig['probability']} (share of units {fig['audited_share']}), "
                 f"{fig['passed']} Passed, {fig['passed_within_tolerance']} PWT, {fig['mismatch']} Mismatch, "
-                f"{fig['fraud']} Fraud; audit compute / generation compute {fig['audit_over_generation']}")
+                f"{fig['fraud']} Fraud; audit CPU / generation CPU {fig['audit_over_generation']}")
     if name == "batch":
         hops = ", ".join(f"{k} {v}" for k, v in fig["bytes_per_row_per_hop"].items())
         return (f"{fig['prompt_tokens']}-token prompt: prefill {fig['prefill_ms']} ms ({fig['prefill_rows_per_s']} rows/s), "

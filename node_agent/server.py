@@ -357,7 +357,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             if req.position != expected:
                 raise _bad(f"session {a.session!r} stage {a.stage_index} continues at position {expected}, "
                            f"not {req.position}")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             if tokens is not None:
                 out = a.engine.forward(a.seq, req.position, tokens=tokens)
             else:
@@ -377,12 +377,14 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 a.pending = self._committer.submit(self._commit_and_sign, a, first_out, out, tokens, hidden, True)
             else:
                 commitments, windows = self._commit_and_sign(a, first_out, out, tokens, hidden, False)
-            compute_ms = (time.perf_counter() - t0) * 1000
+            compute_ms, cpu_ms = (time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000
         wins = [wire.window_to_pb(w) for w in windows]
         if not send:
-            return pb.ReplayResponse(rows=n, commitments=commitments, windows=wins, compute_ms=compute_ms)
+            return pb.ReplayResponse(rows=n, commitments=commitments, windows=wins, compute_ms=compute_ms,
+                                     cpu_ms=cpu_ms)
         return pb.ForwardResponse(output=wire.encode_tensor(out), output_position=first_out,
-                                  commitments=commitments, windows=wins, compute_ms=compute_ms, earlier=earlier)
+                                  commitments=commitments, windows=wins, compute_ms=compute_ms, earlier=earlier,
+                                  cpu_ms=cpu_ms)
 
     def _commit_and_sign(self, a: Assignment, first_out: int, out: np.ndarray, tokens, hidden,
                          deferred: bool) -> tuple[list[bytes], list]:
@@ -491,7 +493,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             ends.add(pos - 1)
         if is_last and any(p not in ends for p in want):
             raise _bad("the final stage is audited at the last row of a batch (where logits exist)")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         got: dict[int, np.ndarray] = {}
         with audit_lock:
             nxt = engine.next_position(seq)
@@ -514,7 +516,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 pos, i = pos + s, i + s
         rows = np.stack([got[p] for p in want]) if want else np.zeros((1, 1), np.float32)
         return pb.AuditResponse(rows=wire.encode_tensor(rows), compute_ms=(time.perf_counter() - t0) * 1000,
-                                replayed_rows=n)
+                                cpu_ms=(time.thread_time() - c0) * 1000, replayed_rows=n)
 
     def sessions(self) -> set[str]:
         """Sessions this agent holds sequence slots for (serving or auditing)."""

@@ -40,6 +40,8 @@ class Settings:
     rtts_ms: tuple[float, ...] = (0.0, 1.0, 10.0)
     distance_tokens: int = 32
     audit_probabilities: tuple[float, ...] = (0.2, 0.5)
+    # 20% audits again with decode steps replayed in batches of this many rows (1: no such run)
+    audit_replay_rows: int = 32
     failover_runs: int = 10
     failover_kill_at: int = 20
     failover_contexts: tuple[int, ...] = (64, 192)   # kill at these tokens too (longer replay)
@@ -60,7 +62,7 @@ class Session:
 
     def __init__(self, agents_endpoints: dict[str, str], model: str, info, split, sha: str, prompt_ids: list[int],
                  name: str, audit: float, rpc_timeout_s: float = 30.0, tls=None,
-                 registered_keys: dict[str, str] | None = None):
+                 registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 1):
         from consortium.driver.policy import LocalPolicy
         from consortium.driver.session import SessionDriver
         from consortium.driver.state import SessionState
@@ -70,7 +72,7 @@ class Session:
         self.driver = SessionDriver(session=name, model_path=str(model), split=split, n_layers=info.n_layers,
                                     model_sha256=sha, endpoints=agents_endpoints, state=state,
                                     policy=LocalPolicy(list(standalone.NODES)), rpc_timeout_s=rpc_timeout_s,
-                                    tls=tls, registered_keys=registered_keys)
+                                    tls=tls, registered_keys=registered_keys, audit_replay_rows=audit_replay_rows)
         self.driver.start()
         self.prompt_ids = prompt_ids
 
@@ -106,10 +108,12 @@ class Bench:
     def agents(self, netns=None) -> standalone.Agents:
         return standalone.Agents(Path(tempfile.mkdtemp(prefix="consortium-bench-")), self.opts, None, netns=netns)
 
-    def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None) -> Session:
+    def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None,
+                replay_rows=1) -> Session:
         """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies)."""
         return Session(endpoints or agents.endpoints, self.model, self.info, self.split, self.sha,
-                       prompt or self.prompt, name, audit, tls=agents.driver_tls, registered_keys=agents.public_keys)
+                       prompt or self.prompt, name, audit, tls=agents.driver_tls, registered_keys=agents.public_keys,
+                       audit_replay_rows=replay_rows)
 
     # -- speed: single node, split in process, agents on loopback; audits' cost ------------------
 
@@ -123,27 +127,31 @@ class Bench:
         self.log("speed: split in process against unsplit")
         inproc = speed(self.model, self.split, n_tokens=s.tokens, rounds=s.rounds, threads=s.threads,
                        prompt_len=len(self.prompt), log=self.log)
-        probs = [0.0, *s.audit_probabilities]
-        rows = {"single": [], **{p: [] for p in probs}}
-        audit_cpu = {p: [] for p in s.audit_probabilities}
+        # (audit probability, rows per replayed batch), keyed as in the output: "20", "50", "20_replay32"
+        runs = {"0": (0.0, 1), **{f"{int(p * 100)}": (p, 1) for p in s.audit_probabilities}}
+        if s.audit_replay_rows > 1 and 0.2 in s.audit_probabilities:
+            runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows)
+        rows = {"single": [], **{k: [] for k in runs}}
+        audit_cpu = {k: [] for k in runs if k != "0"}
         with LocalPipeline(self.model, None, StageConfig(threads=s.threads)) as single:
             for r in range(s.rounds):
                 single.reset(0)
                 base = generation.generate(single, self.prompt, s.tokens)
                 rows["single"].append(base)
-                for p in probs:
+                for k, (p, replay) in runs.items():
                     # A fresh driver per run (the agents refuse to restart a session at position 0);
                     # loading is outside the timed generation.
-                    sess = self.session(agents, f"speed-{int(p * 100)}", p)
+                    sess = self.session(agents, f"speed-{k.replace('_', '-')}", p, replay_rows=replay)
                     try:
-                        rows[p].append(sess.generate(s.tokens))
+                        rows[k].append(sess.generate(s.tokens))
                         d = sess.driver
-                        if p:   # both compute times as the agents report them, around their llama.cpp calls
-                            audit_cpu[p].append(d.audit_cpu_ms / d.forward_cpu_ms if d.forward_cpu_ms else None)
+                        if p:   # both CPU times as the agents report them, of the threads that ran llama.cpp
+                            audit_cpu[k].append(d.audit_cpu_ms / d.forward_cpu_ms if d.forward_cpu_ms else None)
                     finally:
                         sess.close()
                 self.log(f"speed round {r + 1}/{s.rounds}: single {base.tokens_per_s:.1f} tok/s, agents "
-                         + ", ".join(f"{int(p * 100)}% audits {rows[p][-1].tokens_per_s:.1f}" for p in probs))
+                         + ", ".join(f"{k if k != '0' else 'no'} audits {rows[k][-1].tokens_per_s:.1f}"
+                                     for k in runs))
 
         def prefill_tps(res):
             return len(self.prompt) / (res.prefill_ms / 1000) if res.prefill_ms else None
@@ -153,20 +161,20 @@ class Bench:
                "single_tokens_per_s": _median(single_tps),
                "single_prefill_tokens_per_s": _median([prefill_tps(x) for x in rows["single"]]),
                "inprocess_split_over_single": inproc["split_over_unsplit"], "inprocess": inproc,
-               "loopback_tokens_per_s": _median([x.tokens_per_s for x in rows[0.0]]),
-               "loopback_prefill_tokens_per_s": _median([prefill_tps(x) for x in rows[0.0]]),
+               "loopback_tokens_per_s": _median([x.tokens_per_s for x in rows["0"]]),
+               "loopback_prefill_tokens_per_s": _median([prefill_tps(x) for x in rows["0"]]),
                "loopback_over_single": _median([d.tokens_per_s / b.tokens_per_s
-                                                for d, b in zip(rows[0.0], rows["single"])]),
+                                                for d, b in zip(rows["0"], rows["single"])]),
                "loopback_prefill_over_single": _median([prefill_tps(d) / prefill_tps(b)
-                                                        for d, b in zip(rows[0.0], rows["single"])]),
+                                                        for d, b in zip(rows["0"], rows["single"])]),
                "audits": {}}
-        for p in s.audit_probabilities:
-            out["audits"][f"{int(p * 100)}"] = {
-                "tokens_per_s": _median([x.tokens_per_s for x in rows[p]]),
-                "cpu_ratio": _median(audit_cpu[p]),
+        for k in audit_cpu:
+            out["audits"][k] = {
+                "tokens_per_s": _median([x.tokens_per_s for x in rows[k]]),
+                "cpu_ratio": _median(audit_cpu[k]),
                 # wall time per token added, against the run without audits in the same round
                 "added_share": _median([a.tokens_per_s and (n.tokens_per_s / a.tokens_per_s - 1)
-                                        for a, n in zip(rows[p], rows[0.0])])}
+                                        for a, n in zip(rows[k], rows["0"])])}
         return out
 
     # -- llama.cpp RPC mode ------------------------------------------------------------------------
@@ -434,6 +442,9 @@ def headline(res: dict) -> dict:
         "audit20_added_share": sp["audits"].get("20", {}).get("added_share"),
         "audit50_cpu_ratio": sp["audits"].get("50", {}).get("cpu_ratio"),
         "audit50_added_share": sp["audits"].get("50", {}).get("added_share"),
+        # the same 20% with decode steps replayed in larger batches (Settings.audit_replay_rows)
+        "audit20_replay_cpu_ratio": next((v["cpu_ratio"] for k, v in sp["audits"].items()
+                                          if k.startswith("20_replay")), None),
         "failover_spike_ms": {k: res["failover"]["spike_ms"][k] for k in ("median", "max")},
         "concurrent_over_single": conc[-1]["over_one_session"],
         "concurrent_sessions": conc[-1]["sessions"],

@@ -69,10 +69,12 @@ def summary(res: dict) -> str:
               f"| commitments + receipt signatures, share of token time | {_pct(h['commit_share'])} "
               f"({c['commit_sign_ms_per_token']} of {c['forward_ms_per_token'] + c['commit_sign_ms_per_token']:.3f} "
               f"ms per token; per stage {c['per_stage_share']}) | < 2% |"]
-    for p, a in sp["audits"].items():
-        lines.append(f"| audits at {p}%: audit CPU / generation CPU | {_f(a['cpu_ratio'])} | "
+    for k, a in sp["audits"].items():
+        p, _, replay = k.partition("_replay")
+        what = f"audits at {p}%" + (f", decode steps replayed {replay} rows at a time" if replay else "")
+        lines.append(f"| {what}: audit CPU / generation CPU | {_f(a['cpu_ratio'])} | "
                      f"{'<= 0.3' if p == '20' else ''} |")
-        lines.append(f"| audits at {p}%: wall time added per token | {_pct(a['added_share'])} | |")
+        lines.append(f"| {what}: wall time added per token | {_pct(a['added_share'])} | |")
     fo = res["failover"]
     lines += [f"| failover spike, stage 1 killed at token {res['settings']['failover_kill_at']} "
               f"({fo['spike_ms']['n']} runs) | median {_f(fo['spike_ms']['median'], '{:.0f}')} ms, worst "

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also kill at these tokens (longer replay), comma-separated; empty for none")
     a.add_argument("--failover-context-runs", type=int, default=2, help="runs per extra kill token")
     a.add_argument("--concurrent", default="2,4", help="numbers of sessions run at once, comma-separated")
+    a.add_argument("--audit-replay-rows", type=int, default=32, metavar="N",
+                   help="also run 20%% audits replaying decode steps N rows at a time (1: not)")
     a.add_argument("--no-rpc", action="store_true", help="skip llama.cpp's RPC mode")
     a.add_argument("--no-distance", action="store_true", help="skip the network namespace rows")
     a.add_argument("--no-memory", action="store_true", help="skip memory per stage")
@@ -107,8 +109,10 @@ def _anchors(args: argparse.Namespace, log) -> int:
     for name in ("tokens", "prompt_tokens", "distance_tokens"):
         if getattr(args, name) < 2:
             raise SystemExit(f"consortium bench: --{name.replace('_', '-')} must be at least 2")
-    if (args.rounds is not None and args.rounds < 1) or args.failover_runs < 1 or args.failover_context_runs < 1:
-        raise SystemExit("consortium bench: --rounds, --failover-runs and --failover-context-runs must be at least 1")
+    if ((args.rounds is not None and args.rounds < 1) or args.failover_runs < 1 or args.failover_context_runs < 1
+            or args.audit_replay_rows < 1):
+        raise SystemExit("consortium bench: --rounds, --failover-runs, --failover-context-runs and "
+                         "--audit-replay-rows must be at least 1")
     concurrent = _numbers(args.concurrent, "concurrent", int)
     if any(c < 1 or c > 7 for c in concurrent):
         raise SystemExit("consortium bench: --concurrent takes session counts from 1 to 7 (an agent has 8 slots)")
@@ -118,6 +122,7 @@ def _anchors(args: argparse.Namespace, log) -> int:
                        failover_runs=args.failover_runs,
                        failover_contexts=_numbers(args.failover_contexts, "failover-contexts", int),
                        failover_context_runs=args.failover_context_runs, concurrent=concurrent,
+                       audit_replay_rows=args.audit_replay_rows,
                        rpc=not args.no_rpc, distance=not args.no_distance, memory=not args.no_memory)
     res = bench.run(s, log)
     print(report.summary(res))

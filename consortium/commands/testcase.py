@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds before an unanswered RPC counts as a lost stage (default 30; --standalone)")
     p.add_argument("--audit-probability", type=float, default=0.2)
     p.add_argument("--audit-seed", type=int, default=7)
+    p.add_argument("--audit-replay-rows", type=int, default=1, metavar="N",
+                   help="audits replay decode steps in batches of up to N rows: cheaper, and bit-exact only where "
+                        "the backend's kernels compute each row alone at that batch size (default 1: the "
+                        "original shapes; --standalone)")
     p.add_argument("--faulty-stage", type=int, help="the agent serving this stage cheats (with --fault)")
     p.add_argument("--fault", help="skip-layer, cheap-quant, noise-<scale>, replay, random")
     p.add_argument("--heterogeneous", action="store_true",
@@ -51,10 +55,12 @@ def run(args: argparse.Namespace) -> int:
                               audit_probability=args.audit_probability, audit_seed=args.audit_seed,
                               faulty_stage=args.faulty_stage, fault=args.fault, heterogeneous=args.heterogeneous,
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
-                              hang=args.hang, plaintext=args.plaintext, **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
+                              hang=args.hang, plaintext=args.plaintext, audit_replay_rows=args.audit_replay_rows, **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     try:
         extensions.apply(args.extension, opts, prompt_given=args.prompt is not None,
                          fault_given=args.fault is not None, audit_given=args.audit_probability != 0.2)
+        if opts.audit_replay_rows < 1:
+            raise ValueError("--audit-replay-rows must be at least 1")
         if opts.fault:
             faults.parse_fault(opts.fault)
         if opts.faulty_stage is not None and not 0 <= opts.faulty_stage < len(standalone.PLACEMENT):
@@ -64,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     json_out = None if args.json in (None, "-") else args.json
     if not args.standalone:
-        if args.heterogeneous or args.model or args.hang or args.rpc_timeout:
-            print("error: --heterogeneous, --model, --hang and --rpc-timeout need --standalone so far",
+        if args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows != 1:
+            print("error: --heterogeneous, --model, --hang, --rpc-timeout and --audit-replay-rows need --standalone "
+                  "so far",
                   file=sys.stderr)
             return 2
         from consortium import kubecase

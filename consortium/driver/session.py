@@ -71,6 +71,35 @@ def _public_key(text: str):
         return None
 
 
+def replay_batches(sizes: Sequence[int], start: int, max_rows: int, must_end: set[int]) -> list[int]:
+    """The batch sizes an audit replays, from the original run's `sizes` starting at `start`.
+
+    Decode steps (one-row batches) are merged into batches of up to `max_rows` rows; larger batches
+    (prompts) stay as they were, and a batch ends at every position in `must_end`. max_rows 1 keeps
+    the original shapes, which reproduce the worker's rows bit for bit on every backend. A larger
+    one makes the replay cheaper (fewer passes over the weights) and stays bit-exact where the
+    kernels compute each row alone at those batch sizes: on the CPU backend with Q4_1 weights up to
+    32 rows, measured; CPU kernels over repacked Q4_0/Q4_K weights change at 4 rows, and their
+    audits then pass within tolerance instead of hash-equal.
+    """
+    out, run, pos = [], 0, start
+    for n in sizes:
+        if n == 1 and max_rows > 1:
+            run, pos = run + 1, pos + 1
+            if run == max_rows or pos - 1 in must_end:
+                out.append(run)
+                run = 0
+            continue
+        if run:
+            out.append(run)
+            run = 0
+        out.append(n)
+        pos += n
+    if run:
+        out.append(run)
+    return out
+
+
 @dataclasses.dataclass
 class AuditUnit:
     stage: int
@@ -99,7 +128,10 @@ class SessionDriver:
                  grid: CanonicalGrid = CanonicalGrid(), tolerance: verdicts.Tolerance | None = None,
                  rpc_timeout_s: float = 30.0, load_timeout_s: float = 120.0, honest_alpha: float = judgement.DEFAULT_ALPHA,
                  tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True,
-                 proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None):
+                 proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
+                 audit_replay_rows: int = 1):
+        if audit_replay_rows < 1:
+            raise ValueError(f"audit_replay_rows must be >= 1, got {audit_replay_rows}")
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
         self.split, self.n_layers = list(split), n_layers
         self.n_stages = len(self.split)
@@ -124,6 +156,7 @@ class SessionDriver:
         self._commits: list[dict[int, tuple[str, int, bytes]]] = [dict() for _ in self.split]
         self._open: list[dict | None] = [None] * self.n_stages  # open receipt window per stage
         self.defer_commitments = defer_commitments
+        self.audit_replay_rows = audit_replay_rows
         # Rows received whose commitments are deferred, per stage: position -> (node, epoch, row).
         self._unsigned: list[dict[int, tuple[str, int, np.ndarray]]] = [dict() for _ in self.split]
         # Response checks, in order, off the token's critical path; settled before anything that
@@ -143,8 +176,9 @@ class SessionDriver:
         self._audit_busy = 0
         self._audit_idle = threading.Condition(self._lock)
         self._audit_progress: dict[tuple[str, int], int] = {}
+        # Agent-reported CPU time of the threads that ran the session's forward steps and its audits.
         self.audit_cpu_ms = 0.0
-        self.forward_cpu_ms = 0.0   # the workers' own compute time for the session's steps (agent-reported)
+        self.forward_cpu_ms = 0.0
         self._stop = threading.Event()
         self.on_stage = None  # test hook: called before each stage hop with (stage, position)
         self._auditor = threading.Thread(target=self._audit_loop, name="auditor", daemon=True)
@@ -240,7 +274,7 @@ class SessionDriver:
                 continue
             out = wire.decode_tensor(resp.output, ndim=2)
             self._agent_ms[s] = resp.compute_ms
-            self.forward_cpu_ms += resp.compute_ms
+            self.forward_cpu_ms += resp.cpu_ms
             self.state.done[s] = position + len(x)
             return out, functools.partial(self._check_response, s, node, epoch, resp, out)
         raise DriverError(f"stage {s} failed over repeatedly at position {position}")
@@ -501,6 +535,8 @@ class SessionDriver:
             if batches[0][0] < start:
                 start = batches[0][0]
             sizes = [min(b + n, end) - max(b, start) for b, n in batches]
+            last_stage = s == self.n_stages - 1   # logits exist at batch ends only
+            sizes = replay_batches(sizes, start, self.audit_replay_rows, set(want) if last_stage else set())
             try:
                 xs = [self._inputs[s][p] for p in range(start, end)]
             except KeyError:
@@ -526,7 +562,7 @@ class SessionDriver:
             return
         rows = wire.decode_tensor(resp.rows, ndim=2)
         with self._lock:
-            self.audit_cpu_ms += resp.compute_ms
+            self.audit_cpu_ms += resp.cpu_ms
             if gen != self._generation:
                 return
             self._audit_progress[(verifier, s)] = end

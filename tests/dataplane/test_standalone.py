@@ -95,3 +95,31 @@ def _cmdline_names(proc: Path, text) -> bool:
         return str(text).encode() in (proc / "cmdline").read_bytes()
     except OSError:   # gone meanwhile
         return False
+
+
+def test_replay_batches_merge_decode_steps_only():
+    from consortium.driver.session import replay_batches
+
+    # a 5-row prompt at 0, then decode steps 5..14
+    assert replay_batches([5] + [1] * 10, 0, 1, set()) == [5] + [1] * 10
+    assert replay_batches([5] + [1] * 10, 0, 4, set()) == [5, 4, 4, 2]
+    # the final stage: every audited position ends a batch (logits exist only there)
+    assert replay_batches([5] + [1] * 10, 0, 4, {6, 12}) == [5, 2, 4, 2, 2]
+    # starting mid-session, past the prompt
+    assert replay_batches([1] * 7, 20, 32, {22}) == [3, 4]
+
+
+def test_audits_replaying_32_rows_at_a_time_stay_hash_equal(monkeypatch):
+    # On this machine's CPU backend with the default model's Q4_1 weights, batches of up to 32 rows
+    # compute each row as a one-row batch does: the cheaper replay must still match bit for bit.
+    from consortium.driver import session
+
+    shapes = []
+    real = session.replay_batches
+    monkeypatch.setattr(session, "replay_batches", lambda *a: shapes.append(real(*a)) or shapes[-1])
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=None, audit_replay_rows=32))
+    check_common(r)
+    assert r["hash_equal_rate"] == 1.0 and r["audits"]["passed"] == r["audits"]["total"]
+    assert 0 < r["audits"]["audit_over_generation"] < 10
+    # decode steps were merged (the first replay starts with the prompt's own batch)
+    assert any(n > 1 for n in shapes[0][1:]) or any(n > 1 for sizes in shapes[1:] for n in sizes), shapes
