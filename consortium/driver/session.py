@@ -78,9 +78,9 @@ def replay_batches(sizes: Sequence[int], start: int, max_rows: int, must_end: se
     (prompts) stay as they were, and a batch ends at every position in `must_end`. max_rows 1 keeps
     the original shapes, which reproduce the worker's rows bit for bit on every backend. A larger
     one makes the replay cheaper (fewer passes over the weights) and stays bit-exact where the
-    kernels compute each row alone at those batch sizes: on the CPU backend with Q4_1 weights up to
-    32 rows, measured; CPU kernels over repacked Q4_0/Q4_K weights change at 4 rows, and their
-    audits then pass within tolerance instead of hash-equal.
+    kernels compute each row alone at those batch sizes: measured on the CPU backend, Q4_1 weights up
+    to 32 rows; over repacked Q4_K_M weights the kernels change at 4 rows, and the audits then pass
+    within tolerance instead of hash-equal (docs/dataplane.md).
     """
     out, run, pos = [], 0, start
     for n in sizes:

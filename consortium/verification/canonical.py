@@ -111,8 +111,8 @@ def canonical_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> np.ndarray:
     with np.errstate(over="ignore"):  # beyond float16's range -> ±inf, clamped below
         cast = a.astype(_DTYPES[grid.dtype])
     if grid.dtype == "float16":
-        # A float16 grid index depends on the value's 16 bits alone: look it up (a third of the
-        # time of the arithmetic on a 49,152-wide logit row; the table is that arithmetic).
+        # A float16 grid index depends on the value's 16 bits alone: look it up in a table made by
+        # the arithmetic below (a 49,152-wide logit row: about 0.35 ms against 0.9 ms of arithmetic).
         return _float16_index_table(grid).take(cast.view(np.uint16))
     return _grid_indices(cast, grid)
 
