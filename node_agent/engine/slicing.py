@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from consortium.layers import LayerRange
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 STAGE_FORMAT = 2  # bump when stage files are written differently: cached files of older formats are not reused
+MODEL_INFO_FORMAT = 1  # bump when ModelInfo's fields change meaning: remembered infos of older formats are not read
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -71,9 +73,25 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
 
 
 @functools.lru_cache(maxsize=64)
-def _read_model_info(path: str, size: int, mtime_ns: int) -> ModelInfo:  # noqa: ARG001 - the cache key
-    # gguf-py takes seconds to parse a vocabulary of 50k-250k strings; a file is parsed once per
-    # (path, size, mtime) for the life of the process.
+def _read_model_info(path: str, size: int, mtime_ns: int) -> ModelInfo:
+    # gguf-py takes seconds to parse a vocabulary of 50k-250k strings (4 s for the default model, 12 s
+    # for Gemma 3 here), and every agent, driver and test process would pay it: a file is parsed once
+    # per (path, size, mtime) on this machine, and once per process after that.
+    memo = consortium.cache.cache_dir() / "model-info" / f"v{MODEL_INFO_FORMAT}-{_file_key(path, size, mtime_ns)}.json"
+    if memo.is_file():
+        try:
+            return ModelInfo(**json.loads(memo.read_text()))
+        except (ValueError, TypeError):
+            pass   # unreadable or from another version of ModelInfo: parse again and rewrite it
+    info = _parse_model_info(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info.to_dict()))
+    os.replace(tmp, memo)
+    return info
+
+
+def _parse_model_info(path: str) -> ModelInfo:
     import gguf
 
     reader = _reader(path)
@@ -106,12 +124,16 @@ def check_supported(info: ModelInfo) -> None:
                                     "attention scale from the layer count, which a stage changes")
 
 
+def _file_key(realpath: str, size: int, mtime_ns: int) -> str:
+    """What a memo of a file's content is filed under: its path, size and modification time."""
+    return hashlib.sha256(f"{realpath}\0{size}\0{mtime_ns}".encode()).hexdigest()[:32]
+
+
 def sha256_file(path: str | os.PathLike, cache_dir: Path | None = None) -> str:
     """sha256 of a file, remembered by (path, size, mtime) so an 8B model is hashed once, not per run."""
     path = os.path.realpath(path)
     st = os.stat(path)
-    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
-    memo = (cache_dir / "sha256" / key) if cache_dir else None
+    memo = (cache_dir / "sha256" / _file_key(path, st.st_size, st.st_mtime_ns)) if cache_dir else None
     if memo and memo.is_file():
         return memo.read_text().strip()
     h = hashlib.sha256()

@@ -1,6 +1,8 @@
 """Stage files: renumbered blocks, per-layer attributes kept, cached by (model sha256, range)."""
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 
@@ -51,3 +53,28 @@ def test_a_middle_stage_carries_no_vocabulary(default_model, tmp_path):
     assert "tokenizer.ggml.tokens" not in kv
     _, first = _fields(stage_file(default_model, LayerRange(0, 9), cache_dir=tmp_path))
     assert first["tokenizer.ggml.model"] != "none" and len(first["tokenizer.ggml.tokens"]) == 49152
+
+
+def test_model_info_is_parsed_once_per_file_on_this_machine(default_model, tmp_path, monkeypatch):
+    from node_agent.engine import slicing
+
+    monkeypatch.setenv("CONSORTIUM_CACHE", str(tmp_path))
+    slicing._read_model_info.cache_clear()
+    first = read_model_info(default_model)
+    [memo] = (tmp_path / "model-info").iterdir()
+
+    # Another process (an empty in-process cache) reads the memo instead of parsing the file.
+    def no_parse(path):
+        raise AssertionError(f"{path} parsed again")
+    slicing._read_model_info.cache_clear()
+    monkeypatch.setattr(slicing, "_parse_model_info", no_parse)
+    assert read_model_info(default_model) == first and first.n_layers == 30 and first.file_type == "Q4_1"
+
+    # A damaged memo is parsed again and rewritten.
+    memo.write_text("{not json")
+    slicing._read_model_info.cache_clear()
+    monkeypatch.undo()
+    monkeypatch.setenv("CONSORTIUM_CACHE", str(tmp_path))
+    assert read_model_info(default_model) == first
+    assert json.loads(memo.read_text())["n_layers"] == 30
+    slicing._read_model_info.cache_clear()   # later tests find infos under the real cache again
