@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -322,7 +323,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     # -- Forward / Replay ---------------------------------------------------------------------
 
     def Forward(self, request, context):
-        return self._handle(context, self._forward, request, True)
+        return self._handle(context, self._forward, request, True, context)
 
     def Replay(self, request, context):
         return self._handle(context, self._forward, request, False)
@@ -345,7 +346,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             raise _bad("hidden states contain NaN or Inf")
         return None, h
 
-    def _forward(self, req: pb.ForwardRequest, send: bool):
+    def _forward(self, req: pb.ForwardRequest, send: bool, context=None):
         a = self._assignment(req.ref)
         tokens, hidden = self._inputs(a.is_first, a.engine.n_embd, list(req.tokens), req.hidden,
                                       req.HasField("hidden"))
@@ -374,7 +375,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             earlier = a.take_undelivered() if send else None   # before the job below adds to it
             if defer:
                 commitments, windows = [], []
-                a.pending = self._committer.submit(self._commit_and_sign, a, first_out, out, tokens, hidden, True)
+                a.pending = self._after_answer(context, functools.partial(
+                    self._commit_and_sign, a, first_out, out, tokens, hidden, True))
             else:
                 commitments, windows = self._commit_and_sign(a, first_out, out, tokens, hidden, False)
             compute_ms, cpu_ms = (time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000
@@ -385,6 +387,19 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         return pb.ForwardResponse(output=wire.encode_tensor(out), output_position=first_out,
                                   commitments=commitments, windows=wins, compute_ms=compute_ms, earlier=earlier,
                                   cpu_ms=cpu_ms)
+
+    def _after_answer(self, context, job) -> futures.Future:
+        """`job` on the committer thread once this call's response has gone out. Started before, its
+        Python holds the GIL while the response is serialized and sent: 0.2 ms more per hop on a
+        middle stage, 0.8 ms on the final one (its logit row), measured on one agent alone."""
+        done: futures.Future = futures.Future()
+
+        def start():
+            self._committer.submit(job).add_done_callback(
+                lambda f: done.set_exception(f.exception()) if f.exception() else done.set_result(f.result()))
+        if not (hasattr(context, "add_callback") and context.add_callback(start)):
+            start()   # no gRPC call (in process), or it has ended already
+        return done
 
     def _commit_and_sign(self, a: Assignment, first_out: int, out: np.ndarray, tokens, hidden,
                          deferred: bool) -> tuple[list[bytes], list]:
