@@ -307,6 +307,11 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
                    "generation_cpu_ms": round(driver.forward_cpu_ms, 3),
                    "audit_over_generation": (round(driver.audit_cpu_ms / driver.forward_cpu_ms, 4)
                                              if driver.forward_cpu_ms else None),
+                   # units selected; those that got no verdict (an audit that failed for a reason other
+                   # than its verifier dying), with the reasons; a rollback drops its generation's units
+                   "selected": driver.audits_selected,
+                   "unjudged": len(driver.unjudged),
+                   "unjudged_reasons": sorted({u["reason"] for u in driver.unjudged}),
                    "units": audits},
         "hash_equal_rate": round(sum(a["hash_equal"] for a in audits) / len(audits), 4) if audits else None,
         "false_fraud": false_fraud,

@@ -173,12 +173,17 @@ class SessionDriver:
         self._generation = 0
         self._pending_fraud: list[tuple[str, str]] = []
         self._audit_q: "queue.Queue[AuditUnit]" = queue.Queue()
-        self._audit_busy = 0
+        # Units queued and not yet through the audit loop. Counted at the put, under the lock: an
+        # empty queue is not enough, the loop may hold units it took a moment ago (it did, and the
+        # report went out without them).
+        self._audit_outstanding = 0
         self._audit_idle = threading.Condition(self._lock)
         self._audit_progress: dict[tuple[str, int], int] = {}
         # Agent-reported CPU time of the threads that ran the session's forward steps and its audits.
         self.audit_cpu_ms = 0.0
         self.forward_cpu_ms = 0.0
+        self.audits_selected = 0          # units selected for audit as their commitments arrived
+        self.unjudged: list[dict] = []   # selected units no audit judged (see _unjudged)
         self._stop = threading.Event()
         self.on_stage = None  # test hook: called before each stage hop with (stage, position)
         self._auditor = threading.Thread(target=self._audit_loop, name="auditor", daemon=True)
@@ -369,7 +374,8 @@ class SessionDriver:
                 for i, c in enumerate(commitments):
                     p = first + i
                     if self.state.selected(s, p):
-                        self._audit_q.put(AuditUnit(s, p, node, epoch, c, np.array(out[i]), sig_ok,
+                        self.audits_selected += 1
+                        self._queue_audit(AuditUnit(s, p, node, epoch, c, np.array(out[i]), sig_ok,
                                                     self._generation))
 
     def _flush(self, s: int) -> None:
@@ -483,6 +489,11 @@ class SessionDriver:
 
     # -- audits ----------------------------------------------------------------------------------
 
+    def _queue_audit(self, u: AuditUnit) -> None:
+        """Called with self._lock held."""
+        self._audit_outstanding += 1
+        self._audit_q.put(u)
+
     def _audit_loop(self) -> None:
         # Not at a lower priority, unlike the agents' audit threads: a descheduled thread holding the
         # GIL would hold up the token loop that waits for it.
@@ -497,25 +508,35 @@ class SessionDriver:
                     units.append(self._audit_q.get_nowait())
                 except queue.Empty:
                     break
-            with self._lock:
-                self._audit_busy += 1
             try:
                 groups: dict[tuple[int, str], list[AuditUnit]] = {}
                 for u in units:
                     if u.generation == self._generation:
                         groups.setdefault((u.stage, u.node), []).append(u)
                 for (s, node), us in sorted(groups.items()):
-                    self._audit_group(s, node, sorted(us, key=lambda u: u.position))
-            except Exception:  # an audit must never take generation down; it is logged and retried never
-                log.exception("audit failed")
+                    try:
+                        self._audit_group(s, node, sorted(us, key=lambda u: u.position))
+                    except Exception as e:  # an audit must never take generation down; nor one group the others
+                        log.exception("audit of stage %d on %s failed", s, node)
+                        with self._lock:
+                            judged = {(a["stage"], a["position"], a["node"]) for a in self.state.audits}
+                        self._unjudged([u for u in us if (u.stage, u.position, u.node) not in judged],
+                                       f"{type(e).__name__}: {e}")
             finally:
                 with self._lock:
-                    self._audit_busy -= 1
+                    self._audit_outstanding -= len(units)
                     self._audit_idle.notify_all()
+
+    def _unjudged(self, units: list[AuditUnit], reason: str) -> None:
+        """Selected units that got no verdict, and why: the report counts them, nothing is lost quietly."""
+        with self._lock:
+            self.unjudged += [{"stage": u.stage, "position": u.position, "node": u.node, "reason": reason}
+                              for u in units]
 
     def _audit_group(self, s: int, worker: str, units: list[AuditUnit]) -> None:
         candidates = [n for n in self.alive() if n != worker]
         if not candidates:
+            self._unjudged(units, "no node left to verify on")
             return
         verifier = self.policy.choose_verifier(s, worker, candidates)
         r = self.split[s]
@@ -530,6 +551,7 @@ class SessionDriver:
                 start = 0  # an earlier position than the verifier's sequence: replay from the start
             batches = [(b, n) for b, n in self.state.batches if b + n > start and b <= max(want)]
             if not batches:
+                self._unjudged(units, f"no recorded batch covers positions {start}..{max(want)}")
                 return
             end = batches[-1][0] + batches[-1][1]
             if batches[0][0] < start:
@@ -558,7 +580,9 @@ class SessionDriver:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.dead.add(verifier)
                     for u in units:
-                        self._audit_q.put(u)  # another verifier takes them
+                        self._queue_audit(u)  # another verifier takes them
+                    return
+            self._unjudged(units, f"Audit on {verifier}: {e.code().name}: {e.details()}")
             return
         rows = wire.decode_tensor(resp.rows, ndim=2)
         with self._lock:
@@ -591,7 +615,7 @@ class SessionDriver:
 
     def _drain_audits(self) -> None:
         with self._lock:
-            while not self._audit_q.empty() or self._audit_busy:
+            while self._audit_outstanding > 0 and self._auditor.is_alive():
                 self._audit_idle.wait(timeout=0.5)
 
     def _fraud(self, node: str, why: str) -> None:

@@ -13,6 +13,7 @@ def check_common(r):
     a = r["audits"]
     assert a["total"] > 0 and a["mismatch"] == 0 and a["fraud"] == 0
     assert a["passed"] + a["passed_within_tolerance"] == a["total"]
+    assert a["unjudged"] == 0 and a["total"] == a["selected"], a["unjudged_reasons"]   # every selected unit judged
     assert r["false_fraud"] == 0
     assert r["session_restarts"] == 0
     assert r["receipts"]["count"] > 0 and r["receipts"]["verified"] == r["receipts"]["count"]
@@ -64,6 +65,7 @@ def test_heterogeneous_gemma_accuses_no_honest_node():
     assert odd and not any(a["verdict"] == "Fraud" for a in odd)
     assert any(a["verdict"] == "PassedWithinTolerance" for a in odd), [a["verdict"] for a in odd]
     assert r["false_fraud"] == 0 and r["quarantined"] == []
+    assert r["audits"]["total"] == r["audits"]["selected"]   # the first run of a process once lost its last units
     assert r["success"]
 
 
