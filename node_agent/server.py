@@ -539,11 +539,14 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             return {k[0] for k in self._assignments} | {k[0] for k in self._audits}
 
     def release_session(self, session: str) -> int:
-        """Free every sequence slot of a session that is over (its StageAssignments are gone);
-        returns how many. Its fences stay, so a late request with its old epochs is still refused."""
+        """Free every sequence slot of a session that is over (its StageAssignments are gone) and
+        forget its forward counters; returns how many slots. Its fences stay, so a late request with
+        its old epochs is still refused."""
         with self._lock:
             gone = [self._assignments.pop(k) for k in [k for k in self._assignments if k[0] == session]]
             audits = [self._audits.pop(k) for k in [k for k in self._audits if k[0] == session]]
+            for k in [k for k in self._counters if k[0] == session]:   # an agent lives through many sessions
+                del self._counters[k]
             for a in gone:
                 key = (a.session, a.stage_index)
                 self._fences[key] = max(self._fences.get(key, 0), a.epoch + 1)
@@ -563,12 +566,12 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     # -- Health -------------------------------------------------------------------------------
 
     def Health(self, request, context):
-        return self._handle(context, self._health)
+        return self._handle(context, self._health, request)
 
-    def _health(self) -> pb.HealthResponse:
+    def _health(self, req: pb.HealthRequest) -> pb.HealthResponse:
         with self._lock:
             counters = [pb.PositionCount(session=s, stage=st, position=p, forward=c[0], replay=c[1])
-                        for (s, st, p), c in sorted(self._counters.items())]
+                        for (s, st, p), c in sorted(self._counters.items()) if not req.session or s == req.session]
             req, rej = self.requests, self.rejected
         return pb.HealthResponse(node_id=self.identity.node_id, public_key=self.identity.public_key_text,
                                  backend=self.backend, labels={str(k): str(v) for k, v in self.config.labels.items()},

@@ -680,7 +680,7 @@ class SessionDriver:
         out = {}
         for n, c in self.clients.items():
             try:
-                h = c.call("Health", pb.HealthRequest(), timeout=5.0)
+                h = c.call("Health", pb.HealthRequest(session=self.session), timeout=5.0)
             except grpc.RpcError:
                 continue
             out[n] = [(x.stage, x.position, x.forward, x.replay) for x in h.counters if x.session == self.session]

@@ -215,7 +215,11 @@ def test_a_released_session_gives_back_its_slots_and_stays_fenced(agent, model_p
         load_one("slots-late")
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "slots-0" in service.sessions()
+    stub.Forward(pb.ForwardRequest(ref=ref("slots-0", 0), position=0, tokens=PROMPT))
+    counted = stub.Health(pb.HealthRequest(session="slots-0")).counters
+    assert counted and {c.session for c in counted} == {"slots-0"}
     assert service.release_session("slots-0") == 1 and "slots-0" not in service.sessions()
+    assert not stub.Health(pb.HealthRequest(session="slots-0")).counters   # forgotten with the session
     load_one("slots-late")
     with pytest.raises(grpc.RpcError) as e:   # the released session's epoch is fenced, not forgotten
         stub.Forward(pb.ForwardRequest(ref=ref("slots-0", 0), position=0, tokens=PROMPT))
