@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from consortium import processes
 
 NODES = ("N0", "N1", "N2")
 ROLES = {"N0": "cuda", "N1": "cuda", "N2": "metal"}
@@ -109,14 +110,7 @@ class Agents:
         self.hung.add(node)
 
     def close(self) -> None:
-        for n, p in self.procs.items():
-            if p.poll() is None:
-                p.kill() if n in self.hung else p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        processes.stop(self.procs.values(), kill=[self.procs[n] for n in self.hung])
 
 
 class _Recording:

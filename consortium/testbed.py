@@ -19,7 +19,7 @@ from typing import Any, Callable
 import grpc
 
 from consortium import resources as r
-from consortium import kube, tls, wire
+from consortium import kube, processes, tls, wire
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "consortium-system"
@@ -162,15 +162,7 @@ class Testbed:
             self.cluster.kubectl("patch", "computenode", n, "--type", "merge", "-p", '{"spec":{"approved":true}}')
 
     def close(self) -> None:
-        procs = ([self.operator] if self.operator else []) + list(self.agents.values())
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        processes.stop(([self.operator] if self.operator else []) + list(self.agents.values()), timeout=15)
 
     def set_quarantined(self, node: str, value: bool) -> None:
         """Set or lift a ComputeNode's Quarantined condition, as the operator would (for tests)."""

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from consortium import standalone
+from consortium import processes, standalone
 
 
 @dataclasses.dataclass
@@ -353,13 +353,7 @@ class Proxies:
             raise
 
     def close(self):
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        processes.stop(self.procs, timeout=5)
         self.procs = []
 
     def __enter__(self):

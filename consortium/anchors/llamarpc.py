@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from consortium import processes
 from consortium.layers import LayerRange
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "llama-rpc.sh"
@@ -64,14 +65,7 @@ class RpcServers:
             _wait_port(ep, p)
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        processes.stop(self.procs)
 
     def __enter__(self):
         return self
