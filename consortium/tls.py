@@ -12,6 +12,8 @@ import dataclasses
 import datetime
 import ipaddress
 import os
+import ssl
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -161,6 +163,20 @@ class Credentials:
 
         return grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=self.key_pem,
                                             certificate_chain=self.cert_pem)
+
+    def ssl_context(self, *, server: bool, peer_name: str | None = None) -> ssl.SSLContext:
+        """The same mutual TLS for a plain socket (the data lane): the server asks every caller for a
+        certificate from our CA; the client only completes its handshake with the node `peer_name`."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.check_hostname = not server and peer_name is not None
+        ctx.load_verify_locations(cadata=self.ca_pem.decode())
+        # ssl loads a certificate chain only from files: written for the call into a private folder.
+        with tempfile.TemporaryDirectory(prefix="consortium-tls-") as d:
+            paths = self.write(d)
+            ctx.load_cert_chain(paths["cert"], paths["key"])
+        return ctx
 
     def write(self, directory: str | os.PathLike) -> dict[str, str]:
         """Write tls.crt, tls.key (0600) and ca.crt into `directory`; returns their paths by role."""

@@ -20,6 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default=f"0.0.0.0:{port}" if port else "127.0.0.1:50051",
                    help="host:port to serve on (port 0: any free port; default 0.0.0.0:$CONSORTIUM_AGENT_PORT "
                         "if set, else 127.0.0.1:50051)")
+    data_port = env("CONSORTIUM_DATA_PORT")   # the chart's agent.dataPort; "0" there means no lane
+    p.add_argument("--data-port", type=int, default=int(data_port) if data_port and data_port != "0" else 0,
+                   help="port of the data lane, Forward steps on a plain TLS socket beside the gRPC port "
+                        "(default $CONSORTIUM_DATA_PORT, else 0: any free port; drivers learn it from LoadStage)")
+    p.add_argument("--no-data-lane", action="store_true", default=data_port == "0",
+                   help="no data lane: drivers send Forward steps as gRPC calls (default when "
+                        "CONSORTIUM_DATA_PORT is 0)")
     identity_dir = env("CONSORTIUM_IDENTITY_DIR")
     p.add_argument("--key-file", required=not identity_dir,
                    default=os.path.join(identity_dir, "node.pem") if identity_dir else None,
@@ -75,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     if creds is not None and args.name and creds.name != args.name:
         print(f"error: the TLS certificate names {creds.name!r}, not this node ({args.name!r})", file=sys.stderr)
         return 2
-    srv, service, port = server.serve(identity, args.listen, config, tls=creds)
+    srv, service, port = server.serve(identity, args.listen, config, tls=creds,
+                                      data_port=None if args.no_data_lane else args.data_port)
     host = args.listen.rsplit(":", 1)[0]
-    logging.info("node %s serving on %s:%d (%s, backend %s%s%s)", identity.node_id, host, port,
+    logging.info("node %s serving on %s:%d, data lane %s (%s, backend %s%s%s)", identity.node_id, host, port,
+                 service.data_port or "off",
                  f"mutual TLS as {creds.name}" if creds else "PLAINTEXT", service.backend,
                  ", repacking off" if args.no_repack else "", f", FAULT {fault}" if fault else "")
     registrar = None

@@ -6,7 +6,8 @@ taking over the next stage, reveal a committed row, or be truncated for a rollba
 separate sequence slots of the same engines, so verifying never disturbs serving.
 
 Every handler turns bad input into INVALID_ARGUMENT with a reason and a stale epoch into
-FAILED_PRECONDITION; nothing a client sends can take the server down.
+FAILED_PRECONDITION; nothing a client sends can take the server down. Forward steps also come over
+the data lane (node_agent.datalane), through the same handler and with the same refusals.
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from consortium import priority, wire
 from consortium.layers import LayerRange
 from consortium.verification import canonical, proofs, receipts
 from consortium.verification.canonical import CanonicalGrid
-from consortium.wire import pb
+from consortium.wire import lane, pb
 from node_agent import faults
+from node_agent.datalane import DataLane
 from node_agent.engine import llama as ll
 from node_agent.engine.slicing import read_model_info, stage_file, verify_sha256
 from node_agent.engine.stage import Stage, StageConfig, StageInputError
@@ -106,6 +109,27 @@ class Engines:
             self._free[key].sort()
 
 
+class DeferredJob:
+    """A deferred step's commit-and-sign job. It starts once the step's response has gone out: its
+    Python would otherwise hold the GIL while the response is serialized and sent (0.2 ms more per hop
+    on a middle stage, 0.8 ms on the final one, measured on one agent alone). Whoever needs its result
+    first starts it if that has not happened, so a response that never went out cannot stall the stage."""
+
+    def __init__(self, job, pool: futures.Executor):
+        self._job, self._pool = job, pool
+        self._lock = threading.Lock()
+        self._future: futures.Future | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._future is None:
+                self._future = self._pool.submit(self._job)
+
+    def result(self):
+        self.start()
+        return self._future.result()
+
+
 @dataclasses.dataclass
 class Assignment:
     session: str
@@ -124,12 +148,13 @@ class Assignment:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # Deferred steps: the commit-and-sign job of the last one (settled under `lock` before anything
     # reads the fields above), and what they committed that no response has carried yet.
-    pending: futures.Future | None = None
+    pending: "DeferredJob | None" = None
     undelivered: list = dataclasses.field(default_factory=list)    # [(position, commitment)]
     undelivered_windows: dict = dataclasses.field(default_factory=dict)  # window start -> latest signed
 
     def settle(self) -> None:
-        """Wait for the deferred commit-and-sign job; its error, if any, is raised here once."""
+        """Wait for the deferred commit-and-sign job (starting it if its response's delivery has not);
+        its error, if any, is raised here once."""
         job, self.pending = self.pending, None
         if job is not None:
             job.result()
@@ -170,35 +195,52 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                                     initializer=priority.lower_thread_priority)
         self.requests = 0
         self.rejected = 0
+        self.data_port = 0   # set by serve() when a data lane listens
 
     # -- plumbing ------------------------------------------------------------------------------
 
     def _handle(self, context, fn, *args):
+        self.count_request()
+        try:
+            if not getattr(context, "in_process", False):
+                self.check_caller([n.decode(errors="replace")
+                                   for n in context.auth_context().get("x509_subject_alternative_name", [])])
+            return self.run(fn, *args)
+        except Refused as e:
+            context.abort(e.code, str(e) or e.code.name)
+
+    def check_caller(self, names: list[str]) -> None:
+        """Refuse (PERMISSION_DENIED) a caller whose certificate names none of the allowed callers."""
+        if self.config.allowed_callers and not set(names) & set(self.config.allowed_callers):
+            self._refused()
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                          f"caller {', '.join(names) or '(no certificate)'} is not one of "
+                          f"{', '.join(self.config.allowed_callers)}")
+
+    def run(self, fn, *args):
+        """fn(*args), every error a request can cause raised as Refused with its status and reason."""
+        try:
+            try:
+                return fn(*args)
+            except (StageInputError, wire.TensorError, canonical.NonFiniteActivation) as e:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            except (ValueError, TypeError, OverflowError) as e:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}") from None
+            except FileNotFoundError as e:
+                raise Refused(grpc.StatusCode.NOT_FOUND, str(e)) from None
+            except ll.LlamaError as e:
+                raise Refused(grpc.StatusCode.INTERNAL, f"llama.cpp: {e}") from None
+        except Refused:
+            self._refused()
+            raise
+
+    def count_request(self) -> None:
         with self._lock:
             self.requests += 1
-        if self.config.allowed_callers and not getattr(context, "in_process", False):
-            names = [n.decode(errors="replace") for n in context.auth_context().get("x509_subject_alternative_name", [])]
-            if not set(names) & set(self.config.allowed_callers):
-                self._reject(context, grpc.StatusCode.PERMISSION_DENIED,
-                             f"caller {', '.join(names) or '(no certificate)'} is not one of "
-                             f"{', '.join(self.config.allowed_callers)}")
-        try:
-            return fn(*args)
-        except Refused as e:
-            self._reject(context, e.code, str(e))
-        except (StageInputError, wire.TensorError, canonical.NonFiniteActivation) as e:
-            self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except (ValueError, TypeError, OverflowError) as e:
-            self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
-        except FileNotFoundError as e:
-            self._reject(context, grpc.StatusCode.NOT_FOUND, str(e))
-        except ll.LlamaError as e:
-            self._reject(context, grpc.StatusCode.INTERNAL, f"llama.cpp: {e}")
 
-    def _reject(self, context, code, message):
+    def _refused(self) -> None:
         with self._lock:
             self.rejected += 1
-        context.abort(code, message or code.name)
 
     def _ref(self, ref: pb.StageRef) -> tuple[str, int, int]:
         if not ref.session:
@@ -278,7 +320,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 self.engines.release(old.engine, old.seq)
         return pb.LoadStageResponse(node_id=self.identity.node_id, public_key=self.identity.public_key_text,
                                     backend=self.backend, n_embd=engine.n_embd, n_vocab=engine.n_vocab,
-                                    n_layers_total=info.n_layers, load_ms=(time.perf_counter() - t0) * 1000)
+                                    n_layers_total=info.n_layers, load_ms=(time.perf_counter() - t0) * 1000,
+                                    data_port=self.data_port)
 
     def Fence(self, request, context):
         return self._handle(context, self._fence, request)
@@ -323,7 +366,47 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     # -- Forward / Replay ---------------------------------------------------------------------
 
     def Forward(self, request, context):
-        return self._handle(context, self._forward, request, True, context)
+        def when_sent(job: DeferredJob) -> None:
+            if not (hasattr(context, "add_callback") and context.add_callback(job.start)):
+                job.start()   # called in process, or the call has ended already
+        return self._handle(context, self._forward, request, True, when_sent)
+
+    # -- the data lane (node_agent.datalane): the same steps and errors, as frames --------------
+
+    def lane_caller(self, names: list[str]) -> bytes | None:
+        """None if the lane's caller (its certificate's names) may call, else the frame refusing it."""
+        try:
+            self.check_caller(names)
+        except Refused as e:
+            self.count_request()
+            return lane.error_frame(e.code, str(e))
+        return None
+
+    def lane_oversized(self, n: int) -> bytes:
+        self.count_request()
+        self._refused()
+        return lane.error_frame(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"a request of {n} bytes is over the limit of {wire.MAX_MESSAGE_BYTES}")
+
+    def lane_step(self, body: bytes) -> tuple[bytes, list[DeferredJob]]:
+        """One lane request's answer frame, and the jobs to start once it has gone out."""
+        self.count_request()
+        sent: list[DeferredJob] = []
+        try:
+            response = self.run(self._lane_forward, body, sent.append)
+        except Refused as e:
+            return lane.error_frame(e.code, str(e)), []
+        except Exception as e:   # a bug of ours: gRPC would answer UNKNOWN and go on serving, so does the lane
+            log.exception("a data lane step failed")
+            return lane.error_frame(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}"), []
+        return lane.response_frame(response.SerializeToString()), sent
+
+    def _lane_forward(self, body: bytes, when_sent) -> pb.ForwardResponse:
+        try:
+            request = pb.ForwardRequest.FromString(body)
+        except DecodeError as e:
+            raise _bad(f"not a ForwardRequest: {e}") from None
+        return self._forward(request, True, when_sent)
 
     def Replay(self, request, context):
         return self._handle(context, self._forward, request, False)
@@ -346,7 +429,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             raise _bad("hidden states contain NaN or Inf")
         return None, h
 
-    def _forward(self, req: pb.ForwardRequest, send: bool, context=None):
+    def _forward(self, req: pb.ForwardRequest, send: bool, when_sent=DeferredJob.start):
+        """One forward step (send: Forward, its output rows in the response) or a replayed one (Replay).
+        `when_sent(job)` arranges for a deferred step's job to start once its response has gone out."""
         a = self._assignment(req.ref)
         tokens, hidden = self._inputs(a.is_first, a.engine.n_embd, list(req.tokens), req.hidden,
                                       req.HasField("hidden"))
@@ -375,8 +460,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             earlier = a.take_undelivered() if send else None   # before the job below adds to it
             if defer:
                 commitments, windows = [], []
-                a.pending = self._after_answer(context, functools.partial(
-                    self._commit_and_sign, a, first_out, out, tokens, hidden, True))
+                a.pending = DeferredJob(functools.partial(
+                    self._commit_and_sign, a, first_out, out, tokens, hidden, True), self._committer)
+                when_sent(a.pending)
             else:
                 commitments, windows = self._commit_and_sign(a, first_out, out, tokens, hidden, False)
             compute_ms, cpu_ms = (time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000
@@ -387,19 +473,6 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         return pb.ForwardResponse(output=wire.encode_tensor(out), output_position=first_out,
                                   commitments=commitments, windows=wins, compute_ms=compute_ms, earlier=earlier,
                                   cpu_ms=cpu_ms)
-
-    def _after_answer(self, context, job) -> futures.Future:
-        """`job` on the committer thread once this call's response has gone out. Started before, its
-        Python holds the GIL while the response is serialized and sent: 0.2 ms more per hop on a
-        middle stage, 0.8 ms on the final one (its logit row), measured on one agent alone."""
-        done: futures.Future = futures.Future()
-
-        def start():
-            self._committer.submit(job).add_done_callback(
-                lambda f: done.set_exception(f.exception()) if f.exception() else done.set_result(f.result()))
-        if not (hasattr(context, "add_callback") and context.add_callback(start)):
-            start()   # no gRPC call (in process), or it has ended already
-        return done
 
     def _commit_and_sign(self, a: Assignment, first_out: int, out: np.ndarray, tokens, hidden,
                          deferred: bool) -> tuple[list[bytes], list]:
@@ -580,11 +653,24 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                  requests=req, rejected=rej, fault=self.fault.name if self.fault else "")
 
 
+class AgentServer:
+    """The agent's gRPC server and the data lane beside it; stop() stops both."""
+
+    def __init__(self, grpc_server: grpc.Server, lane: DataLane | None):
+        self.grpc, self.lane = grpc_server, lane
+
+    def stop(self, grace: float | None):
+        if self.lane is not None:
+            self.lane.close()
+        return self.grpc.stop(grace)
+
+
 def serve(identity: NodeIdentity, listen: str, config: AgentConfig = AgentConfig(), *,
-          max_workers: int = 8, tls=None) -> tuple[grpc.Server, NodeAgentService, int]:
+          max_workers: int = 8, tls=None, data_port: int | None = 0) -> tuple[AgentServer, NodeAgentService, int]:
     """Start the agent on `listen` (host:port, port 0 picks one); returns (server, service, port).
     `tls` (consortium.tls.Credentials): mutual TLS, callers must present a certificate from its CA;
-    None: plaintext (development only)."""
+    None: plaintext (development only). `data_port`: where the data lane listens on the same host (0:
+    any free port, None: no lane; drivers then call Forward)."""
     if tls is not None and not config.allowed_callers:
         from consortium.tls import DRIVER_NAME
 
@@ -595,5 +681,9 @@ def serve(identity: NodeIdentity, listen: str, config: AgentConfig = AgentConfig
     port = server.add_secure_port(listen, tls.server_credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
+    data_lane = None
+    if data_port is not None:
+        data_lane = DataLane(service, listen.rsplit(":", 1)[0], data_port, tls)
+        service.data_port = data_lane.port
     server.start()
-    return server, service, port
+    return AgentServer(server, data_lane), service, port

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import socket
 import threading
 import time
 
@@ -9,7 +11,10 @@ import grpc
 import numpy as np
 
 from consortium import wire
+from consortium.wire import lane
 from consortium.tls import secure_channel
+
+log = logging.getLogger("consortium.driver")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,76 @@ class Abandoned(grpc.RpcError):
         return str(self)
 
 
+class StepError(grpc.RpcError):
+    """A data lane step's failure, read as the gRPC status a Forward call would have ended with."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class LaneClient:
+    """Forward steps to one agent over its data lane (consortium.wire.lane): the calling thread writes
+    the request and reads the answer on one TLS socket, no hand-offs between threads. A step not
+    answered within its timeout, or a broken connection, closes the socket (DEADLINE_EXCEEDED,
+    UNAVAILABLE); the next step connects again. An agent's refusal leaves the connection usable."""
+
+    def __init__(self, name: str, host: str, port: int, tls=None):
+        self.name, self.address = name, (host.strip("[]"), port)
+        self._tls, self._ctx = tls, None
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.connected = False   # ever: a lane that never connected may be unreachable from here
+
+    def step(self, request, timeout: float):
+        with self._lock:
+            try:
+                if self._sock is None:
+                    self._connect(timeout)
+                self._sock.settimeout(timeout)
+                self._sock.sendall(lane.request_frame(request.SerializeToString()))
+                n, code = lane.RESPONSE_HEAD.unpack(lane.recv_exact(self._sock, lane.RESPONSE_HEAD.size))
+                body = lane.recv_exact(self._sock, n)
+            except socket.timeout:
+                self._close()
+                raise StepError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"{self.name} did not answer within {timeout:g} s") from None
+            except (OSError, lane.LaneClosed) as e:
+                self._close()
+                raise StepError(grpc.StatusCode.UNAVAILABLE, f"data lane to {self.name}: {e}") from None
+        if code:
+            raise StepError(lane.CODES.get(code, grpc.StatusCode.UNKNOWN), body.decode(errors="replace"))
+        return wire.pb.ForwardResponse.FromString(bytes(body))
+
+    def _connect(self, timeout: float) -> None:
+        sock = socket.create_connection(self.address, timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                if self._ctx is None:
+                    self._ctx = self._tls.ssl_context(server=False, peer_name=self.name)
+                sock = self._ctx.wrap_socket(sock, server_hostname=self.name)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self.connected = sock, True
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
 class NodeClient:
     def __init__(self, name: str, endpoint: str, log: RpcLog, timeout_s: float = 30.0, tls=None):
         """`tls` (consortium.tls.Credentials): mutual TLS, the agent must prove it is node `name`;
@@ -88,6 +163,8 @@ class NodeClient:
         self.channel = (secure_channel(endpoint, name, tls, wire.CHANNEL_OPTIONS) if tls is not None
                         else grpc.insecure_channel(endpoint, options=wire.CHANNEL_OPTIONS))
         self.stub = wire.pb_grpc.NodeAgentStub(self.channel)
+        self.tls = tls
+        self._lane: LaneClient | None = None
 
     def call(self, method: str, request, timeout: float | None = None):
         t0 = time.perf_counter()
@@ -97,13 +174,56 @@ class NodeClient:
             ok = True
             return resp
         finally:
-            sent = request.ByteSize()
-            size = sent + (resp.ByteSize() if resp is not None else 0)
-            hop = {}
             if method == "Forward":
-                rows = len(request.tokens) or (request.hidden.shape[0] if request.hidden.shape else 0)
-                hop = {"stage": request.ref.stage, "rows": rows, "sent": sent}
-            self.log.add(RpcRecord(self.name, method, (time.perf_counter() - t0) * 1000, size, ok, **hop))
+                self._log_forward(request, resp, t0, ok)
+            else:
+                size = request.ByteSize() + (resp.ByteSize() if resp is not None else 0)
+                self.log.add(RpcRecord(self.name, method, (time.perf_counter() - t0) * 1000, size, ok))
+
+    def _log_forward(self, request, resp, t0: float, ok: bool) -> None:
+        sent = request.ByteSize()
+        rows = len(request.tokens) or (request.hidden.shape[0] if request.hidden.shape else 0)
+        self.log.add(RpcRecord(self.name, "Forward", (time.perf_counter() - t0) * 1000,
+                               sent + (resp.ByteSize() if resp is not None else 0), ok,
+                               stage=request.ref.stage, rows=rows, sent=sent))
+
+    def use_data_lane(self, port: int, host: str | None = None) -> None:
+        """Send Forward steps over the agent's data lane at `port` (from its LoadStageResponse; 0: none,
+        steps go as Forward calls) on its endpoint's host, or on `host` (a relay in front of it)."""
+        address = ((host or self.endpoint.rsplit(":", 1)[0]).strip("[]"), port)
+        if self._lane is not None and self._lane.address == address:
+            return
+        if self._lane is not None:
+            self._lane.close()
+        self._lane = LaneClient(self.name, *address, self.tls) if port else None
+
+    @property
+    def lane_address(self) -> tuple[str, int] | None:
+        """Where Forward steps go over the data lane; None: as Forward calls."""
+        lane_ = self._lane
+        return lane_.address if lane_ is not None else None
+
+    def forward(self, request: "wire.pb.ForwardRequest", timeout: float | None = None) -> "wire.pb.ForwardResponse":
+        """A Forward step over the agent's data lane, or as a Forward call when it offers no lane or
+        the lane cannot be reached (then for good: a lane a firewall drops is not tried each step).
+        Logged as a Forward call."""
+        lane_ = self._lane
+        if lane_ is None:
+            return self.call("Forward", request, timeout)
+        t0 = time.perf_counter()
+        resp, ok = None, False
+        try:
+            resp = lane_.step(request, timeout or self.timeout_s)
+            ok = True
+            return resp
+        except StepError as e:
+            if e.code() is not grpc.StatusCode.UNAVAILABLE or lane_.connected:
+                raise
+            log.warning("data lane to %s unreachable (%s); Forward steps go as gRPC calls", self.name, e.details())
+            self._lane = None
+        finally:
+            self._log_forward(request, resp, t0, ok)
+        return self.forward(request, timeout)
 
     def call_while(self, method: str, request, alive, timeout: float | None = None, every_s: float = 0.25):
         """call() for long requests (audits): abandoned as soon as alive() turns false, instead of
@@ -138,4 +258,6 @@ class NodeClient:
             self.log.add(RpcRecord(self.name, method, (time.perf_counter() - t0) * 1000, size, ok))
 
     def close(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
         self.channel.close()

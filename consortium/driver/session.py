@@ -199,6 +199,7 @@ class SessionDriver:
         resp = self.clients[node].call("LoadStage", pb.LoadStageRequest(
             ref=self._ref(stage), model_path=self.model_path, model_sha256=self.model_sha256,
             first_layer=r.first, last_layer=r.last, grid=wire.grid_to_pb(self.grid)), timeout=self.load_timeout_s)
+        self.clients[node].use_data_lane(resp.data_port)
         registered = self.registered_keys.get(node)
         if registered is not None and resp.public_key != registered:
             self.dead.add(node)
@@ -270,7 +271,7 @@ class SessionDriver:
         for _ in range(4):
             node, epoch = self.state.nodes[s], self.state.epochs[s]
             try:
-                resp = self.clients[node].call("Forward", self._forward_request(s, position, x, self.defer_commitments))
+                resp = self.clients[node].forward(self._forward_request(s, position, x, self.defer_commitments))
             except grpc.RpcError as e:
                 if e.code() not in FAILOVER_CODES:
                     raise DriverError(f"stage {s} on {node} refused step {position}: {e.code().name}: {e.details()}")

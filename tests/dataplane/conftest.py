@@ -20,6 +20,7 @@ def agent(tmp_path_factory):
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.CHANNEL_OPTIONS)
     stub = wire.pb_grpc.NodeAgentStub(channel)
     stub.channel = channel   # for calls with raw bytes instead of messages
+    stub.endpoint = f"127.0.0.1:{port}"
     yield stub, service, ident
     channel.close()
     srv.stop(None)

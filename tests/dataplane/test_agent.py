@@ -192,10 +192,15 @@ def test_agent_flags_default_to_the_charts_environment(monkeypatch, tmp_path):
     from node_agent.main import build_parser
 
     monkeypatch.setenv("CONSORTIUM_AGENT_PORT", "50123")
+    monkeypatch.setenv("CONSORTIUM_DATA_PORT", "50124")
     monkeypatch.setenv("CONSORTIUM_IDENTITY_DIR", str(tmp_path))
     args = build_parser().parse_args([])
     assert args.listen == "0.0.0.0:50123"
+    assert args.data_port == 50124 and not args.no_data_lane
     assert args.key_file == str(tmp_path / "node.pem")
+    monkeypatch.setenv("CONSORTIUM_DATA_PORT", "0")   # the chart's agent.dataPort: 0, no lane
+    assert build_parser().parse_args([]).no_data_lane
+    monkeypatch.delenv("CONSORTIUM_DATA_PORT")
     monkeypatch.delenv("CONSORTIUM_AGENT_PORT")
     monkeypatch.delenv("CONSORTIUM_IDENTITY_DIR")
     assert build_parser().parse_args(["--key-file", "k.pem"]).listen == "127.0.0.1:50051"

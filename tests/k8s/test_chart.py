@@ -53,6 +53,18 @@ def test_daemonset_runs_only_on_accelerator_labels(cluster):
     assert ds["spec"]["template"]["spec"]["containers"][0]["command"] == ["node-agent"]
 
 
+def test_agent_data_lane_port_is_declared_and_can_be_turned_off(cluster):
+    def agent(*values):
+        ds = yaml.safe_load(cluster.helm("template", RELEASE, CHART, "-n", NS, *values, "--show-only",
+                                         "templates/agent-daemonset.yaml").stdout)
+        c = ds["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in c["env"]}, {p["name"]: p["containerPort"] for p in c["ports"]}
+    env, ports = agent()
+    assert env["CONSORTIUM_DATA_PORT"] == "50052" and ports == {"grpc": 50051, "data-lane": 50052}
+    env, ports = agent("--set", "agent.dataPort=0")
+    assert env["CONSORTIUM_DATA_PORT"] == "0" and ports == {"grpc": 50051}
+
+
 @pytest.mark.parametrize("plaintext", [False, True], ids=["mtls", "dev-plaintext"])
 def test_tls_material_is_mounted_unless_dev_plaintext(cluster, plaintext):
     """The operator reads its client certificate from a Secret, each agent its node's from the node."""

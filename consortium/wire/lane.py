@@ -1,0 +1,56 @@
+"""The data lane: Forward steps as length-prefixed protobuf frames on one mutual-TLS socket.
+
+Python's gRPC hands every message between several threads on each side: on loopback a unary call
+costs 0.9 ms with a hidden row back and 1.7 ms with a logit row, against 0.14 and 0.38 ms for the same
+bytes on a TLS socket that the calling thread writes and reads itself. A token crosses three such
+hops, so the session driver sends its Forward steps over this lane when the agent offers one
+(LoadStageResponse.data_port), and as Forward calls when it does not or the lane cannot be reached.
+
+Frames, little-endian:
+  request:  u32 n, then n bytes of a ForwardRequest
+  response: u32 n, u8 code, then n bytes: a ForwardResponse when code is 0 (OK), else the reason
+            (UTF-8) for that gRPC status code: the status and reason a Forward call would get
+A request over MAX_MESSAGE_BYTES is answered with an error and the connection closed (its bytes
+cannot be skipped safely); any other bad request gets its error and the lane goes on.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+
+import grpc
+
+__all__ = ["REQUEST_HEAD", "RESPONSE_HEAD", "CODES", "LaneClosed", "recv_exact", "request_frame",
+           "response_frame", "error_frame"]
+
+REQUEST_HEAD = struct.Struct("<I")
+RESPONSE_HEAD = struct.Struct("<IB")
+CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class LaneClosed(ConnectionError):
+    """The other side closed the connection (mid-frame or between frames)."""
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise LaneClosed(f"connection closed after {got} of {n} bytes")
+        got += k
+    return buf
+
+
+def request_frame(body: bytes) -> bytes:
+    return REQUEST_HEAD.pack(len(body)) + body
+
+
+def response_frame(body: bytes) -> bytes:
+    return RESPONSE_HEAD.pack(len(body), 0) + body
+
+
+def error_frame(code: grpc.StatusCode, reason: str) -> bytes:
+    data = (reason or code.name).encode()[:64 * 1024]
+    return RESPONSE_HEAD.pack(len(data), code.value[0]) + data

@@ -1,0 +1,91 @@
+"""The agent's end of the data lane (consortium.wire.lane): Forward steps on a plain TLS socket, one
+thread per connection that reads a frame, runs the step and writes the answer itself."""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+
+from consortium.wire import MAX_MESSAGE_BYTES, lane
+
+log = logging.getLogger("node_agent")
+
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class DataLane:
+    def __init__(self, service, host: str, port: int = 0, tls=None):
+        """Listen on host:port (0: any free port) for `service` (a NodeAgentService). `tls`
+        (consortium.tls.Credentials): mutual TLS with the same certificate as the gRPC port."""
+        self.service = service
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        self._sock = socket.create_server((host.strip("[]"), port), family=family)
+        self.port = self._sock.getsockname()[1]
+        self._ctx = tls.ssl_context(server=True) if tls is not None else None
+        self._closed = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="lane-accept", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)   # wakes the accepting thread; close() alone does not
+        except OSError:
+            pass
+        self._sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="lane", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.add(conn)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ctx is not None:
+                conn.settimeout(HANDSHAKE_TIMEOUT_S)
+                conn = self._ctx.wrap_socket(conn, server_side=True)
+                conn.settimeout(None)
+                if not self._caller_allowed(conn):
+                    return
+            while self._answer(conn):
+                pass
+        except (OSError, lane.LaneClosed):
+            pass   # the driver went away (or never finished its handshake)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _caller_allowed(self, conn: ssl.SSLSocket) -> bool:
+        names = [v for k, v in (conn.getpeercert() or {}).get("subjectAltName", ()) if k == "DNS"]
+        refusal = self.service.lane_caller(names)
+        if refusal is not None:
+            conn.sendall(refusal)   # say why before hanging up
+        return refusal is None
+
+    def _answer(self, conn) -> bool:
+        """Read one request and write its answer; False once the connection cannot go on."""
+        (n,) = lane.REQUEST_HEAD.unpack(lane.recv_exact(conn, lane.REQUEST_HEAD.size))
+        if n > MAX_MESSAGE_BYTES:
+            conn.sendall(self.service.lane_oversized(n))
+            return False
+        frame, jobs = self.service.lane_step(bytes(lane.recv_exact(conn, n)))
+        conn.sendall(frame)
+        for job in jobs:   # the response is out: its commit-and-sign job may start
+            job.start()
+        return True
