@@ -217,7 +217,8 @@ class Bench:
                             eps = dict(zip(agents.endpoints, px.endpoints))
                             sess = self.session(agents, f"distance-{rtt:g}", endpoints=eps)
                             try:
-                                res = sess.generate(s.distance_tokens)
+                                with self.relay_lanes(sess, agents, rtt / 2):
+                                    res = sess.generate(s.distance_tokens)
                             finally:
                                 sess.close()
                         row = {"rtt_ms": rtt, "emulated": True, "ours_tokens_per_s": round(res.tokens_per_s, 3),
@@ -245,6 +246,18 @@ class Bench:
         return {"rows": rows, "label": "separate network namespaces joined by veth; round-trip latency added by "
                 "a delaying TCP proxy per node (emulated, this kernel has no netem), 0 ms = proxy only; ours over a "
                 "single-node run right before each row, llama.cpp RPC over llama-bench's single-node run above"}
+
+    @staticmethod
+    def relay_lanes(sess: Session, agents: standalone.Agents, one_way_ms: float) -> "Proxies":
+        """Delaying proxies in front of the agents' data lanes as well, so that Forward steps cross
+        the same emulated distance as every other call."""
+        clients = {n: c for n, c in sess.driver.clients.items() if c.lane_address is not None}
+        px = Proxies([f"{agents.endpoints[n].rsplit(':', 1)[0]}:{c.lane_address[1]}" for n, c in clients.items()],
+                     one_way_ms)
+        for c, ep in zip(clients.values(), px.endpoints):
+            host, port = ep.rsplit(":", 1)
+            c.use_data_lane(int(port), host)
+        return px
 
     # -- failover ----------------------------------------------------------------------------------------
 
