@@ -2,19 +2,19 @@
 thread per connection that reads a frame, runs the step and writes the answer itself."""
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 import threading
 
 from consortium.wire import MAX_MESSAGE_BYTES, lane
 
-log = logging.getLogger("node_agent")
-
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class DataLane:
+    """The listening socket and its connections; each connection is served by a thread of its own
+    until the driver hangs up or close() shuts it down."""
+
     def __init__(self, service, host: str, port: int = 0, tls=None):
         """Listen on host:port (0: any free port) for `service` (a NodeAgentService). `tls`
         (consortium.tls.Credentials): mutual TLS with the same certificate as the gRPC port."""

@@ -105,6 +105,8 @@ class LaneClient:
     answered within its timeout, or a broken connection, closes the socket (DEADLINE_EXCEEDED,
     UNAVAILABLE); the next step connects again. An agent's refusal leaves the connection usable."""
 
+    CONNECT_TIMEOUT_S = 3.0   # at most, TCP and TLS handshakes: a lane a firewall drops costs this once
+
     def __init__(self, name: str, host: str, port: int, tls=None):
         self.name, self.address = name, (host.strip("[]"), port)
         self._tls, self._ctx = tls, None
@@ -116,7 +118,7 @@ class LaneClient:
         with self._lock:
             try:
                 if self._sock is None:
-                    self._connect(timeout)
+                    self._connect(min(timeout, self.CONNECT_TIMEOUT_S))
                 self._sock.settimeout(timeout)
                 self._sock.sendall(lane.request_frame(request.SerializeToString()))
                 n, code = lane.RESPONSE_HEAD.unpack(lane.recv_exact(self._sock, lane.RESPONSE_HEAD.size))
@@ -217,9 +219,10 @@ class NodeClient:
             ok = True
             return resp
         except StepError as e:
-            if e.code() is not grpc.StatusCode.UNAVAILABLE or lane_.connected:
+            if lane_.connected:   # the agent failed, not the lane: the caller fails the stage over
                 raise
-            log.warning("data lane to %s unreachable (%s); Forward steps go as gRPC calls", self.name, e.details())
+            log.warning("data lane to %s unreachable (%s: %s); Forward steps go as gRPC calls", self.name,
+                        e.code().name, e.details())
             self._lane = None
         finally:
             self._log_forward(request, resp, t0, ok)
