@@ -3,7 +3,8 @@ single-node llama.cpp, llama.cpp's own RPC mode on the same split, and distance,
 
 Sections, all on the same model, machine and split, ratios taken side by side:
   speed      single node (llama-cpp-python, in process), our split in process, our three agent
-             processes over loopback gRPC; rounds alternate single and distributed runs.
+             processes over loopback (Forward steps on their data lanes); rounds alternate single and
+             distributed runs.
   rpc        llama-bench alone and llama-bench driving one ggml-rpc-server per stage (same sources as
              our llama-cpp-python, GGML_RPC on), prefill and generation; the layer placement llama.cpp
              logged is reported.

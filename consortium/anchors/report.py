@@ -38,7 +38,7 @@ def summary(res: dict) -> str:
              f"| our split in process (its own alternation with the unsplit model, "
              f"{_f(sp['inprocess']['unsplit_median'], '{:.1f}')} tok/s there) | "
              f"{_f(sp['inprocess']['split_median'], '{:.1f}')} | {_f(h['inprocess_over_single'])} | | |",
-             f"| our three agents, loopback gRPC | {_f(sp['loopback_tokens_per_s'], '{:.1f}')} | "
+             f"| our three agents, loopback (data lanes) | {_f(sp['loopback_tokens_per_s'], '{:.1f}')} | "
              f"{_f(h['loopback_over_single'])} | {_f(sp['loopback_prefill_tokens_per_s'], '{:.0f}')} | >= 0.85 |"]
     rpc = res.get("rpc")
     if rpc:
@@ -119,7 +119,7 @@ def plot(res: dict, path: Path) -> None:
     dist = res.get("distance")
     if dist:
         rtts = [r["rtt_ms"] for r in dist["rows"]]
-        ax.plot(rtts, [r["ours_over_single"] for r in dist["rows"]], marker="o", label="ours (gRPC agents)")
+        ax.plot(rtts, [r["ours_over_single"] for r in dist["rows"]], marker="o", label="ours (three agents)")
         if any("rpc_over_single" in r for r in dist["rows"]):
             ax.plot(rtts, [r.get("rpc_over_single") for r in dist["rows"]], marker="s", label="llama.cpp RPC")
         ax.set_xscale("symlog", linthresh=1)
