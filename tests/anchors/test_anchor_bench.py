@@ -98,4 +98,4 @@ def test_tiny_anchor_bench_writes_every_headline(tmp_path):
     else:
         assert "distance" in res["skipped"]
     assert (tmp_path / "report" / "anchors.png").stat().st_size > 10_000
-    assert "| our three agents, loopback gRPC |" in (tmp_path / "report" / "summary.md").read_text()
+    assert "| our three agents, loopback (data lanes) |" in (tmp_path / "report" / "summary.md").read_text()
