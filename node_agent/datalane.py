@@ -64,7 +64,7 @@ class DataLane:
                     return
             while self._answer(conn):
                 pass
-        except (OSError, lane.LaneClosed):
+        except OSError:   # lane.LaneClosed included
             pass   # the driver went away (or never finished its handshake)
         finally:
             with self._lock:
@@ -84,7 +84,7 @@ class DataLane:
         if n > MAX_MESSAGE_BYTES:
             conn.sendall(self.service.lane_oversized(n))
             return False
-        frame, jobs = self.service.lane_step(bytes(lane.recv_exact(conn, n)))
+        frame, jobs = self.service.lane_step(lane.recv_exact(conn, n))
         conn.sendall(frame)
         for job in jobs:   # the response is out: its commit-and-sign job may start
             job.start()

@@ -388,7 +388,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         return lane.error_frame(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"a request of {n} bytes is over the limit of {wire.MAX_MESSAGE_BYTES}")
 
-    def lane_step(self, body: bytes) -> tuple[bytes, list[DeferredJob]]:
+    def lane_step(self, body: bytes | bytearray) -> tuple[bytes, list[DeferredJob]]:
         """One lane request's answer frame, and the jobs to start once it has gone out."""
         self.count_request()
         sent: list[DeferredJob] = []
@@ -401,7 +401,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             return lane.error_frame(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}"), []
         return lane.response_frame(response.SerializeToString()), sent
 
-    def _lane_forward(self, body: bytes, when_sent) -> pb.ForwardResponse:
+    def _lane_forward(self, body: bytes | bytearray, when_sent) -> pb.ForwardResponse:
         try:
             request = pb.ForwardRequest.FromString(body)
         except DecodeError as e:

@@ -127,12 +127,12 @@ class LaneClient:
                 self._close()
                 raise StepError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"{self.name} did not answer within {timeout:g} s") from None
-            except (OSError, lane.LaneClosed) as e:
+            except OSError as e:   # lane.LaneClosed included
                 self._close()
                 raise StepError(grpc.StatusCode.UNAVAILABLE, f"data lane to {self.name}: {e}") from None
         if code:
             raise StepError(lane.CODES.get(code, grpc.StatusCode.UNKNOWN), body.decode(errors="replace"))
-        return wire.pb.ForwardResponse.FromString(bytes(body))
+        return wire.pb.ForwardResponse.FromString(body)
 
     def _connect(self, timeout: float) -> None:
         sock = socket.create_connection(self.address, timeout=timeout)
