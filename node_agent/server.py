@@ -572,6 +572,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         if start < 0:
             raise _bad("negative start position")
         want = [int(p) for p in req.positions]
+        wanted = set(want)
         if any(p < start or p >= start + n for p in want):
             raise _bad(f"audited positions must lie in [{start}, {start + n})")
         ends = set()
@@ -591,16 +592,18 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             engine.truncate(seq, start)
             pos, i = start, 0
             for s in sizes:
+                # The final stage's logits only where audited: the LM head is most of its replay.
+                logits = not is_last or pos + s - 1 in wanted
                 if tokens is not None:
-                    out = engine.forward(seq, pos, tokens=tokens[i:i + s])
+                    out = engine.forward(seq, pos, tokens=tokens[i:i + s], logits=logits)
                 else:
-                    out = engine.forward(seq, pos, hidden=hidden[i:i + s])
-                if is_last:
-                    got[pos + s - 1] = out[-1]
-                else:
+                    out = engine.forward(seq, pos, hidden=hidden[i:i + s], logits=logits)
+                if not is_last:
                     for j in range(s):
-                        if pos + j in want:
+                        if pos + j in wanted:
                             got[pos + j] = out[j]
+                elif logits:
+                    got[pos + s - 1] = out[-1]
                 pos, i = pos + s, i + s
         rows = np.stack([got[p] for p in want]) if want else np.zeros((1, 1), np.float32)
         return pb.AuditResponse(rows=wire.encode_tensor(rows), compute_ms=(time.perf_counter() - t0) * 1000,

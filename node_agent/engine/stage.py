@@ -110,11 +110,14 @@ class Stage:
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(self, seq: int, position: int, *, tokens=None, hidden=None, all_logits: bool = False) -> np.ndarray:
+    def forward(self, seq: int, position: int, *, tokens=None, hidden=None, all_logits: bool = False,
+                logits: bool = True) -> np.ndarray | None:
         """Run rows at positions position.. of sequence `seq` through the stage.
 
         Returns float32 [n, n_embd] hidden states on a non-final stage; on the final stage, logits
-        [1, n_vocab] for the last row (or [n, n_vocab] for every row with all_logits).
+        [1, n_vocab] for the last row (or [n, n_vocab] for every row with all_logits), or None with
+        logits=False: the rows then only extend the KV cache, which skips the LM head (on a small
+        model about half of the final stage's time) and leaves the cache bit for bit the same.
         """
         rows = self._check_input(seq, position, tokens, hidden)
         n = len(rows)
@@ -123,8 +126,11 @@ class Stage:
             for start in range(0, n, self.config.n_batch):
                 chunk = rows[start:start + self.config.n_batch]
                 last_chunk = start + len(chunk) == n
-                outputs.append(self._decode(seq, position + start, chunk, all_logits, last_chunk))
+                outputs.append(self._decode(seq, position + start, chunk, all_logits and logits,
+                                            last_chunk and logits))
         outputs = [o for o in outputs if o is not None]
+        if not outputs:
+            return None
         return np.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
 
     def _check_input(self, seq, position, tokens, hidden):
@@ -162,7 +168,7 @@ class Stage:
             raise StageInputError(f"{position + len(rows)} positions do not fit the context of {self.config.n_ctx}")
         return rows
 
-    def _decode(self, seq: int, position: int, rows: np.ndarray, all_logits: bool, last_chunk: bool):
+    def _decode(self, seq: int, position: int, rows: np.ndarray, all_logits: bool, last_logits: bool):
         b = self._batch
         n = len(rows)
         b.n_tokens = n
@@ -170,14 +176,14 @@ class Stage:
             ctypes.memmove(b.token, rows.ctypes.data, rows.nbytes)
         else:
             ctypes.memmove(b.embd, rows.ctypes.data, rows.nbytes)
-        want_logits = self.is_last and (all_logits or last_chunk)
+        want_logits = self.is_last and (all_logits or last_logits)
         for i in range(n):
             b.pos[i] = position + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = seq
             # Every row of a non-final stage is an output: llama.cpp drops non-output rows inside
             # the last layer, and the next stage needs them all.
-            b.logits[i] = 1 if not self.is_last else int(all_logits or (last_chunk and i == n - 1)) if want_logits else 0
+            b.logits[i] = 1 if not self.is_last else int(all_logits or (last_logits and i == n - 1)) if want_logits else 0
         if self._capture is not None:
             self._capture.reset()
         rc = llama_cpp.llama_decode(self._ctx, b)

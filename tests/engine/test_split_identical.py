@@ -71,3 +71,20 @@ def test_rows_over_several_decode_calls_match(default_model, seed_prompt_ids, n_
     with LocalPipeline(default_model, parse_split("0-14,15-29"), StageConfig(threads=2, n_batch=n_batch)) as small, \
             LocalPipeline(default_model, parse_split("0-14,15-29"), StageConfig(threads=2, n_batch=512)) as big:
         np.testing.assert_array_equal(small.stages[0].forward(0, 0, tokens=ids), big.stages[0].forward(0, 0, tokens=ids))
+
+
+def test_final_stage_rows_without_logits_leave_the_cache_as_it_would_be(default_model, seed_prompt_ids):
+    """Audit replays skip the LM head where nothing is audited; the logits after must not change."""
+    ids = np.asarray(seed_prompt_ids, dtype=np.int32)
+    with LocalPipeline(default_model, parse_split("0-14,15-29"), CONFIG) as pipe:
+        first, last = pipe.stages
+        hidden = first.forward(0, 0, tokens=ids)
+        n = len(ids)
+        assert last.forward(0, 0, hidden=hidden[:n - 8], logits=False) is None
+        steps = [last.forward(0, n - 8 + i, hidden=hidden[n - 8 + i:n - 7 + i], logits=i % 3 == 2) for i in range(8)]
+        every = [last.forward(1, 0, hidden=hidden[:n - 8])] + [
+            last.forward(1, n - 8 + i, hidden=hidden[n - 8 + i:n - 7 + i]) for i in range(8)]
+        assert [s is None for s in steps] == [i % 3 != 2 for i in range(8)]
+        for i in (2, 5):
+            np.testing.assert_array_equal(steps[i], every[1 + i])
+        assert last.next_position(0) == last.next_position(1) == n
