@@ -108,6 +108,8 @@ def _as_rows(x) -> np.ndarray:
 def canonical_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> np.ndarray:
     """Grid indices k (int32, shape [n, d]) of a [n, d] activation array; the value is k / grid."""
     a = _as_rows(x)
+    if grid.dtype == "float16" and a.dtype == np.float32 and grid.grid <= 2**13 and grid.clamp <= _FLOAT16_MAX:
+        return _float32_float16_indices(a, grid)
     with np.errstate(over="ignore"):  # beyond float16's range -> ±inf, clamped below
         cast = a.astype(_DTYPES[grid.dtype])
     if grid.dtype == "float16":
@@ -115,6 +117,33 @@ def canonical_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> np.ndarray:
         # the arithmetic below (a 49,152-wide logit row: about 0.35 ms against 0.9 ms of arithmetic).
         return _float16_index_table(grid).take(cast.view(np.uint16))
     return _grid_indices(cast, grid)
+
+
+_FLOAT16_MAX = 65504.0
+
+
+def _float32_float16_indices(a: np.ndarray, grid: CanonicalGrid) -> np.ndarray:
+    """The same indices for float32 input, without numpy's float16 cast (one element at a time,
+    about 4 ns each): the round to float16 is done in float32 by scaling each value to float16's
+    quantum at its magnitude, rounding half to even and scaling back, all exact (powers of two).
+    A 49,152-wide logit row in about 0.1 ms instead of 0.25. Equal to the cast for every finite
+    float32 (all 2^32 patterns checked at the default grid; tests check a sample at several).
+
+    Beyond float16's range the cast gives ±inf and this a larger finite value; both clip to the
+    clamp, which is why the clamp must lie in range. With grid <= 2^13 the product of an 11-bit
+    float16 value and the grid is exact in float32."""
+    e = a.view(np.uint32) & np.uint32(0x7F800000)   # the exponent field, left in place
+    np.maximum(e, np.uint32(113 << 23), out=e)       # float16 subnormals all have the quantum 2^-24
+    e -= np.uint32(10 << 23)                         # 2^(exponent - 10): float16's quantum there
+    inverse = np.uint32(254 << 23) - e
+    with np.errstate(over="ignore"):                 # values far beyond the clamp may reach inf
+        y = a * inverse.view(np.float32)
+        np.rint(y, out=y)
+        y *= e.view(np.float32)                      # the float16 value, exactly
+        y *= np.float32(grid.grid)
+    np.rint(y, out=y)
+    np.clip(y, -grid.clamp_steps, grid.clamp_steps, out=y)
+    return y.astype(np.int32)
 
 
 def _grid_indices(cast: np.ndarray, grid: CanonicalGrid) -> np.ndarray:

@@ -142,3 +142,20 @@ def test_index_table_is_exact_for_every_float16_value(g):
     gr = CanonicalGrid(grid=g, clamp=100.0)
     exact = np.clip(np.rint(every.astype(np.float16).astype(np.float64) * g), -gr.clamp_steps, gr.clamp_steps)
     assert (canonical.canonical_rows(every, gr) == exact.astype(np.int32)).all()
+
+
+@pytest.mark.parametrize("g,clamp", [(64, 100.0), (1, 65504.0), (100, 100.0), (8192, 3.0)])
+def test_float32_rows_skip_the_float16_cast_and_agree_with_it(g, clamp):
+    # float32 rows take the arithmetic path; it must equal numpy's float16 cast followed by the
+    # table, for every exponent, both signs, subnormals, and mantissas at and beside each tie.
+    rng = np.random.default_rng(g)
+    exponent = np.repeat(np.arange(255, dtype=np.uint32), 600)
+    mantissa = rng.integers(0, 1 << 23, size=exponent.size, dtype=np.uint32)
+    near_tie = np.uint32(0x1000) + rng.integers(-2, 3, size=exponent.size).astype(np.uint32)  # 13 dropped bits
+    mantissa[::3] = (mantissa[::3] & np.uint32(~0x1FFF & 0x7FFFFF)) | near_tie[::3]
+    sign = rng.integers(0, 2, size=exponent.size, dtype=np.uint32) << np.uint32(31)
+    x = (sign | (exponent << np.uint32(23)) | mantissa).view(np.float32)[None, :]
+    gr = CanonicalGrid(grid=g, clamp=clamp)
+    with np.errstate(over="ignore"):
+        cast = x.astype(np.float16)
+    assert (canonical.canonical_rows(x, gr) == canonical._float16_index_table(gr).take(cast.view(np.uint16))).all()
