@@ -13,7 +13,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["InclusionProof", "merkle_root", "inclusion_proof", "verify_inclusion", "leaf_hash", "node_hash"]
+__all__ = ["InclusionProof", "MerkleAccumulator", "merkle_root", "inclusion_proof", "verify_inclusion", "leaf_hash",
+           "node_hash"]
 
 
 def leaf_hash(commitment: bytes) -> bytes:
@@ -41,6 +42,34 @@ def merkle_root(commitments: Sequence[bytes]) -> bytes:
             nxt.append(level[-1])
         level = nxt
     return level[0]
+
+
+class MerkleAccumulator:
+    """merkle_root of a list that grows one commitment at a time, in O(log n) hashes per commitment.
+
+    Keeps the roots of the perfect subtrees the tree is made of (sizes: the binary digits of n,
+    largest first); the root hashes them together from the right, as RFC 6962's split does."""
+
+    def __init__(self) -> None:
+        self._peaks: list[tuple[int, bytes]] = []   # (leaves, subtree root), largest first
+        self.size = 0
+
+    def add(self, commitment: bytes) -> None:
+        _check([commitment])
+        leaves, h = 1, leaf_hash(bytes(commitment))
+        while self._peaks and self._peaks[-1][0] == leaves:
+            _, left = self._peaks.pop()
+            leaves, h = 2 * leaves, node_hash(left, h)
+        self._peaks.append((leaves, h))
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self._peaks:
+            raise ValueError("a Merkle tree needs at least one commitment")
+        h = self._peaks[-1][1]
+        for _, left in reversed(self._peaks[:-1]):
+            h = node_hash(left, h)
+        return h
 
 
 @dataclass(frozen=True)

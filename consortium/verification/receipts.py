@@ -55,13 +55,20 @@ def hidden_input_digest(row: np.ndarray) -> bytes:
                                                 le.tobytes())).digest()
 
 
+_CHAIN_SEED = hashlib.sha256(signing.encode_fields("consortium.input.chain.v1")).digest()
+
+
+def _chain_step(c: bytes, d: bytes) -> bytes:
+    if len(d) != 32:
+        raise ValueError("input digests are 32 bytes")
+    return hashlib.sha256(c + bytes(d)).digest()
+
+
 def input_chain(digests: Sequence[bytes]) -> bytes:
     """Hash chain over a window's per-token input digests: c = SHA-256(c || d), from a domain seed."""
-    c = hashlib.sha256(signing.encode_fields("consortium.input.chain.v1")).digest()
+    c = _CHAIN_SEED
     for d in digests:
-        if len(d) != 32:
-            raise ValueError("input digests are 32 bytes")
-        c = hashlib.sha256(c + bytes(d)).digest()
+        c = _chain_step(c, d)
     return c
 
 
@@ -169,16 +176,21 @@ class WindowSigner:
         self._key = private_key
         self.session, self.stage, self.node_id, self.epoch = session, stage, node_id, epoch
         self.grid, self.window = grid, window
-        self._start: int | None = None
-        self._commitments: list[bytes] = []
-        self._inputs: list[bytes] = []
-        self._last: SignedStatement | None = None
+        self.reset()
 
     def reset(self, *, epoch: int | None = None) -> None:
         """Drop the open window (after a KV truncation, or with a new epoch after fencing)."""
         if epoch is not None:
             self.epoch = epoch
-        self._start, self._commitments, self._inputs, self._last = None, [], [], None
+        self._start: int | None = None
+        self._last: SignedStatement | None = None
+        self._open_window()
+
+    def _open_window(self) -> None:
+        # The window's root and input chain grow with it: signing after every token stays O(log n).
+        self._commitments: list[bytes] = []
+        self._tree = merkle.MerkleAccumulator()
+        self._chain = _CHAIN_SEED
 
     def _closed(self) -> bool:
         return self._start is None or (self._start + len(self._commitments)) % self.window == 0
@@ -187,17 +199,18 @@ class WindowSigner:
         if len(commitment) != 32 or len(input_digest) != 32:
             raise ValueError("commitments and input digests are 32 bytes")
         if self._closed():
-            self._start, self._commitments, self._inputs = position, [], []
+            self._start = position
+            self._open_window()
         elif position != self._start + len(self._commitments):
             raise ValueError(f"position {position} does not continue the window at "
                              f"{self._start + len(self._commitments)}; reset() first")
         self._commitments.append(bytes(commitment))
-        self._inputs.append(bytes(input_digest))
+        self._tree.add(commitment)
+        self._chain = _chain_step(self._chain, input_digest)
 
     def _sign(self) -> SignedStatement:
-        st = WindowStatement.for_window(session=self.session, stage=self.stage, node_id=self.node_id,
-                                        epoch=self.epoch, window_start=self._start,
-                                        commitments=self._commitments, input_digests=self._inputs, grid=self.grid)
+        st = WindowStatement(self.session, self.stage, self.node_id, self.epoch, self._start, len(self._commitments),
+                             self._tree.root(), self._chain, self.grid)
         self._last = SignedStatement(st, signing.sign(self._key, st.encode()))
         return self._last
 

@@ -70,3 +70,15 @@ def test_empty_and_malformed_refused():
         merkle.merkle_root([])
     with pytest.raises(ValueError):
         merkle.merkle_root([b"short"])
+
+
+def test_accumulated_root_equals_the_root_of_the_list_at_every_size():
+    acc = merkle.MerkleAccumulator()
+    with pytest.raises(ValueError):
+        acc.root()
+    leaves = [hashlib.sha256(b"%d" % i).digest() for i in range(70)]
+    for n, c in enumerate(leaves, 1):
+        acc.add(c)
+        assert acc.size == n and acc.root() == merkle.merkle_root(leaves[:n])
+    with pytest.raises(ValueError):
+        acc.add(b"short")

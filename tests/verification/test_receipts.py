@@ -59,6 +59,18 @@ def test_each_response_signs_the_window_so_far(key):
     assert signing.verify_signature(key.public_key(), rebuilt.encode(), s.last.signature)
 
 
+def test_statements_signed_token_by_token_equal_the_statements_rebuilt_from_the_lists(key):
+    # The signer grows each window's root and input chain as tokens arrive; the driver rebuilds them.
+    s = make_signer(key, window=16)
+    ins, outs = digests("in", 40, 3), digests("out", 40, 3)
+    for i in range(40):
+        st = s.add(3 + i, ins[i], outs[i]).statement
+        lo = st.window_start - 3
+        assert st == receipts.WindowStatement.for_window(
+            session="s1", stage=1, node_id=signing.node_id_for(key), epoch=3, window_start=st.window_start,
+            commitments=outs[lo:i + 1], input_digests=ins[lo:i + 1])
+
+
 def test_windows_are_aligned_and_batches_sign_each_window_once(key):
     s = make_signer(key, window=16)
     n = 40
