@@ -2,6 +2,7 @@
 thread per connection that reads a frame, runs the step and writes the answer itself."""
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import threading
@@ -10,10 +11,18 @@ from consortium.wire import MAX_MESSAGE_BYTES, lane
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
+log = logging.getLogger("node_agent.datalane")
+
 
 class DataLane:
     """The listening socket and its connections; each connection is served by a thread of its own
-    until the driver hangs up or close() shuts it down."""
+    until the driver hangs up or close() shuts it down.
+
+    A driver holds one connection per agent, so `max_connections` is far more than sessions need;
+    beyond it a connection is closed at once (the driver then sends its steps as Forward calls),
+    so that a flood of connections cannot take a thread and a buffer each without end."""
+
+    max_connections = 64
 
     def __init__(self, service, host: str, port: int = 0, tls=None):
         """Listen on host:port (0: any free port) for `service` (a NodeAgentService). `tls`
@@ -24,8 +33,9 @@ class DataLane:
         self.port = self._sock.getsockname()[1]
         self._ctx = tls.ssl_context(server=True) if tls is not None else None
         self._closed = threading.Event()
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[object, socket.socket] = {}   # one key per connection: its socket, TLS once wrapped
         self._lock = threading.Lock()
+        self._refused = 0
         threading.Thread(target=self._accept, name="lane-accept", daemon=True).start()
 
     def close(self) -> None:
@@ -36,7 +46,7 @@ class DataLane:
             pass
         self._sock.close()
         with self._lock:
-            conns = list(self._conns)
+            conns = list(self._conns.values())
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
@@ -49,16 +59,30 @@ class DataLane:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="lane", daemon=True).start()
+            key = object()
+            with self._lock:
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns[key] = conn
+                else:
+                    self._refused += 1
+                    refused = self._refused
+            if full:
+                conn.close()
+                if refused == 1 or refused % 1000 == 0:
+                    log.warning("data lane: %d connection(s) refused so far, %d already open", refused,
+                                self.max_connections)
+                continue
+            threading.Thread(target=self._serve, args=(key, conn), name="lane", daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._conns.add(conn)
+    def _serve(self, key: object, conn: socket.socket) -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._ctx is not None:
                 conn.settimeout(HANDSHAKE_TIMEOUT_S)
                 conn = self._ctx.wrap_socket(conn, server_side=True)
+                with self._lock:
+                    self._conns[key] = conn   # what close() must shut down now
                 conn.settimeout(None)
                 if not self._caller_allowed(conn):
                     return
@@ -68,7 +92,7 @@ class DataLane:
             pass   # the driver went away (or never finished its handshake)
         finally:
             with self._lock:
-                self._conns.discard(conn)
+                self._conns.pop(key, None)
             conn.close()
 
     def _caller_allowed(self, conn: ssl.SSLSocket) -> bool:

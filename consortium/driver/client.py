@@ -113,6 +113,7 @@ class LaneClient:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self.connected = False   # ever: a lane that never connected may be unreachable from here
+        self.answered = False    # on this connection: until then the agent may be refusing it (lane full)
 
     def step(self, request, timeout: float):
         with self._lock:
@@ -123,6 +124,7 @@ class LaneClient:
                 self._sock.sendall(lane.request_frame(request.SerializeToString()))
                 n, code = lane.RESPONSE_HEAD.unpack(lane.recv_exact(self._sock, lane.RESPONSE_HEAD.size))
                 body = lane.recv_exact(self._sock, n)
+                self.answered = True
             except socket.timeout:
                 self._close()
                 raise StepError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -145,7 +147,7 @@ class LaneClient:
         except BaseException:
             sock.close()
             raise
-        self._sock, self.connected = sock, True
+        self._sock, self.connected, self.answered = sock, True, False
 
     def _close(self) -> None:
         if self._sock is not None:
@@ -219,7 +221,10 @@ class NodeClient:
             ok = True
             return resp
         except StepError as e:
-            if lane_.connected:   # the agent failed, not the lane: the caller fails the stage over
+            # The agent failed, not the lane, once the connection has answered, or when it connected
+            # and then missed the deadline: the caller fails the stage over. A connection closed
+            # before any answer is a lane that is full or cut off: Forward calls tell which.
+            if lane_.answered or (lane_.connected and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise
             log.warning("data lane to %s unreachable (%s: %s); Forward steps go as gRPC calls", self.name,
                         e.code().name, e.details())

@@ -20,7 +20,7 @@ import struct
 
 import grpc
 
-__all__ = ["REQUEST_HEAD", "RESPONSE_HEAD", "CODES", "LaneClosed", "recv_exact", "request_frame",
+__all__ = ["REQUEST_HEAD", "RESPONSE_HEAD", "CODES", "EAGER_BYTES", "LaneClosed", "recv_exact", "request_frame",
            "response_frame", "error_frame"]
 
 REQUEST_HEAD = struct.Struct("<I")
@@ -32,7 +32,14 @@ class LaneClosed(ConnectionError):
     """The other side closed the connection (mid-frame or between frames)."""
 
 
+EAGER_BYTES = 1 << 20   # frames up to this size are read into a buffer allocated up front
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    """n bytes from sock. A larger frame's buffer grows as its bytes arrive, so a length prefix
+    alone (up to MAX_MESSAGE_BYTES, from anyone on a plaintext lane) reserves no memory."""
+    if n > EAGER_BYTES:
+        return _recv_growing(sock, n)
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
@@ -40,6 +47,16 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray:
         if not k:
             raise LaneClosed(f"connection closed after {got} of {n} bytes")
         got += k
+    return buf
+
+
+def _recv_growing(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), EAGER_BYTES))
+        if not chunk:
+            raise LaneClosed(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
     return buf
 
 

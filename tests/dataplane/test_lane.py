@@ -2,6 +2,9 @@
 same reasons, deadlines kept, mutual TLS, and an agent that goes on serving whatever it is sent."""
 import logging
 import socket
+import threading
+import time
+import tracemalloc
 
 import grpc
 import numpy as np
@@ -11,6 +14,7 @@ from consortium import tls, wire
 from consortium.driver.client import LaneClient, NodeClient, RpcLog
 from consortium.wire import lane, pb
 from node_agent import server
+from node_agent.datalane import DataLane
 from node_agent.identity import NodeIdentity
 
 from .test_agent import PROMPT, load, malformed_requests, ref
@@ -177,3 +181,60 @@ def test_lane_under_mutual_tls_answers_the_driver_only(tls_agent):
     with pytest.raises(grpc.RpcError) as e:   # and the agent still answers the driver
         step("n1", driver)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_long_declared_frame_reserves_memory_only_as_its_bytes_arrive():
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"x" * 5000)
+        a.close()
+        tracemalloc.start()
+        try:
+            with pytest.raises(lane.LaneClosed, match="after 5000 of 209715200 bytes"):
+                lane.recv_exact(b, 200 * 1024 * 1024)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 4 * lane.EAGER_BYTES
+    c, d = socket.socketpair()
+    with c, d:   # and a long frame that does arrive is read whole
+        body = np.random.default_rng(1).integers(0, 256, 3 * lane.EAGER_BYTES + 7, dtype=np.uint8).tobytes()
+        t = threading.Thread(target=c.sendall, args=(body,))
+        t.start()
+        assert lane.recv_exact(d, len(body)) == body
+        t.join()
+
+
+def test_a_full_lane_closes_new_connections_and_the_driver_goes_on_with_forward_calls(agent, model_path, caplog,
+                                                                                      monkeypatch):
+    stub, service, _ = agent
+    load(stub, model_path, "full")
+    monkeypatch.setattr(DataLane, "max_connections", 2)
+    held = [raw_lane(service), raw_lane(service)]
+    try:
+        with raw_lane(service) as third:
+            assert third.recv(1) == b""   # closed at once
+        client = NodeClient("test-node", stub.endpoint, RpcLog(), 30.0)
+        try:
+            client.use_data_lane(service.data_port)
+            with caplog.at_level(logging.WARNING, logger="consortium.driver"):
+                r0, _, r2 = steps(client.forward, "full", 0, PROMPT)
+            assert "unreachable" in caplog.text and r2.output.shape[0] == 1
+            assert client.lane_address is None
+        finally:
+            client.close()
+    finally:
+        for s in held:
+            s.close()
+    c = lane_of(service)   # the slots come back once their connections are gone
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                c.step(pb.ForwardRequest(ref=ref("full", 0), position=len(PROMPT), tokens=[5]), 10.0)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        c.close()
