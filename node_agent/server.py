@@ -430,12 +430,15 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         return None, h
 
     def _forward(self, req: pb.ForwardRequest, send: bool, when_sent=DeferredJob.start):
-        """One forward step (send: Forward, its output rows in the response) or a replayed one (Replay).
-        `when_sent(job)` arranges for a deferred step's job to start once its response has gone out."""
+        """One forward step (send: Forward, its output rows in the response) or a replay of one or
+        more of the original run's batches (Replay). `when_sent(job)` arranges for a deferred step's
+        job to start once its response has gone out."""
         a = self._assignment(req.ref)
         tokens, hidden = self._inputs(a.is_first, a.engine.n_embd, list(req.tokens), req.hidden,
                                       req.HasField("hidden"))
-        n = len(tokens) if tokens is not None else hidden.shape[0]
+        x = tokens if tokens is not None else hidden
+        n = len(x)
+        sizes = self._batch_sizes(req, n, send, a.is_last)
         defer = send and req.defer_commitments
         with a.lock:
             a.settle()
@@ -444,15 +447,22 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 raise _bad(f"session {a.session!r} stage {a.stage_index} continues at position {expected}, "
                            f"not {req.position}")
             t0, c0 = time.perf_counter(), time.thread_time()
-            if tokens is not None:
-                out = a.engine.forward(a.seq, req.position, tokens=tokens)
-            else:
-                out = a.engine.forward(a.seq, req.position, hidden=hidden)
-            first_out = req.position if not a.is_last else req.position + n - 1
-            for i in range(len(out)):
-                a.outputs[first_out + i] = out[i]
+            outs, ends, i = [], [], 0
+            for size in sizes:
+                chunk = x[i:i + size]
+                if tokens is not None:
+                    outs.append(a.engine.forward(a.seq, req.position + i, tokens=chunk))
+                else:
+                    outs.append(a.engine.forward(a.seq, req.position + i, hidden=chunk))
+                i += size
+                ends.append(i - 1)
+            out = outs[0] if len(outs) == 1 else np.concatenate(outs)
+            # A non-final stage outputs every row; the final stage the logits of each batch's last.
+            first_out, inputs = (req.position, x) if not a.is_last else (req.position + ends[0], x[ends])
+            for k in range(len(out)):
+                a.outputs[first_out + k] = out[k]
             if a.is_last:
-                for k in [k for k in a.outputs if k <= first_out - FINAL_STAGE_KEEP]:
+                for k in [k for k in a.outputs if k <= first_out + len(out) - 1 - FINAL_STAGE_KEEP]:
                     del a.outputs[k]
             with self._lock:
                 for p in range(req.position, req.position + n):
@@ -461,10 +471,10 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             if defer:
                 commitments, windows = [], []
                 a.pending = DeferredJob(functools.partial(
-                    self._commit_and_sign, a, first_out, out, tokens, hidden, True), self._committer)
+                    self._commit_and_sign, a, first_out, out, inputs, True), self._committer)
                 when_sent(a.pending)
             else:
-                commitments, windows = self._commit_and_sign(a, first_out, out, tokens, hidden, False)
+                commitments, windows = self._commit_and_sign(a, first_out, out, inputs, False)
             compute_ms, cpu_ms = (time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000
         wins = [wire.window_to_pb(w) for w in windows]
         if not send:
@@ -474,16 +484,29 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                   commitments=commitments, windows=wins, compute_ms=compute_ms, earlier=earlier,
                                   cpu_ms=cpu_ms)
 
-    def _commit_and_sign(self, a: Assignment, first_out: int, out: np.ndarray, tokens, hidden,
+    @staticmethod
+    def _batch_sizes(req: pb.ForwardRequest, n: int, forward_step: bool, is_last: bool) -> list[int]:
+        sizes = list(req.batch_sizes)
+        if not sizes:
+            return [n]
+        if forward_step:
+            raise _bad("batch_sizes is for Replay; a Forward step is one batch")
+        if any(s <= 0 for s in sizes) or sum(sizes) != n:
+            raise _bad(f"batch sizes {sizes[:8]} do not add up to the {n} rows given")
+        if is_last and any(s != 1 for s in sizes[1:]):
+            raise _bad("on the final stage only the first replayed batch may have more than one row "
+                       "(the logits it commits must be at consecutive positions)")
+        return sizes
+
+    def _commit_and_sign(self, a: Assignment, first_out: int, out: np.ndarray, inputs: np.ndarray,
                          deferred: bool) -> tuple[list[bytes], list]:
-        """Commit the output rows and sign the window(s) they touch; kept for Reveal (and, deferred,
-        for the next response). Runs under a.lock, or as a.pending's job while no one else reads a."""
-        if tokens is not None:
-            digests = [receipts.token_input_digest(int(t)) for t in tokens]
+        """Commit the output rows and sign the window(s) they touch, once each; kept for Reveal (and,
+        deferred, for the next response). `inputs`: the token id or hidden row fed at each output
+        row's position. Runs under a.lock, or as a.pending's job while no one else reads a."""
+        if a.is_first:
+            digests = [receipts.token_input_digest(int(t)) for t in inputs]
         else:
-            digests = [receipts.hidden_input_digest(r) for r in hidden]
-        if a.is_last:
-            digests = digests[-1:]
+            digests = [receipts.hidden_input_digest(r) for r in inputs]
         commitments = canonical.commit_rows(out, a.grid)
         windows = a.signer.add_batch(first_out, digests, commitments)
         for i, c in enumerate(commitments):

@@ -53,6 +53,10 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
                   grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED}
 
+# Rows per Replay call when a backup rebuilds a stage: a call then stays within a few seconds of
+# compute, and its request within a few MB (256 hidden rows of 4096 floats: 4 MB).
+REPLAY_ROWS_PER_CALL = 256
+
 
 class DriverError(RuntimeError):
     pass
@@ -468,25 +472,34 @@ class SessionDriver:
         raise DriverError(f"no upstream node could resend the inputs of stage {s}")
 
     def _rebuild(self, s: int, node: str, upto: int) -> int:
-        """Replay stage s's inputs [0, upto) on `node` in the original batch shapes."""
+        """Replay stage s's inputs [0, upto) on `node` in the original batch shapes, many batches per
+        Replay call (one call per batch cost about 2 ms per row more)."""
         if upto == 0:
             return 0
         x = self._stage_inputs(s, 0, upto)
-        rows = 0
+        final = s == self.n_stages - 1
+        calls: list[tuple[int, list[int]]] = []   # (first position, batch sizes)
         for start, n in self.state.batches:
             if start >= upto:
                 break
             n = min(n, upto - start)
+            # The final stage commits each batch's last row: only a call's first batch may be longer.
+            if calls and not (final and n > 1) and sum(calls[-1][1]) + n <= REPLAY_ROWS_PER_CALL:
+                calls[-1][1].append(n)
+            else:
+                calls.append((start, [n]))
+        for start, sizes in calls:
+            n = sum(sizes)
             chunk = x[start:start + n]
             req = self._forward_request(s, start, chunk)
+            req.batch_sizes.extend(sizes)
             resp = self.clients[node].call("Replay", req, timeout=self.load_timeout_s)
             with self._lock:
                 for i in range(n):
                     self._inputs[s][start + i] = chunk[i] if s else int(chunk[i])
-            self._accept(s, node, self.state.epochs[s], start if s < self.n_stages - 1 else start + n - 1, None,
+            self._accept(s, node, self.state.epochs[s], start + sizes[0] - 1 if final else start, None,
                          list(resp.commitments), list(resp.windows), select=False)
-            rows += n
-        return rows
+        return sum(sum(sizes) for _, sizes in calls)
 
     # -- audits ----------------------------------------------------------------------------------
 

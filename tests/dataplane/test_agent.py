@@ -90,6 +90,34 @@ def test_truncate_then_replay_gives_same_rows(agent, model_path):
     assert np.array_equal(wire.decode_tensor(again.output), wire.decode_tensor(r1.output)[4:])
 
 
+def test_one_replay_call_rebuilds_many_batches_in_their_shapes(agent, model_path):
+    """A backup's KV rebuilt by one Replay call per stage, batch by batch: the same commitments as
+    the original steps, one signed window per window, and the next step gives the same rows."""
+    stub, service, _ = agent
+    load(stub, model_path, "rb")
+    tokens, rs, pos = list(PROMPT), [step(stub, "rb", 0, PROMPT)], len(PROMPT)
+    for _ in range(4):
+        tokens.append(int(np.argmax(wire.decode_tensor(rs[-1][2].output)[-1])))
+        rs.append(step(stub, "rb", pos, tokens[-1:]))
+        pos += 1
+    sizes = [len(PROMPT)] + [1] * 4
+    load(stub, model_path, "rb2")
+    inputs = [pb.ForwardRequest(tokens=tokens)] + [
+        pb.ForwardRequest(hidden=wire.encode_tensor(np.concatenate([wire.decode_tensor(r[s].output) for r in rs])))
+        for s in (0, 1)]
+    for s, req in enumerate(inputs):
+        req.ref.CopyFrom(ref("rb2", s))
+        req.batch_sizes.extend(sizes)
+        got = stub.Replay(req)
+        assert got.rows == len(tokens) and len(got.windows) == 1
+        assert list(got.commitments) == [c for r in rs for c in r[s].commitments]
+    again = step(stub, "rb2", pos, [7])
+    for a, b in zip(again, step(stub, "rb", pos, [7])):
+        assert np.array_equal(wire.decode_tensor(a.output), wire.decode_tensor(b.output))
+    for session in ("rb", "rb2"):   # the module's agent has 8 sequence slots per stage
+        service.release_session(session)
+
+
 def malformed_requests(model_path, width=576):
     good = wire.encode_tensor(np.zeros((1, width), np.float32))
     nan = wire.encode_tensor(np.full((1, width), np.nan, np.float32))
@@ -110,6 +138,9 @@ def malformed_requests(model_path, width=576):
     yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=5, last_layer=2), "bad layer range"
     yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=0, last_layer=99), "run past"
     yield "Audit", pb.AuditRequest(ref=ref("mf", 1), model_path=model_path, first_layer=10, last_layer=19, hidden=good, batch_sizes=[2], positions=[0]), "batch sizes"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[1, 2], batch_sizes=[1, 1]), "batch_sizes is for Replay"
+    yield "Replay", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[1, 2], batch_sizes=[1, 2]), "do not add up"
+    yield "Replay", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=wire.encode_tensor(np.zeros((3, width), np.float32)), batch_sizes=[1, 2]), "only the first replayed batch"
 
 
 def call(stub, method, req):
