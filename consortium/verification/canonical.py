@@ -168,6 +168,12 @@ def _float16_index_table(grid: CanonicalGrid) -> np.ndarray:
     return _grid_indices(finite, grid)
 
 
+@functools.lru_cache(maxsize=16)
+def _row_hash_head(grid: CanonicalGrid, width: int):
+    """SHA-256 fed with a row's header; each row's hash continues a copy of it."""
+    return hashlib.sha256(row_header(grid, width))
+
+
 def _check_indices(k, grid: CanonicalGrid) -> np.ndarray:
     a = np.asarray(k)
     if a.ndim != 2:
@@ -186,7 +192,7 @@ def commit_canonical(k, grid: CanonicalGrid = DEFAULT_GRID) -> list[bytes]:
 
 def _commit_indices(a: np.ndarray, grid: CanonicalGrid) -> list[bytes]:
     a = np.ascontiguousarray(a, dtype="<i4")
-    base = hashlib.sha256(row_header(grid, a.shape[1]))
+    base = _row_hash_head(grid, a.shape[1])
     out = []
     for row in a:
         h = base.copy()

@@ -13,8 +13,10 @@ different nodes and epochs cover predictable position ranges (a node that starts
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
+import struct
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -50,9 +52,18 @@ def hidden_input_digest(row: np.ndarray) -> bytes:
     a = np.asarray(row)
     if a.ndim != 1 or a.dtype.kind != "f":
         raise ValueError(f"expected one floating-point row, got {a.dtype} {a.shape}")
-    le = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<")))
-    return hashlib.sha256(signing.encode_fields("consortium.input.hidden.v1", a.dtype.name, a.shape[0],
-                                                le.tobytes())).digest()
+    le = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    h = _hidden_digest_head(a.dtype.name, a.shape[0]).copy()
+    h.update(le)   # the row's own buffer: encode_fields' last field without copying it twice
+    return h.digest()
+
+
+@functools.lru_cache(maxsize=16)
+def _hidden_digest_head(dtype: str, width: int):
+    """SHA-256 fed with encode_fields(domain, dtype, width, <row>) up to the row's bytes."""
+    head = signing.encode_fields("consortium.input.hidden.v1", dtype, width)
+    itemsize = np.dtype(dtype).itemsize
+    return hashlib.sha256(head + struct.pack("<I", width * itemsize))
 
 
 _CHAIN_SEED = hashlib.sha256(signing.encode_fields("consortium.input.chain.v1")).digest()
