@@ -39,6 +39,19 @@ def test_kill_stage_1(kill_at, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_kill_first_or_final_stage(stage):
+    """The final stage's backup replays the prompt batch and then one row per token in one call,
+    committing the logits at each batch end; the first stage's replays token ids."""
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=stage, kill_at=20))
+    check_common(r)
+    f = r["failover"]
+    assert f["injected"] and f["completed"] and f["stage"] == stage
+    assert f["replayed_rows"] == r["counters"][stage]["replayed_rows"] == r["prompt_tokens"] + 19
+    assert r["success"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["skip-layer", "cheap-quant", "noise-0.3", "replay", "random"])
 def test_faulty_worker_caught_and_rolled_back(fault):
     r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=None, faulty_stage=1, fault=fault))
