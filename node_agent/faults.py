@@ -140,12 +140,14 @@ class CheatingStage:
         self.n_embd = self._parts[0].n_embd
         self.n_vocab = self._parts[-1].n_vocab
 
-    def forward(self, seq: int, position: int, *, tokens=None, hidden=None, all_logits: bool = False) -> np.ndarray:
+    def forward(self, seq: int, position: int, *, tokens=None, hidden=None, all_logits: bool = False,
+                logits: bool = True) -> np.ndarray | None:
         if self.fault.kind == "skip-layer":
             x = self._parts[0].forward(seq, position, tokens=tokens, hidden=hidden)
-            return self._parts[1].forward(seq, position, hidden=x, all_logits=all_logits)
-        out = self._parts[0].forward(seq, position, tokens=tokens, hidden=hidden, all_logits=all_logits)
-        if not self.fault.transforms_output:
+            return self._parts[1].forward(seq, position, hidden=x, all_logits=all_logits, logits=logits)
+        out = self._parts[0].forward(seq, position, tokens=tokens, hidden=hidden, all_logits=all_logits,
+                                     logits=logits)
+        if out is None or not self.fault.transforms_output:
             return out
         cheat = apply_fault(self.fault, out, previous=self._last.get(seq), rng=self._rng)
         # The next call's first row replays this call's last honest row: the previous token's output.

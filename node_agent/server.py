@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -438,7 +439,16 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                       req.HasField("hidden"))
         x = tokens if tokens is not None else hidden
         n = len(x)
-        sizes = self._batch_sizes(req, n, send, a.is_last)
+        sizes = self._batch_sizes(req, n, send)
+        ends = [e - 1 for e in itertools.accumulate(sizes)]   # each batch's last row, from the first given
+        # A non-final stage outputs every row; the final stage the logits of batch ends from commit_from.
+        logits = [not a.is_last or req.position + e >= req.commit_from for e in ends]
+        if req.commit_from and not (a.is_last and not send):
+            raise _bad("commit_from is for a Replay of the final stage")
+        committed = [e for e, keep in zip(ends, logits) if keep]
+        if a.is_last and any(b - e != 1 for e, b in zip(committed, committed[1:])):
+            raise _bad("on the final stage the batches that commit logits must end at consecutive positions "
+                       "(after the first of them, one row each)")
         defer = send and req.defer_commitments
         with a.lock:
             a.settle()
@@ -447,23 +457,29 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 raise _bad(f"session {a.session!r} stage {a.stage_index} continues at position {expected}, "
                            f"not {req.position}")
             t0, c0 = time.perf_counter(), time.thread_time()
-            outs, ends, i = [], [], 0
-            for size in sizes:
+            outs, i = [], 0
+            for size, keep in zip(sizes, logits):
                 chunk = x[i:i + size]
                 if tokens is not None:
-                    outs.append(a.engine.forward(a.seq, req.position + i, tokens=chunk))
+                    out = a.engine.forward(a.seq, req.position + i, tokens=chunk, logits=keep)
                 else:
-                    outs.append(a.engine.forward(a.seq, req.position + i, hidden=chunk))
+                    out = a.engine.forward(a.seq, req.position + i, hidden=chunk, logits=keep)
+                if keep:
+                    outs.append(out)
                 i += size
-                ends.append(i - 1)
-            out = outs[0] if len(outs) == 1 else np.concatenate(outs)
-            # A non-final stage outputs every row; the final stage the logits of each batch's last.
-            first_out, inputs = (req.position, x) if not a.is_last else (req.position + ends[0], x[ends])
-            for k in range(len(out)):
-                a.outputs[first_out + k] = out[k]
-            if a.is_last:
-                for k in [k for k in a.outputs if k <= first_out + len(out) - 1 - FINAL_STAGE_KEEP]:
-                    del a.outputs[k]
+            out = (outs[0] if len(outs) == 1 else np.concatenate(outs)) if outs else None
+            if not a.is_last:
+                first_out, inputs = req.position, x
+            elif committed:
+                first_out, inputs = req.position + committed[0], x[committed]
+            else:
+                first_out, inputs = None, None
+            if out is not None:
+                for k in range(len(out)):
+                    a.outputs[first_out + k] = out[k]
+                if a.is_last:
+                    for k in [k for k in a.outputs if k <= first_out + len(out) - 1 - FINAL_STAGE_KEEP]:
+                        del a.outputs[k]
             with self._lock:
                 for p in range(req.position, req.position + n):
                     self._counters[(a.session, a.stage_index, p)][0 if send else 1] += 1
@@ -473,8 +489,10 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 a.pending = DeferredJob(functools.partial(
                     self._commit_and_sign, a, first_out, out, inputs, True), self._committer)
                 when_sent(a.pending)
-            else:
+            elif out is not None:
                 commitments, windows = self._commit_and_sign(a, first_out, out, inputs, False)
+            else:   # a final-stage replay that only rebuilt the KV cache
+                commitments, windows = [], []
             compute_ms, cpu_ms = (time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000
         wins = [wire.window_to_pb(w) for w in windows]
         if not send:
@@ -485,7 +503,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                   cpu_ms=cpu_ms)
 
     @staticmethod
-    def _batch_sizes(req: pb.ForwardRequest, n: int, forward_step: bool, is_last: bool) -> list[int]:
+    def _batch_sizes(req: pb.ForwardRequest, n: int, forward_step: bool) -> list[int]:
         sizes = list(req.batch_sizes)
         if not sizes:
             return [n]
@@ -493,9 +511,6 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             raise _bad("batch_sizes is for Replay; a Forward step is one batch")
         if any(s <= 0 for s in sizes) or sum(sizes) != n:
             raise _bad(f"batch sizes {sizes[:8]} do not add up to the {n} rows given")
-        if is_last and any(s != 1 for s in sizes[1:]):
-            raise _bad("on the final stage only the first replayed batch may have more than one row "
-                       "(the logits it commits must be at consecutive positions)")
         return sizes
 
     def _commit_and_sign(self, a: Assignment, first_out: int, out: np.ndarray, inputs: np.ndarray,

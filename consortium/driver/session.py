@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import queue
 import threading
@@ -488,17 +489,26 @@ class SessionDriver:
                 calls[-1][1].append(n)
             else:
                 calls.append((start, [n]))
+        commit_from = 0
+        if final:   # logits only where no commitment is held: the LM head is about half of that stage
+            with self._lock:
+                ends = [b + n - 1 for b, n in self.state.batches if b + n - 1 < upto]
+                commit_from = next((e for e in ends if e not in self._commits[s]), upto)
         for start, sizes in calls:
             n = sum(sizes)
             chunk = x[start:start + n]
             req = self._forward_request(s, start, chunk)
             req.batch_sizes.extend(sizes)
+            req.commit_from = commit_from
             resp = self.clients[node].call("Replay", req, timeout=self.load_timeout_s)
             with self._lock:
                 for i in range(n):
                     self._inputs[s][start + i] = chunk[i] if s else int(chunk[i])
-            self._accept(s, node, self.state.epochs[s], start + sizes[0] - 1 if final else start, None,
-                         list(resp.commitments), list(resp.windows), select=False)
+            if resp.commitments:
+                first = start if not final else next(start - 1 + e for e in itertools.accumulate(sizes)
+                                                     if start - 1 + e >= commit_from)
+                self._accept(s, node, self.state.epochs[s], first, None, list(resp.commitments),
+                             list(resp.windows), select=False)
         return sum(sum(sizes) for _, sizes in calls)
 
     # -- audits ----------------------------------------------------------------------------------

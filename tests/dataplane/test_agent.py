@@ -114,7 +114,16 @@ def test_one_replay_call_rebuilds_many_batches_in_their_shapes(agent, model_path
     again = step(stub, "rb2", pos, [7])
     for a, b in zip(again, step(stub, "rb", pos, [7])):
         assert np.array_equal(wire.decode_tensor(a.output), wire.decode_tensor(b.output))
-    for session in ("rb", "rb2"):   # the module's agent has 8 sequence slots per stage
+    # The final stage with commit_from: rows ending earlier only rebuild the KV (no LM head, nothing
+    # committed), the rest commit as before, and the next step's logits are the same.
+    load(stub, model_path, "rb3")
+    req = pb.ForwardRequest(ref=ref("rb3", 2), position=0, hidden=inputs[2].hidden, batch_sizes=sizes,
+                            commit_from=len(PROMPT) + 2)
+    got = stub.Replay(req)
+    assert got.rows == len(tokens) and list(got.commitments) == [c for r in rs[3:] for c in r[2].commitments]
+    nxt = stub.Forward(pb.ForwardRequest(ref=ref("rb3", 2), position=pos, hidden=again[1].output))
+    assert np.array_equal(wire.decode_tensor(nxt.output), wire.decode_tensor(again[2].output))
+    for session in ("rb", "rb2", "rb3"):   # the module's agent has 8 sequence slots per stage
         service.release_session(session)
 
 
@@ -140,7 +149,8 @@ def malformed_requests(model_path, width=576):
     yield "Audit", pb.AuditRequest(ref=ref("mf", 1), model_path=model_path, first_layer=10, last_layer=19, hidden=good, batch_sizes=[2], positions=[0]), "batch sizes"
     yield "Forward", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[1, 2], batch_sizes=[1, 1]), "batch_sizes is for Replay"
     yield "Replay", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[1, 2], batch_sizes=[1, 2]), "do not add up"
-    yield "Replay", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=wire.encode_tensor(np.zeros((3, width), np.float32)), batch_sizes=[1, 2]), "only the first replayed batch"
+    yield "Replay", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=wire.encode_tensor(np.zeros((3, width), np.float32)), batch_sizes=[1, 2]), "consecutive positions"
+    yield "Replay", pb.ForwardRequest(ref=ref("mf", 1), position=0, hidden=good, commit_from=3), "commit_from is for"
 
 
 def call(stub, method, req):
