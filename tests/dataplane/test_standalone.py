@@ -42,7 +42,7 @@ def test_kill_stage_1(kill_at, tmp_path):
 @pytest.mark.parametrize("stage", [0, 2])
 def test_kill_first_or_final_stage(stage):
     """The final stage's backup replays the prompt batch and then one row per token in one call,
-    committing the logits at each batch end; the first stage's replays token ids."""
+    committing the logits at each batch end; the first stage's backup replays token ids."""
     r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=stage, kill_at=20))
     check_common(r)
     f = r["failover"]
