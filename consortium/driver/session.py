@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import logging
 import queue
 import threading
@@ -505,8 +504,8 @@ class SessionDriver:
                 for i in range(n):
                     self._inputs[s][start + i] = chunk[i] if s else int(chunk[i])
             if resp.commitments:
-                first = start if not final else next(start - 1 + e for e in itertools.accumulate(sizes)
-                                                     if start - 1 + e >= commit_from)
+                # commit_from is a batch end: the call's first committed row is it or the call's first end
+                first = start if not final else max(start + sizes[0] - 1, commit_from)
                 self._accept(s, node, self.state.epochs[s], first, None, list(resp.commitments),
                              list(resp.windows), select=False)
         return sum(sum(sizes) for _, sizes in calls)
