@@ -201,9 +201,33 @@ def _commit_indices(a: np.ndarray, grid: CanonicalGrid) -> list[bytes]:
     return out
 
 
+# Elements canonicalized per pass. Larger arrays go in blocks of rows, and rows wider than this in
+# pieces hashed one after another: numpy's temporaries then stay in cache and below malloc's mmap
+# threshold. Sixteen logit rows of 49,152 in one pass took 11 ms, 3,000 page faults per call,
+# against 1.5 ms row by row.
+_BLOCK_ELEMENTS = 1 << 16
+
+
 def commit_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> list[bytes]:
     """Commitments of a [n_tokens, width] activation array: one 32-byte digest per token row."""
-    return _commit_indices(canonical_rows(x, grid), grid)  # indices made here need no range check
+    a = np.asarray(x)
+    if a.ndim != 2 or a.size <= _BLOCK_ELEMENTS:
+        return _commit_indices(canonical_rows(a, grid), grid)  # indices made here need no range check
+    n, width = a.shape
+    try:
+        if width <= _BLOCK_ELEMENTS:
+            rows = _BLOCK_ELEMENTS // width
+            return [c for i in range(0, n, rows) for c in _commit_indices(canonical_rows(a[i:i + rows], grid), grid)]
+        out = []
+        for row in a:
+            h = _row_hash_head(grid, width).copy()
+            for j in range(0, width, _BLOCK_ELEMENTS):
+                h.update(np.ascontiguousarray(canonical_rows(row[None, j:j + _BLOCK_ELEMENTS], grid), dtype="<i4"))
+            out.append(h.digest())
+        return out
+    except NonFiniteActivation:
+        _as_rows(a)   # the same refusal, naming the row and column in the whole array
+        raise
 
 
 def seed_commit_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> list[bytes]:

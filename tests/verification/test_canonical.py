@@ -55,6 +55,20 @@ def test_one_commitment_per_row_in_order():
     assert canonical.commit_rows(x[1:2]) == [d[1]]
 
 
+def test_large_arrays_commit_in_blocks_to_the_same_digests():
+    """Many rows go in blocks of rows and rows wider than a block in pieces hashed one after another:
+    the digests are those of the whole array in one pass (commit_canonical of its indices)."""
+    rng = np.random.default_rng(5)
+    for shape in [(40, 2000), (3, 70_000), (2, 3 * canonical._BLOCK_ELEMENTS + 17)]:
+        x = (rng.standard_normal(shape) * 40).astype(np.float32)
+        assert x.size > canonical._BLOCK_ELEMENTS
+        whole = canonical.commit_canonical(canonical.canonical_rows(x))
+        assert canonical.commit_rows(x) == whole == [canonical.commit_rows(r[None])[0] for r in x]
+        x[-1, -2] = np.nan   # refused naming the place in the whole array, not in a block
+        with pytest.raises(NonFiniteActivation, match=f"row {shape[0] - 1}, column {shape[1] - 2}"):
+            canonical.commit_rows(x)
+
+
 def test_negative_zero_equals_positive_zero():
     a = np.array([[-0.0, -0.001, -1e-40]], dtype=np.float32)
     b = np.zeros((1, 3), dtype=np.float32)
