@@ -45,6 +45,7 @@ class Options:
     plaintext: bool = False  # gRPC without TLS; by default a CA made for the run issues mutual-TLS certificates
     defer_commitments: bool = True   # agents commit and sign after answering (False: before, in the response)
     audit_replay_rows: int = 1   # rows per batch when audits replay decode steps (driver.session.replay_batches)
+    sign_per_window: bool = False   # deferred commitments committed and signed once per receipt window
 
 
 class Agents:
@@ -173,6 +174,7 @@ def run(opts: Options) -> dict:
                                model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
                                rpc_timeout_s=opts.rpc_timeout_s, tls=agents.driver_tls,
                                registered_keys=agents.public_keys, defer_commitments=opts.defer_commitments,
+                               sign_per_window=opts.sign_per_window,
                                proof_key=coordinator.private_key, proof_signer=coordinator.node_id,
                                audit_replay_rows=opts.audit_replay_rows)
         health = {n: driver.clients[n].call("Health", pb.HealthRequest())

@@ -152,13 +152,19 @@ class Assignment:
     pending: "DeferredJob | None" = None
     undelivered: list = dataclasses.field(default_factory=list)    # [(position, commitment)]
     undelivered_windows: dict = dataclasses.field(default_factory=dict)  # window start -> latest signed
+    # Steps signed per window whose rows went out and are not committed yet: [(first row, rows, inputs)].
+    uncommitted: list = dataclasses.field(default_factory=list)
 
-    def settle(self) -> None:
+    def settle(self, commit=None) -> None:
         """Wait for the deferred commit-and-sign job (starting it if its response's delivery has not);
-        its error, if any, is raised here once."""
+        its error, if any, is raised here once. With `commit` (the agent's commit-and-sign), also
+        commit and sign the steps held for their window's end, for whoever needs them now."""
         job, self.pending = self.pending, None
         if job is not None:
             job.result()
+        if commit is not None and self.uncommitted:
+            steps, self.uncommitted = self.uncommitted, []
+            commit(self, steps, True)
 
     def take_undelivered(self) -> pb.DeferredCommitments:
         out = pb.DeferredCommitments(position=self.undelivered[0][0] if self.undelivered else 0,
@@ -360,7 +366,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 del a.windows[k]
             # A driver that truncates is rolling back or resuming after its own crash: it could not check
             # an undelivered window whose earlier commitments it never received, so none is delivered.
-            a.undelivered, a.undelivered_windows = [], {}
+            a.undelivered, a.undelivered_windows, a.uncommitted = [], {}, []
             a.signer.reset()
             return pb.TruncateResponse(next_position=a.engine.next_position(a.seq))
 
@@ -451,7 +457,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                        "(after the first of them, one row each)")
         defer = send and req.defer_commitments
         with a.lock:
-            a.settle()
+            # Steps held for their window's end are committed first by anything that commits now.
+            a.settle(None if defer else self._commit_and_sign)
             expected = a.engine.next_position(a.seq)
             if req.position != expected:
                 raise _bad(f"session {a.session!r} stage {a.stage_index} continues at position {expected}, "
@@ -486,11 +493,15 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             earlier = a.take_undelivered() if send else None   # before the job below adds to it
             if defer:
                 commitments, windows = [], []
-                a.pending = DeferredJob(functools.partial(
-                    self._commit_and_sign, a, first_out, out, inputs, True), self._committer)
-                when_sent(a.pending)
+                a.uncommitted.append((first_out, out, inputs))
+                window = a.signer.window
+                if not req.sign_per_window or (first_out + len(out)) // window > first_out // window:
+                    steps, a.uncommitted = a.uncommitted, []
+                    a.pending = DeferredJob(functools.partial(self._commit_and_sign, a, steps, True),
+                                            self._committer)
+                    when_sent(a.pending)
             elif out is not None:
-                commitments, windows = self._commit_and_sign(a, first_out, out, inputs, False)
+                commitments, windows = self._commit_and_sign(a, [(first_out, out, inputs)], False)
             else:   # a final-stage replay that only rebuilt the KV cache
                 commitments, windows = [], []
             compute_ms, cpu_ms = (time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000
@@ -513,17 +524,13 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             raise _bad(f"batch sizes {sizes[:8]} do not add up to the {n} rows given")
         return sizes
 
-    def _commit_and_sign(self, a: Assignment, first_out: int, out: np.ndarray, inputs: np.ndarray,
-                         deferred: bool) -> tuple[list[bytes], list]:
-        """Commit the output rows and sign the window(s) they touch, once each; kept for Reveal (and,
-        deferred, for the next response). `inputs`: the token id or hidden row fed at each output
-        row's position. Runs under a.lock, or as a.pending's job while no one else reads a."""
-        if a.is_first:
-            digests = [receipts.token_input_digest(int(t)) for t in inputs]
-        else:
-            digests = [receipts.hidden_input_digest(r) for r in inputs]
-        commitments = canonical.commit_rows(out, a.grid)
-        windows = a.signer.add_batch(first_out, digests, commitments)
+    @staticmethod
+    def _commit_and_sign(a: Assignment, steps: list, deferred: bool) -> tuple[list[bytes], list]:
+        """Commit and sign the rows of one or more steps (WindowSigner.commit_steps); kept for Reveal
+        (and, deferred, for a later response). Runs under a.lock, or as a.pending's job while no one
+        else reads a."""
+        commitments, windows = a.signer.commit_steps(steps, token_inputs=a.is_first)
+        first_out = steps[0][0]
         for i, c in enumerate(commitments):
             a.commitments[first_out + i] = c
         for w in windows:
@@ -540,7 +547,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     def _commitments(self, req: pb.CommitmentsRequest) -> pb.DeferredCommitments:
         a = self._assignment(req.ref)
         with a.lock:
-            a.settle()
+            a.settle(self._commit_and_sign)
             return a.take_undelivered()
 
     # -- Resend / Reveal ----------------------------------------------------------------------
@@ -570,7 +577,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         a = self._assignment(req.ref)
         p = int(req.position)
         with a.lock:
-            a.settle()
+            a.settle(self._commit_and_sign)
             row = a.outputs.get(p)
             if row is None:
                 raise _bad(f"no stored output for position {p}")

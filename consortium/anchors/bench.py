@@ -63,7 +63,8 @@ class Session:
 
     def __init__(self, agents_endpoints: dict[str, str], model: str, info, split, sha: str, prompt_ids: list[int],
                  name: str, audit: float, rpc_timeout_s: float = 30.0, tls=None,
-                 registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 1):
+                 registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 1,
+                 sign_per_window: bool = False):
         from consortium.driver.policy import LocalPolicy
         from consortium.driver.session import SessionDriver
         from consortium.driver.state import SessionState
@@ -73,7 +74,8 @@ class Session:
         self.driver = SessionDriver(session=name, model_path=str(model), split=split, n_layers=info.n_layers,
                                     model_sha256=sha, endpoints=agents_endpoints, state=state,
                                     policy=LocalPolicy(list(standalone.NODES)), rpc_timeout_s=rpc_timeout_s,
-                                    tls=tls, registered_keys=registered_keys, audit_replay_rows=audit_replay_rows)
+                                    tls=tls, registered_keys=registered_keys, audit_replay_rows=audit_replay_rows,
+                                    sign_per_window=sign_per_window)
         self.driver.start()
         self.prompt_ids = prompt_ids
 
@@ -110,11 +112,11 @@ class Bench:
         return standalone.Agents(Path(tempfile.mkdtemp(prefix="consortium-bench-")), self.opts, None, netns=netns)
 
     def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None,
-                replay_rows=1) -> Session:
+                replay_rows=1, sign_per_window=False) -> Session:
         """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies)."""
         return Session(endpoints or agents.endpoints, self.model, self.info, self.split, self.sha,
                        prompt or self.prompt, name, audit, tls=agents.driver_tls, registered_keys=agents.public_keys,
-                       audit_replay_rows=replay_rows)
+                       audit_replay_rows=replay_rows, sign_per_window=sign_per_window)
 
     # -- speed: single node, split in process, agents on loopback; audits' cost ------------------
 
@@ -128,21 +130,25 @@ class Bench:
         self.log("speed: split in process against unsplit")
         inproc = speed(self.model, self.split, n_tokens=s.tokens, rounds=s.rounds, threads=s.threads,
                        prompt_len=len(self.prompt), log=self.log)
-        # (audit probability, rows per replayed batch), keyed as in the output: "20", "50", "20_replay32"
-        runs = {"0": (0.0, 1), **{f"{int(p * 100)}": (p, 1) for p in s.audit_probabilities}}
+        # (audit probability, rows per replayed batch, signing per window), keyed as in the output:
+        # "0" (no audits), "0_window" (no audits, agents signing once per receipt window), "20", "50",
+        # "20_replay32"
+        runs = {"0": (0.0, 1, False), "0_window": (0.0, 1, True),
+                **{f"{int(p * 100)}": (p, 1, False) for p in s.audit_probabilities}}
         if s.audit_replay_rows > 1 and 0.2 in s.audit_probabilities:
-            runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows)
+            runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows, False)
         rows = {"single": [], **{k: [] for k in runs}}
-        audit_cpu = {k: [] for k in runs if k != "0"}
+        audit_cpu = {k: [] for k, (p, _, _) in runs.items() if p}
         with LocalPipeline(self.model, None, StageConfig(threads=s.threads)) as single:
             for r in range(s.rounds):
                 single.reset(0)
                 base = generation.generate(single, self.prompt, s.tokens)
                 rows["single"].append(base)
-                for k, (p, replay) in runs.items():
+                for k, (p, replay, per_window) in runs.items():
                     # A fresh driver per run (the agents refuse to restart a session at position 0);
                     # loading is outside the timed generation.
-                    sess = self.session(agents, f"speed-{k.replace('_', '-')}", p, replay_rows=replay)
+                    sess = self.session(agents, f"speed-{k.replace('_', '-')}", p, replay_rows=replay,
+                                        sign_per_window=per_window)
                     try:
                         rows[k].append(sess.generate(s.tokens))
                         d = sess.driver
@@ -151,8 +157,8 @@ class Bench:
                     finally:
                         sess.close()
                 self.log(f"speed round {r + 1}/{s.rounds}: single {base.tokens_per_s:.1f} tok/s, agents "
-                         + ", ".join(f"{k if k != '0' else 'no'} audits {rows[k][-1].tokens_per_s:.1f}"
-                                     for k in runs))
+                         + ", ".join(f"{k.replace('0_window', '0 (signing per window)') if k != '0' else 'no'} "
+                                     f"audits {rows[k][-1].tokens_per_s:.1f}" for k in runs))
 
         def prefill_tps(res):
             return len(self.prompt) / (res.prefill_ms / 1000) if res.prefill_ms else None
@@ -168,6 +174,8 @@ class Bench:
                                                 for d, b in zip(rows["0"], rows["single"])]),
                "loopback_prefill_over_single": _median([prefill_tps(d) / prefill_tps(b)
                                                         for d, b in zip(rows["0"], rows["single"])]),
+               "loopback_signing_per_window_over_single": _median([d.tokens_per_s / b.tokens_per_s for d, b
+                                                                   in zip(rows["0_window"], rows["single"])]),
                "audits": {}}
         for k in audit_cpu:
             out["audits"][k] = {
@@ -407,8 +415,10 @@ def run(s: Settings, log) -> dict:
         res["concurrent"] = timed("concurrent", b.concurrent, agents)
     finally:
         agents.close()
-    log("extras: commitments and signatures in process")
+    log("extras: commitments and signatures in process, after every step and once per window")
     res["commit_sign"] = timed("commit_sign", commit_share, b.model, b.split, s.tokens, s.threads, standalone.PROMPT)
+    res["commit_sign_per_window"] = timed("commit_sign_per_window", commit_share, b.model, b.split, s.tokens,
+                                          s.threads, standalone.PROMPT, True)
 
     bins, why = llamarpc.bin_dir() if s.rpc else (None, "disabled (--no-rpc)")
     if bins is not None:
@@ -446,6 +456,8 @@ def headline(res: dict) -> dict:
         "inprocess_over_single": sp["inprocess_split_over_single"],
         "rpc_over_single": rpc_over,
         "commit_share": res["commit_sign"]["share_of_token_time"],
+        "commit_share_signing_per_window": res["commit_sign_per_window"]["share_of_token_time"],
+        "loopback_signing_per_window_over_single": sp["loopback_signing_per_window_over_single"],
         "audit20_cpu_ratio": sp["audits"].get("20", {}).get("cpu_ratio"),
         "audit20_added_share": sp["audits"].get("20", {}).get("added_share"),
         "audit50_cpu_ratio": sp["audits"].get("50", {}).get("cpu_ratio"),

@@ -39,7 +39,9 @@ def summary(res: dict) -> str:
              f"{_f(sp['inprocess']['unsplit_median'], '{:.1f}')} tok/s there) | "
              f"{_f(sp['inprocess']['split_median'], '{:.1f}')} | {_f(h['inprocess_over_single'])} | | |",
              f"| our three agents, loopback (data lanes) | {_f(sp['loopback_tokens_per_s'], '{:.1f}')} | "
-             f"{_f(h['loopback_over_single'])} | {_f(sp['loopback_prefill_tokens_per_s'], '{:.0f}')} | >= 0.85 |"]
+             f"{_f(h['loopback_over_single'])} | {_f(sp['loopback_prefill_tokens_per_s'], '{:.0f}')} | >= 0.85 |",
+             f"| the same, agents signing once per receipt window (--sign-per-window) | | "
+             f"{_f(h.get('loopback_signing_per_window_over_single'))} | | |"]
     rpc = res.get("rpc")
     if rpc:
         lines += [f"| llama-bench single node | {_f(rpc['single']['generation']['tokens_per_s'], '{:.1f}')} | 1 "
@@ -69,6 +71,11 @@ def summary(res: dict) -> str:
               f"| commitments + receipt signatures, share of token time | {_pct(h['commit_share'])} "
               f"({c['commit_sign_ms_per_token']} of {c['forward_ms_per_token'] + c['commit_sign_ms_per_token']:.3f} "
               f"ms per token; per stage {c['per_stage_share']}) | < 2% |"]
+    cw = res.get("commit_sign_per_window")
+    if cw:
+        lines.append(f"| the same, signing once per receipt window (--sign-per-window) | "
+                     f"{_pct(cw['share_of_token_time'])} ({cw['commit_sign_ms_per_token']} ms per token; per stage "
+                     f"{cw['per_stage_share']}) | < 2% |")
     for k, a in sp["audits"].items():
         p, _, replay = k.partition("_replay")
         what = f"audits at {p}%" + (f", decode steps replayed {replay} rows at a time" if replay else "")

@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="audits replay decode steps in batches of up to N rows: cheaper, and bit-exact only where "
                         "the backend's kernels compute each row alone at that batch size (default 1: the "
                         "original shapes; --standalone)")
+    p.add_argument("--sign-per-window", action="store_true",
+                   help="agents commit and sign once per receipt window instead of after every step: one "
+                        "signature per window and stage; the rows a dying node held uncommitted are signed "
+                        "only by its replacement (--standalone)")
     p.add_argument("--faulty-stage", type=int, help="the agent serving this stage cheats (with --fault)")
     p.add_argument("--fault", help="skip-layer, cheap-quant, noise-<scale>, replay, random")
     p.add_argument("--heterogeneous", action="store_true",
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
                               audit_probability=args.audit_probability, audit_seed=args.audit_seed,
                               faulty_stage=args.faulty_stage, fault=args.fault, heterogeneous=args.heterogeneous,
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
-                              hang=args.hang, plaintext=args.plaintext, audit_replay_rows=args.audit_replay_rows, **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
+                              hang=args.hang, plaintext=args.plaintext, audit_replay_rows=args.audit_replay_rows,
+                              sign_per_window=args.sign_per_window, **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     try:
         extensions.apply(args.extension, opts, prompt_given=args.prompt is not None,
                          fault_given=args.fault is not None, audit_given=args.audit_probability != 0.2)
@@ -70,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     json_out = None if args.json in (None, "-") else args.json
     if not args.standalone:
-        if args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows != 1:
-            print("error: --heterogeneous, --model, --hang, --rpc-timeout and --audit-replay-rows need --standalone "
+        if (args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows != 1
+                or args.sign_per_window):
+            print("error: --heterogeneous, --model, --hang, --rpc-timeout, --audit-replay-rows and --sign-per-window "
+                  "need --standalone "
                   "so far",
                   file=sys.stderr)
             return 2

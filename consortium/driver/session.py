@@ -9,7 +9,8 @@ before returned. The token loop itself stays in consortium.generation.generate; 
   window cut short by a failover or rollback is flushed as a shorter receipt. The checks run in a
   checker thread while the next hops are in flight, and agents commit and sign after answering
   (deferred: a step's commitments come with the stage's next response, the last ones from
-  Commitments at the end), so neither side hashes or signs on the token's critical path;
+  Commitments at the end), so neither side hashes or signs on the token's critical path; with
+  sign_per_window they come once per receipt window, one signature per window and stage;
 - failover, written once: an RPC error or deadline on a stage bumps its epoch, fences the old node,
   asks the policy for a backup, loads the layers there and replays the stage's inputs (resent by
   the upstream agent, or recomputed through a replacement of it if that agent is gone too) in the
@@ -132,6 +133,7 @@ class SessionDriver:
                  grid: CanonicalGrid = CanonicalGrid(), tolerance: verdicts.Tolerance | None = None,
                  rpc_timeout_s: float = 30.0, load_timeout_s: float = 120.0, honest_alpha: float = judgement.DEFAULT_ALPHA,
                  tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True,
+                 sign_per_window: bool = False,
                  proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
                  audit_replay_rows: int = 1):
         if audit_replay_rows < 1:
@@ -160,6 +162,7 @@ class SessionDriver:
         self._commits: list[dict[int, tuple[str, int, bytes]]] = [dict() for _ in self.split]
         self._open: list[dict | None] = [None] * self.n_stages  # open receipt window per stage
         self.defer_commitments = defer_commitments
+        self.sign_per_window = defer_commitments and sign_per_window
         self.audit_replay_rows = audit_replay_rows
         # Rows received whose commitments are deferred, per stage: position -> (node, epoch, row).
         self._unsigned: list[dict[int, tuple[str, int, np.ndarray]]] = [dict() for _ in self.split]
@@ -275,7 +278,8 @@ class SessionDriver:
         for _ in range(4):
             node, epoch = self.state.nodes[s], self.state.epochs[s]
             try:
-                resp = self.clients[node].forward(self._forward_request(s, position, x, self.defer_commitments))
+                resp = self.clients[node].forward(self._forward_request(s, position, x, self.defer_commitments,
+                                                                        self.sign_per_window))
             except grpc.RpcError as e:
                 if e.code() not in FAILOVER_CODES:
                     raise DriverError(f"stage {s} on {node} refused step {position}: {e.code().name}: {e.details()}")
@@ -338,12 +342,13 @@ class SessionDriver:
             if d.commitments:
                 self._accept_deferred(s, node, epoch, d)
 
-    def _forward_request(self, s: int, position: int, x, defer: bool = False) -> pb.ForwardRequest:
+    def _forward_request(self, s: int, position: int, x, defer: bool = False,
+                         per_window: bool = False) -> pb.ForwardRequest:
         if s == 0:
             return pb.ForwardRequest(ref=self._ref(s), position=position, tokens=[int(t) for t in x],
-                                     defer_commitments=defer)
+                                     defer_commitments=defer, sign_per_window=per_window)
         return pb.ForwardRequest(ref=self._ref(s), position=position, hidden=wire.encode_tensor(x),
-                                 defer_commitments=defer)
+                                 defer_commitments=defer, sign_per_window=per_window)
 
     def _accept(self, s: int, node: str, epoch: int, first: int, out: np.ndarray | None,
                 commitments: list[bytes], windows: list, select: bool = True) -> None:

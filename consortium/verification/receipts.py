@@ -4,7 +4,9 @@ A node agent signs, with every forward response, the statement of its current wi
 (session, stage, node id, epoch, window start, count, Merkle root of the window's per-token
 commitments, hash chain of the window's per-token input digests, grid config). A window cut short by
 a crash or an epoch change is therefore still proven by the last response's signature, and is
-written as a shorter receipt. A Receipt is that statement, the per-token commitments and the
+written as a shorter receipt. (A session may instead have its agents sign once per window, when it
+is complete or asked for: the rows a node held uncommitted when it died are then signed only by the
+node that replays them.) A Receipt is that statement, the per-token commitments and the
 signature; the commitments stay in it so a dead node's work can still be audited.
 
 Windows are aligned: a window closes after position p when (p + 1) % window == 0, so receipts of
@@ -22,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import merkle, signing
+from . import canonical, merkle, signing
 from .canonical import CanonicalGrid
 
 __all__ = [
@@ -241,6 +243,19 @@ class WindowSigner:
             if self._closed() or i == len(commitments) - 1:
                 out.append(self._sign())
         return out
+
+    def commit_steps(self, steps: Sequence[tuple[int, np.ndarray, Sequence]], *,
+                     token_inputs: bool) -> tuple[list[bytes], list[SignedStatement]]:
+        """Commit the output rows of one or more steps, each (position of its first row, rows [n, d],
+        what was fed at each row's position: token ids if token_inputs, else hidden rows), whose rows
+        continue one another, and sign each window they touch once."""
+        digests: list[bytes] = []
+        commitments: list[bytes] = []
+        for _, rows, inputs in steps:
+            digests += ([token_input_digest(int(t)) for t in inputs] if token_inputs
+                        else [hidden_input_digest(r) for r in inputs])
+            commitments += canonical.commit_rows(rows, self.grid)
+        return commitments, self.add_batch(steps[0][0], digests, commitments)
 
     @property
     def last(self) -> SignedStatement | None:

@@ -1,5 +1,6 @@
 """Deferred commitments: the agent answers with the rows, commits and signs them afterwards, and the
-signed commitments come with the stage's next response or from Commitments."""
+signed commitments come with the stage's next response (per window: the response after the window's
+last step) or from Commitments."""
 import grpc
 import pytest
 
@@ -15,8 +16,9 @@ def ref(session, stage, epoch=1):
     return pb.StageRef(session=session, stage=stage, epoch=epoch)
 
 
-def forward(stub, session, stage, position, x, defer=True):
-    req = pb.ForwardRequest(ref=ref(session, stage), position=position, defer_commitments=defer)
+def forward(stub, session, stage, position, x, defer=True, per_window=False):
+    req = pb.ForwardRequest(ref=ref(session, stage), position=position, defer_commitments=defer,
+                            sign_per_window=per_window)
     if stage == 0:
         req.tokens.extend(x)
     else:
@@ -82,6 +84,52 @@ def test_deferred_commitments_come_with_the_next_response(agent, model_path):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_signed_once_per_window(agent, model_path):
+    stub, service, ident = agent
+    stub.LoadStage(pb.LoadStageRequest(ref=ref("pw", 0), model_path=model_path, first_layer=0, last_layer=9))
+    rows = {}
+
+    def step(position, tokens, **kw):
+        r = forward(stub, "pw", 0, position, tokens, per_window=True, **kw)
+        out = wire.decode_tensor(r.output, ndim=2)
+        rows.update({position + i: out[i] for i in range(len(out))})
+        return r
+
+    known = {}
+
+    def held(d, first, last):   # d delivers [first, last], signed once in the window of 16 that holds them
+        assert d.position == first and len(d.commitments) == last - first + 1 and len(d.windows) == 1
+        assert list(d.commitments) == canonical.commit_rows([rows[p] for p in range(first, last + 1)])
+        known.update({first + i: c for i, c in enumerate(d.commitments)})
+        w = wire.window_from_pb(d.windows[0])
+        assert list(w.statement.positions) == list(range(first - first % 16, last + 1))
+        assert signing.verify_signature(ident.public_key_text, w.statement.encode(), w.signature)
+        assert w.statement.merkle_root == receipts.merkle.merkle_root([known[p] for p in w.statement.positions])
+
+    try:
+        # Nothing is committed until a step completes the window 0-15: no response carries anything.
+        assert not step(0, PROMPT).earlier.commitments
+        for p in range(len(PROMPT), 16):
+            assert not step(p, [42 + p]).earlier.commitments
+        held(step(16, [7]).earlier, 0, 15)   # the step after the window's last carries all of it
+        step(17, [8])
+        # Reveal and Commitments commit and sign what is held, as far as it goes.
+        rv = stub.Reveal(pb.RevealRequest(ref=ref("pw", 0), position=17))
+        assert rv.commitment == canonical.commit_rows(rows[17][None, :])[0]
+        held(stub.Commitments(pb.CommitmentsRequest(ref=ref("pw", 0))), 16, 17)
+        # A step that is not deferred commits the held ones first; they come in its `earlier`.
+        step(18, [9])
+        r = step(19, [10], defer=False)
+        assert len(r.commitments) == 1 and len(r.windows) == 1
+        held(r.earlier, 18, 18)
+        # Truncate forgets held rows too.
+        step(20, [11])
+        stub.Truncate(pb.TruncateRequest(ref=ref("pw", 0), position=20))
+        assert not stub.Commitments(pb.CommitmentsRequest(ref=ref("pw", 0))).commitments
+    finally:
+        service.release_session("pw")
+
+
 def test_driver_receipts_cover_every_position_with_or_without_deferral(tmp_path, model_path):
     from consortium import generation
     from consortium.driver.policy import LocalPolicy
@@ -95,13 +143,13 @@ def test_driver_receipts_cover_every_position_with_or_without_deferral(tmp_path,
     srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(threads=1, n_ctx=256))
     runs = {}
     try:
-        for defer in (True, False):
+        for defer, per_window in (("step", False), ("window", True), (False, False)):
             state = SessionState(session=f"cover-{defer}", prompt_tokens=PROMPT, nodes=["n"] * 3, epochs=[1] * 3,
                                  audit_probability=0.0)
             driver = SessionDriver(session=state.session, model_path=model_path,
                                    split=[LayerRange(a, b) for a, b in SPLIT], n_layers=30,
                                    endpoints={"n": f"127.0.0.1:{port}"}, state=state, policy=LocalPolicy(["n"]),
-                                   defer_commitments=defer)
+                                   defer_commitments=bool(defer), sign_per_window=per_window)
             try:
                 driver.start()
                 tokens = generation.generate(driver, PROMPT, 20).tokens
@@ -110,7 +158,7 @@ def test_driver_receipts_cover_every_position_with_or_without_deferral(tmp_path,
             runs[defer] = tokens, driver.receipts, list(state.done)
     finally:
         srv.stop(None)
-    assert runs[True][0] == runs[False][0]
+    assert runs["step"][0] == runs["window"][0] == runs[False][0]
     for defer, (_, recs, done) in runs.items():
         assert recs and all(r["verified"] for r in recs), defer
         for s in range(3):
@@ -118,7 +166,7 @@ def test_driver_receipts_cover_every_position_with_or_without_deferral(tmp_path,
             # Every position a stage computed is in exactly one receipt (the final stage: one per step).
             first = 0 if s < 2 else len(PROMPT) - 1
             assert covered == list(range(first, done[s])), (defer, s)
-    # The same commitments either way: deferral moves the signing, not what is signed.
+    # The same commitments every way: deferral moves the signing, not what is signed.
     commits = {d: {(r["stage"], r["start"]): r["receipt"]["commitments"] for r in recs}
                for d, (_, recs, _) in runs.items()}
-    assert commits[True] == commits[False]
+    assert commits["step"] == commits["window"] == commits[False]

@@ -52,6 +52,22 @@ def test_kill_first_or_final_stage(stage):
 
 
 @pytest.mark.slow
+def test_signing_per_window_survives_a_final_stage_kill_and_catches_a_cheater():
+    """Agents hold each window's rows uncommitted until it is complete. The killed final stage's held
+    rows are replayed with logits and signed by its backup; a cheater's rows are judged whether or
+    not their commitments had come, and every Fraud is still proven."""
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=2, kill_at=20, sign_per_window=True))
+    check_common(r)
+    assert r["failover"]["completed"] and r["success"]
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=None, faulty_stage=1, fault="noise-0.3",
+                                          sign_per_window=True))
+    assert r["exact_match"] and r["fault"]["caught"] and r["quarantined"] == ["N2"] and r["false_fraud"] == 0
+    frauds = {a["position"] for a in r["audits"]["units"] if a["verdict"] == "Fraud"}
+    assert frauds and {p["position"] for p in r["fraud_proofs"]} == frauds
+    assert all(p["holds"] for p in r["fraud_proofs"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["skip-layer", "cheap-quant", "noise-0.3", "replay", "random"])
 def test_faulty_worker_caught_and_rolled_back(fault):
     r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=None, faulty_stage=1, fault=fault))
