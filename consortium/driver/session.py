@@ -179,6 +179,7 @@ class SessionDriver:
         self._step_failover = False
         self._generation = 0
         self._pending_fraud: list[tuple[str, str]] = []
+        self._pending_rewind: list[tuple[int, str]] = []   # (position, why): not from a node's audit
         self._audit_q: "queue.Queue[AuditUnit]" = queue.Queue()
         # Units queued and not yet through the audit loop. Counted at the put, under the lock: an
         # empty queue is not enough, the loop may hold units it took a moment ago (it did, and the
@@ -262,11 +263,13 @@ class SessionDriver:
             self._collect_deferred()
             self._drain_audits()
         with self._lock:
+            rewinds, self._pending_rewind = self._pending_rewind, []
+            at = min(p for p, _ in rewinds) if rewinds else None
             if not self._pending_fraud:
-                return None
+                return self._rollback(None, "; ".join(w for _, w in rewinds), at) if rewinds else None
             node, why = self._pending_fraud[0]
             self._pending_fraud = [f for f in self._pending_fraud if f[0] != node]
-        return self._rollback(node, why)
+        return self._rollback(node, why, at)
 
     # -- one stage of one step -------------------------------------------------------------------
 
@@ -422,6 +425,8 @@ class SessionDriver:
         with self._lock:
             self._flush(s)
             # The old node's last rows will never be signed by it: its replacement replays and signs them.
+            # They were used all the same, so they are judged against that replay below.
+            unsigned = {p: row for p, (n, _, row) in self._unsigned[s].items() if n == old}
             self._unsigned[s].clear()
         st.epochs[s] += 1
         ref = self._ref(s)
@@ -455,9 +460,45 @@ class SessionDriver:
         event = {"stage": s, "from": old, "to": backup, "epoch": st.epochs[s], "at_position": upto,
                  "at_token": max(0, upto - len(st.prompt_tokens) + 1), "replayed_rows": replayed,
                  "ms": round((time.perf_counter() - t0) * 1000, 3), "reason": reason}
+        if unsigned:
+            event["unsigned_rows"] = self._judge_unsigned(s, old, backup, unsigned)
         st.failovers.append(event)
         log.info("failover: %s", event)
         return backup
+
+    def _judge_unsigned(self, s: int, old: str, backup: str, rows: dict[int, np.ndarray]) -> dict:
+        """Judge the rows `old` sent for stage s that no commitment of its covers (it died first)
+        against its backup's replay of them, as audits judge; a row beyond tolerance, or one that
+        cannot be judged, rewinds the session to it: tokens after it may rest on wrong values."""
+        ps = sorted(rows)
+        mine = canonical.commit_rows(np.stack([rows[p] for p in ps]), self.grid)
+        with self._lock:
+            theirs = [self._commits[s].get(p, (None, None, b""))[2] for p in ps]
+        verdict_counts: dict[str, int] = {}
+        bad = []
+        for p, c, t in zip(ps, mine, theirs):
+            if c == t:
+                verdict = verdicts.Verdict.PASSED.value
+            else:
+                try:
+                    chunks = self.clients[backup].stream("Resend", pb.ResendRequest(
+                        ref=self._ref(s), from_position=p, to_position=p + 1))
+                    redone = wire.decode_tensor(chunks[0].output, ndim=2)[0]
+                    res = verdicts.judge_unit(c, redone, grid=self.grid, tolerance=self.stage_tolerances[s],
+                                              revealed=canonical.canonical_rows(rows[p][None, :], self.grid)[0])
+                    verdict = res.verdict.value
+                    if res.verdict == verdicts.Verdict.FRAUD:
+                        self._fraud(old, f"stage {s} position {p}, a row it sent and never committed: {res.reasons}")
+                except grpc.RpcError as e:
+                    verdict = f"unjudged ({e.code().name})"
+                if verdict not in (verdicts.Verdict.PASSED.value, verdicts.Verdict.PASSED_WITHIN_TOLERANCE.value):
+                    bad.append(p)
+            verdict_counts[verdict] = verdict_counts.get(verdict, 0) + 1
+        if bad:
+            with self._lock:
+                self._pending_rewind.append((bad[0], f"stage {s}: rows {old} sent and never committed differ "
+                                                     f"from {backup}'s replay from position {bad[0]}"))
+        return {"rows": len(ps), "verdicts": verdict_counts, "rewind_from": bad[0] if bad else None}
 
     def _stage_inputs(self, s: int, lo: int, hi: int):
         """The inputs of stage s at positions [lo, hi): token ids, or hidden rows resent upstream."""
@@ -654,19 +695,22 @@ class SessionDriver:
 
     # -- rollback --------------------------------------------------------------------------------
 
-    def _rollback(self, node: str, why: str) -> int | None:
+    def _rollback(self, node: str | None, why: str, at: int | None = None) -> int | None:
+        """Quarantine `node` (if any) and roll back to the first position it computed since its last
+        passed audit, or to `at` if that is earlier."""
         st = self.state
         self._settle_checks()
         with self._lock:
-            first_bad = None
-            for s in range(self.n_stages):
+            first_bad = at
+            for s in range(self.n_stages if node is not None else 0):
                 since = st.last_passed.get(f"{s}/{node}", -1)
                 ps = [p for p, (n, _, _) in self._commits[s].items() if n == node and p > since]
                 if ps:
                     first_bad = min(ps) if first_bad is None else min(first_bad, min(ps))
-            st.quarantined.append(node)
+            if node is not None:
+                st.quarantined.append(node)
             self._generation += 1
-        served = [s for s in range(self.n_stages) if st.nodes[s] == node]
+        served = [s for s in range(self.n_stages) if node is not None and st.nodes[s] == node]
         if first_bad is None:
             for s in served:
                 self._failover(s, f"{node} quarantined: {why}")

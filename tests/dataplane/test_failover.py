@@ -82,3 +82,50 @@ def test_stage_failover_recomputes_upstream_when_its_agent_is_dead_too(tmp_path,
                 by_node.setdefault(r["node"], {})[p] = c
     common = set(by_node["A"]) & set(by_node["D"])
     assert common and all(by_node["A"][p] == by_node["D"][p] for p in common)
+
+
+def test_rows_a_dying_cheater_never_committed_are_judged_and_rolled_back(tmp_path, model_path):
+    """Stage 1's agent sends random rows and dies before it commits any (it signs once per window,
+    and no window is complete yet); nothing audits it. The failover judges those rows against the
+    backup's replay, finds them beyond tolerance, and rewinds to the prompt: the session still ends
+    with the single-node tokens."""
+    with LocalPipeline(model_path, None, StageConfig(threads=1)) as pipe:
+        want = generation.generate(pipe, PROMPT, MAX_TOKENS).tokens
+
+    servers, endpoints = {}, {}
+    for n, fault in (("H", None), ("C", "random")):
+        ident = NodeIdentity.load_or_create(tmp_path / f"{n}.pem", n)
+        srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(node_id=n, threads=1, n_ctx=256,
+                                                                            fault=fault))
+        servers[n], endpoints[n] = srv, f"127.0.0.1:{port}"
+    state = SessionState(session="dying-cheater", prompt_tokens=PROMPT, nodes=["H", "C", "H"], epochs=[1, 1, 1],
+                         audit_probability=0.0)
+    driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
+                           endpoints=endpoints, state=state, policy=LocalPolicy(["H", "C"]), rpc_timeout_s=10.0,
+                           sign_per_window=True)
+    kill_position = len(PROMPT) + KILL_TOKEN - 1   # before position 15: no window of 16 is complete
+
+    def on_stage(s, position):
+        if s == 1 and position == kill_position and servers["C"] is not None:
+            servers["C"].stop(None)
+            servers["C"] = None
+
+    driver.on_stage = on_stage
+    try:
+        driver.start()
+        got = generation.generate(driver, PROMPT, MAX_TOKENS).tokens
+    finally:
+        driver.close()
+        for srv in servers.values():
+            if srv is not None:
+                srv.stop(None)
+
+    assert servers["C"] is None and not [r for r in driver.receipts if r["node"] == "C"]
+    fo = state.failovers[0]
+    assert (fo["stage"], fo["from"], fo["to"]) == (1, "C", "H")
+    judged = fo["unsigned_rows"]
+    assert judged["rows"] == kill_position and judged["rewind_from"] == 0, judged
+    assert "Passed" not in judged["verdicts"], judged
+    assert state.rollbacks and state.rollbacks[0]["to_position"] == 0
+    assert "C" in state.quarantined   # random rows are decisive: Fraud, not only Mismatch
+    assert got == want
