@@ -250,11 +250,10 @@ class WindowSigner:
         what was fed at each row's position: token ids if token_inputs, else hidden rows), whose rows
         continue one another, and sign each window they touch once."""
         digests: list[bytes] = []
-        commitments: list[bytes] = []
-        for _, rows, inputs in steps:
+        for _, _, inputs in steps:
             digests += ([token_input_digest(int(t)) for t in inputs] if token_inputs
                         else [hidden_input_digest(r) for r in inputs])
-            commitments += canonical.commit_rows(rows, self.grid)
+        commitments = canonical.commit_arrays([rows for _, rows, _ in steps], self.grid)
         return commitments, self.add_batch(steps[0][0], digests, commitments)
 
     @property

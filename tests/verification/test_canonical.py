@@ -69,6 +69,13 @@ def test_large_arrays_commit_in_blocks_to_the_same_digests():
             canonical.commit_rows(x)
 
 
+def test_several_arrays_commit_as_their_rows_in_order():
+    rng = np.random.default_rng(6)
+    for width, n in [(576, 16), (49_152, 3)]:   # hidden rows go together, logit rows one by one
+        arrays = [(rng.standard_normal((1 + i % 2, width)) * 9).astype(np.float32) for i in range(n)]
+        assert canonical.commit_arrays(arrays) == canonical.commit_rows(np.concatenate(arrays))
+
+
 def test_negative_zero_equals_positive_zero():
     a = np.array([[-0.0, -0.001, -1e-40]], dtype=np.float32)
     b = np.zeros((1, 3), dtype=np.float32)
