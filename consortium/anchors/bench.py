@@ -147,8 +147,10 @@ class Bench:
                 for k, (p, replay, per_window) in runs.items():
                     # A fresh driver per run (the agents refuse to restart a session at position 0);
                     # loading is outside the timed generation.
-                    sess = self.session(agents, f"speed-{k.replace('_', '-')}", p, replay_rows=replay,
-                                        sign_per_window=per_window)
+                    # The two runs without audits share a session name: an agent holds 8 sessions per
+                    # stage and the concurrent section needs 4 more; loading a name again frees its slot.
+                    name = "speed-0" if k == "0_window" else f"speed-{k.replace('_', '-')}"
+                    sess = self.session(agents, name, p, replay_rows=replay, sign_per_window=per_window)
                     try:
                         rows[k].append(sess.generate(s.tokens))
                         d = sess.driver
