@@ -22,15 +22,37 @@ MAX_TOKENS = 10
 KILL_TOKEN = 5
 
 
-def test_stage_failover_recomputes_upstream_when_its_agent_is_dead_too(tmp_path, model_path):
+def single_node_tokens(model_path) -> list[int]:
     with LocalPipeline(model_path, None, StageConfig(threads=1)) as pipe:
-        want = generation.generate(pipe, PROMPT, MAX_TOKENS).tokens
+        return generation.generate(pipe, PROMPT, MAX_TOKENS).tokens
 
+
+def start_agents(tmp_path, faults: dict[str, str | None]) -> tuple[dict, dict]:
+    """Agents in this process, named by `faults`' keys (value: the fault it serves, or None)."""
     servers, endpoints = {}, {}
-    for n in ("A", "B", "C", "D"):
+    for n, fault in faults.items():
         ident = NodeIdentity.load_or_create(tmp_path / f"{n}.pem", n)
-        srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(node_id=n, threads=1, n_ctx=256))
+        srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(node_id=n, threads=1, n_ctx=256,
+                                                                            fault=fault))
         servers[n], endpoints[n] = srv, f"127.0.0.1:{port}"
+    return servers, endpoints
+
+
+def generate_then_stop(driver, servers: dict) -> list[int]:
+    """The session's tokens; then the driver and every agent still there stop."""
+    try:
+        driver.start()
+        return generation.generate(driver, PROMPT, MAX_TOKENS).tokens
+    finally:
+        driver.close()
+        for srv in servers.values():
+            if srv is not None:
+                srv.stop(None)
+
+
+def test_stage_failover_recomputes_upstream_when_its_agent_is_dead_too(tmp_path, model_path):
+    want = single_node_tokens(model_path)
+    servers, endpoints = start_agents(tmp_path, dict.fromkeys(("A", "B", "C", "D")))
     state = SessionState(session="upstream-dead", prompt_tokens=PROMPT, nodes=["A", "B", "C"], epochs=[1, 1, 1],
                          audit_probability=0.0)
     driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
@@ -46,13 +68,7 @@ def test_stage_failover_recomputes_upstream_when_its_agent_is_dead_too(tmp_path,
 
     stopped: list[str] = []
     driver.on_stage = on_stage
-    try:
-        driver.start()
-        got = generation.generate(driver, PROMPT, MAX_TOKENS).tokens
-    finally:
-        driver.close()
-        for srv in servers.values():
-            srv.stop(None)
+    got = generate_then_stop(driver, servers)
 
     assert stopped == ["A", "B"]
     assert got == want
@@ -89,15 +105,8 @@ def test_rows_a_dying_cheater_never_committed_are_judged_and_rolled_back(tmp_pat
     and no window is complete yet); nothing audits it. The failover judges those rows against the
     backup's replay, finds them beyond tolerance, and rewinds to the prompt: the session still ends
     with the single-node tokens."""
-    with LocalPipeline(model_path, None, StageConfig(threads=1)) as pipe:
-        want = generation.generate(pipe, PROMPT, MAX_TOKENS).tokens
-
-    servers, endpoints = {}, {}
-    for n, fault in (("H", None), ("C", "random")):
-        ident = NodeIdentity.load_or_create(tmp_path / f"{n}.pem", n)
-        srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(node_id=n, threads=1, n_ctx=256,
-                                                                            fault=fault))
-        servers[n], endpoints[n] = srv, f"127.0.0.1:{port}"
+    want = single_node_tokens(model_path)
+    servers, endpoints = start_agents(tmp_path, {"H": None, "C": "random"})
     state = SessionState(session="dying-cheater", prompt_tokens=PROMPT, nodes=["H", "C", "H"], epochs=[1, 1, 1],
                          audit_probability=0.0)
     driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
@@ -111,14 +120,7 @@ def test_rows_a_dying_cheater_never_committed_are_judged_and_rolled_back(tmp_pat
             servers["C"] = None
 
     driver.on_stage = on_stage
-    try:
-        driver.start()
-        got = generation.generate(driver, PROMPT, MAX_TOKENS).tokens
-    finally:
-        driver.close()
-        for srv in servers.values():
-            if srv is not None:
-                srv.stop(None)
+    got = generate_then_stop(driver, servers)
 
     assert servers["C"] is None and not [r for r in driver.receipts if r["node"] == "C"]
     fo = state.failovers[0]
