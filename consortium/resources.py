@@ -251,7 +251,13 @@ class InferenceSessionSpec(_Model):
     stages: Stages
     audit: Audit = _defaulted(Audit)
     canonical_grid: CanonicalGrid = _defaulted(CanonicalGrid)
-    receipt_window: int = Field(default=16, ge=1, le=MAX_WINDOW)
+    receipt_window: int = Field(default=16, ge=1, le=MAX_WINDOW,
+                                description="Positions per signed window, and so per Receipt.")
+    signing: Literal["PerStep", "PerWindow"] = Field(default="PerStep", description=(
+        "PerStep: every forward response carries its node's signature, so a crashed node's last rows "
+        "are provable by its own key. PerWindow: agents commit and sign once per receipt window, a "
+        "third of the cost per token; a node that dies leaves its open window's rows signed only by "
+        "its replacement, and audits see a row up to a window later."))
     failover: Failover = _defaulted(Failover)
 
     # The same rules as the CEL above, so objects built in Python fail before they reach the server.

@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 
 from consortium import priority, wire
 from consortium.layers import LayerRange
+from consortium.resources import MAX_WINDOW
 from consortium.verification import canonical, proofs, receipts
 from consortium.verification.canonical import CanonicalGrid
 from consortium.wire import lane, pb
@@ -308,6 +309,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         key = (session, stage_index)
         layers = self._layers(req.first_layer, req.last_layer)
         grid = wire.grid_from_pb(req.grid)
+        window = req.receipt_window or receipts.DEFAULT_WINDOW
+        if not 1 <= window <= MAX_WINDOW:
+            raise _bad(f"receipt_window {req.receipt_window} outside 1..{MAX_WINDOW}")
         t0 = time.perf_counter()
         with self._lock:
             self._check_fence(key, epoch)
@@ -317,7 +321,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         path, info = self._stage_path(req.model_path, req.model_sha256, layers)
         engine, seq = self.engines.acquire(path, layers, info.n_layers, model_path=req.model_path, fault=self.fault)
         signer = receipts.WindowSigner(self.identity.private_key, session=session, stage=stage_index,
-                                       node_id=self.identity.node_id, epoch=epoch, grid=grid)
+                                       node_id=self.identity.node_id, epoch=epoch, grid=grid, window=window)
         a = Assignment(session, stage_index, epoch, layers, info.n_layers, req.model_path, engine, seq, signer, grid)
         with self._lock:
             old = self._assignments.get(key)

@@ -133,11 +133,13 @@ class SessionDriver:
                  grid: CanonicalGrid = CanonicalGrid(), tolerance: verdicts.Tolerance | None = None,
                  rpc_timeout_s: float = 30.0, load_timeout_s: float = 120.0, honest_alpha: float = judgement.DEFAULT_ALPHA,
                  tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True,
-                 sign_per_window: bool = False,
+                 sign_per_window: bool = False, receipt_window: int = receipts.DEFAULT_WINDOW,
                  proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
                  audit_replay_rows: int = 1):
         if audit_replay_rows < 1:
             raise ValueError(f"audit_replay_rows must be >= 1, got {audit_replay_rows}")
+        if receipt_window < 1:
+            raise ValueError(f"receipt_window must be >= 1, got {receipt_window}")
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
         self.split, self.n_layers = list(split), n_layers
         self.n_stages = len(self.split)
@@ -163,6 +165,7 @@ class SessionDriver:
         self._open: list[dict | None] = [None] * self.n_stages  # open receipt window per stage
         self.defer_commitments = defer_commitments
         self.sign_per_window = defer_commitments and sign_per_window
+        self.receipt_window = receipt_window   # positions per signed window, told to every agent
         self.audit_replay_rows = audit_replay_rows
         # Rows received whose commitments are deferred, per stage: position -> (node, epoch, row).
         self._unsigned: list[dict[int, tuple[str, int, np.ndarray]]] = [dict() for _ in self.split]
@@ -206,7 +209,8 @@ class SessionDriver:
         r = self.split[stage]
         resp = self.clients[node].call("LoadStage", pb.LoadStageRequest(
             ref=self._ref(stage), model_path=self.model_path, model_sha256=self.model_sha256,
-            first_layer=r.first, last_layer=r.last, grid=wire.grid_to_pb(self.grid)), timeout=self.load_timeout_s)
+            first_layer=r.first, last_layer=r.last, grid=wire.grid_to_pb(self.grid),
+            receipt_window=self.receipt_window), timeout=self.load_timeout_s)
         self.clients[node].use_data_lane(resp.data_port)
         registered = self.registered_keys.get(node)
         if registered is not None and resp.public_key != registered:
@@ -379,7 +383,7 @@ class SessionDriver:
                     self._flush(s)
                 self._open[s] = {"node": node, "epoch": epoch, "start": st.window_start, "signed": sst,
                                  "commitments": tuple(cs), "ok": ok}
-                if (st.window_start + st.count) % receipts.DEFAULT_WINDOW == 0:
+                if (st.window_start + st.count) % self.receipt_window == 0:
                     self._flush(s)
             if not sig_ok:
                 self._fraud(node, f"stage {s} at {first}: a window signature or Merkle root does not verify")

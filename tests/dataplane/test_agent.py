@@ -146,6 +146,8 @@ def malformed_requests(model_path, width=576):
     yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path="/nonexistent.gguf", first_layer=0, last_layer=3), "does not exist"
     yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=5, last_layer=2), "bad layer range"
     yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=0, last_layer=99), "run past"
+    yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=0, last_layer=3, receipt_window=-2), "receipt_window"
+    yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=0, last_layer=3, receipt_window=1025), "receipt_window"
     yield "Audit", pb.AuditRequest(ref=ref("mf", 1), model_path=model_path, first_layer=10, last_layer=19, hidden=good, batch_sizes=[2], positions=[0]), "batch sizes"
     yield "Forward", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[1, 2], batch_sizes=[1, 1]), "batch_sizes is for Replay"
     yield "Replay", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[1, 2], batch_sizes=[1, 2]), "do not add up"

@@ -143,30 +143,36 @@ def test_driver_receipts_cover_every_position_with_or_without_deferral(tmp_path,
     srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(threads=1, n_ctx=256))
     runs = {}
     try:
-        for defer, per_window in (("step", False), ("window", True), (False, False)):
+        # (deferred, signed per window, receipt window)
+        for how in (("step", False, 16), ("window", True, 16), (False, False, 16), ("window-of-5", True, 5)):
+            defer, per_window, window = how
             state = SessionState(session=f"cover-{defer}", prompt_tokens=PROMPT, nodes=["n"] * 3, epochs=[1] * 3,
                                  audit_probability=0.0)
             driver = SessionDriver(session=state.session, model_path=model_path,
                                    split=[LayerRange(a, b) for a, b in SPLIT], n_layers=30,
                                    endpoints={"n": f"127.0.0.1:{port}"}, state=state, policy=LocalPolicy(["n"]),
-                                   defer_commitments=bool(defer), sign_per_window=per_window)
+                                   defer_commitments=bool(defer), sign_per_window=per_window, receipt_window=window)
             try:
                 driver.start()
                 tokens = generation.generate(driver, PROMPT, 20).tokens
             finally:
                 driver.close()
-            runs[defer] = tokens, driver.receipts, list(state.done)
+            runs[how] = tokens, driver.receipts, list(state.done)
     finally:
         srv.stop(None)
-    assert runs["step"][0] == runs["window"][0] == runs[False][0]
-    for defer, (_, recs, done) in runs.items():
+    assert len({tuple(tokens) for tokens, _, _ in runs.values()}) == 1
+    for (defer, _, window), (_, recs, done) in runs.items():
         assert recs and all(r["verified"] for r in recs), defer
+        # Receipts follow the session's window: each within one window of that size.
+        assert all(r["count"] <= window and r["start"] // window == (r["start"] + r["count"] - 1) // window
+                   for r in recs), defer
+        assert any(r["count"] == window for r in recs), defer
         for s in range(3):
             covered = sorted(p for r in recs if r["stage"] == s for p in range(r["start"], r["start"] + r["count"]))
             # Every position a stage computed is in exactly one receipt (the final stage: one per step).
             first = 0 if s < 2 else len(PROMPT) - 1
             assert covered == list(range(first, done[s])), (defer, s)
-    # The same commitments every way: deferral moves the signing, not what is signed.
-    commits = {d: {(r["stage"], r["start"]): r["receipt"]["commitments"] for r in recs}
-               for d, (_, recs, _) in runs.items()}
-    assert commits["step"] == commits["window"] == commits[False]
+    # The same commitments every way: deferral and the window move the signing, not what is signed.
+    commits = {how: {(r["stage"], r["start"] + i): c for r in recs for i, c in enumerate(r["receipt"]["commitments"])}
+               for how, (_, recs, _) in runs.items()}
+    assert len({tuple(sorted(c.items())) for c in commits.values()}) == 1

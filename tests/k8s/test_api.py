@@ -41,7 +41,7 @@ def test_server_fills_in_defaults(api):
     api.kubectl("apply", "-n", NS, "-f", str(ROOT / "manifests/sessions/minimal.yaml"))
     spec = get_json(api, "inferencesession", "minimal", "-n", NS)["spec"]
     # Objects left out are defaulted to {} and then to their fields' defaults.
-    assert spec["maxTokens"] == 64 and spec["receiptWindow"] == 16
+    assert spec["maxTokens"] == 64 and spec["receiptWindow"] == 16 and spec["signing"] == "PerStep"
     assert spec["audit"]["probability"] == 0.2
     assert spec["sampling"]["temperature"] == 0
     assert spec["canonicalGrid"] == {"dtype": "float16", "grid": 64, "clamp": 100}

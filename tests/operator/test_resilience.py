@@ -28,10 +28,13 @@ def _stub(bed, node):
 
 
 def test_operator_restart_resumes_without_recomputing(agents_up, baseline):
+    """Signing per window of 8 (test_session covers the default): the agents hold rows they have not
+    signed yet when the operator dies, and its successor collects them."""
     bed = agents_up
     ns, name = "restart", "resume-me"
     bed.cluster.kubectl("create", "namespace", ns)
     body = testbed.sky_is_blue(MAX_TOKENS, name)
+    body["spec"].update(signing="PerWindow", receiptWindow=8)
     bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(body))
     testbed.wait_until(lambda: (bed.session(name, ns).get("status") or {}).get("position", 0) >= 12, 180,
                        "token 12", every=0.05)
@@ -54,6 +57,11 @@ def test_operator_restart_resumes_without_recomputing(agents_up, baseline):
         assert before and all(n == 1 for n in before), (stage, before)
         assert forward.get((stage, P + MAX_TOKENS - 2), 0) == 1   # and it went on to the end
     assert "Resumed" in [e["reason"] for e in bed.events(ns, name)]
+    windows = [r["spec"]["window"] for r in bed.get("receipts", namespace=ns,
+                                                    selector=f"consortium.io/session={name}")["items"]]
+    assert windows and all(w["count"] <= 8 and w["start"] // 8 == (w["start"] + w["count"] - 1) // 8
+                           for w in windows)
+    assert sum(w["count"] == 8 for w in windows) >= 3
 
 
 def test_agent_refuses_an_epoch_its_assignment_moved_past(agents_up):
