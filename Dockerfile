@@ -35,6 +35,8 @@ COPY consortium ./consortium
 COPY node_agent ./node_agent
 COPY operator ./operator
 RUN pip install .
+# The C helpers (layer capture, commitments): the runtime image has no compiler to build them.
+RUN python -m consortium.native /opt/consortium/native
 
 FROM ${RUNTIME_BASE}
 ENV DEBIAN_FRONTEND=noninteractive
@@ -45,7 +47,7 @@ RUN if ! command -v python3 >/dev/null; then \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin consortium
 COPY --from=build /opt/consortium /opt/consortium
-ENV PATH=/opt/consortium/bin:$PATH PYTHONUNBUFFERED=1
+ENV PATH=/opt/consortium/bin:$PATH PYTHONUNBUFFERED=1 CONSORTIUM_NATIVE_PREBUILT=/opt/consortium/native
 USER 10001
 # The chart sets the command: consortium-operator for the Deployment, node-agent for the DaemonSet.
 CMD ["consortium-operator"]

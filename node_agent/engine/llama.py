@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
-import consortium.cache
+import consortium.native
 
 
 class LlamaError(RuntimeError):
@@ -176,25 +171,9 @@ class _CaptureState(ctypes.Structure):
                 ("got_rows", ctypes.c_int64), ("status", ctypes.c_int32)]
 
 
-@functools.cache
 def _native_capture():
-    """The C callback's address, compiled from capture.c once per source version; None if impossible."""
+    """The C callback's address (capture.c, built once and cached); None if it cannot be built."""
     if os.environ.get("CONSORTIUM_PYTHON_CAPTURE"):
         return None
-    src = Path(__file__).with_name("capture.c")
-    code = src.read_bytes()
-    key = hashlib.sha256(code + platform.machine().encode() + sys.platform.encode()).hexdigest()[:16]
-    cache = consortium.cache.cache_dir() / "native"
-    lib_path = cache / f"capture-{key}.so"
-    if not lib_path.exists():
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if not compiler:
-            return None
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = lib_path.with_suffix(f".tmp{os.getpid()}.so")
-        proc = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            return None
-        os.replace(tmp, lib_path)
-    return ctypes.CDLL(str(lib_path)).consortium_capture_cb
+    lib = consortium.native.helper("capture")
+    return None if lib is None else lib.consortium_capture_cb
