@@ -317,7 +317,9 @@ class SessionDriver:
             held = [self._unsigned[s].pop(first + i, None) for i in range(len(cs))]
         rows = None
         if all(h is not None and h[0] == node and h[1] == epoch for h in held):
-            rows = held[0][2][None, :] if len(held) == 1 else np.stack([h[2] for h in held])
+            # A list, not one stacked array: a window's 16 logit rows stacked would be 3 MB (an
+            # allocation beyond malloc's mmap threshold, page faults every window).
+            rows = [h[2] for h in held]
         self._accept(s, node, epoch, first, rows, cs, list(d.windows), select=rows is not None)
 
     @staticmethod
@@ -357,11 +359,15 @@ class SessionDriver:
         return pb.ForwardRequest(ref=self._ref(s), position=position, hidden=wire.encode_tensor(x),
                                  defer_commitments=defer, sign_per_window=per_window)
 
-    def _accept(self, s: int, node: str, epoch: int, first: int, out: np.ndarray | None,
+    def _accept(self, s: int, node: str, epoch: int, first: int, out: np.ndarray | list[np.ndarray] | None,
                 commitments: list[bytes], windows: list, select: bool = True) -> None:
-        """Check one response's commitments and signed windows; record receipts and audit units."""
+        """Check one response's commitments and signed windows (`out`: its rows, as one array or a
+        list of rows); record receipts and audit units."""
         if out is not None:
-            mine = canonical.commit_rows(out, self.grid)
+            if isinstance(out, list):
+                mine = canonical.commit_arrays([r[None, :] for r in out], self.grid)
+            else:
+                mine = canonical.commit_rows(out, self.grid)
             if mine != commitments:
                 # The worker's own output does not match what it signed: provable on its face.
                 self._fraud(node, f"stage {s} at {first}: sent rows do not hash to the signed commitments")
