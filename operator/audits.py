@@ -5,7 +5,8 @@ other than the worker and judges them (consortium.verification.verdicts); this m
 verdict on the Receipt whose window holds the unit, keeps each ComputeNode's audit record, and marks
 a node Quarantined when the driver quarantined it (one Fraud, or a Mismatch count failing the
 binomial test). The driver rolls the node's work back; placement skips a Quarantined node from then
-on. A receipt none of whose units was selected keeps verdict Pending, with a message saying so.
+on. A receipt none of whose units was selected keeps verdict Pending, with a message saying so; one
+with selected units no audit could judge (the driver's `unjudged`) says how many and why.
 """
 from __future__ import annotations
 
@@ -19,16 +20,24 @@ log = logging.getLogger("consortium.operator.audits")
 SEVERITY = {"Passed": 0, "PassedWithinTolerance": 1, "Mismatch": 2, "Fraud": 3}
 
 
-def receipt_status(audits: list[dict]) -> dict:
+def receipt_status(audits: list[dict], unjudged: list[dict] = ()) -> dict:
+    """A Receipt's status from the verdicts on its window's units, and the selected units of the
+    window that no audit could judge (each with the driver's reason)."""
+    missed = ""
+    if unjudged:
+        reasons = sorted({u["reason"] for u in unjudged})
+        missed = f"{len(unjudged)} selected unit(s) not judged: {'; '.join(reasons)}"
     if not audits:
-        return {"verdict": "Pending", "message": "no unit of this window was selected for audit (yet)"}
+        return {"verdict": "Pending",
+                "message": (missed or "no unit of this window was selected for audit (yet)")[:4000]}
     worst = max(audits, key=lambda a: SEVERITY[a["verdict"]])
+    message = f"{len(audits)} unit(s) audited; {'; '.join(worst.get('reasons') or [])}"
     return {"verdict": worst["verdict"], "verifier": worst["verifier"],
             "audits": [{"position": a["position"], "verdict": a["verdict"],
                         "figures": {k: float(v) for k, v in (a.get("figures") or {}).items()
                                     if isinstance(v, (int, float)) and not isinstance(v, bool)}}
                        for a in sorted(audits, key=lambda a: a["position"])][:r.MAX_AUDITS],
-            "message": f"{len(audits)} unit(s) audited; {'; '.join(worst.get('reasons') or [])}"[:4000]}
+            "message": (message + (f"; {missed}" if missed else ""))[:4000]}
 
 
 class AuditPublisher:
@@ -41,22 +50,25 @@ class AuditPublisher:
     def publish(self, driver, receipts_index: dict[str, dict], *, final: bool = False) -> None:
         with driver._lock:
             audits = list(driver.state.audits)
+            unjudged = list(driver.state.unjudged)
             quarantined = list(driver.state.quarantined)
             records = {n: (rec.audits, rec.mismatches, rec.frauds) for n, rec in driver.records.items()
                        if hasattr(rec, "audits")}
-        self._receipts(audits, receipts_index, final)
+        self._receipts(audits, unjudged, receipts_index, final)
         self._nodes(quarantined, records, driver)
 
-    def _receipts(self, audits: list[dict], index: dict[str, dict], final: bool) -> None:
+    def _receipts(self, audits: list[dict], unjudged: list[dict], index: dict[str, dict], final: bool) -> None:
         md = self.session["metadata"]
         for name, w in index.items():
             mine = [a for a in audits if a["stage"] == w["stage"] and a["node"] == w["node"]
                     and a["epoch"] == w["epoch"] and w["start"] <= a["position"] < w["start"] + w["count"]]
-            key = (len(mine), final)
+            missed = [u for u in unjudged if u["stage"] == w["stage"] and u["node"] == w["node"]
+                      and w["start"] <= u["position"] < w["start"] + w["count"]]
+            key = (len(mine), len(missed), final)
             if self._applied.get(name) == key:
                 continue
-            status = receipt_status(mine)
-            if not mine and final:
+            status = receipt_status(mine, missed)
+            if not mine and not missed and final:
                 status["message"] = "no unit of this window was selected for audit"
             try:
                 kube.api().patch_namespaced_custom_object_status(r.GROUP, r.VERSION, md["namespace"], "receipts",

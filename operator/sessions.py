@@ -284,6 +284,9 @@ class SessionRun:
                 with driver._lock:
                     for p, c in enumerate(cs):
                         driver._commits[s][p] = (st.nodes[s], st.epochs[s], c)
+        queued = driver.requeue_audits()
+        if queued:
+            log.info("%s: %d audit unit(s) queued again after the restart", self.name, queued)
 
 
 def step_metrics(steps) -> dict[str, float]:

@@ -194,7 +194,6 @@ class SessionDriver:
         self.audit_cpu_ms = 0.0
         self.forward_cpu_ms = 0.0
         self.audits_selected = 0          # units selected for audit as their commitments arrived
-        self.unjudged: list[dict] = []   # selected units no audit judged (see _unjudged)
         self._stop = threading.Event()
         self.on_stage = None  # test hook: called before each stage hop with (stage, position)
         self._auditor = threading.Thread(target=self._audit_loop, name="auditor", daemon=True)
@@ -606,11 +605,44 @@ class SessionDriver:
                     self._audit_outstanding -= len(units)
                     self._audit_idle.notify_all()
 
+    def requeue_audits(self) -> int:
+        """After a resume: queue again each unit of the positions computed before it that the seeded
+        selection picked and that was neither judged nor reported unjudged (the stopped driver's queue
+        went with it). A non-final stage's row is the next stage's input, resent to this driver; the
+        final stage's logit rows are not kept, so its units are reported unjudged. Returns how many
+        were queued."""
+        st, last = self.state, self.n_stages - 1
+        lost, queued = [], 0
+        with self._lock:
+            seen = {(a["stage"], a["position"]) for a in st.audits + st.unjudged}
+            for s in range(self.n_stages):
+                first = 0 if s < last else len(st.prompt_tokens) - 1   # the final stage's first row out
+                for p in range(first, st.done[s]):
+                    if (s, p) in seen or not st.selected(s, p):
+                        continue
+                    held = self._commits[s].get(p)
+                    row = self._inputs[s + 1].get(p) if s < last else None
+                    if held is None or row is None:
+                        lost.append(AuditUnit(s, p, st.nodes[s], st.epochs[s], b"", np.empty(0), True,
+                                              self._generation))
+                        continue
+                    node, epoch, c = held
+                    self._queue_audit(AuditUnit(s, p, node, epoch, c, np.asarray(row), True, self._generation))
+                    self.audits_selected += 1
+                    queued += 1
+        self._unjudged(lost, "queued when the coordinator stopped; its row was not kept")
+        return queued
+
+    @property
+    def unjudged(self) -> list[dict]:
+        """Selected units no audit judged, each with the reason (see _unjudged)."""
+        return self.state.unjudged
+
     def _unjudged(self, units: list[AuditUnit], reason: str) -> None:
         """Selected units that got no verdict, and why: the report counts them, nothing is lost quietly."""
         with self._lock:
-            self.unjudged += [{"stage": u.stage, "position": u.position, "node": u.node, "reason": reason}
-                              for u in units]
+            self.state.unjudged.extend({"stage": u.stage, "position": u.position, "node": u.node, "reason": reason}
+                                       for u in units)
 
     def _audit_group(self, s: int, worker: str, units: list[AuditUnit]) -> None:
         candidates = [n for n in self.alive() if n != worker]

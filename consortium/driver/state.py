@@ -26,6 +26,7 @@ class SessionState:
     last_passed: dict[str, int] = dataclasses.field(default_factory=dict)  # "stage/node" -> position
     quarantined: list[str] = dataclasses.field(default_factory=list)
     audits: list[dict] = dataclasses.field(default_factory=list)
+    unjudged: list[dict] = dataclasses.field(default_factory=list)   # selected units no audit judged, and why
     failovers: list[dict] = dataclasses.field(default_factory=list)
     rollbacks: list[dict] = dataclasses.field(default_factory=list)
 

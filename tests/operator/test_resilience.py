@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from consortium import testbed, wire
+from consortium.driver.state import SessionState
 from consortium.wire import pb
 
 pytestmark = pytest.mark.k8s
@@ -57,8 +58,22 @@ def test_operator_restart_resumes_without_recomputing(agents_up, baseline):
         assert before and all(n == 1 for n in before), (stage, before)
         assert forward.get((stage, P + MAX_TOKENS - 2), 0) == 1   # and it went on to the end
     assert "Resumed" in [e["reason"] for e in bed.events(ns, name)]
-    windows = [r["spec"]["window"] for r in bed.get("receipts", namespace=ns,
-                                                    selector=f"consortium.io/session={name}")["items"]]
+    items = bed.get("receipts", namespace=ns, selector=f"consortium.io/session={name}")["items"]
+    # Every unit the seeded selection picked, before the restart too, was judged or is reported
+    # unjudged with a reason: none vanished with the operator that had queued it.
+    drv = s["status"]["report"]["driverState"]
+    state = SessionState.from_json(drv)
+    selected = {(st, p) for st in range(3) for p in range(0 if st < 2 else P - 1, state.done[st])
+                if state.selected(st, p)}
+    accounted = {(a["stage"], a["position"]) for a in drv["audits"] + drv["unjudged"]}
+    assert selected and selected <= accounted, sorted(selected - accounted)
+    # A receipt says so when a unit of its window went unjudged (the final stage's logit rows, which
+    # the driver does not keep, if their audits were still queued when the operator died).
+    for u in drv["unjudged"]:
+        [rc] = [rc for rc in items if rc["spec"]["stage"] == u["stage"] and rc["spec"]["node"] == u["node"]
+                and 0 <= u["position"] - rc["spec"]["window"]["start"] < rc["spec"]["window"]["count"]]
+        assert "not judged" in rc["status"]["message"], (u, rc["status"])
+    windows = [r["spec"]["window"] for r in items]
     assert windows and all(w["count"] <= 8 and w["start"] // 8 == (w["start"] + w["count"] - 1) // 8
                            for w in windows)
     assert sum(w["count"] == 8 for w in windows) >= 3
