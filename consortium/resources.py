@@ -256,7 +256,7 @@ class InferenceSessionSpec(_Model):
     signing: Literal["PerStep", "PerWindow"] = Field(default="PerStep", description=(
         "PerStep: every forward response carries its node's signature, so a crashed node's last rows "
         "are provable by its own key. PerWindow: agents commit and sign once per receipt window, a "
-        "third of the cost per token; a node that dies leaves its open window's rows signed only by "
+        "quarter of the work per token; a node that dies leaves its open window's rows signed only by "
         "its replacement, and audits see a row up to a window later."))
     failover: Failover = _defaulted(Failover)
 
