@@ -116,7 +116,6 @@ def canonical_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> np.ndarray:
     if k is not None:
         return k
     a = _as_rows(x)
-    a = _as_rows(a)
     if (grid.dtype == "float16" and a.dtype == np.float32 and a.shape[1] >= _ARITHMETIC_WIDTH
             and grid.grid <= 2**13 and grid.clamp <= _FLOAT16_MAX):
         return _float32_float16_indices(a, grid)
@@ -274,7 +273,8 @@ def commit_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> list[bytes]:
         for row in a:
             h = _row_hash_head(grid, width).copy()
             for j in range(0, width, _BLOCK_ELEMENTS):
-                h.update(np.ascontiguousarray(_hash_indices(row[None, j:j + _BLOCK_ELEMENTS], grid), dtype=_index_dtype(grid)))
+                piece = _hash_indices(row[None, j:j + _BLOCK_ELEMENTS], grid)
+                h.update(np.ascontiguousarray(piece, dtype=_index_dtype(grid)))
             out.append(h.digest())
         return out
     except NonFiniteActivation:
