@@ -608,11 +608,12 @@ class SessionDriver:
     def requeue_audits(self) -> int:
         """After a resume: queue again each unit of the positions computed before it that the seeded
         selection picked and that was neither judged nor reported unjudged (the stopped driver's queue
-        went with it). A non-final stage's row is the next stage's input, resent to this driver; the
-        final stage's logit rows are not kept, so its units are reported unjudged. Returns how many
-        were queued."""
+        went with it). A non-final stage's row is the next stage's input, resent to this driver; a
+        final-stage row is resent by that stage's node, which keeps its latest logit rows, with the
+        commitment it signed (Reveal). Units whose row cannot be had are reported unjudged. Returns
+        how many were queued."""
         st, last = self.state, self.n_stages - 1
-        lost, queued = [], 0
+        lost, queued, final = [], 0, []
         with self._lock:
             seen = {(a["stage"], a["position"]) for a in st.audits + st.unjudged}
             for s in range(self.n_stages):
@@ -622,15 +623,38 @@ class SessionDriver:
                         continue
                     held = self._commits[s].get(p)
                     row = self._inputs[s + 1].get(p) if s < last else None
-                    if held is None or row is None:
-                        lost.append(AuditUnit(s, p, st.nodes[s], st.epochs[s], b"", np.empty(0), True,
-                                              self._generation))
-                        continue
-                    node, epoch, c = held
-                    self._queue_audit(AuditUnit(s, p, node, epoch, c, np.asarray(row), True, self._generation))
-                    self.audits_selected += 1
-                    queued += 1
-        self._unjudged(lost, "queued when the coordinator stopped; its row was not kept")
+                    if s == last:
+                        final.append(p)
+                    elif held is None or row is None:
+                        lost.append((AuditUnit(s, p, st.nodes[s], st.epochs[s], b"", np.empty(0), True,
+                                               self._generation), "its row was not resent"))
+                    else:
+                        node, epoch, c = held
+                        self._queue_audit(AuditUnit(s, p, node, epoch, c, np.asarray(row), True, self._generation))
+                        self.audits_selected += 1
+                        queued += 1
+        node, epoch = st.nodes[last], st.epochs[last]
+        for p in final:
+            unit = AuditUnit(last, p, node, epoch, b"", np.empty(0), True, self._generation)
+            try:
+                ref = self._ref(last)
+                [chunk] = self.clients[node].stream("Resend", pb.ResendRequest(ref=ref, from_position=p,
+                                                                               to_position=p + 1))
+                row = wire.decode_tensor(chunk.output, ndim=2)
+                c = bytes(self.clients[node].call("Reveal", pb.RevealRequest(ref=ref, position=p)).commitment)
+            except (grpc.RpcError, KeyError, ValueError) as e:
+                why = e.details() if isinstance(e, grpc.RpcError) else str(e)
+                lost.append((unit, f"its logit row is no longer kept ({why})"))
+                continue
+            if canonical.commit_rows(row, self.grid) != [c]:
+                lost.append((unit, "the resent logit row does not hash to the commitment its node signed"))
+                continue
+            with self._lock:
+                self._queue_audit(dataclasses.replace(unit, commitment=c, worker_row=row[0]))
+                self.audits_selected += 1
+            queued += 1
+        for unit, why in lost:
+            self._unjudged([unit], f"queued when the coordinator stopped; {why}")
         return queued
 
     @property
