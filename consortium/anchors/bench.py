@@ -20,6 +20,7 @@ Sections, all on the same model, machine and split, ratios taken side by side:
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,17 @@ import time
 from pathlib import Path
 
 from consortium import processes, standalone
+
+
+class _BenchAgents(standalone.Agents):
+    """Agents whose folder (logs, keys, TLS material) goes with them: a bench run starts fifteen
+    sets, and an agent that dies early already puts its log's tail in the error."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -109,7 +121,7 @@ class Bench:
         self.opts = standalone.Options(model=s.model, threads=s.threads)
 
     def agents(self, netns=None) -> standalone.Agents:
-        return standalone.Agents(Path(tempfile.mkdtemp(prefix="consortium-bench-")), self.opts, None, netns=netns)
+        return _BenchAgents(Path(tempfile.mkdtemp(prefix="consortium-bench-")), self.opts, None, netns=netns)
 
     def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None,
                 replay_rows=1, sign_per_window=False) -> Session:

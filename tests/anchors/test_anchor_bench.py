@@ -3,6 +3,7 @@ settings runs every section it can here and writes every headline figure with a 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -68,11 +69,15 @@ def test_bench_rejects_bad_settings():
 @pytest.mark.timeout(300)
 def test_tiny_anchor_bench_writes_every_headline(tmp_path):
     out = tmp_path / "bench.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     p = subprocess.run([sys.executable, "-m", "consortium.cli", "bench", "--tokens", "6", "--prompt-tokens", "8",
                         "--rounds", "1", "--rtts", "0,4", "--distance-tokens", "3", "--failover-runs", "1",
                         "--failover-contexts", "", "--concurrent", "2", "--json", str(out),
-                        "--report", str(tmp_path / "report")], capture_output=True, text=True, timeout=280)
+                        "--report", str(tmp_path / "report")], capture_output=True, text=True, timeout=280,
+                       env={**os.environ, "TMPDIR": str(scratch)})
     assert p.returncode == 0, p.stderr[-3000:]
+    assert not list(scratch.glob("consortium-bench-*"))   # the agents' folders (keys included) are gone
     res = json.loads(out.read_text())
     h = res["headline"]
     for k in ("loopback_over_single", "inprocess_over_single", "commit_share", "audit20_cpu_ratio",
