@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import signal
 import statistics
 import subprocess
@@ -167,6 +168,7 @@ def run(opts: Options) -> dict:
     # The coordinator's own key signs the fraud proofs (consortium.driver.proofs says what they claim).
     coordinator = NodeIdentity.load_or_create(workdir / "keys" / "coordinator.pem", "coordinator")
     driver = None
+    failed = True
     try:
         state = SessionState(session="sky-is-blue", prompt_tokens=prompt_ids, nodes=list(PLACEMENT),
                              epochs=[1, 1, 1], audit_probability=opts.audit_probability, audit_seed=opts.audit_seed)
@@ -198,14 +200,34 @@ def run(opts: Options) -> dict:
         rpc = driver.rpc.summary()
         report = _report(opts, model, info, split, prompt_ids, base, rec.margins, dist, wall_s, driver, health,
                          killed, kill_node, faulty_node, counters, rpc, format_split(split), ll, judgement)
+        failed = False
     finally:
         if driver is not None:
             driver.close()
         agents.close()
         tok.close()
-    report["workdir_logs"] = "agent logs kept in the run's temporary directory"
+        agent_logs = _settle_workdir(workdir, opts.report_dir, keep=failed)
+    report["agent_logs"] = agent_logs
     write(report, opts.json_out, opts.report_dir)
     return report
+
+
+def _settle_workdir(workdir: Path, report_dir: str | None, keep: bool) -> str | None:
+    """The agents' logs go to the report folder (agents/), and their folder (logs, keys, TLS
+    material) is removed, unless the run failed: then it stays, and stderr says where. Returns where
+    the logs are, if anywhere."""
+    logs = None
+    if report_dir:
+        dest = Path(report_dir) / "agents"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in workdir.glob("*.log"):
+            shutil.copyfile(f, dest / f.name)
+        logs = str(dest)
+    if keep:
+        print(f"agent logs, keys and certificates kept in {workdir}", file=sys.stderr)
+        return str(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return logs
 
 
 def write(report: dict, json_out: str | None, report_dir: str | None) -> None:

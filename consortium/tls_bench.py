@@ -7,6 +7,7 @@ activations (Resend of every stored row, the bytes a failover replay moves).
 """
 from __future__ import annotations
 
+import shutil
 import statistics
 import tempfile
 import time
@@ -71,6 +72,7 @@ def run(model_name: str | None, rounds: int, calls: int, log) -> dict:
     finally:
         for s in servers:
             s.stop(None)
+        shutil.rmtree(workdir, ignore_errors=True)
     med = {t: {k: round(statistics.median(v), 3) for k, v in d.items()} for t, d in ms.items()}
     return {"model": Path(model).name, "layers": f"0-{last}", "rounds": rounds, "calls_per_round": calls,
             "resend_rows": PROMPT_ROWS, "resend_bytes": payload.get("tls"), "median_ms": med,

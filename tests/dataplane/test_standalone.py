@@ -35,7 +35,12 @@ def test_kill_stage_1(kill_at, tmp_path):
     assert r["counters"][1]["replayed_rows"] == expected_replay
     assert r["success"]
     if kill_at == 20:
-        assert {p.name for p in tmp_path.iterdir()} >= {"report.json", "summary.md", "latency.png"}
+        assert {p.name for p in tmp_path.iterdir()} >= {"report.json", "summary.md", "latency.png", "agents"}
+        # The agents' logs land in the report folder; their temporary folder is gone.
+        assert r["agent_logs"] == str(tmp_path / "agents")
+        assert sorted(p.name for p in (tmp_path / "agents").iterdir()) == ["N0.log", "N1.log", "N2.log"]
+    else:
+        assert r["agent_logs"] is None
 
 
 @pytest.mark.slow
