@@ -35,9 +35,7 @@ class NodeIdentity:
             mode = stat.S_IMODE(p.stat().st_mode)
             if mode & 0o077:
                 raise UnsafeKeyFile(f"{p} has mode {mode:04o}; the node key must be 0600 or stricter")
-            key = serialization.load_pem_private_key(p.read_bytes(), password=None)
-            if not isinstance(key, signing.Ed25519PrivateKey):
-                raise ValueError(f"{p} does not hold an Ed25519 key")
+            key = _ed25519_key(p.read_bytes(), str(p))
         else:
             key = signing.generate_private_key()
             pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -51,9 +49,24 @@ class NodeIdentity:
             os.chmod(p, 0o600)  # the umask may have narrowed it; never wider than 0600
         return cls(key, node_id or signing.node_id_for(key))
 
+    @classmethod
+    def from_pem(cls, pem: bytes, node_id: str, source: str = "the key") -> "NodeIdentity":
+        """An identity from PEM text held elsewhere (an environment variable filled from a Secret)."""
+        return cls(_ed25519_key(pem, source), node_id)
+
     @property
     def public_key_text(self) -> str:
         return signing.public_key_text(self.private_key)
 
     def sign(self, message: bytes) -> bytes:
         return signing.sign(self.private_key, message)
+
+
+def _ed25519_key(pem: bytes, source: str) -> signing.Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source} is not an unencrypted PEM private key: {e}") from None
+    if not isinstance(key, signing.Ed25519PrivateKey):
+        raise ValueError(f"{source} does not hold an Ed25519 key")
+    return key

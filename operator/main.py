@@ -26,10 +26,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("--proof-key", default=os.environ.get("CONSORTIUM_PROOF_KEY"),
                    help="Ed25519 key file (PKCS#8 PEM, mode 0600; created if absent) with which the operator "
-                        "signs fraud proofs as the coordinator (default: CONSORTIUM_PROOF_KEY, else a new key "
-                        "per session, named in each proof)")
+                        "signs fraud proofs as the coordinator (default: CONSORTIUM_PROOF_KEY, else the PEM text "
+                        "in CONSORTIUM_PROOF_KEY_PEM, else a new key per session, named in each proof)")
     tls.add_arguments(p, "driver")
     return p
+
+
+def proof_identity(path: str | None, pem: str | None):
+    """The key that signs fraud proofs: the --proof-key file, else the PEM text of
+    CONSORTIUM_PROOF_KEY_PEM (the chart fills it from proof.pem in the operator's Secret: a file
+    mounted from a Secret is group-readable under the pod's fsGroup, which key files may not be),
+    else None (a new key per session)."""
+    from node_agent.identity import NodeIdentity
+
+    if path:
+        return NodeIdentity.load_or_create(path, "consortium-operator")
+    if pem:
+        return NodeIdentity.from_pem(pem.encode(), "consortium-operator", "CONSORTIUM_PROOF_KEY_PEM")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,15 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except tls.TLSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    proof_key = None
-    if args.proof_key:
-        from node_agent.identity import NodeIdentity, UnsafeKeyFile
-
-        try:
-            proof_key = NodeIdentity.load_or_create(args.proof_key, "consortium-operator")
-        except (UnsafeKeyFile, ValueError, OSError) as e:
-            print(f"error: --proof-key: {e}", file=sys.stderr)
-            return 2
+    try:
+        proof_key = proof_identity(args.proof_key, os.environ.get("CONSORTIUM_PROOF_KEY_PEM"))
+    except (PermissionError, ValueError, OSError) as e:
+        print(f"error: --proof-key: {e}", file=sys.stderr)
+        return 2
     if args.kubeconfig:
         # kopf's login and the kubernetes client both read it from here.
         os.environ["KUBECONFIG"] = args.kubeconfig
@@ -61,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     kube.load_config(args.kubeconfig)
     sessions.AGENT_TLS = creds
     sessions.PROOF_KEY = proof_key
+    if proof_key is not None:
+        logging.getLogger("consortium.operator").info("fraud proofs are signed with the key %s",
+                                                      proof_key.public_key_text)
+    else:
+        logging.getLogger("consortium.operator").warning(
+            "no proof key (--proof-key, CONSORTIUM_PROOF_KEY_PEM): each session signs its fraud proofs with a "
+            "key of its own")
 
     @kopf.on.startup()
     def configure(settings: kopf.OperatorSettings, **_):

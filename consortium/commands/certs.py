@@ -1,5 +1,6 @@
 """`consortium certs DIR NAME...`: a CA in DIR (made on first use) and mutual-TLS certificates for
-node agents (each names its node) and for the driver/operator (`--driver`)."""
+node agents (each names its node) and for the driver/operator (`--driver`, with the operator's
+fraud-proof key)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="where the CA lives (ca.crt, ca.key) and each certificate goes (DIR/NAME/)")
     p.add_argument("names", nargs="*", help="node names (the ComputeNode names) to issue agent certificates for")
     p.add_argument("--driver", action="store_true",
-                   help="also issue the driver's client certificate (the operator's, DIR/consortium-driver/)")
+                   help="also issue the driver's client certificate (the operator's, DIR/consortium-driver/), "
+                        "beside the key with which the operator signs fraud proofs (proof.pem, made once)")
     p.add_argument("--days", type=int, default=365, help="validity of the new certificates (default 365)")
 
 
@@ -43,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
         paths = tls.Credentials(cert, key, ca.cert_pem).write(d / name)
         print(f"{name}: --tls-cert {paths['cert']} --tls-key {paths['key']} --tls-ca {paths['ca']}")
     if args.driver:
+        from node_agent.identity import NodeIdentity
+
+        proof = d / tls.DRIVER_NAME / "proof.pem"
+        ident = NodeIdentity.load_or_create(proof, "consortium-operator")   # kept: proofs stay checkable
+        print(f"fraud proofs: --proof-key {proof} (public key {ident.public_key_text})")
         print(f"operator Secret: kubectl -n consortium-system create secret generic consortium-operator-tls "
               f"--from-file={d / tls.DRIVER_NAME}")
     return 0

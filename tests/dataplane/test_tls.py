@@ -151,7 +151,11 @@ def test_certs_command_issues_certificates_that_handshake(tmp_path, capsys):
 
     d = tmp_path / "pki"
     assert cli.main(["certs", str(d), "n7", "--driver"]) == 0
-    assert cli.main(["certs", str(d), "n8"]) == 0          # the same CA, loaded
+    proof = d / tls.DRIVER_NAME / "proof.pem"   # the operator's fraud-proof key, beside its certificate
+    assert proof.stat().st_mode & 0o777 == 0o600
+    first = NodeIdentity.load_or_create(proof).public_key_text
+    assert cli.main(["certs", str(d), "n8", "--driver"]) == 0          # the same CA, loaded
+    assert NodeIdentity.load_or_create(proof).public_key_text == first  # and the same proof key
     agent_creds = tls.Credentials.load(d / "n8" / "tls.crt", d / "n8" / "tls.key", d / "n8" / "ca.crt")
     driver = tls.Credentials.load(*(d / tls.DRIVER_NAME / f for f in ("tls.crt", "tls.key", "ca.crt")))
     assert agent_creds.name == "n8" and (d / "n8" / "tls.key").stat().st_mode & 0o077 == 0

@@ -84,6 +84,10 @@ def test_tls_material_is_mounted_unless_dev_plaintext(cluster, plaintext):
     operator = yaml.safe_load(cluster.helm("template", RELEASE, CHART, "-n", NS, "--show-only",
                                            "templates/operator-deployment.yaml").stdout)["spec"]["template"]["spec"]
     assert operator["securityContext"]["fsGroup"] == operator["securityContext"]["runAsUser"]
+    # The fraud-proof key comes from the same Secret as text, and may be absent.
+    [proof] = [e for e in operator["containers"][0]["env"] if e["name"] == "CONSORTIUM_PROOF_KEY_PEM"]
+    assert proof["valueFrom"]["secretKeyRef"] == {"name": "consortium-operator-tls", "key": "proof.pem",
+                                                  "optional": True}
 
 
 def test_bad_model_source_is_refused_at_render_time(cluster):

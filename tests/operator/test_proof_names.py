@@ -42,3 +42,21 @@ def test_the_operator_refuses_an_unsafe_proof_key(tmp_path, capsys):
     assert operator_main.main(["--proof-key", str(path), "--plaintext"]) == 2
     err = capsys.readouterr().err
     assert "--proof-key" in err and "mode 0644" in err
+
+
+def test_the_proof_key_can_come_from_the_environment(tmp_path, monkeypatch, capsys):
+    """The chart passes proof.pem of the operator's Secret as CONSORTIUM_PROOF_KEY_PEM: a Secret's
+    files are group-readable under the pod's fsGroup, which a key file may not be."""
+    from node_agent.identity import NodeIdentity
+
+    ident = NodeIdentity.load_or_create(tmp_path / "proof.pem")
+    pem = (tmp_path / "proof.pem").read_text()
+    got = operator_main.proof_identity(None, pem)
+    assert got.public_key_text == ident.public_key_text and got.node_id == "consortium-operator"
+    assert operator_main.proof_identity(None, None) is None
+    # A file given on the command line wins over the environment.
+    other = tmp_path / "other.pem"
+    assert operator_main.proof_identity(str(other), pem).public_key_text != ident.public_key_text
+    monkeypatch.setenv("CONSORTIUM_PROOF_KEY_PEM", "not a key")
+    assert operator_main.main(["--plaintext"]) == 2
+    assert "CONSORTIUM_PROOF_KEY_PEM is not an unencrypted PEM private key" in capsys.readouterr().err
