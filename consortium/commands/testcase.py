@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sign-per-window", action="store_true",
                    help="agents commit and sign once per receipt window instead of after every step: one "
                         "signature per window and stage; the rows a dying node held uncommitted are signed "
-                        "only by its replacement (--standalone)")
+                        "only by its replacement (through Kubernetes: the session's signing: PerWindow)")
     p.add_argument("--faulty-stage", type=int, help="the agent serving this stage cheats (with --fault)")
     p.add_argument("--fault", help="skip-layer, cheap-quant, noise-<scale>, replay, random")
     p.add_argument("--heterogeneous", action="store_true",
@@ -75,12 +75,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     json_out = None if args.json in (None, "-") else args.json
     if not args.standalone:
-        if (args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows != 1
-                or args.sign_per_window):
-            print("error: --heterogeneous, --model, --hang, --rpc-timeout, --audit-replay-rows and --sign-per-window "
-                  "need --standalone "
-                  "so far",
-                  file=sys.stderr)
+        if args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows != 1:
+            print("error: --heterogeneous, --model, --hang, --rpc-timeout and --audit-replay-rows need --standalone "
+                  "so far", file=sys.stderr)
             return 2
         from consortium import kubecase
 
@@ -88,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: through Kubernetes --faulty-stage must be one of {sorted(kubecase.FAULTY_STAGES)}: stage 2's "
                   "node is the only coordinator, so nobody could take its stage over", file=sys.stderr)
             return 2
-        report = kubecase.run(opts, spec_overrides=extensions.session_overrides(args.extension))
+        overrides = extensions.session_overrides(args.extension)
+        if args.sign_per_window:
+            overrides["signing"] = "PerWindow"
+        report = kubecase.run(opts, spec_overrides=overrides)
         extensions.add_figures(args.extension, report, opts)
         kubecase.write(report, json_out, args.report)
     else:
