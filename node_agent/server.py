@@ -352,6 +352,31 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 self.engines.release(a.engine, a.seq)
         return pb.FenceResponse(epoch=self._fences[key])
 
+    def Release(self, request, context):
+        return self._handle(context, self._release, request)
+
+    def _release(self, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
+        session, stage_index, epoch = self._ref(req.ref)
+        key = (session, stage_index)
+        with self._lock:
+            a = self._assignments.get(key)
+            if a is not None and a.epoch > epoch:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"stale epoch {epoch}: this node serves epoch {a.epoch}")
+            self._fences[key] = max(self._fences.get(key, 0), epoch + 1)
+            if a is not None:
+                del self._assignments[key]
+            audits = [self._audits.pop(k) for k in [k for k in self._audits if k[:2] == key]]
+            for k in [k for k in self._counters if k[:2] == key]:
+                del self._counters[k]
+        if a is not None:
+            with a.lock:
+                self.engines.release(a.engine, a.seq)
+        for engine, seq, audit_lock in audits:
+            with audit_lock:
+                self.engines.release(engine, seq)
+        return pb.ReleaseResponse(slots=(a is not None) + len(audits))
+
     def Truncate(self, request, context):
         return self._handle(context, self._truncate, request)
 

@@ -97,7 +97,7 @@ class Session:
         return generation.generate(self.driver, self.prompt_ids, n)
 
     def close(self):
-        self.driver.close()
+        self.driver.close(release=True)   # the agents serve many sessions: free this one's slots
 
 
 class Bench:
@@ -157,12 +157,10 @@ class Bench:
                 base = generation.generate(single, self.prompt, s.tokens)
                 rows["single"].append(base)
                 for k, (p, replay, per_window) in runs.items():
-                    # A fresh driver per run (the agents refuse to restart a session at position 0);
-                    # loading is outside the timed generation.
-                    # The two runs without audits share a session name: an agent holds 8 sessions per
-                    # stage and the concurrent section needs 4 more; loading a name again frees its slot.
-                    name = "speed-0" if k == "0_window" else f"speed-{k.replace('_', '-')}"
-                    sess = self.session(agents, name, p, replay_rows=replay, sign_per_window=per_window)
+                    # A fresh driver and session per run (the agents refuse to restart a session at
+                    # position 0), released at its end; loading is outside the timed generation.
+                    sess = self.session(agents, f"speed-{k.replace('_', '-')}-r{r}", p, replay_rows=replay,
+                                        sign_per_window=per_window)
                     try:
                         rows[k].append(sess.generate(s.tokens))
                         d = sess.driver
@@ -336,7 +334,7 @@ class Bench:
         rows = []
         counts = sorted({1, *s.concurrent})
         for k in counts:
-            sessions = [self.session(agents, f"concurrent-{i}") for i in range(k)]
+            sessions = [self.session(agents, f"concurrent-{k}-{i}") for i in range(k)]
             try:
                 results = [None] * k
                 errors = []

@@ -824,7 +824,13 @@ class SessionDriver:
             out[n] = [(x.stage, x.position, x.forward, x.replay) for x in h.counters if x.session == self.session]
         return out
 
-    def close(self) -> None:
+    def close(self, release: bool = False) -> None:
+        """Stop the driver's threads after collecting what the agents still owe. `release`: also
+        free the session on every agent it used (Release: each stage's sequence slot and its audit
+        replays' slots; the stage is fenced, so the session cannot go on), for drivers outside
+        Kubernetes that share agents between sessions. Not by default: an operator that restarts
+        resumes from what the agents hold, and inside Kubernetes an agent releases a session when
+        its StageAssignments go."""
         try:   # after a normal end there is nothing left; after an error, what can still be had quickly
             self._settle_checks()
             self._collect_deferred(timeout=2.0)
@@ -837,5 +843,12 @@ class SessionDriver:
         with self._lock:
             for s in range(self.n_stages):
                 self._flush(s)
+        if release:
+            for node, client in self.clients.items():
+                for s in range(self.n_stages if node not in self.dead else 0):
+                    try:
+                        client.call("Release", pb.ReleaseRequest(ref=self._ref(s)), timeout=10.0)
+                    except grpc.RpcError as e:
+                        log.info("releasing stage %d on %s: %s %s", s, node, e.code().name, e.details())
         for c in self.clients.values():
             c.close()

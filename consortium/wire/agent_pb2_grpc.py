@@ -79,6 +79,11 @@ class NodeAgentStub:
                 request_serializer=consortium_dot_v1_dot_agent__pb2.FenceRequest.SerializeToString,
                 response_deserializer=consortium_dot_v1_dot_agent__pb2.FenceResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/consortium.v1.NodeAgent/Release',
+                request_serializer=consortium_dot_v1_dot_agent__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=consortium_dot_v1_dot_agent__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/consortium.v1.NodeAgent/Health',
                 request_serializer=consortium_dot_v1_dot_agent__pb2.HealthRequest.SerializeToString,
@@ -144,6 +149,12 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -197,6 +208,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Fence,
                     request_deserializer=consortium_dot_v1_dot_agent__pb2.FenceRequest.FromString,
                     response_serializer=consortium_dot_v1_dot_agent__pb2.FenceResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=consortium_dot_v1_dot_agent__pb2.ReleaseRequest.FromString,
+                    response_serializer=consortium_dot_v1_dot_agent__pb2.ReleaseResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -447,6 +463,33 @@ class NodeAgent:
             '/consortium.v1.NodeAgent/Fence',
             consortium_dot_v1_dot_agent__pb2.FenceRequest.SerializeToString,
             consortium_dot_v1_dot_agent__pb2.FenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.v1.NodeAgent/Release',
+            consortium_dot_v1_dot_agent__pb2.ReleaseRequest.SerializeToString,
+            consortium_dot_v1_dot_agent__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -272,3 +272,26 @@ def test_a_released_session_gives_back_its_slots_and_stays_fenced(agent, model_p
     with pytest.raises(grpc.RpcError) as e:   # the released session's epoch is fenced, not forgotten
         stub.Forward(pb.ForwardRequest(ref=ref("slots-0", 0), position=0, tokens=PROMPT))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "stale epoch 1" in e.value.details()
+
+
+def test_release_frees_a_stage_and_its_audit_slot_and_fences_it(agent, model_path):
+    """Release, as a driver outside Kubernetes calls it at its end (SessionDriver.close(release=True))."""
+    stub, service, _ = agent
+    stub.LoadStage(pb.LoadStageRequest(ref=ref("rel", 0, 2), model_path=model_path, first_layer=0, last_layer=9))
+    stub.Forward(pb.ForwardRequest(ref=ref("rel", 0, 2), position=0, tokens=PROMPT))
+    # An audit of the stage on this agent holds a slot of its own.
+    stub.Audit(pb.AuditRequest(ref=ref("rel", 0, 2), model_path=model_path, first_layer=0, last_layer=9,
+                               start_position=0, tokens=PROMPT, batch_sizes=[len(PROMPT)], positions=[3]))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Release(pb.ReleaseRequest(ref=ref("rel", 0, 1)))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "stale epoch 1" in e.value.details()
+    assert stub.Release(pb.ReleaseRequest(ref=ref("rel", 0, 2))).slots == 2
+    assert ("rel", 0) not in service.held() and "rel" not in service.sessions()
+    assert not stub.Health(pb.HealthRequest(session="rel")).counters
+    for call in (lambda: stub.Forward(pb.ForwardRequest(ref=ref("rel", 0, 2), position=len(PROMPT), tokens=[5])),
+                 lambda: stub.LoadStage(pb.LoadStageRequest(ref=ref("rel", 0, 2), model_path=model_path,
+                                                            first_layer=0, last_layer=9))):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert stub.Release(pb.ReleaseRequest(ref=ref("rel", 0, 2))).slots == 0   # again: nothing left

@@ -140,7 +140,7 @@ def test_driver_receipts_cover_every_position_with_or_without_deferral(tmp_path,
     from node_agent.identity import NodeIdentity
 
     ident = NodeIdentity.load_or_create(tmp_path / "n.pem", "n")
-    srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(threads=1, n_ctx=256))
+    srv, service, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(threads=1, n_ctx=256))
     runs = {}
     try:
         # (deferred, signed per window, receipt window)
@@ -156,8 +156,9 @@ def test_driver_receipts_cover_every_position_with_or_without_deferral(tmp_path,
                 driver.start()
                 tokens = generation.generate(driver, PROMPT, 20).tokens
             finally:
-                driver.close()
+                driver.close(release=True)
             runs[how] = tokens, driver.receipts, list(state.done)
+        assert not service.held() and not service.sessions()   # each driver released its session
     finally:
         srv.stop(None)
     assert len({tuple(tokens) for tokens, _, _ in runs.values()}) == 1
