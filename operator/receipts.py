@@ -53,7 +53,7 @@ def receipt_body(session: dict, entry: dict, public_key_b64: str) -> dict:
 class ReceiptWriter:
     def __init__(self, session: dict):
         self.session = session
-        self.index: dict[str, dict] = {}   # name -> {stage, node, epoch, start, count}
+        self.index: dict[str, dict] = {}   # name -> {stage, node, epoch, start, count, commitments (hex)}
         self._seen = 0
         self.discarded = 0
 
@@ -66,7 +66,8 @@ class ReceiptWriter:
         for it in items:
             s = it["spec"]
             self.index[it["metadata"]["name"]] = {"stage": s["stage"], "node": s["node"], "epoch": s["epoch"],
-                                                  "start": s["window"]["start"], "count": s["window"]["count"]}
+                                                  "start": s["window"]["start"], "count": s["window"]["count"],
+                                                  "commitments": list(s["commitments"])}
 
     def publish(self, driver) -> int:
         """Write the receipts the driver flushed since the last call; returns how many were written."""
@@ -95,7 +96,7 @@ class ReceiptWriter:
                 if ex.status != 409:
                     raise
             self.index[name] = {"stage": e["stage"], "node": e["node"], "epoch": e["epoch"], "start": e["start"],
-                                "count": e["count"]}
+                                "count": e["count"], "commitments": list(body["spec"]["commitments"])}
         return written
 
 

@@ -605,6 +605,18 @@ class SessionDriver:
                     self._audit_outstanding -= len(units)
                     self._audit_idle.notify_all()
 
+    def check_resent(self, s: int, commitments: list[bytes], signed: dict[int, set[bytes]]) -> list[int]:
+        """After a resume: the commitments of the rows stage s resent for positions 0.. (the next
+        stage's inputs, and what its audits replay) against those its node signed for them at its
+        current epoch (`signed`: position -> every such commitment in a receipt; a rollback signs a
+        window again). A row that matches none is not what the node sent and signed: Fraud, or it
+        could frame the next stage, whose audits would replay it. Returns those positions."""
+        bad = [p for p, c in enumerate(commitments) if signed.get(p) and c not in signed[p]]
+        if bad:
+            self._fraud(self.state.nodes[s], f"stage {s}: rows resent after a restart do not hash to the "
+                                             f"commitments it signed (positions {bad[0]}..{bad[-1]}, {len(bad)} rows)")
+        return bad
+
     def requeue_audits(self) -> int:
         """After a resume: queue again each unit of the positions computed before it that the seeded
         selection picked and that was neither judged nor reported unjudged (the stopped driver's queue

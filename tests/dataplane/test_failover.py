@@ -131,3 +131,22 @@ def test_rows_a_dying_cheater_never_committed_are_judged_and_rolled_back(tmp_pat
     assert state.rollbacks and state.rollbacks[0]["to_position"] == 0
     assert "C" in state.quarantined   # random rows are decisive: Fraud, not only Mismatch
     assert got == want
+
+
+def test_rows_resent_after_a_restart_must_be_what_their_node_signed():
+    """A resumed driver takes its audit material from rows the upstream node resends. A row that
+    hashes to none of the commitments that node signed for its position is Fraud: replayed in the
+    next stage's audits, it would frame that stage."""
+    state = SessionState(session="resumed", prompt_tokens=[1, 2], nodes=["a", "b", "c"], epochs=[1, 2, 1],
+                         audit_probability=0.0)
+    d = SessionDriver(session="resumed", model_path="unused.gguf", split=[LayerRange(0, 9), LayerRange(10, 19),
+                                                                          LayerRange(20, 29)],
+                      n_layers=30, endpoints={}, state=state, policy=LocalPolicy(["a", "b", "c"]))
+    c = [bytes([i]) * 32 for i in range(4)]
+    # Any signed version counts (a rollback signs a window again); an unsigned position is not judged.
+    assert d.check_resent(0, c, {0: {c[0]}, 1: {bytes(32), c[1]}, 3: {c[3]}}) == []
+    assert not d._pending_fraud
+    assert d.check_resent(1, c, {0: {c[0]}, 2: {bytes(32)}, 3: {b"\1" * 32}}) == [2, 3]
+    [(node, why)] = d._pending_fraud
+    assert node == "b" and "positions 2..3, 2 rows" in why
+    d.close()
