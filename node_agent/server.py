@@ -332,6 +332,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         return pb.LoadStageResponse(node_id=self.identity.node_id, public_key=self.identity.public_key_text,
                                     backend=self.backend, n_embd=engine.n_embd, n_vocab=engine.n_vocab,
                                     n_layers_total=info.n_layers, load_ms=(time.perf_counter() - t0) * 1000,
+                                    commit_domain=canonical.ROW_DOMAIN.decode(),
                                     data_port=self.data_port)
 
     def Fence(self, request, context):

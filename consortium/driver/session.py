@@ -63,8 +63,17 @@ class DriverError(RuntimeError):
     pass
 
 
-class KeyMismatch(DriverError):
+class RefusedAgent(DriverError):
+    """An agent the driver will not use: marked dead, and passed over as a backup."""
+
+
+class KeyMismatch(RefusedAgent):
     """An agent signs with another key than the one registered for its node."""
+
+
+class IncompatibleAgent(RefusedAgent):
+    """An agent hashes rows another way (another version of the commitment): every row it sent would
+    read as Fraud."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -211,6 +220,10 @@ class SessionDriver:
             first_layer=r.first, last_layer=r.last, grid=wire.grid_to_pb(self.grid),
             receipt_window=self.receipt_window), timeout=self.load_timeout_s)
         self.clients[node].use_data_lane(resp.data_port)
+        if resp.commit_domain != canonical.ROW_DOMAIN.decode():
+            self.dead.add(node)
+            raise IncompatibleAgent(f"{node} hashes rows as {resp.commit_domain or 'an older version'}, this driver "
+                                    f"as {canonical.ROW_DOMAIN.decode()}: run one Consortium version on every node")
         registered = self.registered_keys.get(node)
         if registered is not None and resp.public_key != registered:
             self.dead.add(node)
@@ -459,7 +472,7 @@ class SessionDriver:
                 self._load(backup, s)
                 replayed = self._rebuild(s, backup, upto)
                 break
-            except KeyMismatch as e:
+            except RefusedAgent as e:
                 log.warning("backup %s for stage %d: %s", backup, s, e)
             except grpc.RpcError as e:
                 log.warning("backup %s for stage %d failed: %s", backup, s, e.code().name)

@@ -1,10 +1,11 @@
 """Signatures verify under the key registered for a node (its ComputeNode's spec.publicKey), not
 under the key an agent reports: an agent that answers with another key is refused, at the start of a
-session and as a failover backup. Real agents in this process; one stage holding every layer."""
+session and as a failover backup. So is an agent that hashes rows another way (another version).
+Real agents in this process; one stage holding every layer."""
 import pytest
 
 from consortium.driver.policy import LocalPolicy
-from consortium.driver.session import KeyMismatch, SessionDriver
+from consortium.driver.session import IncompatibleAgent, KeyMismatch, SessionDriver
 from consortium.driver.state import SessionState
 from consortium.layers import LayerRange
 from node_agent import server
@@ -26,11 +27,11 @@ def nodes(tmp_path_factory):
         s.stop(None)
 
 
-def driver(nodes, model_path, registered, first="a"):
+def driver(nodes, model_path, registered, first="a", session="keys"):
     n_layers = read_model_info(model_path).n_layers
-    state = SessionState(session="keys", prompt_tokens=[1, 2, 3], nodes=[first], epochs=[1],
+    state = SessionState(session=session, prompt_tokens=[1, 2, 3], nodes=[first], epochs=[1],
                          audit_probability=0.0, audit_seed=1)
-    return SessionDriver(session="keys", model_path=model_path, split=[LayerRange(0, n_layers - 1)], n_layers=n_layers,
+    return SessionDriver(session=session, model_path=model_path, split=[LayerRange(0, n_layers - 1)], n_layers=n_layers,
                          endpoints={n: ep for n, (ep, _) in nodes.items()}, state=state,
                          policy=LocalPolicy(["b", "c", "a"]), registered_keys=registered)
 
@@ -54,5 +55,24 @@ def test_backup_with_another_key_is_passed_over(nodes, model_path):
         assert d.public_keys["a"] == keys["a"]
         assert d._failover(0, "test: stage 0 lost") == "c"
         assert "b" in d.dead and d.public_keys["c"] == keys["c"] and "b" not in d.public_keys
+    finally:
+        d.close()
+
+
+def test_agent_hashing_rows_another_way_is_refused(nodes, model_path, monkeypatch):
+    """An agent of another version, whose commitments hash rows another way, would have every row it
+    sends read as Fraud: it is refused before it computes anything, with the reason."""
+    import types
+
+    from consortium.verification import canonical
+
+    older = types.SimpleNamespace(**{**vars(canonical), "ROW_DOMAIN": b"consortium.commit.row.v1"})
+    monkeypatch.setattr(server, "canonical", older)   # the agents in this process answer as v1 would
+    d = driver(nodes, model_path, {n: k for n, (_, k) in nodes.items()}, session="versions")
+    try:
+        with pytest.raises(IncompatibleAgent, match="a hashes rows as consortium.commit.row.v1, this driver as "
+                                                    "consortium.commit.row.v2: run one Consortium version"):
+            d.start()
+        assert "a" in d.dead
     finally:
         d.close()
