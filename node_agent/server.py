@@ -365,18 +365,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                               f"stale epoch {epoch}: this node serves epoch {a.epoch}")
             self._fences[key] = max(self._fences.get(key, 0), epoch + 1)
-            if a is not None:
-                del self._assignments[key]
-            audits = [self._audits.pop(k) for k in [k for k in self._audits if k[:2] == key]]
-            for k in [k for k in self._counters if k[:2] == key]:
-                del self._counters[k]
-        if a is not None:
-            with a.lock:
-                self.engines.release(a.engine, a.seq)
-        for engine, seq, audit_lock in audits:
-            with audit_lock:
-                self.engines.release(engine, seq)
-        return pb.ReleaseResponse(slots=(a is not None) + len(audits))
+        return pb.ReleaseResponse(slots=self._free(lambda k: k == key, max_epoch=epoch))
 
     def Truncate(self, request, context):
         return self._handle(context, self._truncate, request)
@@ -693,10 +682,16 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         """Free every sequence slot of a session that is over (its StageAssignments are gone) and
         forget its forward counters; returns how many slots. Its fences stay, so a late request with
         its old epochs is still refused."""
+        return self._free(lambda k: k[0] == session)
+
+    def _free(self, match, max_epoch: int | None = None) -> int:
+        """Free what the (session, stage) keys that `match` hold here: assignments (up to max_epoch;
+        each one's epoch fenced), the slots of audit replays, forward counters. Returns the slots."""
         with self._lock:
-            gone = [self._assignments.pop(k) for k in [k for k in self._assignments if k[0] == session]]
-            audits = [self._audits.pop(k) for k in [k for k in self._audits if k[0] == session]]
-            for k in [k for k in self._counters if k[0] == session]:   # an agent lives through many sessions
+            gone = [self._assignments.pop(k) for k in [k for k, a in self._assignments.items()
+                                                        if match(k) and (max_epoch is None or a.epoch <= max_epoch)]]
+            audits = [self._audits.pop(k) for k in [k for k in self._audits if match(k[:2])]]
+            for k in [k for k in self._counters if match(k[:2])]:   # an agent lives through many sessions
                 del self._counters[k]
             for a in gone:
                 key = (a.session, a.stage_index)
