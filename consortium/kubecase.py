@@ -129,6 +129,8 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
     report = {
         "mode": "kubernetes",
         "transport": "plaintext" if opts.plaintext else "mutual TLS",
+        "signing": (s.get("spec") or {}).get("signing"),   # PerStep or PerWindow, as the server stored it
+        "receipt_window": (s.get("spec") or {}).get("receiptWindow"),
         "split": ",".join(sa["spec"]["layerRange"] for sa in sas.values()),
         "placement": {f"stage{i}": sa["spec"]["nodeName"] for i, sa in sas.items()},   # at the end
         "placement_at_start": _first_placement(sas, fo),
@@ -225,6 +227,7 @@ def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
                  f"- placement {report['placement_at_start']} at the start, {report['placement']} at the end; "
                  f"split {report['split']}",
                  "- nodes: " + ", ".join(f"{n} {v['shown']}" for n, v in report["nodes"].items()),
+                 f"- signing: {report['signing']} (receipt window {report['receipt_window']})",
                  f"- exact_match: **{report['exact_match']}** (first divergence {report['first_divergence']})",
                  f"- baseline {report['baseline']['tokens_per_s']} tok/s, distributed {report['distributed']['tokens_per_s']} "
                  f"tok/s ({report['threads_per_agent']} thread(s) per agent); median step "

@@ -41,6 +41,7 @@ class Options:
     prompt: str = PROMPT
     json_out: str | None = None
     report_dir: str | None = None
+    logs_dir: str | None = None      # where the agents' logs go (default: report_dir/agents; none: not kept)
     rpc_timeout_s: float = 30.0
     hang: bool = False   # SIGSTOP instead of SIGKILL: the agent keeps its socket and never answers
     plaintext: bool = False  # gRPC without TLS; by default a CA made for the run issues mutual-TLS certificates
@@ -206,19 +207,20 @@ def run(opts: Options) -> dict:
             driver.close()
         agents.close()
         tok.close()
-        agent_logs = _settle_workdir(workdir, opts.report_dir, keep=failed)
+        logs_dir = opts.logs_dir or (str(Path(opts.report_dir) / "agents") if opts.report_dir else None)
+        agent_logs = _settle_workdir(workdir, logs_dir, keep=failed)
     report["agent_logs"] = agent_logs
     write(report, opts.json_out, opts.report_dir)
     return report
 
 
-def _settle_workdir(workdir: Path, report_dir: str | None, keep: bool) -> str | None:
-    """The agents' logs go to the report folder (agents/), and their folder (logs, keys, TLS
-    material) is removed, unless the run failed: then it stays, and stderr says where. Returns where
-    the logs are, if anywhere."""
+def _settle_workdir(workdir: Path, logs_dir: str | None, keep: bool) -> str | None:
+    """The agents' logs go to logs_dir (if any), and their folder (logs, keys, TLS material) is
+    removed, unless the run failed: then it stays, and stderr says where. Returns where the logs
+    are, if anywhere."""
     logs = None
-    if report_dir:
-        dest = Path(report_dir) / "agents"
+    if logs_dir:
+        dest = Path(logs_dir)
         dest.mkdir(parents=True, exist_ok=True)
         for f in workdir.glob("*.log"):
             shutil.copyfile(f, dest / f.name)
@@ -305,6 +307,7 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         "prompt": opts.prompt, "prompt_tokens": len(prompt_ids), "max_tokens": opts.max_tokens,
         "threads_per_agent": opts.threads, "heterogeneous": opts.heterogeneous,
         "transport": "plaintext" if opts.plaintext else "mutual TLS",
+        "signing": "PerWindow" if driver.sign_per_window else "PerStep", "receipt_window": driver.receipt_window,
         "baseline": {"tokens": base.tokens, "text": base.text, "tokens_per_s": round(base.tokens_per_s, 3),
                      "token_ms": [round(x, 3) for x in base.token_ms]},
         "distributed": {"tokens": dist.tokens, "text": dist.text, "tokens_per_s": round(dist.tokens_per_s, 3),
@@ -401,6 +404,7 @@ def write_report_dir(report: dict, out: Path) -> None:
         f"{r['model']['file_type']}), split {r['split']}, placement {r['placement']}",
         "- nodes: " + ", ".join(f"{n} {v['shown']}{' repacking off' if not v['repack'] else ''}"
                                f"{' FAULT ' + v['fault'] if v['fault'] else ''}" for n, v in r["nodes"].items()),
+        f"- signing: {r['signing']} (receipt window {r['receipt_window']})",
         f"- exact_match: **{r['exact_match']}** (token agreement {r['token_agreement']}, first divergence "
         f"{r['first_divergence']}, top-2 margin there {r['top2_margin_at_divergence']})",
         f"- baseline {r['baseline']['tokens_per_s']} tok/s, distributed {r['distributed']['tokens_per_s']} tok/s "

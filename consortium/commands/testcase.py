@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
                               faulty_stage=args.faulty_stage, fault=args.fault, heterogeneous=args.heterogeneous,
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
                               hang=args.hang, plaintext=args.plaintext, audit_replay_rows=args.audit_replay_rows,
-                              sign_per_window=args.sign_per_window, **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
+                              sign_per_window=args.sign_per_window,
+                              logs_dir=str(Path(args.report) / "agents") if args.report else None,
+                              **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     try:
         extensions.apply(args.extension, opts, prompt_given=args.prompt is not None,
                          fault_given=args.fault is not None, audit_given=args.audit_probability != 0.2)
