@@ -66,6 +66,7 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
     base = baseline(opts.max_tokens, opts.prompt, opts.threads)
     workdir = Path(tempfile.mkdtemp(prefix="consortium-k8s-testcase-"))
     bed = testbed.Testbed(cl, workdir, threads=opts.threads, plaintext=opts.plaintext)
+    s = None
     try:
         bed.install()
         cl.kubectl("delete", "inferencesession", SESSION, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
@@ -103,7 +104,11 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
         bed.close()
         if started_here:
             cl.stop()
-    return _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node)
+        completed = s is not None and (s.get("status") or {}).get("phase") == "Completed"
+        agent_logs = standalone.settle_workdir(workdir, opts.logs_dir, keep=not completed)
+    report = _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node)
+    report["agent_logs"] = agent_logs
+    return report
 
 
 def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node=None) -> dict:

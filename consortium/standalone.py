@@ -208,16 +208,16 @@ def run(opts: Options) -> dict:
         agents.close()
         tok.close()
         logs_dir = opts.logs_dir or (str(Path(opts.report_dir) / "agents") if opts.report_dir else None)
-        agent_logs = _settle_workdir(workdir, logs_dir, keep=failed)
+        agent_logs = settle_workdir(workdir, logs_dir, keep=failed or not report["success"])
     report["agent_logs"] = agent_logs
     write(report, opts.json_out, opts.report_dir)
     return report
 
 
-def _settle_workdir(workdir: Path, logs_dir: str | None, keep: bool) -> str | None:
-    """The agents' logs go to logs_dir (if any), and their folder (logs, keys, TLS material) is
-    removed, unless the run failed: then it stays, and stderr says where. Returns where the logs
-    are, if anywhere."""
+def settle_workdir(workdir: Path, logs_dir: str | None, keep: bool) -> str | None:
+    """The logs of a test case's processes go to logs_dir (if any), and their folder (logs, keys,
+    TLS material) is removed, unless `keep` (the run failed): then it stays, and stderr says where.
+    Returns where the logs are, if anywhere."""
     logs = None
     if logs_dir:
         dest = Path(logs_dir)
