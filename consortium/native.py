@@ -69,21 +69,19 @@ def build(src: Path, opt: str, folder: Path) -> Path | None:
     """Compile `src` into `folder` unless it is there already; its path, or None without a compiler
     or when the compiler fails."""
     out = folder / _file_name(src, opt)
-    with _build_lock:
-        if out.exists():
-            return out
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if not compiler:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not out.is_file() and not compiler:
+        return None
+
+    def compile_to(tmp: Path) -> None:
+        subprocess.run([compiler, opt, "-shared", "-fPIC", "-o", str(tmp), str(src)], capture_output=True,
+                       check=True)
+
+    with _build_lock:   # threads of one process share made_once's temporary name
+        try:
+            return consortium.cache.made_once(out, compile_to)
+        except subprocess.CalledProcessError:
             return None
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-        proc = subprocess.run([compiler, opt, "-shared", "-fPIC", "-o", str(tmp), str(src)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            return None
-        os.replace(tmp, out)
-        return out
 
 
 def main(argv: list[str] | None = None) -> int:

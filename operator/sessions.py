@@ -281,7 +281,7 @@ class SessionRun:
                     driver._inputs[s][p] = x
         # What each stage's node signed at its current epoch, by position: the Receipts written before
         # the restart and the windows recovered since.
-        signed = collections.defaultdict(set)
+        signed = collections.defaultdict(lambda: collections.defaultdict(set))   # stage -> position -> {c}
         with driver._lock:
             recovered = [(e["stage"], e["node"], e["epoch"], e["start"],
                           [base64.b64decode(c) for c in e["receipt"]["commitments"]])
@@ -291,15 +291,14 @@ class SessionRun:
                 for w in written.values()]:
             if s < len(st.nodes) and node == st.nodes[s] and epoch == st.epochs[s]:
                 for i, c in enumerate(cs):
-                    signed[(s, start + i)].add(c)
+                    signed[s][start + i].add(c)
         for s in range(len(st.nodes) - 1):
             rows = [driver._inputs[s + 1][p] for p in range(st.done[s])]
             if rows:
                 cs = canonical.commit_rows(np.stack(rows), driver.grid)
-                mine = {p: signed[(s, p)] for p in range(len(cs)) if (s, p) in signed}
-                bad = driver.check_resent(s, cs, mine)
+                bad = driver.check_resent(s, cs, signed[s])
                 log.info("%s: stage %d resent %d rows, %d checked against what its node signed, %d differ",
-                         self.name, s, len(cs), len(mine), len(bad))
+                         self.name, s, len(cs), sum(p in signed[s] for p in range(len(cs))), len(bad))
                 with driver._lock:
                     for p, c in enumerate(cs):
                         driver._commits[s][p] = (st.nodes[s], st.epochs[s], c)

@@ -646,11 +646,11 @@ class SessionDriver:
                 for p in range(first, st.done[s]):
                     if (s, p) in seen or not st.selected(s, p):
                         continue
-                    held = self._commits[s].get(p)
-                    row = self._inputs[s + 1].get(p) if s < last else None
-                    if s == last:
+                    if s == last:   # fetched below, outside the lock
                         final.append(p)
-                    elif held is None or row is None:
+                        continue
+                    held, row = self._commits[s].get(p), self._inputs[s + 1].get(p)
+                    if held is None or row is None:
                         lost.append((AuditUnit(s, p, st.nodes[s], st.epochs[s], b"", np.empty(0), True,
                                                self._generation), "its row was not resent"))
                     else:
@@ -870,7 +870,9 @@ class SessionDriver:
                 self._flush(s)
         if release:
             for node, client in self.clients.items():
-                for s in range(self.n_stages if node not in self.dead else 0):
+                if node in self.dead:
+                    continue
+                for s in range(self.n_stages):
                     try:
                         client.call("Release", pb.ReleaseRequest(ref=self._ref(s)), timeout=10.0)
                     except grpc.RpcError as e:
