@@ -151,6 +151,7 @@ class Bench:
             runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows, False)
         rows = {"single": [], **{k: [] for k in runs}}
         audit_cpu = {k: [] for k, (p, _, _) in runs.items() if p}
+        breakdowns = []   # per round, where a token's time goes without audits (token_breakdown)
         with LocalPipeline(self.model, None, StageConfig(threads=s.threads)) as single:
             for r in range(s.rounds):
                 single.reset(0)
@@ -164,6 +165,8 @@ class Bench:
                     try:
                         rows[k].append(sess.generate(s.tokens))
                         d = sess.driver
+                        if k == "0":
+                            breakdowns.append(token_breakdown(rows[k][-1], d.steps, base))
                         if p:   # both CPU times as the agents report them, of the threads that ran llama.cpp
                             audit_cpu[k].append(d.audit_cpu_ms / d.forward_cpu_ms if d.forward_cpu_ms else None)
                     finally:
@@ -188,6 +191,7 @@ class Bench:
                                                         for d, b in zip(rows["0"], rows["single"])]),
                "loopback_signing_per_window_over_single": _median([d.tokens_per_s / b.tokens_per_s for d, b
                                                                    in zip(rows["0_window"], rows["single"])]),
+               "loopback_breakdown_ms": {k: _median([b[k] for b in breakdowns]) for k in breakdowns[0]},
                "audits": {}}
         for k in audit_cpu:
             out["audits"][k] = {
@@ -456,6 +460,21 @@ def run(s: Settings, log) -> dict:
     return res
 
 
+def token_breakdown(ours, steps, single) -> dict:
+    """Where a decode token's time goes, medians over the decode steps in ms: the single node's token
+    and its llama.cpp compute; our token, the agents' own compute (their compute_ms, llama.cpp and
+    the step's handling around it), the hops (the driver's time for each stage beyond the agent's
+    own) and the rest (the driver's sampling and loop)."""
+    med = statistics.median
+    decode = [st for st in steps if st.rows == 1 and not st.failover and len(st.agent_ms) == len(st.stage_ms)]
+    ours_ms = med(ours.token_ms[1:])
+    compute = med(sum(st.agent_ms) for st in decode)
+    hops = med(sum(t - a for t, a in zip(st.stage_ms, st.agent_ms)) for st in decode)
+    return {"single_ms": med(single.token_ms[1:]), "single_compute_ms": med(sum(x) for x in single.stage_ms[1:]),
+            "ours_ms": ours_ms, "agents_compute_ms": compute, "hops_ms": hops,
+            "driver_ms": ours_ms - compute - hops}
+
+
 def headline(res: dict) -> dict:
     """The figures the issue names, at the top level of the JSON."""
     sp = res["speed"]
@@ -463,8 +482,15 @@ def headline(res: dict) -> dict:
     rpc_over = (round(rpc["loopback"]["generation"]["tokens_per_s"] / rpc["single"]["generation"]["tokens_per_s"], 4)
                 if rpc else None)
     conc = res["concurrent"]["rows"]
+    breakdown = dict(sp["loopback_breakdown_ms"])
+    # What each approach adds per token over its own single node, in ms: ours from the breakdown,
+    # llama.cpp RPC mode from llama-bench's rates (it reports no more than that).
+    breakdown["ours_added_ms"] = round(breakdown["ours_ms"] - breakdown["single_ms"], 3)
+    breakdown["rpc_added_ms"] = (round(1000 / rpc["loopback"]["generation"]["tokens_per_s"]
+                                       - 1000 / rpc["single"]["generation"]["tokens_per_s"], 3) if rpc else None)
     return {
         "loopback_over_single": sp["loopback_over_single"],
+        "loopback_breakdown_ms": breakdown,
         "inprocess_over_single": sp["inprocess_split_over_single"],
         "rpc_over_single": rpc_over,
         "commit_share": res["commit_sign"]["share_of_token_time"],

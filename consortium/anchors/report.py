@@ -22,6 +22,17 @@ def _load_warning(m: dict) -> str:
             "the single-node rows, and every figure here is noisy.**")
 
 
+def _breakdown_text(b: dict) -> str:
+    rpc = ("" if b["rpc_added_ms"] is None else
+           f" llama.cpp's RPC mode adds {b['rpc_added_ms']:.2f} ms per token over its own single node.")
+    return (f"Where a generated token's time goes (medians, ms): the single node {b['single_ms']:.2f} (llama.cpp "
+            f"{b['single_compute_ms']:.2f}); our agents {b['ours_ms']:.2f}: their own compute "
+            f"{b['agents_compute_ms']:.2f} (three llama.cpp graphs in three processes, and each step's handling), "
+            f"the hops {b['hops_ms']:.2f} (the driver's time per stage beyond the agent's, all three stages), "
+            f"the driver's sampling and loop {b['driver_ms']:.2f}. Ours adds {b['ours_added_ms']:.2f} ms per "
+            f"token over the single node.{rpc}")
+
+
 def summary(res: dict) -> str:
     h = res["headline"]
     sp = res["speed"]
@@ -55,6 +66,7 @@ def summary(res: dict) -> str:
         pl = rpc["loopback"].get("placement", {})
         lines += ["", f"llama.cpp placed the layers (its own log, tensor split {rpc['tensor_split']}; layer "
                   f"{res['model']['layers']} is the output layer): {pl.get('layers_by_device')}, {pl.get('offloaded')}."]
+    lines += ["", _breakdown_text(h["loopback_breakdown_ms"])]
     dist = res.get("distance")
     if dist:
         lines += ["", f"Distance ({dist['label']}):", "",
@@ -105,7 +117,7 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     h = res["headline"]
     names = ["our split\nin process", "our agents\nloopback"]
     vals = [h["inprocess_over_single"], h["loopback_over_single"]]
@@ -122,7 +134,8 @@ def plot(res: dict, path: Path) -> None:
     ax.set_ylabel("generation tokens/s over its single-node run")
     ax.set_title("same model, machine and split")
     ax.legend(fontsize=8)
-    ax = axes[1]
+    _plot_breakdown(axes[1], h["loopback_breakdown_ms"])
+    ax = axes[2]
     dist = res.get("distance")
     if dist:
         rtts = [r["rtt_ms"] for r in dist["rows"]]
@@ -134,7 +147,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xlabel("added round trip, ms (emulated by a delaying proxy)")
     ax.set_ylabel("tokens/s over single node")
     ax.set_title("separate network namespaces")
-    ax = axes[2]
+    ax = axes[3]
     fo = res["failover"]
     runs = [(r["context_replayed"], r["spike_ms"]) for r in fo["runs"] + fo["by_context"]]
     ax.scatter([x for x, _ in runs], [y for _, y in runs])
@@ -147,6 +160,32 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_breakdown(ax, b: dict) -> None:
+    """Stacked bars: a generated token's time on the single node, on our agents, and in RPC mode."""
+    compute = ("compute: llama.cpp (agents: with their step handling)", "tab:blue")
+    rest = ("sampling and the loop", "tab:gray")
+    bars = [("single node", [(compute, b["single_compute_ms"]), (rest, b["single_ms"] - b["single_compute_ms"])]),
+            ("our agents\nloopback", [(compute, b["agents_compute_ms"]), (("hops", "tab:red"), b["hops_ms"]),
+                                      (rest, b["driver_ms"])])]
+    if b["rpc_added_ms"] is not None:
+        bars.append(("llama.cpp RPC: single node\n+ what RPC adds over\nllama-bench's single node",
+                     [(("single node", "tab:cyan"), b["single_ms"]),
+                      (("added by RPC mode", "tab:orange"), b["rpc_added_ms"])]))
+    seen = set()
+    for i, (_, parts) in enumerate(bars):
+        bottom = 0.0
+        for (label, color), ms in parts:
+            ax.bar(i, ms, bottom=bottom, color=color, label=None if label in seen else label)
+            seen.add(label)
+            bottom += ms
+    ax.axhline(b["single_ms"] / 0.85, color="red", linestyle="--", label="0.85 of single-node speed")
+    ax.set_xticks(range(len(bars)), [n for n, _ in bars], fontsize=8)
+    ax.set_ylim(0, max(b["ours_ms"], b["single_ms"] + (b["rpc_added_ms"] or 0)) * 1.45)
+    ax.set_ylabel("ms per generated token (median)")
+    ax.set_title("where a token's time goes")
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def write(res: dict, out_dir: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
         res = tls_bench.run(args.model, args.rounds or 6, 50, log)
         print(tls_bench.summary(res))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=2)
+            _write_json(args.json, res)
         return 0
     if args.suite == "dataplane":
         from consortium import dataplane_bench
@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         res = dataplane_bench.run(args.model, args.tokens, 1 if args.threads is None else args.threads, log)
         print(dataplane_bench.summary(res))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=2)
+            _write_json(args.json, res)
         return 0
     threads = args.threads or 0
     model = str(resolve_model(args.model))
@@ -86,9 +85,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{row['layers']:>8} {row['weights_bytes'] / 2**20:12.1f} {row['rss_delta_bytes'] / 2**20:13.1f} "
               f"{row['rss_over_weights']:17.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        _write_json(args.json, result)
     return 0
+
+
+def _write_json(path: str, res: dict) -> None:
+    # Its folder may not exist yet: a long run must not end in FileNotFoundError.
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(res, indent=2))
 
 
 def _numbers(text: str, name: str, kind=float) -> tuple:
@@ -127,8 +131,7 @@ def _anchors(args: argparse.Namespace, log) -> int:
     res = bench.run(s, log)
     print(report.summary(res))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        _write_json(args.json, res)
     if args.report:
         report.write(res, args.report)
     return 0

@@ -68,7 +68,7 @@ def test_bench_rejects_bad_settings():
 
 @pytest.mark.timeout(300)
 def test_tiny_anchor_bench_writes_every_headline(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "not-yet" / "bench.json"   # its folder is made, not a FileNotFoundError at the end
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     p = subprocess.run([sys.executable, "-m", "consortium.cli", "bench", "--tokens", "6", "--prompt-tokens", "8",
@@ -91,6 +91,12 @@ def test_tiny_anchor_bench_writes_every_headline(tmp_path):
     assert 0 < h["audit20_replay_cpu_ratio"] < 10
     assert 0 < h["failover_spike_ms"]["median"] <= h["failover_spike_ms"]["max"] < 60_000
     assert h["concurrent_sessions"] == 2 and h["concurrent_over_single"] > 0
+    b = h["loopback_breakdown_ms"]
+    # The parts are measured separately (the agents' own time, the driver's per stage, the token's),
+    # so they add up to our token's time only if each was taken where it should be.
+    assert 0 < b["single_compute_ms"] <= b["single_ms"] and 0 < b["agents_compute_ms"] and 0 < b["hops_ms"]
+    assert b["driver_ms"] > 0 and b["ours_added_ms"] == round(b["ours_ms"] - b["single_ms"], 3)
+    assert (b["rpc_added_ms"] is None) == (h["rpc_over_single"] is None)
     assert [m["layers"] for m in h["memory_per_stage"]] == ["0-9", "10-19", "20-29"]
     assert all(m["rss_mib"] > 0 and m["weights_mib"] > 0 for m in h["memory_per_stage"])
     bins, _ = llamarpc.bin_dir()
@@ -106,4 +112,5 @@ def test_tiny_anchor_bench_writes_every_headline(tmp_path):
     else:
         assert "distance" in res["skipped"]
     assert (tmp_path / "report" / "anchors.png").stat().st_size > 10_000
-    assert "| our three agents, loopback (data lanes) |" in (tmp_path / "report" / "summary.md").read_text()
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "| our three agents, loopback (data lanes) |" in md and "Where a generated token's time goes" in md
