@@ -177,7 +177,8 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
                                 - sum(r["to_position"] == 0 for r in drv.get("rollbacks", []))),
         "positions_computed_more_than_once": sum(1 for v in per_pos.values() if v > 1),
         "receipts_in_api": len(receipts),
-        "fraud_proofs": fraud_proofs_in_api(receipts, audits),
+        "proof_key": st.get("proofKey"),
+        "fraud_proofs": fraud_proofs_in_api(receipts, audits, st.get("proofKey")),
         "receipt_verdicts": {v: verdicts.count(v) for v in sorted(set(map(str, verdicts)))},
         "metrics": st.get("metrics"),
         "rpc": (st.get("report") or {}).get("rpc"),
@@ -189,8 +190,9 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
     return report
 
 
-def fraud_proofs_in_api(receipts: list[dict], audits: list[dict]) -> list[dict]:
-    """The proofs the operator put in the Receipts' status.fraudProofs, each checked again here."""
+def fraud_proofs_in_api(receipts: list[dict], audits: list[dict], proof_key: str | None) -> list[dict]:
+    """The proofs the operator put in the Receipts' status.fraudProofs, each checked again here,
+    against the proof key the session's status publishes."""
     out = []
     for rc in receipts:
         for text in (rc.get("status") or {}).get("fraudProofs") or []:
@@ -205,7 +207,7 @@ def fraud_proofs_in_api(receipts: list[dict], audits: list[dict]) -> list[dict]:
                 continue
             e["auditor"] = next((a["verifier"] for a in audits if (a["stage"], a["position"], a["node"]) ==
                                  (e["stage"], e["position"], e["node"]) and a["verdict"] == "Fraud"), None)
-            [(_, holds, why)] = recheck([{**e, "proof": p}])
+            [(_, holds, why)] = recheck([{**e, "proof": p}], proof_key)
             out.append({**e, "receipt": rc["metadata"]["name"], "holds": holds, "reasons": why,
                         "file": proof_file_name(e), "proof": p})
     return sorted(out, key=lambda e: (e.get("stage", -1), e.get("position", -1)))
@@ -244,7 +246,8 @@ def write(report: dict, json_out: str | None, report_dir: str | None) -> None:
                  f"{report['receipt_verdicts']}",
                  f"- fraud proofs: {sum(p['holds'] for p in report['fraud_proofs'])} holding of "
                  f"{len(report['fraud_proofs'])}, from the Receipts' status.fraudProofs, files in proofs/ "
-                 "(check one: consortium verify-proof FILE)",
+                 f"(check one: consortium verify-proof FILE --verifier-key {report.get('proof_key') or 'KEY'}, the "
+                 "session's status.proofKey)",
                  f"- success: **{report['success']}**", ""]
         steps = [{"wall_ms": ms, "failover": fo} for _, _, ms, fo in report["distributed"].get("steps") or []]
         if steps:

@@ -290,6 +290,9 @@ class InferenceSessionStatus(_Model):
     stage_epochs: list[int] | None = Field(default=None, max_length=MAX_STAGES,
                                            description="Current epoch of each stage, by stage index.")
     metrics: dict[str, float] | None = None
+    proof_key: Base64 | None = Field(default=None, max_length=64, description=(
+        "The Ed25519 public key (base64) that signs this session's fraud proofs: a proof's "
+        "verifierPublicKey must be this key (consortium verify-proof --verifier-key)."))
     report: dict[str, Any] | None = Field(default=None, json_schema_extra=_extra(preserve_unknown=True))
     started_at: _dt.datetime | None = None
     finished_at: _dt.datetime | None = None

@@ -6,7 +6,7 @@ JSON text into `status.fraudProofs` of the Receipt that holds the worker's signe
 FraudProven Event on the session naming that Receipt, so a user can fetch the proof and check it:
 
     kubectl get receipt NAME -o jsonpath='{.status.fraudProofs[0]}' > proof.json
-    consortium verify-proof proof.json
+    consortium verify-proof proof.json --verifier-key KEY   # KEY: the session's status.proofKey
 
 A Fraud unit the driver could not prove gets a FraudUnproven Event with the reasons instead. A
 Receipt the writer has not created yet is tried again at the next publish; a restarted operator adds

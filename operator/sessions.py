@@ -182,7 +182,8 @@ class SessionRun:
             else:
                 driver.start()
             self.set_condition("Ready", False, "Generating", f"stages on {state.nodes}", phase="Running")
-            self.patch_status(stagesReady=f"{len(chosen)}/{len(chosen)}")
+            # Published so that anyone holding one of this session's fraud proofs can tell who signed it.
+            self.patch_status(stagesReady=f"{len(chosen)}/{len(chosen)}", proofKey=driver.proofs.public_key_text)
 
             def publish(final: bool = False) -> None:
                 nonlocal seen_failovers

@@ -155,15 +155,16 @@ def write_proof_files(entries: Sequence[dict], folder) -> list[str]:
     return names
 
 
-def recheck(entries: Sequence[dict]) -> list[tuple[dict, bool, list[str]]]:
-    """Each entry's proof checked again from its JSON alone (not from the stated "holds")."""
+def recheck(entries: Sequence[dict], verifier_key: str | None = None) -> list[tuple[dict, bool, list[str]]]:
+    """Each entry's proof checked again from its JSON alone (not from the stated "holds"), and
+    against the session's proof key when one is given."""
     out = []
     for e in entries:
         if not e.get("proof"):
             out.append((e, False, list(e.get("reasons") or ["no proof"])))
             continue
         try:
-            holds, why = proofs.check_proof(proofs.FraudProof.from_json(e["proof"]))
+            holds, why = proofs.check_proof(proofs.FraudProof.from_json(e["proof"]), verifier_key)
         except (KeyError, TypeError, ValueError) as err:
             holds, why = False, [f"unreadable proof: {err}"]
         out.append((e, holds, why))

@@ -174,9 +174,12 @@ def make_fraud_proof(receipt: Receipt, position: int, window_input_digests: Sequ
     return dataclasses.replace(proof, verifier_signature=signing.sign(verifier_key, proof.signed_bytes()))
 
 
-def check_proof(proof: FraudProof) -> tuple[bool, list[str]]:
+def check_proof(proof: FraudProof, verifier_key: signing.PublicKeyLike | None = None) -> tuple[bool, list[str]]:
     """Re-check every part of a proof. Returns (holds, reasons): the failures if it does not hold,
-    otherwise what was checked and what a reader must still compare with the session."""
+    otherwise what was checked and what a reader must still compare with the session.
+
+    verifier_key: the key the session's coordinator signs proofs with (an InferenceSession's
+    status.proofKey); a proof signed by any other key does not hold. ValueError if it is no key."""
     fail, ok = [], []
     st = proof.statement
 
@@ -184,6 +187,11 @@ def check_proof(proof: FraudProof) -> tuple[bool, list[str]]:
         (ok if cond else fail).append(good if cond else bad)
         return cond
 
+    if verifier_key is not None:
+        expected = signing.public_key_bytes(verifier_key)
+        need(proof.verifier_public_key == expected, "the verifier key is the session's proof key",
+             f"signed with key {signing.public_key_text(proof.verifier_public_key)}, not the session's proof key "
+             f"{signing.public_key_text(expected)}")
     need(signing.verify_signature(proof.verifier_public_key, proof.signed_bytes(), proof.verifier_signature),
          f"verifier {proof.verifier_id!r} signed this proof",
          "the verifier's signature does not cover this proof (altered, or signed by another key)")
@@ -231,6 +239,9 @@ def check_proof(proof: FraudProof) -> tuple[bool, list[str]]:
              "compare it with the session's",
              f"note: the recomputation is the verifier's signed claim; re-run stage {st.stage} at position "
              f"{proof.position} on the input with digest {proof.input_digest.hex()[:16]} to check it"]
+    if verifier_key is None:
+        notes.append(f"note: the verifier key is {signing.public_key_text(proof.verifier_public_key)}; compare it "
+                     "with the session's status.proofKey (or give it: --verifier-key)")
     if signing.node_id_for(proof.worker_public_key) != st.node_id:
         notes.append(f"note: node id {st.node_id!r} is not derived from the worker key; check the key against "
                      "that ComputeNode's public key")

@@ -37,6 +37,8 @@ def test_faulty_worker_is_quarantined_in_the_api(own_cluster):
     # Proven: signed proofs read back from the Receipts' status, each holding, none naming an honest node.
     proofs = r["fraud_proofs"]
     assert proofs and f["proofs"] == len(proofs) == f["proofs_holding"] and f["proofs_naming_honest_nodes"] == 0
+    # ... and each signed with the key the session's status publishes (the recheck compares them).
+    assert r["proof_key"] and all(p["proof"]["verifierPublicKey"] == r["proof_key"] for p in proofs)
     assert all(p["holds"] and p["node"] == "n2" and p["verifier"] == "consortium-operator" for p in proofs), proofs
     frauds = {a["position"] for a in r["audits"]["units"] if a["verdict"] == "Fraud"}
     assert {p["position"] for p in proofs} == frauds

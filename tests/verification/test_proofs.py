@@ -40,10 +40,10 @@ def make(world, position=21, **kw):
                                    world["honest"][i], TOL, world["verifier_key"], **args)
 
 
-def run_cli(path) -> tuple[int, str]:
+def run_cli(path, *extra: str) -> int:
     parser = argparse.ArgumentParser()
     verify_proof.add_arguments(parser)
-    return verify_proof.run(parser.parse_args([str(path)]))
+    return verify_proof.run(parser.parse_args([str(path), *extra]))
 
 
 def test_proof_holds_and_survives_json_and_cli(world, tmp_path, capsys):
@@ -59,6 +59,23 @@ def test_proof_holds_and_survives_json_and_cli(world, tmp_path, capsys):
     assert run_cli(path) == 0
     out = capsys.readouterr().out
     assert out.startswith("HOLDS\n") and "worker" in out
+
+
+def test_the_session_proof_key_is_checked_when_given(world, tmp_path, capsys):
+    path = tmp_path / "proof.json"
+    path.write_text(make(world).dumps())
+    assert run_cli(path) == 0
+    out = capsys.readouterr().out
+    assert f"the verifier key is {signing.public_key_text(world['verifier_key'])}" in out
+    assert run_cli(path, "--verifier-key", signing.public_key_text(world["verifier_key"])) == 0
+    assert "the verifier key is the session's proof key" in capsys.readouterr().out
+    # A proof that holds in itself but was signed by someone else than the session's coordinator.
+    other = signing.public_key_text(signing.generate_private_key())
+    assert run_cli(path, "--verifier-key", other) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("DOES NOT HOLD\n") and f"not the session's proof key {other}" in out
+    assert run_cli(path, "--verifier-key", "not-a-key") == 2
+    assert "--verifier-key is not a base64 Ed25519 public key" in capsys.readouterr().err
 
 
 def test_cli_is_registered():
