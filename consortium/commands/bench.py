@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="anchors (default): single-node llama.cpp, our split in process, our agents on loopback, "
                         "llama.cpp's RPC mode on the same split, both over emulated distance, commitment and audit "
                         "cost, failover spikes, concurrent sessions, memory per stage (docs/benchmarks.md); "
-                        "engine: split-in-process vs unsplit tokens/s, and each stage's memory against its weights; "
+                        "engine: split-in-process vs unsplit tokens/s, each stage's memory against its weights, and "
+                        "auditing a window from the worker's KV state against replaying every earlier position; "
                         "dataplane: three agents vs single node with and without audits, commitment and signature "
                         "share of token time, audit cost, failover spike; tls: mutual TLS against plaintext on the "
                         "agent link (handshake, small calls, activations)")
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
                                                                        rounds=args.rounds or 5, threads=threads,
                                                                        log=log)}
     result["memory"] = benchmark.memory(model, split, threads=threads)
+    result["window_audit"] = benchmark.window_audit(model, split, threads=threads or 1, log=log)
     s = result["speed"]
     print(f"split-in-process over unsplit tokens/s: {s['split_over_unsplit']:.3f} "
           f"(median {s['split_median']} vs {s['unsplit_median']} tok/s over {s['rounds']} rounds; target >= 0.95)")
@@ -84,6 +86,14 @@ def run(args: argparse.Namespace) -> int:
     for row in result["memory"]:
         print(f"{row['layers']:>8} {row['weights_bytes'] / 2**20:12.1f} {row['rss_delta_bytes'] / 2**20:13.1f} "
               f"{row['rss_over_weights']:17.2f}")
+    print("auditing one window from the worker's KV state of the earlier positions, against replaying them all "
+          "(CPU ms; projection at 20% of windows audited, the worker's state exports included):")
+    print(f"{'stage':>8} {'context':>8} {'from state':>11} {'full replay':>12} {'ratio':>7} {'bit-identical':>14} "
+          f"{'audit20 / generation':>21}")
+    for row in result["window_audit"]:
+        print(f"{row['layers']:>8} {row['context']:>8} {row['window_from_state_cpu_ms']:11.1f} "
+              f"{row['full_replay_cpu_ms']:12.1f} {row['window_over_full']:7.3f} {str(row['bit_identical']):>14} "
+              f"{row['projected_audit20_cpu_ratio']:21.3f}")
     if args.json:
         _write_json(args.json, result)
     return 0

@@ -64,6 +64,70 @@ def speed(model: str, split: list[LayerRange], *, n_tokens: int = 64, rounds: in
             "split_over_unsplit": round(float(np.median(ratios)), 4)}
 
 
+def window_audit(model: str, split: list[LayerRange], *, contexts=(128, 448), window: int = 16, prompt_len: int = 64,
+                 threads: int = 1, log=lambda s: None) -> list[dict]:
+    """What auditing one window of a stage costs when the auditor starts from the worker's KV state
+    of the earlier positions (Stage.export_state / import_state), against replaying every earlier
+    position as audits do today; per stage and context, CPU time of this thread.
+
+    Each worker stage runs the prompt in one batch and then one row per step, as a session does, fed
+    the previous stage's rows, and exports each window's state as it closes (what a worker would
+    commit to). The auditor imports the states before the last window, replays that window row by
+    row and must give the worker's rows bit for bit; the full replay is the same rows from position
+    0 in a context of its own. The projection at 20% of windows audited adds the worker's exports.
+    """
+    from node_agent.engine.slicing import read_model_info, stage_file
+    from node_agent.engine.stage import Stage, StageConfig
+
+    info = read_model_info(model)
+    config = StageConfig(threads=threads, n_ctx=max(2048, max(contexts) + window), n_seq_max=1)
+    rows = []
+    for n in contexts:
+        if n < prompt_len or (n - prompt_len) % window:
+            raise ValueError(f"context {n} must be the prompt ({prompt_len}) plus whole windows of {window}")
+        x = np.random.default_rng(n).integers(100, min(info.n_vocab, 20000), size=n + window).astype(np.int32)
+        cuts = [0, prompt_len, *range(prompt_len + window, n + window + 1, window)]
+        for r in split:
+            path = stage_file(model, r)
+            with Stage(path, r, info.n_layers, config) as worker, Stage(path, r, info.n_layers, config) as auditor, \
+                    Stage(path, r, info.n_layers, config) as full:
+                def feed(a, b, x=x, first=worker.is_first):
+                    return {"tokens": x[a:b]} if first else {"hidden": x[a:b]}
+
+                outs, states, export_s, gen_s = [worker.forward(0, 0, **feed(0, prompt_len))], [], 0.0, 0.0
+                for a, b in zip(cuts, cuts[1:]):
+                    t = time.thread_time()
+                    for p in range(max(a, prompt_len), b):
+                        outs.append(worker.forward(0, p, **feed(p, p + 1)))
+                    gen_s = time.thread_time() - t   # the last window's, kept
+                    t = time.thread_time()
+                    states.append(worker.export_state(0, a, b))
+                    export_s += time.thread_time() - t
+                t = time.thread_time()
+                auditor.import_state(0, states[:-1])
+                got = np.concatenate([auditor.forward(0, p, **feed(p, p + 1)) for p in range(n, n + window)])
+                window_s = time.thread_time() - t
+                t = time.thread_time()
+                full.forward(0, 0, **feed(0, prompt_len), logits=False)
+                for p in range(prompt_len, n + window):
+                    full.forward(0, p, **feed(p, p + 1), logits=p >= n)
+                full_s = time.thread_time() - t
+                rows.append({
+                    "layers": str(r), "context": n, "window": window,
+                    "state_bytes_per_position": sum(map(len, states)) // (n + window),
+                    "export_ms_per_window": round(export_s / len(states) * 1000, 3),
+                    "window_from_state_cpu_ms": round(window_s * 1000, 2),
+                    "full_replay_cpu_ms": round(full_s * 1000, 2),
+                    "window_over_full": round(window_s / full_s, 4),
+                    "generation_window_cpu_ms": round(gen_s * 1000, 2),
+                    "bit_identical": bool(np.array_equal(got, np.concatenate(outs[-window:]))),
+                    "projected_audit20_cpu_ratio": round((0.2 * window_s + export_s / len(states)) / gen_s, 4)})
+                log(f"window audit, stage {r}, context {n}: from state {window_s * 1000:.1f} ms CPU, full replay "
+                    f"{full_s * 1000:.1f} ms, bit-identical {rows[-1]['bit_identical']}")
+                x = np.concatenate(outs) if not worker.is_last else x   # the next stage's inputs
+    return rows
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/status") as f:

@@ -70,7 +70,10 @@ class Stage:
         cparams.n_ctx = config.n_ctx
         cparams.n_batch = config.n_batch
         cparams.n_ubatch = config.n_batch
-        cparams.n_seq_max = config.n_seq_max
+        # One sequence more than the caller's: the scratch sequence that export_state and
+        # import_state pass ranges through (in a unified cache it shares cells, not memory).
+        cparams.n_seq_max = config.n_seq_max + 1
+        self._scratch = config.n_seq_max
         cparams.n_threads = cparams.n_threads_batch = config.resolved_threads()
         cparams.kv_unified = True  # any sequence may use the whole context
         cparams.no_perf = True
@@ -103,6 +106,61 @@ class Stage:
 
     def clear(self, seq: int) -> None:
         self.truncate(seq, 0)
+
+    # -- KV state: a range of positions out of one stage and into another -------------------------
+
+    def export_state(self, seq: int, start: int, end: int) -> bytes:
+        """llama.cpp's serialized KV cache for positions start..end-1 of `seq`: every layer's keys
+        and values at those positions, in the cache's own types (llama_state_seq_get_data's format).
+
+        Another context of the same stage file and build continues from it (import_state) exactly
+        as this one would: a window of rows replayed there after the earlier windows' states gives
+        the rows this stage gave, bit for bit, without replaying every earlier position.
+        """
+        self._check_seq(seq)
+        have = self.next_position(seq)
+        if not 0 <= start < end <= have:
+            raise StageInputError(f"positions {start}..{end - 1} are not all in sequence {seq} (it holds 0..{have - 1})")
+        mem, scratch = self._mem, self._scratch
+        with self._lock:
+            llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
+            try:
+                llama_cpp.llama_memory_seq_cp(mem, seq, scratch, start, end)
+                size = llama_cpp.llama_state_seq_get_size(self._ctx, scratch)
+                buf = (ctypes.c_uint8 * size)()
+                got = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, scratch)
+            finally:
+                llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
+        if got != size:
+            raise ll.LlamaError(f"llama.cpp wrote {got} of {size} bytes of state for positions {start}..{end - 1}")
+        return bytes(buf)
+
+    def import_state(self, seq: int, states: list[bytes]) -> int:
+        """Replace `seq` with the positions of `states` (export_state's, of this stage file and
+        build), which must cover 0..n-1 in order; returns n, where the sequence continues."""
+        self._check_seq(seq)
+        mem, scratch = self._mem, self._scratch
+        with self._lock:
+            llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+            try:
+                for i, state in enumerate(states):
+                    buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+                    if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(state), scratch) != len(state):
+                        raise StageInputError(f"state {i} does not fit this stage ({self.layers}: another model, "
+                                              "stage, build or cache type, or truncated)")
+                    lo = llama_cpp.llama_memory_seq_pos_min(mem, scratch)
+                    hi = llama_cpp.llama_memory_seq_pos_max(mem, scratch)
+                    expected = llama_cpp.llama_memory_seq_pos_max(mem, seq) + 1
+                    if lo != expected:
+                        raise StageInputError(f"state {i} holds positions {lo}..{hi}, the sequence continues at {expected}")
+                    llama_cpp.llama_memory_seq_cp(mem, scratch, seq, lo, hi + 1)
+                    llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
+            except BaseException:
+                llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)   # never half a prefix
+                raise
+            finally:
+                llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
+        return self.next_position(seq)
 
     def _check_seq(self, seq: int) -> None:
         if not 0 <= seq < self.config.n_seq_max:
