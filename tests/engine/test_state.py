@@ -51,7 +51,7 @@ def test_a_window_replayed_from_the_earlier_windows_states_is_bit_identical(run,
     cuts = [0, PROMPT, PROMPT + WINDOW, PROMPT + 2 * WINDOW, run["n"]]
     states = [worker.export_state(0, a, b) for a, b in zip(cuts, cuts[1:])]
     with _fresh(run, i) as auditor:
-        # The third window (positions 64..79) alone, after the states of the prompt and the window before.
+        # The last window (positions 64..79) alone, after the states of the prompt and the two windows before.
         assert auditor.import_state(1, states[:3]) == cuts[3]
         x = run["inputs"][i]
         kw = (lambda p: {"tokens": x[p:p + 1]}) if i == 0 else (lambda p: {"hidden": x[p:p + 1]})
