@@ -95,3 +95,19 @@ def test_the_window_audit_benchmark_replays_bit_identically_for_a_fraction_of_th
         # 8 rows against 104: even on a noisy machine the window costs well under the full replay.
         assert 0 < r["window_from_state_cpu_ms"] < r["full_replay_cpu_ms"] and r["window_over_full"] < 0.6, r
         assert r["state_bytes_per_position"] > 0 and r["projected_audit20_cpu_ratio"] > 0
+
+
+def test_gemma3_states_carry_both_its_caches(gemma_model):
+    """Gemma 3 keeps sliding-window and global layers in two KV caches; a state must hold both."""
+    info = read_model_info(gemma_model)
+    r = LayerRange(6, 11)   # layer 11 is global, the others slide
+    path = stage_file(gemma_model, r)
+    h = np.random.default_rng(7).standard_normal((PROMPT + 2 * WINDOW, info.n_embd)).astype(np.float32)
+    with Stage(path, r, info.n_layers, CONFIG) as worker, Stage(path, r, info.n_layers, CONFIG) as auditor:
+        rows = [worker.forward(0, 0, hidden=h[:PROMPT])]
+        rows += [worker.forward(0, p, hidden=h[p:p + 1]) for p in range(PROMPT, len(h))]
+        ref = np.concatenate(rows)
+        states = [worker.export_state(0, 0, PROMPT), worker.export_state(0, PROMPT, PROMPT + WINDOW)]
+        assert auditor.import_state(0, states) == PROMPT + WINDOW
+        got = np.concatenate([auditor.forward(0, p, hidden=h[p:p + 1]) for p in range(PROMPT + WINDOW, len(h))])
+        assert np.array_equal(got, ref[PROMPT + WINDOW:])
