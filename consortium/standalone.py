@@ -47,6 +47,7 @@ class Options:
     plaintext: bool = False  # gRPC without TLS; by default a CA made for the run issues mutual-TLS certificates
     defer_commitments: bool = True   # agents commit and sign after answering (False: before, in the response)
     audit_replay_rows: int = 1   # rows per batch when audits replay decode steps (driver.session.replay_batches)
+    audit_from_state: bool = False   # audit decode windows from the nodes' signed window states
     sign_per_window: bool = False   # deferred commitments committed and signed once per receipt window
 
 
@@ -179,7 +180,7 @@ def run(opts: Options) -> dict:
                                registered_keys=agents.public_keys, defer_commitments=opts.defer_commitments,
                                sign_per_window=opts.sign_per_window,
                                proof_key=coordinator.private_key, proof_signer=coordinator.node_id,
-                               audit_replay_rows=opts.audit_replay_rows)
+                               audit_replay_rows=opts.audit_replay_rows, audit_from_state=opts.audit_from_state)
         health = {n: driver.clients[n].call("Health", pb.HealthRequest())
                   for n in NODES}
         driver.start()
@@ -328,6 +329,9 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
                    "generation_cpu_ms": round(driver.forward_cpu_ms, 3),
                    "audit_over_generation": (round(driver.audit_cpu_ms / driver.forward_cpu_ms, 4)
                                              if driver.forward_cpu_ms else None),
+                   # with --audit-from-state: windows audited from the nodes' states, how many of them
+                   # the verifier wrote other keys and values for, and units replayed in full instead
+                   "from_state": dict(driver.state_audits) if opts.audit_from_state else None,
                    # units selected; those that got no verdict (an audit that failed for a reason other
                    # than its verifier dying), with the reasons; a rollback drops its generation's units
                    "selected": driver.audits_selected,

@@ -157,6 +157,11 @@ class CheatingStage:
     def next_position(self, seq: int) -> int:
         return self._parts[0].next_position(seq)
 
+    def export_state(self, seq: int, start: int, end: int) -> bytes:
+        """The KV state it holds: honest under an output fault, the cheap model's under cheap-quant,
+        and for skip-layer its two parts' states one after the other, which no honest stage imports."""
+        return b"".join(p.export_state(seq, start, end) for p in self._parts)
+
     def truncate(self, seq: int, position: int) -> None:
         for p in self._parts:
             p.truncate(seq, position)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import itertools
 import logging
 import threading
@@ -155,6 +156,9 @@ class Assignment:
     undelivered_windows: dict = dataclasses.field(default_factory=dict)  # window start -> latest signed
     # Steps signed per window whose rows went out and are not committed yet: [(first row, rows, inputs)].
     uncommitted: list = dataclasses.field(default_factory=list)
+    # With window_states: each closed window's KV state and its signed statement, by window start.
+    window_states: bool = False
+    states: dict = dataclasses.field(default_factory=dict)          # window start -> (bytes, SignedState)
 
     def settle(self, commit=None) -> None:
         """Wait for the deferred commit-and-sign job (starting it if its response's delivery has not);
@@ -322,7 +326,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         engine, seq = self.engines.acquire(path, layers, info.n_layers, model_path=req.model_path, fault=self.fault)
         signer = receipts.WindowSigner(self.identity.private_key, session=session, stage=stage_index,
                                        node_id=self.identity.node_id, epoch=epoch, grid=grid, window=window)
-        a = Assignment(session, stage_index, epoch, layers, info.n_layers, req.model_path, engine, seq, signer, grid)
+        a = Assignment(session, stage_index, epoch, layers, info.n_layers, req.model_path, engine, seq, signer, grid,
+                       window_states=req.window_states)
         with self._lock:
             old = self._assignments.get(key)
             self._assignments[key] = a
@@ -383,6 +388,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                     del d[k]
             for k in [k for k in a.windows if k >= p]:
                 del a.windows[k]
+            for k in [k for k in a.states if k + a.signer.window > p]:   # a window cut at p is gone too
+                del a.states[k]
             # A driver that truncates is rolling back or resuming after its own crash: it could not check
             # an undelivered window whose earlier commitments it never received, so none is delivered.
             a.undelivered, a.undelivered_windows, a.uncommitted = [], {}, []
@@ -506,6 +513,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 if a.is_last:
                     for k in [k for k in a.outputs if k <= first_out + len(out) - 1 - FINAL_STAGE_KEEP]:
                         del a.outputs[k]
+            states = self._close_states(a, req.position, n) if a.window_states else []
             with self._lock:
                 for p in range(req.position, req.position + n):
                     self._counters[(a.session, a.stage_index, p)][0 if send else 1] += 1
@@ -527,10 +535,41 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         wins = [wire.window_to_pb(w) for w in windows]
         if not send:
             return pb.ReplayResponse(rows=n, commitments=commitments, windows=wins, compute_ms=compute_ms,
-                                     cpu_ms=cpu_ms)
+                                     cpu_ms=cpu_ms, states=states)
         return pb.ForwardResponse(output=wire.encode_tensor(out), output_position=first_out,
                                   commitments=commitments, windows=wins, compute_ms=compute_ms, earlier=earlier,
-                                  cpu_ms=cpu_ms)
+                                  cpu_ms=cpu_ms, states=states)
+
+    def _close_states(self, a: Assignment, first: int, n: int) -> list[pb.SignedState]:
+        """Export, keep and sign the KV state of every window that rows first..first+n-1 closed."""
+        w = a.signer.window
+        out = []
+        for end in range((first // w + 1) * w, first + n + 1, w):
+            state = a.engine.export_state(a.seq, end - w, end)
+            st = pb.SignedState(window_start=end - w, count=w, digest=hashlib.sha256(state).digest())
+            st.signature = self.identity.sign(receipts.state_message(
+                a.session, a.stage_index, self.identity.node_id, a.epoch, st.window_start, st.count, st.digest))
+            a.states[st.window_start] = (state, st)
+            out.append(st)
+        return out
+
+    def States(self, request, context):
+        return self._handle(context, self._states, request)
+
+    def _states(self, req: pb.StatesRequest) -> pb.StatesResponse:
+        a = self._assignment(req.ref)
+        w = a.signer.window
+        if req.upto < 0 or req.upto % w:
+            raise _bad(f"upto {req.upto} is not a window start (windows of {w})")
+        with a.lock:
+            if not a.window_states:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this stage was loaded without window_states")
+            missing = [k for k in range(0, req.upto, w) if k not in a.states]
+            if missing:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"no state kept for the window(s) starting at {missing[:4]}")
+            kept = [a.states[k] for k in range(0, req.upto, w)]
+        return pb.StatesResponse(states=[s for s, _ in kept], statements=[st for _, st in kept])
 
     @staticmethod
     def _batch_sizes(req: pb.ForwardRequest, n: int, forward_step: bool) -> list[int]:
@@ -649,11 +688,20 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         t0, c0 = time.perf_counter(), time.thread_time()
         got: dict[int, np.ndarray] = {}
         with audit_lock:
-            nxt = engine.next_position(seq)
-            if start > nxt:
-                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"audit sequence continues at {nxt}, not {start}")
-            engine.truncate(seq, start)
+            if req.prefix_states:
+                try:
+                    have = engine.import_state(seq, list(req.prefix_states))
+                except StageInputError as e:
+                    raise _bad(f"prefix states: {e}") from None
+                if have != start:
+                    engine.clear(seq)
+                    raise _bad(f"the prefix states end at position {have}, the replay starts at {start}")
+            else:
+                nxt = engine.next_position(seq)
+                if start > nxt:
+                    raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"audit sequence continues at {nxt}, not {start}")
+                engine.truncate(seq, start)
             pos, i = start, 0
             for s in sizes:
                 # The final stage's logits only where audited: the LM head is most of its replay.
@@ -669,9 +717,10 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 elif logits:
                     got[pos + s - 1] = out[-1]
                 pos, i = pos + s, i + s
+            state = engine.export_state(seq, start, start + n) if req.export_state else b""
         rows = np.stack([got[p] for p in want]) if want else np.zeros((1, 1), np.float32)
         return pb.AuditResponse(rows=wire.encode_tensor(rows), compute_ms=(time.perf_counter() - t0) * 1000,
-                                cpu_ms=(time.thread_time() - c0) * 1000, replayed_rows=n)
+                                cpu_ms=(time.thread_time() - c0) * 1000, replayed_rows=n, state=state)
 
     def sessions(self) -> set[str]:
         """Sessions this agent holds sequence slots for (serving or auditing)."""

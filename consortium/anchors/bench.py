@@ -76,7 +76,7 @@ class Session:
     def __init__(self, agents_endpoints: dict[str, str], model: str, info, split, sha: str, prompt_ids: list[int],
                  name: str, audit: float, rpc_timeout_s: float = 30.0, tls=None,
                  registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 1,
-                 sign_per_window: bool = False):
+                 sign_per_window: bool = False, audit_from_state: bool = False):
         from consortium.driver.policy import LocalPolicy
         from consortium.driver.session import SessionDriver
         from consortium.driver.state import SessionState
@@ -87,7 +87,7 @@ class Session:
                                     model_sha256=sha, endpoints=agents_endpoints, state=state,
                                     policy=LocalPolicy(list(standalone.NODES)), rpc_timeout_s=rpc_timeout_s,
                                     tls=tls, registered_keys=registered_keys, audit_replay_rows=audit_replay_rows,
-                                    sign_per_window=sign_per_window)
+                                    sign_per_window=sign_per_window, audit_from_state=audit_from_state)
         self.driver.start()
         self.prompt_ids = prompt_ids
 
@@ -124,11 +124,11 @@ class Bench:
         return _BenchAgents(Path(tempfile.mkdtemp(prefix="consortium-bench-")), self.opts, None, netns=netns)
 
     def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None,
-                replay_rows=1, sign_per_window=False) -> Session:
+                replay_rows=1, sign_per_window=False, from_state=False) -> Session:
         """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies)."""
         return Session(endpoints or agents.endpoints, self.model, self.info, self.split, self.sha,
                        prompt or self.prompt, name, audit, tls=agents.driver_tls, registered_keys=agents.public_keys,
-                       audit_replay_rows=replay_rows, sign_per_window=sign_per_window)
+                       audit_replay_rows=replay_rows, sign_per_window=sign_per_window, audit_from_state=from_state)
 
     # -- speed: single node, split in process, agents on loopback; audits' cost ------------------
 
@@ -142,26 +142,28 @@ class Bench:
         self.log("speed: split in process against unsplit")
         inproc = speed(self.model, self.split, n_tokens=s.tokens, rounds=s.rounds, threads=s.threads,
                        prompt_len=len(self.prompt), log=self.log)
-        # (audit probability, rows per replayed batch, signing per window), keyed as in the output:
-        # "0" (no audits), "0_window" (no audits, agents signing once per receipt window), "20", "50",
-        # "20_replay32"
-        runs = {"0": (0.0, 1, False), "0_window": (0.0, 1, True),
-                **{f"{int(p * 100)}": (p, 1, False) for p in s.audit_probabilities}}
+        # (audit probability, rows per replayed batch, signing per window, audits from window states),
+        # keyed as in the output: "0" (no audits), "0_window" (no audits, agents signing once per
+        # receipt window), "20", "50", "20_replay32", "20_state"
+        runs = {"0": (0.0, 1, False, False), "0_window": (0.0, 1, True, False),
+                **{f"{int(p * 100)}": (p, 1, False, False) for p in s.audit_probabilities}}
         if s.audit_replay_rows > 1 and 0.2 in s.audit_probabilities:
-            runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows, False)
+            runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows, False, False)
+        if 0.2 in s.audit_probabilities:
+            runs["20_state"] = (0.2, 1, False, True)
         rows = {"single": [], **{k: [] for k in runs}}
-        audit_cpu = {k: [] for k, (p, _, _) in runs.items() if p}
+        audit_cpu = {k: [] for k, (p, *_) in runs.items() if p}
         breakdowns = []   # per round, where a token's time goes without audits (token_breakdown)
         with LocalPipeline(self.model, None, StageConfig(threads=s.threads)) as single:
             for r in range(s.rounds):
                 single.reset(0)
                 base = generation.generate(single, self.prompt, s.tokens)
                 rows["single"].append(base)
-                for k, (p, replay, per_window) in runs.items():
+                for k, (p, replay, per_window, from_state) in runs.items():
                     # A fresh driver and session per run (the agents refuse to restart a session at
                     # position 0), released at its end; loading is outside the timed generation.
                     sess = self.session(agents, f"speed-{k.replace('_', '-')}-r{r}", p, replay_rows=replay,
-                                        sign_per_window=per_window)
+                                        sign_per_window=per_window, from_state=from_state)
                     try:
                         rows[k].append(sess.generate(s.tokens))
                         d = sess.driver
@@ -503,6 +505,9 @@ def headline(res: dict) -> dict:
         # the same 20% with decode steps replayed in larger batches (Settings.audit_replay_rows)
         "audit20_replay_cpu_ratio": next((v["cpu_ratio"] for k, v in sp["audits"].items()
                                           if k.startswith("20_replay")), None),
+        # the same 20% of windows audited whole from the nodes' signed window states
+        "audit20_state_cpu_ratio": sp["audits"].get("20_state", {}).get("cpu_ratio"),
+        "audit20_state_added_share": sp["audits"].get("20_state", {}).get("added_share"),
         "failover_spike_ms": {k: res["failover"]["spike_ms"][k] for k in ("median", "max")},
         "concurrent_over_single": conc[-1]["over_one_session"],
         "concurrent_sessions": conc[-1]["sessions"],

@@ -90,7 +90,10 @@ def summary(res: dict) -> str:
                      f"{cw['per_stage_share']}) | < 2% |")
     for k, a in sp["audits"].items():
         p, _, replay = k.partition("_replay")
-        what = f"audits at {p}%" + (f", decode steps replayed {replay} rows at a time" if replay else "")
+        p = p.removesuffix("_state")
+        what = (f"audits at {p}%" + (f", decode steps replayed {replay} rows at a time" if replay else "")
+                + (" of the windows, each from the signed states before it (--audit-from-state)" if k.endswith("_state")
+                   else ""))
         lines.append(f"| {what}: audit CPU / generation CPU | {_f(a['cpu_ratio'])} | "
                      f"{'<= 0.3' if p == '20' else ''} |")
         lines.append(f"| {what}: wall time added per token | {_pct(a['added_share'])} | |")

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="audits replay decode steps in batches of up to N rows: cheaper, and bit-exact only where "
                         "the backend's kernels compute each row alone at that batch size (default 1: the "
                         "original shapes; --standalone)")
+    p.add_argument("--audit-from-state", action="store_true",
+                   help="audit a decode window from the KV states of the windows before it, which the node holding "
+                        "the stage signs as they close, instead of replaying every earlier position (--standalone)")
     p.add_argument("--sign-per-window", action="store_true",
                    help="agents commit and sign once per receipt window instead of after every step: one "
                         "signature per window and stage; the rows a dying node held uncommitted are signed "
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                               faulty_stage=args.faulty_stage, fault=args.fault, heterogeneous=args.heterogeneous,
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
                               hang=args.hang, plaintext=args.plaintext, audit_replay_rows=args.audit_replay_rows,
-                              sign_per_window=args.sign_per_window,
+                              sign_per_window=args.sign_per_window, audit_from_state=args.audit_from_state,
                               logs_dir=str(Path(args.report) / "agents") if args.report else None,
                               **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     try:
@@ -78,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     json_out = None if args.json in (None, "-") else args.json
     if not args.standalone:
-        if args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows != 1:
-            print("error: --heterogeneous, --model, --hang, --rpc-timeout and --audit-replay-rows need --standalone "
-                  "so far", file=sys.stderr)
+        if (args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows != 1
+                or args.audit_from_state):
+            print("error: --heterogeneous, --model, --hang, --rpc-timeout, --audit-replay-rows and --audit-from-state "
+                  "need --standalone so far", file=sys.stderr)
             return 2
         from consortium import kubecase
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import queue
 import threading
@@ -144,7 +145,7 @@ class SessionDriver:
                  tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True,
                  sign_per_window: bool = False, receipt_window: int = receipts.DEFAULT_WINDOW,
                  proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
-                 audit_replay_rows: int = 1):
+                 audit_replay_rows: int = 1, audit_from_state: bool = False):
         if audit_replay_rows < 1:
             raise ValueError(f"audit_replay_rows must be >= 1, got {audit_replay_rows}")
         if receipt_window < 1:
@@ -166,6 +167,7 @@ class SessionDriver:
         # an agent reports; a node without a registered key is trusted on first use.
         self.registered_keys = dict(registered_keys or {})
         self.public_keys: dict[str, str] = {}
+        self.node_ids: dict[str, str] = {}
         self.dead: set[str] = set()
         self._lock = threading.RLock()
         # What the driver received, per stage: inputs it sent (for audits) and commitments by position.
@@ -176,6 +178,22 @@ class SessionDriver:
         self.sign_per_window = defer_commitments and sign_per_window
         self.receipt_window = receipt_window   # positions per signed window, told to every agent
         self.audit_replay_rows = audit_replay_rows
+        # Audit a decode window from the KV states of the windows before it, which the node holding the
+        # stage signed as they closed, instead of replaying every earlier position (_audits_from_state).
+        self.audit_from_state = audit_from_state
+        if audit_from_state:
+            # A window is replayed whole from its states: audit every position of 20% of the windows,
+            # not 20% of the positions, which would touch almost every window.
+            state.audit_window = receipt_window
+        # Units of selected windows not closed yet (no state statement): audited once it closes, or
+        # at the end of generation (then without comparing the window's state).
+        self._held: dict[tuple[int, int, str], list[AuditUnit]] = {}   # (stage, window start, worker)
+        self._finishing = False
+        self._states: list[dict[int, tuple[str, int, int, bytes]]] = [dict() for _ in self.split]  # start -> (node, epoch, count, digest)
+        # False once an auditor wrote other keys and values than a stage's node signed for a window:
+        # that stage's audits go back to full replays, which do not take the node's states on trust.
+        self._states_trusted = [True] * self.n_stages
+        self.state_audits = {"windows": 0, "state_differs": 0, "fell_back": 0}
         # Rows received whose commitments are deferred, per stage: position -> (node, epoch, row).
         self._unsigned: list[dict[int, tuple[str, int, np.ndarray]]] = [dict() for _ in self.split]
         # Response checks, in order, off the token's critical path; settled before anything that
@@ -218,7 +236,7 @@ class SessionDriver:
         resp = self.clients[node].call("LoadStage", pb.LoadStageRequest(
             ref=self._ref(stage), model_path=self.model_path, model_sha256=self.model_sha256,
             first_layer=r.first, last_layer=r.last, grid=wire.grid_to_pb(self.grid),
-            receipt_window=self.receipt_window), timeout=self.load_timeout_s)
+            receipt_window=self.receipt_window, window_states=self.audit_from_state), timeout=self.load_timeout_s)
         self.clients[node].use_data_lane(resp.data_port)
         if resp.commit_domain != canonical.ROW_DOMAIN.decode():
             self.dead.add(node)
@@ -230,6 +248,7 @@ class SessionDriver:
             raise KeyMismatch(f"{node} signs with key {resp.public_key[:12]}..., not the key registered for it "
                               f"({registered[:12]}...): refused")
         self.public_keys[node] = registered or resp.public_key
+        self.node_ids[node] = resp.node_id   # the id it signs with (state statements name it)
 
     def start(self) -> None:
         for s, node in enumerate(self.state.nodes):
@@ -248,6 +267,7 @@ class SessionDriver:
         st = self.state
         P = len(st.prompt_tokens)
         with self._lock:
+            self._finishing = False   # generation goes on (after a rewind): windows close again
             st.batches = [b for b in st.batches if b[0] < position] + [[position, len(tokens)]]
             # Generated tokens fed back become part of the sequence (the prompt is already there).
             for i, t in enumerate(tokens):
@@ -277,6 +297,12 @@ class SessionDriver:
         if wait:
             self._settle_checks()
             self._collect_deferred()
+            with self._lock:   # windows still open are audited as they stand
+                self._finishing = True
+                held, self._held = self._held, {}
+                for us in held.values():
+                    for u in us:
+                        self._queue_audit(u)
             self._drain_audits()
         with self._lock:
             rewinds, self._pending_rewind = self._pending_rewind, []
@@ -313,6 +339,8 @@ class SessionDriver:
         raise DriverError(f"stage {s} failed over repeatedly at position {position}")
 
     def _check_response(self, s: int, node: str, epoch: int, resp: pb.ForwardResponse, out: np.ndarray) -> None:
+        if resp.states:
+            self._accept_states(s, node, epoch, resp.states)
         if resp.earlier.commitments:
             self._accept_deferred(s, node, epoch, resp.earlier)
         if resp.commitments:
@@ -333,6 +361,21 @@ class SessionDriver:
             # allocation beyond malloc's mmap threshold, page faults every window).
             rows = [h[2] for h in held]
         self._accept(s, node, epoch, first, rows, cs, list(d.windows), select=rows is not None)
+
+    def _accept_states(self, s: int, node: str, epoch: int, states) -> None:
+        """Window state statements, kept when their signature verifies under the node's key."""
+        key = _public_key(self.public_keys.get(node, "")) or ""
+        for st in states:
+            msg = receipts.state_message(self.session, s, self.node_ids.get(node, ""), epoch, st.window_start,
+                                         st.count, st.digest)
+            if not (key and signing.verify_signature(key, msg, st.signature)):
+                self._fraud(node, f"stage {s}: the state statement of window {st.window_start} does not verify")
+                continue
+            with self._lock:
+                self._states[s][int(st.window_start)] = (node, epoch, int(st.count), bytes(st.digest))
+                for held in [k for k in self._held if k[:2] == (s, int(st.window_start))]:
+                    for u in self._held.pop(held):
+                        self._queue_audit(u)
 
     @staticmethod
     def _run_check(check) -> None:
@@ -568,6 +611,8 @@ class SessionDriver:
             req.batch_sizes.extend(sizes)
             req.commit_from = commit_from
             resp = self.clients[node].call("Replay", req, timeout=self.load_timeout_s)
+            if resp.states:
+                self._accept_states(s, node, self.state.epochs[s], resp.states)
             with self._lock:
                 for i in range(n):
                     self._inputs[s][start + i] = chunk[i] if s else int(chunk[i])
@@ -699,6 +744,8 @@ class SessionDriver:
             self._unjudged(units, "no node left to verify on")
             return
         verifier = self.policy.choose_verifier(s, worker, candidates)
+        if self.audit_from_state:
+            units = self._audits_from_state(s, verifier, units)
         r = self.split[s]
         with self._lock:
             gen = self._generation
@@ -750,28 +797,120 @@ class SessionDriver:
             if gen != self._generation:
                 return
             self._audit_progress[(verifier, s)] = end
-            for u, row in zip(units, rows):
-                revealed = canonical.canonical_rows(u.worker_row[None, :], self.grid)[0]
-                res = verdicts.judge_unit(u.commitment, row, grid=self.grid, tolerance=self.stage_tolerances[s],
-                                          revealed=revealed, signature_ok=u.signature_ok)
-                rec = self.records.get(u.node) or judgement.NodeRecord(u.node)
-                rec = rec.add(res.verdict)
-                self.records[u.node] = rec
-                self.state.audits.append({
-                    "stage": s, "position": u.position, "node": u.node, "epoch": u.epoch, "verifier": verifier,
-                    "verdict": res.verdict.value, "reasons": list(res.reasons),
-                    "figures": res.figures.to_json() if res.figures else None,
-                    "hash_equal": res.verifier_commitment == u.commitment})
-                key = f"{s}/{u.node}"
-                if res.verdict in (verdicts.Verdict.PASSED, verdicts.Verdict.PASSED_WITHIN_TOLERANCE):
-                    self.state.last_passed[key] = max(self.state.last_passed.get(key, -1), u.position)
-                if res.verdict == verdicts.Verdict.FRAUD:
-                    self.proofs.add(FraudUnit(s, u.position, u.node, u.epoch, u.commitment, u.worker_row, row,
-                                              self.stage_tolerances[s], verifier),
-                                    self.receipts, self.public_keys, self._input_digests)
-                verdict_node = judgement.judge_node(rec, self.honest_rate, self.alpha)
-                if res.verdict == verdicts.Verdict.FRAUD or verdict_node.quarantine:
-                    self._fraud(u.node, f"stage {s} position {u.position}: {res.verdict.value}; {verdict_node.reason}")
+            self._judge(s, verifier, units, rows)
+
+    def _judge(self, s: int, verifier: str, units: list[AuditUnit], rows) -> None:
+        """Verdicts on audited units from the verifier's recomputed rows. Called with self._lock held."""
+        for u, row in zip(units, rows):
+            revealed = canonical.canonical_rows(u.worker_row[None, :], self.grid)[0]
+            res = verdicts.judge_unit(u.commitment, row, grid=self.grid, tolerance=self.stage_tolerances[s],
+                                      revealed=revealed, signature_ok=u.signature_ok)
+            rec = self.records.get(u.node) or judgement.NodeRecord(u.node)
+            rec = rec.add(res.verdict)
+            self.records[u.node] = rec
+            self.state.audits.append({
+                "stage": s, "position": u.position, "node": u.node, "epoch": u.epoch, "verifier": verifier,
+                "verdict": res.verdict.value, "reasons": list(res.reasons),
+                "figures": res.figures.to_json() if res.figures else None,
+                "hash_equal": res.verifier_commitment == u.commitment})
+            key = f"{s}/{u.node}"
+            if res.verdict in (verdicts.Verdict.PASSED, verdicts.Verdict.PASSED_WITHIN_TOLERANCE):
+                self.state.last_passed[key] = max(self.state.last_passed.get(key, -1), u.position)
+            if res.verdict == verdicts.Verdict.FRAUD:
+                self.proofs.add(FraudUnit(s, u.position, u.node, u.epoch, u.commitment, u.worker_row, row,
+                                          self.stage_tolerances[s], verifier),
+                                self.receipts, self.public_keys, self._input_digests)
+            verdict_node = judgement.judge_node(rec, self.honest_rate, self.alpha)
+            if res.verdict == verdicts.Verdict.FRAUD or verdict_node.quarantine:
+                self._fraud(u.node, f"stage {s} position {u.position}: {res.verdict.value}; {verdict_node.reason}")
+
+    def _audits_from_state(self, s: int, verifier: str, units: list[AuditUnit]) -> list[AuditUnit]:
+        """Audit each receipt window's units from the KV states of the windows before it (signed by the
+        node that holds the stage); returns the units to replay from position 0 instead."""
+        w = self.receipt_window
+        by_window: dict[int, list[AuditUnit]] = {}
+        for u in units:
+            by_window.setdefault(u.position // w * w, []).append(u)
+        left = []
+        for ws, us in sorted(by_window.items()):
+            left += us if not self._states_trusted[s] else self._audit_window_from_state(s, verifier, ws, us)
+        with self._lock:
+            self.state_audits["fell_back"] += len(left)
+        return left
+
+    def _audit_window_from_state(self, s: int, verifier: str, ws: int, units: list[AuditUnit]) -> list[AuditUnit]:
+        """Audit the window at `ws` from the states before it, or hold its units until it closes;
+        returns the units a full replay must judge instead: a window in the prompt's batch, states
+        not all signed by the node holding the stage at its epoch, a node or verifier that fails."""
+        w, r = self.receipt_window, self.split[s]
+        with self._lock:
+            gen = self._generation
+            units = [u for u in units if u.generation == gen]
+            if not units:
+                return []   # rolled back meanwhile
+            holder, epoch = self.state.nodes[s], self.state.epochs[s]
+            window = self._states[s].get(ws)
+            # One replay per window: wait for it to close and for every unit (selection takes whole
+            # windows) to arrive, since deferred commitments come a step after their rows.
+            # Held per worker (its verifier was chosen against it): a window a failover split between
+            # two nodes completes for neither and is audited at the end, as it stands.
+            node = units[0].node
+            units = [u for u in self._held.pop((s, ws, node), []) + units if u.generation == gen]
+            if (window is None or len({u.position for u in units}) < w) and not self._finishing:
+                self._held[(s, ws, node)] = units
+                return []
+            units.sort(key=lambda u: u.position)
+            signed = [self._states[s].get(k) for k in range(0, ws, w)]
+            sizes = [n for b, n in self.state.batches if ws <= b < ws + w]
+            n = sum(sizes)
+            if (ws == 0 or not any(b == ws for b, _ in self.state.batches) or n > w
+                    or any(x is None or x[:3] != (holder, epoch, w) for x in signed)
+                    or (window is not None and (window[:3] != (holder, epoch, w) or n != w))
+                    or any(p not in self._inputs[s] for p in range(ws, ws + n))):
+                return units
+            xs = [self._inputs[s][p] for p in range(ws, ws + n)]
+        try:
+            got = self.clients[holder].call("States", pb.StatesRequest(ref=self._ref(s, epoch), upto=ws),
+                                            timeout=self.load_timeout_s)
+        except grpc.RpcError as e:
+            log.warning("window states of stage %d from %s: %s %s", s, holder, e.code().name, e.details())
+            return units
+        if [hashlib.sha256(b).digest() for b in got.states] != [x[3] for x in signed]:
+            log.warning("stage %d: %s served window states other than it signed; audits replay in full", s, holder)
+            with self._lock:
+                self._states_trusted[s] = False
+            return units
+        req = pb.AuditRequest(ref=self._ref(s, units[0].epoch), model_path=self.model_path,
+                              model_sha256=self.model_sha256, first_layer=r.first, last_layer=r.last,
+                              start_position=ws, batch_sizes=sizes, positions=[u.position for u in units],
+                              prefix_states=list(got.states), export_state=window is not None)
+        if s == 0:
+            req.tokens.extend(int(t) for t in xs)
+        else:
+            req.hidden.CopyFrom(wire.encode_tensor(np.stack(xs)))
+        with self._lock:
+            # The verifier's audit sequence now holds imported states: its full replays start over.
+            self._audit_progress[(verifier, s)] = 0
+        try:
+            resp = self.clients[verifier].call_while("Audit", req, lambda: verifier not in self.dead,
+                                                     timeout=self.load_timeout_s)
+        except grpc.RpcError as e:
+            log.warning("audit from state on %s failed: %s %s", verifier, e.code().name, e.details())
+            return units
+        with self._lock:
+            self.audit_cpu_ms += resp.cpu_ms
+            if gen != self._generation:
+                return []
+            self.state_audits["windows"] += 1
+            # A window still open at the end has no signed state, and nothing after it rests on it.
+            if window is not None and hashlib.sha256(resp.state).digest() != window[3]:
+                # The verifier wrote other keys and values for this window than the node signed: expected
+                # across kernels, and what a node lying about its KV looks like. Either way its states are
+                # not taken on trust from here on: full replays judge what they led to.
+                self._states_trusted[s] = False
+                self.state_audits["state_differs"] += 1
+            self._judge(s, verifier, units, wire.decode_tensor(resp.rows, ndim=2))
+        return []
 
     def _drain_audits(self) -> None:
         with self._lock:
@@ -814,6 +953,8 @@ class SessionDriver:
                 for d in (self._inputs[s], self._commits[s]):
                     for k in [k for k in d if k >= q]:
                         del d[k]
+                for k in [k for k, (_, _, n, _) in self._states[s].items() if k + n > q]:
+                    del self._states[s][k]
                 self._unsigned[s].clear()   # Truncate (or the failover below) drops their commitments
             st.batches = [b for b in st.batches if b[0] < q]
             st.done = [min(d, q) for d in st.done]

@@ -2,7 +2,8 @@
 
 Audit selection needs no saved RNG state: a unit (stage, position) is audited when a generator
 seeded with (seed, stage, position) draws below the probability, so a resumed driver and a rollback
-select the same units again.
+select the same units again. Audits from window states select whole windows (every position of a
+window whose first position is drawn).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class SessionState:
     epochs: list[int]                       # each stage's epoch (bumped on every failover)
     audit_probability: float = 0.2
     audit_seed: int = 0
+    audit_window: int = 0                   # >0: audits select whole windows of this many positions
     tokens: list[int] = dataclasses.field(default_factory=list)
     done: list[int] = dataclasses.field(default_factory=list)        # next position per stage
     batches: list[list[int]] = dataclasses.field(default_factory=list)  # [start, rows] of each step
@@ -41,6 +43,8 @@ class SessionState:
     def selected(self, stage: int, position: int) -> bool:
         if self.audit_probability <= 0:
             return False
+        if self.audit_window:   # whole windows: the draw of the window's first position decides
+            position = position // self.audit_window * self.audit_window
         u = np.random.Generator(np.random.PCG64([self.audit_seed & 0xFFFFFFFF, stage, position])).random()
         return bool(u < self.audit_probability)
 

@@ -34,6 +34,7 @@ __all__ = [
 
 DEFAULT_WINDOW = 16
 STATEMENT_DOMAIN = "consortium.window.v1"
+STATE_DOMAIN = "consortium.state.v1"
 
 
 def _b64(b: bytes) -> str:
@@ -66,6 +67,13 @@ def _hidden_digest_head(dtype: str, width: int):
     head = signing.encode_fields("consortium.input.hidden.v1", dtype, width)
     itemsize = np.dtype(dtype).itemsize
     return hashlib.sha256(head + struct.pack("<I", width * itemsize))
+
+
+def state_message(session: str, stage: int, node_id: str, epoch: int, window_start: int, count: int,
+                  digest: bytes) -> bytes:
+    """What a node signs for a window's KV state: the SHA-256 of its keys and values at the
+    window's positions as the stage engine exports them (docs/verification.md, "State statement")."""
+    return signing.encode_fields(STATE_DOMAIN, session, stage, node_id, epoch, window_start, count, digest)
 
 
 _CHAIN_SEED = hashlib.sha256(signing.encode_fields("consortium.input.chain.v1")).digest()

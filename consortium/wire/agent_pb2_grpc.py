@@ -69,6 +69,11 @@ class NodeAgentStub:
                 request_serializer=consortium_dot_v1_dot_agent__pb2.AuditRequest.SerializeToString,
                 response_deserializer=consortium_dot_v1_dot_agent__pb2.AuditResponse.FromString,
                 _registered_method=True)
+        self.States = channel.unary_unary(
+                '/consortium.v1.NodeAgent/States',
+                request_serializer=consortium_dot_v1_dot_agent__pb2.StatesRequest.SerializeToString,
+                response_deserializer=consortium_dot_v1_dot_agent__pb2.StatesResponse.FromString,
+                _registered_method=True)
         self.Truncate = channel.unary_unary(
                 '/consortium.v1.NodeAgent/Truncate',
                 request_serializer=consortium_dot_v1_dot_agent__pb2.TruncateRequest.SerializeToString,
@@ -137,6 +142,12 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def States(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Truncate(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -198,6 +209,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Audit,
                     request_deserializer=consortium_dot_v1_dot_agent__pb2.AuditRequest.FromString,
                     response_serializer=consortium_dot_v1_dot_agent__pb2.AuditResponse.SerializeToString,
+            ),
+            'States': grpc.unary_unary_rpc_method_handler(
+                    servicer.States,
+                    request_deserializer=consortium_dot_v1_dot_agent__pb2.StatesRequest.FromString,
+                    response_serializer=consortium_dot_v1_dot_agent__pb2.StatesResponse.SerializeToString,
             ),
             'Truncate': grpc.unary_unary_rpc_method_handler(
                     servicer.Truncate,
@@ -409,6 +425,33 @@ class NodeAgent:
             '/consortium.v1.NodeAgent/Audit',
             consortium_dot_v1_dot_agent__pb2.AuditRequest.SerializeToString,
             consortium_dot_v1_dot_agent__pb2.AuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def States(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.v1.NodeAgent/States',
+            consortium_dot_v1_dot_agent__pb2.StatesRequest.SerializeToString,
+            consortium_dot_v1_dot_agent__pb2.StatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -295,3 +295,63 @@ def test_release_frees_a_stage_and_its_audit_slot_and_fences_it(agent, model_pat
             call()
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert stub.Release(pb.ReleaseRequest(ref=ref("rel", 0, 2))).slots == 0   # again: nothing left
+
+
+def test_window_states_are_signed_kept_served_and_audited_from(agent, model_path):
+    """With window_states an agent signs each window's KV state as it closes and serves the states;
+    a verifier that imports them replays a window alone and writes the same state."""
+    import hashlib
+
+    stub, service, ident = agent
+    layers = [(0, 2), (3, 6)]   # stage files no other test uses: the module's agent has 8 slots per stage
+    for i, (a, b) in enumerate(layers):
+        stub.LoadStage(pb.LoadStageRequest(ref=ref("ws", i), model_path=model_path, first_layer=a, last_layer=b,
+                                           receipt_window=4, window_states=True))
+    outs, stmts = [], []
+    for p, toks in [(0, PROMPT)] + [(len(PROMPT) + k, [40 + k]) for k in range(4)]:
+        r0 = stub.Forward(pb.ForwardRequest(ref=ref("ws", 0), position=p, tokens=toks))
+        r1 = stub.Forward(pb.ForwardRequest(ref=ref("ws", 1), position=p, hidden=r0.output))
+        outs.append((r0, r1))
+        stmts += list(r1.states)
+    # The prompt (8 rows) closed windows 0 and 4 at once; the fourth step closed window 8.
+    assert [(s.window_start, s.count) for s in stmts] == [(0, 4), (4, 4), (8, 4)]
+    for s in stmts:
+        msg = receipts.state_message("ws", 1, ident.node_id, 1, s.window_start, s.count, s.digest)
+        assert signing.verify_signature(ident.public_key_text, msg, s.signature)
+    got = stub.States(pb.StatesRequest(ref=ref("ws", 1), upto=8))
+    assert [hashlib.sha256(b).digest() for b in got.states] == [s.digest for s in stmts[:2]]
+    # Window 8 replayed on the verifier from the states of windows 0 and 4: the worker's rows and state.
+    hidden = np.concatenate([wire.decode_tensor(r0.output, ndim=2) for r0, _ in outs[1:]])
+    a = stub.Audit(pb.AuditRequest(ref=ref("ws", 1), model_path=model_path, first_layer=3, last_layer=6,
+                                   start_position=8, hidden=wire.encode_tensor(hidden), batch_sizes=[1] * 4,
+                                   positions=[9, 11], prefix_states=list(got.states), export_state=True))
+    rows = np.concatenate([wire.decode_tensor(r1.output, ndim=2) for _, r1 in outs[1:]])
+    assert np.array_equal(wire.decode_tensor(a.rows), rows[[1, 3]]) and a.replayed_rows == 4
+    assert hashlib.sha256(a.state).digest() == stmts[2].digest
+    # Refusals, each with its reason.
+    bad = [(pb.StatesRequest(ref=ref("ws", 1), upto=6), grpc.StatusCode.INVALID_ARGUMENT, "not a window start"),
+           (pb.StatesRequest(ref=ref("ws", 1), upto=16), grpc.StatusCode.FAILED_PRECONDITION, "no state kept"),
+           (pb.StatesRequest(ref=ref("ws", 0, 0), upto=4), grpc.StatusCode.FAILED_PRECONDITION, "stale epoch")]
+    for req, code, why in bad:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.States(req)
+        assert e.value.code() == code and why in e.value.details(), e.value.details()
+    for prefix, why in ((list(got.states)[:1], "end at position 4"), ([b"junk"], "prefix states")):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Audit(pb.AuditRequest(ref=ref("ws", 1), model_path=model_path, first_layer=3, last_layer=6,
+                                       start_position=8, hidden=wire.encode_tensor(hidden), batch_sizes=[1] * 4,
+                                       positions=[9], prefix_states=prefix))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in e.value.details(), e.value.details()
+    # A truncation drops the states of the windows it cuts.
+    stub.Truncate(pb.TruncateRequest(ref=ref("ws", 1), position=10))
+    assert len(stub.States(pb.StatesRequest(ref=ref("ws", 1), upto=8)).states) == 2
+    with pytest.raises(grpc.RpcError) as e:
+        stub.States(pb.StatesRequest(ref=ref("ws", 1), upto=12))
+    assert "no state kept for the window(s) starting at [8]" in e.value.details()
+    # A stage loaded without window_states keeps none.
+    stub.LoadStage(pb.LoadStageRequest(ref=ref("nows", 0), model_path=model_path, first_layer=0, last_layer=2))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.States(pb.StatesRequest(ref=ref("nows", 0), upto=0))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "without window_states" in e.value.details()
+    for session in ("ws", "nows"):
+        service.release_session(session)

@@ -159,3 +159,49 @@ def test_audits_replaying_32_rows_at_a_time_stay_hash_equal(monkeypatch):
     assert 0 < r["audits"]["audit_over_generation"] < 10
     # decode steps were merged (the first replay starts with the prompt's own batch)
     assert any(n > 1 for n in shapes[0][1:]) or any(n > 1 for sizes in shapes[1:] for n in sizes), shapes
+
+
+@pytest.mark.slow
+def test_audits_from_window_states_replay_whole_windows_alone_through_a_failover():
+    """--audit-from-state: half the windows of each stage audited whole, each replayed from the signed
+    states of the windows before it; stage 1 killed at token 20, so later windows' states are the
+    backup's."""
+    r = standalone.run(standalone.Options(max_tokens=64, kill_stage=1, kill_at=20, audit_probability=0.5,
+                                          audit_from_state=True))
+    a = r["audits"]
+    assert r["exact_match"] and r["failover"]["completed"] and r["success"] and r["false_fraud"] == 0
+    assert a["mismatch"] == a["fraud"] == 0 and a["passed"] + a["passed_within_tolerance"] == a["total"] > 0
+    # A backup whose context also holds other sequences may lay its cache out otherwise and write
+    # keys and values that differ in the last bits: that stage then goes back to full replays.
+    fs = a["from_state"]
+    assert fs["windows"] >= 3, fs
+    # Whole windows: an audited position's window-mates are audited too.
+    windows = {(a["stage"], a["position"] // 16) for a in r["audits"]["units"]}
+    assert r["audits"]["total"] >= 16 * len(windows) - 16 * 3   # the last, open window of each stage may be short
+    assert a["audit_over_generation"] < 2, a["audit_over_generation"]
+
+
+@pytest.mark.slow
+def test_audits_from_window_states_cost_a_fraction_of_full_replays():
+    """Without a failover every window's state matches bit for bit, and replaying windows instead of
+    every earlier position costs well under generating (full replays cost about as much)."""
+    r = standalone.run(standalone.Options(max_tokens=64, kill_stage=None, audit_probability=0.5,
+                                          audit_from_state=True))
+    check_common(r)
+    fs = r["audits"]["from_state"]
+    assert fs["windows"] >= 3 and fs["state_differs"] == 0, fs
+    assert r["hash_equal_rate"] == 1.0
+    assert r["audits"]["audit_over_generation"] < 0.8, r["audits"]["audit_over_generation"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["skip-layer", "cheap-quant", "noise-0.3"])
+def test_audits_from_window_states_catch_a_faulty_worker(fault):
+    """A skip-layer cheater's states fit no honest stage, a cheap-quant one's differ from the
+    verifier's, a noisy one's are honest but its rows are not: caught each way, rolled back."""
+    r = standalone.run(standalone.Options(max_tokens=48, kill_stage=None, faulty_stage=1, fault=fault,
+                                          audit_probability=0.5, audit_from_state=True))
+    assert r["exact_match"] and r["fault"]["caught"] and r["quarantined"] == ["N2"] and r["false_fraud"] == 0
+    honest = [a for a in r["audits"]["units"] if a["node"] != "N2"]
+    assert all(a["verdict"] in ("Passed", "PassedWithinTolerance") for a in honest)
+    assert r["success"]
