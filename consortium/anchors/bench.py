@@ -468,13 +468,15 @@ def token_breakdown(ours, steps, single) -> dict:
     the step's handling around it), the hops (the driver's time for each stage beyond the agent's
     own) and the rest (the driver's sampling and loop)."""
     med = statistics.median
-    decode = [st for st in steps if st.rows == 1 and not st.failover and len(st.agent_ms) == len(st.stage_ms)]
-    ours_ms = med(ours.token_ms[1:])
-    compute = med(sum(st.agent_ms) for st in decode)
-    hops = med(sum(t - a for t, a in zip(st.stage_ms, st.agent_ms)) for st in decode)
+    # steps[i] produced token i (steps[0]: the prompt); a loopback run has no failover or rewind.
+    decode = [(t, st) for t, st in zip(ours.token_ms[1:], steps[1:])
+              if st.rows == 1 and not st.failover and len(st.agent_ms) == len(st.stage_ms)]
     return {"single_ms": med(single.token_ms[1:]), "single_compute_ms": med(sum(x) for x in single.stage_ms[1:]),
-            "ours_ms": ours_ms, "agents_compute_ms": compute, "hops_ms": hops,
-            "driver_ms": ours_ms - compute - hops}
+            "ours_ms": med(ours.token_ms[1:]),
+            "agents_compute_ms": med(sum(st.agent_ms) for _, st in decode),
+            "hops_ms": med(sum(t - a for t, a in zip(st.stage_ms, st.agent_ms)) for _, st in decode),
+            # each token's time beyond its stages: medians of separate series need not add up
+            "driver_ms": med(t - sum(st.stage_ms) for t, st in decode)}
 
 
 def headline(res: dict) -> dict:

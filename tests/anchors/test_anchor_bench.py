@@ -94,10 +94,11 @@ def test_tiny_anchor_bench_writes_every_headline(tmp_path):
     assert 0 < h["failover_spike_ms"]["median"] <= h["failover_spike_ms"]["max"] < 60_000
     assert h["concurrent_sessions"] == 2 and h["concurrent_over_single"] > 0
     b = h["loopback_breakdown_ms"]
-    # The parts are measured separately (the agents' own time, the driver's per stage, the token's),
-    # so they add up to our token's time only if each was taken where it should be.
-    assert 0 < b["single_compute_ms"] <= b["single_ms"] and 0 < b["agents_compute_ms"] and 0 < b["hops_ms"]
-    assert b["driver_ms"] > 0 and b["ours_added_ms"] == round(b["ours_ms"] - b["single_ms"], 3)
+    # Each part is a median over the decode steps of a time that lies inside the one before it: the
+    # token's, the driver's per stage, the agent's own.
+    assert 0 < b["single_compute_ms"] <= b["single_ms"] and 0 < b["agents_compute_ms"] < b["ours_ms"]
+    assert 0 < b["hops_ms"] < b["ours_ms"] and 0 <= b["driver_ms"] < b["ours_ms"]
+    assert b["ours_added_ms"] == round(b["ours_ms"] - b["single_ms"], 3)
     assert (b["rpc_added_ms"] is None) == (h["rpc_over_single"] is None)
     assert [m["layers"] for m in h["memory_per_stage"]] == ["0-9", "10-19", "20-29"]
     assert all(m["rss_mib"] > 0 and m["weights_mib"] > 0 for m in h["memory_per_stage"])
