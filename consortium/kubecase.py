@@ -135,6 +135,7 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
         "mode": "kubernetes",
         "transport": "plaintext" if opts.plaintext else "mutual TLS",
         "signing": (s.get("spec") or {}).get("signing"),   # PerStep or PerWindow, as the server stored it
+        "audit_from_state": bool(((s.get("spec") or {}).get("audit") or {}).get("fromWindowStates")),
         "receipt_window": (s.get("spec") or {}).get("receiptWindow"),
         "split": ",".join(sa["spec"]["layerRange"] for sa in sas.values()),
         "placement": {f"stage{i}": sa["spec"]["nodeName"] for i, sa in sas.items()},   # at the end

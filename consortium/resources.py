@@ -231,6 +231,11 @@ class Audit(_Model):
     probability: float = Field(default=0.2, ge=0, le=1)
     seed: int = Field(default=0, ge=0)
     verifier_selector: LabelSelector | None = None
+    from_window_states: bool = Field(default=False, description=(
+        "Audit whole receipt windows (the probability is then per window), each replayed alone from the "
+        "KV states of the windows before it, which the node holding the stage signs as they close, "
+        "instead of replaying every earlier position. Far cheaper (docs/dataplane.md, Audits from "
+        "window states), but a lie in a node's keys and values is caught only when its own window is audited."))
 
 
 class Failover(_Model):

@@ -29,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the backend's kernels compute each row alone at that batch size (default 1: the "
                         "original shapes; --standalone)")
     p.add_argument("--audit-from-state", action="store_true",
-                   help="audit a decode window from the KV states of the windows before it, which the node holding "
-                        "the stage signs as they close, instead of replaying every earlier position (--standalone)")
+                   help="audit whole windows, each from the KV states of the windows before it, which the node "
+                        "holding the stage signs as they close, instead of replaying every earlier position "
+                        "(through Kubernetes: the session's audit.fromWindowStates)")
     p.add_argument("--sign-per-window", action="store_true",
                    help="agents commit and sign once per receipt window instead of after every step: one "
                         "signature per window and stage; the rows a dying node held uncommitted are signed "
@@ -81,10 +82,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     json_out = None if args.json in (None, "-") else args.json
     if not args.standalone:
-        if (args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows != 1
-                or args.audit_from_state):
-            print("error: --heterogeneous, --model, --hang, --rpc-timeout, --audit-replay-rows and --audit-from-state "
-                  "need --standalone so far", file=sys.stderr)
+        if args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows != 1:
+            print("error: --heterogeneous, --model, --hang, --rpc-timeout and --audit-replay-rows need --standalone "
+                  "so far", file=sys.stderr)
             return 2
         from consortium import kubecase
 
@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         overrides = extensions.session_overrides(args.extension)
         if args.sign_per_window:
             overrides["signing"] = "PerWindow"
+        if args.audit_from_state:
+            overrides.setdefault("audit", {})["fromWindowStates"] = True
         report = kubecase.run(opts, spec_overrides=overrides)
         extensions.add_figures(args.extension, report, opts)
         kubecase.write(report, json_out, args.report)

@@ -100,3 +100,22 @@ def test_failover_in_conditions_and_events(completed, bed):
     drv = s["status"]["report"]["driverState"]
     assert [(f["stage"], f["from"], f["to"]) for f in drv["failovers"]] == [(1, victim, "n0")]
     assert drv["quarantined"] == []
+
+
+def test_audits_from_window_states_through_the_operator(bed, baseline):
+    """audit.fromWindowStates reaches the driver: whole windows selected, each audited from the
+    signed states before it, and the tokens are the baseline's."""
+    for name, labels in testbed.NODE_LABELS.items():   # the failover test killed one; it registers again
+        if bed.agents[name].poll() is not None:
+            bed.start_agent(name, labels)
+    ns = "tc-states"
+    bed.cluster.kubectl("create", "namespace", ns)
+    body = testbed.sky_is_blue(MAX_TOKENS, audit_probability=0.5)
+    body["spec"]["audit"]["fromWindowStates"] = True
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(body))
+    s = bed.wait_phase("sky-is-blue", ns, ("Completed",), 300)
+    assert s["spec"]["audit"]["fromWindowStates"] is True and s["status"]["tokens"] == baseline
+    drv = s["status"]["report"]["driverState"]
+    assert drv["audit_window"] == 16   # the driver selected whole windows
+    verdicts = [a["verdict"] for a in drv["audits"]]
+    assert verdicts and set(verdicts) == {"Passed"} and not drv["unjudged"]
