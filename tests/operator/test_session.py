@@ -108,12 +108,12 @@ def test_audits_from_window_states_through_the_operator(bed, baseline):
     for name, labels in testbed.NODE_LABELS.items():   # the failover test killed one; it registers again
         if bed.agents[name].poll() is not None:
             bed.start_agent(name, labels)
-    ns = "tc-states"
+    ns, name = "tc-states", "sky-states"   # agents know sessions by name: not the other tests' one
     bed.cluster.kubectl("create", "namespace", ns)
-    body = testbed.sky_is_blue(MAX_TOKENS, audit_probability=0.5)
+    body = testbed.sky_is_blue(MAX_TOKENS, name, audit_probability=0.5)
     body["spec"]["audit"]["fromWindowStates"] = True
     bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(body))
-    s = bed.wait_phase("sky-is-blue", ns, ("Completed",), 300)
+    s = bed.wait_phase(name, ns, ("Completed",), 300)
     assert s["spec"]["audit"]["fromWindowStates"] is True and s["status"]["tokens"] == baseline
     drv = s["status"]["report"]["driverState"]
     assert drv["audit_window"] == 16   # the driver selected whole windows
