@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", help="node id (default: derived from the public key)")
     p.add_argument("--labels", default="", help="comma-separated key=value labels, e.g. role=metal,consortium.io/node=N2")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads per stage (default: all cores)")
-    p.add_argument("--ctx", type=int, default=2048, help="KV cells per loaded layer range, shared by its sessions")
+    p.add_argument("--ctx", type=int, default=2048, help="positions each session (and each audit replay) can hold on a loaded layer range")
     p.add_argument("--no-repack", action="store_true",
                    help="turn off llama.cpp's CPU weight repacking: other kernels, honest float differences")
     p.add_argument("--fault", help="cheat on purpose, for tests: skip-layer, cheap-quant, noise-<scale>, replay, random")
