@@ -40,6 +40,17 @@ LABEL_WORKER = f"{GROUP}/worker"                    # "true"
 LABEL_VERIFIER = f"{GROUP}/verifier"                # "true"
 ACCELERATORS = ("cuda", "metal", "cpu")
 
+
+def session_id(namespace: str, name: str) -> str:
+    """What agents and signatures know an InferenceSession by: sessions of one name in two
+    namespaces must never share an agent's sequences, fences or counters, nor each other's receipts."""
+    return f"{namespace}/{name}"
+
+
+def session_name(session: str) -> str:
+    """The object name in a session id (a standalone session's id is its name)."""
+    return session.rpartition("/")[2]
+
 # Limits that bound CEL evaluation cost and object size; raising one is an API change.
 MAX_STAGES = 16
 MAX_MESSAGES = 64

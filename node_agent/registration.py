@@ -114,11 +114,11 @@ class Registrar:
         api = kube.api()
         items = api.list_cluster_custom_object(r.GROUP, r.VERSION, "stageassignments",
                                                _request_timeout=self.request_timeout_s).get("items", [])
-        self._release_ended({(sa.get("spec") or {}).get("session") for sa in items})
+        self._release_ended({_session(sa) for sa in items})
         held = self.service.held()  # (session, stage) -> epoch
         for sa in items:
             spec = sa.get("spec") or {}
-            key = (spec.get("session"), int(spec.get("stageIndex", -1)))
+            key = (_session(sa), int(spec.get("stageIndex", -1)))
             epoch = int(spec.get("epoch", 0))
             mine = spec.get("nodeName") == self.name
             have = held.get(key)
@@ -197,3 +197,8 @@ def wait_ready(timeout: float = 30.0) -> None:
             return
         except Exception:  # noqa: BLE001
             time.sleep(0.5)
+
+
+def _session(sa: dict) -> str:
+    """The session id the operator's driver sends for a StageAssignment's session."""
+    return r.session_id(sa["metadata"]["namespace"], (sa.get("spec") or {}).get("session", ""))

@@ -257,8 +257,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     def _ref(self, ref: pb.StageRef) -> tuple[str, int, int]:
         if not ref.session:
             raise _bad("the request names no session")
-        if len(ref.session) > 253:
-            raise _bad("session name longer than 253 characters")
+        if len(ref.session) > 317:   # namespace (63) / name (253)
+            raise _bad("session id longer than 317 characters")
         if ref.stage < 0:
             raise _bad(f"stage {ref.stage} is negative")
         if ref.epoch < 0:

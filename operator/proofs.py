@@ -29,7 +29,7 @@ log = logging.getLogger("consortium.operator.proofs")
 def proof_receipt(proof: dict) -> str:
     """The name of the Receipt holding the window a proof's statement describes."""
     st = proof["statement"]
-    return receipt_name(st["session"], st["stage"], st["epoch"], st["windowStart"],
+    return receipt_name(r.session_name(st["session"]), st["stage"], st["epoch"], st["windowStart"],
                         base64.b64decode(st["merkleRoot"]).hex())
 
 

@@ -147,8 +147,9 @@ class SessionRun:
             chosen = list(state.nodes)
         else:
             chosen = self.place(need)
-            state = SessionState(session=self.name, prompt_tokens=prompt, nodes=chosen, epochs=[1] * len(chosen),
-                                 audit_probability=spec.audit.probability, audit_seed=spec.audit.seed)
+            state = SessionState(session=r.session_id(self.namespace, self.name), prompt_tokens=prompt,
+                                 nodes=chosen, epochs=[1] * len(chosen), audit_probability=spec.audit.probability,
+                                 audit_seed=spec.audit.seed)
             for i, n in enumerate(chosen):
                 placement.write_assignment(self.body, i, spec.stages[i], n, 1, spec.model.to_k8s())
             self.patch_status(startedAt=kube.timestamp(), stageEpochs=state.epochs, position=0, tokens=[],
@@ -159,7 +160,7 @@ class SessionRun:
         policy = failover.KubePolicy(self.body, spec, agent_namespace(), self.set_condition)
         grid = CanonicalGrid(dtype=spec.canonical_grid.dtype, grid=spec.canonical_grid.grid,
                              clamp=spec.canonical_grid.clamp)
-        driver = SessionDriver(session=self.name, model_path=str(model_path),
+        driver = SessionDriver(session=r.session_id(self.namespace, self.name), model_path=str(model_path),
                                model_sha256=self.spec.model.sha256 or _sha256(model_path),
                                split=[LayerRange(s.layer_range.start, s.layer_range.end) for s in spec.stages],
                                n_layers=n_layers, endpoints=endpoints, state=state, policy=policy, grid=grid,

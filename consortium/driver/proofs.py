@@ -140,7 +140,8 @@ class ProofBook:
 
 
 def proof_file_name(entry: dict) -> str:
-    return f"{entry['session']}-s{entry['stage']}-p{entry['position']}-{entry['node']}.json"
+    session = entry["session"].replace("/", "_")   # namespace/name under the operator
+    return f"{session}-s{entry['stage']}-p{entry['position']}-{entry['node']}.json"
 
 
 def write_proof_files(entries: Sequence[dict], folder) -> list[str]:

@@ -4,7 +4,7 @@ import numpy as np
 
 from consortium_operator import main as operator_main
 
-from consortium.driver.proofs import FraudUnit, ProofBook
+from consortium.driver.proofs import FraudUnit, ProofBook, proof_file_name
 from consortium.verification import canonical, receipts, signing
 from consortium.verification.verdicts import Limits, Tolerance
 from consortium_operator.proofs import proof_receipt
@@ -12,15 +12,16 @@ from consortium_operator.receipts import receipt_body
 
 
 def test_a_proof_names_the_receipt_of_its_window():
+    """Under the operator the signed session is namespace/name; the Receipt is named by the name."""
     rng = np.random.default_rng(1)
     key = signing.generate_private_key()
     inputs = [rng.standard_normal(32).astype(np.float32) for _ in range(4)]
     sent = rng.standard_normal((4, 32)).astype(np.float32)
-    signer = receipts.WindowSigner(key, session="sky-is-blue", stage=1, node_id="n2", epoch=2)
+    signer = receipts.WindowSigner(key, session="default/sky-is-blue", stage=1, node_id="n2", epoch=2)
     signer.add_batch(32, [receipts.hidden_input_digest(x) for x in inputs], canonical.commit_rows(sent))
     r = signer.receipt()
     entry = {"stage": 1, "node": "n2", "epoch": 2, "start": 32, "count": 4, "receipt": r.to_json()}
-    book = ProofBook("sky-is-blue", canonical.CanonicalGrid())
+    book = ProofBook("default/sky-is-blue", canonical.CanonicalGrid())
     tol = Tolerance(honest=Limits(relative_l2=0.1), decisive=Limits(relative_l2=1.0))
     book.add(FraudUnit(1, 33, "n2", 2, r.commitments[1], sent[1], rng.standard_normal(32).astype(np.float32),
                        tol, "n0"),
@@ -30,7 +31,8 @@ def test_a_proof_names_the_receipt_of_its_window():
     assert e["holds"], e["reasons"]
     session = {"metadata": {"name": "sky-is-blue", "namespace": "default", "uid": "u"}}
     body = receipt_body(session, entry, signing.public_key_text(key))
-    assert proof_receipt(e["proof"]) == body["metadata"]["name"]
+    assert proof_receipt(e["proof"]) == body["metadata"]["name"] == "sky-is-blue-s1-e2-p32-" + r.merkle_root.hex()[:8]
+    assert proof_file_name(e).startswith("default_sky-is-blue-s1-p33-n2")
 
 
 def test_the_operator_refuses_an_unsafe_proof_key(tmp_path, capsys):

@@ -6,6 +6,7 @@ import json
 import grpc
 import pytest
 
+from consortium import resources as r
 from consortium import testbed, wire
 from consortium.driver.state import SessionState
 from consortium.wire import pb
@@ -82,10 +83,13 @@ def test_agent_refuses_an_epoch_its_assignment_moved_past(agents_up):
     ns, session = "stale", "stale-epoch"
     bed.cluster.kubectl("create", "namespace", ns)
     stub = _stub(bed, "n0")
-    ref = pb.StageRef(session=session, stage=0, epoch=1)
-    stub.LoadStage(pb.LoadStageRequest(ref=ref, model_path=str(resolve_model(None)), first_layer=0, last_layer=9),
-                   timeout=120)
-    stub.Forward(pb.ForwardRequest(ref=ref, position=0, tokens=[1, 2, 3]), timeout=60)
+    ref = pb.StageRef(session=r.session_id(ns, session), stage=0, epoch=1)
+    # A session of the same name in another namespace, on the same agent: its stage must not be fenced.
+    other = pb.StageRef(session=r.session_id("elsewhere", session), stage=0, epoch=1)
+    for x in (ref, other):
+        stub.LoadStage(pb.LoadStageRequest(ref=x, model_path=str(resolve_model(None)), first_layer=0, last_layer=9),
+                       timeout=120)
+        stub.Forward(pb.ForwardRequest(ref=x, position=0, tokens=[1, 2, 3]), timeout=60)
     # The control plane moves stage 0 to n1 at epoch 2 (as a failover would); n0 never hears it by RPC.
     sa = {"apiVersion": "consortium.io/v1alpha1", "kind": "StageAssignment",
           "metadata": {"name": f"{session}-s0", "namespace": ns},
@@ -104,6 +108,7 @@ def test_agent_refuses_an_epoch_its_assignment_moved_past(agents_up):
     with pytest.raises(grpc.RpcError) as exc:
         stub.Forward(pb.ForwardRequest(ref=ref, position=3, tokens=[4]), timeout=10)
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert stub.Forward(pb.ForwardRequest(ref=other, position=3, tokens=[4]), timeout=60).output_position == 3
 
 
 def test_a_quarantined_node_gets_no_new_stage(agents_up):

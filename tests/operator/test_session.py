@@ -108,7 +108,7 @@ def test_audits_from_window_states_through_the_operator(bed, baseline):
     for name, labels in testbed.NODE_LABELS.items():   # the failover test killed one; it registers again
         if bed.agents[name].poll() is not None:
             bed.start_agent(name, labels)
-    ns, name = "tc-states", "sky-states"   # agents know sessions by name: not the other tests' one
+    ns, name = "tc-states", "sky-is-blue"   # the failover test's name, in another namespace
     bed.cluster.kubectl("create", "namespace", ns)
     body = testbed.sky_is_blue(MAX_TOKENS, name, audit_probability=0.5)
     body["spec"]["audit"]["fromWindowStates"] = True
@@ -119,3 +119,4 @@ def test_audits_from_window_states_through_the_operator(bed, baseline):
     assert drv["audit_window"] == 16   # the driver selected whole windows
     verdicts = [a["verdict"] for a in drv["audits"]]
     assert verdicts and set(verdicts) == {"Passed"} and not drv["unjudged"]
+    assert drv["session"] == "tc-states/sky-is-blue"   # agents key it by namespace and name
