@@ -309,7 +309,8 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
             # The node comes back (SIGCONT, link healed) with its old epoch: it must not write into
             # the session. Its own registrar fences it from the StageAssignment; ask it directly.
             cl.restore()
-            out["stale_write_refused"] = stale_write_refused(bed.channel(victim), name, t.stage, old_epoch)
+            out["stale_write_refused"] = stale_write_refused(bed.channel(victim), r.session_id(ns, name), t.stage,
+                                                         old_epoch)
         out["stale_receipts"] = _receipts_after_failover(items, out["failovers"])
         marks["checked"] = time.monotonic()
         # Seconds from the start of the trial (restore, apply) to each step of it.
@@ -342,8 +343,8 @@ def _moved(bed: testbed.Testbed, name: str, ns: str, stage: int, victim: str) ->
 
 def stale_write_refused(ch, session: str, stage: int, old_epoch: int, timeout_s: float = 30) -> bool:
     """True once the agent behind gRPC channel `ch` (the operator's credentials) refuses a request
-    of `session` at its old epoch with FAILED_PRECONDITION (the fence); False if it accepted one or
-    never said so in time. Closes the channel."""
+    of `session` (as agents know it: namespace/name) at its old epoch with FAILED_PRECONDITION (the
+    fence); False if it accepted one or never said so in time. Closes the channel."""
     import grpc
 
     from consortium import wire

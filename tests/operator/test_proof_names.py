@@ -31,7 +31,8 @@ def test_a_proof_names_the_receipt_of_its_window():
     assert e["holds"], e["reasons"]
     session = {"metadata": {"name": "sky-is-blue", "namespace": "default", "uid": "u"}}
     body = receipt_body(session, entry, signing.public_key_text(key))
-    assert proof_receipt(e["proof"]) == body["metadata"]["name"] == "sky-is-blue-s1-e2-p32-" + r.merkle_root.hex()[:8]
+    root = r.statement.merkle_root.hex()
+    assert proof_receipt(e["proof"]) == body["metadata"]["name"] == f"sky-is-blue-s1-e2-p32-{root[:8]}"
     assert proof_file_name(e).startswith("default_sky-is-blue-s1-p33-n2")
 
 

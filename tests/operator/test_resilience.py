@@ -52,7 +52,7 @@ def test_operator_restart_resumes_without_recomputing(agents_up, baseline):
     for node in testbed.NODE_LABELS:
         h = _stub(bed, node).Health(pb.HealthRequest(), timeout=10)
         for c in h.counters:
-            if c.session == name:
+            if c.session == r.session_id(ns, name):
                 forward[(c.stage, c.position)] = forward.get((c.stage, c.position), 0) + c.forward
     for stage in range(3):
         before = [forward.get((stage, p), 0) for p in range(fed_before)]
