@@ -51,6 +51,7 @@ def session_name(session: str) -> str:
     """The object name in a session id (a standalone session's id is its name)."""
     return session.rpartition("/")[2]
 
+
 # Limits that bound CEL evaluation cost and object size; raising one is an API change.
 MAX_STAGES = 16
 MAX_MESSAGES = 64

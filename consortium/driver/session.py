@@ -43,7 +43,7 @@ from consortium.driver.policy import Policy
 from consortium.driver.proofs import FraudUnit, ProofBook
 from consortium.driver.state import SessionState
 from consortium.layers import LayerRange
-from consortium.verification import canonical, judgement, receipts, signing, verdicts
+from consortium.verification import canonical, judgement, kvstate, receipts, signing, verdicts
 from consortium.verification.canonical import CanonicalGrid
 from consortium.wire import pb
 
@@ -193,7 +193,10 @@ class SessionDriver:
         # False once an auditor wrote other keys and values than a stage's node signed for a window:
         # that stage's audits go back to full replays, which do not take the node's states on trust.
         self._states_trusted = [True] * self.n_stages
-        self.state_audits = {"windows": 0, "state_differs": 0, "fell_back": 0}
+        # Windows audited from states; of those, the ones whose keys and values differed from the node's
+        # within the stage's honest tolerance or beyond it (the worst distance compared by value).
+        self.state_audits = {"windows": 0, "state_within_tolerance": 0, "state_differs": 0, "fell_back": 0,
+                             "worst_relative_l2": 0.0}
         # Rows received whose commitments are deferred, per stage: position -> (node, epoch, row).
         self._unsigned: list[dict[int, tuple[str, int, np.ndarray]]] = [dict() for _ in self.split]
         # Response checks, in order, off the token's critical path; settled before anything that
@@ -897,20 +900,50 @@ class SessionDriver:
         except grpc.RpcError as e:
             log.warning("audit from state on %s failed: %s %s", verifier, e.code().name, e.details())
             return units
+        # A window still open at the end has no signed state, and nothing after it rests on it.
+        differs = window is not None and hashlib.sha256(resp.state).digest() != window[3]
+        distance = self._state_distance(s, holder, epoch, ws, window[3], resp.state) if differs else None
+        limit = self.stage_tolerances[s].honest.relative_l2
         with self._lock:
             self.audit_cpu_ms += resp.cpu_ms
             if gen != self._generation:
                 return []
             self.state_audits["windows"] += 1
-            # A window still open at the end has no signed state, and nothing after it rests on it.
-            if window is not None and hashlib.sha256(resp.state).digest() != window[3]:
-                # The verifier wrote other keys and values for this window than the node signed: expected
-                # across kernels, and what a node lying about its KV looks like. Either way its states are
-                # not taken on trust from here on: full replays judge what they led to.
+            if differs and (distance is None or limit is None or distance > limit):
+                # The verifier wrote other keys and values for this window than the node signed, beyond
+                # what kernels differ by (or not comparable by value): what a node lying about its KV
+                # looks like. Its states are not taken on trust from here on: full replays judge what
+                # they led to.
                 self._states_trusted[s] = False
                 self.state_audits["state_differs"] += 1
+            elif differs:
+                self.state_audits["state_within_tolerance"] += 1
+            if distance is not None:
+                self.state_audits["worst_relative_l2"] = max(self.state_audits["worst_relative_l2"], distance)
             self._judge(s, verifier, units, wire.decode_tensor(resp.rows, ndim=2))
         return []
+
+    def _state_distance(self, s: int, holder: str, epoch: int, ws: int, digest: bytes, mine: bytes) -> float | None:
+        """How far the verifier's keys and values for the window at `ws` lie from the ones the node
+        signed (kvstate.relative_l2: the worst layer's), or None where they cannot be compared: the
+        node does not serve its state, serves another than it signed, or either is not a state of
+        float caches."""
+        try:
+            got = self.clients[holder].call("States", pb.StatesRequest(ref=self._ref(s, epoch),
+                                                                       upto=ws + self.receipt_window),
+                                            timeout=self.load_timeout_s)
+        except grpc.RpcError as e:
+            log.warning("window state of stage %d at %d from %s: %s %s", s, ws, holder, e.code().name, e.details())
+            return None
+        theirs = got.states[-1] if got.states else b""
+        if hashlib.sha256(theirs).digest() != digest:
+            log.warning("stage %d: %s served a window state other than it signed", s, holder)
+            return None
+        try:
+            return kvstate.relative_l2(kvstate.parse(theirs), kvstate.parse(mine))
+        except kvstate.StateFormatError as e:
+            log.warning("stage %d: window states at %d not comparable by value: %s", s, ws, e)
+            return None
 
     def _drain_audits(self) -> None:
         with self._lock:

@@ -111,6 +111,10 @@ def test_gemma3_states_carry_both_its_caches(gemma_model):
         assert auditor.import_state(0, states) == PROMPT + WINDOW
         got = np.concatenate([auditor.forward(0, p, hidden=h[p:p + 1]) for p in range(PROMPT + WINDOW, len(h))])
         assert np.array_equal(got, ref[PROMPT + WINDOW:])
+    from consortium.verification import kvstate
+
+    both = kvstate.parse(states[1])   # the global layers' cache, then the sliding ones'
+    assert list(both.positions) == 2 * list(range(PROMPT, PROMPT + WINDOW)) and len(both.keys) == r.count
 
 
 @pytest.mark.parametrize("audit", ["replay", "from-state"])
@@ -136,3 +140,25 @@ def test_a_sequence_keeps_its_bits_while_another_of_the_stage_comes_and_goes(run
                     assert np.array_equal(got[-1], ref[PROMPT + k - 1])
             rows.append(shared.forward(0, p, hidden=x[p:p + 1]))
         assert np.array_equal(np.concatenate(rows), ref)
+
+
+def test_states_parse_into_keys_and_values_per_layer(run):
+    from consortium.verification import kvstate
+
+    worker = run["stages"][1]
+    data = worker.export_state(0, PROMPT, PROMPT + WINDOW)
+    st = kvstate.parse(data)
+    assert list(st.positions) == list(range(PROMPT, PROMPT + WINDOW))
+    assert len(st.keys) == len(st.values) == 10 and all(k.shape[0] == WINDOW for k in st.keys + st.values)
+    assert kvstate.relative_l2(st, kvstate.parse(data)) == 0.0
+    # The same positions replayed from another input differ by value; other positions are refused.
+    other = np.random.default_rng(9).standard_normal(run["inputs"][1].shape).astype(np.float32)
+    with _fresh(run, 1) as auditor:
+        auditor.import_state(1, [worker.export_state(0, 0, PROMPT)])
+        for p in range(PROMPT, PROMPT + WINDOW):
+            auditor.forward(1, p, hidden=other[p:p + 1])
+        assert kvstate.relative_l2(st, kvstate.parse(auditor.export_state(1, PROMPT, PROMPT + WINDOW))) > 0.1
+        with pytest.raises(kvstate.StateFormatError, match="other positions"):
+            kvstate.relative_l2(st, kvstate.parse(auditor.export_state(1, 0, WINDOW)))
+    with pytest.raises(kvstate.StateFormatError, match="truncated"):
+        kvstate.parse(data[:len(data) - 100])
