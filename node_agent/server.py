@@ -106,6 +106,7 @@ class Engines:
         return stage, seq
 
     def release(self, stage: Stage, seq: int) -> None:
+        stage.drop(seq)   # an idle slot holds no KV cache
         with self._lock:
             key = self._keys[id(stage)]
             self._free[key].append(seq)

@@ -160,7 +160,8 @@ class SessionRun:
         policy = failover.KubePolicy(self.body, spec, agent_namespace(), self.set_condition)
         grid = CanonicalGrid(dtype=spec.canonical_grid.dtype, grid=spec.canonical_grid.grid,
                              clamp=spec.canonical_grid.clamp)
-        driver = SessionDriver(session=r.session_id(self.namespace, self.name), model_path=str(model_path),
+        # The id its windows are signed under, as saved: a session resumed keeps the one it began with.
+        driver = SessionDriver(session=state.session, model_path=str(model_path),
                                model_sha256=self.spec.model.sha256 or _sha256(model_path),
                                split=[LayerRange(s.layer_range.start, s.layer_range.end) for s in spec.stages],
                                n_layers=n_layers, endpoints=endpoints, state=state, policy=policy, grid=grid,

@@ -137,6 +137,14 @@ class Stage:
     def clear(self, seq: int) -> None:
         self.truncate(seq, 0)
 
+    def drop(self, seq: int) -> None:
+        """Free the context of `seq` (its KV cache and compute buffers); a later use makes a new one."""
+        self._check_seq(seq)
+        with self._lock:
+            got = self._contexts.pop(seq, None)
+            if got is not None:
+                llama_cpp.llama_free(got[0])
+
     # -- KV state: a range of positions out of one stage and into another -------------------------
 
     def export_state(self, seq: int, start: int, end: int) -> bytes:

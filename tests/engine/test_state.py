@@ -130,6 +130,9 @@ def test_a_sequence_keeps_its_bits_while_another_of_the_stage_comes_and_goes(run
         for p in range(PROMPT, run["n"]):
             if p % 8 == 0:
                 shared.clear(1)
+                if p % 16:   # dropped (its context freed, as a released slot's is) and made again
+                    shared.drop(1)
+                    assert shared.next_position(1) == 0
                 if p % 16 == 0:   # filled again at every other clear: some of its cells stay free
                     k = 1 + p % 5
                     if audit == "replay":
