@@ -436,9 +436,10 @@ class SessionDriver:
             for w in windows:
                 sst = wire.window_from_pb(w)
                 st = sst.statement
-                ok = (st.session == self.session and st.stage == s and st.epoch == epoch and
-                      signing.verify_signature(_public_key(self.public_keys.get(node, "")) or "", st.encode(),
-                                               sst.signature))
+                # The signature is checked once, when the window's last statement becomes a receipt
+                # (_flush): each step's statement supersedes the one before it, and checking every
+                # one took three Ed25519 verifications (about 0.3 ms of CPU) per token.
+                ok = st.session == self.session and st.stage == s and st.epoch == epoch
                 cs = [self._commits[s].get(p, (None, None, b""))[2] for p in st.positions]
                 ok = ok and len(cs) == st.count and receipts.merkle.merkle_root(cs) == st.merkle_root
                 sig_ok = sig_ok and ok
@@ -446,11 +447,11 @@ class SessionDriver:
                 if o is not None and (o["node"] != node or o["epoch"] != epoch or o["start"] != st.window_start):
                     self._flush(s)
                 self._open[s] = {"node": node, "epoch": epoch, "start": st.window_start, "signed": sst,
-                                 "commitments": tuple(cs), "ok": ok}
+                                 "commitments": tuple(cs)}
                 if (st.window_start + st.count) % self.receipt_window == 0:
                     self._flush(s)
             if not sig_ok:
-                self._fraud(node, f"stage {s} at {first}: a window signature or Merkle root does not verify")
+                self._fraud(node, f"stage {s} at {first}: a window statement or Merkle root does not match")
             if select and out is not None:
                 for i, c in enumerate(commitments):
                     p = first + i
@@ -466,6 +467,9 @@ class SessionDriver:
             return
         self.record_receipt(s, o["node"], o["epoch"],
                             receipts.Receipt(o["signed"].statement, o["commitments"], o["signed"].signature))
+        if not self.receipts[-1]["verified"]:
+            self._fraud(o["node"], f"stage {s}: the window at {o['start']} does not verify: "
+                                   f"{'; '.join(self.receipts[-1]['reasons'])}")
 
     def record_receipt(self, s: int, node: str, epoch: int, r: receipts.Receipt) -> None:
         """A window of stage s signed by `node` becomes a receipt entry (verified under the node's

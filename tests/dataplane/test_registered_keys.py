@@ -76,3 +76,24 @@ def test_agent_hashing_rows_another_way_is_refused(nodes, model_path, monkeypatc
         assert "a" in d.dead
     finally:
         d.close()
+
+
+def test_a_window_signed_under_another_key_is_caught_when_it_closes(nodes, model_path, caplog):
+    """Statements are verified once per window, when the last one becomes a receipt: a node whose
+    signatures stop verifying (here: the key expected for it changes mid-session) is caught then,
+    quarantined and rolled back, and the session goes on elsewhere."""
+    from consortium import generation
+
+    keys = {n: k for n, (_, k) in nodes.items()}
+    d = driver(nodes, model_path, keys, session="late-key")
+    try:
+        d.start()
+        d.public_keys["a"] = keys["b"]
+        with caplog.at_level("WARNING", logger="consortium.driver"):
+            generation.generate(d, [1, 2, 3], 16)
+        assert d.state.quarantined == ["a"] and d.state.nodes == ["b"]
+        assert any("a" == r["node"] and not r["verified"] for r in d.receipts)
+        # The final stage commits from the prompt's last row (position 2) on.
+        assert "stage 0: the window at 2 does not verify: the signature does not verify" in caplog.text
+    finally:
+        d.close()
