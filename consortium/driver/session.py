@@ -429,7 +429,7 @@ class SessionDriver:
             if mine != commitments:
                 # The worker's own output does not match what it signed: provable on its face.
                 self._fraud(node, f"stage {s} at {first}: sent rows do not hash to the signed commitments")
-        sig_ok = True
+        statements_ok = True
         with self._lock:
             for i, c in enumerate(commitments):
                 self._commits[s][first + i] = (node, epoch, c)
@@ -442,7 +442,7 @@ class SessionDriver:
                 ok = st.session == self.session and st.stage == s and st.epoch == epoch
                 cs = [self._commits[s].get(p, (None, None, b""))[2] for p in st.positions]
                 ok = ok and len(cs) == st.count and receipts.merkle.merkle_root(cs) == st.merkle_root
-                sig_ok = sig_ok and ok
+                statements_ok = statements_ok and ok
                 o = self._open[s]
                 if o is not None and (o["node"] != node or o["epoch"] != epoch or o["start"] != st.window_start):
                     self._flush(s)
@@ -450,14 +450,14 @@ class SessionDriver:
                                  "commitments": tuple(cs)}
                 if (st.window_start + st.count) % self.receipt_window == 0:
                     self._flush(s)
-            if not sig_ok:
+            if not statements_ok:
                 self._fraud(node, f"stage {s} at {first}: a window statement or Merkle root does not match")
             if select and out is not None:
                 for i, c in enumerate(commitments):
                     p = first + i
                     if self.state.selected(s, p):
                         self.audits_selected += 1
-                        self._queue_audit(AuditUnit(s, p, node, epoch, c, np.array(out[i]), sig_ok,
+                        self._queue_audit(AuditUnit(s, p, node, epoch, c, np.array(out[i]), statements_ok,
                                                     self._generation))
 
     def _flush(self, s: int) -> None:

@@ -1,11 +1,12 @@
 """The keys and values in a stage's KV state (Stage.export_state: llama.cpp's per-sequence state).
 
 A state is llama.cpp's magic (u32) and the sequence id (i32), then one block per KV cache of the
-stage (Gemma 3 has two: global layers, then sliding-window layers), each: u32 stream count; per stream a u32 cell count and, if it is not 0, per cell its
-position (i32), its sequence count (u32) and their ids (i32 each); then u32 v_trans and u32 layer
-count; per layer the key type (i32), the key row size (u64) and one key row per cell; then per layer
-the value type (i32) and either the value row size (u64) and one row per cell, or (v_trans) the
-element size (u32), the value width (u32) and, per element, that element of every cell.
+stage (Gemma 3 has two: global layers, then sliding-window layers). A block: u32 stream count; per
+stream a u32 cell count and, if it is not 0, per cell its position (i32), its sequence count (u32)
+and their ids (i32 each); then u32 v_trans and u32 layer count; per layer the key type (i32), the
+key row size (u64) and one key row per cell; then per layer the value type (i32) and either the
+value row size (u64) and one row per cell, or (v_trans) the element size (u32), the value width
+(u32) and, per element, that element of every cell.
 
 Parsed, so that two states of the same positions can be compared by value where their bytes cannot
 be: across kernel paths the keys and values differ in the last bits, as outputs do.
@@ -37,7 +38,8 @@ class _Reader:
 
     def take(self, n: int) -> memoryview:
         if self.at + n > len(self.data):
-            raise StateFormatError(f"truncated state: {n} bytes wanted at offset {self.at}, {len(self.data)} in all")
+            raise StateFormatError(f"truncated state: {n} bytes wanted at offset {self.at}, "
+                                   f"{len(self.data)} in all")
         out = self.data[self.at:self.at + n]
         self.at += n
         return out
