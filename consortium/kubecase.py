@@ -131,11 +131,12 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
     in_api = {n for n, c in nodes.items() if any(x["type"] == "Quarantined" and x["status"] == "True"
                                                   for x in (c.get("status") or {}).get("conditions") or [])}
     verdicts = [(r.get("status") or {}).get("verdict") for r in receipts]
+    report_from_state = bool(((s.get("spec") or {}).get("audit") or {}).get("fromWindowStates"))
     report = {
         "mode": "kubernetes",
         "transport": "plaintext" if opts.plaintext else "mutual TLS",
         "signing": (s.get("spec") or {}).get("signing"),   # PerStep or PerWindow, as the server stored it
-        "audit_from_state": bool(((s.get("spec") or {}).get("audit") or {}).get("fromWindowStates")),
+        "audit_from_state": report_from_state,
         "receipt_window": (s.get("spec") or {}).get("receiptWindow"),
         "split": ",".join(sa["spec"]["layerRange"] for sa in sas.values()),
         "placement": {f"stage{i}": sa["spec"]["nodeName"] for i, sa in sas.items()},   # at the end
@@ -159,6 +160,8 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
         "audits": {"total": len(audits), "passed": count["Passed"],
                    "passed_within_tolerance": count["PassedWithinTolerance"], "mismatch": count["Mismatch"],
                    "fraud": count["Fraud"], "probability": opts.audit_probability, "seed": opts.audit_seed,
+                   # as the standalone report gives them: windows audited from states, and how they compared
+                   "from_state": drv.get("state_audits") if report_from_state else None,
                    "units": audits},
         "hash_equal_rate": round(sum(a["hash_equal"] for a in audits) / len(audits), 4) if audits else None,
         "false_fraud": len(set(quarantined) - {faulty_node}) + honest_bad,

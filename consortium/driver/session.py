@@ -189,14 +189,10 @@ class SessionDriver:
         # at the end of generation (then without comparing the window's state).
         self._held: dict[tuple[int, int, str], list[AuditUnit]] = {}   # (stage, window start, worker)
         self._finishing = False
-        self._states: list[dict[int, tuple[str, int, int, bytes]]] = [dict() for _ in self.split]  # start -> (node, epoch, count, digest)
-        # False once an auditor wrote other keys and values than a stage's node signed for a window:
-        # that stage's audits go back to full replays, which do not take the node's states on trust.
-        self._states_trusted = [True] * self.n_stages
-        # Windows audited from states; of those, the ones whose keys and values differed from the node's
-        # within the stage's honest tolerance or beyond it (the worst distance compared by value).
-        self.state_audits = {"windows": 0, "state_within_tolerance": 0, "state_differs": 0, "fell_back": 0,
-                             "worst_relative_l2": 0.0}
+        # The state statements, trust and counts live in the SessionState (saved with it); a stage
+        # is untrusted once an auditor wrote keys and values beyond tolerance of what its node signed
+        # for a window: its audits go back to full replays, which do not take the node's states on trust.
+        self.state_audits = state.state_audits
         # Rows received whose commitments are deferred, per stage: position -> (node, epoch, row).
         self._unsigned: list[dict[int, tuple[str, int, np.ndarray]]] = [dict() for _ in self.split]
         # Response checks, in order, off the token's critical path; settled before anything that
@@ -375,7 +371,8 @@ class SessionDriver:
                 self._fraud(node, f"stage {s}: the state statement of window {st.window_start} does not verify")
                 continue
             with self._lock:
-                self._states[s][int(st.window_start)] = (node, epoch, int(st.count), bytes(st.digest))
+                self.state.window_states[s][str(int(st.window_start))] = [node, epoch, int(st.count),
+                                                                         bytes(st.digest).hex()]
                 for held in [k for k in self._held if k[:2] == (s, int(st.window_start))]:
                     for u in self._held.pop(held):
                         self._queue_audit(u)
@@ -840,7 +837,7 @@ class SessionDriver:
             by_window.setdefault(u.position // w * w, []).append(u)
         left = []
         for ws, us in sorted(by_window.items()):
-            left += us if not self._states_trusted[s] else self._audit_window_from_state(s, verifier, ws, us)
+            left += us if s in self.state.untrusted_states else self._audit_window_from_state(s, verifier, ws, us)
         with self._lock:
             self.state_audits["fell_back"] += len(left)
         return left
@@ -856,7 +853,7 @@ class SessionDriver:
             if not units:
                 return []   # rolled back meanwhile
             holder, epoch = self.state.nodes[s], self.state.epochs[s]
-            window = self._states[s].get(ws)
+            window = self._signed_state(s, ws)
             # One replay per window: wait for it to close and for every unit (selection takes whole
             # windows) to arrive, since deferred commitments come a step after their rows.
             # Held per worker (its verifier was chosen against it): a window a failover split between
@@ -867,7 +864,7 @@ class SessionDriver:
                 self._held[(s, ws, node)] = units
                 return []
             units.sort(key=lambda u: u.position)
-            signed = [self._states[s].get(k) for k in range(0, ws, w)]
+            signed = [self._signed_state(s, k) for k in range(0, ws, w)]
             sizes = [n for b, n in self.state.batches if ws <= b < ws + w]
             n = sum(sizes)
             if (ws == 0 or not any(b == ws for b, _ in self.state.batches) or n > w
@@ -885,7 +882,7 @@ class SessionDriver:
         if [hashlib.sha256(b).digest() for b in got.states] != [x[3] for x in signed]:
             log.warning("stage %d: %s served window states other than it signed; audits replay in full", s, holder)
             with self._lock:
-                self._states_trusted[s] = False
+                self._distrust_states(s)
             return units
         req = pb.AuditRequest(ref=self._ref(s, units[0].epoch), model_path=self.model_path,
                               model_sha256=self.model_sha256, first_layer=r.first, last_layer=r.last,
@@ -918,7 +915,7 @@ class SessionDriver:
                 # what kernels differ by (or not comparable by value): what a node lying about its KV
                 # looks like. Its states are not taken on trust from here on: full replays judge what
                 # they led to.
-                self._states_trusted[s] = False
+                self._distrust_states(s)
                 self.state_audits["state_differs"] += 1
             elif differs:
                 self.state_audits["state_within_tolerance"] += 1
@@ -926,6 +923,15 @@ class SessionDriver:
                 self.state_audits["worst_relative_l2"] = max(self.state_audits["worst_relative_l2"], distance)
             self._judge(s, verifier, units, wire.decode_tensor(resp.rows, ndim=2))
         return []
+
+    def _signed_state(self, s: int, start: int) -> tuple[str, int, int, bytes] | None:
+        """(node, epoch, count, sha256) of the state statement checked for stage s's window at `start`."""
+        x = self.state.window_states[s].get(str(start))
+        return None if x is None else (x[0], int(x[1]), int(x[2]), bytes.fromhex(x[3]))
+
+    def _distrust_states(self, s: int) -> None:
+        if s not in self.state.untrusted_states:
+            self.state.untrusted_states.append(s)
 
     def _state_distance(self, s: int, holder: str, epoch: int, ws: int, digest: bytes, mine: bytes) -> float | None:
         """How far the verifier's keys and values for the window at `ws` lie from the ones the node
@@ -990,8 +996,9 @@ class SessionDriver:
                 for d in (self._inputs[s], self._commits[s]):
                     for k in [k for k in d if k >= q]:
                         del d[k]
-                for k in [k for k, (_, _, n, _) in self._states[s].items() if k + n > q]:
-                    del self._states[s][k]
+                kept = self.state.window_states[s]
+                for k in [k for k, (_, _, n, _) in kept.items() if int(k) + n > q]:
+                    del kept[k]
                 self._unsigned[s].clear()   # Truncate (or the failover below) drops their commitments
             st.batches = [b for b in st.batches if b[0] < q]
             st.done = [min(d, q) for d in st.done]

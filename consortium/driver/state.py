@@ -31,10 +31,22 @@ class SessionState:
     unjudged: list[dict] = dataclasses.field(default_factory=list)   # selected units no audit judged, and why
     failovers: list[dict] = dataclasses.field(default_factory=list)
     rollbacks: list[dict] = dataclasses.field(default_factory=list)
+    # Audits from window states: per stage, the state statements checked ("window start" -> [node,
+    # epoch, count, sha256 hex]), so a resumed driver audits earlier windows from them too; the
+    # stages whose states are no longer trusted; and the counts (windows audited from states, of
+    # them within tolerance or differing, units that fell back to full replays, the worst distance).
+    window_states: list[dict[str, list]] = dataclasses.field(default_factory=list)
+    untrusted_states: list[int] = dataclasses.field(default_factory=list)
+    state_audits: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.done:
             self.done = [0] * len(self.nodes)
+        if not self.window_states:
+            self.window_states = [{} for _ in self.nodes]
+        for k, v in {"windows": 0, "state_within_tolerance": 0, "state_differs": 0, "fell_back": 0,
+                     "worst_relative_l2": 0.0}.items():
+            self.state_audits.setdefault(k, v)
 
     def sequence(self) -> list[int]:
         """Every token id by position: the prompt, then the generated tokens fed so far."""

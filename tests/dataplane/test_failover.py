@@ -150,3 +150,26 @@ def test_rows_resent_after_a_restart_must_be_what_their_node_signed():
     [(node, why)] = d._pending_fraud
     assert node == "b" and "positions 2..3, 2 rows" in why
     d.close()
+
+
+def test_a_resumed_driver_keeps_the_window_states_it_checked():
+    """The state statements, distrust and counts of audits from window states are saved with the
+    session, so a driver resumed from its status audits earlier windows from the states too; a
+    status saved before they were kept loads with none."""
+    import json
+
+    old = SessionState(session="ns/s", prompt_tokens=[1, 2], nodes=["a", "b", "c"], epochs=[1, 1, 1]).to_json()
+    for k in ("window_states", "untrusted_states", "state_audits"):
+        del old[k]
+    assert SessionState.from_json(old).window_states == [{}, {}, {}]
+    state = SessionState.from_json(old)
+    state.window_states[1]["16"] = ["b", 1, 16, "ab" * 32]
+    state.untrusted_states.append(2)
+    state.state_audits["windows"] = 3
+    saved = SessionState.from_json(json.loads(json.dumps(state.to_json())))
+    d = SessionDriver(session="ns/s", model_path="unused.gguf", split=[LayerRange(0, 9), LayerRange(10, 19),
+                                                                       LayerRange(20, 29)],
+                      n_layers=30, endpoints={}, state=saved, policy=LocalPolicy(["a", "b", "c"]), audit_from_state=True)
+    assert d._signed_state(1, 16) == ("b", 1, 16, bytes.fromhex("ab" * 32)) and d._signed_state(1, 32) is None
+    assert saved.untrusted_states == [2] and d.state_audits["windows"] == 3 and d.state_audits["state_differs"] == 0
+    d.close()

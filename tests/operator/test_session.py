@@ -120,3 +120,7 @@ def test_audits_from_window_states_through_the_operator(bed, baseline):
     verdicts = [a["verdict"] for a in drv["audits"]]
     assert verdicts and set(verdicts) == {"Passed"} and not drv["unjudged"]
     assert drv["session"] == "tc-states/sky-is-blue"   # agents key it by namespace and name
+    # The statements and counts are in the status, where a resumed operator finds them.
+    fs = drv["state_audits"]
+    assert fs["windows"] >= 1 and fs["state_differs"] == 0 and drv["untrusted_states"] == [], fs
+    assert all(drv["window_states"][s] for s in range(3))
