@@ -60,8 +60,8 @@ class AgentConfig:
     node_id: str | None = None
     labels: dict = dataclasses.field(default_factory=dict)
     threads: int = 0
-    n_ctx: int = 2048
-    n_seq_max: int = 8
+    n_ctx: int = 2048      # positions per sequence
+    n_seq_max: int = 8     # sequence slots per loaded layer range (sessions and audit replays), each its own KV cache
     repack: bool = True
     fault: str | None = None
     # Under mutual TLS: names a caller's certificate must carry (the driver's), so another agent's
