@@ -537,9 +537,10 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         if not send:
             return pb.ReplayResponse(rows=n, commitments=commitments, windows=wins, compute_ms=compute_ms,
                                      cpu_ms=cpu_ms, states=states)
-        return pb.ForwardResponse(output=wire.encode_tensor(out), output_position=first_out,
-                                  commitments=commitments, windows=wins, compute_ms=compute_ms, earlier=earlier,
-                                  cpu_ms=cpu_ms, states=states)
+        resp = pb.ForwardResponse(output_position=first_out, commitments=commitments, windows=wins,
+                                  compute_ms=compute_ms, earlier=earlier, cpu_ms=cpu_ms, states=states)
+        wire.put_tensor(resp.output, out)
+        return resp
 
     def _close_states(self, a: Assignment, first: int, n: int) -> list[pb.SignedState]:
         """Export, keep and sign the KV state of every window that rows first..first+n-1 closed."""
@@ -626,8 +627,10 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                            f"(this node holds {len(a.outputs)} rows)")
             rows = np.stack([a.outputs[p] for p in range(lo, hi)])
         per = max(1, wire.RESEND_CHUNK_BYTES // max(1, rows[0].nbytes))
-        return [pb.ResendChunk(position=lo + i, output=wire.encode_tensor(rows[i:i + per]))
-                for i in range(0, len(rows), per)]
+        chunks = [pb.ResendChunk(position=lo + i) for i in range(0, len(rows), per)]
+        for c in chunks:
+            wire.put_tensor(c.output, rows[c.position - lo:c.position - lo + per])
+        return chunks
 
     def Reveal(self, request, context):
         return self._handle(context, self._reveal, request)
@@ -645,8 +648,10 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 raise _bad(f"no signed window holds position {p}")
             k = canonical.canonical_rows(row[None, :], a.grid)[0]
             sig = proofs.sign_reveal(self.identity.private_key, win.statement, p, k)
-            return pb.RevealResponse(canonical=wire.encode_tensor(k), window=wire.window_to_pb(win),
-                                     commitment=a.commitments[p], reveal_signature=sig)
+            resp = pb.RevealResponse(window=wire.window_to_pb(win), commitment=a.commitments[p],
+                                     reveal_signature=sig)
+            wire.put_tensor(resp.canonical, k)
+            return resp
 
     # -- Audit --------------------------------------------------------------------------------
 
@@ -720,8 +725,10 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 pos, i = pos + s, i + s
             state = engine.export_state(seq, start, start + n) if req.export_state else b""
         rows = np.stack([got[p] for p in want]) if want else np.zeros((1, 1), np.float32)
-        return pb.AuditResponse(rows=wire.encode_tensor(rows), compute_ms=(time.perf_counter() - t0) * 1000,
-                                cpu_ms=(time.thread_time() - c0) * 1000, replayed_rows=n, state=state)
+        resp = pb.AuditResponse(compute_ms=(time.perf_counter() - t0) * 1000, cpu_ms=(time.thread_time() - c0) * 1000,
+                                replayed_rows=n, state=state)
+        wire.put_tensor(resp.rows, rows)
+        return resp
 
     def sessions(self) -> set[str]:
         """Sessions this agent holds sequence slots for (serving or auditing)."""

@@ -411,8 +411,10 @@ class SessionDriver:
         if s == 0:
             return pb.ForwardRequest(ref=self._ref(s), position=position, tokens=[int(t) for t in x],
                                      defer_commitments=defer, sign_per_window=per_window)
-        return pb.ForwardRequest(ref=self._ref(s), position=position, hidden=wire.encode_tensor(x),
-                                 defer_commitments=defer, sign_per_window=per_window)
+        req = pb.ForwardRequest(ref=self._ref(s), position=position, defer_commitments=defer,
+                                sign_per_window=per_window)
+        wire.put_tensor(req.hidden, x)
+        return req
 
     def _accept(self, s: int, node: str, epoch: int, first: int, out: np.ndarray | list[np.ndarray] | None,
                 commitments: list[bytes], windows: list, select: bool = True) -> None:
@@ -780,7 +782,7 @@ class SessionDriver:
         if s == 0:
             req.tokens.extend(int(t) for t in xs)
         else:
-            req.hidden.CopyFrom(wire.encode_tensor(np.stack(xs)))
+            wire.put_tensor(req.hidden, np.stack(xs))
         try:
             resp = self.clients[verifier].call_while("Audit", req, lambda: verifier not in self.dead,
                                                      timeout=self.load_timeout_s)
@@ -891,7 +893,7 @@ class SessionDriver:
         if s == 0:
             req.tokens.extend(int(t) for t in xs)
         else:
-            req.hidden.CopyFrom(wire.encode_tensor(np.stack(xs)))
+            wire.put_tensor(req.hidden, np.stack(xs))
         with self._lock:
             # The verifier's audit sequence now holds imported states: its full replays start over.
             self._audit_progress[(verifier, s)] = 0
