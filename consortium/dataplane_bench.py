@@ -20,15 +20,13 @@ def commit_share(model, split, n_tokens: int, threads: int, prompt: str, per_win
     every step, or (per_window) after the step that completes a receipt window, for all the steps held."""
     import numpy as np
 
-    from consortium.tokenizer import Tokenizer
+    from consortium.tokenizer import benchmark_prompt
     from consortium.verification import canonical, receipts, signing
     from node_agent.engine.slicing import read_model_info, stage_file
     from node_agent.engine.stage import Stage, StageConfig
 
     n_layers = read_model_info(model).n_layers
-    tok = Tokenizer(model)
-    ids = tok.prompt_tokens(prompt)
-    tok.close()
+    ids = benchmark_prompt(model, prompt)
     key = signing.Ed25519PrivateKey.generate()
     grid = canonical.CanonicalGrid()
     stages = [Stage(stage_file(model, r), r, n_layers, StageConfig(threads=threads)) for r in split]

@@ -23,6 +23,10 @@ class Tokenizer:
         self._model = _internals.LlamaModel(path_model=str(model_path), params=params, verbose=False)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
         self.n_vocab = self._model.n_vocab()
+        # A model without a tokenizer (the synthetic ones) has only ids: llama.cpp aborts the whole
+        # process when asked to tokenize with it, so encode() refuses first.
+        self.has_vocab = llama_cpp.llama_vocab_type(self._vocab) != llama_cpp.LLAMA_VOCAB_TYPE_NONE
+        self._path = str(model_path)
         self.bos_id = self._model.token_bos()
         self.eos_id = self._model.token_eos()
         template = llama_cpp.llama_model_chat_template(self._model.model, None)
@@ -35,11 +39,15 @@ class Tokenizer:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     def encode(self, text: str, *, special: bool = True) -> list[int]:
+        if not self.has_vocab:
+            raise ValueError(f"{self._path} has no tokenizer: it takes token ids, not text")
         add_bos = self._model.add_bos_token() and not (
             self.bos_id >= 0 and text.startswith(self.token_text(self.bos_id)))
         return list(self._model.tokenize(text.encode("utf-8"), add_bos, special))
 
     def decode(self, tokens: list[int]) -> str:
+        if not self.has_vocab:
+            return " ".join(map(str, tokens))
         return self._model.detokenize(list(tokens), special=False).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[dict]) -> str:
@@ -71,3 +79,16 @@ class Tokenizer:
 
 
 __all__ = ["Tokenizer"]
+
+
+def benchmark_prompt(model_path: str | os.PathLike, prompt: str) -> list[int]:
+    """`prompt` as token ids for a benchmark. A model without a tokenizer (a synthetic model, to
+    measure how costs scale with size) gets the prompt's UTF-8 bytes as ids: its timing depends on
+    the number of rows, not on which ids they are."""
+    tok = Tokenizer(model_path)
+    try:
+        if tok.has_vocab:
+            return tok.prompt_tokens(prompt)
+        return [b % tok.n_vocab for b in prompt.encode("utf-8")]
+    finally:
+        tok.close()

@@ -130,8 +130,12 @@ class SessionRun:
             return
         tok = Tokenizer(model_path)
         try:
-            prompt = tok.prompt_tokens(self.spec.prompt, [m.to_k8s() for m in self.spec.messages]
-                                       if self.spec.messages else None)
+            try:
+                prompt = tok.prompt_tokens(self.spec.prompt, [m.to_k8s() for m in self.spec.messages]
+                                           if self.spec.messages else None)
+            except ValueError as e:   # a model without a tokenizer, or messages without a chat template
+                self.fail("PromptNotTokenized", str(e))
+                return
             self._run(model_path, n_layers, tok, prompt)
         finally:
             tok.close()

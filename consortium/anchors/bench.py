@@ -105,7 +105,7 @@ class Bench:
         import consortium.cache
         from consortium.layers import even_split
         from consortium.models import resolve_model
-        from consortium.tokenizer import Tokenizer
+        from consortium.tokenizer import benchmark_prompt
         from node_agent.engine.slicing import read_model_info, sha256_file
 
         self.s, self.log = s, log
@@ -113,9 +113,7 @@ class Bench:
         self.info = read_model_info(self.model)
         self.split = even_split(self.info.n_layers, 3)
         self.sha = sha256_file(self.model, consortium.cache.cache_dir())
-        tok = Tokenizer(self.model)
-        ids = tok.prompt_tokens(standalone.PROMPT)
-        tok.close()
+        ids = benchmark_prompt(self.model, standalone.PROMPT)
         self.short_prompt = ids
         self.prompt = (ids * (s.prompt_tokens // len(ids) + 1))[:max(s.prompt_tokens, 2)]
         self.opts = standalone.Options(model=s.model, threads=s.threads)

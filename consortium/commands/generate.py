@@ -48,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = StageConfig(threads=args.threads, n_ctx=args.ctx, repack=not args.no_repack)
     tok = Tokenizer(model)
-    prompt_ids = tok.prompt_tokens(args.prompt, raw=args.raw_prompt)
+    try:
+        prompt_ids = tok.prompt_tokens(args.prompt, raw=args.raw_prompt)
+    except ValueError as e:   # no tokenizer, no chat template for messages
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     is_end = None if args.ignore_eos else tok.is_end_of_generation
 
     def one_run(run_split, label):

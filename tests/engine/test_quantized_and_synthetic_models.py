@@ -12,7 +12,7 @@ import pytest
 from consortium.generation import generate
 from consortium.layers import even_split
 from consortium.models import resolve_model
-from consortium.tokenizer import Tokenizer
+from consortium.tokenizer import Tokenizer, benchmark_prompt
 from node_agent.engine import quantize
 from node_agent.engine.pipeline import LocalPipeline
 from node_agent.engine.slicing import read_model_info
@@ -81,6 +81,26 @@ def test_synthetic_llama3_has_llama3s_shape():
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert "rope_freqs.weight" in types and types["output.weight"] == "Q6_K"
     assert types["blk.0.attn_q.weight"] == "Q4_K"  # width 256: real K-quants, no fallback
+
+
+def test_a_model_without_a_tokenizer_refuses_text_and_benchmarks_feed_it_ids():
+    model = resolve_model("synthetic-llama3")
+    tok = Tokenizer(model)
+    try:
+        assert not tok.has_vocab
+        # llama.cpp would abort the process; the tokenizer says why instead.
+        with pytest.raises(ValueError, match="no tokenizer"):
+            tok.prompt_tokens(PROMPT)
+        assert tok.decode([5, 7]) == "5 7"
+    finally:
+        tok.close()
+    ids = benchmark_prompt(model, PROMPT)
+    assert len(ids) == len(PROMPT.encode()) and all(0 <= i < 128256 for i in ids)
+    tok = Tokenizer(resolve_model(None))
+    try:
+        assert benchmark_prompt(resolve_model(None), PROMPT) == tok.prompt_tokens(PROMPT)
+    finally:
+        tok.close()
 
 
 def test_requantized_default_model_split_gives_identical_tokens():

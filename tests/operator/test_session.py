@@ -124,3 +124,21 @@ def test_audits_from_window_states_through_the_operator(bed, baseline):
     fs = drv["state_audits"]
     assert fs["windows"] >= 1 and fs["state_differs"] == 0 and drv["untrusted_states"] == [], fs
     assert all(drv["window_states"][s] for s in range(3))
+
+
+def test_a_model_without_a_tokenizer_fails_its_session_not_the_operator(bed):
+    """llama.cpp aborts a process that tokenizes with a GGUF that has no tokenizer (the synthetic
+    models); the operator fails that session with the reason and goes on serving."""
+    from consortium.models import resolve_model
+
+    ns, name = "tc-no-tokenizer", "ids-only"
+    bed.cluster.kubectl("create", "namespace", ns)
+    body = testbed.sky_is_blue(4, name)
+    body["spec"]["model"] = {"name": "synthetic-llama3", "file": str(resolve_model("synthetic-llama3"))}
+    for st, layers in zip(body["spec"]["stages"], ("0-1", "2-3", "4-5")):   # its 6 layers
+        st["layers"] = layers
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(body))
+    s = bed.wait_phase(name, ns, ("Failed",), 120)
+    ready = next(c for c in s["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "PromptNotTokenized" and "no tokenizer" in ready["message"], ready
+    assert bed.operator.poll() is None   # still running
