@@ -255,6 +255,9 @@ class Failover(_Model):
     rpc_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     lease_timeout_seconds: int = Field(default=15, ge=1, le=3600)
     backup_selector: LabelSelector | None = None
+    warm_backups: bool = Field(default=True, description=(
+        "Each stage's likely backup loads the stage's layers when the session starts, so that a "
+        "failover only replays the stage's inputs; costs that node the memory of those layers."))
 
 
 class InferenceSessionSpec(_Model):

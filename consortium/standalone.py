@@ -284,7 +284,9 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
                 "completed": bool(killed) and fo is not None and len(dist.tokens) > 0,
                 "spike_ms": round(spike, 3) if spike is not None else None,
                 "failover_ms": fo["ms"] if fo else None, "replayed_rows": fo["replayed_rows"] if fo else None,
-                "backup_node": fo["to"] if fo else None, "events": st.failovers}
+                "backup_node": fo["to"] if fo else None,
+                "backup_had_layers": fo.get("backup_had_layers") if fo else None,
+                "prepared": list(driver.prepared), "events": st.failovers}
     nodes = {}
     for n, h in health.items():
         nodes[n] = {"node_id": h.node_id, "role": ROLES[n], "backend": h.backend,

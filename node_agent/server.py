@@ -82,21 +82,8 @@ class Engines:
     def acquire(self, path: Path, layers: LayerRange, n_layers_total: int, *, model_path: str | None = None,
                 fault: faults.Fault | None = None) -> tuple[Stage, int]:
         """A sequence slot of the stage for `path`; with a fault, of a cheating stage for the same layers."""
-        key = str(path) if fault is None else f"{path}#{fault.name}"
         with self._lock:
-            if key not in self._stages:
-                cfg = StageConfig(threads=self.config.threads, n_ctx=self.config.n_ctx,
-                                  n_seq_max=self.config.n_seq_max, repack=self.config.repack)
-                if fault is None:
-                    stage = Stage(path, layers, n_layers_total, cfg)
-                else:
-                    try:
-                        stage = faults.CheatingStage(fault, model_path, layers, n_layers_total, cfg)
-                    except ValueError as e:   # e.g. skip-layer on a stage of fewer than 3 layers
-                        raise _bad(f"fault {fault.name}: {e}") from e
-                self._stages[key] = stage
-                self._keys[id(stage)] = key
-                self._free[key] = list(range(self.config.n_seq_max))
+            key, _ = self._loaded(path, layers, n_layers_total, model_path, fault)
             if not self._free[key]:
                 raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"all {self.config.n_seq_max} sequence slots of layers {layers} are in use")
@@ -104,6 +91,35 @@ class Engines:
         stage = self._stages[key]
         stage.clear(seq)
         return stage, seq
+
+    def is_loaded(self, path: Path, fault: faults.Fault | None = None) -> bool:
+        with self._lock:
+            return (str(path) if fault is None else f"{path}#{fault.name}") in self._stages
+
+    def prepare(self, path: Path, layers: LayerRange, n_layers_total: int, *, model_path: str | None = None,
+                fault: faults.Fault | None = None) -> bool:
+        """Load the stage for `path` unless it is loaded, taking no slot; True if it was loaded now."""
+        with self._lock:
+            return self._loaded(path, layers, n_layers_total, model_path, fault)[1]
+
+    def _loaded(self, path, layers, n_layers_total, model_path, fault) -> tuple[str, bool]:
+        """The key of the stage for `path`, loaded now if it was not (True then). Under the lock."""
+        key = str(path) if fault is None else f"{path}#{fault.name}"
+        if key in self._stages:
+            return key, False
+        cfg = StageConfig(threads=self.config.threads, n_ctx=self.config.n_ctx,
+                          n_seq_max=self.config.n_seq_max, repack=self.config.repack)
+        if fault is None:
+            stage = Stage(path, layers, n_layers_total, cfg)
+        else:
+            try:
+                stage = faults.CheatingStage(fault, model_path, layers, n_layers_total, cfg)
+            except ValueError as e:   # e.g. skip-layer on a stage of fewer than 3 layers
+                raise _bad(f"fault {fault.name}: {e}") from e
+        self._stages[key] = stage
+        self._keys[id(stage)] = key
+        self._free[key] = list(range(self.config.n_seq_max))
+        return key, True
 
     def release(self, stage: Stage, seq: int) -> None:
         stage.drop(seq)   # an idle slot holds no KV cache
@@ -324,6 +340,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         if old is not None and epoch < old.epoch:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"stale epoch {epoch}: this node serves epoch {old.epoch}")
         path, info = self._stage_path(req.model_path, req.model_sha256, layers)
+        found = self.engines.is_loaded(path, self.fault)
         engine, seq = self.engines.acquire(path, layers, info.n_layers, model_path=req.model_path, fault=self.fault)
         signer = receipts.WindowSigner(self.identity.private_key, session=session, stage=stage_index,
                                        node_id=self.identity.node_id, epoch=epoch, grid=grid, window=window)
@@ -339,7 +356,19 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                     backend=self.backend, n_embd=engine.n_embd, n_vocab=engine.n_vocab,
                                     n_layers_total=info.n_layers, load_ms=(time.perf_counter() - t0) * 1000,
                                     commit_domain=canonical.ROW_DOMAIN.decode(),
-                                    data_port=self.data_port)
+                                    data_port=self.data_port, found_loaded=found)
+
+    def Prepare(self, request, context):
+        return self._handle(context, self._prepare, request)
+
+    def _prepare(self, req: pb.PrepareRequest) -> pb.PrepareResponse:
+        """Load a stage's layers as a likely backup, with no assignment: nothing is served from them
+        until a LoadStage of a session's stage finds them loaded."""
+        layers = self._layers(req.first_layer, req.last_layer)
+        t0 = time.perf_counter()
+        path, info = self._stage_path(req.model_path, req.model_sha256, layers)
+        loaded = self.engines.prepare(path, layers, info.n_layers, model_path=req.model_path, fault=self.fault)
+        return pb.PrepareResponse(load_ms=(time.perf_counter() - t0) * 1000 if loaded else 0.0)
 
     def Fence(self, request, context):
         return self._handle(context, self._fence, request)

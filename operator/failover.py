@@ -39,10 +39,7 @@ class KubePolicy:
                    type_="Warning")
         self.set_condition("StageFailover", True, "StageLost", f"stage {stage} lost {failed} (epoch {epoch})",
                            phase="Failover")
-        usable = self._usable(candidates)
-        by_backup = [n for n in usable if placement.matches(self.spec.failover.backup_selector, n.labels)]
-        by_stage = [n for n in usable if placement.matches(self.spec.stages[stage].node_selector, n.labels)]
-        pool = by_backup or by_stage
+        pool, by_backup = self._backup_pool(stage, candidates)
         if not pool:
             msg = (f"no backup for stage {stage}: none of {list(candidates)} is usable and matches the backup "
                    f"selector or the stage's selector")
@@ -58,6 +55,19 @@ class KubePolicy:
                    f"({'backupSelector' if by_backup else 'stage nodeSelector'})")
         self.decisions.append({"stage": stage, "from": failed, "to": chosen, "epoch": epoch})
         return chosen
+
+    def _backup_pool(self, stage: int, candidates: Sequence[str]) -> tuple[list[placement.NodeView], bool]:
+        """The usable candidates a backup of `stage` is chosen from, best first, and whether the
+        backup selector (rather than the stage's own selector) gave them."""
+        usable = self._usable(candidates)
+        by_backup = [n for n in usable if placement.matches(self.spec.failover.backup_selector, n.labels)]
+        by_stage = [n for n in usable if placement.matches(self.spec.stages[stage].node_selector, n.labels)]
+        return by_backup or by_stage, bool(by_backup)
+
+    def likely_backup(self, stage: int, serving: str, candidates: Sequence[str]) -> str | None:
+        """The node choose_backup would pick now, without its events and StageAssignment."""
+        pool, _ = self._backup_pool(stage, [c for c in candidates if c != serving])
+        return pool[0].name if pool else None
 
     def choose_verifier(self, stage: int, worker: str, candidates: Sequence[str]) -> str:
         sel = self.spec.audit.verifier_selector

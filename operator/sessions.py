@@ -172,6 +172,7 @@ class SessionRun:
                                rpc_timeout_s=spec.failover.rpc_timeout_seconds, tls=AGENT_TLS,
                                receipt_window=spec.receipt_window, sign_per_window=spec.signing == "PerWindow",
                                audit_from_state=spec.audit.from_window_states,
+                               warm_backups=spec.failover.warm_backups,
                                registered_keys={n: v.public_key for n, v in views.items() if v.public_key},
                                proof_key=PROOF_KEY and PROOF_KEY.private_key, proof_signer="consortium-operator")
         policy.driver = driver
@@ -242,6 +243,7 @@ class SessionRun:
                           report={"driverState": saved, "stopped": result.stopped,
                                   "counters": {n: [list(x) for x in rows] for n, rows in counters.items()},
                                   "rpc": driver.rpc.summary(),
+                                  "warmBackups": list(driver.prepared),   # backups that loaded a stage ahead
                                   # [position, rows, step ms, failover] of each step this run drove
                                   "steps": [[x.position, x.rows, round(x.wall_ms, 3), x.failover]
                                             for x in driver.steps]})
@@ -269,6 +271,7 @@ class SessionRun:
             if v.public_key:
                 driver.public_keys[n] = v.public_key
         driver._auditor.start()
+        driver.start_warming()
         receipts.recover_open_windows(driver, written)   # before Truncate drops commitments past the saved positions
         for s, node in enumerate(list(st.nodes)):
             try:

@@ -59,6 +59,7 @@ class Settings:
     failover_kill_at: int = 20
     failover_contexts: tuple[int, ...] = (64, 192)   # kill at these tokens too (longer replay)
     failover_context_runs: int = 2
+    warm_backups: bool = True      # the failover runs' backup loads the stage when the session starts
     concurrent: tuple[int, ...] = (2, 4)
     rpc: bool = True
     distance: bool = True
@@ -76,7 +77,7 @@ class Session:
     def __init__(self, agents_endpoints: dict[str, str], model: str, info, split, sha: str, prompt_ids: list[int],
                  name: str, audit: float, rpc_timeout_s: float = 30.0, tls=None,
                  registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 1,
-                 sign_per_window: bool = False, audit_from_state: bool = False):
+                 sign_per_window: bool = False, audit_from_state: bool = False, warm_backups: bool = False):
         from consortium.driver.policy import LocalPolicy
         from consortium.driver.session import SessionDriver
         from consortium.driver.state import SessionState
@@ -87,7 +88,8 @@ class Session:
                                     model_sha256=sha, endpoints=agents_endpoints, state=state,
                                     policy=LocalPolicy(list(standalone.NODES)), rpc_timeout_s=rpc_timeout_s,
                                     tls=tls, registered_keys=registered_keys, audit_replay_rows=audit_replay_rows,
-                                    sign_per_window=sign_per_window, audit_from_state=audit_from_state)
+                                    sign_per_window=sign_per_window, audit_from_state=audit_from_state,
+                                    warm_backups=warm_backups)
         self.driver.start()
         self.prompt_ids = prompt_ids
 
@@ -122,11 +124,14 @@ class Bench:
         return _BenchAgents(Path(tempfile.mkdtemp(prefix="consortium-bench-")), self.opts, None, netns=netns)
 
     def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None,
-                replay_rows=1, sign_per_window=False, from_state=False) -> Session:
-        """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies)."""
+                replay_rows=1, sign_per_window=False, from_state=False, warm_backups=False) -> Session:
+        """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies).
+        Backups load ahead only where asked (the failover runs): elsewhere the loads would land in
+        the speed rounds."""
         return Session(endpoints or agents.endpoints, self.model, self.info, self.split, self.sha,
                        prompt or self.prompt, name, audit, tls=agents.driver_tls, registered_keys=agents.public_keys,
-                       audit_replay_rows=replay_rows, sign_per_window=sign_per_window, audit_from_state=from_state)
+                       audit_replay_rows=replay_rows, sign_per_window=sign_per_window, audit_from_state=from_state,
+                       warm_backups=warm_backups)
 
     # -- speed: single node, split in process, agents on loopback; audits' cost ------------------
 
@@ -290,7 +295,7 @@ class Bench:
         agents = self.agents()
         sess = None
         try:
-            sess = self.session(agents, "failover", 0.0, prompt=self.short_prompt)
+            sess = self.session(agents, "failover", 0.0, prompt=self.short_prompt, warm_backups=self.s.warm_backups)
             d = sess.driver
             kill_node = standalone.PLACEMENT[1]
             kill_position = len(self.short_prompt) + kill_at - 1

@@ -98,8 +98,10 @@ def summary(res: dict) -> str:
                      f"{'<= 0.3' if p == '20' else ''} |")
         lines.append(f"| {what}: wall time added per token | {_pct(a['added_share'])} | |")
     fo = res["failover"]
+    warm = "the backup loaded the stage ahead" if res['settings'].get('warm_backups', True) else \
+        "the backup loading the stage then (--cold-backups)"
     lines += [f"| failover spike, stage 1 killed at token {res['settings']['failover_kill_at']} "
-              f"({fo['spike_ms']['n']} runs) | median {_f(fo['spike_ms']['median'], '{:.0f}')} ms, worst "
+              f"({fo['spike_ms']['n']} runs, {warm}) | median {_f(fo['spike_ms']['median'], '{:.0f}')} ms, worst "
               f"{_f(fo['spike_ms']['max'], '{:.0f}')} ms | < 1000 ms |"]
     for g in fo["by_context"]:
         lines.append(f"| failover at token {g['kill_at_token']} ({g['context_replayed']} rows replayed) | "

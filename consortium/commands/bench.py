@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--failover-contexts", default="64,192",
                    help="also kill at these tokens (longer replay), comma-separated; empty for none")
     a.add_argument("--failover-context-runs", type=int, default=2, help="runs per extra kill token")
+    a.add_argument("--cold-backups", action="store_true",
+                   help="failover runs without the backup loading the stage ahead (the driver's warm_backups off)")
     a.add_argument("--concurrent", default="2,4", help="numbers of sessions run at once, comma-separated")
     a.add_argument("--audit-replay-rows", type=int, default=32, metavar="N",
                    help="also run 20%% audits replaying decode steps N rows at a time (1: not)")
@@ -136,6 +138,7 @@ def _anchors(args: argparse.Namespace, log) -> int:
                        failover_runs=args.failover_runs,
                        failover_contexts=_numbers(args.failover_contexts, "failover-contexts", int),
                        failover_context_runs=args.failover_context_runs, concurrent=concurrent,
+                       warm_backups=not args.cold_backups,
                        audit_replay_rows=args.audit_replay_rows,
                        rpc=not args.no_rpc, distance=not args.no_distance, memory=not args.no_memory)
     res = bench.run(s, log)

@@ -16,6 +16,10 @@ class Policy(Protocol):
     def choose_verifier(self, stage: int, worker: str, candidates: Sequence[str]) -> str:
         """A node (not the worker) to recompute an audited unit of `stage`."""
 
+    # Optional: likely_backup(stage, serving, candidates) -> str | None, the node choose_backup would
+    # most likely pick if `serving` failed now, decided without side effects. The driver has it load
+    # the stage's layers ahead (SessionDriver warm_backups).
+
 
 class NoCandidate(RuntimeError):
     pass
@@ -36,6 +40,12 @@ class LocalPolicy:
 
     def choose_backup(self, stage, failed, candidates):
         return self._first(candidates, failed)
+
+    def likely_backup(self, stage, serving, candidates):
+        try:
+            return self._first(candidates, serving)
+        except NoCandidate:
+            return None
 
     def choose_verifier(self, stage, worker, candidates):
         return self._first(candidates, worker)

@@ -145,11 +145,13 @@ class SessionDriver:
                  tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True,
                  sign_per_window: bool = False, receipt_window: int = receipts.DEFAULT_WINDOW,
                  proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
-                 audit_replay_rows: int = 1, audit_from_state: bool = False):
+                 audit_replay_rows: int = 1, audit_from_state: bool = False, warm_backups: bool = True):
         if audit_replay_rows < 1:
             raise ValueError(f"audit_replay_rows must be >= 1, got {audit_replay_rows}")
         if receipt_window < 1:
             raise ValueError(f"receipt_window must be >= 1, got {receipt_window}")
+        self.warm_backups = warm_backups
+        self.prepared: list[dict] = []   # likely backups that loaded a stage ahead: stage, node, load_ms
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
         self.split, self.n_layers = list(split), n_layers
         self.n_stages = len(self.split)
@@ -230,7 +232,7 @@ class SessionDriver:
         return pb.StageRef(session=self.session, stage=stage,
                            epoch=self.state.epochs[stage] if epoch is None else epoch)
 
-    def _load(self, node: str, stage: int) -> None:
+    def _load(self, node: str, stage: int) -> pb.LoadStageResponse:
         r = self.split[stage]
         resp = self.clients[node].call("LoadStage", pb.LoadStageRequest(
             ref=self._ref(stage), model_path=self.model_path, model_sha256=self.model_sha256,
@@ -248,11 +250,39 @@ class SessionDriver:
                               f"({registered[:12]}...): refused")
         self.public_keys[node] = registered or resp.public_key
         self.node_ids[node] = resp.node_id   # the id it signs with (state statements name it)
+        return resp
 
     def start(self) -> None:
         for s, node in enumerate(self.state.nodes):
             self._load(node, s)
         self._auditor.start()
+        self.start_warming()
+
+    def start_warming(self) -> None:
+        """With warm_backups, have each stage's likely backup (the policy's `likely_backup`) load the
+        stage's layers now, in the background: a failover then finds them in memory and costs only
+        the replay. What each did is in `prepared`."""
+        likely = getattr(self.policy, "likely_backup", None)
+        if self.warm_backups and likely is not None:
+            threading.Thread(target=self._warm, args=(likely,), name="warm-backups", daemon=True).start()
+
+    def _warm(self, likely) -> None:
+        for s, r in enumerate(self.split):
+            if self._stop.is_set():
+                return
+            node = self.state.nodes[s]
+            try:
+                backup = likely(s, node, [n for n in self.alive() if n != node])
+                if backup is None:
+                    continue
+                resp = self.clients[backup].call("Prepare", pb.PrepareRequest(
+                    model_path=self.model_path, model_sha256=self.model_sha256, first_layer=r.first,
+                    last_layer=r.last), timeout=self.load_timeout_s)
+                self.prepared.append({"stage": s, "node": backup, "load_ms": round(resp.load_ms, 3)})
+            except grpc.RpcError as e:   # only a failover's load gets slower
+                log.info("stage %d: its likely backup did not load it ahead: %s %s", s, e.code().name, e.details())
+            except Exception:
+                log.exception("stage %d: choosing or readying its likely backup failed", s)
 
     def alive(self) -> list[str]:
         return [n for n in self.clients if n not in self.dead and n not in self.state.quarantined]
@@ -518,7 +548,7 @@ class SessionDriver:
             backup = self.policy.choose_backup(s, old, candidates)
             tried.add(backup)
             try:
-                self._load(backup, s)
+                loaded = self._load(backup, s)
                 replayed = self._rebuild(s, backup, upto)
                 break
             except RefusedAgent as e:
@@ -530,6 +560,7 @@ class SessionDriver:
         st.nodes[s] = backup
         event = {"stage": s, "from": old, "to": backup, "epoch": st.epochs[s], "at_position": upto,
                  "at_token": max(0, upto - len(st.prompt_tokens) + 1), "replayed_rows": replayed,
+                 "backup_load_ms": round(loaded.load_ms, 3), "backup_had_layers": loaded.found_loaded,
                  "ms": round((time.perf_counter() - t0) * 1000, 3), "reason": reason}
         if unsigned:
             event["unsigned_rows"] = self._judge_unsigned(s, old, backup, unsigned)

@@ -39,6 +39,11 @@ class NodeAgentStub:
                 request_serializer=consortium_dot_v1_dot_agent__pb2.LoadStageRequest.SerializeToString,
                 response_deserializer=consortium_dot_v1_dot_agent__pb2.LoadStageResponse.FromString,
                 _registered_method=True)
+        self.Prepare = channel.unary_unary(
+                '/consortium.v1.NodeAgent/Prepare',
+                request_serializer=consortium_dot_v1_dot_agent__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=consortium_dot_v1_dot_agent__pb2.PrepareResponse.FromString,
+                _registered_method=True)
         self.Forward = channel.unary_unary(
                 '/consortium.v1.NodeAgent/Forward',
                 request_serializer=consortium_dot_v1_dot_agent__pb2.ForwardRequest.SerializeToString,
@@ -100,6 +105,12 @@ class NodeAgentServicer:
     """Missing associated documentation comment in .proto file."""
 
     def LoadStage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prepare(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +190,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.LoadStage,
                     request_deserializer=consortium_dot_v1_dot_agent__pb2.LoadStageRequest.FromString,
                     response_serializer=consortium_dot_v1_dot_agent__pb2.LoadStageResponse.SerializeToString,
+            ),
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=consortium_dot_v1_dot_agent__pb2.PrepareRequest.FromString,
+                    response_serializer=consortium_dot_v1_dot_agent__pb2.PrepareResponse.SerializeToString,
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
@@ -263,6 +279,33 @@ class NodeAgent:
             '/consortium.v1.NodeAgent/LoadStage',
             consortium_dot_v1_dot_agent__pb2.LoadStageRequest.SerializeToString,
             consortium_dot_v1_dot_agent__pb2.LoadStageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.v1.NodeAgent/Prepare',
+            consortium_dot_v1_dot_agent__pb2.PrepareRequest.SerializeToString,
+            consortium_dot_v1_dot_agent__pb2.PrepareResponse.FromString,
             options,
             channel_credentials,
             insecure,

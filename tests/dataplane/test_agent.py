@@ -355,3 +355,22 @@ def test_window_states_are_signed_kept_served_and_audited_from(agent, model_path
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "without window_states" in e.value.details()
     for session in ("ws", "nows"):
         service.release_session(session)
+
+
+def test_prepare_loads_a_stage_ahead_that_a_later_load_stage_finds(agent, model_path):
+    """A likely backup loads layers with Prepare and holds no assignment; LoadStage then finds them."""
+    stub, service, _ = agent
+    prep = pb.PrepareRequest(model_path=model_path, first_layer=3, last_layer=7)   # no other test's range
+    assert stub.Prepare(prep).load_ms > 0
+    assert stub.Prepare(prep).load_ms == 0   # loaded already
+    assert not any(k[0] == "prep" for k in service._assignments)
+    with pytest.raises(grpc.RpcError) as e:   # nothing is served from prepared layers
+        stub.Forward(pb.ForwardRequest(ref=ref("prep", 0), position=0, tokens=PROMPT))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown session" in e.value.details()
+    r = stub.LoadStage(pb.LoadStageRequest(ref=ref("prep", 0), model_path=model_path, first_layer=3, last_layer=7))
+    assert r.found_loaded
+    fresh = stub.LoadStage(pb.LoadStageRequest(ref=ref("prep", 1), model_path=model_path, first_layer=4, last_layer=7))
+    assert not fresh.found_loaded
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Prepare(pb.PrepareRequest(model_path=model_path, model_sha256="0" * 64, first_layer=3, last_layer=7))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sha256" in e.value.details()

@@ -35,6 +35,8 @@ def test_kill_stage_1(kill_at, tmp_path):
     assert r["counters"][1]["replayed_rows"] == expected_replay
     assert r["success"]
     if kill_at == 20:
+        # N0, the backup, loaded stage 1's layers when the session started (warm backups).
+        assert any(p["stage"] == 1 and p["node"] == "N0" for p in f["prepared"]), f["prepared"]
         assert {p.name for p in tmp_path.iterdir()} >= {"report.json", "summary.md", "latency.png", "agents"}
         # The agents' logs land in the report folder; their temporary folder is gone.
         assert r["agent_logs"] == str(tmp_path / "agents")

@@ -100,6 +100,9 @@ def test_failover_in_conditions_and_events(completed, bed):
     drv = s["status"]["report"]["driverState"]
     assert [(f["stage"], f["from"], f["to"]) for f in drv["failovers"]] == [(1, victim, "n0")]
     assert drv["quarantined"] == []
+    # n0, the backup, loaded stage 1's layers when the session started, and the failover found them.
+    assert any(p["stage"] == 1 and p["node"] == "n0" for p in s["status"]["report"]["warmBackups"])
+    assert drv["failovers"][0]["backup_had_layers"] is True
 
 
 def test_audits_from_window_states_through_the_operator(bed, baseline):
