@@ -257,7 +257,8 @@ class Failover(_Model):
     backup_selector: LabelSelector | None = None
     warm_backups: bool = Field(default=True, description=(
         "Each stage's likely backup loads the stage's layers when the session starts, so that a "
-        "failover only replays the stage's inputs; costs that node the memory of those layers."))
+        "failover only replays the stage's inputs; costs that node the memory of those layers for the "
+        "whole session (skipped where its ComputeNode's memoryBytes cannot hold them)."))
 
 
 class InferenceSessionSpec(_Model):

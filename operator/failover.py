@@ -28,6 +28,8 @@ class KubePolicy:
         self.set_condition = set_condition
         self.driver = None  # set once the driver exists: the new epoch is read from its state
         self.decisions: list[dict] = []
+        self.stage_bytes: list[int] = []   # each stage's share of the weights, when known
+        self._warmed: dict[str, int] = {}  # node -> bytes of stages it was asked to load ahead
 
     def _usable(self, candidates: Sequence[str]) -> list[placement.NodeView]:
         views = {n.name: n for n in placement.node_views(self.agent_namespace)}
@@ -65,9 +67,23 @@ class KubePolicy:
         return by_backup or by_stage, bool(by_backup)
 
     def likely_backup(self, stage: int, serving: str, candidates: Sequence[str]) -> str | None:
-        """The node choose_backup would pick now, without its events and StageAssignment."""
+        """The node choose_backup would pick now, without its events and StageAssignment; None when
+        its declared memory (ComputeNode memoryBytes) cannot also hold this stage beside the stages
+        it serves and those it loads ahead already: layers held ahead stay for the whole session."""
         pool, _ = self._backup_pool(stage, [c for c in candidates if c != serving])
-        return pool[0].name if pool else None
+        if not pool:
+            return None
+        node = pool[0]
+        if node.memory_bytes and self.stage_bytes and self.driver is not None:
+            serving_bytes = sum(b for b, n in zip(self.stage_bytes, self.driver.state.nodes) if n == node.name)
+            held = serving_bytes + self._warmed.get(node.name, 0) + self.stage_bytes[stage]
+            if held > node.memory_bytes:
+                log.info("stage %d: %s would hold %d MiB with it loaded ahead, over its %d MiB: not loaded ahead",
+                         stage, node.name, held >> 20, node.memory_bytes >> 20)
+                return None
+        if self.stage_bytes:
+            self._warmed[node.name] = self._warmed.get(node.name, 0) + self.stage_bytes[stage]
+        return node.name
 
     def choose_verifier(self, stage: int, worker: str, candidates: Sequence[str]) -> str:
         sel = self.spec.audit.verifier_selector

@@ -162,6 +162,7 @@ class SessionRun:
         endpoints = {n.name: n.endpoint for n in views.values()
                      if n.why_not() is None or n.name in state.nodes and not n.quarantined and n.approved}
         policy = failover.KubePolicy(self.body, spec, agent_namespace(), self.set_condition)
+        policy.stage_bytes = need
         grid = CanonicalGrid(dtype=spec.canonical_grid.dtype, grid=spec.canonical_grid.grid,
                              clamp=spec.canonical_grid.clamp)
         # The id its windows are signed under, as saved: a session resumed keeps the one it began with.
