@@ -1,5 +1,5 @@
 """Placement refuses nodes a person has not approved: a freshly registered ComputeNode gets no stage."""
-import dataclasses
+import pytest
 
 from consortium import resources as r
 from consortium_operator import placement
@@ -21,26 +21,50 @@ def test_unapproved_node_gets_no_stage_until_approved():
     assert sorted(chosen) == ["fresh", "old"]
 
 
-def test_a_backup_loads_stages_ahead_only_while_its_memory_holds_them():
-    """KubePolicy.likely_backup: the backup a failover would pick, unless the layers it would hold
-    ahead, beside the stages it serves, pass the memory its ComputeNode declares."""
-    import types
 
-    from consortium import testbed
+@pytest.mark.k8s
+def test_a_backup_loads_stages_ahead_only_while_its_memory_holds_them(cluster):
+    """KubePolicy.likely_backup: the backup a failover would pick, unless the layers it would hold
+    ahead, beside the stages it serves, pass the memory its ComputeNode declares. The ComputeNodes
+    are in a real API server, labeled for this test's backup selector alone."""
+    import json
+    import types
+    from pathlib import Path
+
+    from kubernetes import client, config
+
+    from consortium import kube, testbed
     from consortium_operator import failover
 
-    spec = r.InferenceSessionSpec.model_validate(testbed.sky_is_blue(8)["spec"])
-    n0 = dataclasses.replace(view("n0", True), memory_bytes=250, labels=dict(testbed.NODE_LABELS["n0"]))
-    others = [dataclasses.replace(view(n, True), labels=dict(testbed.NODE_LABELS[n])) for n in ("n1", "n2")]
+    root = Path(__file__).resolve().parents[2]
+    cluster.kubectl("apply", "-f", str(root / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/computenodes.{r.GROUP}")
+    pool = {"consortium.io/test-pool": "memory"}
+    names = {"mem-0": 250, "mem-1": 0, "mem-2": 0}   # 0: memory not declared
 
-    class Policy(failover.KubePolicy):   # the ComputeNodes as the API would list them
-        def _usable(self, candidates):
-            return [v for v in [n0, *others] if v.name in candidates]
+    def node(name: str, memory: int) -> None:
+        spec = {"endpoint": "10.0.0.1:50051", "publicKey": view(name, True).public_key,
+                "labels": pool, "approved": True, **({"memoryBytes": memory} if memory else {})}
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(
+            {"apiVersion": r.API_VERSION, "kind": "ComputeNode", "metadata": {"name": name}, "spec": spec}))
+        kube.api().patch_cluster_custom_object_status(r.GROUP, r.VERSION, "computenodes", name, {"status": {
+            "conditions": kube.with_condition([], "Ready", True, "Test")}})
 
-    p = Policy({"metadata": {"name": "s", "namespace": "ns"}}, spec, None, lambda *a, **k: None)
-    p.driver = types.SimpleNamespace(state=types.SimpleNamespace(nodes=["n1", "n2", "n0"]))
-    p.stage_bytes = [100, 100, 100]   # n0 serves stage 2: 100 of its 250
-    assert p.likely_backup(0, "n1", ["n0", "n2"]) == "n0"   # 200
-    assert p.likely_backup(1, "n2", ["n0", "n1"]) is None   # 300 > 250: not loaded ahead
-    n0 = dataclasses.replace(n0, memory_bytes=0)             # memory not declared: no limit known
-    assert p.likely_backup(1, "n2", ["n0", "n1"]) == "n0"
+    old = client.Configuration.get_default_copy()
+    config.load_kube_config(config_file=cluster.kubeconfig)
+    try:
+        for name, memory in names.items():
+            node(name, memory)
+        body = testbed.sky_is_blue(8)
+        body["spec"]["failover"] = {"backupSelector": {"matchLabels": pool}}
+        spec = r.InferenceSessionSpec.model_validate(body["spec"])
+        p = failover.KubePolicy({"metadata": {"name": "s", "namespace": "ns"}}, spec, None, lambda *a, **k: None)
+        p.driver = types.SimpleNamespace(state=types.SimpleNamespace(nodes=["mem-1", "mem-2", "mem-0"]))
+        p.stage_bytes = [100, 100, 100]   # mem-0 serves stage 2: 100 of its 250
+        assert p.likely_backup(0, "mem-1", ["mem-0", "mem-2"]) == "mem-0"   # 200
+        assert p.likely_backup(1, "mem-2", ["mem-0", "mem-1"]) is None      # 300 > 250: not loaded ahead
+        node("mem-0", 0)                                                     # memory no longer declared
+        assert p.likely_backup(1, "mem-2", ["mem-0", "mem-1"]) == "mem-0"
+    finally:
+        cluster.kubectl("delete", "computenode", *names, "--ignore-not-found", check=False)
+        client.Configuration.set_default(old)
