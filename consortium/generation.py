@@ -26,6 +26,10 @@ class Pipeline(Protocol):
     def stage_ms(self) -> list[float]:
         """Milliseconds each stage spent in the last forward call."""
 
+    # Optional: forward_token(seq, position, tokens, sampling) -> the token sampled at
+    # position + len(tokens), where the pipeline samples it itself (the session driver asks the
+    # final stage's node); generate() then uses it instead of forward() and sample().
+
 
 @dataclasses.dataclass
 class GenerationResult:
@@ -96,6 +100,7 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
     # A pipeline that audits (the session driver) may ask to regenerate from an earlier position
     # after a rollback; it is asked after every token and, waiting for its audits, at the end.
     rewind = getattr(pipeline, "rewind_position", None)
+    forward_token = getattr(pipeline, "forward_token", None)
     rewinds = 0
     while True:
         if len(tokens) >= max_tokens or stopped == "end_of_generation":
@@ -104,9 +109,13 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
                 break
         else:
             t0 = time.perf_counter()
-            logits = pipeline.forward(seq, position, feed)
-            position += len(feed)
-            token = sample(logits, position, sampling)  # position: where the new token will sit
+            if forward_token is not None:
+                token = forward_token(seq, position, feed, sampling)
+                position += len(feed)
+            else:
+                logits = pipeline.forward(seq, position, feed)
+                position += len(feed)
+                token = sample(logits, position, sampling)  # position: where the new token will sit
             dt = (time.perf_counter() - t0) * 1000.0
             if not tokens:
                 prefill_ms = dt

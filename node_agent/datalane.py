@@ -108,8 +108,9 @@ class DataLane:
         if n > MAX_MESSAGE_BYTES:
             conn.sendall(self.service.lane_oversized(n))
             return False
-        frame, jobs = self.service.lane_step(lane.recv_exact(conn, n))
-        conn.sendall(frame)
+        frames, jobs = self.service.lane_step(lane.recv_exact(conn, n))
+        for frame in frames:   # a sampled token's logit row is made once the token is out
+            conn.sendall(frame() if callable(frame) else frame)
         for job in jobs:   # the response is out: its commit-and-sign job may start
             job.start()
         return True

@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError
 from consortium import priority, wire
 from consortium.layers import LayerRange
 from consortium.resources import MAX_WINDOW
+from consortium.sampling import SamplingParams, sample
 from consortium.verification import canonical, proofs, receipts
 from consortium.verification.canonical import CanonicalGrid
 from consortium.wire import lane, pb
@@ -53,6 +54,15 @@ class Refused(Exception):
 
 def _bad(msg: str) -> Refused:
     return Refused(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+def _sample(logits: np.ndarray, position: int, params: SamplingParams) -> int | None:
+    """The token the driver would sample from this row, or None where it cannot be sampled (logits
+    that are not finite): the driver then samples from the row itself and says why it cannot."""
+    try:
+        return sample(logits, position, params)
+    except ValueError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,25 +461,37 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         return lane.error_frame(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"a request of {n} bytes is over the limit of {wire.MAX_MESSAGE_BYTES}")
 
-    def lane_step(self, body: bytes | bytearray) -> tuple[bytes, list[DeferredJob]]:
-        """One lane request's answer frame, and the jobs to start once it has gone out."""
+    def lane_step(self, body: bytes | bytearray) -> tuple[list, list[DeferredJob]]:
+        """One lane request's answer frames, in order (bytes, or a callable making them once the
+        frames before it are out), and the jobs to start once they have all gone out."""
         self.count_request()
         sent: list[DeferredJob] = []
+        row: list[np.ndarray] = []
         try:
-            response = self.run(self._lane_forward, body, sent.append)
+            response = self.run(self._lane_forward, body, sent.append, row)
         except Refused as e:
-            return lane.error_frame(e.code, str(e)), []
+            return [lane.error_frame(e.code, str(e))], []
         except Exception as e:   # a bug of ours: gRPC would answer UNKNOWN and go on serving, so does the lane
             log.exception("a data lane step failed")
-            return lane.error_frame(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}"), []
-        return lane.response_frame(response.SerializeToString()), sent
+            return [lane.error_frame(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}")], []
+        if not row:
+            return [lane.response_frame(response.SerializeToString())], sent
+        # A sampled token goes out alone; the logit row it came from (196 KB to 1 MB) follows while
+        # the driver already feeds the token to stage 0.
+        head = pb.ForwardResponse(output_position=response.output_position, compute_ms=response.compute_ms,
+                                  cpu_ms=response.cpu_ms, token=response.token, row_follows=True)
 
-    def _lane_forward(self, body: bytes | bytearray, when_sent) -> pb.ForwardResponse:
+        def whole() -> bytes:
+            wire.put_tensor(response.output, row[0])
+            return lane.response_frame(response.SerializeToString())
+        return [lane.response_frame(head.SerializeToString()), whole], sent
+
+    def _lane_forward(self, body: bytes | bytearray, when_sent, row_later: list) -> pb.ForwardResponse:
         try:
             request = pb.ForwardRequest.FromString(body)
         except DecodeError as e:
             raise _bad(f"not a ForwardRequest: {e}") from None
-        return self._forward(request, True, when_sent)
+        return self._forward(request, True, when_sent, row_later)
 
     def Replay(self, request, context):
         return self._handle(context, self._forward, request, False)
@@ -492,11 +514,18 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             raise _bad("hidden states contain NaN or Inf")
         return None, h
 
-    def _forward(self, req: pb.ForwardRequest, send: bool, when_sent=DeferredJob.start):
+    def _forward(self, req: pb.ForwardRequest, send: bool, when_sent=DeferredJob.start, row_later: list | None = None):
         """One forward step (send: Forward, its output rows in the response) or a replay of one or
         more of the original run's batches (Replay). `when_sent(job)` arranges for a deferred step's
-        job to start once its response has gone out."""
+        job to start once its response has gone out. `row_later` (the data lane): a sampled token's
+        logit row is appended there instead of written into the response."""
         a = self._assignment(req.ref)
+        sampling = None
+        if req.HasField("sample"):
+            if not (send and a.is_last):
+                raise _bad("sample is for a Forward step of the final stage")
+            # Checked before the step: a refusal after it would leave the KV a row ahead of the driver.
+            sampling = SamplingParams(req.sample.temperature, req.sample.top_p, req.sample.seed)
         tokens, hidden = self._inputs(a.is_first, a.engine.n_embd, list(req.tokens), req.hidden,
                                       req.HasField("hidden"))
         x = tokens if tokens is not None else hidden
@@ -568,7 +597,13 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                      cpu_ms=cpu_ms, states=states)
         resp = pb.ForwardResponse(output_position=first_out, commitments=commitments, windows=wins,
                                   compute_ms=compute_ms, earlier=earlier, cpu_ms=cpu_ms, states=states)
-        wire.put_tensor(resp.output, out)
+        token = _sample(out[-1], req.position + n, sampling) if sampling is not None else None
+        if token is not None:
+            resp.token = token
+        if token is not None and row_later is not None:
+            row_later.append(out)
+        else:
+            wire.put_tensor(resp.output, out)
         return resp
 
     def _close_states(self, a: Assignment, first: int, n: int) -> list[pb.SignedState]:

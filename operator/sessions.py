@@ -339,10 +339,17 @@ class _Guarded:
         self.n_stages = driver.n_stages
 
     def forward(self, seq, position, tokens):
+        self._check()
+        return self.driver.forward(seq, position, tokens)
+
+    def forward_token(self, seq, position, tokens, sampling):
+        self._check()
+        return self.driver.forward_token(seq, position, tokens, sampling)
+
+    def _check(self):
         if self.stopped:
             raise Interrupted()
         self.leases.check(self.driver)
-        return self.driver.forward(seq, position, tokens)
 
     def stage_ms(self):
         return self.driver.stage_ms()

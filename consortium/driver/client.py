@@ -1,6 +1,7 @@
 """One gRPC connection per node agent, recording every call's time and payload bytes."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import socket
@@ -59,12 +60,13 @@ class RpcLog:
     def forward_by_stage(recs: list[RpcRecord]) -> dict[str, dict]:
         """Per stage, answered Forward calls: rows, bytes each way, and bytes per row each way (the
         hop into the stage carries token ids or hidden rows; the hop back, hidden rows or the final
-        stage's logits, plus commitments and signed windows)."""
+        stage's logits, plus commitments and signed windows, and a sampled token)."""
         out = {}
         for s in sorted({r.stage for r in recs if r.method == "Forward" and r.ok and r.stage is not None}):
             rs = [r for r in recs if r.method == "Forward" and r.ok and r.stage == s]
             rows, sent = sum(r.rows for r in rs), sum(r.sent for r in rs)
-            back = sum(r.bytes for r in rs) - sent
+            # A sampled token's logit row came in a frame of its own (ForwardRow).
+            back = sum(r.bytes for r in rs) - sent + sum(r.bytes for r in recs if r.method == "ForwardRow" and r.stage == s)
             out[str(s)] = {"calls": len(rs), "rows": rows, "bytes_in": sent, "bytes_out": back,
                            "bytes_in_per_row": round(sent / rows, 1) if rows else None,
                            "bytes_out_per_row": round(back / rows, 1) if rows else None}
@@ -114,6 +116,11 @@ class LaneClient:
         self._sock: socket.socket | None = None
         self.connected = False   # ever: a lane that never connected may be unreachable from here
         self.answered = False    # on this connection: until then the agent may be refusing it (lane full)
+        # A sampled token's answer (row_follows) is followed on the connection by the step's whole
+        # response: read by read_row(), or by the next exchange() first and kept, in order, for
+        # read_row() (the checker reading rows may be a step or two behind).
+        self._row_pending = False
+        self._rows: collections.deque[tuple["wire.pb.ForwardResponse", int] | StepError] = collections.deque()
 
     def step(self, request, timeout: float):
         return self.exchange(request, timeout)[0]
@@ -122,21 +129,62 @@ class LaneClient:
         """step(), and the response's size in bytes (ByteSize() would serialize a logit row again:
         about 0.24 ms per token)."""
         with self._lock:
+            if self._row_pending:
+                self._rows.append(self._receive_row(timeout))
             try:
                 if self._sock is None:
                     self._connect(min(timeout, self.CONNECT_TIMEOUT_S))
                 self._sock.settimeout(timeout)
                 self._sock.sendall(lane.request_frame(request.SerializeToString()))
-                n, code = lane.RESPONSE_HEAD.unpack(lane.recv_exact(self._sock, lane.RESPONSE_HEAD.size))
-                body = lane.recv_exact(self._sock, n)
-                self.answered = True
             except socket.timeout:
                 self._close()
                 raise StepError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"{self.name} did not answer within {timeout:g} s") from None
-            except OSError as e:   # lane.LaneClosed included
+            except OSError as e:
                 self._close()
                 raise StepError(grpc.StatusCode.UNAVAILABLE, f"data lane to {self.name}: {e}") from None
+            resp, n = self._receive(timeout)
+            self._row_pending = resp.row_follows
+            return resp, n
+
+    def read_row(self, timeout: float) -> tuple["wire.pb.ForwardResponse", int]:
+        """The whole response (logit row included) of the earliest step answered with row_follows
+        whose row was not read yet, and its size; StepError if the connection broke before it came."""
+        with self._lock:
+            if self._rows:
+                row = self._rows.popleft()
+            elif self._row_pending:
+                row = self._receive_row(timeout)
+            else:
+                raise StepError(grpc.StatusCode.FAILED_PRECONDITION, f"no row of {self.name}'s is awaited")
+        if isinstance(row, StepError):
+            raise row
+        return row
+
+    def _receive_row(self, timeout: float):
+        self._row_pending = False
+        try:
+            self._sock.settimeout(timeout)
+            return self._receive(timeout)
+        except StepError as e:
+            return e
+        except OSError as e:
+            self._close()
+            return StepError(grpc.StatusCode.UNAVAILABLE, f"data lane to {self.name}: {e}")
+
+    def _receive(self, timeout: float) -> tuple["wire.pb.ForwardResponse", int]:
+        """One answer frame on the connection (under self._lock), its error raised as StepError."""
+        try:
+            n, code = lane.RESPONSE_HEAD.unpack(lane.recv_exact(self._sock, lane.RESPONSE_HEAD.size))
+            body = lane.recv_exact(self._sock, n)
+            self.answered = True
+        except socket.timeout:
+            self._close()
+            raise StepError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"{self.name} did not answer within {timeout:g} s") from None
+        except OSError as e:   # lane.LaneClosed included
+            self._close()
+            raise StepError(grpc.StatusCode.UNAVAILABLE, f"data lane to {self.name}: {e}") from None
         if code:
             raise StepError(lane.CODES.get(code, grpc.StatusCode.UNKNOWN), body.decode(errors="replace"))
         return wire.pb.ForwardResponse.FromString(body), n
@@ -155,6 +203,10 @@ class LaneClient:
         self._sock, self.connected, self.answered = sock, True, False
 
     def _close(self) -> None:
+        if self._row_pending:
+            self._rows.append(StepError(grpc.StatusCode.UNAVAILABLE,
+                                        f"data lane to {self.name} closed before the row of its token came"))
+            self._row_pending = False
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -236,6 +288,21 @@ class NodeClient:
         finally:
             self._log_forward(request, received, t0, ok)
         return self.forward(request, timeout)
+
+    def read_row(self, stage: int, timeout: float | None = None) -> "wire.pb.ForwardResponse":
+        """The whole response, logit row included, of this node's last step that answered a sampled
+        token alone (LaneClient.read_row). Logged as ForwardRow: its bytes count as the stage's."""
+        lane_ = self._lane
+        t0, received, ok = time.perf_counter(), 0, False
+        try:
+            if lane_ is None:
+                raise StepError(grpc.StatusCode.UNAVAILABLE, f"the data lane to {self.name} is gone")
+            resp, received = lane_.read_row(timeout or self.timeout_s)
+            ok = True
+            return resp
+        finally:
+            self.log.add(RpcRecord(self.name, "ForwardRow", (time.perf_counter() - t0) * 1000, received, ok,
+                                   stage=stage))
 
     def call_while(self, method: str, request, alive, timeout: float | None = None, every_s: float = 0.25):
         """call() for long requests (audits): abandoned as soon as alive() turns false, instead of

@@ -43,6 +43,7 @@ from consortium.driver.policy import Policy
 from consortium.driver.proofs import FraudUnit, ProofBook
 from consortium.driver.state import SessionState
 from consortium.layers import LayerRange
+from consortium.sampling import SamplingParams, sample
 from consortium.verification import canonical, judgement, kvstate, receipts, signing, verdicts
 from consortium.verification.canonical import CanonicalGrid
 from consortium.wire import pb
@@ -145,12 +146,16 @@ class SessionDriver:
                  tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True,
                  sign_per_window: bool = False, receipt_window: int = receipts.DEFAULT_WINDOW,
                  proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
-                 audit_replay_rows: int = 1, audit_from_state: bool = False, warm_backups: bool = True):
+                 audit_replay_rows: int = 1, audit_from_state: bool = False, warm_backups: bool = True,
+                 sample_at_final: bool = True):
         if audit_replay_rows < 1:
             raise ValueError(f"audit_replay_rows must be >= 1, got {audit_replay_rows}")
         if receipt_window < 1:
             raise ValueError(f"receipt_window must be >= 1, got {receipt_window}")
         self.warm_backups = warm_backups
+        # forward_token(): the final stage's node samples the token and answers it ahead of its logit
+        # row, which the driver reads and checks while stage 0 computes the next step.
+        self.sample_at_final = sample_at_final
         self.prepared: list[dict] = []   # likely backups that loaded a stage ahead: stage, node, load_ms
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
         self.split, self.n_layers = list(split), n_layers
@@ -211,6 +216,9 @@ class SessionDriver:
         self._generation = 0
         self._pending_fraud: list[tuple[str, str]] = []
         self._pending_rewind: list[tuple[int, str]] = []   # (position, why): not from a node's audit
+        # (stage, epoch) whose node answered a token and then not the row it came from: failed over
+        # before its next step, or a node doing that on purpose would have every token re-sampled.
+        self._lost_rows: dict[tuple[int, int], str] = {}
         self._audit_q: "queue.Queue[AuditUnit]" = queue.Queue()
         # Units queued and not yet through the audit loop. Counted at the put, under the lock: an
         # empty queue is not enough, the loop may hold units it took a moment ago (it did, and the
@@ -290,6 +298,18 @@ class SessionDriver:
     # -- the Pipeline protocol ------------------------------------------------------------------
 
     def forward(self, seq: int, position: int, tokens: np.ndarray) -> np.ndarray:
+        return self._step(seq, position, tokens, None)
+
+    def forward_token(self, seq: int, position: int, tokens: np.ndarray, sampling: SamplingParams) -> int:
+        """The token after `tokens`, sampled at position + len(tokens) as generate() samples it. With
+        sample_at_final the final stage's node samples it and the driver checks that the logit row
+        it committed samples the same token once that row has come (_check_row): a mismatch is that
+        node's fraud, a row that never comes rewinds the session to re-sample the token."""
+        if not self.sample_at_final:
+            return sample(self._step(seq, position, tokens, None), position + len(tokens), sampling)
+        return self._step(seq, position, tokens, sampling)
+
+    def _step(self, seq: int, position: int, tokens: np.ndarray, sampling: SamplingParams | None):
         del seq  # one session per driver; the agents hold it under the session's name
         t0 = time.perf_counter()
         tokens = np.asarray(tokens, dtype=np.int32)
@@ -310,12 +330,12 @@ class SessionDriver:
             if self.on_stage is not None:
                 self.on_stage(s, position)
             ts = time.perf_counter()
-            x, check = self._stage_step(s, position, x)
+            x, check = self._stage_step(s, position, x, sampling if s == self.n_stages - 1 else None)
             self._last_check = self._checker.submit(self._run_check, check)
             self._last_ms[s] = (time.perf_counter() - ts) * 1000
         self.steps.append(StepRecord(position, len(tokens), list(self._last_ms),
                                      (time.perf_counter() - t0) * 1000, self._step_failover, list(self._agent_ms)))
-        return x[-1]
+        return x if sampling is not None else x[-1]
 
     def stage_ms(self) -> list[float]:
         return list(self._last_ms)
@@ -336,36 +356,86 @@ class SessionDriver:
         with self._lock:
             rewinds, self._pending_rewind = self._pending_rewind, []
             at = min(p for p, _ in rewinds) if rewinds else None
-            if not self._pending_fraud:
-                return self._rollback(None, "; ".join(w for _, w in rewinds), at) if rewinds else None
-            node, why = self._pending_fraud[0]
-            self._pending_fraud = [f for f in self._pending_fraud if f[0] != node]
+            node = why = None
+            if self._pending_fraud:
+                node, why = self._pending_fraud[0]
+                self._pending_fraud = [f for f in self._pending_fraud if f[0] != node]
+        # Outside the lock: a rollback first waits for the checker, whose checks take the lock.
+        if node is None:
+            return self._rollback(None, "; ".join(w for _, w in rewinds), at) if rewinds else None
         return self._rollback(node, why, at)
 
     # -- one stage of one step -------------------------------------------------------------------
 
-    def _stage_step(self, s: int, position: int, x: np.ndarray):
-        """Stage s's output rows for this step, and the check of its response (for the checker)."""
+    def _stage_step(self, s: int, position: int, x: np.ndarray, sampling: SamplingParams | None = None):
+        """Stage s's output rows for this step (with `sampling`, on the final stage: the token sampled
+        from its last row), and the check of its response (for the checker)."""
         with self._lock:
             for i in range(len(x)):
                 self._inputs[s][position + i] = x[i] if s else int(x[i])
+        with self._lock:
+            lost = self._lost_rows.pop((s, self.state.epochs[s]), None)
+        if lost is not None:
+            self._step_failover = True
+            self._failover(s, lost)
+        req = self._forward_request(s, position, x, self.defer_commitments, self.sign_per_window)
+        if sampling is not None:
+            req.sample.temperature, req.sample.top_p, req.sample.seed = (sampling.temperature, sampling.top_p,
+                                                                         sampling.seed & (2 ** 64 - 1))
         for _ in range(4):
             node, epoch = self.state.nodes[s], self.state.epochs[s]
+            req.ref.epoch = epoch
             try:
-                resp = self.clients[node].forward(self._forward_request(s, position, x, self.defer_commitments,
-                                                                        self.sign_per_window))
+                resp = self.clients[node].forward(req)
             except grpc.RpcError as e:
                 if e.code() not in FAILOVER_CODES:
                     raise DriverError(f"stage {s} on {node} refused step {position}: {e.code().name}: {e.details()}")
                 self._step_failover = True
                 self._failover(s, f"{node}: {e.code().name}: {e.details()}")
                 continue
-            out = wire.decode_tensor(resp.output, ndim=2)
             self._agent_ms[s] = resp.compute_ms
             self.forward_cpu_ms += resp.cpu_ms
             self.state.done[s] = position + len(x)
+            if sampling is not None and resp.row_follows:
+                return int(resp.token), functools.partial(self._check_row, s, node, epoch, None, int(resp.token),
+                                                          position + len(x), sampling)
+            out = wire.decode_tensor(resp.output, ndim=2)
+            if sampling is not None:   # the row came with the answer (a Forward call, an older agent)
+                token = sample(out[-1], position + len(x), sampling)
+                return token, functools.partial(self._check_row, s, node, epoch, resp, token, position + len(x),
+                                                sampling)
             return out, functools.partial(self._check_response, s, node, epoch, resp, out)
         raise DriverError(f"stage {s} failed over repeatedly at position {position}")
+
+    def _check_row(self, s: int, node: str, epoch: int, resp: pb.ForwardResponse | None, token: int, at: int,
+                   sampling: SamplingParams) -> None:
+        """The final stage's response for a token it sampled at `at`, read from its data lane when the
+        token came alone (resp None): checked as any response, and its last row must sample that token."""
+        if resp is None:
+            try:
+                resp = self.clients[node].read_row(s)
+            except grpc.RpcError as e:
+                # The token came without the row it rests on: take it back and sample it again, on
+                # another node.
+                why = f"stage {s} on {node} answered the token at {at} but not its logit row ({e.code().name}: {e.details()})"
+                with self._lock:
+                    self._pending_rewind.append((at - 1, why))
+                    self._lost_rows[(s, epoch)] = why
+                return
+        try:
+            out = wire.decode_tensor(resp.output, ndim=2)
+            if len(out) < 1:
+                raise wire.TensorError("no logit row")
+        except wire.TensorError as e:
+            self._fraud(node, f"stage {s} at {at}: the logit row of its token is unreadable: {e}")
+            return
+        self._check_response(s, node, epoch, resp, out)
+        try:
+            mine = sample(out[-1], at, sampling)
+        except ValueError as e:
+            mine = f"nothing ({e})"
+        if mine != token or (resp.HasField("token") and resp.token != token):
+            self._fraud(node, f"stage {s} at {at}: answered token {token}, its logit row samples {mine}")
 
     def _check_response(self, s: int, node: str, epoch: int, resp: pb.ForwardResponse, out: np.ndarray) -> None:
         if resp.states:

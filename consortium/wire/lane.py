@@ -10,6 +10,8 @@ Frames, little-endian:
   request:  u32 n, then n bytes of a ForwardRequest
   response: u32 n, u8 code, then n bytes: a ForwardResponse when code is 0 (OK), else the reason
             (UTF-8) for that gRPC status code: the status and reason a Forward call would get
+A response with row_follows (the final stage's sampled token alone) is followed by a second response
+frame: the step's whole ForwardResponse, logit row included.
 A request over MAX_MESSAGE_BYTES is answered with an error and the connection closed (its bytes
 cannot be skipped safely); any other bad request gets its error and the lane goes on.
 """

@@ -153,6 +153,10 @@ def malformed_requests(model_path, width=576):
     yield "Replay", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[1, 2], batch_sizes=[1, 2]), "do not add up"
     yield "Replay", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=wire.encode_tensor(np.zeros((3, width), np.float32)), batch_sizes=[1, 2]), "consecutive positions"
     yield "Replay", pb.ForwardRequest(ref=ref("mf", 1), position=0, hidden=good, commit_from=3), "commit_from is for"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[1], sample=pb.Sampling(top_p=1)), "final stage"
+    yield "Replay", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=good, sample=pb.Sampling(top_p=1)), "final stage"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=good, sample=pb.Sampling(top_p=0)), "top_p"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=good, sample=pb.Sampling(temperature=-1, top_p=1)), "temperature"
 
 
 def call(stub, method, req):
