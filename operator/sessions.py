@@ -24,13 +24,13 @@ import grpc
 import kopf
 import numpy as np
 
-from consortium import generation, kube
+from consortium import generation, kube, wire
 from consortium import resources as r
 from consortium.driver.policy import NoCandidate
 from consortium.driver.session import DriverError, SessionDriver
 from consortium.driver.state import SessionState
 from consortium.layers import LayerRange
-from consortium.sampling import SamplingParams
+from consortium.sampling import SamplingParams, sample
 from consortium.verification import canonical
 from consortium.verification.canonical import CanonicalGrid
 from consortium.wire import pb
@@ -185,7 +185,7 @@ class SessionRun:
         try:
             if resume:
                 writer.load_existing()
-                self._resume(driver, views, writer.index)
+                generated = self._resume(driver, views, writer.index, generated)
                 kube.event(self.body, "Resumed", f"resumed at token {len(generated)} (position "
                                                  f"{state.done[0]}), epochs {state.epochs}")
             else:
@@ -261,7 +261,10 @@ class SessionRun:
 
     # -- resume ----------------------------------------------------------------------------------
 
-    def _resume(self, driver: SessionDriver, views: dict, written: dict[str, dict]) -> None:
+    def _resume(self, driver: SessionDriver, views: dict, written: dict[str, dict],
+                generated: list[int]) -> list[int]:
+        """Pick the session up from its saved state; the generated tokens to go on from (the last one
+        dropped when it cannot be shown to come from the logit row the final stage committed)."""
         st = driver.state
         sas = placement.read_assignments(self.namespace, self.name, len(st.nodes))
         for s, sa in enumerate(sas):
@@ -280,6 +283,11 @@ class SessionRun:
             except (grpc.RpcError, KeyError) as e:
                 why = e.details() if isinstance(e, grpc.RpcError) else "not a usable node"
                 driver._failover(s, f"{node} lost the stage across the operator restart: {why}")
+        why = self._last_token_unchecked(driver, generated, written)
+        if why:
+            # Truncate every stage to the position before it and sample it again from a row checked now.
+            driver._rollback(None, f"resumed: {why}", st.done[-1] - 1)
+            generated = generated[:-1]
         # The audit inputs the driver kept in memory: token ids, and upstream outputs resent.
         seq = st.sequence()
         for s in range(len(st.nodes)):
@@ -317,6 +325,30 @@ class SessionRun:
         queued = driver.requeue_audits()
         if queued:
             log.info("%s: %d audit unit(s) queued again after the restart", self.name, queued)
+        return generated
+
+    def _last_token_unchecked(self, driver: SessionDriver, generated: list[int], written: dict[str, dict]) -> str | None:
+        """Why the last saved token may not be what the final stage's row samples, or None. It was
+        saved as its node answered it; the check of its row may not have run before the restart."""
+        st, last = driver.state, len(driver.state.nodes) - 1
+        at = st.done[last]   # the token sits there; the row it was sampled from is at at - 1
+        if not generated or at < len(st.prompt_tokens):
+            return None
+        try:
+            chunks = driver.clients[st.nodes[last]].stream("Resend", pb.ResendRequest(
+                ref=driver._ref(last), from_position=at - 1, to_position=at))
+            row = wire.decode_tensor(chunks[0].output, ndim=2)[-1]
+        except (grpc.RpcError, wire.TensorError, IndexError) as e:
+            return f"the final stage could not resend the row of the last token ({e})"
+        signed = {bytes.fromhex(c) for w in written.values() if w["stage"] == last and w["epoch"] == st.epochs[last]
+                  and w["node"] == st.nodes[last] and w["start"] <= at - 1 < w["start"] + len(w.get("commitments", ()))
+                  for c in [w["commitments"][at - 1 - w["start"]]]}
+        if signed and canonical.commit_rows(row[None, :], driver.grid)[0] not in signed:
+            return "the final stage's row of the last token is not the one it signed"
+        sp = self.spec.sampling
+        if sample(row, at, SamplingParams(sp.temperature, sp.top_p, sp.seed)) != generated[-1]:
+            return "the last token is not what the final stage's row samples"
+        return None
 
 
 def step_metrics(steps) -> dict[str, float]:

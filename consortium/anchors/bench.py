@@ -77,7 +77,8 @@ class Session:
     def __init__(self, agents_endpoints: dict[str, str], model: str, info, split, sha: str, prompt_ids: list[int],
                  name: str, audit: float, rpc_timeout_s: float = 30.0, tls=None,
                  registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 1,
-                 sign_per_window: bool = False, audit_from_state: bool = False, warm_backups: bool = False):
+                 sign_per_window: bool = False, audit_from_state: bool = False, warm_backups: bool = False,
+                 sample_at_final: bool = True):
         from consortium.driver.policy import LocalPolicy
         from consortium.driver.session import SessionDriver
         from consortium.driver.state import SessionState
@@ -89,7 +90,7 @@ class Session:
                                     policy=LocalPolicy(list(standalone.NODES)), rpc_timeout_s=rpc_timeout_s,
                                     tls=tls, registered_keys=registered_keys, audit_replay_rows=audit_replay_rows,
                                     sign_per_window=sign_per_window, audit_from_state=audit_from_state,
-                                    warm_backups=warm_backups)
+                                    warm_backups=warm_backups, sample_at_final=sample_at_final)
         self.driver.start()
         self.prompt_ids = prompt_ids
 
@@ -124,14 +125,15 @@ class Bench:
         return _BenchAgents(Path(tempfile.mkdtemp(prefix="consortium-bench-")), self.opts, None, netns=netns)
 
     def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None,
-                replay_rows=1, sign_per_window=False, from_state=False, warm_backups=False) -> Session:
+                replay_rows=1, sign_per_window=False, from_state=False, warm_backups=False,
+                sample_at_final=True) -> Session:
         """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies).
         Backups load ahead only where asked (the failover runs): elsewhere the loads would land in
         the speed rounds."""
         return Session(endpoints or agents.endpoints, self.model, self.info, self.split, self.sha,
                        prompt or self.prompt, name, audit, tls=agents.driver_tls, registered_keys=agents.public_keys,
                        audit_replay_rows=replay_rows, sign_per_window=sign_per_window, audit_from_state=from_state,
-                       warm_backups=warm_backups)
+                       warm_backups=warm_backups, sample_at_final=sample_at_final)
 
     # -- speed: single node, split in process, agents on loopback; audits' cost ------------------
 
@@ -145,15 +147,20 @@ class Bench:
         self.log("speed: split in process against unsplit")
         inproc = speed(self.model, self.split, n_tokens=s.tokens, rounds=s.rounds, threads=s.threads,
                        prompt_len=len(self.prompt), log=self.log)
-        # (audit probability, rows per replayed batch, signing per window, audits from window states),
-        # keyed as in the output: "0" (no audits), "0_window" (no audits, agents signing once per
-        # receipt window), "20", "50", "20_replay32", "20_state"
-        runs = {"0": (0.0, 1, False, False), "0_window": (0.0, 1, True, False),
-                **{f"{int(p * 100)}": (p, 1, False, False) for p in s.audit_probabilities}}
+        # (audit probability, rows per replayed batch, signing per window, audits from window states,
+        # the final stage sampling), keyed as in the output: "0" (no audits), "0_window" (no audits,
+        # agents signing once per receipt window), "0_driver_sampling" (no audits, the driver samples
+        # from the logit row as it did before the final stage sampled), "20", "50", "20_replay32",
+        # "20_state"
+        runs = {"0": (0.0, 1, False, False, True), "0_window": (0.0, 1, True, False, True),
+                "0_driver_sampling": (0.0, 1, False, False, False),
+                **{f"{int(p * 100)}": (p, 1, False, False, True) for p in s.audit_probabilities}}
         if s.audit_replay_rows > 1 and 0.2 in s.audit_probabilities:
-            runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows, False, False)
+            runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows, False, False, True)
         if 0.2 in s.audit_probabilities:
-            runs["20_state"] = (0.2, 1, False, True)
+            runs["20_state"] = (0.2, 1, False, True, True)
+        labels = {"0": "no audits", "0_window": "no audits signing per window",
+                  "0_driver_sampling": "no audits the driver sampling"}
         rows = {"single": [], **{k: [] for k in runs}}
         audit_cpu = {k: [] for k, (p, *_) in runs.items() if p}
         breakdowns = []   # per round, where a token's time goes without audits (token_breakdown)
@@ -162,11 +169,12 @@ class Bench:
                 single.reset(0)
                 base = generation.generate(single, self.prompt, s.tokens)
                 rows["single"].append(base)
-                for k, (p, replay, per_window, from_state) in runs.items():
+                for k, (p, replay, per_window, from_state, final_samples) in runs.items():
                     # A fresh driver and session per run (the agents refuse to restart a session at
                     # position 0), released at its end; loading is outside the timed generation.
                     sess = self.session(agents, f"speed-{k.replace('_', '-')}-r{r}", p, replay_rows=replay,
-                                        sign_per_window=per_window, from_state=from_state)
+                                        sign_per_window=per_window, from_state=from_state,
+                                        sample_at_final=final_samples)
                     try:
                         rows[k].append(sess.generate(s.tokens))
                         d = sess.driver
@@ -177,8 +185,7 @@ class Bench:
                     finally:
                         sess.close()
                 self.log(f"speed round {r + 1}/{s.rounds}: single {base.tokens_per_s:.1f} tok/s, agents "
-                         + ", ".join(f"{k.replace('0_window', '0 (signing per window)') if k != '0' else 'no'} "
-                                     f"audits {rows[k][-1].tokens_per_s:.1f}" for k in runs))
+                         + ", ".join(f"{labels.get(k, k + ' audits')} {rows[k][-1].tokens_per_s:.1f}" for k in runs))
 
         def prefill_tps(res):
             return len(self.prompt) / (res.prefill_ms / 1000) if res.prefill_ms else None
@@ -196,6 +203,8 @@ class Bench:
                                                         for d, b in zip(rows["0"], rows["single"])]),
                "loopback_signing_per_window_over_single": _median([d.tokens_per_s / b.tokens_per_s for d, b
                                                                    in zip(rows["0_window"], rows["single"])]),
+               "loopback_driver_sampling_over_single": _median([d.tokens_per_s / b.tokens_per_s for d, b
+                                                                in zip(rows["0_driver_sampling"], rows["single"])]),
                "loopback_breakdown_ms": {k: _median([b[k] for b in breakdowns]) for k in breakdowns[0]},
                "audits": {}}
         for k in audit_cpu:
@@ -503,6 +512,7 @@ def headline(res: dict) -> dict:
         "commit_share": res["commit_sign"]["share_of_token_time"],
         "commit_share_signing_per_window": res["commit_sign_per_window"]["share_of_token_time"],
         "loopback_signing_per_window_over_single": sp["loopback_signing_per_window_over_single"],
+        "loopback_driver_sampling_over_single": sp["loopback_driver_sampling_over_single"],
         "audit20_cpu_ratio": sp["audits"].get("20", {}).get("cpu_ratio"),
         "audit20_added_share": sp["audits"].get("20", {}).get("added_share"),
         "audit50_cpu_ratio": sp["audits"].get("50", {}).get("cpu_ratio"),

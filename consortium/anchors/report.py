@@ -52,7 +52,9 @@ def summary(res: dict) -> str:
              f"| our three agents, loopback (data lanes) | {_f(sp['loopback_tokens_per_s'], '{:.1f}')} | "
              f"{_f(h['loopback_over_single'])} | {_f(sp['loopback_prefill_tokens_per_s'], '{:.0f}')} | >= 0.85 |",
              f"| the same, agents signing once per receipt window (--sign-per-window) | | "
-             f"{_f(h.get('loopback_signing_per_window_over_single'))} | | |"]
+             f"{_f(h.get('loopback_signing_per_window_over_single'))} | | |",
+             f"| the same, the driver sampling from the logit row instead of the final stage | | "
+             f"{_f(h.get('loopback_driver_sampling_over_single'))} | | |"]
     rpc = res.get("rpc")
     if rpc:
         lines += [f"| llama-bench single node | {_f(rpc['single']['generation']['tokens_per_s'], '{:.1f}')} | 1 "
