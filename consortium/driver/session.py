@@ -373,7 +373,6 @@ class SessionDriver:
         with self._lock:
             for i in range(len(x)):
                 self._inputs[s][position + i] = x[i] if s else int(x[i])
-        with self._lock:
             lost = self._lost_rows.pop((s, self.state.epochs[s]), None)
         if lost is not None:
             self._step_failover = True

@@ -157,6 +157,7 @@ def malformed_requests(model_path, width=576):
     yield "Replay", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=good, sample=pb.Sampling(top_p=1)), "final stage"
     yield "Forward", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=good, sample=pb.Sampling(top_p=0)), "top_p"
     yield "Forward", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=good, sample=pb.Sampling(temperature=-1, top_p=1)), "temperature"
+    yield "Forward", pb.ForwardRequest(ref=ref("mf", 2), position=0, hidden=good, sample=pb.Sampling(temperature=float("nan"), top_p=1)), "temperature"
 
 
 def call(stub, method, req):
