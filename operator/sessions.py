@@ -283,7 +283,8 @@ class SessionRun:
             except (grpc.RpcError, KeyError) as e:
                 why = e.details() if isinstance(e, grpc.RpcError) else "not a usable node"
                 driver._failover(s, f"{node} lost the stage across the operator restart: {why}")
-        why = self._last_token_unchecked(driver, generated, written)
+        sp = self.spec.sampling
+        why = last_token_unchecked(driver, generated, written, SamplingParams(sp.temperature, sp.top_p, sp.seed))
         if why:
             # Truncate every stage to the position before it and sample it again from a row checked now.
             driver._rollback(None, f"resumed: {why}", st.done[-1] - 1)
@@ -327,28 +328,30 @@ class SessionRun:
             log.info("%s: %d audit unit(s) queued again after the restart", self.name, queued)
         return generated
 
-    def _last_token_unchecked(self, driver: SessionDriver, generated: list[int], written: dict[str, dict]) -> str | None:
-        """Why the last saved token may not be what the final stage's row samples, or None. It was
-        saved as its node answered it; the check of its row may not have run before the restart."""
-        st, last = driver.state, len(driver.state.nodes) - 1
-        at = st.done[last]   # the token sits there; the row it was sampled from is at at - 1
-        if not generated or at < len(st.prompt_tokens):
-            return None
-        try:
-            chunks = driver.clients[st.nodes[last]].stream("Resend", pb.ResendRequest(
-                ref=driver._ref(last), from_position=at - 1, to_position=at))
-            row = wire.decode_tensor(chunks[0].output, ndim=2)[-1]
-        except (grpc.RpcError, wire.TensorError, IndexError) as e:
-            return f"the final stage could not resend the row of the last token ({e})"
-        signed = {bytes.fromhex(c) for w in written.values() if w["stage"] == last and w["epoch"] == st.epochs[last]
-                  and w["node"] == st.nodes[last] and w["start"] <= at - 1 < w["start"] + len(w.get("commitments", ()))
-                  for c in [w["commitments"][at - 1 - w["start"]]]}
-        if signed and canonical.commit_rows(row[None, :], driver.grid)[0] not in signed:
-            return "the final stage's row of the last token is not the one it signed"
-        sp = self.spec.sampling
-        if sample(row, at, SamplingParams(sp.temperature, sp.top_p, sp.seed)) != generated[-1]:
-            return "the last token is not what the final stage's row samples"
+
+def last_token_unchecked(driver: SessionDriver, generated: list[int], written: dict[str, dict],
+                         sampling: SamplingParams) -> str | None:
+    """Why the last saved token may not be what the final stage's logit row samples, or None. A
+    token is saved as the final stage answers it; the check of its row may not have run before the
+    operator stopped. `written`: the Receipts written so far (ReceiptWriter.index)."""
+    st, last = driver.state, len(driver.state.nodes) - 1
+    at = st.done[last]   # the token sits there; the row it was sampled from is at at - 1
+    if not generated or at < len(st.prompt_tokens):
         return None
+    try:
+        chunks = driver.clients[st.nodes[last]].stream("Resend", pb.ResendRequest(
+            ref=driver._ref(last), from_position=at - 1, to_position=at))
+        row = wire.decode_tensor(chunks[0].output, ndim=2)[-1]
+    except (grpc.RpcError, wire.TensorError, IndexError) as e:
+        return f"the final stage could not resend the row of the last token ({e})"
+    signed = {bytes.fromhex(w["commitments"][at - 1 - w["start"]]) for w in written.values()
+              if (w["stage"], w["node"], w["epoch"]) == (last, st.nodes[last], st.epochs[last])
+              and w["start"] <= at - 1 < w["start"] + len(w.get("commitments", ()))}
+    if signed and canonical.commit_rows(row[None, :], driver.grid)[0] not in signed:
+        return "the final stage's row of the last token is not the one it signed"
+    if sample(row, at, sampling) != generated[-1]:
+        return "the last token is not what the final stage's row samples"
+    return None
 
 
 def step_metrics(steps) -> dict[str, float]:
