@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", help="node id (default: derived from the public key)")
     p.add_argument("--labels", default="", help="comma-separated key=value labels, e.g. role=metal,consortium.io/node=N2")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads per stage (default: all cores)")
+    p.add_argument("--audit-threads", type=int, default=0,
+                   help="llama.cpp threads of audit replays (default: the cores --threads leaves free, at least 1)")
     p.add_argument("--ctx", type=int, default=2048, help="positions each session (and each audit replay) can hold on a loaded layer range")
     p.add_argument("--no-repack", action="store_true",
                    help="turn off llama.cpp's CPU weight repacking: other kernels, honest float differences")
@@ -77,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     identity = NodeIdentity.load_or_create(args.key_file, args.node_id)
-    config = server.AgentConfig(node_id=identity.node_id, labels=labels, threads=args.threads, n_ctx=args.ctx,
-                                repack=not args.no_repack, fault=fault)
+    if args.threads < 0 or args.audit_threads < 0:
+        print("error: --threads and --audit-threads are 0 (automatic) or a number of threads", file=sys.stderr)
+        return 2
+    config = server.AgentConfig(node_id=identity.node_id, labels=labels, threads=args.threads,
+                                audit_threads=args.audit_threads, n_ctx=args.ctx, repack=not args.no_repack,
+                                fault=fault)
     if creds is not None and args.name and creds.name != args.name:
         print(f"error: the TLS certificate names {creds.name!r}, not this node ({args.name!r})", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ from node_agent import faults
 from node_agent.datalane import DataLane
 from node_agent.engine import llama as ll
 from node_agent.engine.slicing import read_model_info, stage_file, verify_sha256
-from node_agent.engine.stage import Stage, StageConfig, StageInputError
+from node_agent.engine.stage import Stage, StageConfig, StageInputError, usable_cores
 from node_agent.identity import NodeIdentity
 
 log = logging.getLogger("node_agent")
@@ -69,7 +69,12 @@ def _sample(logits: np.ndarray, position: int, params: SamplingParams) -> int | 
 class AgentConfig:
     node_id: str | None = None
     labels: dict = dataclasses.field(default_factory=dict)
-    threads: int = 0
+    threads: int = 0       # llama.cpp threads of the sessions' forward steps; 0: every usable core
+    # Threads of audit replays; 0: the cores the forward steps leave free, at least one. An audit on
+    # the cores a forward step uses slows that step down more than its lower priority can prevent:
+    # llama.cpp's threads wait for each other at every node of the graph, so one of them
+    # descheduled for a time slice holds up the step (docs/dataplane.md, audits).
+    audit_threads: int = 0
     n_ctx: int = 2048      # positions per sequence
     n_seq_max: int = 8     # sequence slots per loaded layer range (sessions and audit replays), each its own KV cache
     repack: bool = True
@@ -77,6 +82,13 @@ class AgentConfig:
     # Under mutual TLS: names a caller's certificate must carry (the driver's), so another agent's
     # certificate from the same CA cannot fence or truncate this node's stages. Empty: any caller.
     allowed_callers: tuple[str, ...] = ()
+
+
+    def resolved_audit_threads(self) -> int:
+        if self.audit_threads:
+            return self.audit_threads
+        cores = usable_cores()
+        return max(1, cores - (self.threads or cores))
 
 
 class Engines:
@@ -758,6 +770,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         t0, c0 = time.perf_counter(), time.thread_time()
         got: dict[int, np.ndarray] = {}
         with audit_lock:
+            engine.set_threads(seq, self.config.resolved_audit_threads())   # a released slot's context is made anew
             if req.prefix_states:
                 try:
                     have = engine.import_state(seq, list(req.prefix_states))

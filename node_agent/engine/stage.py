@@ -45,7 +45,16 @@ class StageConfig:
     n_gpu_layers: int = -1        # -1: offload every layer when the build has a GPU backend
 
     def resolved_threads(self) -> int:
-        return self.threads or os.cpu_count() or 1
+        return self.threads or usable_cores()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (a pod's cpuset, a
+    taskset), which os.cpu_count() ignores."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:   # macOS
+        return os.cpu_count() or 1
 
 
 class Stage:
@@ -123,6 +132,22 @@ class Stage:
         self._check_seq(seq)
         got = self._context(seq, create=False)
         return 0 if got is None else int(llama_cpp.llama_memory_seq_pos_max(got[1], self._SEQ)) + 1
+
+    def set_threads(self, seq: int, threads: int) -> None:
+        """Run the forward steps of `seq` on `threads` llama.cpp threads from now on (an audit
+        replay on fewer cores than the sessions' steps). The rows do not depend on it (checked on
+        the CPU backend: tests/engine/test_stage.py)."""
+        self._check_seq(seq)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        ctx, _ = self._context(seq)
+        with self._lock:
+            llama_cpp.llama_set_n_threads(ctx, threads, threads)
+
+    def threads(self, seq: int) -> int:
+        """The llama.cpp threads the forward steps of `seq` run on."""
+        self._check_seq(seq)
+        return int(llama_cpp.llama_n_threads(self._context(seq)[0]))
 
     def truncate(self, seq: int, position: int) -> None:
         """Forget positions >= `position` of `seq`, so the sequence continues from there."""

@@ -379,3 +379,33 @@ def test_prepare_loads_a_stage_ahead_that_a_later_load_stage_finds(agent, model_
     with pytest.raises(grpc.RpcError) as e:
         stub.Prepare(pb.PrepareRequest(model_path=model_path, model_sha256="0" * 64, first_layer=3, last_layer=7))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sha256" in e.value.details()
+
+
+def test_audits_replay_on_their_own_thread_count(tmp_path, model_path, monkeypatch):
+    """Audit replays run on AgentConfig.audit_threads llama.cpp threads, by default the cores the
+    sessions' steps leave free: on the cores a step uses, they would hold it up."""
+    from node_agent import server
+    from node_agent.identity import NodeIdentity
+
+    for cores, threads, audit, want in ((16, 0, 0, 1), (16, 16, 0, 1), (16, 12, 0, 4), (16, 12, 2, 2), (2, 1, 0, 1)):
+        monkeypatch.setattr(server, "usable_cores", lambda: cores)
+        assert server.AgentConfig(threads=threads, audit_threads=audit).resolved_audit_threads() == want
+    monkeypatch.undo()
+
+    ident = NodeIdentity.load_or_create(tmp_path / "node.pem", "threads-node")
+    srv, service, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(threads=1, audit_threads=2, n_ctx=256))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.CHANNEL_OPTIONS)
+    try:
+        stub = wire.pb_grpc.NodeAgentStub(channel)
+        load(stub, model_path, "thr")
+        r0, r1, _ = step(stub, "thr", 0, PROMPT)
+        a = stub.Audit(pb.AuditRequest(ref=ref("thr", 1), model_path=model_path, first_layer=10, last_layer=19,
+                                       start_position=0, hidden=r0.output, batch_sizes=[len(PROMPT)], positions=[1, 7]))
+        # Computed on two threads, the rows are still the ones the session's one-thread step gave.
+        assert np.array_equal(wire.decode_tensor(a.rows), wire.decode_tensor(r1.output, ndim=2)[[1, 7]])
+        (engine, seq, _), = [v for k, v in service._audits.items() if k[0] == "thr"]
+        session = service._assignments[("thr", 1)]
+        assert engine.threads(seq) == 2 and session.engine.threads(session.seq) == 1
+    finally:
+        channel.close()
+        srv.stop(None)
