@@ -17,9 +17,12 @@ import functools
 import hashlib
 import itertools
 import logging
+import multiprocessing
+import os
 import threading
 import time
 from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import grpc
@@ -54,6 +57,20 @@ class Refused(Exception):
 
 def _bad(msg: str) -> Refused:
     return Refused(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+def refusing(fn, *args):
+    """fn(*args), every error a request can cause raised as Refused with its status and reason."""
+    try:
+        return fn(*args)
+    except (StageInputError, wire.TensorError, canonical.NonFiniteActivation) as e:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    except (ValueError, TypeError, OverflowError) as e:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}") from None
+    except FileNotFoundError as e:
+        raise Refused(grpc.StatusCode.NOT_FOUND, str(e)) from None
+    except ll.LlamaError as e:
+        raise Refused(grpc.StatusCode.INTERNAL, f"llama.cpp: {e}") from None
 
 
 def _sample(logits: np.ndarray, position: int, params: SamplingParams) -> int | None:
@@ -151,6 +168,26 @@ class Engines:
             self._free[key].sort()
 
 
+def request_inputs(a_is_first: bool, n_embd: int, tokens, hidden: pb.Tensor, has_hidden: bool):
+    """A request's rows: token ids for a first stage, else hidden states of the stage's width, checked."""
+    if a_is_first:
+        if has_hidden:
+            raise _bad("stage 0 takes token ids, not hidden states")
+        if not tokens:
+            raise _bad("no token ids")
+        return np.asarray(tokens, dtype=np.int64), None
+    if tokens:
+        raise _bad("this stage takes hidden states, not token ids")
+    if not has_hidden:
+        raise _bad("no hidden states")
+    h = wire.decode_tensor(hidden, ndim=2)
+    if h.shape[1] != n_embd:
+        raise _bad(f"hidden states have width {h.shape[1]}, this stage expects {n_embd}")
+    if not np.isfinite(h).all():
+        raise _bad("hidden states contain NaN or Inf")
+    return None, h
+
+
 class DeferredJob:
     """A deferred step's commit-and-sign job. It starts once the step's response has gone out: its
     Python would otherwise hold the GIL while the response is serialized and sent (0.2 ms more per hop
@@ -237,13 +274,11 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         self._lock = threading.Lock()
         self._assignments: dict[tuple[str, int], Assignment] = {}
         self._fences: dict[tuple[str, int], int] = {}
-        self._audits: dict[tuple, tuple[Stage, int, threading.Lock]] = {}
+        self._audit_keys: set[tuple] = set()   # (session, stage, stage file) audited here
+        self.audits = AuditProcess(config)
         self._counters: dict[tuple[str, int, int], list[int]] = collections.defaultdict(lambda: [0, 0])
         # Commits and signs deferred steps after their response went out (one job per assignment at a time).
         self._committer = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="commit")
-        # Audits replay on threads of lower CPU priority, so forward steps on this node go first.
-        self._auditors = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="audit",
-                                                    initializer=priority.lower_thread_priority)
         self.requests = 0
         self.rejected = 0
         self.data_port = 0   # set by serve() when a data lane listens
@@ -271,16 +306,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     def run(self, fn, *args):
         """fn(*args), every error a request can cause raised as Refused with its status and reason."""
         try:
-            try:
-                return fn(*args)
-            except (StageInputError, wire.TensorError, canonical.NonFiniteActivation) as e:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            except (ValueError, TypeError, OverflowError) as e:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}") from None
-            except FileNotFoundError as e:
-                raise Refused(grpc.StatusCode.NOT_FOUND, str(e)) from None
-            except ll.LlamaError as e:
-                raise Refused(grpc.StatusCode.INTERNAL, f"llama.cpp: {e}") from None
+            return refusing(fn, *args)
         except Refused:
             self._refused()
             raise
@@ -508,24 +534,6 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     def Replay(self, request, context):
         return self._handle(context, self._forward, request, False)
 
-    def _inputs(self, a_is_first: bool, n_embd: int, tokens, hidden: pb.Tensor, has_hidden: bool):
-        if a_is_first:
-            if has_hidden:
-                raise _bad("stage 0 takes token ids, not hidden states")
-            if not tokens:
-                raise _bad("no token ids")
-            return np.asarray(tokens, dtype=np.int64), None
-        if tokens:
-            raise _bad("this stage takes hidden states, not token ids")
-        if not has_hidden:
-            raise _bad("no hidden states")
-        h = wire.decode_tensor(hidden, ndim=2)
-        if h.shape[1] != n_embd:
-            raise _bad(f"hidden states have width {h.shape[1]}, this stage expects {n_embd}")
-        if not np.isfinite(h).all():
-            raise _bad("hidden states contain NaN or Inf")
-        return None, h
-
     def _forward(self, req: pb.ForwardRequest, send: bool, when_sent=DeferredJob.start, row_later: list | None = None):
         """One forward step (send: Forward, its output rows in the response) or a replay of one or
         more of the original run's batches (Replay). `when_sent(job)` arranges for a deferred step's
@@ -538,8 +546,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 raise _bad("sample is for a Forward step of the final stage")
             # Checked before the step: a refusal after it would leave the KV a row ahead of the driver.
             sampling = SamplingParams(req.sample.temperature, req.sample.top_p, req.sample.seed)
-        tokens, hidden = self._inputs(a.is_first, a.engine.n_embd, list(req.tokens), req.hidden,
-                                      req.HasField("hidden"))
+        tokens, hidden = request_inputs(a.is_first, a.engine.n_embd, list(req.tokens), req.hidden,
+                                        req.HasField("hidden"))
         x = tokens if tokens is not None else hidden
         n = len(x)
         sizes = self._batch_sizes(req, n, send)
@@ -732,7 +740,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     # -- Audit --------------------------------------------------------------------------------
 
     def Audit(self, request, context):
-        return self._handle(context, lambda req: self._auditors.submit(self._audit, req).result(), request)
+        return self._handle(context, self._audit, request)
 
     def _audit(self, req: pb.AuditRequest) -> pb.AuditResponse:
         session, stage_index, _ = self._ref(req.ref)
@@ -741,76 +749,19 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         path, info = self._stage_path(req.model_path, req.model_sha256, layers)
         key = (session, stage_index, str(path))
         with self._lock:
-            slot = self._audits.get(key)
-        if slot is None:
-            slot = (*self.engines.acquire(path, layers, info.n_layers), threading.Lock())
+            self._audit_keys.add(key)
+        try:
+            return self.audits.audit(key, req, layers, info.n_layers)
+        finally:
             with self._lock:
-                self._audits[key] = slot
-        engine, seq, audit_lock = slot
-        is_first, is_last = layers.first == 0, layers.last == info.n_layers - 1
-        tokens, hidden = self._inputs(is_first, engine.n_embd, list(req.tokens), req.hidden, req.HasField("hidden"))
-        n = len(tokens) if tokens is not None else hidden.shape[0]
-        sizes = list(req.batch_sizes) or [n]
-        if any(s <= 0 for s in sizes) or sum(sizes) != n:
-            raise _bad(f"batch sizes {sizes[:8]} do not add up to the {n} rows given")
-        start = int(req.start_position)
-        if start < 0:
-            raise _bad("negative start position")
-        want = [int(p) for p in req.positions]
-        wanted = set(want)
-        if any(p < start or p >= start + n for p in want):
-            raise _bad(f"audited positions must lie in [{start}, {start + n})")
-        ends = set()
-        pos = start
-        for s in sizes:
-            pos += s
-            ends.add(pos - 1)
-        if is_last and any(p not in ends for p in want):
-            raise _bad("the final stage is audited at the last row of a batch (where logits exist)")
-        t0, c0 = time.perf_counter(), time.thread_time()
-        got: dict[int, np.ndarray] = {}
-        with audit_lock:
-            engine.set_threads(seq, self.config.resolved_audit_threads())   # a released slot's context is made anew
-            if req.prefix_states:
-                try:
-                    have = engine.import_state(seq, list(req.prefix_states))
-                except StageInputError as e:
-                    raise _bad(f"prefix states: {e}") from None
-                if have != start:
-                    engine.clear(seq)
-                    raise _bad(f"the prefix states end at position {have}, the replay starts at {start}")
-            else:
-                nxt = engine.next_position(seq)
-                if start > nxt:
-                    raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                                  f"audit sequence continues at {nxt}, not {start}")
-                engine.truncate(seq, start)
-            pos, i = start, 0
-            for s in sizes:
-                # The final stage's logits only where audited: the LM head is most of its replay.
-                logits = not is_last or pos + s - 1 in wanted
-                if tokens is not None:
-                    out = engine.forward(seq, pos, tokens=tokens[i:i + s], logits=logits)
-                else:
-                    out = engine.forward(seq, pos, hidden=hidden[i:i + s], logits=logits)
-                if not is_last:
-                    for j in range(s):
-                        if pos + j in wanted:
-                            got[pos + j] = out[j]
-                elif logits:
-                    got[pos + s - 1] = out[-1]
-                pos, i = pos + s, i + s
-            state = engine.export_state(seq, start, start + n) if req.export_state else b""
-        rows = np.stack([got[p] for p in want]) if want else np.zeros((1, 1), np.float32)
-        resp = pb.AuditResponse(compute_ms=(time.perf_counter() - t0) * 1000, cpu_ms=(time.thread_time() - c0) * 1000,
-                                replayed_rows=n, state=state)
-        wire.put_tensor(resp.rows, rows)
-        return resp
+                dropped = key not in self._audit_keys
+            if dropped:   # its session or stage was freed while it ran
+                self.audits.release([key])
 
     def sessions(self) -> set[str]:
         """Sessions this agent holds sequence slots for (serving or auditing)."""
         with self._lock:
-            return {k[0] for k in self._assignments} | {k[0] for k in self._audits}
+            return {k[0] for k in self._assignments} | {k[0] for k in self._audit_keys}
 
     def release_session(self, session: str) -> int:
         """Free every sequence slot of a session that is over (its StageAssignments are gone) and
@@ -824,7 +775,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         with self._lock:
             gone = [self._assignments.pop(k) for k in [k for k, a in self._assignments.items()
                                                         if match(k) and (max_epoch is None or a.epoch <= max_epoch)]]
-            audits = [self._audits.pop(k) for k in [k for k in self._audits if match(k[:2])]]
+            audits = [k for k in self._audit_keys if match(k[:2])]
+            self._audit_keys.difference_update(audits)
             for k in [k for k in self._counters if match(k[:2])]:   # an agent lives through many sessions
                 del self._counters[k]
             for a in gone:
@@ -833,10 +785,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         for a in gone:
             with a.lock:
                 self.engines.release(a.engine, a.seq)
-        for engine, seq, audit_lock in audits:
-            with audit_lock:
-                self.engines.release(engine, seq)
-        return len(gone) + len(audits)
+        return len(gone) + (self.audits.release(audits) if audits else 0)
 
     def held(self) -> dict[tuple[str, int], int]:
         """(session, stage) -> epoch of every assignment this agent serves now."""
@@ -860,15 +809,184 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                  requests=req, rejected=rej, fault=self.fault.name if self.fault else "")
 
 
+class AuditProcess:
+    """The agent's audit replays, in a process of their own (spawned at the first audit, in the
+    lowest CPU class: priority.py), which keeps each audited stage's sequence between audits.
+
+    Apart, the replay's Python does not take turns at the GIL with the forward steps' Python, and a
+    replay that brings llama.cpp down takes only this process with it: the audit in flight is
+    refused UNAVAILABLE and the next one starts a new process (docs/dataplane.md has the figures)."""
+
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self._lock = threading.Lock()
+        self._pool: futures.ProcessPoolExecutor | None = None
+
+    def _call(self, method: str, *args):
+        with self._lock:
+            if self._pool is None:
+                # spawn, not fork: the agent's gRPC threads and llama.cpp state do not survive a fork.
+                self._pool = futures.ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_audit_process_init, initargs=(self.config, os.getpid()))
+            pool = self._pool
+        try:
+            ok, got = pool.submit(_in_audit_process, method, *args).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the agent's audit process exited; its audit "
+                                                       "sequences are gone (the next audit starts a new one)") from None
+        if not ok:
+            code, message = got
+            raise Refused(grpc.StatusCode[code], message)
+        return got
+
+    def audit(self, key: tuple, req: pb.AuditRequest, layers: LayerRange, n_layers: int) -> pb.AuditResponse:
+        body = self._call("audit", key, req.SerializeToString(), layers.first, layers.last, n_layers)
+        return pb.AuditResponse.FromString(body)
+
+    def release(self, keys: list[tuple]) -> int:
+        """Free the audit sequences of `keys`; returns how many there were."""
+        with self._lock:
+            if self._pool is None:
+                return 0
+        try:
+            return self._call("release", keys)
+        except Refused:   # the process is gone, and its sequences with it
+            return 0
+
+    def threads(self) -> dict[tuple, int]:
+        """The llama.cpp threads of each audit sequence, by key."""
+        return self._call("threads")
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+_AUDIT_PROCESS: "_AuditSequences | None" = None   # in the audit process
+
+
+def _audit_process_init(config: AgentConfig, agent_pid: int) -> None:
+    global _AUDIT_PROCESS
+    priority.lower_thread_priority()   # llama.cpp's threads, started from this one, inherit it
+    _AUDIT_PROCESS = _AuditSequences(config)
+    threading.Thread(target=_exit_with, args=(agent_pid,), name="agent-watch", daemon=True).start()
+
+
+def _exit_with(agent_pid: int) -> None:
+    """End the audit process once the agent is gone: a killed agent cannot shut it down, and it
+    would wait for audits that never come."""
+    while os.getppid() == agent_pid:
+        time.sleep(1.0)   # a liveness check, not a stand-in for work
+    os._exit(0)
+
+
+def _in_audit_process(method: str, *args):
+    """(True, result), or (False, (status code name, reason)) for a request refused."""
+    try:
+        return True, refusing(getattr(_AUDIT_PROCESS, method), *args)
+    except Refused as e:
+        return False, (e.code.name, str(e))
+
+
+class _AuditSequences:
+    """In the audit process: a sequence slot per audited (session, stage, stage file)."""
+
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.engines = Engines(config)
+        self.slots: dict[tuple, tuple[Stage, int]] = {}
+
+    def audit(self, key: tuple, body: bytes, first: int, last: int, n_layers: int) -> bytes:
+        """Replay an AuditRequest (its bytes) on the sequence of `key`; the AuditResponse's bytes."""
+        req = pb.AuditRequest.FromString(body)
+        layers = LayerRange(first, last)
+        if key not in self.slots:
+            self.slots[key] = self.engines.acquire(Path(key[2]), layers, n_layers)
+        engine, seq = self.slots[key]
+        is_first, is_last = layers.first == 0, layers.last == n_layers - 1
+        tokens, hidden = request_inputs(is_first, engine.n_embd, list(req.tokens), req.hidden, req.HasField("hidden"))
+        n = len(tokens) if tokens is not None else hidden.shape[0]
+        sizes = list(req.batch_sizes) or [n]
+        if any(s <= 0 for s in sizes) or sum(sizes) != n:
+            raise _bad(f"batch sizes {sizes[:8]} do not add up to the {n} rows given")
+        start = int(req.start_position)
+        if start < 0:
+            raise _bad("negative start position")
+        want = [int(p) for p in req.positions]
+        wanted = set(want)
+        if any(p < start or p >= start + n for p in want):
+            raise _bad(f"audited positions must lie in [{start}, {start + n})")
+        ends = set()
+        pos = start
+        for s in sizes:
+            pos += s
+            ends.add(pos - 1)
+        if is_last and any(p not in ends for p in want):
+            raise _bad("the final stage is audited at the last row of a batch (where logits exist)")
+        t0, c0 = time.perf_counter(), time.thread_time()
+        got: dict[int, np.ndarray] = {}
+        engine.set_threads(seq, self.config.resolved_audit_threads())   # a released slot's context is made anew
+        if req.prefix_states:
+            try:
+                have = engine.import_state(seq, list(req.prefix_states))
+            except StageInputError as e:
+                raise _bad(f"prefix states: {e}") from None
+            if have != start:
+                engine.clear(seq)
+                raise _bad(f"the prefix states end at position {have}, the replay starts at {start}")
+        else:
+            nxt = engine.next_position(seq)
+            if start > nxt:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"audit sequence continues at {nxt}, not {start}")
+            engine.truncate(seq, start)
+        pos, i = start, 0
+        for s in sizes:
+            # The final stage's logits only where audited: the LM head is most of its replay.
+            logits = not is_last or pos + s - 1 in wanted
+            if tokens is not None:
+                out = engine.forward(seq, pos, tokens=tokens[i:i + s], logits=logits)
+            else:
+                out = engine.forward(seq, pos, hidden=hidden[i:i + s], logits=logits)
+            if not is_last:
+                for j in range(s):
+                    if pos + j in wanted:
+                        got[pos + j] = out[j]
+            elif logits:
+                got[pos + s - 1] = out[-1]
+            pos, i = pos + s, i + s
+        state = engine.export_state(seq, start, start + n) if req.export_state else b""
+        rows = np.stack([got[p] for p in want]) if want else np.zeros((1, 1), np.float32)
+        resp = pb.AuditResponse(compute_ms=(time.perf_counter() - t0) * 1000, cpu_ms=(time.thread_time() - c0) * 1000,
+                                replayed_rows=n, state=state)
+        wire.put_tensor(resp.rows, rows)
+        return resp.SerializeToString()
+
+    def release(self, keys: list[tuple]) -> int:
+        freed = [self.slots.pop(k) for k in keys if k in self.slots]
+        for engine, seq in freed:
+            self.engines.release(engine, seq)
+        return len(freed)
+
+    def threads(self) -> dict[tuple, int]:
+        return {k: engine.threads(seq) for k, (engine, seq) in self.slots.items()}
+
+
 class AgentServer:
     """The agent's gRPC server and the data lane beside it; stop() stops both."""
 
-    def __init__(self, grpc_server: grpc.Server, lane: DataLane | None):
-        self.grpc, self.lane = grpc_server, lane
+    def __init__(self, grpc_server: grpc.Server, lane: DataLane | None, service: NodeAgentService):
+        self.grpc, self.lane, self.service = grpc_server, lane, service
 
     def stop(self, grace: float | None):
         if self.lane is not None:
             self.lane.close()
+        self.service.audits.close()
         return self.grpc.stop(grace)
 
 
@@ -893,4 +1011,4 @@ def serve(identity: NodeIdentity, listen: str, config: AgentConfig = AgentConfig
         data_lane = DataLane(service, listen.rsplit(":", 1)[0], data_port, tls)
         service.data_port = data_lane.port
     server.start()
-    return AgentServer(server, data_lane), service, port
+    return AgentServer(server, data_lane, service), service, port

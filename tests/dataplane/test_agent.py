@@ -403,9 +403,67 @@ def test_audits_replay_on_their_own_thread_count(tmp_path, model_path, monkeypat
                                        start_position=0, hidden=r0.output, batch_sizes=[len(PROMPT)], positions=[1, 7]))
         # Computed on two threads, the rows are still the ones the session's one-thread step gave.
         assert np.array_equal(wire.decode_tensor(a.rows), wire.decode_tensor(r1.output, ndim=2)[[1, 7]])
-        (engine, seq, _), = [v for k, v in service._audits.items() if k[0] == "thr"]
+        assert [t for k, t in service.audits.threads().items() if k[0] == "thr"] == [2]
         session = service._assignments[("thr", 1)]
-        assert engine.threads(seq) == 2 and session.engine.threads(session.seq) == 1
+        assert session.engine.threads(session.seq) == 1
     finally:
         channel.close()
         srv.stop(None)
+
+
+def _audit_request(session, model_path):
+    return pb.AuditRequest(ref=ref(session, 0), model_path=model_path, first_layer=0, last_layer=9,
+                           start_position=0, tokens=PROMPT, batch_sizes=[len(PROMPT)], positions=[3])
+
+
+def test_audits_run_in_a_process_that_ends_with_the_agent(tmp_path, model_path):
+    """Audits replay in a process of the agent's own; an agent killed outright does not leave it behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port_file = tmp_path / "port"
+    agent = subprocess.Popen([sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--plaintext",
+                              "--port-file", str(port_file), "--key-file", str(tmp_path / "node.pem"),
+                              "--threads", "1", "--no-data-lane"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():   # waiting for the agent to bind its port
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        channel = grpc.insecure_channel(f"127.0.0.1:{int(port_file.read_text())}", options=wire.CHANNEL_OPTIONS)
+        stub = wire.pb_grpc.NodeAgentStub(channel)
+        a = stub.Audit(_audit_request("gone", model_path))
+        assert wire.decode_tensor(a.rows).shape == (1, 576)
+        channel.close()
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        audit_processes = [p for p in children if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+        assert len(audit_processes) == 1
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{audit_processes[0]}") and time.monotonic() < deadline:
+            time.sleep(0.1)   # it notices its agent gone within a second
+        gone = not os.path.exists(f"/proc/{audit_processes[0]}") or \
+            open(f"/proc/{audit_processes[0]}/stat").read().split(")")[1].split()[0] == "Z"
+        assert gone
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+
+
+def test_an_audit_process_that_dies_is_replaced(agent, model_path):
+    stub, service, _ = agent
+    stub.Audit(_audit_request("phoenix", model_path))
+    for p in list(service.audits._pool._processes.values()):
+        p.kill()
+        p.join()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Audit(_audit_request("phoenix", model_path))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "audit process exited" in e.value.details()
+    a = stub.Audit(_audit_request("phoenix", model_path))   # a new process, a new audit sequence
+    assert wire.decode_tensor(a.rows).shape == (1, 576)
+    service.release_session("phoenix")
