@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     srv, service, port = server.serve(identity, args.listen, config, tls=creds,
                                       data_port=None if args.no_data_lane else args.data_port)
+    service.audits.start()
     host = args.listen.rsplit(":", 1)[0]
     logging.info("node %s serving on %s:%d, data lane %s (%s, backend %s%s%s)", identity.node_id, host, port,
                  service.data_port or "off",

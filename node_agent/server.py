@@ -810,8 +810,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
 
 
 class AuditProcess:
-    """The agent's audit replays, in a process of their own (spawned at the first audit, in the
-    lowest CPU class: priority.py), which keeps each audited stage's sequence between audits.
+    """The agent's audit replays, in a process of their own (in the lowest CPU class: priority.py;
+    started by start(), else at the first audit), which keeps each audited stage's sequence between
+    audits.
 
     Apart, the replay's Python does not take turns at the GIL with the forward steps' Python, and a
     replay that brings llama.cpp down takes only this process with it: the audit in flight is
@@ -822,14 +823,31 @@ class AuditProcess:
         self._lock = threading.Lock()
         self._pool: futures.ProcessPoolExecutor | None = None
 
-    def _call(self, method: str, *args):
+    def start(self) -> None:
+        """Start the process now, in the background (node-agent does, so that no session's audit
+        waits for it), instead of at the first audit."""
+        threading.Thread(target=self._running, name="audit-start", daemon=True).start()
+
+    def _running(self) -> futures.ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                # spawn, not fork: the agent's gRPC threads and llama.cpp state do not survive a fork.
-                self._pool = futures.ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_audit_process_init, initargs=(self.config, os.getpid()))
-            pool = self._pool
+                self._pool = self._spawn()
+            return self._pool
+
+    def _spawn(self) -> futures.ProcessPoolExecutor:
+        # spawn, not fork: the agent's gRPC threads and llama.cpp state do not survive a fork. The
+        # initializer, from a module that imports next to nothing, puts the process in the lowest
+        # CPU class before it imports numpy and llama.cpp (about a second of CPU) for its setup.
+        pool = futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=priority.lower_thread_priority)
+        try:
+            pool.submit(_audit_process_setup, self.config, os.getpid()).result()
+        except BrokenProcessPool:
+            pass   # the call that needs it says so
+        return pool
+
+    def _call(self, method: str, *args):
+        pool = self._running()
         try:
             ok, got = pool.submit(_in_audit_process, method, *args).result()
         except BrokenProcessPool:
@@ -871,9 +889,9 @@ class AuditProcess:
 _AUDIT_PROCESS: "_AuditSequences | None" = None   # in the audit process
 
 
-def _audit_process_init(config: AgentConfig, agent_pid: int) -> None:
+def _audit_process_setup(config: AgentConfig, agent_pid: int) -> None:
+    """The audit process's first task (its llama.cpp threads inherit its CPU class)."""
     global _AUDIT_PROCESS
-    priority.lower_thread_priority()   # llama.cpp's threads, started from this one, inherit it
     _AUDIT_PROCESS = _AuditSequences(config)
     threading.Thread(target=_exit_with, args=(agent_pid,), name="agent-watch", daemon=True).start()
 
