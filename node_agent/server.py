@@ -816,7 +816,7 @@ class AuditProcess:
 
     Apart, the replay's Python does not take turns at the GIL with the forward steps' Python, and a
     replay that brings llama.cpp down takes only this process with it: the audit in flight is
-    refused UNAVAILABLE and the next one starts a new process (docs/dataplane.md has the figures)."""
+    refused INTERNAL and the next one starts a new process (docs/dataplane.md has the figures)."""
 
     def __init__(self, config: AgentConfig):
         self.config = config
@@ -854,8 +854,9 @@ class AuditProcess:
             with self._lock:
                 if self._pool is pool:
                     self._pool = None
-            raise Refused(grpc.StatusCode.UNAVAILABLE, "the agent's audit process exited; its audit "
-                                                       "sequences are gone (the next audit starts a new one)") from None
+            # INTERNAL, not UNAVAILABLE: the agent is up, and a driver takes UNAVAILABLE as a node gone.
+            raise Refused(grpc.StatusCode.INTERNAL, "the agent's audit process exited; its audit "
+                                                    "sequences are gone (the next audit starts a new one)") from None
         if not ok:
             code, message = got
             raise Refused(grpc.StatusCode[code], message)

@@ -136,7 +136,7 @@ class Stage:
     def set_threads(self, seq: int, threads: int) -> None:
         """Run the forward steps of `seq` on `threads` llama.cpp threads from now on (an audit
         replay on fewer cores than the sessions' steps). The rows do not depend on it (checked on
-        the CPU backend: tests/engine/test_stage.py)."""
+        the CPU backend: tests/engine/test_threads.py)."""
         self._check_seq(seq)
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
