@@ -100,7 +100,6 @@ class AgentConfig:
     # certificate from the same CA cannot fence or truncate this node's stages. Empty: any caller.
     allowed_callers: tuple[str, ...] = ()
 
-
     def resolved_audit_threads(self) -> int:
         if self.audit_threads:
             return self.audit_threads
@@ -304,7 +303,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                           f"{', '.join(self.config.allowed_callers)}")
 
     def run(self, fn, *args):
-        """fn(*args), every error a request can cause raised as Refused with its status and reason."""
+        """refusing(fn, *args), each refusal counted."""
         try:
             return refusing(fn, *args)
         except Refused:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import socket
@@ -131,18 +132,11 @@ class LaneClient:
         with self._lock:
             if self._row_pending:
                 self._rows.append(self._receive_row(timeout))
-            try:
+            with self._socket_errors(timeout):
                 if self._sock is None:
                     self._connect(min(timeout, self.CONNECT_TIMEOUT_S))
                 self._sock.settimeout(timeout)
                 self._sock.sendall(lane.request_frame(request.SerializeToString()))
-            except socket.timeout:
-                self._close()
-                raise StepError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"{self.name} did not answer within {timeout:g} s") from None
-            except OSError as e:
-                self._close()
-                raise StepError(grpc.StatusCode.UNAVAILABLE, f"data lane to {self.name}: {e}") from None
             resp, n = self._receive(timeout)
             self._row_pending = resp.row_follows
             return resp, n
@@ -164,20 +158,27 @@ class LaneClient:
     def _receive_row(self, timeout: float):
         self._row_pending = False
         try:
-            self._sock.settimeout(timeout)
+            with self._socket_errors(timeout):
+                self._sock.settimeout(timeout)
             return self._receive(timeout)
         except StepError as e:
             return e
-        except OSError as e:
-            self._close()
-            return StepError(grpc.StatusCode.UNAVAILABLE, f"data lane to {self.name}: {e}")
 
     def _receive(self, timeout: float) -> tuple["wire.pb.ForwardResponse", int]:
         """One answer frame on the connection (under self._lock), its error raised as StepError."""
-        try:
+        with self._socket_errors(timeout):
             n, code = lane.RESPONSE_HEAD.unpack(lane.recv_exact(self._sock, lane.RESPONSE_HEAD.size))
             body = lane.recv_exact(self._sock, n)
             self.answered = True
+        if code:
+            raise StepError(lane.CODES.get(code, grpc.StatusCode.UNKNOWN), body.decode(errors="replace"))
+        return wire.pb.ForwardResponse.FromString(body), n
+
+    @contextlib.contextmanager
+    def _socket_errors(self, timeout: float):
+        """A socket error on the connection (under self._lock) closes it and is raised as StepError."""
+        try:
+            yield
         except socket.timeout:
             self._close()
             raise StepError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -185,9 +186,6 @@ class LaneClient:
         except OSError as e:   # lane.LaneClosed included
             self._close()
             raise StepError(grpc.StatusCode.UNAVAILABLE, f"data lane to {self.name}: {e}") from None
-        if code:
-            raise StepError(lane.CODES.get(code, grpc.StatusCode.UNKNOWN), body.decode(errors="replace"))
-        return wire.pb.ForwardResponse.FromString(body), n
 
     def _connect(self, timeout: float) -> None:
         sock = socket.create_connection(self.address, timeout=timeout)
