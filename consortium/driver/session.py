@@ -60,6 +60,12 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 # compute, and its request within a few MB (256 hidden rows of 4096 floats: 4 MB).
 REPLAY_ROWS_PER_CALL = 256
 
+# An audit the verifier failed to run (its audit process died: INTERNAL) is tried once more, on
+# another verifier where there is one; not more, since an input that crashes replays would crash
+# each verifier's audit process in turn.
+AUDIT_RETRY_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED}
+AUDIT_TRIES = 2
+
 
 class DriverError(RuntimeError):
     pass
@@ -126,6 +132,7 @@ class AuditUnit:
     worker_row: np.ndarray        # the output the worker sent: its canonicalization is the reveal
     signature_ok: bool
     generation: int               # rollback generation it belongs to
+    failed_on: tuple[str, ...] = ()   # verifiers whose audit of it failed (AUDIT_RETRY_CODES)
 
 
 @dataclasses.dataclass
@@ -846,6 +853,8 @@ class SessionDriver:
 
     def _audit_group(self, s: int, worker: str, units: list[AuditUnit]) -> None:
         candidates = [n for n in self.alive() if n != worker]
+        failed_on = {v for u in units for v in u.failed_on}
+        candidates = [n for n in candidates if n not in failed_on] or candidates   # the same one, once more
         if not candidates:
             self._unjudged(units, "no node left to verify on")
             return
@@ -895,6 +904,13 @@ class SessionDriver:
                     for u in units:
                         self._queue_audit(u)  # another verifier takes them
                     return
+                if e.code() in AUDIT_RETRY_CODES:
+                    for u in units:
+                        if len(u.failed_on) + 1 < AUDIT_TRIES:
+                            self._queue_audit(dataclasses.replace(u, failed_on=u.failed_on + (verifier,)))
+                    units = [u for u in units if len(u.failed_on) + 1 >= AUDIT_TRIES]
+                    if not units:
+                        return
             self._unjudged(units, f"Audit on {verifier}: {e.code().name}: {e.details()}")
             return
         rows = wire.decode_tensor(resp.rows, ndim=2)

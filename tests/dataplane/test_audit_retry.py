@@ -1,0 +1,57 @@
+"""An audit whose verifier fails to run it (its audit process died) is tried again on another node.
+
+Three real agents on loopback ports in this process, every unit selected for audit. Before the
+session, the audit process of A, the verifier the policy prefers, is killed: A's first audit is
+refused INTERNAL (A's agent is up; its next audit starts a new process). The units of that audit go
+to the other node that is not their worker, and every selected unit is judged.
+"""
+from consortium import generation
+from consortium.driver.policy import LocalPolicy
+from consortium.driver.session import SessionDriver
+from consortium.driver.state import SessionState
+from consortium.layers import LayerRange
+from node_agent import server
+from node_agent.engine.pipeline import LocalPipeline
+from node_agent.engine.stage import StageConfig
+from node_agent.identity import NodeIdentity
+
+SPLIT = [LayerRange(0, 9), LayerRange(10, 19), LayerRange(20, 29)]
+PROMPT = [1, 504, 3458, 314, 253, 1345, 30, 2]
+MAX_TOKENS = 6
+
+
+def test_units_of_an_audit_the_verifier_failed_are_judged_on_another_node(tmp_path, model_path):
+    with LocalPipeline(model_path, None, StageConfig(threads=1)) as pipe:
+        want = generation.generate(pipe, PROMPT, MAX_TOKENS).tokens
+    servers, services, endpoints = {}, {}, {}
+    for n in ("A", "B", "C"):
+        ident = NodeIdentity.load_or_create(tmp_path / f"{n}.pem", n)
+        servers[n], services[n], port = server.serve(ident, "127.0.0.1:0",
+                                                     server.AgentConfig(node_id=n, threads=1, n_ctx=256))
+        endpoints[n] = f"127.0.0.1:{port}"
+    pool = services["A"].audits._running()
+    for p in list(pool._processes.values()):
+        p.kill()
+        p.join()
+    state = SessionState(session="verifier-down", prompt_tokens=PROMPT, nodes=["A", "B", "C"], epochs=[1, 1, 1],
+                         audit_probability=1.0)
+    driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
+                           endpoints=endpoints, state=state, policy=LocalPolicy(["A", "B", "C"]),
+                           rpc_timeout_s=30.0)
+    try:
+        driver.start()
+        got = generation.generate(driver, PROMPT, MAX_TOKENS).tokens
+    finally:
+        driver.close()
+        for srv in servers.values():
+            srv.stop(None)
+
+    assert got == want
+    assert driver.unjudged == []
+    audits = state.audits
+    assert len(audits) == driver.audits_selected > 0
+    assert all(a["verdict"] == "Passed" for a in audits)
+    # A verifies stages 1 and 2 by preference; the units of its failed audit went to the third node.
+    moved = [a for a in audits if a["stage"] > 0 and a["verifier"] != "A"]
+    assert moved and all(a["verifier"] != a["node"] for a in audits)
+    assert any(a["verifier"] == "A" for a in audits)   # and A's next audit ran in a new process
