@@ -14,6 +14,8 @@ Method (docs/calibration.md has the measured figures):
   everything (for models and ranges never calibrated) and per (model sha256, layer range), because
   honest disagreement differs several-fold between stages and one pooled limit is too loose for the
   quiet stages (cheaters slip under it) and too tight for the noisy ones (honest Mismatch piles up).
+- Window states (audits from them) get a limit of their own, from windows of decode steps replayed
+  from the worker's prefix states: honest keys and values lie apart by other amounts than rows do.
 """
 from __future__ import annotations
 
@@ -42,6 +44,13 @@ CANDIDATES = ("relative_l2", "frac_gt_1", "frac_gt_2", "frac_gt_4", "max_abs_ste
               "one_minus_cosine", "topk_disagreement")
 _FIGURE_OF = {"one_minus_cosine": "cosine", "topk_disagreement": "topk_agreement"}
 _CORE_CHEATERS = ("skip-layer", "cheap-quant", "replay", "random")
+# Audits from window states (docs/dataplane.md): windows of the receipt window's size, each replayed
+# from the worker's states before it, after a prompt of STATE_PREFILL rows in one batch (windows
+# holding the prompt's batch are replayed in full by the driver, never from states).
+STATE_WINDOW = 16
+STATE_PREFILL = 24
+STATE_FACTOR = 2.0          # the honest state limit: this many times the largest honest calibration distance
+MIN_STATE_WINDOWS = 8       # windows with differing states a stage needs for a state limit of its own
 
 # Prose of 100-150 tokens each, on unrelated subjects, so prefill gives many rows per stage. The first
 # half calibrates, the second half is held out.
@@ -304,6 +313,112 @@ def collect_model(spec: str, prompts: list[tuple[str, str]], *, threads: int, se
     return out, meta
 
 
+@dataclasses.dataclass
+class StateRows:
+    """Window-state comparisons of one source on one stage and prompt: kvstate.relative_l2 between
+    the worker's (or cheater's) keys and values of each window and the verifier's replay of it."""
+    model: str
+    stage: int
+    role: str           # calibration | heldout
+    source: str         # repack-off (honest), or the cheater class
+    honest: bool
+    distances: np.ndarray
+    stage_key: tuple[str, str] = ("", "")
+
+
+def collect_states(spec: str, prompts: list[tuple[str, str]], *, threads: int, log) -> list[StateRows]:
+    """Window audits from states, as the driver runs them: the worker (repacking on) prefills
+    STATE_PREFILL rows and then decodes one row per step, fed by the worker pipeline's previous stage;
+    for each window of decode steps the verifier (repacking off) imports the worker's states of the
+    positions before it, replays the window row by row and exports its own state of the window, which
+    is compared with the worker's. The cheap-quant cheater's states are audited the same way from its
+    own prefix. (Skip-layer's states fit no honest stage: the driver cannot compare them and stops
+    trusting that node's states, so there is no distance to calibrate.)"""
+    import consortium.cache
+    from consortium.models import resolve_model
+    from consortium.tokenizer import Tokenizer
+    from consortium.verification import kvstate
+    from node_agent.engine.slicing import read_model_info, sha256_file, stage_file
+    from node_agent.engine.stage import Stage, StageConfig
+    from node_agent.faults import CheatingStage
+
+    t0 = time.time()
+    path = resolve_model(spec)
+    info = read_model_info(path)
+    n, split = info.n_layers, even_split(info.n_layers)
+    label = spec if not Path(str(spec)).is_file() else Path(str(spec)).name
+    sha = sha256_file(path, consortium.cache.cache_dir())
+    worker_cfg = StageConfig(threads=threads, n_ctx=512, n_seq_max=1, n_batch=64, repack=True)
+    verifier_cfg = dataclasses.replace(worker_cfg, repack=False)
+    tok = Tokenizer(path)
+    out: list[StateRows] = []
+    try:
+        inputs = [np.asarray(tok.encode(text), dtype=np.int32)[:400] for _, text in prompts]
+        for si, r in enumerate(split):
+            f = stage_file(path, r)
+            last = si == len(split) - 1
+            with Stage(f, r, n, worker_cfg) as worker, Stage(f, r, n, verifier_cfg) as verifier, \
+                    CheatingStage("cheap-quant", path, r, n, worker_cfg) as cheat:
+                for pi, (role, _) in enumerate(prompts):
+                    x = inputs[pi]
+                    rows = (lambda a: {"tokens": a}) if si == 0 else (lambda a: {"hidden": a})
+                    ys = []
+                    for s in (worker, cheat):
+                        s.clear(0)
+                        y = [s.forward(0, 0, **rows(x[:STATE_PREFILL]), logits=not last)]
+                        for p in range(STATE_PREFILL, len(x)):
+                            y.append(s.forward(0, p, **rows(x[p:p + 1]), logits=not last))
+                        ys.append(None if last else np.concatenate(y))
+                    first = -(-STATE_PREFILL // STATE_WINDOW) * STATE_WINDOW
+                    for source, s in (("repack-off", worker), ("cheap-quant", cheat)):
+                        ds = []
+                        for ws in range(first, len(x) - STATE_WINDOW + 1, STATE_WINDOW):
+                            verifier.clear(0)
+                            verifier.import_state(0, [s.export_state(0, 0, ws)])
+                            for p in range(ws, ws + STATE_WINDOW):
+                                verifier.forward(0, p, **rows(x[p:p + 1]), logits=not last)
+                            ds.append(kvstate.relative_l2(kvstate.parse(s.export_state(0, ws, ws + STATE_WINDOW)),
+                                                          kvstate.parse(verifier.export_state(0, ws, ws + STATE_WINDOW))))
+                        out.append(StateRows(label, si, role, source, source == "repack-off", np.asarray(ds),
+                                             (sha, str(r))))
+                    inputs[pi] = ys[0]   # the next stage's input: the honest worker's rows
+            log(f"  {label}: window states of stage {r} compared at {time.time() - t0:.0f} s")
+    finally:
+        tok.close()
+    return out
+
+
+def choose_state_limits(rows: list[StateRows], factor: float = STATE_FACTOR) -> tuple[float, dict]:
+    """The honest state limit, pooled and per stage: factor x the largest honest calibration distance.
+    A stage with fewer than MIN_STATE_WINDOWS differing honest windows (on the default Q4_1 model
+    repacking changes nothing, so every honest state is equal) takes the pooled limit."""
+    honest = [r for r in rows if r.honest and r.role == "calibration"]
+    every = np.concatenate([r.distances for r in honest]) if honest else np.zeros(0)
+    if not (every > 0).any():
+        raise RuntimeError("no honest calibration window state differed: nothing to calibrate")
+    pooled = factor * float(every.max())
+    stages = {}
+    for key in sorted({r.stage_key for r in honest}):
+        d = np.concatenate([r.distances for r in honest if r.stage_key == key])
+        stages[key] = factor * float(d.max()) if int((d > 0).sum()) >= MIN_STATE_WINDOWS else pooled
+    return pooled, stages
+
+
+def evaluate_states(rows: list[StateRows], pooled: float, stages: dict, role: str = "heldout") -> dict:
+    """Per (model, stage, source): windows, how many states differ, the largest distance, and how many
+    lie beyond the stage's limit (honest: states the driver would stop trusting; cheater: caught)."""
+    out = {}
+    for key in sorted({(r.model, r.stage, r.source) for r in rows if r.role == role}):
+        rs = [r for r in rows if r.role == role and (r.model, r.stage, r.source) == key]
+        d = np.concatenate([r.distances for r in rs])
+        limit = stages.get(rs[0].stage_key, pooled)
+        out["{} stage {} {}".format(*key)] = {
+            "honest": rs[0].honest, "windows": int(d.size), "differ": int((d > 0).sum()),
+            "max": float(d.max()) if d.size else 0.0, "min": float(d.min()) if d.size else 0.0, "limit": limit,
+            "beyond_limit": int((d > limit).sum())}
+    return out
+
+
 # -- choosing and evaluating the tolerance --------------------------------------------------------
 
 def _select(rows: list[Rows], role: str, honest: bool | None = None, source: str | None = None):
@@ -525,7 +640,8 @@ def sweep(rows: list[Rows], role: str = "heldout") -> list[dict]:
 
 # -- plot -----------------------------------------------------------------------------------------
 
-def plot(rows: list[Rows], tol, figure: str, grid_sweep: list[dict], path: str, title: str) -> None:
+def plot(rows: list[Rows], tol, figure: str, grid_sweep: list[dict], path: str, title: str,
+         state_rows: list[StateRows] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -564,7 +680,7 @@ def plot(rows: list[Rows], tol, figure: str, grid_sweep: list[dict], path: str, 
         zero = int((v == 0).sum())
         return f"{name} (n={v.size}" + (f", {zero} hash-equal off the log axis)" if zero else ")")
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 6), gridspec_kw={"width_ratios": [1.35, 1.35, 1]})
+    fig, axes = plt.subplots(1, 4, figsize=(23, 6), gridspec_kw={"width_ratios": [1.35, 1.35, 1, 1]})
     for ax, classes, sub in ((axes[0], core, "skipped layer, cheaper quantization, replay, random"),
                              (axes[1], noise, "noise-s: each element times (1 + s N(0,1))")):
         for name, v in honest.items():
@@ -600,6 +716,24 @@ def plot(rows: list[Rows], tol, figure: str, grid_sweep: list[dict], path: str, 
     ax2.set_title("Exact-hash match rate vs grid size", fontsize=10)
     ax2.legend(fontsize=7.5, loc="upper right")
     ax2.grid(True, alpha=0.3)
+    # Window states: each held-out window's distance over its stage's state limit.
+    ax3 = axes[3]
+    held = [r for r in state_rows if r.role == "heldout"]
+    for source in sorted({r.source for r in held}, key=lambda x: x != "repack-off"):
+        v = np.concatenate([r.distances / tol.for_stage(*r.stage_key).state_limit for r in held if r.source == source])
+        name = "honest: repack-off" if source == "repack-off" else source
+        zero = int((v == 0).sum())
+        ax3.hist(np.clip(v[v > 0], 1e-3, None), bins=np.logspace(-3, 1.5, 40), color=colors.get(name),
+                 histtype="stepfilled" if source == "repack-off" else "step", linewidth=1.8,
+                 alpha=0.5 if source == "repack-off" else 1.0,
+                 label=f"{name} (n={v.size}" + (f", {zero} equal off the log axis)" if zero else ")"))
+    ax3.axvline(1.0, color="k", linestyle="--", linewidth=1.5, label="the stage's state limit (untrusted beyond)")
+    ax3.set_xscale("log")
+    ax3.set_xlabel("window state relative L2 (node vs replay) / state limit")
+    ax3.set_ylabel(f"windows of {STATE_WINDOW} decode steps")
+    ax3.set_title("Audits from window states: keys and values", fontsize=10)
+    ax3.legend(fontsize=7.5, loc="upper left")
+    ax3.grid(True, alpha=0.3)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -624,13 +758,20 @@ def run(args) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    rows, metas = [], []
+    rows, metas, state_rows = [], [], []
     for m in models:
         r, meta = collect_model(m, prompts, threads=args.threads, seed=args.seed,
                                 noise_scales=DEFAULT_NOISE_SCALES, log=log)
         rows += r
         metas.append(meta)
+        state_rows += collect_states(m, prompts, threads=args.threads, log=log)
     tol, figure, table = choose_tolerance(rows)
+    state_pooled, state_stages = choose_state_limits(state_rows)
+    windows = sum(r.distances.size for r in state_rows if r.honest and r.role == "calibration")
+    about = (f" Window-state limit (audits from window states) = {STATE_FACTOR:g} x the largest kvstate.relative_l2 "
+             f"of {windows} honest calibration windows, per stage with at least {MIN_STATE_WINDOWS} differing.")
+    tol = dataclasses.replace(tol, about=tol.about + about, state_relative_l2=state_pooled, stages={
+        k: dataclasses.replace(t, state_relative_l2=state_stages.get(k, state_pooled)) for k, t in tol.stages.items()})
     calib = evaluate(rows, tol, "calibration")
     held = evaluate(rows, tol, "heldout")
     grid_sweep = sweep(rows)
@@ -653,6 +794,11 @@ def run(args) -> int:
         "figure_choice": table,
         "calibration": {"honest": calib["honest"], "cheaters": calib["cheaters"]},
         "grid_sweep": grid_sweep,
+        "states": {"window": STATE_WINDOW, "prefill": STATE_PREFILL,
+                   "rule": f"{STATE_FACTOR:g} x the largest honest calibration distance (per stage with at least "
+                           f"{MIN_STATE_WINDOWS} differing windows, else pooled)",
+                   "pooled_limit": state_pooled, "heldout": evaluate_states(state_rows, state_pooled, state_stages),
+                   "calibration": evaluate_states(state_rows, state_pooled, state_stages, "calibration")},
         "runtime_s": round(time.time() - t0, 1),
     }
     print(summary(report))
@@ -666,7 +812,7 @@ def run(args) -> int:
         DEFAULT_TOLERANCE_PATH.write_text(tol_json)
         print(f"wrote the shipped default tolerance {DEFAULT_TOLERANCE_PATH.name}")
     if args.plot:
-        plot(rows, tol, figure, grid_sweep, args.plot,
+        plot(rows, tol, figure, grid_sweep, args.plot, state_rows=state_rows, title=
              f"consortium calibrate, {', '.join(m['model'] for m in metas)}: 3-way split, "
              f"{per_role} held-out prompts, {report['about']['date'][:10]}")
     return 0
@@ -709,5 +855,10 @@ def summary(rep: dict) -> str:
                  f"(50% crossing about {b['crossing_50pct'] and round(b['crossing_50pct'], 5)})")
     lines.append("grid sweep (exact hash match rate of honest pairs): " +
                  ", ".join(f"{g['grid']}: {g['hash_match_rate']:.3f}" for g in rep["grid_sweep"]))
+    st = rep["states"]
+    lines.append(f"window states (audits from them; limit {st['rule']}, pooled {st['pooled_limit']:.4g}), held out:")
+    for k, v in st["heldout"].items():
+        lines.append(f"  {k}: {v['windows']} windows, {v['differ']} differ, relative L2 {v['min']:.4g}-{v['max']:.4g}, "
+                     f"limit {v['limit']:.4g}, {v['beyond_limit']} beyond it")
     lines.append(f"runtime {rep['runtime_s']} s")
     return "\n".join(lines)

@@ -1022,7 +1022,7 @@ class SessionDriver:
         # A window still open at the end has no signed state, and nothing after it rests on it.
         differs = window is not None and hashlib.sha256(resp.state).digest() != window[3]
         distance = self._state_distance(s, holder, epoch, ws, window[3], resp.state) if differs else None
-        limit = self.stage_tolerances[s].honest.relative_l2
+        limit = self.stage_tolerances[s].state_limit
         with self._lock:
             self.audit_cpu_ms += resp.cpu_ms
             if gen != self._generation:

@@ -152,6 +152,10 @@ class Tolerance:
     # differs a lot between stages (calibration measured <1% to 13% Mismatch at one pooled limit),
     # so a stage that was calibrated is judged by its own limits; anything else by the pooled ones.
     stages: dict = field(default_factory=dict, compare=False)
+    # Audits from window states: the largest relative L2 (kvstate.relative_l2, worst layer) between a
+    # node's signed keys and values of a window and the verifier's replay of it that still counts as
+    # honest; None: the honest row limit stands in. Calibrated apart from the rows: the two differ.
+    state_relative_l2: float | None = None
 
     def __post_init__(self) -> None:
         if not self.honest._items():
@@ -160,6 +164,8 @@ class Tolerance:
             raise ValueError("honest_mismatch_rate must be in (0, 1)")
         if self.topk < 1:
             raise ValueError("topk must be >= 1")
+        if self.state_relative_l2 is not None and not self.state_relative_l2 >= 0:
+            raise ValueError("state_relative_l2 must be >= 0")
         # A decisive limit inside the honest tolerance would call a within-tolerance unit Fraud.
         for name, d in self.decisive._items():
             h = getattr(self.honest, name)
@@ -169,6 +175,8 @@ class Tolerance:
     def to_json(self) -> dict:
         o = {"about": self.about, "honest_mismatch_rate": self.honest_mismatch_rate, "topk": self.topk,
              "honest": self.honest.to_json(), "decisive": self.decisive.to_json()}
+        if self.state_relative_l2 is not None:
+            o["state_relative_l2"] = self.state_relative_l2
         if self.stages:
             o["stages"] = [{"model_sha256": sha, "layers": layers, **{k: v for k, v in t.to_json().items() if k != "about"},
                             **({"about": t.about} if t.about else {})}
@@ -180,7 +188,12 @@ class Tolerance:
         stages = {(str(e["model_sha256"]), str(e["layers"])): cls.from_json(e) for e in o.get("stages", [])}
         return cls(Limits.from_json(o["honest"]), Limits.from_json(o.get("decisive", {})),
                    float(o.get("honest_mismatch_rate", 0.02)), int(o.get("topk", 16)), str(o.get("about", "")),
-                   stages)
+                   stages, None if o.get("state_relative_l2") is None else float(o["state_relative_l2"]))
+
+    @property
+    def state_limit(self) -> float | None:
+        """The limit a differing window state is judged by: the calibrated one, else the honest row limit."""
+        return self.state_relative_l2 if self.state_relative_l2 is not None else self.honest.relative_l2
 
     def for_stage(self, model_sha256: str, layers) -> "Tolerance":
         """The limits calibrated for this model's layer range, or the pooled ones."""

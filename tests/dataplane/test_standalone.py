@@ -199,7 +199,7 @@ def test_audits_from_window_states_cost_a_fraction_of_full_replays():
 @pytest.mark.slow
 def test_audits_from_window_states_across_kernel_paths_compare_states_by_value():
     """N2 (repacking off) writes keys and values other than its verifiers' would: its window states
-    are compared by value against the stage's honest tolerance and stay trusted."""
+    are compared by value against the stage's calibrated state limit and stay trusted."""
     r = standalone.run(standalone.Options(max_tokens=64, kill_stage=None, heterogeneous=True, audit_probability=0.5,
                                           audit_from_state=True))
     fs = r["audits"]["from_state"]

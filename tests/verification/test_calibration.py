@@ -60,10 +60,26 @@ def test_quick_run_accuses_no_honest_pair_and_catches_the_cheaters(quick):
     assert rep["cheaters"]["noise-0.001"]["detection_rate"] < 0.5
 
 
+def test_quick_window_states_keep_honest_nodes_trusted_and_catch_the_cheap_cheater(quick):
+    rep, _, _ = quick
+    st = rep["states"]
+    assert 0 < st["pooled_limit"] < 0.2
+    for key in ("heldout", "calibration"):
+        got = st[key]
+        assert {k.rsplit(" ", 1)[1] for k in got} == {"repack-off", "cheap-quant"}
+        for k, v in got.items():
+            assert v["windows"] >= 2, k
+            if v["honest"]:   # every honest window state within the limit: the node stays trusted
+                assert v["beyond_limit"] == 0 and v["max"] <= v["limit"], (k, v)
+            else:             # the cheap quantization's keys and values lie far beyond it
+                assert v["beyond_limit"] == v["windows"] and v["min"] > 3 * v["limit"], (k, v)
+
+
 def test_quick_outputs_load(quick):
     rep, png, tol_path = quick
     tol = Tolerance.load(tol_path)
     assert tol.to_json() == rep["tolerance"]
+    assert tol.state_relative_l2 == rep["states"]["pooled_limit"]
     assert 0 < tol.honest_mismatch_rate < 0.2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -113,6 +113,7 @@ def test_default_tolerance_file_is_calibrated_for_the_default_split():
         assert own is not t, f"no calibrated limits for the default model's stage {r}"
         assert own.honest.relative_l2 is not None and own.decisive.relative_l2 > own.honest.relative_l2
         assert 0 < own.honest_mismatch_rate < 0.2
+        assert own.state_relative_l2 is not None and 0 < own.state_limit < own.decisive.relative_l2
 
 
 def test_stage_limits_round_trip_and_fall_back_to_the_pooled_ones():
@@ -126,6 +127,17 @@ def test_stage_limits_round_trip_and_fall_back_to_the_pooled_ones():
                            topk_agreement=1.0)
     assert back.classify(fig)[0] == Verdict.PASSED_WITHIN_TOLERANCE
     assert back.for_stage("ab" * 32, "0-9").classify(fig)[0] == Verdict.MISMATCH
+
+
+def test_the_state_limit_is_its_own_or_the_honest_row_limit():
+    t = Tolerance(honest=Limits(relative_l2=0.03), decisive=Limits(relative_l2=0.3))
+    assert t.state_relative_l2 is None and t.state_limit == 0.03
+    own = Tolerance(honest=Limits(relative_l2=0.03), decisive=Limits(relative_l2=0.3), state_relative_l2=0.06,
+                    stages={("ab" * 32, "0-9"): t})
+    back = Tolerance.from_json(json.loads(json.dumps(own.to_json())))
+    assert back == own and back.state_limit == 0.06 and back.for_stage("ab" * 32, "0-9").state_limit == 0.03
+    with pytest.raises(ValueError):
+        Tolerance(honest=Limits(relative_l2=0.03), decisive=Limits(), state_relative_l2=-1.0)
 
 
 def test_decisive_inside_honest_refused():
