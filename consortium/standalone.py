@@ -46,7 +46,7 @@ class Options:
     hang: bool = False   # SIGSTOP instead of SIGKILL: the agent keeps its socket and never answers
     plaintext: bool = False  # gRPC without TLS; by default a CA made for the run issues mutual-TLS certificates
     defer_commitments: bool = True   # agents commit and sign after answering (False: before, in the response)
-    audit_replay_rows: int = 1   # rows per batch when audits replay decode steps (driver.session.replay_batches)
+    audit_replay_rows: int = 0   # audits' decode steps: 0 merged where the verifier checked, 1 as run, N merged up to N
     audit_from_state: bool = False   # audit decode windows from the nodes' signed window states
     sign_per_window: bool = False   # deferred commitments committed and signed once per receipt window
 
@@ -329,6 +329,10 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
                    "mismatch": count["Mismatch"], "fraud": count["Fraud"], "probability": opts.audit_probability,
                    "seed": opts.audit_seed, "audit_cpu_ms": round(driver.audit_cpu_ms, 3),
                    "generation_cpu_ms": round(driver.forward_cpu_ms, 3),
+                   # rows the verifiers replayed in batches they merged from decode steps, and the CPU
+                   # time of their one-time checks of the sizes they may merge into (not in audit_cpu_ms)
+                   "merged_rows": driver.audit_merged_rows,
+                   "merge_check_cpu_ms": round(driver.audit_check_cpu_ms, 3),
                    "audit_over_generation": (round(driver.audit_cpu_ms / driver.forward_cpu_ms, 4)
                                              if driver.forward_cpu_ms else None),
                    # with --audit-from-state: windows audited from the nodes' states, how many of them

@@ -76,7 +76,7 @@ class Session:
 
     def __init__(self, agents_endpoints: dict[str, str], model: str, info, split, sha: str, prompt_ids: list[int],
                  name: str, audit: float, rpc_timeout_s: float = 30.0, tls=None,
-                 registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 1,
+                 registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 0,
                  sign_per_window: bool = False, audit_from_state: bool = False, warm_backups: bool = False,
                  sample_at_final: bool = True):
         from consortium.driver.policy import LocalPolicy
@@ -125,7 +125,7 @@ class Bench:
         return _BenchAgents(Path(tempfile.mkdtemp(prefix="consortium-bench-")), self.opts, None, netns=netns)
 
     def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None,
-                replay_rows=1, sign_per_window=False, from_state=False, warm_backups=False,
+                replay_rows=0, sign_per_window=False, from_state=False, warm_backups=False,
                 sample_at_final=True) -> Session:
         """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies).
         Backups load ahead only where asked (the failover runs): elsewhere the loads would land in
@@ -147,22 +147,26 @@ class Bench:
         self.log("speed: split in process against unsplit")
         inproc = speed(self.model, self.split, n_tokens=s.tokens, rounds=s.rounds, threads=s.threads,
                        prompt_len=len(self.prompt), log=self.log)
-        # (audit probability, rows per replayed batch, signing per window, audits from window states,
-        # the final stage sampling), keyed as in the output: "0" (no audits), "0_window" (no audits,
-        # agents signing once per receipt window), "0_driver_sampling" (no audits, the driver samples
-        # from the logit row as it did before the final stage sampled), "20", "50", "20_replay32",
-        # "20_state"
-        runs = {"0": (0.0, 1, False, False, True), "0_window": (0.0, 1, True, False, True),
-                "0_driver_sampling": (0.0, 1, False, False, False),
-                **{f"{int(p * 100)}": (p, 1, False, False, True) for p in s.audit_probabilities}}
+        # (audit probability, audit_replay_rows (0, the default: each verifier merges decode steps
+        # where it checked that gives the same bits), signing per window, audits from window states,
+        # the final stage sampling), keyed as in the output: "0" (no audits), "0_window" (no audits, agents signing
+        # once per receipt window), "0_driver_sampling" (no audits, the driver samples from the logit
+        # row as it did before the final stage sampled), "20", "50", "20_original" (decode steps
+        # replayed one row at a time, as the original run), "20_replay32", "20_state"
+        runs = {"0": (0.0, 0, False, False, True), "0_window": (0.0, 0, True, False, True),
+                "0_driver_sampling": (0.0, 0, False, False, False),
+                **{f"{int(p * 100)}": (p, 0, False, False, True) for p in s.audit_probabilities}}
+        if 0.2 in s.audit_probabilities:
+            runs["20_original"] = (0.2, 1, False, False, True)
         if s.audit_replay_rows > 1 and 0.2 in s.audit_probabilities:
             runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows, False, False, True)
         if 0.2 in s.audit_probabilities:
-            runs["20_state"] = (0.2, 1, False, True, True)
+            runs["20_state"] = (0.2, 0, False, True, True)
         labels = {"0": "no audits", "0_window": "no audits signing per window",
                   "0_driver_sampling": "no audits the driver sampling"}
         rows = {"single": [], **{k: [] for k in runs}}
         audit_cpu = {k: [] for k, (p, *_) in runs.items() if p}
+        check_cpu = {k: 0.0 for k in audit_cpu}   # the verifiers' one-time merge checks, outside audit_cpu
         breakdowns = []   # per round, where a token's time goes without audits (token_breakdown)
         with LocalPipeline(self.model, None, StageConfig(threads=s.threads)) as single:
             for r in range(s.rounds):
@@ -182,6 +186,7 @@ class Bench:
                             breakdowns.append(token_breakdown(rows[k][-1], d.steps, base))
                         if p:   # both CPU times as the agents report them, of the threads that ran llama.cpp
                             audit_cpu[k].append(d.audit_cpu_ms / d.forward_cpu_ms if d.forward_cpu_ms else None)
+                            check_cpu[k] += d.audit_check_cpu_ms
                     finally:
                         sess.close()
                 self.log(f"speed round {r + 1}/{s.rounds}: single {base.tokens_per_s:.1f} tok/s, agents "
@@ -211,6 +216,7 @@ class Bench:
             out["audits"][k] = {
                 "tokens_per_s": _median([x.tokens_per_s for x in rows[k]]),
                 "cpu_ratio": _median(audit_cpu[k]),
+                "merge_check_cpu_ms": round(check_cpu[k], 1),
                 # wall time per token added, against the run without audits in the same round
                 "added_share": _median([a.tokens_per_s and (n.tokens_per_s / a.tokens_per_s - 1)
                                         for a, n in zip(rows[k], rows["0"])])}
@@ -517,6 +523,8 @@ def headline(res: dict) -> dict:
         "audit20_added_share": sp["audits"].get("20", {}).get("added_share"),
         "audit50_cpu_ratio": sp["audits"].get("50", {}).get("cpu_ratio"),
         "audit50_added_share": sp["audits"].get("50", {}).get("added_share"),
+        # the same 20% with decode steps replayed one row at a time, as the original run computed them
+        "audit20_original_cpu_ratio": sp["audits"].get("20_original", {}).get("cpu_ratio"),
         # the same 20% with decode steps replayed in larger batches (Settings.audit_replay_rows)
         "audit20_replay_cpu_ratio": next((v["cpu_ratio"] for k, v in sp["audits"].items()
                                           if k.startswith("20_replay")), None),

@@ -92,8 +92,10 @@ def summary(res: dict) -> str:
                      f"{cw['per_stage_share']}) | < 2% |")
     for k, a in sp["audits"].items():
         p, _, replay = k.partition("_replay")
-        p = p.removesuffix("_state")
+        p = p.removesuffix("_state").removesuffix("_original")
         what = (f"audits at {p}%" + (f", decode steps replayed {replay} rows at a time" if replay else "")
+                + (", decode steps replayed one row at a time (--audit-replay-rows 1)" if k.endswith("_original")
+                   else "")
                 + (" of the windows, each from the signed states before it (--audit-from-state)" if k.endswith("_state")
                    else ""))
         lines.append(f"| {what}: audit CPU / generation CPU | {_f(a['cpu_ratio'])} | "

@@ -24,10 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds before an unanswered RPC counts as a lost stage (default 30; --standalone)")
     p.add_argument("--audit-probability", type=float, default=0.2)
     p.add_argument("--audit-seed", type=int, default=7)
-    p.add_argument("--audit-replay-rows", type=int, default=1, metavar="N",
+    p.add_argument("--audit-replay-rows", type=int, default=0, metavar="N",
                    help="audits replay decode steps in batches of up to N rows: cheaper, and bit-exact only where "
-                        "the backend's kernels compute each row alone at that batch size (default 1: the "
-                        "original shapes; --standalone)")
+                        "the backend's kernels compute each row alone at that batch size (1: the original shapes; "
+                        "default 0: each verifier merges them into batches of sizes it checked give the same "
+                        "bits; --standalone)")
     p.add_argument("--audit-from-state", action="store_true",
                    help="audit whole windows, each from the KV states of the windows before it, which the node "
                         "holding the stage signs as they close, instead of replaying every earlier position "
@@ -71,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         extensions.apply(args.extension, opts, prompt_given=args.prompt is not None,
                          fault_given=args.fault is not None, audit_given=args.audit_probability != 0.2)
-        if opts.audit_replay_rows < 1:
-            raise ValueError("--audit-replay-rows must be at least 1")
+        if opts.audit_replay_rows < 0:
+            raise ValueError("--audit-replay-rows must be at least 0")
         if opts.fault:
             faults.parse_fault(opts.fault)
         if opts.faulty_stage is not None and not 0 <= opts.faulty_stage < len(standalone.PLACEMENT):
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     json_out = None if args.json in (None, "-") else args.json
     if not args.standalone:
-        if args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows != 1:
+        if args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows:
             print("error: --heterogeneous, --model, --hang, --rpc-timeout and --audit-replay-rows need --standalone "
                   "so far", file=sys.stderr)
             return 2

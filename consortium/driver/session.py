@@ -16,7 +16,9 @@ before returned. The token loop itself stays in consortium.generation.generate; 
   the upstream agent, or recomputed through a replacement of it if that agent is gone too) in the
   batch shapes of the original run; the step then continues at the same position;
 - audits: about audit_probability of the units (stage, position) are recomputed by another node in
-  a background thread; verdicts come from consortium.verification.verdicts;
+  a background thread (which merges decode steps into larger batches where it checked that gives
+  the same bits, unless audit_replay_rows says otherwise); verdicts come from
+  consortium.verification.verdicts;
 - fraud proofs: each Fraud verdict becomes a signed FraudProof once its worker's window is a receipt
   (consortium.driver.proofs; `proof_key` is the coordinator's key that signs them);
 - rollback: on Fraud or quarantine, every stage the node served fails over, all stages truncate to
@@ -153,10 +155,10 @@ class SessionDriver:
                  tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True,
                  sign_per_window: bool = False, receipt_window: int = receipts.DEFAULT_WINDOW,
                  proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
-                 audit_replay_rows: int = 1, audit_from_state: bool = False, warm_backups: bool = True,
+                 audit_replay_rows: int = 0, audit_from_state: bool = False, warm_backups: bool = True,
                  sample_at_final: bool = True):
-        if audit_replay_rows < 1:
-            raise ValueError(f"audit_replay_rows must be >= 1, got {audit_replay_rows}")
+        if audit_replay_rows < 0:
+            raise ValueError(f"audit_replay_rows must be >= 0, got {audit_replay_rows}")
         if receipt_window < 1:
             raise ValueError(f"receipt_window must be >= 1, got {receipt_window}")
         self.warm_backups = warm_backups
@@ -191,6 +193,8 @@ class SessionDriver:
         self.defer_commitments = defer_commitments
         self.sign_per_window = defer_commitments and sign_per_window
         self.receipt_window = receipt_window   # positions per signed window, told to every agent
+        # 0: the verifiers merge decode steps where they checked it gives the same bits; 1: the
+        # original batch shapes; N: merged here, up to N rows (replay_batches), unchecked.
         self.audit_replay_rows = audit_replay_rows
         # Audit a decode window from the KV states of the windows before it, which the node holding the
         # stage signed as they closed, instead of replaying every earlier position (_audits_from_state).
@@ -235,6 +239,8 @@ class SessionDriver:
         self._audit_progress: dict[tuple[str, int], int] = {}
         # Agent-reported CPU time of the threads that ran the session's forward steps and its audits.
         self.audit_cpu_ms = 0.0
+        self.audit_merged_rows = 0        # rows the verifiers replayed in batches they merged
+        self.audit_check_cpu_ms = 0.0     # their one-time checks of the sizes they may merge into
         self.forward_cpu_ms = 0.0
         self.audits_selected = 0          # units selected for audit as their commitments arrived
         self._stop = threading.Event()
@@ -880,14 +886,15 @@ class SessionDriver:
                 start = batches[0][0]
             sizes = [min(b + n, end) - max(b, start) for b, n in batches]
             last_stage = s == self.n_stages - 1   # logits exist at batch ends only
-            sizes = replay_batches(sizes, start, self.audit_replay_rows, set(want) if last_stage else set())
+            sizes = replay_batches(sizes, start, max(1, self.audit_replay_rows), set(want) if last_stage else set())
             try:
                 xs = [self._inputs[s][p] for p in range(start, end)]
             except KeyError:
                 return  # rolled back meanwhile
         req = pb.AuditRequest(ref=self._ref(s, units[0].epoch), model_path=self.model_path,
                               model_sha256=self.model_sha256, first_layer=r.first, last_layer=r.last,
-                              start_position=start, batch_sizes=sizes, positions=want)
+                              start_position=start, batch_sizes=sizes, positions=want,
+                              exact_shapes=self.audit_replay_rows > 0)
         if s == 0:
             req.tokens.extend(int(t) for t in xs)
         else:
@@ -916,6 +923,8 @@ class SessionDriver:
         rows = wire.decode_tensor(resp.rows, ndim=2)
         with self._lock:
             self.audit_cpu_ms += resp.cpu_ms
+            self.audit_merged_rows += resp.merged_rows
+            self.audit_check_cpu_ms += resp.check_cpu_ms
             if gen != self._generation:
                 return
             self._audit_progress[(verifier, s)] = end
@@ -1005,7 +1014,8 @@ class SessionDriver:
         req = pb.AuditRequest(ref=self._ref(s, units[0].epoch), model_path=self.model_path,
                               model_sha256=self.model_sha256, first_layer=r.first, last_layer=r.last,
                               start_position=ws, batch_sizes=sizes, positions=[u.position for u in units],
-                              prefix_states=list(got.states), export_state=window is not None)
+                              prefix_states=list(got.states), export_state=window is not None,
+                              exact_shapes=self.audit_replay_rows > 0)
         if s == 0:
             req.tokens.extend(int(t) for t in xs)
         else:
@@ -1025,6 +1035,8 @@ class SessionDriver:
         limit = self.stage_tolerances[s].state_limit
         with self._lock:
             self.audit_cpu_ms += resp.cpu_ms
+            self.audit_merged_rows += resp.merged_rows
+            self.audit_check_cpu_ms += resp.check_cpu_ms
             if gen != self._generation:
                 return []
             self.state_audits["windows"] += 1

@@ -109,9 +109,9 @@ class Stage:
                 self._contexts[seq] = self._new_context()
             return self._contexts[seq]
 
-    def _new_context(self) -> tuple:
+    def _new_context(self, n_ctx: int | None = None) -> tuple:
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = self.config.n_ctx
+        cparams.n_ctx = n_ctx or self.config.n_ctx
         cparams.n_batch = cparams.n_ubatch = self.config.n_batch
         cparams.n_seq_max = 2
         cparams.n_threads = cparams.n_threads_batch = self.config.resolved_threads()
@@ -185,16 +185,20 @@ class Stage:
         if not 0 <= start < end <= have:
             raise StageInputError(f"positions {start}..{end - 1} are not all in sequence {seq} (it holds 0..{have - 1})")
         ctx, mem = self._context(seq)
-        scratch = self._SCRATCH
         with self._lock:
+            return self._state_of(ctx, mem, start, end)
+
+    def _state_of(self, ctx, mem, start: int, end: int) -> bytes:
+        """export_state's bytes from a context; called with self._lock held."""
+        scratch = self._SCRATCH
+        llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
+        try:
+            llama_cpp.llama_memory_seq_cp(mem, self._SEQ, scratch, start, end)
+            size = llama_cpp.llama_state_seq_get_size(ctx, scratch)
+            buf = (ctypes.c_uint8 * size)()
+            got = llama_cpp.llama_state_seq_get_data(ctx, buf, size, scratch)
+        finally:
             llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
-            try:
-                llama_cpp.llama_memory_seq_cp(mem, self._SEQ, scratch, start, end)
-                size = llama_cpp.llama_state_seq_get_size(ctx, scratch)
-                buf = (ctypes.c_uint8 * size)()
-                got = llama_cpp.llama_state_seq_get_data(ctx, buf, size, scratch)
-            finally:
-                llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
         if got != size:
             raise ll.LlamaError(f"llama.cpp wrote {got} of {size} bytes of state for positions {start}..{end - 1}")
         return bytes(buf)
@@ -292,8 +296,42 @@ class Stage:
             raise StageInputError(f"{position + len(rows)} positions do not fit the context of {self.config.n_ctx}")
         return rows
 
+    def batch_invariant_sizes(self, max_rows: int) -> list[int]:
+        """The batch sizes 2..max_rows in which decode steps give this stage's rows (logits, on the
+        final stage) and keys and values bit for bit as one-row steps do, here: on this backend,
+        build and weights' kernels. A replay may merge decode steps into batches of these sizes and
+        still reproduce them, with fewer passes over the weights. Checked on a scratch context after
+        a few rows of prefix, with inputs of the stage's kind, against max_rows one-row steps; costs
+        about max_rows one-row steps and one batch of each size."""
+        if not 1 < max_rows <= self.config.n_batch:
+            raise ValueError(f"max_rows must be in 2..{self.config.n_batch} (the batch size), got {max_rows}")
+        prefix = 8
+        rng = np.random.default_rng(max_rows)
+        if self.is_first:
+            x = rng.integers(0, self.n_vocab, size=prefix + max_rows).astype(np.int32)
+        else:
+            x = rng.standard_normal((prefix + max_rows, self.n_embd)).astype(np.float32)
+        ctx, mem = self._new_context(prefix + max_rows + 1)
+        try:
+            with self._lock:
+                self._decode_in(ctx, 0, x[:prefix], False, False)
+                steps = np.concatenate([self._decode_in(ctx, p, x[p:p + 1], True, True)
+                                        for p in range(prefix, prefix + max_rows)])
+                states = {k: self._state_of(ctx, mem, prefix, prefix + k) for k in range(2, max_rows + 1)}
+                sizes = []
+                for k in range(2, max_rows + 1):
+                    llama_cpp.llama_memory_seq_rm(mem, self._SEQ, prefix, -1)
+                    batch = self._decode_in(ctx, prefix, x[prefix:prefix + k], True, True)
+                    if batch.tobytes() == steps[:k].tobytes() and self._state_of(ctx, mem, prefix, prefix + k) == states[k]:
+                        sizes.append(k)
+        finally:
+            llama_cpp.llama_free(ctx)
+        return sizes
+
     def _decode(self, seq: int, position: int, rows: np.ndarray, all_logits: bool, last_logits: bool):
-        ctx = self._contexts[seq][0]
+        return self._decode_in(self._contexts[seq][0], position, rows, all_logits, last_logits)
+
+    def _decode_in(self, ctx, position: int, rows: np.ndarray, all_logits: bool, last_logits: bool):
         b = self._batch
         n = len(rows)
         b.n_tokens = n

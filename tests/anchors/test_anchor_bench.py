@@ -81,15 +81,15 @@ def test_tiny_anchor_bench_writes_every_headline(tmp_path):
     res = json.loads(out.read_text())
     h = res["headline"]
     for k in ("loopback_over_single", "inprocess_over_single", "commit_share", "audit20_cpu_ratio",
-              "audit20_added_share", "audit20_replay_cpu_ratio", "concurrent_over_single",
-              "commit_share_signing_per_window", "loopback_signing_per_window_over_single",
+              "audit20_added_share", "audit20_replay_cpu_ratio", "audit20_original_cpu_ratio",
+              "concurrent_over_single", "commit_share_signing_per_window", "loopback_signing_per_window_over_single",
               "loopback_driver_sampling_over_single"):
         assert isinstance(h[k], float), k
     assert 0 < h["loopback_over_single"] < 20 and 0 < h["inprocess_over_single"] < 20
     assert 0 < h["commit_share"] < 1 and 0 < h["commit_share_signing_per_window"] < 1
     assert 0 < h["loopback_signing_per_window_over_single"] < 20
     assert 0 < h["audit20_cpu_ratio"] < 10 and h["audit20_added_share"] > -1
-    assert 0 < h["audit20_replay_cpu_ratio"] < 10
+    assert 0 < h["audit20_replay_cpu_ratio"] < 10 and 0 < h["audit20_original_cpu_ratio"] < 10
     # 6 tokens: no decode window may be selected, and then no audit CPU at all
     assert 0 <= h["audit20_state_cpu_ratio"] < 10
     assert 0 < h["failover_spike_ms"]["median"] <= h["failover_spike_ms"]["max"] < 60_000

@@ -467,3 +467,35 @@ def test_an_audit_process_that_dies_is_replaced(agent, model_path):
     a = stub.Audit(_audit_request("phoenix", model_path))   # a new process, a new audit sequence
     assert wire.decode_tensor(a.rows).shape == (1, 576)
     service.release_session("phoenix")
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "smollm2-135m-q4_k_m"], ids=["q4_1", "repacked-q4_k_m"])
+def test_a_verifier_merges_decode_steps_only_where_that_keeps_the_bits(model):
+    """Audit replays merge one-row batches into batches of the sizes Stage.batch_invariant_sizes
+    passed for on the stage (2-8 on Q4_1; on repacked Q4_K_M, whose kernels change at 4 rows, fewer):
+    either way the rows and keys and values are those of the original shapes."""
+    from consortium.models import resolve_model
+    from node_agent import server
+    from node_agent.engine.slicing import stage_file
+
+    path = str(resolve_model(model))
+    f = stage_file(path, LayerRange(0, 9))
+    tokens = list(range(100, 130))
+    sizes = [8] + [1] * 22
+
+    def audit(seqs, session, exact):
+        req = pb.AuditRequest(ref=ref(session, 0), model_path=path, first_layer=0, last_layer=9, start_position=0,
+                              tokens=tokens, batch_sizes=sizes, positions=[7, 12, 29], export_state=True,
+                              exact_shapes=exact)
+        return pb.AuditResponse.FromString(seqs.audit((session, 0, str(f)), req.SerializeToString(), 0, 9, 30))
+
+    seqs = server._AuditSequences(server.AgentConfig(threads=1, n_ctx=256))
+    merged, exact = audit(seqs, "merged", False), audit(seqs, "exact", True)
+    assert wire.decode_tensor(merged.rows).tobytes() == wire.decode_tensor(exact.rows).tobytes()
+    assert merged.state == exact.state and exact.merged_rows == 0
+    allowed = seqs.merge_sizes[str(f)]
+    if model == "smollm2-135m":
+        assert allowed == set(range(2, 9)) and merged.merged_rows == 22   # positions 8..29: 8 + 8 + 6
+    else:
+        assert 4 not in allowed and merged.merged_rows == (22 - 22 % max(allowed) if allowed else 0)
+    seqs.release([("merged", 0, str(f)), ("exact", 0, str(f))])

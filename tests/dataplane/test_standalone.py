@@ -147,6 +147,19 @@ def test_replay_batches_merge_decode_steps_only():
     assert replay_batches([1] * 7, 20, 32, {22}) == [3, 4]
 
 
+def test_verifiers_merge_decode_steps_where_they_checked_and_stay_hash_equal():
+    # The default: the driver sends the original batch shapes, and each verifier merges one-row steps
+    # into batches of sizes it checked give the same bits on its stage (all of them, for Q4_1 here).
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=None))
+    check_common(r)
+    assert r["hash_equal_rate"] == 1.0 and r["audits"]["passed"] == r["audits"]["total"]
+    assert r["audits"]["merged_rows"] > 0 and r["audits"]["merge_check_cpu_ms"] > 0
+    exact = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=None, audit_replay_rows=1))
+    check_common(exact)
+    assert exact["hash_equal_rate"] == 1.0 and exact["audits"]["merged_rows"] == 0
+    assert exact["audits"]["merge_check_cpu_ms"] == 0
+
+
 def test_audits_replaying_32_rows_at_a_time_stay_hash_equal(monkeypatch):
     # On this machine's CPU backend with the default model's Q4_1 weights, batches of up to 32 rows
     # compute each row as a one-row batch does: the cheaper replay must still match bit for bit.
