@@ -149,10 +149,10 @@ class Bench:
                        prompt_len=len(self.prompt), log=self.log)
         # (audit probability, audit_replay_rows (0, the default: each verifier merges decode steps
         # where it checked that gives the same bits), signing per window, audits from window states,
-        # the final stage sampling), keyed as in the output: "0" (no audits), "0_window" (no audits, agents signing
-        # once per receipt window), "0_driver_sampling" (no audits, the driver samples from the logit
-        # row as it did before the final stage sampled), "20", "50", "20_original" (decode steps
-        # replayed one row at a time, as the original run), "20_replay32", "20_state"
+        # the final stage sampling), keyed as in the output: "0" (no audits), "0_window" (no audits,
+        # agents signing once per receipt window), "0_driver_sampling" (no audits, the driver samples
+        # from the logit row as it did before the final stage sampled), "20", "50", "20_original"
+        # (decode steps replayed one row at a time, as the original run), "20_replay32", "20_state"
         runs = {"0": (0.0, 0, False, False, True), "0_window": (0.0, 0, True, False, True),
                 "0_driver_sampling": (0.0, 0, False, False, False),
                 **{f"{int(p * 100)}": (p, 0, False, False, True) for p in s.audit_probabilities}}

@@ -82,8 +82,8 @@ def test_tiny_anchor_bench_writes_every_headline(tmp_path):
     h = res["headline"]
     for k in ("loopback_over_single", "inprocess_over_single", "commit_share", "audit20_cpu_ratio",
               "audit20_added_share", "audit20_replay_cpu_ratio", "audit20_original_cpu_ratio",
-              "concurrent_over_single", "commit_share_signing_per_window", "loopback_signing_per_window_over_single",
-              "loopback_driver_sampling_over_single"):
+              "concurrent_over_single", "commit_share_signing_per_window",
+              "loopback_signing_per_window_over_single", "loopback_driver_sampling_over_single"):
         assert isinstance(h[k], float), k
     assert 0 < h["loopback_over_single"] < 20 and 0 < h["inprocess_over_single"] < 20
     assert 0 < h["commit_share"] < 1 and 0 < h["commit_share_signing_per_window"] < 1
