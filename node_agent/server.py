@@ -30,6 +30,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from consortium import priority, wire
+from consortium.batches import merge_decode_steps
 from consortium.layers import LayerRange
 from consortium.resources import MAX_WINDOW
 from consortium.sampling import SamplingParams, sample
@@ -919,32 +920,6 @@ def _in_audit_process(method: str, *args):
 AUDIT_MERGE_ROWS = 8
 
 
-def merged_replay(sizes: list[int], start: int, must_end: set[int], allowed: set[int]) -> list[tuple[int, bool]]:
-    """An audit's batches as (rows, merged): each run of one-row batches cut at the positions in
-    must_end (the final stage's audited rows, whose logits exist at batch ends only) and into the
-    largest `allowed` sizes that fit, what none fits left as one-row steps; other batches as they were."""
-    out, run, pos = [], 0, start
-
-    def flush() -> None:
-        nonlocal run
-        while run:
-            k = max((a for a in allowed if a <= run), default=1)
-            out.append((k, k > 1))
-            run -= k
-
-    for n in sizes:
-        if n == 1:
-            run, pos = run + 1, pos + 1
-            if pos - 1 in must_end:
-                flush()
-            continue
-        flush()
-        out.append((n, False))
-        pos += n
-    flush()
-    return out
-
-
 class _AuditSequences:
     """In the audit process: a sequence slot per audited (session, stage, stage file)."""
 
@@ -1006,7 +981,9 @@ class _AuditSequences:
                 most = min(AUDIT_MERGE_ROWS, engine.config.n_batch)
                 self.merge_sizes[key[2]] = set(engine.batch_invariant_sizes(most)) if most > 1 else set()
                 check_ms, check_wall_ms = (time.thread_time() - c1) * 1000, (time.perf_counter() - t1) * 1000
-            plan = merged_replay(sizes, start, wanted if is_last else set(), self.merge_sizes[key[2]])
+            allowed = self.merge_sizes[key[2]]
+            plan = merge_decode_steps(sizes, start, wanted if is_last else set(),
+                                      lambda run: max((a for a in allowed if a <= run), default=1))
         pos, i, merged_rows = start, 0, 0
         for s, merged in plan:
             # The final stage's logits only where audited: the LM head is most of its replay.

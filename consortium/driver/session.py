@@ -40,6 +40,7 @@ import grpc
 import numpy as np
 
 from consortium import wire
+from consortium.batches import merge_decode_steps
 from consortium.driver.client import NodeClient, RpcLog
 from consortium.driver.policy import Policy
 from consortium.driver.proofs import FraudUnit, ProofBook
@@ -106,22 +107,7 @@ def replay_batches(sizes: Sequence[int], start: int, max_rows: int, must_end: se
     to 32 rows; over repacked Q4_K_M weights the kernels change at 4 rows, and the audits then pass
     within tolerance instead of hash-equal (docs/dataplane.md).
     """
-    out, run, pos = [], 0, start
-    for n in sizes:
-        if n == 1 and max_rows > 1:
-            run, pos = run + 1, pos + 1
-            if run == max_rows or pos - 1 in must_end:
-                out.append(run)
-                run = 0
-            continue
-        if run:
-            out.append(run)
-            run = 0
-        out.append(n)
-        pos += n
-    if run:
-        out.append(run)
-    return out
+    return [n for n, _ in merge_decode_steps(sizes, start, must_end, lambda run: max_rows)]
 
 
 @dataclasses.dataclass
