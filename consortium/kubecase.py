@@ -161,7 +161,8 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
                    "passed_within_tolerance": count["PassedWithinTolerance"], "mismatch": count["Mismatch"],
                    "fraud": count["Fraud"], "probability": opts.audit_probability, "seed": opts.audit_seed,
                    # as the standalone report gives them: windows audited from states, and how they compared
-                   "from_state": drv.get("state_audits") if report_from_state else None,
+                   "from_state": ({**drv.get("state_audits", {}), "state_window": drv.get("audit_window")}
+                                  if report_from_state else None),
                    "units": audits},
         "hash_equal_rate": round(sum(a["hash_equal"] for a in audits) / len(audits), 4) if audits else None,
         "false_fraud": len(set(quarantined) - {faulty_node}) + honest_bad,

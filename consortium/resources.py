@@ -244,10 +244,16 @@ class Audit(_Model):
     seed: int = Field(default=0, ge=0)
     verifier_selector: LabelSelector | None = None
     from_window_states: bool = Field(default=False, description=(
-        "Audit whole receipt windows (the probability is then per window), each replayed alone from the "
-        "KV states of the windows before it, which the node holding the stage signs as they close, "
-        "instead of replaying every earlier position. Far cheaper (docs/dataplane.md, Audits from "
-        "window states), but a lie in a node's keys and values is caught only when its own window is audited."))
+        "Audit whole state windows (the probability is then per window; the prompt counts as one), each "
+        "replayed alone from the KV states of the windows before it, which the node holding the stage "
+        "signs as they close, instead of replaying every earlier position. Far cheaper (docs/dataplane.md, "
+        "Audits from window states), but a lie in a node's keys and values is caught only when its own "
+        "window is audited."))
+    # The same default as consortium.verification.receipts.DEFAULT_STATE_WINDOW (this module imports nothing of ours).
+    state_window: int = Field(default=4, ge=1, le=MAX_WINDOW, description=(
+        "Positions per state window with fromWindowStates: each node signs its KV state as one closes, and "
+        "an audit replays one whole window. Shorter windows replay less per audit and give a cheating node "
+        "more windows' odds of being drawn; each costs the node a state export and a signature."))
 
 
 class Failover(_Model):

@@ -48,6 +48,7 @@ class Options:
     defer_commitments: bool = True   # agents commit and sign after answering (False: before, in the response)
     audit_replay_rows: int = 0   # audits' decode steps: 0 merged where the verifier checked, 1 as run, N merged up to N
     audit_from_state: bool = False   # audit decode windows from the nodes' signed window states
+    state_window: int | None = None   # positions per state window with audit_from_state (None: the driver's default)
     sign_per_window: bool = False   # deferred commitments committed and signed once per receipt window
 
 
@@ -180,7 +181,8 @@ def run(opts: Options) -> dict:
                                registered_keys=agents.public_keys, defer_commitments=opts.defer_commitments,
                                sign_per_window=opts.sign_per_window,
                                proof_key=coordinator.private_key, proof_signer=coordinator.node_id,
-                               audit_replay_rows=opts.audit_replay_rows, audit_from_state=opts.audit_from_state)
+                               audit_replay_rows=opts.audit_replay_rows, audit_from_state=opts.audit_from_state,
+                               state_window=opts.state_window)
         health = {n: driver.clients[n].call("Health", pb.HealthRequest())
                   for n in NODES}
         driver.start()
@@ -337,7 +339,8 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
                                              if driver.forward_cpu_ms else None),
                    # with --audit-from-state: windows audited from the nodes' states, how many of them
                    # the verifier wrote other keys and values for, and units replayed in full instead
-                   "from_state": dict(driver.state_audits) if opts.audit_from_state else None,
+                   "from_state": ({**driver.state_audits, "state_window": driver.state_window}
+                                  if opts.audit_from_state else None),
                    # units selected; those that got no verdict (an audit that failed for a reason other
                    # than its verifier dying), with the reasons; a rollback drops its generation's units
                    "selected": driver.audits_selected,

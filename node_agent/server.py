@@ -232,8 +232,10 @@ class Assignment:
     undelivered_windows: dict = dataclasses.field(default_factory=dict)  # window start -> latest signed
     # Steps signed per window whose rows went out and are not committed yet: [(first row, rows, inputs)].
     uncommitted: list = dataclasses.field(default_factory=list)
-    # With window_states: each closed window's KV state and its signed statement, by window start.
+    # With window_states: the KV state of each closed state window (state_window positions, apart
+    # from the receipt window: audits replay whole state windows) and its signed statement, by start.
     window_states: bool = False
+    state_window: int = receipts.DEFAULT_WINDOW
     states: dict = dataclasses.field(default_factory=dict)          # window start -> (bytes, SignedState)
 
     def settle(self, commit=None) -> None:
@@ -381,6 +383,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         window = req.receipt_window or receipts.DEFAULT_WINDOW
         if not 1 <= window <= MAX_WINDOW:
             raise _bad(f"receipt_window {req.receipt_window} outside 1..{MAX_WINDOW}")
+        state_window = req.state_window or window
+        if not 1 <= state_window <= MAX_WINDOW:
+            raise _bad(f"state_window {req.state_window} outside 1..{MAX_WINDOW}")
         t0 = time.perf_counter()
         with self._lock:
             self._check_fence(key, epoch)
@@ -393,7 +398,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         signer = receipts.WindowSigner(self.identity.private_key, session=session, stage=stage_index,
                                        node_id=self.identity.node_id, epoch=epoch, grid=grid, window=window)
         a = Assignment(session, stage_index, epoch, layers, info.n_layers, req.model_path, engine, seq, signer, grid,
-                       window_states=req.window_states)
+                       window_states=req.window_states, state_window=state_window)
         with self._lock:
             old = self._assignments.get(key)
             self._assignments[key] = a
@@ -466,7 +471,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                     del d[k]
             for k in [k for k in a.windows if k >= p]:
                 del a.windows[k]
-            for k in [k for k in a.states if k + a.signer.window > p]:   # a window cut at p is gone too
+            for k in [k for k in a.states if k + a.state_window > p]:   # a window cut at p is gone too
                 del a.states[k]
             # A driver that truncates is rolling back or resuming after its own crash: it could not check
             # an undelivered window whose earlier commitments it never received, so none is delivered.
@@ -627,8 +632,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         return resp
 
     def _close_states(self, a: Assignment, first: int, n: int) -> list[pb.SignedState]:
-        """Export, keep and sign the KV state of every window that rows first..first+n-1 closed."""
-        w = a.signer.window
+        """Export, keep and sign the KV state of every state window that rows first..first+n-1 closed."""
+        w = a.state_window
         out = []
         for end in range((first // w + 1) * w, first + n + 1, w):
             state = a.engine.export_state(a.seq, end - w, end)
@@ -644,7 +649,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
 
     def _states(self, req: pb.StatesRequest) -> pb.StatesResponse:
         a = self._assignment(req.ref)
-        w = a.signer.window
+        w = a.state_window
         if req.upto < 0 or req.upto % w:
             raise _bad(f"upto {req.upto} is not a window start (windows of {w})")
         with a.lock:

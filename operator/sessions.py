@@ -173,6 +173,7 @@ class SessionRun:
                                rpc_timeout_s=spec.failover.rpc_timeout_seconds, tls=AGENT_TLS,
                                receipt_window=spec.receipt_window, sign_per_window=spec.signing == "PerWindow",
                                audit_from_state=spec.audit.from_window_states,
+                               state_window=spec.audit.state_window,
                                warm_backups=spec.failover.warm_backups,
                                registered_keys={n: v.public_key for n, v in views.items() if v.public_key},
                                proof_key=PROOF_KEY and PROOF_KEY.private_key, proof_signer="consortium-operator")

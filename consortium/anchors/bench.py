@@ -78,7 +78,7 @@ class Session:
                  name: str, audit: float, rpc_timeout_s: float = 30.0, tls=None,
                  registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 0,
                  sign_per_window: bool = False, audit_from_state: bool = False, warm_backups: bool = False,
-                 sample_at_final: bool = True):
+                 sample_at_final: bool = True, state_window: int | None = None):
         from consortium.driver.policy import LocalPolicy
         from consortium.driver.session import SessionDriver
         from consortium.driver.state import SessionState
@@ -90,7 +90,8 @@ class Session:
                                     policy=LocalPolicy(list(standalone.NODES)), rpc_timeout_s=rpc_timeout_s,
                                     tls=tls, registered_keys=registered_keys, audit_replay_rows=audit_replay_rows,
                                     sign_per_window=sign_per_window, audit_from_state=audit_from_state,
-                                    warm_backups=warm_backups, sample_at_final=sample_at_final)
+                                    state_window=state_window, warm_backups=warm_backups,
+                                    sample_at_final=sample_at_final)
         self.driver.start()
         self.prompt_ids = prompt_ids
 
@@ -126,14 +127,14 @@ class Bench:
 
     def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None,
                 replay_rows=0, sign_per_window=False, from_state=False, warm_backups=False,
-                sample_at_final=True) -> Session:
+                sample_at_final=True, state_window=None) -> Session:
         """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies).
         Backups load ahead only where asked (the failover runs): elsewhere the loads would land in
         the speed rounds."""
         return Session(endpoints or agents.endpoints, self.model, self.info, self.split, self.sha,
                        prompt or self.prompt, name, audit, tls=agents.driver_tls, registered_keys=agents.public_keys,
                        audit_replay_rows=replay_rows, sign_per_window=sign_per_window, audit_from_state=from_state,
-                       warm_backups=warm_backups, sample_at_final=sample_at_final)
+                       warm_backups=warm_backups, sample_at_final=sample_at_final, state_window=state_window)
 
     # -- speed: single node, split in process, agents on loopback; audits' cost ------------------
 
@@ -149,19 +150,22 @@ class Bench:
                        prompt_len=len(self.prompt), log=self.log)
         # (audit probability, audit_replay_rows (0, the default: each verifier merges decode steps
         # where it checked that gives the same bits), signing per window, audits from window states,
-        # the final stage sampling), keyed as in the output: "0" (no audits), "0_window" (no audits,
+        # the final stage sampling, positions per state window: None the default), keyed as in the
+        # output: "0" (no audits), "0_window" (no audits,
         # agents signing once per receipt window), "0_driver_sampling" (no audits, the driver samples
         # from the logit row as it did before the final stage sampled), "20", "50", "20_original"
-        # (decode steps replayed one row at a time, as the original run), "20_replay32", "20_state"
-        runs = {"0": (0.0, 0, False, False, True), "0_window": (0.0, 0, True, False, True),
-                "0_driver_sampling": (0.0, 0, False, False, False),
-                **{f"{int(p * 100)}": (p, 0, False, False, True) for p in s.audit_probabilities}}
+        # (decode steps replayed one row at a time, as the original run), "20_replay32", "20_state",
+        # "20_state16" (state windows as long as the receipt window, as before they had their own)
+        runs = {"0": (0.0, 0, False, False, True, None), "0_window": (0.0, 0, True, False, True, None),
+                "0_driver_sampling": (0.0, 0, False, False, False, None),
+                **{f"{int(p * 100)}": (p, 0, False, False, True, None) for p in s.audit_probabilities}}
         if 0.2 in s.audit_probabilities:
-            runs["20_original"] = (0.2, 1, False, False, True)
+            runs["20_original"] = (0.2, 1, False, False, True, None)
         if s.audit_replay_rows > 1 and 0.2 in s.audit_probabilities:
-            runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows, False, False, True)
+            runs[f"20_replay{s.audit_replay_rows}"] = (0.2, s.audit_replay_rows, False, False, True, None)
         if 0.2 in s.audit_probabilities:
-            runs["20_state"] = (0.2, 0, False, True, True)
+            runs["20_state"] = (0.2, 0, False, True, True, None)
+            runs["20_state16"] = (0.2, 0, False, True, True, 16)
         labels = {"0": "no audits", "0_window": "no audits signing per window",
                   "0_driver_sampling": "no audits the driver sampling"}
         rows = {"single": [], **{k: [] for k in runs}}
@@ -173,12 +177,12 @@ class Bench:
                 single.reset(0)
                 base = generation.generate(single, self.prompt, s.tokens)
                 rows["single"].append(base)
-                for k, (p, replay, per_window, from_state, final_samples) in runs.items():
+                for k, (p, replay, per_window, from_state, final_samples, state_window) in runs.items():
                     # A fresh driver and session per run (the agents refuse to restart a session at
                     # position 0), released at its end; loading is outside the timed generation.
                     sess = self.session(agents, f"speed-{k.replace('_', '-')}-r{r}", p, replay_rows=replay,
                                         sign_per_window=per_window, from_state=from_state,
-                                        sample_at_final=final_samples)
+                                        sample_at_final=final_samples, state_window=state_window)
                     try:
                         rows[k].append(sess.generate(s.tokens))
                         d = sess.driver
@@ -531,6 +535,7 @@ def headline(res: dict) -> dict:
         # the same 20% of windows audited whole from the nodes' signed window states
         "audit20_state_cpu_ratio": sp["audits"].get("20_state", {}).get("cpu_ratio"),
         "audit20_state_added_share": sp["audits"].get("20_state", {}).get("added_share"),
+        "audit20_state16_cpu_ratio": sp["audits"].get("20_state16", {}).get("cpu_ratio"),
         "failover_spike_ms": {k: res["failover"]["spike_ms"][k] for k in ("median", "max")},
         "concurrent_over_single": conc[-1]["over_one_session"],
         "concurrent_sessions": conc[-1]["sessions"],

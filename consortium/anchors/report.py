@@ -92,12 +92,12 @@ def summary(res: dict) -> str:
                      f"{cw['per_stage_share']}) | < 2% |")
     for k, a in sp["audits"].items():
         p, _, replay = k.partition("_replay")
-        p = p.removesuffix("_state").removesuffix("_original")
+        p, state, state_window = p.removesuffix("_original").partition("_state")
         what = (f"audits at {p}%" + (f", decode steps replayed {replay} rows at a time" if replay else "")
                 + (", decode steps replayed one row at a time (--audit-replay-rows 1)" if k.endswith("_original")
                    else "")
-                + (" of the windows, each from the signed states before it (--audit-from-state)" if k.endswith("_state")
-                   else ""))
+                + (f" of the state windows ({state_window or 'the default'} positions), each from the signed "
+                   "states before it (--audit-from-state)" if state else ""))
         lines.append(f"| {what}: audit CPU / generation CPU | {_f(a['cpu_ratio'])} | "
                      f"{'<= 0.3' if p == '20' else ''} |")
         lines.append(f"| {what}: wall time added per token | {_pct(a['added_share'])} | |")

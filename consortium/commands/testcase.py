@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="audit whole windows, each from the KV states of the windows before it, which the node "
                         "holding the stage signs as they close, instead of replaying every earlier position "
                         "(through Kubernetes: the session's audit.fromWindowStates)")
+    p.add_argument("--state-window", type=int, metavar="N",
+                   help="positions per state window with --audit-from-state (default 4; through Kubernetes: "
+                        "the session's audit.stateWindow)")
     p.add_argument("--sign-per-window", action="store_true",
                    help="agents commit and sign once per receipt window instead of after every step: one "
                         "signature per window and stage; the rows a dying node held uncommitted are signed "
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
                               hang=args.hang, plaintext=args.plaintext, audit_replay_rows=args.audit_replay_rows,
                               sign_per_window=args.sign_per_window, audit_from_state=args.audit_from_state,
-                              logs_dir=str(Path(args.report) / "agents") if args.report else None,
+                              state_window=args.state_window, logs_dir=str(Path(args.report) / "agents") if args.report else None,
                               **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     try:
         extensions.apply(args.extension, opts, prompt_given=args.prompt is not None,
@@ -98,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
             overrides["signing"] = "PerWindow"
         if args.audit_from_state:
             overrides.setdefault("audit", {})["fromWindowStates"] = True
+            if args.state_window is not None:
+                overrides["audit"]["stateWindow"] = args.state_window
         report = kubecase.run(opts, spec_overrides=overrides)
         extensions.add_figures(args.extension, report, opts)
         kubecase.write(report, json_out, args.report)

@@ -141,12 +141,16 @@ class SessionDriver:
                  tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True,
                  sign_per_window: bool = False, receipt_window: int = receipts.DEFAULT_WINDOW,
                  proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
-                 audit_replay_rows: int = 0, audit_from_state: bool = False, warm_backups: bool = True,
+                 audit_replay_rows: int = 0, audit_from_state: bool = False,
+                 state_window: int | None = None, warm_backups: bool = True,
                  sample_at_final: bool = True):
         if audit_replay_rows < 0:
             raise ValueError(f"audit_replay_rows must be >= 0, got {audit_replay_rows}")
         if receipt_window < 1:
             raise ValueError(f"receipt_window must be >= 1, got {receipt_window}")
+        state_window = receipts.DEFAULT_STATE_WINDOW if state_window is None else state_window
+        if state_window < 1:
+            raise ValueError(f"state_window must be >= 1, got {state_window}")
         self.warm_backups = warm_backups
         # forward_token(): the final stage's node samples the token and answers it ahead of its logit
         # row, which the driver reads and checks while stage 0 computes the next step.
@@ -185,10 +189,12 @@ class SessionDriver:
         # Audit a decode window from the KV states of the windows before it, which the node holding the
         # stage signed as they closed, instead of replaying every earlier position (_audits_from_state).
         self.audit_from_state = audit_from_state
+        # Positions per state window: the agents export and sign a KV state as each closes.
+        self.state_window = state_window
         if audit_from_state:
             # A window is replayed whole from its states: audit every position of 20% of the windows,
             # not 20% of the positions, which would touch almost every window.
-            state.audit_window = receipt_window
+            state.audit_window = state_window
         # Units of selected windows not closed yet (no state statement): audited once it closes, or
         # at the end of generation (then without comparing the window's state).
         self._held: dict[tuple[int, int, str], list[AuditUnit]] = {}   # (stage, window start, worker)
@@ -244,7 +250,8 @@ class SessionDriver:
         resp = self.clients[node].call("LoadStage", pb.LoadStageRequest(
             ref=self._ref(stage), model_path=self.model_path, model_sha256=self.model_sha256,
             first_layer=r.first, last_layer=r.last, grid=wire.grid_to_pb(self.grid),
-            receipt_window=self.receipt_window, window_states=self.audit_from_state), timeout=self.load_timeout_s)
+            receipt_window=self.receipt_window, window_states=self.audit_from_state,
+            state_window=self.state_window), timeout=self.load_timeout_s)
         self.clients[node].use_data_lane(resp.data_port)
         if resp.commit_domain != canonical.ROW_DOMAIN.decode():
             self.dead.add(node)
@@ -942,9 +949,9 @@ class SessionDriver:
                 self._fraud(u.node, f"stage {s} position {u.position}: {res.verdict.value}; {verdict_node.reason}")
 
     def _audits_from_state(self, s: int, verifier: str, units: list[AuditUnit]) -> list[AuditUnit]:
-        """Audit each receipt window's units from the KV states of the windows before it (signed by the
+        """Audit each state window's units from the KV states of the windows before it (signed by the
         node that holds the stage); returns the units to replay from position 0 instead."""
-        w = self.receipt_window
+        w = self.state_window
         by_window: dict[int, list[AuditUnit]] = {}
         for u in units:
             by_window.setdefault(u.position // w * w, []).append(u)
@@ -959,7 +966,7 @@ class SessionDriver:
         """Audit the window at `ws` from the states before it, or hold its units until it closes;
         returns the units a full replay must judge instead: a window in the prompt's batch, states
         not all signed by the node holding the stage at its epoch, a node or verifier that fails."""
-        w, r = self.receipt_window, self.split[s]
+        w, r = self.state_window, self.split[s]
         with self._lock:
             gen = self._generation
             units = [u for u in units if u.generation == gen]
@@ -1056,7 +1063,7 @@ class SessionDriver:
         float caches."""
         try:
             got = self.clients[holder].call("States", pb.StatesRequest(ref=self._ref(s, epoch),
-                                                                       upto=ws + self.receipt_window),
+                                                                       upto=ws + self.state_window),
                                             timeout=self.load_timeout_s)
         except grpc.RpcError as e:
             log.warning("window state of stage %d at %d from %s: %s %s", s, ws, holder, e.code().name, e.details())

@@ -57,6 +57,10 @@ class SessionState:
             return False
         if self.audit_window:   # whole windows: the draw of the window's first position decides
             position = position // self.audit_window * self.audit_window
+            if position < len(self.prompt_tokens):
+                # Every window the prompt's batch touches is audited by replaying that batch whole:
+                # one draw for them all, so the prompt counts as one unit of work, not one per window.
+                position = 0
         u = np.random.Generator(np.random.PCG64([self.audit_seed & 0xFFFFFFFF, stage, position])).random()
         return bool(u < self.audit_probability)
 

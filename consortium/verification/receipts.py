@@ -30,9 +30,13 @@ from .canonical import CanonicalGrid
 __all__ = [
     "WindowStatement", "SignedStatement", "Receipt", "WindowSigner", "verify_receipt",
     "token_input_digest", "hidden_input_digest", "input_chain", "receipt_bytes_per_token", "DEFAULT_WINDOW",
+    "DEFAULT_STATE_WINDOW",
 ]
 
 DEFAULT_WINDOW = 16
+# Positions per state window (audits from window states): an audit replays one whole state window, so
+# a short one keeps the replay small and gives a cheater many windows' odds of being drawn.
+DEFAULT_STATE_WINDOW = 4
 STATEMENT_DOMAIN = "consortium.window.v1"
 STATE_DOMAIN = "consortium.state.v1"
 

@@ -91,7 +91,7 @@ def test_tiny_anchor_bench_writes_every_headline(tmp_path):
     assert 0 < h["audit20_cpu_ratio"] < 10 and h["audit20_added_share"] > -1
     assert 0 < h["audit20_replay_cpu_ratio"] < 10 and 0 < h["audit20_original_cpu_ratio"] < 10
     # 6 tokens: no decode window may be selected, and then no audit CPU at all
-    assert 0 <= h["audit20_state_cpu_ratio"] < 10
+    assert 0 <= h["audit20_state_cpu_ratio"] < 10 and 0 <= h["audit20_state16_cpu_ratio"] < 10
     assert 0 < h["failover_spike_ms"]["median"] <= h["failover_spike_ms"]["max"] < 60_000
     assert h["concurrent_sessions"] == 2 and h["concurrent_over_single"] > 0
     b = h["loopback_breakdown_ms"]

@@ -148,6 +148,8 @@ def malformed_requests(model_path, width=576):
     yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=0, last_layer=99), "run past"
     yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=0, last_layer=3, receipt_window=-2), "receipt_window"
     yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=0, last_layer=3, receipt_window=1025), "receipt_window"
+    yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=0, last_layer=3, window_states=True, state_window=-4), "state_window"
+    yield "LoadStage", pb.LoadStageRequest(ref=ref("mf2", 0), model_path=model_path, first_layer=0, last_layer=3, window_states=True, state_window=2048), "state_window"
     yield "Audit", pb.AuditRequest(ref=ref("mf", 1), model_path=model_path, first_layer=10, last_layer=19, hidden=good, batch_sizes=[2], positions=[0]), "batch sizes"
     yield "Forward", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[1, 2], batch_sizes=[1, 1]), "batch_sizes is for Replay"
     yield "Replay", pb.ForwardRequest(ref=ref("mf", 0), position=0, tokens=[1, 2], batch_sizes=[1, 2]), "do not add up"
@@ -303,15 +305,16 @@ def test_release_frees_a_stage_and_its_audit_slot_and_fences_it(agent, model_pat
 
 
 def test_window_states_are_signed_kept_served_and_audited_from(agent, model_path):
-    """With window_states an agent signs each window's KV state as it closes and serves the states;
-    a verifier that imports them replays a window alone and writes the same state."""
+    """With window_states an agent signs each state window's KV state as it closes (windows of their
+    own, shorter than the receipt window here) and serves the states; a verifier that imports them
+    replays a window alone and writes the same state."""
     import hashlib
 
     stub, service, ident = agent
     layers = [(0, 2), (3, 6)]   # stage files no other test uses: the module's agent has 8 slots per stage
     for i, (a, b) in enumerate(layers):
         stub.LoadStage(pb.LoadStageRequest(ref=ref("ws", i), model_path=model_path, first_layer=a, last_layer=b,
-                                           receipt_window=4, window_states=True))
+                                           receipt_window=16, window_states=True, state_window=4))
     outs, stmts = [], []
     for p, toks in [(0, PROMPT)] + [(len(PROMPT) + k, [40 + k]) for k in range(4)]:
         r0 = stub.Forward(pb.ForwardRequest(ref=ref("ws", 0), position=p, tokens=toks))

@@ -173,3 +173,24 @@ def test_a_resumed_driver_keeps_the_window_states_it_checked():
     assert d._signed_state(1, 16) == ("b", 1, 16, bytes.fromhex("ab" * 32)) and d._signed_state(1, 32) is None
     assert saved.untrusted_states == [2] and d.state_audits["windows"] == 3 and d.state_audits["state_differs"] == 0
     d.close()
+
+
+def test_window_selection_draws_once_for_the_prompt_and_once_per_window_after_it():
+    """Audits from window states select whole state windows; every window the prompt's batch touches
+    is audited by replaying that batch whole, so they share one draw: the prompt costs one window's
+    odds of a replay, however many windows it spans."""
+    prompt = list(range(30))
+    for seed in range(40):
+        st = SessionState(session="s", prompt_tokens=prompt, nodes=["a", "b", "c"], epochs=[1, 1, 1],
+                          audit_probability=0.2, audit_seed=seed, audit_window=4)
+        for s in range(3):
+            picks = [st.selected(s, p) for p in range(64)]
+            # positions 0..31: the windows holding the prompt (the last, 28..31, also two decode rows)
+            assert len(set(picks[:32])) == 1
+            for w in range(32, 64, 4):
+                assert len(set(picks[w:w + 4])) == 1
+    # Each window after the prompt, and the prompt as one, drawn with the probability.
+    draws = [SessionState(session="s", prompt_tokens=prompt, nodes=["a"], epochs=[1], audit_probability=0.2,
+                          audit_seed=seed, audit_window=4).selected(0, p)
+             for seed in range(500) for p in (0, 32, 60)]
+    assert 0.15 < sum(draws) / len(draws) < 0.25

@@ -191,8 +191,10 @@ def test_audits_from_window_states_replay_whole_windows_alone_through_a_failover
     fs = a["from_state"]
     assert fs["windows"] >= 3 and fs["state_differs"] == fs["state_within_tolerance"] == 0, fs
     # Whole windows: an audited position's window-mates are audited too.
-    windows = {(a["stage"], a["position"] // 16) for a in r["audits"]["units"]}
-    assert r["audits"]["total"] >= 16 * len(windows) - 16 * 3   # the last, open window of each stage may be short
+    w = fs["state_window"]
+    assert w == 4   # the default, apart from the receipt window of 16
+    windows = {(a["stage"], a["position"] // w) for a in r["audits"]["units"]}
+    assert r["audits"]["total"] >= w * len(windows) - w * 3   # the last, open window of each stage may be short
     assert a["audit_over_generation"] < 2, a["audit_over_generation"]
 
 

@@ -106,20 +106,20 @@ def test_failover_in_conditions_and_events(completed, bed):
 
 
 def test_audits_from_window_states_through_the_operator(bed, baseline):
-    """audit.fromWindowStates reaches the driver: whole windows selected, each audited from the
-    signed states before it, and the tokens are the baseline's."""
+    """audit.fromWindowStates and stateWindow reach the driver: whole windows selected, each audited
+    from the signed states before it, and the tokens are the baseline's."""
     for name, labels in testbed.NODE_LABELS.items():   # the failover test killed one; it registers again
         if bed.agents[name].poll() is not None:
             bed.start_agent(name, labels)
     ns, name = "tc-states", "sky-is-blue"   # the failover test's name, in another namespace
     bed.cluster.kubectl("create", "namespace", ns)
     body = testbed.sky_is_blue(MAX_TOKENS, name, audit_probability=0.5)
-    body["spec"]["audit"]["fromWindowStates"] = True
+    body["spec"]["audit"].update(fromWindowStates=True, stateWindow=8)
     bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(body))
     s = bed.wait_phase(name, ns, ("Completed",), 300)
     assert s["spec"]["audit"]["fromWindowStates"] is True and s["status"]["tokens"] == baseline
     drv = s["status"]["report"]["driverState"]
-    assert drv["audit_window"] == 16   # the driver selected whole windows
+    assert drv["audit_window"] == 8   # the driver selected whole state windows
     verdicts = [a["verdict"] for a in drv["audits"]]
     assert verdicts and set(verdicts) == {"Passed"} and not drv["unjudged"]
     assert drv["session"] == "tc-states/sky-is-blue"   # agents key it by namespace and name
