@@ -206,6 +206,7 @@ class SessionRun:
 
             def on_token(tokens: list[int]) -> None:
                 with driver._lock:
+                    state.proofs = proof_publisher.unpublished(driver)
                     saved = state.to_json()
                 self.patch_status(tokens=tokens, position=len(tokens), text=tok.decode(tokens),
                                   stageEpochs=list(state.epochs), report={"driverState": saved})
@@ -239,6 +240,7 @@ class SessionRun:
                    "receipts": len(writer.index), "receiptsDiscarded": writer.discarded,
                    **step_metrics(driver.steps)}
         with driver._lock:
+            state.proofs = proof_publisher.unpublished(driver)   # empty unless the API refused some
             saved = state.to_json()
         self.patch_status(tokens=result.tokens, position=len(result.tokens), text=result.text,
                           stageEpochs=list(state.epochs), metrics=metrics, finishedAt=kube.timestamp(),
@@ -324,6 +326,7 @@ class SessionRun:
                 with driver._lock:
                     for p, c in enumerate(cs):
                         driver._commits[s][p] = (st.nodes[s], st.epochs[s], c)
+        driver.restore_proofs()   # once the inputs are back: a unit's proof needs their digests
         queued = driver.requeue_audits()
         if queued:
             log.info("%s: %d audit unit(s) queued again after the restart", self.name, queued)

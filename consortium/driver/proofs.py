@@ -51,6 +51,26 @@ class FraudUnit:
     tolerance: Tolerance
     auditor: str
 
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "position": self.position, "node": self.node, "epoch": self.epoch,
+                "commitment": base64.b64encode(self.commitment).decode(), "worker_row": _row_json(self.worker_row),
+                "recomputed": _row_json(self.recomputed), "tolerance": self.tolerance.to_json(),
+                "auditor": self.auditor}
+
+    @classmethod
+    def from_json(cls, o: dict) -> "FraudUnit":
+        return cls(int(o["stage"]), int(o["position"]), o["node"], int(o["epoch"]), base64.b64decode(o["commitment"]),
+                   _row_from_json(o["worker_row"]), _row_from_json(o["recomputed"]),
+                   Tolerance.from_json(o["tolerance"]), o["auditor"])
+
+
+def _row_json(row: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(row, dtype="<f4").tobytes()).decode()
+
+
+def _row_from_json(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float32)
+
 
 class ProofBook:
     """Fraud units waiting for their receipts, and the proofs made from them.
@@ -127,6 +147,18 @@ class ProofBook:
         entry.update(holds=holds, reasons=why, proof=proof.to_json())
         (log.info if holds else log.warning)("fraud proof for %s stage %d position %d: %s", u.node, u.stage,
                                              u.position, "holds" if holds else "does not hold: " + "; ".join(why))
+
+    def to_json(self, entries: Sequence[dict] | None = None) -> dict:
+        """What a restarted coordinator needs to finish the book's work: the given entries (default
+        all; the operator passes those not yet in the API) and the units still waiting for a receipt."""
+        return {"entries": list(self.entries if entries is None else entries),
+                "pending": [u.to_json() for u in self.pending]}
+
+    def restore(self, saved: dict) -> None:
+        """Take back what to_json saved (a coordinator resuming a session): its entries to publish
+        again, its units to prove once a receipt covers them."""
+        self.entries += [dict(e) for e in saved.get("entries", ())]
+        self.pending += [FraudUnit.from_json(u) for u in saved.get("pending", ())]
 
     def report(self) -> list[dict]:
         """The entries as a report lists them: each with the file name its proof is written under,

@@ -584,6 +584,14 @@ class SessionDriver:
                               "receipt": r.to_json()})
         self.proofs.offer(self.receipts[-1], self.public_keys, self._input_digests)
 
+    def restore_proofs(self) -> None:
+        """After a resume, once the inputs are resent: the fraud proofs and Fraud units the stopped
+        coordinator saved with the session, the units offered every receipt recovered since."""
+        with self._lock:
+            self.proofs.restore(self.state.proofs)
+            for entry in self.receipts:
+                self.proofs.offer(entry, self.public_keys, self._input_digests)
+
     def _input_digests(self, s: int, positions: Sequence[int]) -> list[bytes] | None:
         """What the driver fed stage s at these positions, digested as the agent signs it."""
         xs = [self._inputs[s].get(p) for p in positions]

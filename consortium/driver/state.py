@@ -38,6 +38,9 @@ class SessionState:
     window_states: list[dict[str, list]] = dataclasses.field(default_factory=list)
     untrusted_states: list[int] = dataclasses.field(default_factory=list)
     state_audits: dict = dataclasses.field(default_factory=dict)
+    # Under the operator: fraud proofs not yet written into the API and Fraud units still waiting for
+    # their receipt (ProofBook.to_json), so that an operator restarted meanwhile publishes them.
+    proofs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.done:

@@ -1,7 +1,8 @@
 """The operator's fraud proofs in the API (operator/proofs.py) against a real kube-apiserver: a proof
 lands in its Receipt's status.fraudProofs (the CRD's schema takes it) with a FraudProven Event, one
-too large for the status says so, a unit that could not be proven gets FraudUnproven, and a restarted
-operator adds to the proofs its predecessor wrote."""
+too large for the status says so, a unit that could not be proven gets FraudUnproven, a restarted
+operator adds to the proofs its predecessor wrote, and proofs and units not yet published ride
+along in the session's saved state to a restarted operator."""
 from __future__ import annotations
 
 import json
@@ -64,13 +65,19 @@ def window(api, cluster, session_name: str):
     cluster.kubectl("delete", "receipt", name, "-n", NS, "--ignore-not-found")
     api.create_namespaced_custom_object(r.GROUP, r.VERSION, NS, "receipts", body)
 
-    def add(book, p, row=None, recomputed=None):
+    keys = {"n2": signing.public_key_text(key)}
+
+    def digests(s, ps):
+        return [receipts.hidden_input_digest(inputs[q]) for q in ps]
+
+    def add(book, p, row=None, recomputed=None, flushed=True):
+        """A Fraud verdict at p: proven at once, or (flushed False) waiting for the window's receipt."""
         book.add(FraudUnit(1, p, "n2", 1, rc.commitments[p], sent[p] if row is None else row,
                            rng.standard_normal(48).astype(np.float32) if recomputed is None else recomputed,
                            TOL, "n0"),
-                 [entry], {"n2": signing.public_key_text(key)},
-                 lambda s, ps: [receipts.hidden_input_digest(inputs[q]) for q in ps])
+                 [entry] if flushed else [], keys, digests)
 
+    add.flush = lambda book: book.offer(entry, keys, digests)   # the window's receipt comes
     return session, name, entry, add, sent
 
 
@@ -119,4 +126,43 @@ def test_a_restarted_operator_adds_to_its_predecessors_proofs(api, cluster):
     got = [json.loads(t) for t in stored(api, name)]
     assert [p["position"] for p in got] == [0, 1]
     assert all(proofs.check_proof(proofs.FraudProof.from_json(p))[0] for p in got)
+    cluster.kubectl("delete", "receipt", name, "-n", NS)
+
+
+def test_unpublished_proofs_and_waiting_units_survive_an_operator_restart(api, cluster, monkeypatch, caplog):
+    """What the stopped operator had not written into the API (a proof whose Receipt was not there yet,
+    a Fraud unit whose window had not closed) is saved with the session's state; the next operator
+    restores it, proves the unit when the window's receipt comes, and publishes both."""
+    from consortium.driver.state import SessionState
+
+    session, name, entry, add, _ = window(api, cluster, "proof-saved")
+    first = ProofBook("proof-saved", canonical.CanonicalGrid())
+    add(first, 0)
+    add(first, 1, flushed=False)
+    assert len(first.entries) == 1 and len(first.pending) == 1
+    pub = op_proofs.ProofPublisher(session)
+    pub.publish(_Driver(first), {})   # the Receipt is not in the API yet: nothing written
+    state = SessionState(session="default/proof-saved", prompt_tokens=[1], nodes=["n0", "n2", "n1"], epochs=[1, 1, 1])
+    state.proofs = pub.unpublished(_Driver(first))
+    saved = SessionState.from_json(json.loads(json.dumps(state.to_json())))   # through the status
+    assert stored(api, name) == []
+
+    second = ProofBook("proof-saved", canonical.CanonicalGrid())
+    second.restore(saved.proofs)
+    add.flush(second)   # the recovered window's receipt proves the waiting unit
+    assert [e["position"] for e in second.entries] == [0, 1] and not second.pending
+    pub2 = op_proofs.ProofPublisher(session)
+    pub2.publish(_Driver(second), {name: entry})
+    got = [json.loads(t) for t in stored(api, name)]
+    assert [p["position"] for p in got] == [0, 1]
+    assert all(proofs.check_proof(proofs.FraudProof.from_json(p))[0] for p in got)
+    assert pub2.unpublished(_Driver(second)) == {"entries": [], "pending": []}   # nothing left to carry
+
+    # Beyond the room the saved state gives them, proofs are left out with a warning, not the state.
+    third = ProofBook("proof-saved", canonical.CanonicalGrid())
+    add(third, 2)
+    monkeypatch.setattr(op_proofs, "SAVED_PROOF_BYTES", 100)
+    with caplog.at_level("WARNING", logger="consortium.operator.proofs"):
+        assert op_proofs.ProofPublisher(session).unpublished(_Driver(third)) == {"entries": [], "pending": []}
+    assert "not saved with the session" in caplog.text
     cluster.kubectl("delete", "receipt", name, "-n", NS)
