@@ -392,6 +392,10 @@ class ReceiptSpec(_Model):
                            description="Ed25519 signature by the node, base64.")
     public_key_fingerprint: str = Field(pattern=HEX64, max_length=64,
                                         description="SHA-256 of the node's raw public key, hex.")
+    rollbacks: int = Field(default=0, ge=0, description=(
+        "The session's rollbacks before this window was flushed. A rollback to a position has its "
+        "positions from there computed and signed again: at those positions a window with more "
+        "rollbacks supersedes one with fewer."))
 
     @model_validator(mode="after")
     def _one_per_position(self) -> "ReceiptSpec":

@@ -38,7 +38,8 @@ def receipt_body(session: dict, entry: dict, public_key_b64: str) -> dict:
         input_digest=_hex(rc["inputDigest"]), grid=r.CanonicalGrid(**{k: v for k, v in rc["grid"].items()
                                                                       if k in ("dtype", "grid", "clamp")}),
         signature=rc["signature"],
-        public_key_fingerprint=hashlib.sha256(base64.b64decode(public_key_b64)).hexdigest()).to_k8s()
+        public_key_fingerprint=hashlib.sha256(base64.b64decode(public_key_b64)).hexdigest(),
+        rollbacks=entry.get("rollbacks", 0)).to_k8s()
     return {"apiVersion": r.API_VERSION, "kind": "Receipt",
             "metadata": {"name": receipt_name(md["name"], entry["stage"], entry["epoch"], rc["windowStart"],
                                                  spec["merkleRoot"]),
@@ -67,7 +68,8 @@ class ReceiptWriter:
             s = it["spec"]
             self.index[it["metadata"]["name"]] = {"stage": s["stage"], "node": s["node"], "epoch": s["epoch"],
                                                   "start": s["window"]["start"], "count": s["window"]["count"],
-                                                  "commitments": list(s["commitments"])}
+                                                  "commitments": list(s["commitments"]),
+                                                  "rollbacks": s.get("rollbacks", 0)}
 
     def publish(self, driver) -> int:
         """Write the receipts the driver flushed since the last call; returns how many were written."""
@@ -96,8 +98,33 @@ class ReceiptWriter:
                 if ex.status != 409:
                     raise
             self.index[name] = {"stage": e["stage"], "node": e["node"], "epoch": e["epoch"], "start": e["start"],
-                                "count": e["count"], "commitments": list(body["spec"]["commitments"])}
+                                "count": e["count"], "commitments": list(body["spec"]["commitments"]),
+                                "rollbacks": e.get("rollbacks", 0)}
         return written
+
+
+def signed_by_position(windows, stage: int, node: str, epoch: int) -> dict[int, set[bytes]]:
+    """What `node` signed for each position of `stage` at `epoch`, from windows given as (stage,
+    node, epoch, start, commitments, rollbacks). A rollback to position q has the rows from q computed
+    and signed again, so at each position only the windows with the most rollbacks count: a node
+    cannot pass off a row it replaced as the one it signed."""
+    latest: dict[int, int] = {}
+    out: dict[int, set[bytes]] = {}
+    for s, n, e, start, commitments, rollbacks in windows:
+        if (s, n, e) != (stage, node, epoch):
+            continue
+        for p, c in enumerate(commitments, start):
+            if rollbacks > latest.get(p, -1):
+                latest[p], out[p] = rollbacks, {c}
+            elif rollbacks == latest[p]:
+                out[p].add(c)
+    return out
+
+
+def written_windows(written: dict[str, dict]) -> list[tuple]:
+    """ReceiptWriter.index as signed_by_position takes it."""
+    return [(w["stage"], w["node"], w["epoch"], w["start"], [bytes.fromhex(c) for c in w.get("commitments", ())],
+             w.get("rollbacks", 0)) for w in written.values()]
 
 
 def recover_open_windows(driver, written: dict[str, dict]) -> int:

@@ -12,7 +12,6 @@ agents' forward counters show no position before the restart computed again.
 from __future__ import annotations
 
 import base64
-import collections
 import importlib.util
 import logging
 import os
@@ -304,25 +303,20 @@ class SessionRun:
                 for p, x in enumerate(rows):
                     driver._inputs[s][p] = x
         # What each stage's node signed at its current epoch, by position: the Receipts written before
-        # the restart and the windows recovered since.
-        signed = collections.defaultdict(lambda: collections.defaultdict(set))   # stage -> position -> {c}
+        # the restart and the windows recovered since, the latest version of each row.
         with driver._lock:
             recovered = [(e["stage"], e["node"], e["epoch"], e["start"],
-                          [base64.b64decode(c) for c in e["receipt"]["commitments"]])
+                          [base64.b64decode(c) for c in e["receipt"]["commitments"]], e["rollbacks"])
                          for e in driver.receipts if e["verified"]]
-        for s, node, epoch, start, cs in recovered + [
-                (w["stage"], w["node"], w["epoch"], w["start"], [bytes.fromhex(c) for c in w.get("commitments", ())])
-                for w in written.values()]:
-            if s < len(st.nodes) and node == st.nodes[s] and epoch == st.epochs[s]:
-                for i, c in enumerate(cs):
-                    signed[s][start + i].add(c)
+        windows = recovered + receipts.written_windows(written)
         for s in range(len(st.nodes) - 1):
             rows = [driver._inputs[s + 1][p] for p in range(st.done[s])]
             if rows:
+                signed = receipts.signed_by_position(windows, s, st.nodes[s], st.epochs[s])
                 cs = canonical.commit_rows(np.stack(rows), driver.grid)
-                bad = driver.check_resent(s, cs, signed[s])
+                bad = driver.check_resent(s, cs, signed)
                 log.info("%s: stage %d resent %d rows, %d checked against what its node signed, %d differ",
-                         self.name, s, len(cs), sum(p in signed[s] for p in range(len(cs))), len(bad))
+                         self.name, s, len(cs), sum(p in signed for p in range(len(cs))), len(bad))
                 with driver._lock:
                     for p, c in enumerate(cs):
                         driver._commits[s][p] = (st.nodes[s], st.epochs[s], c)
@@ -348,9 +342,8 @@ def last_token_unchecked(driver: SessionDriver, generated: list[int], written: d
         row = wire.decode_tensor(chunks[0].output, ndim=2)[-1]
     except (grpc.RpcError, wire.TensorError, IndexError) as e:
         return f"the final stage could not resend the row of the last token ({e})"
-    signed = {bytes.fromhex(w["commitments"][at - 1 - w["start"]]) for w in written.values()
-              if (w["stage"], w["node"], w["epoch"]) == (last, st.nodes[last], st.epochs[last])
-              and w["start"] <= at - 1 < w["start"] + len(w.get("commitments", ()))}
+    signed = receipts.signed_by_position(receipts.written_windows(written), last, st.nodes[last],
+                                         st.epochs[last]).get(at - 1)
     if signed and canonical.commit_rows(row[None, :], driver.grid)[0] not in signed:
         return "the final stage's row of the last token is not the one it signed"
     if sample(row, at, sampling) != generated[-1]:

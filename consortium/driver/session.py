@@ -581,7 +581,9 @@ class SessionDriver:
         ok, why = receipts.verify_receipt(r, self.public_keys.get(node, ""))
         self.receipts.append({"stage": s, "node": node, "epoch": epoch, "start": r.statement.window_start,
                               "count": r.statement.count, "verified": ok, "reasons": why, "bytes": len(r.dumps()),
-                              "receipt": r.to_json()})
+                              "receipt": r.to_json(),
+                              # which version of its rows: a rollback signs positions again
+                              "rollbacks": len(self.state.rollbacks)})
         self.proofs.offer(self.receipts[-1], self.public_keys, self._input_digests)
 
     def restore_proofs(self) -> None:
@@ -786,9 +788,10 @@ class SessionDriver:
     def check_resent(self, s: int, commitments: list[bytes], signed: dict[int, set[bytes]]) -> list[int]:
         """After a resume: the commitments of the rows stage s resent for positions 0.. (the next
         stage's inputs, and what its audits replay) against those its node signed for them at its
-        current epoch (`signed`: position -> every such commitment in a receipt; a rollback signs a
-        window again). A row that matches none is not what the node sent and signed: Fraud, or it
-        could frame the next stage, whose audits would replay it. Returns those positions."""
+        current epoch (`signed`: position -> the commitment of the latest version of that row in a
+        receipt, operator.receipts.signed_by_position). A row that matches none is not what the node
+        last sent and signed: Fraud, or it could frame the next stage, whose audits would replay it.
+        Returns those positions."""
         bad = [p for p, c in enumerate(commitments) if signed.get(p) and c not in signed[p]]
         if bad:
             self._fraud(self.state.nodes[s], f"stage {s}: rows resent after a restart do not hash to the "

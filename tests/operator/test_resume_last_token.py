@@ -11,6 +11,7 @@ from consortium.driver.state import SessionState
 from consortium.layers import LayerRange
 from consortium.models import resolve_model
 from consortium.sampling import SamplingParams
+from consortium_operator.receipts import signed_by_position
 from consortium_operator.sessions import last_token_unchecked
 from node_agent import server
 from node_agent.identity import NodeIdentity
@@ -48,7 +49,28 @@ def test_the_last_token_must_be_what_the_final_stage_committed_row_samples(tmp_p
         forged = {k: dict(w, commitments=[hashlib.sha256(b"forged").hexdigest()] * len(w["commitments"]))
                   if w["stage"] == 2 else w for k, w in written.items()}
         assert "not the one it signed" in last_token_unchecked(driver, tokens, forged, SAMPLING)
+        # A rollback has rows signed again: only the latest version of a row counts, not any ever signed.
+        replaced = [hashlib.sha256(b"replaced").hexdigest()]
+        newer = dict(written, newer={"stage": 2, "node": "C", "epoch": 1, "start": row_at, "commitments": replaced,
+                                     "rollbacks": 1})
+        assert "not the one it signed" in last_token_unchecked(driver, tokens, newer, SAMPLING)
+        stale = {k: dict(w, rollbacks=1) for k, w in written.items()}
+        stale["stale"] = {"stage": 2, "node": "C", "epoch": 1, "start": row_at, "commitments": replaced, "rollbacks": 0}
+        assert last_token_unchecked(driver, tokens, stale, SAMPLING) is None
     finally:
         driver.close()
         for srv in servers:
             srv.stop(None)
+
+
+def test_signed_by_position_keeps_the_latest_version_of_each_row():
+    """Windows 16..31 signed, a rollback to 28, 28..31 signed again: 16..27 keep the first version,
+    28..31 only the second; other nodes' and epochs' windows do not count."""
+    first = [bytes([1, p]) for p in range(16, 32)]
+    again = [bytes([2, p]) for p in range(28, 32)]
+    windows = [(1, "B", 1, 16, first, 0), (1, "B", 1, 28, again, 1),
+               (1, "B", 2, 16, [b"x"] * 16, 2), (1, "A", 1, 16, [b"y"] * 16, 3), (0, "B", 1, 16, [b"z"] * 16, 4)]
+    signed = signed_by_position(windows, 1, "B", 1)
+    assert sorted(signed) == list(range(16, 32))
+    assert all(signed[p] == {bytes([1, p])} for p in range(16, 28))
+    assert all(signed[p] == {bytes([2, p])} for p in range(28, 32))
