@@ -614,6 +614,11 @@ class SessionDriver:
             # They were used all the same, so they are judged against that replay below.
             unsigned = {p: row for p, (n, _, row) in self._unsigned[s].items() if n == old}
             self._unsigned[s].clear()
+            # What the old node committed for a non-final stage: the backup's replay recomputes every
+            # one of those rows, an audit of all of them for the price of a comparison (_judge_replayed).
+            # The final stage's replay skips the LM head where a commitment is held, so it has none.
+            signed = ({p: c for p, (n, e, c) in self._commits[s].items() if (n, e) == (old, st.epochs[s])}
+                      if s < self.n_stages - 1 else {})
         st.epochs[s] += 1
         ref = self._ref(s)
 
@@ -649,6 +654,8 @@ class SessionDriver:
                  "ms": round((time.perf_counter() - t0) * 1000, 3), "reason": reason}
         if unsigned:
             event["unsigned_rows"] = self._judge_unsigned(s, old, backup, unsigned)
+        if signed:
+            event["replay_check"] = self._judge_replayed(s, old, backup, signed)
         st.failovers.append(event)
         log.info("failover: %s", event)
         return backup
@@ -686,6 +693,66 @@ class SessionDriver:
                 self._pending_rewind.append((bad[0], f"stage {s}: rows {old} sent and never committed differ "
                                                      f"from {backup}'s replay from position {bad[0]}"))
         return {"rows": len(ps), "verdicts": verdict_counts, "rewind_from": bad[0] if bad else None}
+
+    def _judge_replayed(self, s: int, old: str, backup: str, signed: dict[int, bytes]) -> dict:
+        """Judge the rows `old` committed for non-final stage s against its backup's replay of them:
+        equal commitments pass; the others (another kernel path, or a cheat no audit drew) are judged
+        by value, as audits judge, from the backup's rows (Resend) and the old node's rows (the next
+        stage's inputs). Fraud, or Mismatches beyond the honest rate, quarantine `old` (with a proof
+        of each Fraud) and rewind the session to its first row judged so. Called on the failover's
+        thread, like _judge_unsigned."""
+        with self._lock:
+            now = {p: self._commits[s].get(p) for p in signed}
+            differ = sorted(p for p in signed if now[p] is None or now[p][0] != backup or now[p][2] != signed[p])
+            rows = {p: self._inputs[s + 1].get(p) for p in differ}
+        counts = {verdicts.Verdict.PASSED.value: len(signed) - len(differ)} if len(signed) > len(differ) else {}
+        redone: dict[int, np.ndarray] = {}
+        if differ:
+            try:
+                chunks = self.clients[backup].stream("Resend", pb.ResendRequest(
+                    ref=self._ref(s), from_position=differ[0], to_position=differ[-1] + 1))
+                p = differ[0]
+                for c in chunks:
+                    for r in wire.decode_tensor(c.output, ndim=2):
+                        redone[p] = r
+                        p += 1
+            except (grpc.RpcError, wire.TensorError) as e:
+                log.warning("stage %d: %s's replayed rows not resent (%s); %s's rows unjudged", s, backup, e, old)
+        epoch = self.state.epochs[s] - 1   # the old node's
+        judged: list[verdicts.Verdict] = [verdicts.Verdict.PASSED] * (len(signed) - len(differ))
+        bad, frauds = [], []
+        for p in differ:
+            if rows[p] is None or p not in redone:
+                counts["unjudged"] = counts.get("unjudged", 0) + 1
+                continue
+            try:
+                res = verdicts.judge_unit(signed[p], redone[p], grid=self.grid, tolerance=self.stage_tolerances[s],
+                                          revealed=canonical.canonical_rows(np.asarray(rows[p])[None, :], self.grid)[0])
+            except canonical.NonFiniteActivation:   # the backup's row: nobody is accused
+                counts["unjudged"] = counts.get("unjudged", 0) + 1
+                continue
+            judged.append(res.verdict)
+            counts[res.verdict.value] = counts.get(res.verdict.value, 0) + 1
+            if res.verdict in (verdicts.Verdict.MISMATCH, verdicts.Verdict.FRAUD):
+                bad.append(p)
+            if res.verdict == verdicts.Verdict.FRAUD:
+                frauds.append(FraudUnit(s, p, old, epoch, signed[p], np.asarray(rows[p]), redone[p],
+                                        self.stage_tolerances[s], backup))
+        # Judged as audits judge a node: Fraud at once, Mismatches by their rate against the honest one.
+        with self._lock:
+            rec = self.records.get(old) or judgement.NodeRecord(old)
+            for v in judged:
+                rec = rec.add(v)
+            self.records[old] = rec
+            for u in frauds:
+                self.proofs.add(u, self.receipts, self.public_keys, self._input_digests)
+        caught = bad and (frauds or judgement.judge_node(rec, self.honest_rate, self.alpha).quarantine)
+        if caught:
+            why = f"stage {s}: rows {old} committed differ from {backup}'s replay at the failover from position {bad[0]}"
+            self._fraud(old, why)
+            with self._lock:
+                self._pending_rewind.append((bad[0], why))
+        return {"rows": len(signed), "verdicts": counts, "rewind_from": bad[0] if caught else None}
 
     def _stage_inputs(self, s: int, lo: int, hi: int):
         """The inputs of stage s at positions [lo, hi): token ids, or hidden rows resent upstream."""

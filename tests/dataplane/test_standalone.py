@@ -33,6 +33,9 @@ def test_kill_stage_1(kill_at, tmp_path):
     expected_replay = 0 if kill_at == 0 else r["prompt_tokens"] + kill_at - 1
     assert f["replayed_rows"] == expected_replay
     assert r["counters"][1]["replayed_rows"] == expected_replay
+    if kill_at:   # the replay recomputed every row N2 committed: the same bits here
+        check = f["events"][0]["replay_check"]
+        assert check["verdicts"] == {"Passed": check["rows"]} and check["rewind_from"] is None, check
     assert r["success"]
     if kill_at == 20:
         # N0, the backup, loaded stage 1's layers when the session started (warm backups).
@@ -55,6 +58,21 @@ def test_kill_first_or_final_stage(stage):
     f = r["failover"]
     assert f["injected"] and f["completed"] and f["stage"] == stage
     assert f["replayed_rows"] == r["counters"][stage]["replayed_rows"] == r["prompt_tokens"] + 19
+    assert r["success"]
+
+
+@pytest.mark.slow
+def test_a_cheater_no_audit_drew_is_caught_by_its_backups_replay():
+    """Audits off: the cheating stage-1 node is killed at token 20, and its backup's replay of the
+    stage recomputes every row it committed; the rows beyond tolerance quarantine it (with a proof
+    of each Fraud row) and roll the session back, which ends with the baseline's tokens."""
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=1, kill_at=20, faulty_stage=1,
+                                          fault="cheap-quant", audit_probability=0.0))
+    assert r["audits"]["total"] == 0
+    check = r["failover"]["events"][0]["replay_check"]
+    assert check["verdicts"].get("Fraud", 0) >= 1 and check["rewind_from"] is not None, check
+    assert r["exact_match"] and r["fault"]["caught"] and r["quarantined"] == ["N2"] and r["false_fraud"] == 0
+    assert r["fraud_proofs"] and all(p["holds"] and p["node"] == "N2" for p in r["fraud_proofs"]), r["fraud_proofs"]
     assert r["success"]
 
 
