@@ -44,9 +44,11 @@ CANDIDATES = ("relative_l2", "frac_gt_1", "frac_gt_2", "frac_gt_4", "max_abs_ste
               "one_minus_cosine", "topk_disagreement")
 _FIGURE_OF = {"one_minus_cosine": "cosine", "topk_disagreement": "topk_agreement"}
 _CORE_CHEATERS = ("skip-layer", "cheap-quant", "replay", "random")
-# Audits from window states (docs/dataplane.md): windows of the receipt window's size, each replayed
+# Audits from window states (docs/dataplane.md): windows of STATE_WINDOW decode steps, each replayed
 # from the worker's states before it, after a prompt of STATE_PREFILL rows in one batch (windows
-# holding the prompt's batch are replayed in full by the driver, never from states).
+# holding the prompt's batch are replayed in full by the driver, never from states). 16 was the
+# state window when the shipped limits were measured; sessions audit windows of 4 by default
+# (receipts.DEFAULT_STATE_WINDOW), which the heterogeneous test case finds within those limits.
 STATE_WINDOW = 16
 STATE_PREFILL = 24
 STATE_FACTOR = 2.0          # the honest state limit: this many times the largest honest calibration distance
