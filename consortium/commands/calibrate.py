@@ -48,7 +48,8 @@ _CORE_CHEATERS = ("skip-layer", "cheap-quant", "replay", "random")
 # from the worker's states before it, after a prompt of STATE_PREFILL rows in one batch (windows
 # holding the prompt's batch are replayed in full by the driver, never from states). 16 was the
 # state window when the shipped limits were measured; sessions audit windows of 4 by default
-# (receipts.DEFAULT_STATE_WINDOW), which the heterogeneous test case finds within those limits.
+# (receipts.DEFAULT_STATE_WINDOW), whose honest distances a run at 4 found within those limits
+# (docs/calibration.md, Window states).
 STATE_WINDOW = 16
 STATE_PREFILL = 24
 STATE_FACTOR = 2.0          # the honest state limit: this many times the largest honest calibration distance
