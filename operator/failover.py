@@ -115,8 +115,9 @@ class KubePolicy:
     def finished(self, events: list[dict]) -> None:
         """Failovers the driver completed since the last call: conditions and Events."""
         for f in events:
+            merged = f" ({f['merged_rows']} in merged batches)" if f.get("merged_rows") else ""
             msg = (f"stage {f['stage']}: {f['from']} -> {f['to']} at epoch {f['epoch']}, position {f['at_position']}, "
-                   f"{f['replayed_rows']} rows replayed in {f['ms']:.0f} ms ({f['reason']})")
+                   f"{f['replayed_rows']} rows replayed{merged} in {f['ms']:.0f} ms ({f['reason']})")
             kube.event(self.session, "FailoverFinished", msg)
             self._assignment_condition(f["stage"], "Ready", True, "FailedOver", msg)
             self.set_condition("StageFailover", False, "FailoverCompleted", msg, phase="Running")

@@ -78,7 +78,7 @@ class Session:
                  name: str, audit: float, rpc_timeout_s: float = 30.0, tls=None,
                  registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 0,
                  sign_per_window: bool = False, audit_from_state: bool = False, warm_backups: bool = False,
-                 sample_at_final: bool = True, state_window: int | None = None):
+                 sample_at_final: bool = True, state_window: int | None = None, replay_exact_shapes: bool = False):
         from consortium.driver.policy import LocalPolicy
         from consortium.driver.session import SessionDriver
         from consortium.driver.state import SessionState
@@ -91,7 +91,7 @@ class Session:
                                     tls=tls, registered_keys=registered_keys, audit_replay_rows=audit_replay_rows,
                                     sign_per_window=sign_per_window, audit_from_state=audit_from_state,
                                     state_window=state_window, warm_backups=warm_backups,
-                                    sample_at_final=sample_at_final)
+                                    sample_at_final=sample_at_final, replay_exact_shapes=replay_exact_shapes)
         self.driver.start()
         self.prompt_ids = prompt_ids
 
@@ -127,14 +127,15 @@ class Bench:
 
     def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None,
                 replay_rows=0, sign_per_window=False, from_state=False, warm_backups=False,
-                sample_at_final=True, state_window=None) -> Session:
+                sample_at_final=True, state_window=None, replay_exact_shapes=False) -> Session:
         """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies).
         Backups load ahead only where asked (the failover runs): elsewhere the loads would land in
         the speed rounds."""
         return Session(endpoints or agents.endpoints, self.model, self.info, self.split, self.sha,
                        prompt or self.prompt, name, audit, tls=agents.driver_tls, registered_keys=agents.public_keys,
                        audit_replay_rows=replay_rows, sign_per_window=sign_per_window, audit_from_state=from_state,
-                       warm_backups=warm_backups, sample_at_final=sample_at_final, state_window=state_window)
+                       warm_backups=warm_backups, sample_at_final=sample_at_final, state_window=state_window,
+                       replay_exact_shapes=replay_exact_shapes)
 
     # -- speed: single node, split in process, agents on loopback; audits' cost ------------------
 
@@ -310,11 +311,12 @@ class Bench:
 
     # -- failover ----------------------------------------------------------------------------------------
 
-    def failover_once(self, kill_at: int, max_tokens: int) -> dict:
+    def failover_once(self, kill_at: int, max_tokens: int, exact_shapes: bool = False) -> dict:
         agents = self.agents()
         sess = None
         try:
-            sess = self.session(agents, "failover", 0.0, prompt=self.short_prompt, warm_backups=self.s.warm_backups)
+            sess = self.session(agents, "failover", 0.0, prompt=self.short_prompt, warm_backups=self.s.warm_backups,
+                                replay_exact_shapes=exact_shapes)
             d = sess.driver
             kill_node = standalone.PLACEMENT[1]
             kill_position = len(self.short_prompt) + kill_at - 1
@@ -331,6 +333,7 @@ class Bench:
             fo = [x.wall_ms for x in d.steps if x.failover]
             event = next(e for e in d.state.failovers if e["from"] == kill_node)
             return {"kill_at_token": kill_at, "context_replayed": event["replayed_rows"],
+                    "merged_rows": event["merged_rows"], "exact_shapes": exact_shapes,
                     "spike_ms": round(max(fo) - statistics.median(normal), 3), "failover_ms": event["ms"],
                     "median_step_ms": round(statistics.median(normal), 3)}
         finally:
@@ -346,10 +349,13 @@ class Bench:
             self.log(f"failover run {i + 1}/{s.failover_runs}: spike {runs[-1]['spike_ms']} ms")
         growth = []
         for k in s.failover_contexts:
-            for _ in range(s.failover_context_runs):
-                growth.append(self.failover_once(k, k + 4))
-                self.log(f"failover at token {k}: {growth[-1]['context_replayed']} rows replayed, "
-                         f"spike {growth[-1]['spike_ms']} ms")
+            for i in range(s.failover_context_runs):
+                # Side by side, order alternating: the backup replaying its decode steps merged where
+                # it checked the bits stay (the default) and in the original shapes.
+                for exact in ((False, True) if i % 2 == 0 else (True, False)):
+                    growth.append(self.failover_once(k, k + 4, exact_shapes=exact))
+                    self.log(f"failover at token {k}: {growth[-1]['context_replayed']} rows replayed "
+                             f"({growth[-1]['merged_rows']} merged), spike {growth[-1]['spike_ms']} ms")
         spikes = [r["spike_ms"] for r in runs]
         return {"runs": runs, "spike_ms": {"median": _median(spikes), "max": max(spikes), "min": min(spikes),
                                             "n": len(spikes)},

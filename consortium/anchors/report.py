@@ -107,9 +107,14 @@ def summary(res: dict) -> str:
     lines += [f"| failover spike, stage 1 killed at token {res['settings']['failover_kill_at']} "
               f"({fo['spike_ms']['n']} runs, {warm}) | median {_f(fo['spike_ms']['median'], '{:.0f}')} ms, worst "
               f"{_f(fo['spike_ms']['max'], '{:.0f}')} ms | < 1000 ms |"]
+    groups: dict[tuple, list[dict]] = {}   # the runs at one kill token one way, side by side in the table
     for g in fo["by_context"]:
-        lines.append(f"| failover at token {g['kill_at_token']} ({g['context_replayed']} rows replayed) | "
-                     f"{g['spike_ms']:.0f} ms | |")
+        groups.setdefault((g["kill_at_token"], bool(g.get("exact_shapes"))), []).append(g)
+    for (token, exact), gs in sorted(groups.items()):
+        how = "in the original batch shapes" if exact else f"{gs[0].get('merged_rows', 0)} of them in merged batches"
+        spikes = ", ".join(f"{g['spike_ms']:.0f}" for g in gs)
+        lines.append(f"| failover at token {token} ({gs[0]['context_replayed']} rows replayed, {how}) | "
+                     f"{spikes} ms | |")
     for r in res["concurrent"]["rows"]:
         lines.append(f"| {r['sessions']} session(s) at once: aggregate tok/s | {r['aggregate_tokens_per_s']:.1f} "
                      f"({r['over_one_session']:.2f}x one session) | |")
@@ -158,8 +163,11 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title("separate network namespaces")
     ax = axes[3]
     fo = res["failover"]
-    runs = [(r["context_replayed"], r["spike_ms"]) for r in fo["runs"] + fo["by_context"]]
-    ax.scatter([x for x, _ in runs], [y for _, y in runs])
+    for exact, label in ((False, "decode steps merged where checked"), (True, "original batch shapes")):
+        runs = [(r["context_replayed"], r["spike_ms"]) for r in fo["runs"] + fo["by_context"]
+                if bool(r.get("exact_shapes")) == exact]
+        if runs:
+            ax.scatter([x for x, _ in runs], [y for _, y in runs], label=label, marker="x" if exact else "o")
     ax.axhline(1000, color="red", linestyle="--", label="1 s target")
     ax.set_ylim(bottom=0)
     ax.set_xlabel("rows replayed on the backup (context)")

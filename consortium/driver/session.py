@@ -143,7 +143,7 @@ class SessionDriver:
                  proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
                  audit_replay_rows: int = 0, audit_from_state: bool = False,
                  state_window: int | None = None, warm_backups: bool = True,
-                 sample_at_final: bool = True):
+                 sample_at_final: bool = True, replay_exact_shapes: bool = False):
         if audit_replay_rows < 0:
             raise ValueError(f"audit_replay_rows must be >= 0, got {audit_replay_rows}")
         if receipt_window < 1:
@@ -152,10 +152,14 @@ class SessionDriver:
         if state_window < 1:
             raise ValueError(f"state_window must be >= 1, got {state_window}")
         self.warm_backups = warm_backups
+        # A failover's replay keeps the original batch shapes even where the backup checked that merged
+        # decode steps keep the bits (it does that check when it loads the stage ahead, warm_backups).
+        self.replay_exact_shapes = replay_exact_shapes
         # forward_token(): the final stage's node samples the token and answers it ahead of its logit
         # row, which the driver reads and checks while stage 0 computes the next step.
         self.sample_at_final = sample_at_final
-        self.prepared: list[dict] = []   # likely backups that loaded a stage ahead: stage, node, load_ms
+        # likely backups that loaded a stage ahead: stage, node, load_ms, merge_check_ms
+        self.prepared: list[dict] = []
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
         self.split, self.n_layers = list(split), n_layers
         self.n_stages = len(self.split)
@@ -292,7 +296,8 @@ class SessionDriver:
                 resp = self.clients[backup].call("Prepare", pb.PrepareRequest(
                     model_path=self.model_path, model_sha256=self.model_sha256, first_layer=r.first,
                     last_layer=r.last), timeout=self.load_timeout_s)
-                self.prepared.append({"stage": s, "node": backup, "load_ms": round(resp.load_ms, 3)})
+                self.prepared.append({"stage": s, "node": backup, "load_ms": round(resp.load_ms, 3),
+                                      "merge_check_ms": round(resp.merge_check_ms, 3)})
             except grpc.RpcError as e:   # only a failover's load gets slower
                 log.info("stage %d: its likely backup did not load it ahead: %s %s", s, e.code().name, e.details())
             except Exception:
@@ -639,7 +644,7 @@ class SessionDriver:
             tried.add(backup)
             try:
                 loaded = self._load(backup, s)
-                replayed = self._rebuild(s, backup, upto)
+                replayed, merged = self._rebuild(s, backup, upto)
                 break
             except RefusedAgent as e:
                 log.warning("backup %s for stage %d: %s", backup, s, e)
@@ -650,6 +655,7 @@ class SessionDriver:
         st.nodes[s] = backup
         event = {"stage": s, "from": old, "to": backup, "epoch": st.epochs[s], "at_position": upto,
                  "at_token": max(0, upto - len(st.prompt_tokens) + 1), "replayed_rows": replayed,
+                 "merged_rows": merged,
                  "backup_load_ms": round(loaded.load_ms, 3), "backup_had_layers": loaded.found_loaded,
                  "ms": round((time.perf_counter() - t0) * 1000, 3), "reason": reason}
         if unsigned:
@@ -771,11 +777,12 @@ class SessionDriver:
                 self._failover(s - 1, f"{up} could not resend: {e.code().name}")
         raise DriverError(f"no upstream node could resend the inputs of stage {s}")
 
-    def _rebuild(self, s: int, node: str, upto: int) -> int:
-        """Replay stage s's inputs [0, upto) on `node` in the original batch shapes, many batches per
-        Replay call (one call per batch cost about 2 ms per row more)."""
+    def _rebuild(self, s: int, node: str, upto: int) -> tuple[int, int]:
+        """Replay stage s's inputs [0, upto) on `node` in the original batch shapes (its decode steps
+        merged where `node` checked that keeps the bits), many batches per Replay call (one call per
+        batch cost about 2 ms per row more). Rows replayed, and how many of them in merged batches."""
         if upto == 0:
-            return 0
+            return 0, 0
         x = self._stage_inputs(s, 0, upto)
         final = s == self.n_stages - 1
         calls: list[tuple[int, list[int]]] = []   # (first position, batch sizes)
@@ -793,13 +800,16 @@ class SessionDriver:
             with self._lock:
                 ends = [b + n - 1 for b, n in self.state.batches if b + n - 1 < upto]
                 commit_from = next((e for e in ends if e not in self._commits[s]), upto)
+        merged = 0
         for start, sizes in calls:
             n = sum(sizes)
             chunk = x[start:start + n]
             req = self._forward_request(s, start, chunk)
             req.batch_sizes.extend(sizes)
             req.commit_from = commit_from
+            req.exact_shapes = self.replay_exact_shapes
             resp = self.clients[node].call("Replay", req, timeout=self.load_timeout_s)
+            merged += resp.merged_rows
             if resp.states:
                 self._accept_states(s, node, self.state.epochs[s], resp.states)
             with self._lock:
@@ -810,7 +820,7 @@ class SessionDriver:
                 first = start if not final else max(start + sizes[0] - 1, commit_from)
                 self._accept(s, node, self.state.epochs[s], first, None, list(resp.commitments),
                              list(resp.windows), select=False)
-        return sum(sum(sizes) for _, sizes in calls)
+        return sum(sum(sizes) for _, sizes in calls), merged
 
     # -- audits ----------------------------------------------------------------------------------
 

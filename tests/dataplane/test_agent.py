@@ -127,6 +127,73 @@ def test_one_replay_call_rebuilds_many_batches_in_their_shapes(agent, model_path
         service.release_session(session)
 
 
+def test_a_backup_that_loaded_ahead_replays_decode_steps_merged_with_the_same_bits(agent, model_path):
+    """Prepare checks which merged batch sizes keep the stage's bits; a Replay then computes runs of
+    decode steps in those sizes: the same commitments as the original one-row steps, and the next
+    step the same rows. Before the check, or with exact_shapes, the batches stay as given."""
+    stub, service, _ = agent
+    decode = 13
+    load(stub, model_path, "mg")
+    tokens, rs, pos = list(PROMPT), [step(stub, "mg", 0, PROMPT)], len(PROMPT)
+    for _ in range(decode):
+        tokens.append(int(np.argmax(wire.decode_tensor(rs[-1][2].output)[-1])))
+        rs.append(step(stub, "mg", pos, tokens[-1:]))
+        pos += 1
+    sizes = [len(PROMPT)] + [1] * decode
+    inputs = [pb.ForwardRequest(tokens=tokens)] + [
+        pb.ForwardRequest(hidden=wire.encode_tensor(np.concatenate([wire.decode_tensor(r[s].output) for r in rs])))
+        for s in (0, 1, 2)]
+    commit_from = len(PROMPT) + 8   # the final stage commits from here: only the rows before it merge
+
+    def replay(session, s, exact=False):
+        req = pb.ForwardRequest()
+        req.CopyFrom(inputs[s])
+        req.ref.CopyFrom(ref(session, s))
+        req.batch_sizes.extend(sizes)
+        req.exact_shapes = exact
+        if s == 2:
+            req.commit_from = commit_from
+        got = stub.Replay(req)
+        want = [c for r in rs for c in r[s].commitments] if s < 2 else \
+            [c for r in rs[commit_from - len(PROMPT) + 1:] for c in r[2].commitments]
+        assert got.rows == len(tokens) and list(got.commitments) == want
+        return got.merged_rows
+
+    load(stub, model_path, "mg-cold")
+    assert [replay("mg-cold", s) for s in range(3)] == [0, 0, 0]   # not checked yet: the shapes as given
+    checks = [stub.Prepare(pb.PrepareRequest(model_path=model_path, first_layer=a, last_layer=b)).merge_check_ms
+              for a, b in SPLIT]
+    assert all(ms > 0 for ms in checks), checks
+    assert stub.Prepare(pb.PrepareRequest(model_path=model_path, first_layer=0, last_layer=9)).merge_check_ms == 0
+    load(stub, model_path, "mg-merged")
+    # 13 decode steps as 8 + 4 + 1; on the final stage the 8 up to commit_from's row as one batch (its
+    # end needs no logits), the 5 that commit one by one.
+    assert [replay("mg-merged", s) for s in range(3)] == [12, 12, 8]
+    load(stub, model_path, "mg-exact")
+    assert [replay("mg-exact", s, exact=True) for s in range(3)] == [0, 0, 0]
+    for session in ("mg-merged", "mg-exact"):
+        again = step(stub, session, pos, [7])
+        for a, b in zip(again, step(stub, "mg" if session == "mg-merged" else "mg-cold", pos, [7])):
+            assert np.array_equal(wire.decode_tensor(a.output), wire.decode_tensor(b.output))
+    for session in ("mg", "mg-cold", "mg-merged", "mg-exact"):
+        service.release_session(session)
+
+
+def test_merged_replay_plans():
+    from node_agent.server import merged_replay
+
+    allowed = frozenset({2, 4, 8, 16})
+    # Other stages: every run of one-row batches merged, other batches as given, every row output.
+    plan, merged = merged_replay([5, 1, 1, 1, 1, 1, 3, 1], 0, None, allowed)
+    assert plan == [(5, True), (4, True), (1, True), (3, True), (1, True)] and merged == 4
+    # The final stage: batches ending at keep_from or later keep their shapes and their logits.
+    plan, merged = merged_replay([5] + [1] * 10, 0, 12, allowed)
+    assert plan == [(5, False), (4, False), (2, False), (1, False), (1, True), (1, True), (1, True)]
+    assert merged == 6
+    assert merged_replay([1] * 4, 10, 0, allowed) == ([(1, True)] * 4, 0)   # commit_from 0: every batch end
+    assert merged_replay([1] * 4, 10, None, frozenset()) == ([(1, True)] * 4, 0)
+
+
 def malformed_requests(model_path, width=576):
     good = wire.encode_tensor(np.zeros((1, width), np.float32))
     nan = wire.encode_tensor(np.full((1, width), np.nan, np.float32))
