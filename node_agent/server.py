@@ -123,6 +123,7 @@ class Engines:
         self._free: dict[str, list[int]] = {}
         self._keys: dict[int, str] = {}   # id(stage) -> its key
         self._replay_sizes: dict[str, frozenset[int]] = {}   # stage key -> checked REPLAY_MERGE_SIZES
+        self._checks: dict[str, threading.Event] = {}        # stage key -> set once its check ended
 
     def acquire(self, path: Path, layers: LayerRange, n_layers_total: int, *, model_path: str | None = None,
                 fault: faults.Fault | None = None) -> tuple[Stage, int]:
@@ -166,27 +167,50 @@ class Engines:
         self._free[key] = list(range(self.config.n_seq_max))
         return key, True
 
-    def check_replay_merging(self, path: Path, fault: faults.Fault | None = None) -> float:
-        """Which of REPLAY_MERGE_SIZES keep the loaded stage's bits (Stage.batch_invariant_sizes), checked
-        once per stage; the wall time it took in ms (0 when known already). Meant for a stage loaded
-        ahead and idle: the check holds the stage's decode lock for its 0.1-0.3 s."""
+    def check_replay_merging(self, path: Path, fault: faults.Fault | None = None) -> None:
+        """Find out, in the background and once per loaded stage, which of REPLAY_MERGE_SIZES keep its
+        bits (Stage.batch_invariant_sizes): meant for a stage loaded ahead and idle; 0.1-0.35 s of
+        compute, one decode at a time under the stage's lock, so a Replay meanwhile goes between its
+        decodes (in the shapes given). Not in the lowest CPU class, as audits are: there, behind the
+        audits' replays, it was still running when failovers came."""
         key = str(path) if fault is None else f"{path}#{fault.name}"
         with self._lock:
             stage = self._stages.get(key)
-            if stage is None or key in self._replay_sizes:
-                return 0.0
-        t0 = time.perf_counter()
-        check = getattr(stage, "batch_invariant_sizes", None)   # a cheating stage replays as it was run
-        most = min(max(REPLAY_MERGE_SIZES), stage.config.n_batch) if check is not None else 1
-        sizes = frozenset(check(most, REPLAY_MERGE_SIZES)) if most > 1 else frozenset()
-        with self._lock:
-            self._replay_sizes[key] = sizes
-        return (time.perf_counter() - t0) * 1000
+            if stage is None or key in self._checks:
+                return
+            done = self._checks[key] = threading.Event()
 
-    def replay_sizes(self, stage: Stage) -> frozenset[int]:
-        """The merged batch sizes a replay on `stage` may use: none until check_replay_merging ran."""
+        def check() -> None:
+            t0 = time.perf_counter()
+            sizes: frozenset[int] = frozenset()
+            try:
+                run = getattr(stage, "batch_invariant_sizes", None)   # a cheating stage replays as it was run
+                most = min(max(REPLAY_MERGE_SIZES), stage.config.n_batch) if run is not None else 1
+                if most > 1:
+                    # A final stage's replay merges only rows whose logits nobody needs (merged_replay):
+                    # its keys and values are what must stay.
+                    sizes = frozenset(run(most, REPLAY_MERGE_SIZES, logits=False))
+                log.info("replays of %s may merge decode steps into %s (checked in %.0f ms)", key,
+                         sorted(sizes) or "nothing", (time.perf_counter() - t0) * 1000)
+            except Exception:   # the replays keep their shapes
+                log.exception("checking merged replays of %s failed", key)
+            finally:
+                with self._lock:
+                    self._replay_sizes[key] = sizes
+                done.set()
+
+        threading.Thread(target=check, name="merge-check", daemon=True).start()
+
+    def replay_sizes(self, stage: Stage, wait_s: float = 0.0) -> frozenset[int]:
+        """The merged batch sizes a replay on `stage` may use: none until check_replay_merging has
+        ended on it (wait_s: how long to wait for a check under way)."""
         with self._lock:
-            return self._replay_sizes.get(self._keys.get(id(stage), ""), frozenset())
+            key = self._keys.get(id(stage), "")
+            done = self._checks.get(key)
+        if done is not None and wait_s > 0:
+            done.wait(wait_s)
+        with self._lock:
+            return self._replay_sizes.get(key, frozenset())
 
     def release(self, stage: Stage, seq: int) -> None:
         stage.drop(seq)   # an idle slot holds no KV cache
@@ -465,10 +489,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         t0 = time.perf_counter()
         path, info = self._stage_path(req.model_path, req.model_sha256, layers)
         loaded = self.engines.prepare(path, layers, info.n_layers, model_path=req.model_path, fault=self.fault)
-        load_ms = (time.perf_counter() - t0) * 1000 if loaded else 0.0
         # While the stage waits idle: whether a failover's replay on it may merge decode steps.
-        check_ms = self.engines.check_replay_merging(path, self.fault)
-        return pb.PrepareResponse(load_ms=load_ms, merge_check_ms=check_ms)
+        self.engines.check_replay_merging(path, self.fault)
+        return pb.PrepareResponse(load_ms=(time.perf_counter() - t0) * 1000 if loaded else 0.0)
 
     def Fence(self, request, context):
         return self._handle(context, self._fence, request)

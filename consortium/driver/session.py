@@ -153,13 +153,12 @@ class SessionDriver:
             raise ValueError(f"state_window must be >= 1, got {state_window}")
         self.warm_backups = warm_backups
         # A failover's replay keeps the original batch shapes even where the backup checked that merged
-        # decode steps keep the bits (it does that check when it loads the stage ahead, warm_backups).
+        # decode steps keep the bits (it checks after loading the stage ahead, warm_backups).
         self.replay_exact_shapes = replay_exact_shapes
         # forward_token(): the final stage's node samples the token and answers it ahead of its logit
         # row, which the driver reads and checks while stage 0 computes the next step.
         self.sample_at_final = sample_at_final
-        # likely backups that loaded a stage ahead: stage, node, load_ms, merge_check_ms
-        self.prepared: list[dict] = []
+        self.prepared: list[dict] = []   # likely backups that loaded a stage ahead: stage, node, load_ms
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
         self.split, self.n_layers = list(split), n_layers
         self.n_stages = len(self.split)
@@ -296,8 +295,7 @@ class SessionDriver:
                 resp = self.clients[backup].call("Prepare", pb.PrepareRequest(
                     model_path=self.model_path, model_sha256=self.model_sha256, first_layer=r.first,
                     last_layer=r.last), timeout=self.load_timeout_s)
-                self.prepared.append({"stage": s, "node": backup, "load_ms": round(resp.load_ms, 3),
-                                      "merge_check_ms": round(resp.merge_check_ms, 3)})
+                self.prepared.append({"stage": s, "node": backup, "load_ms": round(resp.load_ms, 3)})
             except grpc.RpcError as e:   # only a failover's load gets slower
                 log.info("stage %d: its likely backup did not load it ahead: %s %s", s, e.code().name, e.details())
             except Exception:

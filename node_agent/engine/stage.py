@@ -297,13 +297,16 @@ class Stage:
             raise StageInputError(f"{position + len(rows)} positions do not fit the context of {self.config.n_ctx}")
         return rows
 
-    def batch_invariant_sizes(self, max_rows: int, candidates: Sequence[int] | None = None) -> list[int]:
+    def batch_invariant_sizes(self, max_rows: int, candidates: Sequence[int] | None = None, *,
+                              logits: bool = True) -> list[int]:
         """The batch sizes 2..max_rows (or those of `candidates`) in which decode steps give this
         stage's rows (logits, on the final stage) and keys and values bit for bit as one-row steps
         do, here: on this backend, build and weights' kernels. A replay may merge decode steps into
         batches of these sizes and still reproduce them, with fewer passes over the weights. Checked
         on a scratch context after a few rows of prefix, with inputs of the stage's kind, against
-        max_rows one-row steps; costs about max_rows one-row steps and one batch of each size."""
+        max_rows one-row steps; costs about max_rows one-row steps and one batch of each size.
+        logits=False, on the final stage: the keys and values alone, for replays that only rebuild
+        the KV cache (without the LM head, most of the check's cost on a large vocabulary)."""
         if not 1 < max_rows <= self.config.n_batch:
             raise ValueError(f"max_rows must be in 2..{self.config.n_batch} (the batch size), got {max_rows}")
         sizes_to_check = sorted({k for k in (candidates or range(2, max_rows + 1)) if 1 < k <= max_rows})
@@ -313,22 +316,33 @@ class Stage:
             x = rng.integers(0, self.n_vocab, size=prefix + max_rows).astype(np.int32)
         else:
             x = rng.standard_normal((prefix + max_rows, self.n_embd)).astype(np.float32)
-        # Under the lock from the scratch context's making to its end: an agent checks a stage that
-        # may be serving sequences from other threads.
+        # One llama_decode at a time under the stage's lock, as everywhere, but not the whole check
+        # under it: an agent checks a stage that may be serving (or replaying) from other threads.
         with self._lock:
             ctx, mem = self._new_context(prefix + max_rows + 1)
-            try:
+        try:
+            rows = logits or not self.is_last
+
+            def decode(position, n):
+                with self._lock:
+                    return self._decode_in(ctx, position, x[position:position + n], rows, rows)
+
+            with self._lock:
                 self._decode_in(ctx, 0, x[:prefix], False, False)
-                steps = np.concatenate([self._decode_in(ctx, p, x[p:p + 1], True, True)
-                                        for p in range(prefix, prefix + max_rows)])
+            steps = [decode(p, 1) for p in range(prefix, prefix + max_rows)]
+            steps = np.concatenate(steps) if rows else None
+            with self._lock:
                 states = {k: self._state_of(ctx, mem, prefix, prefix + k) for k in sizes_to_check}
-                sizes = []
-                for k in sizes_to_check:
+            sizes = []
+            for k in sizes_to_check:
+                with self._lock:
                     llama_cpp.llama_memory_seq_rm(mem, self._SEQ, prefix, -1)
-                    batch = self._decode_in(ctx, prefix, x[prefix:prefix + k], True, True)
-                    if batch.tobytes() == steps[:k].tobytes() and self._state_of(ctx, mem, prefix, prefix + k) == states[k]:
-                        sizes.append(k)
-            finally:
+                    batch = self._decode_in(ctx, prefix, x[prefix:prefix + k], rows, rows)
+                    same = self._state_of(ctx, mem, prefix, prefix + k) == states[k]
+                if same and (not rows or batch.tobytes() == steps[:k].tobytes()):
+                    sizes.append(k)
+        finally:
+            with self._lock:
                 llama_cpp.llama_free(ctx)
         return sizes
 

@@ -161,11 +161,11 @@ def test_a_backup_that_loaded_ahead_replays_decode_steps_merged_with_the_same_bi
 
     load(stub, model_path, "mg-cold")
     assert [replay("mg-cold", s) for s in range(3)] == [0, 0, 0]   # not checked yet: the shapes as given
-    checks = [stub.Prepare(pb.PrepareRequest(model_path=model_path, first_layer=a, last_layer=b)).merge_check_ms
-              for a, b in SPLIT]
-    assert all(ms > 0 for ms in checks), checks
-    assert stub.Prepare(pb.PrepareRequest(model_path=model_path, first_layer=0, last_layer=9)).merge_check_ms == 0
+    for a, b in SPLIT:   # the checks run in the background (a Replay waits a while for one under way)
+        stub.Prepare(pb.PrepareRequest(model_path=model_path, first_layer=a, last_layer=b))
     load(stub, model_path, "mg-merged")
+    for s in range(3):   # here without a deadline: a busy machine must not make the test flaky
+        assert service.engines.replay_sizes(service._assignments[("mg-merged", s)].engine, wait_s=120) == {2, 4, 8, 16}
     # 13 decode steps as 8 + 4 + 1; on the final stage the 8 up to commit_from's row as one batch (its
     # end needs no logits), the 5 that commit one by one.
     assert [replay("mg-merged", s) for s in range(3)] == [12, 12, 8]

@@ -40,3 +40,14 @@ def test_repacked_q4_k_m_kernels_change_with_the_batch_size():
         assert 4 not in sizes and all(k < 4 for k in sizes), sizes
         with pytest.raises(ValueError, match="max_rows must be in 2..64"):
             stage.batch_invariant_sizes(65)
+
+
+def test_the_final_stage_checks_its_keys_and_values_alone_when_asked(default_model):
+    """A failover's replay merges the final stage's rows only where it skips the LM head: the check
+    then compares keys and values and leaves the LM head out, sizes as the full check finds them."""
+    r = LayerRange(20, 29)
+    with Stage(stage_file(default_model, r), r, 30, StageConfig(threads=1, n_ctx=256)) as stage:
+        before = stage.forward_steps
+        assert stage.batch_invariant_sizes(16, (2, 4, 8, 16), logits=False) == [2, 4, 8, 16]
+        assert stage.forward_steps - before == 1 + 16 + 4   # prefix, one-row steps, one batch per size
+        assert stage.batch_invariant_sizes(16, (2, 4, 8, 16)) == [2, 4, 8, 16]
