@@ -305,6 +305,7 @@ class Assignment:
     window_states: bool = False
     state_window: int = receipts.DEFAULT_WINDOW
     states: dict = dataclasses.field(default_factory=dict)          # window start -> (bytes, SignedState)
+    stage_file: str = ""   # the honest stage file, whose audit sequence a failover here may take over
 
     def settle(self, commit=None) -> None:
         """Wait for the deferred commit-and-sign job (starting it if its response's delivery has not);
@@ -466,7 +467,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         signer = receipts.WindowSigner(self.identity.private_key, session=session, stage=stage_index,
                                        node_id=self.identity.node_id, epoch=epoch, grid=grid, window=window)
         a = Assignment(session, stage_index, epoch, layers, info.n_layers, req.model_path, engine, seq, signer, grid,
-                       window_states=req.window_states, state_window=state_window)
+                       window_states=req.window_states, state_window=state_window, stage_file=str(path))
         with self._lock:
             old = self._assignments.get(key)
             self._assignments[key] = a
@@ -635,13 +636,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         if a.is_last and any(b - e != 1 for e, b in zip(committed, committed[1:])):
             raise _bad("on the final stage the batches that commit logits must end at consecutive positions "
                        "(after the first of them, one row each)")
-        # A Replay merges decode steps where this node checked that the bits stay (a stage loaded ahead).
-        plan, merged_rows = list(zip(sizes, logits)), 0
-        if not send and not req.exact_shapes:
-            allowed = self.engines.replay_sizes(a.engine)
-            if allowed:
-                plan, merged_rows = merged_replay(sizes, req.position, req.commit_from if a.is_last else None,
-                                                  allowed)
+        if req.adopt_upto and (send or req.position != 0):
+            raise _bad("adopt_upto is for a Replay from position 0")
         defer = send and req.defer_commitments
         with a.lock:
             # Steps held for their window's end are committed first by anything that commits now.
@@ -651,7 +647,24 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 raise _bad(f"session {a.session!r} stage {a.stage_index} continues at position {expected}, "
                            f"not {req.position}")
             t0, c0 = time.perf_counter(), time.thread_time()
-            outs, i = [], 0
+            outs, i, adopted = [], 0, 0
+            if req.adopt_upto > 0:
+                # Batch ends the take-over may stop at: on the final stage only before commit_from,
+                # whose rows need logits.
+                limit = min(req.adopt_upto, req.commit_from if a.is_last else req.adopt_upto)
+                adopted, rows = self._adopt(a, [e + 1 for e in ends if e + 1 <= limit])
+                if adopted:
+                    if rows is not None:
+                        outs.append(rows)
+                    done = list(itertools.accumulate(sizes)).index(adopted) + 1
+                    sizes, logits, i = sizes[done:], logits[done:], adopted
+            # A Replay merges decode steps where this node checked that the bits stay (a stage loaded ahead).
+            plan, merged_rows = list(zip(sizes, logits)), 0
+            if not send and not req.exact_shapes and sizes:
+                allowed = self.engines.replay_sizes(a.engine)
+                if allowed:
+                    plan, merged_rows = merged_replay(sizes, req.position + i,
+                                                      req.commit_from if a.is_last else None, allowed)
             for size, keep in plan:
                 chunk = x[i:i + size]
                 if tokens is not None:
@@ -696,7 +709,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         wins = [wire.window_to_pb(w) for w in windows]
         if not send:
             return pb.ReplayResponse(rows=n, commitments=commitments, windows=wins, compute_ms=compute_ms,
-                                     cpu_ms=cpu_ms, states=states, merged_rows=merged_rows)
+                                     cpu_ms=cpu_ms, states=states, merged_rows=merged_rows, adopted_rows=adopted)
         resp = pb.ForwardResponse(output_position=first_out, commitments=commitments, windows=wins,
                                   compute_ms=compute_ms, earlier=earlier, cpu_ms=cpu_ms, states=states)
         token = _sample(out[-1], req.position + n, sampling) if sampling is not None else None
@@ -707,6 +720,34 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         else:
             wire.put_tensor(resp.output, out)
         return resp
+
+    def _adopt(self, a: Assignment, cuts: list[int]) -> tuple[int, np.ndarray | None]:
+        """Take positions [0, n) of a's stage (n one of `cuts`) from this node's own audit replay of it
+        into a's sequence, which holds nothing yet: (n, their rows on a non-final stage), or (0, None)
+        where the audit process holds none of them or the stage cannot take them. Called under a.lock."""
+        key = (a.session, a.stage_index, a.stage_file)
+        with self._lock:
+            audited = key in self._audit_keys
+        if not cuts or not audited or not isinstance(a.engine, Stage) or a.engine.next_position(a.seq) != 0:
+            return 0, None
+        try:
+            n, state, rows = self.audits.handover(key, cuts)
+        except Refused as e:   # the audit process died: its sequences are gone
+            log.warning("session %s stage %d: nothing taken from the audit replay: %s", a.session, a.stage_index, e)
+            return 0, None
+        if n == 0:
+            return 0, None
+        try:
+            got = a.engine.import_state(a.seq, [state])
+        except (StageInputError, ll.LlamaError) as e:
+            log.warning("session %s stage %d: the audit replay's state did not load: %s", a.session, a.stage_index, e)
+            got = -1
+        if got != n:
+            a.engine.clear(a.seq)
+            return 0, None
+        if a.is_last:
+            return n, None
+        return n, np.frombuffer(rows, dtype=np.float32).reshape(n, a.engine.n_embd).copy()
 
     def _close_states(self, a: Assignment, first: int, n: int) -> list[pb.SignedState]:
         """Export, keep and sign the KV state of every state window that rows first..first+n-1 closed."""
@@ -962,6 +1003,13 @@ class AuditProcess:
         """The llama.cpp threads of each audit sequence, by key."""
         return self._call("threads")
 
+    def handover(self, key: tuple, cuts: list[int]) -> tuple[int, bytes, bytes]:
+        """_AuditSequences.handover in the audit process (which must be running already)."""
+        with self._lock:
+            if self._pool is None:
+                return 0, b"", b""
+        return self._call("handover", key, cuts)
+
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
@@ -1010,6 +1058,11 @@ class _AuditSequences:
         self.engines = Engines(config)
         self.slots: dict[tuple, tuple[Stage, int]] = {}
         self.merge_sizes: dict[str, set[int]] = {}   # stage file -> Stage.batch_invariant_sizes
+        # What a failover on this node may take over (handover): whether a slot's keys and values are
+        # all this process's own replay (not imported from a worker's window states), and on a
+        # non-final stage the rows it computed, by position.
+        self.own: dict[tuple, bool] = {}
+        self.rows: dict[tuple, dict[int, np.ndarray]] = {}
 
     def audit(self, key: tuple, body: bytes, first: int, last: int, n_layers: int) -> bytes:
         """Replay an AuditRequest (its bytes) on the sequence of `key`; the AuditResponse's bytes."""
@@ -1041,7 +1094,11 @@ class _AuditSequences:
         t0, c0 = time.perf_counter(), time.thread_time()
         got: dict[int, np.ndarray] = {}
         engine.set_threads(seq, self.config.resolved_audit_threads())   # a released slot's context is made anew
+        kept = self.rows.setdefault(key, {}) if not is_last else None
         if req.prefix_states:
+            self.own[key] = False
+            if kept is not None:
+                kept.clear()
             try:
                 have = engine.import_state(seq, list(req.prefix_states))
             except StageInputError as e:
@@ -1054,6 +1111,10 @@ class _AuditSequences:
             if start > nxt:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"audit sequence continues at {nxt}, not {start}")
             engine.truncate(seq, start)
+            self.own[key] = start == 0 or self.own.get(key, False)
+            if kept is not None:
+                for p in [p for p in kept if p >= start]:
+                    del kept[p]
         check_ms = check_wall_ms = 0.0
         if req.exact_shapes:
             plan = [(s, False) for s in sizes]
@@ -1076,6 +1137,7 @@ class _AuditSequences:
                 out = engine.forward(seq, pos, hidden=hidden[i:i + s], logits=logits)
             if not is_last:
                 for j in range(s):
+                    kept[pos + j] = out[j]
                     if pos + j in wanted:
                         got[pos + j] = out[j]
             elif logits:
@@ -1089,7 +1151,28 @@ class _AuditSequences:
         wire.put_tensor(resp.rows, rows)
         return resp.SerializeToString()
 
+    def handover(self, key: tuple, cuts: list[int]) -> tuple[int, bytes, bytes]:
+        """For a failover onto this node: positions [0, n) of key's sequence, n the largest of `cuts`
+        that the sequence holds as this process's own replay: (n, their KV state, on a non-final
+        stage their rows as float32 bytes); (0, b"", b"") when it holds none of them."""
+        got = self.slots.get(key)
+        if got is None or not self.own.get(key):
+            return 0, b"", b""
+        engine, seq = got
+        have = engine.next_position(seq)
+        kept = self.rows.get(key)
+        if kept is not None:   # a non-final stage: every row too
+            have = next((p for p in range(have) if p not in kept), have)
+        n = max((c for c in cuts if 0 < c <= have), default=0)
+        if n == 0:
+            return 0, b"", b""
+        rows = np.stack([kept[p] for p in range(n)]).astype(np.float32).tobytes() if kept is not None else b""
+        return n, engine.export_state(seq, 0, n), rows
+
     def release(self, keys: list[tuple]) -> int:
+        for k in keys:
+            self.own.pop(k, None)
+            self.rows.pop(k, None)
         freed = [self.slots.pop(k) for k in keys if k in self.slots]
         for engine, seq in freed:
             self.engines.release(engine, seq)

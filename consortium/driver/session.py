@@ -642,7 +642,7 @@ class SessionDriver:
             tried.add(backup)
             try:
                 loaded = self._load(backup, s)
-                replayed, merged = self._rebuild(s, backup, upto)
+                replayed, merged, adopted = self._rebuild(s, backup, upto)
                 break
             except RefusedAgent as e:
                 log.warning("backup %s for stage %d: %s", backup, s, e)
@@ -653,7 +653,7 @@ class SessionDriver:
         st.nodes[s] = backup
         event = {"stage": s, "from": old, "to": backup, "epoch": st.epochs[s], "at_position": upto,
                  "at_token": max(0, upto - len(st.prompt_tokens) + 1), "replayed_rows": replayed,
-                 "merged_rows": merged,
+                 "merged_rows": merged, "adopted_rows": adopted,
                  "backup_load_ms": round(loaded.load_ms, 3), "backup_had_layers": loaded.found_loaded,
                  "ms": round((time.perf_counter() - t0) * 1000, 3), "reason": reason}
         if unsigned:
@@ -775,21 +775,30 @@ class SessionDriver:
                 self._failover(s - 1, f"{up} could not resend: {e.code().name}")
         raise DriverError(f"no upstream node could resend the inputs of stage {s}")
 
-    def _rebuild(self, s: int, node: str, upto: int) -> tuple[int, int]:
+    def _rebuild(self, s: int, node: str, upto: int) -> tuple[int, int, int]:
         """Replay stage s's inputs [0, upto) on `node` in the original batch shapes (its decode steps
         merged where `node` checked that keeps the bits), many batches per Replay call (one call per
-        batch cost about 2 ms per row more). Rows replayed, and how many of them in merged batches."""
+        batch cost about 2 ms per row more). Where `node` has audited the stage by replaying it from
+        the start, its first call takes over what that replay holds of the current inputs instead.
+        Rows rebuilt; how many in merged batches; how many taken from the audit replay."""
         if upto == 0:
-            return 0, 0
+            return 0, 0, 0
         x = self._stage_inputs(s, 0, upto)
         final = s == self.n_stages - 1
+        with self._lock:
+            # The verifier's audit sequence of the stage, as far as the inputs are still the same
+            # (a rollback lowers it); audits from window states import the worker's states instead.
+            adopt = 0 if self.audit_from_state else min(self._audit_progress.get((node, s), 0), upto)
         calls: list[tuple[int, list[int]]] = []   # (first position, batch sizes)
         for start, n in self.state.batches:
             if start >= upto:
                 break
             n = min(n, upto - start)
             # The final stage commits each batch's last row: only a call's first batch may be longer.
-            if calls and not (final and n > 1) and sum(calls[-1][1]) + n <= REPLAY_ROWS_PER_CALL:
+            # The first call reaches as far as the audit replay it may take over.
+            room = sum(calls[-1][1]) + n <= REPLAY_ROWS_PER_CALL or (calls[-1][0] == 0 and start + n <= adopt) \
+                if calls else False
+            if calls and not (final and n > 1) and room:
                 calls[-1][1].append(n)
             else:
                 calls.append((start, [n]))
@@ -798,7 +807,7 @@ class SessionDriver:
             with self._lock:
                 ends = [b + n - 1 for b, n in self.state.batches if b + n - 1 < upto]
                 commit_from = next((e for e in ends if e not in self._commits[s]), upto)
-        merged = 0
+        merged = adopted = 0
         for start, sizes in calls:
             n = sum(sizes)
             chunk = x[start:start + n]
@@ -806,8 +815,11 @@ class SessionDriver:
             req.batch_sizes.extend(sizes)
             req.commit_from = commit_from
             req.exact_shapes = self.replay_exact_shapes
+            if start == 0:
+                req.adopt_upto = adopt
             resp = self.clients[node].call("Replay", req, timeout=self.load_timeout_s)
             merged += resp.merged_rows
+            adopted += resp.adopted_rows
             if resp.states:
                 self._accept_states(s, node, self.state.epochs[s], resp.states)
             with self._lock:
@@ -818,7 +830,7 @@ class SessionDriver:
                 first = start if not final else max(start + sizes[0] - 1, commit_from)
                 self._accept(s, node, self.state.epochs[s], first, None, list(resp.commitments),
                              list(resp.windows), select=False)
-        return sum(sum(sizes) for _, sizes in calls), merged
+        return sum(sum(sizes) for _, sizes in calls), merged, adopted
 
     # -- audits ----------------------------------------------------------------------------------
 

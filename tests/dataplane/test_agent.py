@@ -179,6 +179,65 @@ def test_a_backup_that_loaded_ahead_replays_decode_steps_merged_with_the_same_bi
         service.release_session(session)
 
 
+def test_a_backup_takes_over_its_own_audit_replay_of_the_stage(agent, model_path):
+    """A Replay with adopt_upto on a node that audited the stage from position 0 takes the positions
+    its audit sequence holds (up to a batch end) from its audit process, keys and values and rows,
+    and replays the rest: the same commitments as the original steps, and the next step the same
+    rows. Without an audit of the session's stage it replays everything."""
+    stub, service, _ = agent
+    decode, P = 10, len(PROMPT)
+    load(stub, model_path, "ad")
+    tokens, rs, pos = list(PROMPT), [step(stub, "ad", 0, PROMPT)], P
+    for _ in range(decode):
+        tokens.append(int(np.argmax(wire.decode_tensor(rs[-1][2].output)[-1])))
+        rs.append(step(stub, "ad", pos, tokens[-1:]))
+        pos += 1
+    sizes = [P] + [1] * decode
+    hidden = [None] + [np.concatenate([wire.decode_tensor(r[s].output) for r in rs]) for s in (0, 1)]
+    commit_from = P + 7
+
+    def audit(session, s, upto):   # the verifier's replay of positions [0, upto), one batch end audited
+        req = pb.AuditRequest(ref=ref(session, s), model_path=model_path, first_layer=SPLIT[s][0],
+                              last_layer=SPLIT[s][1], start_position=0, batch_sizes=[P] + [1] * (upto - P),
+                              positions=[upto - 1], hidden=wire.encode_tensor(hidden[s][:upto]))
+        assert stub.Audit(req).replayed_rows == upto
+
+    def replay(session, s, adopt_upto):
+        req = pb.ForwardRequest(ref=ref(session, s), position=0, batch_sizes=sizes, adopt_upto=adopt_upto,
+                                commit_from=commit_from if s == 2 else 0)
+        if s == 0:
+            req.tokens.extend(tokens)
+        else:
+            req.hidden.CopyFrom(wire.encode_tensor(hidden[s]))
+        got = stub.Replay(req)
+        want = [c for r in rs for c in r[s].commitments] if s < 2 else \
+            [c for r in rs[commit_from - P + 1:] for c in r[2].commitments]
+        assert got.rows == len(tokens) and list(got.commitments) == want
+        return got.adopted_rows
+
+    audit("ad-b", 1, P + 6)
+    audit("ad-b", 2, P + 9)
+    load(stub, model_path, "ad-b")
+    # Stage 0 was not audited here. Stage 1: as far as the audit went. The final stage: up to
+    # commit_from, whose rows need logits.
+    assert replay("ad-b", 0, adopt_upto=P + 8) == 0
+    assert replay("ad-b", 1, adopt_upto=P + 8) == P + 6
+    assert replay("ad-b", 2, adopt_upto=P + 9) == P + 7
+    resent = np.concatenate([wire.decode_tensor(c.output) for c in
+                             stub.Resend(pb.ResendRequest(ref=ref("ad-b", 1), from_position=0, to_position=pos))])
+    assert np.array_equal(resent, hidden[2])   # the rows taken over are kept for a later resend
+    nxt = step(stub, "ad-b", pos, [7])
+    for a, b in zip(nxt, step(stub, "ad", pos, [7])):
+        assert np.array_equal(wire.decode_tensor(a.output), wire.decode_tensor(b.output))
+    load(stub, model_path, "ad-c")   # never audited here: every row replayed
+    assert replay("ad-c", 1, adopt_upto=P + 8) == 0
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Forward(pb.ForwardRequest(ref=ref("ad-c", 0), position=0, tokens=PROMPT, adopt_upto=4))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adopt_upto" in e.value.details()
+    for session in ("ad", "ad-b", "ad-c"):
+        service.release_session(session)
+
+
 def test_merged_replay_plans():
     from node_agent.server import merged_replay
 
