@@ -78,7 +78,8 @@ class Session:
                  name: str, audit: float, rpc_timeout_s: float = 30.0, tls=None,
                  registered_keys: dict[str, str] | None = None, audit_replay_rows: int = 0,
                  sign_per_window: bool = False, audit_from_state: bool = False, warm_backups: bool = False,
-                 sample_at_final: bool = True, state_window: int | None = None, replay_exact_shapes: bool = False):
+                 sample_at_final: bool = True, state_window: int | None = None, replay_exact_shapes: bool = False,
+                 adopt_audit_replays: bool = True):
         from consortium.driver.policy import LocalPolicy
         from consortium.driver.session import SessionDriver
         from consortium.driver.state import SessionState
@@ -91,7 +92,8 @@ class Session:
                                     tls=tls, registered_keys=registered_keys, audit_replay_rows=audit_replay_rows,
                                     sign_per_window=sign_per_window, audit_from_state=audit_from_state,
                                     state_window=state_window, warm_backups=warm_backups,
-                                    sample_at_final=sample_at_final, replay_exact_shapes=replay_exact_shapes)
+                                    sample_at_final=sample_at_final, replay_exact_shapes=replay_exact_shapes,
+                                    adopt_audit_replays=adopt_audit_replays)
         self.driver.start()
         self.prompt_ids = prompt_ids
 
@@ -127,7 +129,7 @@ class Bench:
 
     def session(self, agents: standalone.Agents, name, audit=0.0, prompt=None, endpoints=None,
                 replay_rows=0, sign_per_window=False, from_state=False, warm_backups=False,
-                sample_at_final=True, state_window=None, replay_exact_shapes=False) -> Session:
+                sample_at_final=True, state_window=None, replay_exact_shapes=False, adopt_audit_replays=True) -> Session:
         """A session over the agents (through `endpoints` instead of theirs, e.g. delaying proxies).
         Backups load ahead only where asked (the failover runs): elsewhere the loads would land in
         the speed rounds."""
@@ -135,7 +137,7 @@ class Bench:
                        prompt or self.prompt, name, audit, tls=agents.driver_tls, registered_keys=agents.public_keys,
                        audit_replay_rows=replay_rows, sign_per_window=sign_per_window, audit_from_state=from_state,
                        warm_backups=warm_backups, sample_at_final=sample_at_final, state_window=state_window,
-                       replay_exact_shapes=replay_exact_shapes)
+                       replay_exact_shapes=replay_exact_shapes, adopt_audit_replays=adopt_audit_replays)
 
     # -- speed: single node, split in process, agents on loopback; audits' cost ------------------
 
@@ -311,12 +313,13 @@ class Bench:
 
     # -- failover ----------------------------------------------------------------------------------------
 
-    def failover_once(self, kill_at: int, max_tokens: int, exact_shapes: bool = False) -> dict:
+    def failover_once(self, kill_at: int, max_tokens: int, exact_shapes: bool = False, audit: float = 0.0,
+                      adopt: bool = True) -> dict:
         agents = self.agents()
         sess = None
         try:
-            sess = self.session(agents, "failover", 0.0, prompt=self.short_prompt, warm_backups=self.s.warm_backups,
-                                replay_exact_shapes=exact_shapes)
+            sess = self.session(agents, "failover", audit, prompt=self.short_prompt, warm_backups=self.s.warm_backups,
+                                replay_exact_shapes=exact_shapes, adopt_audit_replays=adopt)
             d = sess.driver
             kill_node = standalone.PLACEMENT[1]
             kill_position = len(self.short_prompt) + kill_at - 1
@@ -333,7 +336,8 @@ class Bench:
             fo = [x.wall_ms for x in d.steps if x.failover]
             event = next(e for e in d.state.failovers if e["from"] == kill_node)
             return {"kill_at_token": kill_at, "context_replayed": event["replayed_rows"],
-                    "merged_rows": event["merged_rows"], "exact_shapes": exact_shapes,
+                    "merged_rows": event["merged_rows"], "exact_shapes": exact_shapes, "audit_probability": audit,
+                    "adopted_rows": event["adopted_rows"], "adopt": adopt,
                     "spike_ms": round(max(fo) - statistics.median(normal), 3), "failover_ms": event["ms"],
                     "median_step_ms": round(statistics.median(normal), 3)}
         finally:
@@ -356,10 +360,21 @@ class Bench:
                     growth.append(self.failover_once(k, k + 4, exact_shapes=exact))
                     self.log(f"failover at token {k}: {growth[-1]['context_replayed']} rows replayed "
                              f"({growth[-1]['merged_rows']} merged), spike {growth[-1]['spike_ms']} ms")
+        audited = []
+        if s.failover_contexts:
+            # With 20% audits, at the longest context, order alternating: the backup taking over what
+            # its own audits replayed of the stage (the default), and replaying every row.
+            k = max(s.failover_contexts)
+            for i in range(s.failover_context_runs):
+                for adopt in ((True, False) if i % 2 == 0 else (False, True)):
+                    audited.append(self.failover_once(k, k + 4, audit=0.2, adopt=adopt))
+                    self.log(f"failover at token {k}, 20% audits: {audited[-1]['adopted_rows']} of "
+                             f"{audited[-1]['context_replayed']} rows taken from the backup's audit replay, "
+                             f"spike {audited[-1]['spike_ms']} ms")
         spikes = [r["spike_ms"] for r in runs]
         return {"runs": runs, "spike_ms": {"median": _median(spikes), "max": max(spikes), "min": min(spikes),
                                             "n": len(spikes)},
-                "by_context": growth}
+                "by_context": growth, "with_audits": audited}
 
     # -- concurrent sessions -----------------------------------------------------------------------------
 

@@ -115,6 +115,14 @@ def summary(res: dict) -> str:
         spikes = ", ".join(f"{g['spike_ms']:.0f}" for g in gs)
         lines.append(f"| failover at token {token} ({gs[0]['context_replayed']} rows replayed, {how}) | "
                      f"{spikes} ms | |")
+    for adopt in (True, False):
+        gs = [g for g in fo.get("with_audits", []) if g["adopt"] == adopt]
+        if gs:
+            how = (f"the backup taking over its audit replay ({', '.join(str(g['adopted_rows']) for g in gs)} rows)"
+                   if adopt else "the backup replaying every row")
+            spikes = ", ".join(f"{g['spike_ms']:.0f}" for g in gs)
+            lines.append(f"| failover at token {gs[0]['kill_at_token']} with 20% audits ({gs[0]['context_replayed']} "
+                         f"rows), {how} | {spikes} ms | |")
     for r in res["concurrent"]["rows"]:
         lines.append(f"| {r['sessions']} session(s) at once: aggregate tok/s | {r['aggregate_tokens_per_s']:.1f} "
                      f"({r['over_one_session']:.2f}x one session) | |")
@@ -163,11 +171,15 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title("separate network namespaces")
     ax = axes[3]
     fo = res["failover"]
-    for exact, label in ((False, "decode steps merged where checked"), (True, "original batch shapes")):
-        runs = [(r["context_replayed"], r["spike_ms"]) for r in fo["runs"] + fo["by_context"]
-                if bool(r.get("exact_shapes")) == exact]
+    every = fo["runs"] + fo["by_context"] + fo.get("with_audits", [])
+    kinds = (("decode steps merged where checked", lambda r: not r.get("exact_shapes") and not r.get("audit_probability"), "o"),
+             ("original batch shapes", lambda r: r.get("exact_shapes"), "x"),
+             ("20% audits, taking over the audit replay", lambda r: r.get("audit_probability") and r.get("adopt"), "^"),
+             ("20% audits, replaying every row", lambda r: r.get("audit_probability") and not r.get("adopt"), "v"))
+    for label, kind, marker in kinds:
+        runs = [(r["context_replayed"], r["spike_ms"]) for r in every if kind(r)]
         if runs:
-            ax.scatter([x for x, _ in runs], [y for _, y in runs], label=label, marker="x" if exact else "o")
+            ax.scatter([x for x, _ in runs], [y for _, y in runs], label=label, marker=marker)
     ax.axhline(1000, color="red", linestyle="--", label="1 s target")
     ax.set_ylim(bottom=0)
     ax.set_xlabel("rows replayed on the backup (context)")

@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--failover-runs", type=int, default=10, help="runs with stage 1 killed at token 20")
     a.add_argument("--failover-contexts", default="64,192",
                    help="also kill at these tokens (longer replay), comma-separated; empty for none")
-    a.add_argument("--failover-context-runs", type=int, default=2, help="runs per extra kill token")
+    a.add_argument("--failover-context-runs", type=int, default=2,
+                   help="runs per extra kill token, each way: decode steps merged and in the original shapes; "
+                        "at the last token also with 20%% audits, the backup taking over its audit replay or not")
     a.add_argument("--cold-backups", action="store_true",
                    help="failover runs without the backup loading the stage ahead (the driver's warm_backups off)")
     a.add_argument("--concurrent", default="2,4", help="numbers of sessions run at once, comma-separated")

@@ -143,7 +143,8 @@ class SessionDriver:
                  proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
                  audit_replay_rows: int = 0, audit_from_state: bool = False,
                  state_window: int | None = None, warm_backups: bool = True,
-                 sample_at_final: bool = True, replay_exact_shapes: bool = False):
+                 sample_at_final: bool = True, replay_exact_shapes: bool = False,
+                 adopt_audit_replays: bool = True):
         if audit_replay_rows < 0:
             raise ValueError(f"audit_replay_rows must be >= 0, got {audit_replay_rows}")
         if receipt_window < 1:
@@ -155,6 +156,8 @@ class SessionDriver:
         # A failover's replay keeps the original batch shapes even where the backup checked that merged
         # decode steps keep the bits (it checks after loading the stage ahead, warm_backups).
         self.replay_exact_shapes = replay_exact_shapes
+        # A failover's backup takes over what its own audits replayed of the stage (_rebuild).
+        self.adopt_audit_replays = adopt_audit_replays
         # forward_token(): the final stage's node samples the token and answers it ahead of its logit
         # row, which the driver reads and checks while stage 0 computes the next step.
         self.sample_at_final = sample_at_final
@@ -788,7 +791,8 @@ class SessionDriver:
         with self._lock:
             # The verifier's audit sequence of the stage, as far as the inputs are still the same
             # (a rollback lowers it); audits from window states import the worker's states instead.
-            adopt = 0 if self.audit_from_state else min(self._audit_progress.get((node, s), 0), upto)
+            adopt = min(self._audit_progress.get((node, s), 0), upto) \
+                if self.adopt_audit_replays and not self.audit_from_state else 0
         calls: list[tuple[int, list[int]]] = []   # (first position, batch sizes)
         for start, n in self.state.batches:
             if start >= upto:
