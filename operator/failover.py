@@ -115,7 +115,9 @@ class KubePolicy:
     def finished(self, events: list[dict]) -> None:
         """Failovers the driver completed since the last call: conditions and Events."""
         for f in events:
-            merged = f" ({f['merged_rows']} in merged batches)" if f.get("merged_rows") else ""
+            how = [f"{f['adopted_rows']} taken from its audit replay"] if f.get("adopted_rows") else []
+            how += [f"{f['merged_rows']} in merged batches"] if f.get("merged_rows") else []
+            merged = f" ({', '.join(how)})" if how else ""
             msg = (f"stage {f['stage']}: {f['from']} -> {f['to']} at epoch {f['epoch']}, position {f['at_position']}, "
                    f"{f['replayed_rows']} rows replayed{merged} in {f['ms']:.0f} ms ({f['reason']})")
             kube.event(self.session, "FailoverFinished", msg)

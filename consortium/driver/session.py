@@ -800,9 +800,9 @@ class SessionDriver:
             n = min(n, upto - start)
             # The final stage commits each batch's last row: only a call's first batch may be longer.
             # The first call reaches as far as the audit replay it may take over.
-            room = sum(calls[-1][1]) + n <= REPLAY_ROWS_PER_CALL or (calls[-1][0] == 0 and start + n <= adopt) \
-                if calls else False
-            if calls and not (final and n > 1) and room:
+            fits = bool(calls) and (sum(calls[-1][1]) + n <= REPLAY_ROWS_PER_CALL
+                                    or (calls[-1][0] == 0 and start + n <= adopt))
+            if fits and not (final and n > 1):
                 calls[-1][1].append(n)
             else:
                 calls.append((start, [n]))
