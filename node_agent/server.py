@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from consortium import priority, wire
+from consortium import wire
 from consortium.batches import merge_decode_steps
 from consortium.layers import LayerRange
 from consortium.resources import MAX_WINDOW
@@ -37,7 +37,7 @@ from consortium.sampling import SamplingParams, sample
 from consortium.verification import canonical, proofs, receipts
 from consortium.verification.canonical import CanonicalGrid
 from consortium.wire import lane, pb
-from node_agent import faults
+from node_agent import audit_gate, faults
 from node_agent.datalane import DataLane
 from node_agent.engine import llama as ll
 from node_agent.engine.slicing import read_model_info, stage_file, verify_sha256
@@ -945,6 +945,7 @@ class AuditProcess:
         self.config = config
         self._lock = threading.Lock()
         self._pool: futures.ProcessPoolExecutor | None = None
+        self._give_way = None   # the pool's audit_gate event
 
     def start(self) -> None:
         """Start the process now, in the background (node-agent does, so that no session's audit
@@ -961,8 +962,10 @@ class AuditProcess:
         # spawn, not fork: the agent's gRPC threads and llama.cpp state do not survive a fork. The
         # initializer, from a module that imports next to nothing, puts the process in the lowest
         # CPU class before it imports numpy and llama.cpp (about a second of CPU) for its setup.
-        pool = futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=priority.lower_thread_priority)
+        ctx = multiprocessing.get_context("spawn")
+        self._give_way = ctx.Event()
+        pool = futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=audit_gate.init,
+                                           initargs=(self._give_way,))
         try:
             pool.submit(_audit_process_setup, self.config, os.getpid()).result()
         except BrokenProcessPool:
@@ -1004,11 +1007,17 @@ class AuditProcess:
         return self._call("threads")
 
     def handover(self, key: tuple, cuts: list[int]) -> tuple[int, bytes, bytes]:
-        """_AuditSequences.handover in the audit process (which must be running already)."""
+        """_AuditSequences.handover in the audit process (which must be running already), ahead of
+        the audits in flight or queued: they give way (audit_gate)."""
         with self._lock:
             if self._pool is None:
                 return 0, b"", b""
-        return self._call("handover", key, cuts)
+            gate = self._give_way
+        gate.set()
+        try:
+            return self._call("handover", key, cuts)
+        finally:
+            gate.clear()
 
     def close(self) -> None:
         with self._lock:
@@ -1129,6 +1138,9 @@ class _AuditSequences:
                                       lambda run: max((a for a in allowed if a <= run), default=1))
         pos, i, merged_rows = start, 0, 0
         for s, merged in plan:
+            if audit_gate.must_give_way():   # a failover here takes over a sequence: it goes first
+                raise Refused(grpc.StatusCode.ABORTED, "the audit gave way to a failover on this node; "
+                                                       "it can be sent again")
             # The final stage's logits only where audited: the LM head is most of its replay.
             logits = not is_last or pos + s - 1 in wanted
             if tokens is not None:

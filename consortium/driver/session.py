@@ -998,13 +998,18 @@ class SessionDriver:
             resp = self.clients[verifier].call_while("Audit", req, lambda: verifier not in self.dead,
                                                      timeout=self.load_timeout_s)
         except grpc.RpcError as e:
-            log.warning("audit on %s failed: %s %s", verifier, e.code().name, e.details())
+            log.log(logging.INFO if e.code() == grpc.StatusCode.ABORTED else logging.WARNING,
+                    "audit on %s failed: %s %s", verifier, e.code().name, e.details())
             with self._lock:
                 self._audit_progress[(verifier, s)] = 0
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.dead.add(verifier)
                     for u in units:
                         self._queue_audit(u)  # another verifier takes them
+                    return
+                if e.code() == grpc.StatusCode.ABORTED:   # it gave way to a failover there: not a failed try
+                    for u in units:
+                        self._queue_audit(u)
                     return
                 if e.code() in AUDIT_RETRY_CODES:
                     for u in units:

@@ -238,6 +238,35 @@ def test_a_backup_takes_over_its_own_audit_replay_of_the_stage(agent, model_path
         service.release_session(session)
 
 
+def test_an_audit_gives_way_to_a_handover_and_the_sequence_stays_whole(model_path, monkeypatch):
+    """In the audit process: while the agent's gate is set (a failover is taking over a sequence),
+    an audit is refused ABORTED before its next batch; what the sequence holds stays consistent,
+    and the handover gives its state and rows; with the gate clear the audit runs."""
+    import threading
+
+    from node_agent import audit_gate, server
+
+    gate = threading.Event()
+    monkeypatch.setattr(audit_gate, "GIVE_WAY", gate)
+    seqs = server._AuditSequences(server.AgentConfig(threads=1, n_ctx=256))
+    path = str(server.stage_file(model_path, LayerRange(0, 9)))
+    key = ("gate", 0, path)
+    req = pb.AuditRequest(ref=ref("gate", 0), model_path=model_path, first_layer=0, last_layer=9, start_position=0,
+                          tokens=PROMPT, batch_sizes=[4, 1, 1, 1, 1], positions=[7])
+    gate.set()
+    with pytest.raises(server.Refused) as e:
+        seqs.audit(key, req.SerializeToString(), 0, 9, 30)
+    assert e.value.code == grpc.StatusCode.ABORTED
+    assert seqs.handover(key, [4, 8]) == (0, b"", b"")   # nothing replayed yet
+    gate.clear()
+    got = pb.AuditResponse.FromString(seqs.audit(key, req.SerializeToString(), 0, 9, 30))
+    assert got.replayed_rows == len(PROMPT)
+    n, state, rows = seqs.handover(key, [4, 5, 6])
+    assert n == 6 and state and len(rows) == 6 * 576 * 4
+    seqs.release([key])
+    assert seqs.handover(key, [4]) == (0, b"", b"")
+
+
 def test_merged_replay_plans():
     from node_agent.server import merged_replay
 
