@@ -337,10 +337,8 @@ def last_token_unchecked(driver: SessionDriver, generated: list[int], written: d
     if not generated or at < len(st.prompt_tokens):
         return None
     try:
-        chunks = driver.clients[st.nodes[last]].stream("Resend", pb.ResendRequest(
-            ref=driver._ref(last), from_position=at - 1, to_position=at))
-        row = wire.decode_tensor(chunks[0].output, ndim=2)[-1]
-    except (grpc.RpcError, wire.TensorError, IndexError) as e:
+        row = driver.resent_rows(last, at - 1, at)[-1]
+    except (grpc.RpcError, wire.TensorError) as e:
         return f"the final stage could not resend the row of the last token ({e})"
     signed = receipts.signed_by_position(receipts.written_windows(written), last, st.nodes[last],
                                          st.epochs[last]).get(at - 1)

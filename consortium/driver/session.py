@@ -682,9 +682,7 @@ class SessionDriver:
                 verdict = verdicts.Verdict.PASSED.value
             else:
                 try:
-                    chunks = self.clients[backup].stream("Resend", pb.ResendRequest(
-                        ref=self._ref(s), from_position=p, to_position=p + 1))
-                    redone = wire.decode_tensor(chunks[0].output, ndim=2)[0]
+                    redone = self.resent_rows(s, p, p + 1, backup)[0]
                     res = verdicts.judge_unit(c, redone, grid=self.grid, tolerance=self.stage_tolerances[s],
                                               revealed=canonical.canonical_rows(rows[p][None, :], self.grid)[0])
                     verdict = res.verdict.value
@@ -716,13 +714,7 @@ class SessionDriver:
         redone: dict[int, np.ndarray] = {}
         if differ:
             try:
-                chunks = self.clients[backup].stream("Resend", pb.ResendRequest(
-                    ref=self._ref(s), from_position=differ[0], to_position=differ[-1] + 1))
-                p = differ[0]
-                for c in chunks:
-                    for r in wire.decode_tensor(c.output, ndim=2):
-                        redone[p] = r
-                        p += 1
+                redone = dict(enumerate(self.resent_rows(s, differ[0], differ[-1] + 1, backup), start=differ[0]))
             except (grpc.RpcError, wire.TensorError) as e:
                 log.warning("stage %d: %s's replayed rows not resent (%s); %s's rows unjudged", s, backup, e, old)
         epoch = self.state.epochs[s] - 1   # the old node's
@@ -761,6 +753,15 @@ class SessionDriver:
                 self._pending_rewind.append((bad[0], why))
         return {"rows": len(signed), "verdicts": counts, "rewind_from": bad[0] if caught else None}
 
+    def resent_rows(self, s: int, lo: int, hi: int, node: str | None = None) -> np.ndarray:
+        """The output rows of stage s at positions [lo, hi) as `node` (default: the stage's node)
+        keeps them, by Resend: [hi - lo, width]. grpc.RpcError, or wire.TensorError for bad bytes."""
+        chunks = self.clients[node or self.state.nodes[s]].stream("Resend", pb.ResendRequest(
+            ref=self._ref(s), from_position=lo, to_position=hi))
+        if not chunks:
+            raise wire.TensorError(f"no rows resent for positions {lo}..{hi - 1}")
+        return np.concatenate([wire.decode_tensor(c.output, ndim=2) for c in chunks])
+
     def _stage_inputs(self, s: int, lo: int, hi: int):
         """The inputs of stage s at positions [lo, hi): token ids, or hidden rows resent upstream."""
         if s == 0:
@@ -768,9 +769,7 @@ class SessionDriver:
         for _ in range(3):
             up = self.state.nodes[s - 1]
             try:
-                chunks = self.clients[up].stream("Resend", pb.ResendRequest(
-                    ref=self._ref(s - 1), from_position=lo, to_position=hi))
-                return np.concatenate([wire.decode_tensor(c.output, ndim=2) for c in chunks])
+                return self.resent_rows(s - 1, lo, hi, up)
             except grpc.RpcError as e:
                 if e.code() not in FAILOVER_CODES:
                     raise
@@ -921,11 +920,9 @@ class SessionDriver:
         for p in final:
             unit = AuditUnit(last, p, node, epoch, b"", np.empty(0), True, self._generation)
             try:
-                ref = self._ref(last)
-                [chunk] = self.clients[node].stream("Resend", pb.ResendRequest(ref=ref, from_position=p,
-                                                                               to_position=p + 1))
-                row = wire.decode_tensor(chunk.output, ndim=2)
-                c = bytes(self.clients[node].call("Reveal", pb.RevealRequest(ref=ref, position=p)).commitment)
+                row = self.resent_rows(last, p, p + 1, node)
+                c = bytes(self.clients[node].call("Reveal", pb.RevealRequest(ref=self._ref(last),
+                                                                             position=p)).commitment)
             except (grpc.RpcError, KeyError, ValueError) as e:
                 why = e.details() if isinstance(e, grpc.RpcError) else str(e)
                 lost.append((unit, f"its logit row is no longer kept ({why})"))
