@@ -550,7 +550,18 @@ class SessionDriver:
                 # (_flush): each step's statement supersedes the one before it, and checking every
                 # one took three Ed25519 verifications (about 0.3 ms of CPU) per token.
                 ok = st.session == self.session and st.stage == s and st.epoch == epoch
-                cs = [self._commits[s].get(p, (None, None, b""))[2] for p in st.positions]
+                held = [self._commits[s].get(p) for p in st.positions]
+                lost = [p for p, h in zip(st.positions, held) if h is None or h[:2] != (node, epoch)]
+                if ok and lost:
+                    # Commitments of this node's that never reached us (a message lost on the way: a
+                    # logit row read that timed out): the window cannot be checked, and it is nobody's
+                    # proven fault. Computed again from there, those positions are signed again.
+                    log.warning("stage %d: %s's window at %d covers positions without its commitments "
+                                "here (from %d); computing them again", s, node, st.window_start, lost[0])
+                    self._pending_rewind.append((lost[0], f"stage {s}: commitments of {node} from position "
+                                                          f"{lost[0]} were lost on the way"))
+                    continue
+                cs = [h[2] if h is not None else b"" for h in held]
                 ok = ok and len(cs) == st.count and receipts.merkle.merkle_root(cs) == st.merkle_root
                 statements_ok = statements_ok and ok
                 o = self._open[s]

@@ -177,3 +177,54 @@ def test_driver_receipts_cover_every_position_with_or_without_deferral(tmp_path,
     commits = {how: {(r["stage"], r["start"] + i): c for r in recs for i, c in enumerate(r["receipt"]["commitments"])}
                for how, (_, recs, _) in runs.items()}
     assert len({tuple(sorted(c.items())) for c in commits.values()}) == 1
+
+
+def test_commitments_lost_on_the_way_are_computed_again_not_taken_for_a_lie(tmp_path, model_path):
+    """A response whose deferred commitments never reach the driver (a message lost on a slow link):
+    the node's next window statement covers positions the driver holds no commitment for. That is
+    nobody's proven fault: the driver rewinds to the first of them, and every position ends up in a
+    verified receipt, with the tokens of an undisturbed run and no node accused."""
+    from consortium import generation
+    from consortium.driver.policy import LocalPolicy
+    from consortium.driver.session import SessionDriver
+    from consortium.driver.state import SessionState
+    from consortium.layers import LayerRange
+    from node_agent import server
+    from node_agent.identity import NodeIdentity
+
+    ident = NodeIdentity.load_or_create(tmp_path / "n.pem", "n")
+    srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(threads=1, n_ctx=256))
+    runs = {}
+    try:
+        for lose in (False, True):
+            state = SessionState(session=f"lost-{lose}", prompt_tokens=PROMPT, nodes=["n"] * 3, epochs=[1] * 3,
+                                 audit_probability=0.0)
+            driver = SessionDriver(session=state.session, model_path=model_path,
+                                   split=[LayerRange(a, b) for a, b in SPLIT], n_layers=30,
+                                   endpoints={"n": f"127.0.0.1:{port}"}, state=state, policy=LocalPolicy(["n"]))
+            honest, lost = driver._check_response, []
+
+            def check_response(s, node, epoch, resp, out, honest=honest, lost=lost, lose=lose):
+                if lose and s == 1 and resp.output_position == len(PROMPT) + 3 and not lost:
+                    lost.extend(resp.earlier.position + i for i in range(len(resp.earlier.commitments)))
+                    resp.ClearField("earlier")
+                honest(s, node, epoch, resp, out)
+            driver._check_response = check_response
+            try:
+                driver.start()
+                res = generation.generate(driver, PROMPT, 12)
+            finally:
+                driver.close(release=True)
+            runs[lose] = res, lost, driver, state
+    finally:
+        srv.stop(None)
+    (plain, _, _, _), (res, lost, driver, state) = runs[False], runs[True]
+    assert lost == [len(PROMPT) + 2]
+    assert res.tokens == plain.tokens and res.rewinds == 1
+    assert [r["to_position"] for r in state.rollbacks] == lost and "lost on the way" in state.rollbacks[0]["reason"]
+    assert state.quarantined == [] and state.failovers == []
+    for s in range(3):
+        covered = {p for r in driver.receipts if r["stage"] == s and r["verified"]
+                   for p in range(r["start"], r["start"] + r["count"])}
+        first = 0 if s < 2 else len(PROMPT) - 1
+        assert set(range(first, state.done[s])) <= covered, s

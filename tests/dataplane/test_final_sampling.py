@@ -138,3 +138,17 @@ def test_a_final_node_that_lies_about_its_token_or_keeps_its_row_is_rolled_back(
         assert "not its logit row" in state.rollbacks[0]["reason"]
     # Either way stage 2 went to the backup, and the token at `at` was sampled again from its row.
     assert [(f["stage"], f["from"], f["to"]) for f in state.failovers] == [(2, "C", "D")]
+    # The lost message held the deferred commitments of the step before it too: the backup's replay
+    # signs those positions, so every position still has a receipt.
+    assert_receipts_cover(driver, len(PROMPT) + MAX_TOKENS - 1)
+
+
+def assert_receipts_cover(driver, last: int) -> None:
+    """Verified receipts cover every position each stage was fed (the final stage from the prompt's
+    last row) up to `last`."""
+    for s in range(3):
+        covered = {p for r in driver.receipts if r["stage"] == s and r["verified"]
+                   for p in range(r["start"], r["start"] + r["count"])}
+        want = set(range(last)) if s < 2 else set(range(len(PROMPT) - 1, last))
+        assert want <= covered, (s, sorted(want - covered))
+
