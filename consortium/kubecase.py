@@ -17,10 +17,10 @@ from consortium.driver.proofs import proof_file_name, recheck, write_proof_files
 
 SESSION = "sky-is-blue"
 NAMESPACE = "default"
-# --faulty-stage: the node the sky-is-blue selectors place on the stage starts with --fault. Stage 2's
-# node (n0) is the only coordinator, the backup of every stage, so a cheating n0 leaves no one to
-# take its stage over.
-FAULTY_STAGES = {0: "n1", 1: "n2"}
+# The stages someone can take over, with the node the sky-is-blue selectors place there: --faulty-stage
+# starts that node with --fault, --kill-stage kills it. Stage 2's node (n0) is the only coordinator,
+# the backup of every stage, so a cheating or dead n0 leaves no one to take its stage over.
+REPLACEABLE_STAGES = {0: "n1", 1: "n2"}
 
 
 def baseline(max_tokens: int, prompt: str, threads: int):
@@ -73,7 +73,7 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
         # This run's agents have new keys, so they are new nodes: forget an earlier run's (on a control
         # plane left up), whose Quarantined condition from a faulty-worker run would keep a stage unplaced.
         cl.kubectl("delete", "computenode", *testbed.NODE_LABELS, "--ignore-not-found", "--wait=true")
-        faulty_node = FAULTY_STAGES[opts.faulty_stage] if opts.faulty_stage is not None else None
+        faulty_node = REPLACEABLE_STAGES[opts.faulty_stage] if opts.faulty_stage is not None else None
         for name, labels in testbed.NODE_LABELS.items():
             bed.start_agent(name, labels, ["--fault", opts.fault] if name == faulty_node else [])
         bed.approve(*testbed.NODE_LABELS)

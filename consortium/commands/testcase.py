@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="GGUF path or known name (default: smollm2-135m; gemma3-270m with --heterogeneous)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt", default=None, help="the user's message (default: the seed's sky question)")
-    p.add_argument("--kill-stage", type=int, default=1, help="stage whose agent is SIGKILLed (default 1)")
+    p.add_argument("--kill-stage", type=int, default=1,
+                   help="stage whose agent is SIGKILLed (default 1; through Kubernetes 0 or 1)")
     p.add_argument("--kill-at", type=int, default=20, help="token index at which it is killed (default 20)")
     p.add_argument("--no-kill", action="store_true", help="inject no failure")
     p.add_argument("--hang", action="store_true",
@@ -92,10 +93,12 @@ def run(args: argparse.Namespace) -> int:
             return 2
         from consortium import kubecase
 
-        if opts.faulty_stage is not None and opts.faulty_stage not in kubecase.FAULTY_STAGES:
-            print(f"error: through Kubernetes --faulty-stage must be one of {sorted(kubecase.FAULTY_STAGES)}: stage 2's "
-                  "node is the only coordinator, so nobody could take its stage over", file=sys.stderr)
-            return 2
+        for flag, stage in (("--faulty-stage", opts.faulty_stage), ("--kill-stage", opts.kill_stage)):
+            if stage is not None and stage not in kubecase.REPLACEABLE_STAGES:
+                print(f"error: through Kubernetes {flag} must be one of {sorted(kubecase.REPLACEABLE_STAGES)}: stage "
+                      "2's node is the only coordinator, the backup of every stage, so nobody could take its stage "
+                      "over (--standalone takes any stage)", file=sys.stderr)
+                return 2
         overrides = extensions.session_overrides(args.extension)
         if args.sign_per_window:
             overrides["signing"] = "PerWindow"

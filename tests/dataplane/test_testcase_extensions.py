@@ -95,3 +95,11 @@ def test_bad_extension_is_refused(capsys):
     assert "unknown extension bogus" in capsys.readouterr().err
     assert cli.main(["testcase", "--standalone", "--extension", "batch", "--prompt", "hi"]) == 2
     assert cli.main(["testcase", "--standalone", "--extension", "audit-50", "--audit-probability", "0.3"]) == 2
+
+
+def test_a_stage_nobody_could_take_over_is_refused_through_kubernetes(capsys):
+    # Stage 2's node is the only coordinator, every stage's backup: refused before any cluster starts.
+    for flags in (["--kill-stage", "2"], ["--faulty-stage", "2", "--fault", "skip-layer"]):
+        assert cli.main(["testcase", *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"{flags[0]} must be one of [0, 1]" in err and "--standalone takes any stage" in err, err
