@@ -68,6 +68,9 @@ REPLAY_ROWS_PER_CALL = 256
 # each verifier's audit process in turn.
 AUDIT_RETRY_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED}
 AUDIT_TRIES = 2
+# Where a failed node's rows and its backup's replay of them disagree, this many of the positions in
+# dispute are audited on a third node, each side's row: one node's word does not convict the other.
+DISPUTE_AUDITS = 4
 
 
 class DriverError(RuntimeError):
@@ -121,6 +124,7 @@ class AuditUnit:
     signature_ok: bool
     generation: int               # rollback generation it belongs to
     failed_on: tuple[str, ...] = ()   # verifiers whose audit of it failed (AUDIT_RETRY_CODES)
+    not_by: tuple[str, ...] = ()      # nodes that may not verify it: the other side of a dispute
 
 
 @dataclasses.dataclass
@@ -244,6 +248,7 @@ class SessionDriver:
         self._stop = threading.Event()
         self.on_stage = None  # test hook: called before each stage hop with (stage, position)
         self._auditor = threading.Thread(target=self._audit_loop, name="auditor", daemon=True)
+        self._audit_serial = threading.Lock()   # one audit call at a time: the loop's, or a dispute's
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -681,7 +686,9 @@ class SessionDriver:
     def _judge_unsigned(self, s: int, old: str, backup: str, rows: dict[int, np.ndarray]) -> dict:
         """Judge the rows `old` sent for stage s that no commitment of its covers (it died first)
         against its backup's replay of them, as audits judge; a row beyond tolerance, or one that
-        cannot be judged, rewinds the session to it: tokens after it may rest on wrong values."""
+        cannot be judged, rewinds the session to it: tokens after it may rest on wrong values. Nobody
+        is accused: `old` signed none of them, and the backup's word alone proves nothing (the backup
+        may be the one that lies; its own rows are audited as any node's)."""
         ps = sorted(rows)
         mine = canonical.commit_rows(np.stack([rows[p] for p in ps]), self.grid)
         with self._lock:
@@ -697,8 +704,6 @@ class SessionDriver:
                     res = verdicts.judge_unit(c, redone, grid=self.grid, tolerance=self.stage_tolerances[s],
                                               revealed=canonical.canonical_rows(rows[p][None, :], self.grid)[0])
                     verdict = res.verdict.value
-                    if res.verdict == verdicts.Verdict.FRAUD:
-                        self._fraud(old, f"stage {s} position {p}, a row it sent and never committed: {res.reasons}")
                 except grpc.RpcError as e:
                     verdict = f"unjudged ({e.code().name})"
                 if verdict not in (verdicts.Verdict.PASSED.value, verdicts.Verdict.PASSED_WITHIN_TOLERANCE.value):
@@ -714,9 +719,10 @@ class SessionDriver:
         """Judge the rows `old` committed for non-final stage s against its backup's replay of them:
         equal commitments pass; the others (another kernel path, or a cheat no audit drew) are judged
         by value, as audits judge, from the backup's rows (Resend) and the old node's rows (the next
-        stage's inputs). Fraud, or Mismatches beyond the honest rate, quarantine `old` (with a proof
-        of each Fraud) and rewind the session to its first row judged so. Called on the failover's
-        thread, like _judge_unsigned."""
+        stage's inputs). Where they disagree (Mismatch or Fraud), either node may be the liar, so
+        neither is accused on the other's word: the first DISPUTE_AUDITS positions in dispute are
+        audited on a third node, both nodes' rows, and those verdicts convict (and roll back) as
+        any audit's do. Called on the failover's thread, like _judge_unsigned."""
         with self._lock:
             now = {p: self._commits[s].get(p) for p in signed}
             differ = sorted(p for p in signed if now[p] is None or now[p][0] != backup or now[p][2] != signed[p])
@@ -729,8 +735,8 @@ class SessionDriver:
             except (grpc.RpcError, wire.TensorError) as e:
                 log.warning("stage %d: %s's replayed rows not resent (%s); %s's rows unjudged", s, backup, e, old)
         epoch = self.state.epochs[s] - 1   # the old node's
-        judged: list[verdicts.Verdict] = [verdicts.Verdict.PASSED] * (len(signed) - len(differ))
-        bad, frauds = [], []
+        agreed: list[verdicts.Verdict] = [verdicts.Verdict.PASSED] * (len(signed) - len(differ))
+        disputed = []
         for p in differ:
             if rows[p] is None or p not in redone:
                 counts["unjudged"] = counts.get("unjudged", 0) + 1
@@ -741,28 +747,53 @@ class SessionDriver:
             except canonical.NonFiniteActivation:   # the backup's row: nobody is accused
                 counts["unjudged"] = counts.get("unjudged", 0) + 1
                 continue
-            judged.append(res.verdict)
             counts[res.verdict.value] = counts.get(res.verdict.value, 0) + 1
             if res.verdict in (verdicts.Verdict.MISMATCH, verdicts.Verdict.FRAUD):
-                bad.append(p)
-            if res.verdict == verdicts.Verdict.FRAUD:
-                frauds.append(FraudUnit(s, p, old, epoch, signed[p], np.asarray(rows[p]), redone[p],
-                                        self.stage_tolerances[s], backup))
-        # Judged as audits judge a node: Fraud at once, Mismatches by their rate against the honest one.
+                disputed.append(p)
+            else:
+                agreed.append(res.verdict)
         with self._lock:
             rec = self.records.get(old) or judgement.NodeRecord(old)
-            for v in judged:
+            for v in agreed:
                 rec = rec.add(v)
             self.records[old] = rec
-            for u in frauds:
-                self.proofs.add(u, self.receipts, self.public_keys, self._input_digests)
-        caught = bad and (frauds or judgement.judge_node(rec, self.honest_rate, self.alpha).quarantine)
-        if caught:
-            why = f"stage {s}: rows {old} committed differ from {backup}'s replay at the failover from position {bad[0]}"
-            self._fraud(old, why)
+            units = []
+            for p in disputed[:DISPUTE_AUDITS]:
+                mine = self._commits[s].get(p)
+                sides = [(old, epoch, signed[p], np.asarray(rows[p]), backup)]
+                if mine is not None and mine[0] == backup:
+                    sides.append((backup, mine[1], mine[2], np.asarray(redone[p]), old))
+                units += [AuditUnit(s, p, node, ep, c, row, True, self._generation, not_by=(other,))
+                          for node, ep, c, row, other in sides]
+            self.audits_selected += len(units)
+        if disputed:
+            log.warning("stage %d: %s's rows differ from %s's replay at %d position(s) from %d; %d audit(s) on a "
+                        "third node settle it", s, old, backup, len(disputed), disputed[0], len(units))
+            self._settle(s, units)
             with self._lock:
-                self._pending_rewind.append((bad[0], why))
-        return {"rows": len(signed), "verdicts": counts, "rewind_from": bad[0] if caught else None}
+                caught = {n for n, _ in self._pending_fraud} | set(self.state.quarantined)
+                if backup not in caught:
+                    # Tokens from there rest on `old`'s rows, now convicted or unsettled (no third
+                    # node): recomputed from the backup's, which audits go on checking. A convicted
+                    # backup is rolled back by its own verdict instead.
+                    self._pending_rewind.append((disputed[0], f"stage {s}: rows {old} committed differ from "
+                                                              f"{backup}'s replay from position {disputed[0]}"))
+        return {"rows": len(signed), "verdicts": counts, "disputed": len(disputed), "dispute_audits": len(units)}
+
+    def _settle(self, s: int, units: list[AuditUnit]) -> None:
+        """Audit a dispute's units now, on the failover's thread: before any rewind drops them (a
+        rollback starts a new generation of units), and one audit at a time with the audit thread's
+        (both move the verifiers' audit sequences)."""
+        by_node: dict[str, list[AuditUnit]] = {}
+        for u in units:
+            by_node.setdefault(u.node, []).append(u)
+        with self._audit_serial:
+            for node, us in sorted(by_node.items()):
+                try:
+                    self._audit_group(s, node, us)
+                except Exception as e:  # noqa: BLE001 - the failover goes on; the units are reported
+                    log.exception("audit of a dispute at stage %d on %s failed", s, node)
+                    self._unjudged(us, f"{type(e).__name__}: {e}")
 
     def resent_rows(self, s: int, lo: int, hi: int, node: str | None = None) -> np.ndarray:
         """The output rows of stage s at positions [lo, hi) as `node` (default: the stage's node)
@@ -874,7 +905,8 @@ class SessionDriver:
                         groups.setdefault((u.stage, u.node), []).append(u)
                 for (s, node), us in sorted(groups.items()):
                     try:
-                        self._audit_group(s, node, sorted(us, key=lambda u: u.position))
+                        with self._audit_serial:
+                            self._audit_group(s, node, sorted(us, key=lambda u: u.position))
                     except Exception as e:  # an audit must never take generation down; nor one group the others
                         log.exception("audit of stage %d on %s failed", s, node)
                         with self._lock:
@@ -961,7 +993,8 @@ class SessionDriver:
                                        for u in units)
 
     def _audit_group(self, s: int, worker: str, units: list[AuditUnit]) -> None:
-        candidates = [n for n in self.alive() if n != worker]
+        not_by = {n for u in units for n in u.not_by}
+        candidates = [n for n in self.alive() if n != worker and n not in not_by]
         failed_on = {v for u in units for v in u.failed_on}
         candidates = [n for n in candidates if n not in failed_on] or candidates   # the same one, once more
         if not candidates:

@@ -104,7 +104,8 @@ def test_rows_a_dying_cheater_never_committed_are_judged_and_rolled_back(tmp_pat
     """Stage 1's agent sends random rows and dies before it commits any (it signs once per window,
     and no window is complete yet); nothing audits it. The failover judges those rows against the
     backup's replay, finds them beyond tolerance, and rewinds to the prompt: the session still ends
-    with the single-node tokens."""
+    with the single-node tokens. Nobody is accused: the node signed none of those rows, and the
+    backup's word alone convicts no one (a cheating backup would frame honest nodes with it)."""
     want = single_node_tokens(model_path)
     servers, endpoints = start_agents(tmp_path, {"H": None, "C": "random"})
     state = SessionState(session="dying-cheater", prompt_tokens=PROMPT, nodes=["H", "C", "H"], epochs=[1, 1, 1],
@@ -128,8 +129,9 @@ def test_rows_a_dying_cheater_never_committed_are_judged_and_rolled_back(tmp_pat
     judged = fo["unsigned_rows"]
     assert judged["rows"] == kill_position and judged["rewind_from"] == 0, judged
     assert "Passed" not in judged["verdicts"], judged
+    assert judged["verdicts"].get("Fraud"), judged   # random rows are decisive: Fraud, not only Mismatch
     assert state.rollbacks and state.rollbacks[0]["to_position"] == 0
-    assert "C" in state.quarantined   # random rows are decisive: Fraud, not only Mismatch
+    assert state.quarantined == []
     assert got == want
 
 

@@ -35,7 +35,7 @@ def test_kill_stage_1(kill_at, tmp_path):
     assert r["counters"][1]["replayed_rows"] == expected_replay
     if kill_at:   # the replay recomputed every row N2 committed: the same bits here
         check = f["events"][0]["replay_check"]
-        assert check["verdicts"] == {"Passed": check["rows"]} and check["rewind_from"] is None, check
+        assert check["verdicts"] == {"Passed": check["rows"]} and check["disputed"] == 0, check
     assert r["success"]
     if kill_at == 20:
         # N0, the backup, loaded stage 1's layers when the session started (warm backups).
@@ -64,16 +64,33 @@ def test_kill_first_or_final_stage(stage):
 @pytest.mark.slow
 def test_a_cheater_no_audit_drew_is_caught_by_its_backups_replay():
     """Audits off: the cheating stage-1 node is killed at token 20, and its backup's replay of the
-    stage recomputes every row it committed; the rows beyond tolerance quarantine it (with a proof
-    of each Fraud row) and roll the session back, which ends with the baseline's tokens."""
+    stage recomputes every row it committed. Where they disagree, a third node audits both sides;
+    its verdicts quarantine the cheater (with a proof of each Fraud row) and the session rewinds,
+    ending with the baseline's tokens."""
     r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=1, kill_at=20, faulty_stage=1,
                                           fault="cheap-quant", audit_probability=0.0))
-    assert r["audits"]["total"] == 0
     check = r["failover"]["events"][0]["replay_check"]
-    assert check["verdicts"].get("Fraud", 0) >= 1 and check["rewind_from"] is not None, check
+    assert check["verdicts"].get("Fraud", 0) >= 1 and check["disputed"] >= 1, check
+    assert r["audits"]["total"] == check["dispute_audits"] == 8   # four positions, each side's row
+    assert {(a["node"], a["verifier"]) for a in r["audits"]["units"]} == {("N2", "N1"), ("N0", "N1")}
     assert r["exact_match"] and r["fault"]["caught"] and r["quarantined"] == ["N2"] and r["false_fraud"] == 0
     assert r["fraud_proofs"] and all(p["holds"] and p["node"] == "N2" for p in r["fraud_proofs"]), r["fraud_proofs"]
     assert r["success"]
+
+
+@pytest.mark.slow
+def test_a_cheating_backup_cannot_frame_the_node_it_replaces():
+    """N0, the backup of every stage, cheats on stage 2 (it replays stage 1 with its cheat too);
+    honest N2 is killed at token 10. N0's replay disagrees with every row N2 committed: a third
+    node (N1) audits both sides, clears N2 and convicts N0, whose rollback ends the session with
+    the baseline's tokens. Taken on N0's word alone, N2 had been quarantined."""
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=1, kill_at=10, faulty_stage=2,
+                                          fault="replay"))
+    check = r["failover"]["events"][0]["replay_check"]
+    assert check["disputed"] >= 1 and check["dispute_audits"] == 8, check
+    disputes = [a for a in r["audits"]["units"] if a["verifier"] == "N1" and a["stage"] == 1]
+    assert {a["verdict"] for a in disputes if a["node"] == "N2"} == {"Passed"}
+    assert r["quarantined"] == ["N0"] and r["false_fraud"] == 0 and r["exact_match"] and r["success"]
 
 
 @pytest.mark.slow
