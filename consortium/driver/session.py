@@ -758,7 +758,10 @@ class SessionDriver:
                 rec = rec.add(v)
             self.records[old] = rec
             units = []
-            for p in disputed[:DISPUTE_AUDITS]:
+            # Spread over the dispute, first and last included: a cheat later in it is drawn too.
+            k = min(DISPUTE_AUDITS, len(disputed))
+            picks = sorted({disputed[round(i * (len(disputed) - 1) / max(1, k - 1))] for i in range(k)})
+            for p in picks:
                 mine = self._commits[s].get(p)
                 sides = [(old, epoch, signed[p], np.asarray(rows[p]), backup)]
                 if mine is not None and mine[0] == backup:
@@ -772,10 +775,14 @@ class SessionDriver:
             self._settle(s, units)
             with self._lock:
                 caught = {n for n, _ in self._pending_fraud} | set(self.state.quarantined)
-                if backup not in caught:
-                    # Tokens from there rest on `old`'s rows, now convicted or unsettled (no third
-                    # node): recomputed from the backup's, which audits go on checking. A convicted
-                    # backup is rolled back by its own verdict instead.
+                judged = {a["position"] for a in self.state.audits
+                          if (a["stage"], a["node"]) == (s, old) and a["position"] in picks}
+                if backup not in caught and (old in caught or judged != set(picks)):
+                    # Tokens from there rest on `old`'s rows, convicted or unsettled (no third node to
+                    # ask): recomputed from the backup's, which audits go on checking. A convicted
+                    # backup is rolled back by its own verdict; rows a third node judged without
+                    # convicting (another kernel path's differences: Mismatches count against the
+                    # honest rate, as any audit's) stand.
                     self._pending_rewind.append((disputed[0], f"stage {s}: rows {old} committed differ from "
                                                               f"{backup}'s replay from position {disputed[0]}"))
         return {"rows": len(signed), "verdicts": counts, "disputed": len(disputed), "dispute_audits": len(units)}
