@@ -720,7 +720,7 @@ class SessionDriver:
         equal commitments pass; the others (another kernel path, or a cheat no audit drew) are judged
         by value, as audits judge, from the backup's rows (Resend) and the old node's rows (the next
         stage's inputs). Where they disagree (Mismatch or Fraud), either node may be the liar, so
-        neither is accused on the other's word: the first DISPUTE_AUDITS positions in dispute are
+        neither is accused on the other's word: DISPUTE_AUDITS positions spread over the dispute are
         audited on a third node, both nodes' rows, and those verdicts convict (and roll back) as
         any audit's do. Called on the failover's thread, like _judge_unsigned."""
         with self._lock:
@@ -762,10 +762,10 @@ class SessionDriver:
             k = min(DISPUTE_AUDITS, len(disputed))
             picks = sorted({disputed[round(i * (len(disputed) - 1) / max(1, k - 1))] for i in range(k)})
             for p in picks:
-                mine = self._commits[s].get(p)
+                replayed = self._commits[s].get(p)   # the backup's commitment of its replay
                 sides = [(old, epoch, signed[p], np.asarray(rows[p]), backup)]
-                if mine is not None and mine[0] == backup:
-                    sides.append((backup, mine[1], mine[2], np.asarray(redone[p]), old))
+                if replayed is not None and replayed[0] == backup:
+                    sides.append((backup, replayed[1], replayed[2], np.asarray(redone[p]), old))
                 units += [AuditUnit(s, p, node, ep, c, row, True, self._generation, not_by=(other,))
                           for node, ep, c, row, other in sides]
             self.audits_selected += len(units)
