@@ -6,7 +6,7 @@ bits depends on the kernels; who decides the sizes passes `chunk`.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 
 def merge_decode_steps(sizes: Sequence[int], start: int, must_end: set[int],
@@ -35,3 +35,9 @@ def merge_decode_steps(sizes: Sequence[int], start: int, must_end: set[int],
         pos += n
     flush()
     return out
+
+
+def largest_allowed(allowed: Collection[int]) -> Callable[[int], int]:
+    """A `chunk` for merge_decode_steps: the largest of the `allowed` sizes that the rows left fill,
+    else 1 (the decode steps as they were)."""
+    return lambda run: max((k for k in allowed if k <= run), default=1)

@@ -30,7 +30,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from consortium import wire
-from consortium.batches import merge_decode_steps
+from consortium.batches import largest_allowed, merge_decode_steps
 from consortium.layers import LayerRange
 from consortium.resources import MAX_WINDOW
 from consortium.sampling import SamplingParams, sample
@@ -228,7 +228,7 @@ def merged_replay(sizes: list[int], start: int, keep_from: int | None,
     on other stages, whose every row is output."""
     n = sum(sizes)
     must_end = set() if keep_from is None else set(range(max(keep_from - 1, start), start + n))
-    runs = merge_decode_steps(sizes, start, must_end, lambda run: max((k for k in allowed if k <= run), default=1))
+    runs = merge_decode_steps(sizes, start, must_end, largest_allowed(allowed))
     plan, pos = [], start
     for rows, _ in runs:
         plan.append((rows, keep_from is None or pos + rows - 1 >= keep_from))
@@ -1134,8 +1134,7 @@ class _AuditSequences:
                 self.merge_sizes[key[2]] = set(engine.batch_invariant_sizes(most)) if most > 1 else set()
                 check_ms, check_wall_ms = (time.thread_time() - c1) * 1000, (time.perf_counter() - t1) * 1000
             allowed = self.merge_sizes[key[2]]
-            plan = merge_decode_steps(sizes, start, wanted if is_last else set(),
-                                      lambda run: max((a for a in allowed if a <= run), default=1))
+            plan = merge_decode_steps(sizes, start, wanted if is_last else set(), largest_allowed(allowed))
         pos, i, merged_rows = start, 0, 0
         for s, merged in plan:
             if audit_gate.must_give_way():   # a failover here takes over a sequence: it goes first

@@ -693,21 +693,29 @@ class SessionDriver:
         mine = canonical.commit_rows(np.stack([rows[p] for p in ps]), self.grid)
         with self._lock:
             theirs = [self._commits[s].get(p, (None, None, b""))[2] for p in ps]
+        differ = [p for p, c, t in zip(ps, mine, theirs) if c != t]
+        redone: dict[int, np.ndarray] = {}
+        failed = ""
+        if differ:   # the backup's rows, one Resend for the range
+            try:
+                redone = dict(enumerate(self.resent_rows(s, differ[0], differ[-1] + 1, backup), start=differ[0]))
+            except grpc.RpcError as e:
+                failed = f"unjudged ({e.code().name})"
+            except wire.TensorError:
+                failed = "unjudged (rows unreadable)"
         verdict_counts: dict[str, int] = {}
         bad = []
         for p, c, t in zip(ps, mine, theirs):
             if c == t:
                 verdict = verdicts.Verdict.PASSED.value
+            elif failed or p not in redone:
+                verdict = failed or "unjudged (not resent)"
             else:
-                try:
-                    redone = self.resent_rows(s, p, p + 1, backup)[0]
-                    res = verdicts.judge_unit(c, redone, grid=self.grid, tolerance=self.stage_tolerances[s],
-                                              revealed=canonical.canonical_rows(rows[p][None, :], self.grid)[0])
-                    verdict = res.verdict.value
-                except grpc.RpcError as e:
-                    verdict = f"unjudged ({e.code().name})"
-                if verdict not in (verdicts.Verdict.PASSED.value, verdicts.Verdict.PASSED_WITHIN_TOLERANCE.value):
-                    bad.append(p)
+                verdict = verdicts.judge_unit(c, redone[p], grid=self.grid, tolerance=self.stage_tolerances[s],
+                                              revealed=canonical.canonical_rows(rows[p][None, :], self.grid)[0]
+                                              ).verdict.value
+            if verdict not in (verdicts.Verdict.PASSED.value, verdicts.Verdict.PASSED_WITHIN_TOLERANCE.value):
+                bad.append(p)   # beyond tolerance, or not judged: tokens after it may rest on it
             verdict_counts[verdict] = verdict_counts.get(verdict, 0) + 1
         if bad:
             with self._lock:
