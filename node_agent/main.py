@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repack", action="store_true",
                    help="turn off llama.cpp's CPU weight repacking: other kernels, honest float differences")
     p.add_argument("--fault", help="cheat on purpose, for tests: skip-layer, cheap-quant, noise-<scale>, replay, random")
+    p.add_argument("--audit-fault", metavar="FAULT",
+                   help="lie as a verifier on purpose, for tests: the rows audits recompute get noise-<scale>, "
+                        "replay or random")
     k = p.add_argument_group("control plane", "register a ComputeNode and renew a Lease (bare: --kubeconfig; "
                              "in the cluster: the pod's ServiceAccount, labels from the Node CONSORTIUM_NODE_NAME)")
     k.add_argument("--kubeconfig", help="bare mode: kubeconfig of the agent ServiceAccount")
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         labels = parse_labels(args.labels)
         fault = faults.parse_fault(args.fault).name if args.fault else None
+        audit_fault = faults.parse_fault(args.audit_fault) if args.audit_fault else None
+        if audit_fault is not None and not audit_fault.transforms_output:
+            raise ValueError(f"--audit-fault {audit_fault.name}: only noise-<scale>, replay and random change an "
+                             "audit's rows")
         creds = tls.from_args(args)   # TLSError is a ValueError
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = server.AgentConfig(node_id=identity.node_id, labels=labels, threads=args.threads,
                                 audit_threads=args.audit_threads, n_ctx=args.ctx, repack=not args.no_repack,
-                                fault=fault)
+                                fault=fault, audit_fault=audit_fault.name if audit_fault else None)
     if creds is not None and args.name and creds.name != args.name:
         print(f"error: the TLS certificate names {creds.name!r}, not this node ({args.name!r})", file=sys.stderr)
         return 2
@@ -92,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                                       data_port=None if args.no_data_lane else args.data_port)
     service.audits.start()
     host = args.listen.rsplit(":", 1)[0]
-    logging.info("node %s serving on %s:%d, data lane %s (%s, backend %s%s%s)", identity.node_id, host, port,
+    logging.info("node %s serving on %s:%d, data lane %s (%s, backend %s%s%s%s)", identity.node_id, host, port,
                  service.data_port or "off",
                  f"mutual TLS as {creds.name}" if creds else "PLAINTEXT", service.backend,
-                 ", repacking off" if args.no_repack else "", f", FAULT {fault}" if fault else "")
+                 ", repacking off" if args.no_repack else "", f", FAULT {fault}" if fault else "",
+                 f", LYING AUDITS {audit_fault.name}" if audit_fault else "")
     registrar = None
     node_name = os.environ.get("CONSORTIUM_NODE_NAME") or os.environ.get("NODE_NAME")
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not args.kubeconfig

@@ -102,6 +102,9 @@ class AgentConfig:
     n_seq_max: int = 8     # sequence slots per loaded layer range (sessions and audit replays), each its own KV cache
     repack: bool = True
     fault: str | None = None
+    # A verifier that lies, for tests: this output fault (noise-<scale>, replay, random) is applied to
+    # the rows its audits recompute, so that drivers can be shown not to convict on its word alone.
+    audit_fault: str | None = None
     # Under mutual TLS: names a caller's certificate must carry (the driver's), so another agent's
     # certificate from the same CA cannot fence or truncate this node's stages. Empty: any caller.
     allowed_callers: tuple[str, ...] = ()
@@ -339,6 +342,11 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         self.identity = identity
         self.config = config
         self.fault = faults.parse_fault(config.fault) if config.fault else None
+        self.audit_fault = faults.parse_fault(config.audit_fault) if config.audit_fault else None
+        if self.audit_fault is not None and not self.audit_fault.transforms_output:
+            raise ValueError(f"audit fault {self.audit_fault.name}: only noise-<scale>, replay and random "
+                             "change an audit's rows")
+        self._audit_rng = np.random.default_rng()
         self.backend = ll.detect_backend()
         self.build = ll.build_info()
         self.engines = Engines(config)
@@ -868,13 +876,19 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     def _audit(self, req: pb.AuditRequest) -> pb.AuditResponse:
         session, stage_index, _ = self._ref(req.ref)
         layers = self._layers(req.first_layer, req.last_layer)
-        # Audits are honest even on a cheating agent: the cheater under test is a worker.
+        # Audits are honest on a cheating worker (--fault): the cheater under test is a worker. A
+        # lying verifier (--audit-fault) is another agent.
         path, info = self._stage_path(req.model_path, req.model_sha256, layers)
         key = (session, stage_index, str(path))
         with self._lock:
             self._audit_keys.add(key)
         try:
-            return self.audits.audit(key, req, layers, info.n_layers)
+            resp = self.audits.audit(key, req, layers, info.n_layers)
+            if self.audit_fault is not None:
+                rows = faults.apply_fault(self.audit_fault, wire.decode_tensor(resp.rows, ndim=2), rng=self._audit_rng)
+                resp.ClearField("rows")
+                wire.put_tensor(resp.rows, rows)
+            return resp
         finally:
             with self._lock:
                 dropped = key not in self._audit_keys
@@ -929,7 +943,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                  backend=self.backend, labels={str(k): str(v) for k, v in self.config.labels.items()},
                                  llama_cpp_version=str(self.build.get("llama_cpp_python", "")),
                                  ggml_commit=str(self.build.get("commit", "")), counters=counters,
-                                 requests=req, rejected=rej, fault=self.fault.name if self.fault else "")
+                                 requests=req, rejected=rej, fault=self.fault.name if self.fault else "",
+                                 audit_fault=self.audit_fault.name if self.audit_fault else "")
 
 
 class AuditProcess:

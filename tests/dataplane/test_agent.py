@@ -413,6 +413,21 @@ def test_agent_flags_default_to_the_charts_environment(monkeypatch, tmp_path):
         build_parser().parse_args([])   # no key file and no identity dir
 
 
+def test_a_lying_verifier_can_only_change_its_audits_rows(tmp_path, capsys):
+    """--audit-fault takes the output faults only (a skipped layer is a worker's cheat, not a row to
+    answer); the refusal is an exit 2 with the reason, before any key or port is made."""
+    from node_agent import server
+    from node_agent.identity import NodeIdentity
+    from node_agent.main import main
+
+    assert main(["--key-file", str(tmp_path / "k.pem"), "--audit-fault", "skip-layer"]) == 2
+    assert "only noise-<scale>, replay and random" in capsys.readouterr().err
+    assert not (tmp_path / "k.pem").exists()
+    with pytest.raises(ValueError, match="only noise"):
+        server.NodeAgentService(NodeIdentity.load_or_create(tmp_path / "n.pem", "n"),
+                                server.AgentConfig(audit_fault="cheap-quant"))
+
+
 def test_a_released_session_gives_back_its_slots_and_stays_fenced(agent, model_path):
     stub, service, _ = agent
 
