@@ -24,6 +24,7 @@ NODES = ("N0", "N1", "N2")
 ROLES = {"N0": "cuda", "N1": "cuda", "N2": "metal"}
 PLACEMENT = ["N1", "N2", "N0"]      # stage -> node
 PROMPT = "Explain in one paragraph why the sky appears blue."
+LIE = "random"   # what a lying verifier's audits answer: gaussian rows with the honest rows' mean and spread
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class Options:
     audit_from_state: bool = False   # audit decode windows from the nodes' signed window states
     state_window: int | None = None   # positions per state window with audit_from_state (None: the driver's default)
     sign_per_window: bool = False   # deferred commitments committed and signed once per receipt window
+    lying_verifier: str | None = None   # this node's audits answer random rows (node-agent --audit-fault random)
 
 
 class Agents:
@@ -86,6 +88,8 @@ class Agents:
                 cmd.append("--no-repack")
             if n == faulty_node:
                 cmd += ["--fault", opts.fault]
+            if n == opts.lying_verifier:
+                cmd += ["--audit-fault", LIE]
             with open(workdir / f"{n}.log", "wb") as log:   # the child keeps its own descriptor
                 self.procs[n] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -248,7 +252,7 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     st = driver.state
     audits = st.audits
     count = {v: sum(a["verdict"] == v for a in audits) for v in ("Passed", "PassedWithinTolerance", "Mismatch", "Fraud")}
-    honest = [n for n in NODES if n != faulty_node]
+    honest = [n for n in NODES if n not in (faulty_node, opts.lying_verifier)]
     records = list(driver.records.values())
     false_fraud = judgement.false_fraud(records, honest, driver.honest_rate, driver.alpha)
     diverge = next((i for i, (a, b) in enumerate(zip(base.tokens, dist.tokens)) if a != b), None)
@@ -293,12 +297,19 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     for n, h in health.items():
         nodes[n] = {"node_id": h.node_id, "role": ROLES[n], "backend": h.backend,
                     "shown": h.backend if h.backend == ROLES[n] else f"{h.backend} (labeled {ROLES[n]})",
-                    "labels": dict(h.labels), "fault": h.fault or None,
+                    "labels": dict(h.labels), "fault": h.fault or None, "audit_fault": h.audit_fault or None,
                     "repack": not (opts.heterogeneous and ROLES[n] == "metal")}
     exact = base.tokens == dist.tokens
     fault_caught = None
     if faulty_node:
         fault_caught = faulty_node in st.quarantined
+    liar = None
+    if opts.lying_verifier:
+        lies = [o for o in st.overruled if o["verifier"] == opts.lying_verifier]
+        liar = {"node": opts.lying_verifier, "lie": LIE, "caught": opts.lying_verifier in st.quarantined,
+                "overruled_verdicts": sum(o["overruled_by"] is not None for o in lies),
+                "dropped_verdicts": sum(o["overruled_by"] is None for o in lies), "second_opinions": driver.second_opinions,
+                "audits_it_judged": sum(a["verifier"] == opts.lying_verifier for a in audits)}
     # Same kernels everywhere: every honest audit must pass. Heterogeneous: an honest Mismatch now and
     # then is what calibration measured (a few percent per stage); the binomial test (false_fraud)
     # decides whether there are too many.
@@ -346,6 +357,9 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
                    "selected": driver.audits_selected,
                    "unjudged": len(driver.unjudged),
                    "unjudged_reasons": sorted({u["reason"] for u in driver.unjudged}),
+                   # Fraud verdicts audited again on another node before anyone was convicted, and
+                   # those the second verifier overruled (its first verifier was caught instead)
+                   "second_opinions": driver.second_opinions, "overruled": st.overruled,
                    "units": audits},
         "hash_equal_rate": round(sum(a["hash_equal"] for a in audits) / len(audits), 4) if audits else None,
         "false_fraud": false_fraud,
@@ -355,6 +369,7 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         "coordinator_public_key": driver.proofs.public_key_text,
         "fault": {"node": faulty_node, "stage": opts.faulty_stage, "kind": opts.fault, "caught": fault_caught,
                   "rollbacks": st.rollbacks} if faulty_node else None,
+        "lying_verifier": liar,
         "failover": failover,
         "session_restarts": session_restarts,
         "counters": per_stage,
@@ -367,7 +382,8 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     report["success"] = bool(
         (exact or opts.heterogeneous) and false_fraud == 0 and session_restarts == 0 and len(dist.tokens) > 0
         and honest_verdicts_ok and (failover["completed"] or not kill_node)
-        and (fault_caught is not False) and all(r["verified"] for r in driver.receipts))
+        and (fault_caught is not False) and (liar is None or liar["caught"] or opts.audit_probability == 0)
+        and all(r["verified"] for r in driver.receipts))
     return report
 
 

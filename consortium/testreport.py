@@ -61,6 +61,12 @@ def criteria(r: dict) -> list[tuple[str, bool | None, str]]:
                     + (f", in the API {fr['quarantined_in_api']}" if "quarantined_in_api" in fr else "")
                     + f", {len(fr.get('rollbacks') or [])} rollbacks, "
                     f"{sum(bool(p.get('holds')) for p in r.get('fraud_proofs') or [])} fraud proofs holding"))
+    liar = r.get("lying_verifier")
+    if liar:
+        out.append(("the lying verifier is caught, not the workers it accused", bool(liar["caught"]),
+                    f"{liar['node']} ({liar['lie']} rows) quarantined {liar['caught']}; of its Fraud verdicts "
+                    f"{liar['overruled_verdicts']} overruled by a second verifier, {liar['dropped_verdicts']} "
+                    f"dropped once it was caught"))
     for name, fig in (r.get("extensions") or {}).items():
         out.append((f"extension {name}", fig.get("ok"), _extension_figure(name, fig)))
     return out

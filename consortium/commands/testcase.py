@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "only by its replacement (through Kubernetes: the session's signing: PerWindow)")
     p.add_argument("--faulty-stage", type=int, help="the agent serving this stage cheats (with --fault)")
     p.add_argument("--fault", help="skip-layer, cheap-quant, noise-<scale>, replay, random")
+    p.add_argument("--lying-verifier", choices=("N0", "N1", "N2"), metavar="NODE",
+                   help="this node's audits answer random rows instead of its recomputation (--standalone): "
+                        "a Fraud verdict by distance is audited again on another node before anyone is "
+                        "convicted, so the liar is caught instead of the worker it accused")
     p.add_argument("--heterogeneous", action="store_true",
                    help="the metal-role node runs with CPU weight repacking off (other kernels) on a Q4_K_M model")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads per agent and for the baseline")
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
                               hang=args.hang, plaintext=args.plaintext, audit_replay_rows=args.audit_replay_rows,
                               sign_per_window=args.sign_per_window, audit_from_state=args.audit_from_state,
-                              state_window=args.state_window, logs_dir=str(Path(args.report) / "agents") if args.report else None,
+                              state_window=args.state_window, lying_verifier=args.lying_verifier, logs_dir=str(Path(args.report) / "agents") if args.report else None,
                               **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     try:
         extensions.apply(args.extension, opts, prompt_given=args.prompt is not None,
@@ -87,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     json_out = None if args.json in (None, "-") else args.json
     if not args.standalone:
-        if args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows:
-            print("error: --heterogeneous, --model, --hang, --rpc-timeout and --audit-replay-rows need --standalone "
-                  "so far", file=sys.stderr)
+        if (args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows
+                or args.lying_verifier):
+            print("error: --heterogeneous, --model, --hang, --rpc-timeout, --audit-replay-rows and --lying-verifier "
+                  "need --standalone so far", file=sys.stderr)
             return 2
         from consortium import kubecase
 

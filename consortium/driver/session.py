@@ -125,6 +125,8 @@ class AuditUnit:
     generation: int               # rollback generation it belongs to
     failed_on: tuple[str, ...] = ()   # verifiers whose audit of it failed (AUDIT_RETRY_CODES)
     not_by: tuple[str, ...] = ()      # nodes that may not verify it: the other side of a dispute
+    second_opinion_of: str | None = None   # the verifier whose Fraud verdict on it this audit checks
+    settles_dispute: bool = False          # audited as the third node between two (_judge_replayed)
 
 
 @dataclasses.dataclass
@@ -228,6 +230,9 @@ class SessionDriver:
         self._step_failover = False
         self._generation = 0
         self._pending_fraud: list[tuple[str, str]] = []
+        # Fraud verdicts by distance waiting for a second verifier (none alive yet): (stage, verifier,
+        # unit, its row, result); decided at the session's end.
+        self._unconfirmed: list[tuple[int, str, AuditUnit, np.ndarray, verdicts.AuditResult]] = []
         self._pending_rewind: list[tuple[int, str]] = []   # (position, why): not from a node's audit
         # (stage, epoch) whose node answered a token and then not the row it came from: failed over
         # before its next step, or a node doing that on purpose would have every token re-sampled.
@@ -245,6 +250,7 @@ class SessionDriver:
         self.audit_check_cpu_ms = 0.0     # their one-time checks of the sizes they may merge into
         self.forward_cpu_ms = 0.0
         self.audits_selected = 0          # units selected for audit as their commitments arrived
+        self.second_opinions = 0          # Fraud verdicts by distance audited again before anyone was convicted
         self._stop = threading.Event()
         self.on_stage = None  # test hook: called before each stage hop with (stage, position)
         self._auditor = threading.Thread(target=self._audit_loop, name="auditor", daemon=True)
@@ -370,6 +376,8 @@ class SessionDriver:
                     for u in us:
                         self._queue_audit(u)
             self._drain_audits()
+            while self._decide_unconfirmed():
+                self._drain_audits()
         with self._lock:
             rewinds, self._pending_rewind = self._pending_rewind, []
             at = min(p for p, _ in rewinds) if rewinds else None
@@ -774,7 +782,8 @@ class SessionDriver:
                 sides = [(old, epoch, signed[p], np.asarray(rows[p]), backup)]
                 if replayed is not None and replayed[0] == backup:
                     sides.append((backup, replayed[1], replayed[2], np.asarray(redone[p]), old))
-                units += [AuditUnit(s, p, node, ep, c, row, True, self._generation, not_by=(other,))
+                units += [AuditUnit(s, p, node, ep, c, row, True, self._generation, not_by=(other,),
+                                    settles_dispute=True)
                           for node, ep, c, row, other in sides]
             self.audits_selected += len(units)
         if disputed:
@@ -1087,29 +1096,100 @@ class SessionDriver:
             self._judge(s, verifier, units, rows)
 
     def _judge(self, s: int, verifier: str, units: list[AuditUnit], rows) -> None:
-        """Verdicts on audited units from the verifier's recomputed rows. Called with self._lock held."""
+        """Verdicts on audited units from the verifier's recomputed rows. Called with self._lock held.
+
+        A Fraud verdict that rests on the verifier's row (a distance beyond the decisive threshold, not
+        a reveal or signature the worker got wrong on its face) convicts nobody on that verifier's
+        word alone: a lying verifier would frame honest workers with it. The unit is audited again
+        on a third node; if that one finds Fraud too, the worker is convicted; if not, the first
+        verifier's row was decisively far from two others' (the worker's and the second verifier's)
+        and the first verifier is caught instead. With no third node alive (two nodes left), the
+        verdict waits for the session's end (_decide_unconfirmed). A dispute's units need no second
+        opinion: their verifier is already the third node between two."""
         for u, row in zip(units, rows):
             revealed = canonical.canonical_rows(u.worker_row[None, :], self.grid)[0]
             res = verdicts.judge_unit(u.commitment, row, grid=self.grid, tolerance=self.stage_tolerances[s],
                                       revealed=revealed, signature_ok=u.signature_ok)
-            rec = self.records.get(u.node) or judgement.NodeRecord(u.node)
-            rec = rec.add(res.verdict)
-            self.records[u.node] = rec
-            self.state.audits.append({
-                "stage": s, "position": u.position, "node": u.node, "epoch": u.epoch, "verifier": verifier,
-                "verdict": res.verdict.value, "reasons": list(res.reasons),
-                "figures": res.figures.to_json() if res.figures else None,
-                "hash_equal": res.verifier_commitment == u.commitment})
-            key = f"{s}/{u.node}"
-            if res.verdict in (verdicts.Verdict.PASSED, verdicts.Verdict.PASSED_WITHIN_TOLERANCE):
-                self.state.last_passed[key] = max(self.state.last_passed.get(key, -1), u.position)
-            if res.verdict == verdicts.Verdict.FRAUD:
-                self.proofs.add(FraudUnit(s, u.position, u.node, u.epoch, u.commitment, u.worker_row, row,
-                                          self.stage_tolerances[s], verifier),
-                                self.receipts, self.public_keys, self._input_digests)
-            verdict_node = judgement.judge_node(rec, self.honest_rate, self.alpha)
-            if res.verdict == verdicts.Verdict.FRAUD or verdict_node.quarantine:
-                self._fraud(u.node, f"stage {s} position {u.position}: {res.verdict.value}; {verdict_node.reason}")
+            if (res.verdict == verdicts.Verdict.FRAUD and res.figures is not None and u.second_opinion_of is None
+                    and not u.settles_dispute):
+                self._unconfirmed.append((s, verifier, u, np.array(row), res))
+                self._ask_second_opinion(len(self._unconfirmed) - 1)
+                continue
+            if u.second_opinion_of is not None and res.verdict != verdicts.Verdict.FRAUD:
+                self._overrule(s, u, u.second_opinion_of, verifier, res.verdict.value)
+            self._record_verdict(s, verifier, u, row, res)
+
+    def _record_verdict(self, s: int, verifier: str, u: AuditUnit, row, res: verdicts.AuditResult) -> None:
+        """Called with self._lock held."""
+        rec = self.records.get(u.node) or judgement.NodeRecord(u.node)
+        rec = rec.add(res.verdict)
+        self.records[u.node] = rec
+        self.state.audits.append({
+            "stage": s, "position": u.position, "node": u.node, "epoch": u.epoch, "verifier": verifier,
+            "verdict": res.verdict.value, "reasons": list(res.reasons),
+            "figures": res.figures.to_json() if res.figures else None,
+            "hash_equal": res.verifier_commitment == u.commitment})
+        key = f"{s}/{u.node}"
+        if res.verdict in (verdicts.Verdict.PASSED, verdicts.Verdict.PASSED_WITHIN_TOLERANCE):
+            self.state.last_passed[key] = max(self.state.last_passed.get(key, -1), u.position)
+        if res.verdict == verdicts.Verdict.FRAUD:
+            self.proofs.add(FraudUnit(s, u.position, u.node, u.epoch, u.commitment, u.worker_row, row,
+                                      self.stage_tolerances[s], verifier),
+                            self.receipts, self.public_keys, self._input_digests)
+        verdict_node = judgement.judge_node(rec, self.honest_rate, self.alpha)
+        if res.verdict == verdicts.Verdict.FRAUD or verdict_node.quarantine:
+            self._fraud(u.node, f"stage {s} position {u.position}: {res.verdict.value}; {verdict_node.reason}")
+
+    def _ask_second_opinion(self, i: int, final: bool = False) -> bool:
+        """Queue the unconfirmed Fraud verdict `i` for a second verifier if a third node is alive (it
+        leaves the list then). Called with self._lock held."""
+        s, verifier, u, _, res = self._unconfirmed[i]
+        others = [n for n in self.alive() if n not in (u.node, verifier) and n not in u.not_by]
+        if not others or u.generation != self._generation:   # (a rollback since: its inputs may be gone)
+            log.warning("stage %d position %d: %s finds %s's row Fraud (%s); %s: %s",
+                        s, u.position, verifier, u.node, "; ".join(res.reasons),
+                        "no third node alive" if not others else "rolled back since",
+                        "taken on its word" if final else "decided when the session ends")
+            return False
+        log.warning("stage %d position %d: %s finds %s's row Fraud (%s); asking another verifier",
+                    s, u.position, verifier, u.node, "; ".join(res.reasons))
+        del self._unconfirmed[i]
+        self.second_opinions += 1
+        self._queue_audit(dataclasses.replace(u, not_by=u.not_by + (verifier,), failed_on=(),
+                                              second_opinion_of=verifier))
+        return True
+
+    def _overrule(self, s: int, u: AuditUnit, verifier: str, by: str | None, verdict: str | None) -> None:
+        """Verifier's Fraud verdict on u does not stand: `by` found `verdict` instead (the verifier is
+        caught), or (by None) the verifier was caught lying elsewhere, and u stays unjudged. Called
+        with self._lock held."""
+        self.state.overruled.append({"stage": s, "position": u.position, "node": u.node, "verifier": verifier,
+                                     "overruled_by": by, "verdict": verdict})
+        if by is not None:
+            self._fraud(verifier, f"its recomputation of stage {s} position {u.position} is decisively far from "
+                                  f"{u.node}'s committed row, which {by}'s recomputation finds {verdict}")
+        else:
+            self.state.unjudged.append({"stage": s, "position": u.position, "node": u.node,
+                                        "reason": f"{verifier}'s Fraud verdict dropped: it was caught lying"})
+
+    def _decide_unconfirmed(self) -> bool:
+        """At the session's end: each Fraud verdict still waiting for a second opinion is dropped if its
+        verifier was caught lying meanwhile, audited again if a third node is alive now, else taken on
+        its verifier's word (two nodes left: the one verdict there is). True if any was queued."""
+        with self._lock:
+            caught = {n for n, _ in self._pending_fraud} | set(self.state.quarantined)
+            queued = False
+            for i in reversed(range(len(self._unconfirmed))):
+                s, verifier, u, row, res = self._unconfirmed[i]
+                if verifier in caught:
+                    del self._unconfirmed[i]
+                    self._overrule(s, u, verifier, None, None)
+                elif self._ask_second_opinion(i, final=True):
+                    queued = True
+            for s, verifier, u, row, res in self._unconfirmed:
+                self._record_verdict(s, verifier, u, row, res)
+            self._unconfirmed = []
+        return queued
 
     def _audits_from_state(self, s: int, verifier: str, units: list[AuditUnit]) -> list[AuditUnit]:
         """Audit each state window's units from the KV states of the windows before it (signed by the

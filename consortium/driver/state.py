@@ -29,6 +29,9 @@ class SessionState:
     quarantined: list[str] = dataclasses.field(default_factory=list)
     audits: list[dict] = dataclasses.field(default_factory=list)
     unjudged: list[dict] = dataclasses.field(default_factory=list)   # selected units no audit judged, and why
+    # Fraud verdicts by distance that a second verifier's recomputation overruled (the first verifier
+    # was caught lying instead): stage, position, node, verifier, overruled_by, verdict, reasons.
+    overruled: list[dict] = dataclasses.field(default_factory=list)
     failovers: list[dict] = dataclasses.field(default_factory=list)
     rollbacks: list[dict] = dataclasses.field(default_factory=list)
     # Audits from window states: per stage, the state statements checked ("window start" -> [node,

@@ -94,6 +94,20 @@ def test_a_cheating_backup_cannot_frame_the_node_it_replaces():
 
 
 @pytest.mark.slow
+def test_a_lying_verifier_is_caught_through_the_agent_processes():
+    """N0's agent runs with --audit-fault random: every audit it answers is random rows. Its Fraud
+    verdicts are audited again on a third node (or, once N2 is killed and none is left, wait for the
+    session's end) and overruled; N0 is quarantined, no honest worker is, the tokens are the baseline's."""
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=1, kill_at=20, lying_verifier="N0"))
+    liar = r["lying_verifier"]
+    assert r["nodes"]["N0"]["audit_fault"] == "random"
+    assert liar["caught"] and liar["overruled_verdicts"] >= 1 and liar["second_opinions"] >= 1, liar
+    assert r["quarantined"] == ["N0"] and r["false_fraud"] == 0 and r["exact_match"]
+    assert r["audits"]["fraud"] == 0 and not r["fraud_proofs"]
+    assert r["success"]
+
+
+@pytest.mark.slow
 def test_signing_per_window_survives_a_final_stage_kill_and_catches_a_cheater():
     """Agents hold each window's rows uncommitted until it is complete. The killed final stage's held
     rows are replayed with logits and signed by its backup; a cheater's rows are judged whether or
