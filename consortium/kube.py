@@ -77,6 +77,12 @@ def is_status(e: Exception, *codes: int) -> bool:
 # -- conditions --------------------------------------------------------------------------------
 
 
+def owned_by(obj: dict, uid: str) -> bool:
+    """True if `obj` belongs to the object with this uid (not to a deleted namesake's, which the
+    garbage collector may not have removed yet)."""
+    return any(o.get("uid") == uid for o in obj["metadata"].get("ownerReferences") or [])
+
+
 def condition(conditions: list[dict] | None, type_: str) -> dict | None:
     return next((c for c in conditions or [] if c.get("type") == type_), None)
 

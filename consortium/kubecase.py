@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from consortium import standalone, testbed, testreport
+from consortium import kube, standalone, testbed, testreport
 from consortium.driver.proofs import proof_file_name, recheck, write_proof_files
 
 SESSION = "sky-is-blue"
@@ -96,7 +96,9 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
             killed = {"node": victim, "at_token_observed": at}
         s = bed.wait_phase(SESSION, NAMESPACE, ("Completed", "Failed"), 1200)
         wall = time.perf_counter() - t0
-        receipts = bed.get("receipts", namespace=NAMESPACE, selector=f"consortium.io/session={SESSION}")["items"]
+        receipts = [rc for rc in bed.get("receipts", namespace=NAMESPACE,
+                                         selector=f"consortium.io/session={SESSION}")["items"]
+                    if kube.owned_by(rc, s["metadata"]["uid"])]   # an earlier run's may not be collected yet
         events = [e["reason"] for e in bed.events(NAMESPACE, SESSION)]
         sas = {i: bed.get("stageassignment", f"{SESSION}-s{i}", NAMESPACE) for i in range(3)}
         nodes = {n["metadata"]["name"]: n for n in bed.get("computenodes")["items"]}

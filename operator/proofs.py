@@ -28,10 +28,11 @@ from consortium_operator.receipts import receipt_name
 log = logging.getLogger("consortium.operator.proofs")
 
 
-def proof_receipt(proof: dict) -> str:
-    """The name of the Receipt holding the window a proof's statement describes."""
+def proof_receipt(proof: dict, uid: str) -> str:
+    """The name of the Receipt holding the window a proof's statement describes, in the session
+    with this uid."""
     st = proof["statement"]
-    return receipt_name(r.session_name(st["session"]), st["stage"], st["epoch"], st["windowStart"],
+    return receipt_name(r.session_name(st["session"]), uid, st["stage"], st["epoch"], st["windowStart"],
                         base64.b64decode(st["merkleRoot"]).hex())
 
 
@@ -81,7 +82,7 @@ class ProofPublisher:
                            + "; ".join(e["reasons"])[:900], type_="Warning")
                 self._done.add(id(e))
             else:
-                by_receipt.setdefault(proof_receipt(e["proof"]), []).append(e)
+                by_receipt.setdefault(proof_receipt(e["proof"], self.session["metadata"]["uid"]), []).append(e)
         md = self.session["metadata"]
         for name, es in by_receipt.items():
             if name not in receipts_index:

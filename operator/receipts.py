@@ -19,9 +19,13 @@ from consortium import resources as r
 log = logging.getLogger("consortium.operator.receipts")
 
 
-def receipt_name(session: str, stage: int, epoch: int, start: int, merkle_hex: str) -> str:
+def receipt_name(session: str, uid: str, stage: int, epoch: int, start: int, merkle_hex: str) -> str:
+    # The session's uid keeps a namesake's receipts apart: a session deleted and made again under the
+    # same name signs the same windows, and the garbage collector may not have removed the old ones
+    # yet (it took over 20 s on the test control plane), which would have taken the new ones' names.
     # The root's prefix tells apart a window signed again after a rollback truncated it.
-    return f"{session}-s{stage}-e{epoch}-p{start}-{merkle_hex[:8]}"
+    return f"{session}-{uid[:8]}-s{stage}-e{epoch}-p{start}-{merkle_hex[:8]}"
+
 
 
 def _hex(b64: str) -> str:
@@ -41,7 +45,7 @@ def receipt_body(session: dict, entry: dict, public_key_b64: str) -> dict:
         public_key_fingerprint=hashlib.sha256(base64.b64decode(public_key_b64)).hexdigest(),
         rollbacks=entry.get("rollbacks", 0)).to_k8s()
     return {"apiVersion": r.API_VERSION, "kind": "Receipt",
-            "metadata": {"name": receipt_name(md["name"], entry["stage"], entry["epoch"], rc["windowStart"],
+            "metadata": {"name": receipt_name(md["name"], md["uid"], entry["stage"], entry["epoch"], rc["windowStart"],
                                                  spec["merkleRoot"]),
                          "namespace": md["namespace"],
                          "labels": {f"{r.GROUP}/session": md["name"], f"{r.GROUP}/stage": str(entry["stage"]),
@@ -59,12 +63,13 @@ class ReceiptWriter:
         self.discarded = 0
 
     def load_existing(self) -> None:
-        """The receipts an earlier run of the operator wrote for this session."""
+        """The receipts an earlier run of the operator wrote for this session (not a deleted namesake's,
+        which the garbage collector may not have removed yet)."""
         md = self.session["metadata"]
         items = kube.api().list_namespaced_custom_object(
             r.GROUP, r.VERSION, md["namespace"], "receipts",
             label_selector=f"{r.GROUP}/session={md['name']}").get("items", [])
-        for it in items:
+        for it in [it for it in items if kube.owned_by(it, md["uid"])]:
             s = it["spec"]
             self.index[it["metadata"]["name"]] = {"stage": s["stage"], "node": s["node"], "epoch": s["epoch"],
                                                   "start": s["window"]["start"], "count": s["window"]["count"],

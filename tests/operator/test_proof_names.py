@@ -29,10 +29,14 @@ def test_a_proof_names_the_receipt_of_its_window():
              lambda s, ps: [receipts.hidden_input_digest(inputs[p - 32]) for p in ps])
     [e] = book.entries
     assert e["holds"], e["reasons"]
-    session = {"metadata": {"name": "sky-is-blue", "namespace": "default", "uid": "u"}}
+    uid = "6f1c2a9e-0b7d-4c55-9a3e-2d8f1b7c4e01"
+    session = {"metadata": {"name": "sky-is-blue", "namespace": "default", "uid": uid}}
     body = receipt_body(session, entry, signing.public_key_text(key))
     root = r.statement.merkle_root.hex()
-    assert proof_receipt(e["proof"]) == body["metadata"]["name"] == f"sky-is-blue-s1-e2-p32-{root[:8]}"
+    name = f"sky-is-blue-6f1c2a9e-s1-e2-p32-{root[:8]}"
+    assert proof_receipt(e["proof"], uid) == body["metadata"]["name"] == name
+    # A session made again under the same name signs the same window: its Receipt has another name.
+    assert proof_receipt(e["proof"], "0d3e" + uid[4:]) != name
     assert proof_file_name(e).startswith("default_sky-is-blue-s1-p33-n2")
 
 
