@@ -21,6 +21,8 @@ NAMESPACE = "default"
 # starts that node with --fault, --kill-stage kills it. Stage 2's node (n0) is the only coordinator,
 # the backup of every stage, so a cheating or dead n0 leaves no one to take its stage over.
 REPLACEABLE_STAGES = {0: "n1", 1: "n2"}
+# The node --lying-verifier may name: n0 and n2 carry the verifier label, and n0 is the coordinator.
+LYING_VERIFIERS = ("n2",)
 
 
 def baseline(max_tokens: int, prompt: str, threads: int):
@@ -74,8 +76,10 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
         # plane left up), whose Quarantined condition from a faulty-worker run would keep a stage unplaced.
         cl.kubectl("delete", "computenode", *testbed.NODE_LABELS, "--ignore-not-found", "--wait=true")
         faulty_node = REPLACEABLE_STAGES[opts.faulty_stage] if opts.faulty_stage is not None else None
+        liar = opts.lying_verifier.lower() if opts.lying_verifier else None
         for name, labels in testbed.NODE_LABELS.items():
-            bed.start_agent(name, labels, ["--fault", opts.fault] if name == faulty_node else [])
+            bed.start_agent(name, labels, (["--fault", opts.fault] if name == faulty_node else [])
+                            + (["--audit-fault", opts.lie] if name == liar else []))
         bed.approve(*testbed.NODE_LABELS)
         bed.start_operator()
         body = testbed.sky_is_blue(opts.max_tokens, SESSION, opts.audit_probability)
@@ -108,12 +112,12 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
             cl.stop()
         completed = s is not None and (s.get("status") or {}).get("phase") == "Completed"
         agent_logs = standalone.settle_workdir(workdir, opts.logs_dir, keep=not completed)
-    report = _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node)
+    report = _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node, liar)
     report["agent_logs"] = agent_logs
     return report
 
 
-def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node=None) -> dict:
+def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node=None, liar=None) -> dict:
     st = s.get("status") or {}
     drv = (st.get("report") or {}).get("driverState") or {}
     audits = drv.get("audits", [])
@@ -167,12 +171,18 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
                                   if report_from_state else None),
                    "units": audits},
         "hash_equal_rate": round(sum(a["hash_equal"] for a in audits) / len(audits), 4) if audits else None,
-        "false_fraud": len(set(quarantined) - {faulty_node}) + honest_bad,
+        "false_fraud": len(set(quarantined) - {faulty_node, liar}) + honest_bad,
         "quarantined": quarantined,
         "quarantined_in_api": sorted(in_api),
         "fault": {"node": faulty_node, "stage": opts.faulty_stage, "kind": opts.fault,
                   "caught": faulty_node in quarantined, "quarantined_in_api": faulty_node in in_api,
                   "rollbacks": drv.get("rollbacks", [])} if faulty_node else None,
+        "lying_verifier": {"node": liar, "lie": opts.lie, "caught": liar in quarantined,
+                           "quarantined_in_api": liar in in_api,
+                           "overruled_verdicts": sum(o["verifier"] == liar and o["overruled_by"] is not None
+                                                     for o in drv.get("overruled", [])),
+                           "dropped_verdicts": sum(o["verifier"] == liar and o["overruled_by"] is None
+                                                   for o in drv.get("overruled", []))} if liar else None,
         "failover": {"injected": bool(killed), **killed, "completed": bool(fo) and st.get("phase") == "Completed",
                      "at_token": fo[0]["at_token"] if fo else None, "backup_node": fo[0]["to"] if fo else None,
                      "failover_ms": fo[0]["ms"] if fo else None, "replayed_rows": fo[0]["replayed_rows"] if fo else None,
@@ -193,7 +203,8 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
     report["success"] = bool(exact and st.get("phase") == "Completed" and report["false_fraud"] == 0
                              and report["session_restarts"] == 0 and (report["failover"]["completed"] or not killed)
                              and not any(a["verdict"] == "Mismatch" for a in honest_audits) and len(receipts) > 0
-                             and (not faulty_node or report["fault"]["caught"]))
+                             and (not faulty_node or report["fault"]["caught"])
+                             and (not liar or report["lying_verifier"]["quarantined_in_api"]))
     return report
 
 

@@ -24,7 +24,6 @@ NODES = ("N0", "N1", "N2")
 ROLES = {"N0": "cuda", "N1": "cuda", "N2": "metal"}
 PLACEMENT = ["N1", "N2", "N0"]      # stage -> node
 PROMPT = "Explain in one paragraph why the sky appears blue."
-LIE = "random"   # what a lying verifier's audits answer: gaussian rows with the honest rows' mean and spread
 
 
 @dataclasses.dataclass
@@ -51,7 +50,8 @@ class Options:
     audit_from_state: bool = False   # audit decode windows from the nodes' signed window states
     state_window: int | None = None   # positions per state window with audit_from_state (None: the driver's default)
     sign_per_window: bool = False   # deferred commitments committed and signed once per receipt window
-    lying_verifier: str | None = None   # this node's audits answer random rows (node-agent --audit-fault random)
+    lying_verifier: str | None = None   # this node's audits lie (node-agent --audit-fault `lie`)
+    lie: str = "random"   # random rows: Fraud verdicts; noise-0.1: Mismatch verdicts
 
 
 class Agents:
@@ -89,7 +89,7 @@ class Agents:
             if n == faulty_node:
                 cmd += ["--fault", opts.fault]
             if n == opts.lying_verifier:
-                cmd += ["--audit-fault", LIE]
+                cmd += ["--audit-fault", opts.lie]
             with open(workdir / f"{n}.log", "wb") as log:   # the child keeps its own descriptor
                 self.procs[n] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -254,7 +254,7 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     count = {v: sum(a["verdict"] == v for a in audits) for v in ("Passed", "PassedWithinTolerance", "Mismatch", "Fraud")}
     honest = [n for n in NODES if n not in (faulty_node, opts.lying_verifier)]
     records = list(driver.records.values())
-    false_fraud = judgement.false_fraud(records, honest, driver.honest_rate, driver.alpha)
+    false_fraud = judgement.false_fraud(records, honest, driver.honest_rate, driver.alpha, st.quarantined)
     diverge = next((i for i, (a, b) in enumerate(zip(base.tokens, dist.tokens)) if a != b), None)
     if diverge is None and len(base.tokens) != len(dist.tokens):
         diverge = min(len(base.tokens), len(dist.tokens))
@@ -306,7 +306,7 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     liar = None
     if opts.lying_verifier:
         lies = [o for o in st.overruled if o["verifier"] == opts.lying_verifier]
-        liar = {"node": opts.lying_verifier, "lie": LIE, "caught": opts.lying_verifier in st.quarantined,
+        liar = {"node": opts.lying_verifier, "lie": opts.lie, "caught": opts.lying_verifier in st.quarantined,
                 "overruled_verdicts": sum(o["overruled_by"] is not None for o in lies),
                 "dropped_verdicts": sum(o["overruled_by"] is None for o in lies), "second_opinions": driver.second_opinions,
                 "audits_it_judged": sum(a["verifier"] == opts.lying_verifier for a in audits)}

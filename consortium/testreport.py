@@ -64,7 +64,7 @@ def criteria(r: dict) -> list[tuple[str, bool | None, str]]:
     liar = r.get("lying_verifier")
     if liar:
         out.append(("the lying verifier is caught, not the workers it accused", bool(liar["caught"]),
-                    f"{liar['node']} ({liar['lie']} rows) quarantined {liar['caught']}; of its Fraud verdicts "
+                    f"{liar['node']} ({liar['lie']} rows) quarantined {liar['caught']}; of its accusing verdicts "
                     f"{liar['overruled_verdicts']} overruled by a second verifier, {liar['dropped_verdicts']} "
                     f"dropped once it was caught"))
     for name, fig in (r.get("extensions") or {}).items():

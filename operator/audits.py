@@ -81,7 +81,8 @@ class AuditPublisher:
 
     def _nodes(self, quarantined: list[str], records: dict[str, tuple], driver) -> None:
         api = kube.api()
-        for node, rec in records.items():
+        # A node quarantined as a verifier (its verdicts overruled) may have no record as a worker.
+        for node, rec in {**{n: (0, 0, 0) for n in quarantined}, **records}.items():
             if self._records.get(node) == rec and node not in set(quarantined) - self._quarantined:
                 continue
             q = node in quarantined and node not in self._quarantined

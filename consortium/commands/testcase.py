@@ -44,9 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faulty-stage", type=int, help="the agent serving this stage cheats (with --fault)")
     p.add_argument("--fault", help="skip-layer, cheap-quant, noise-<scale>, replay, random")
     p.add_argument("--lying-verifier", choices=("N0", "N1", "N2"), metavar="NODE",
-                   help="this node's audits answer random rows instead of its recomputation (--standalone): "
-                        "a Fraud verdict by distance is audited again on another node before anyone is "
-                        "convicted, so the liar is caught instead of the worker it accused")
+                   help="this node's audits answer other rows than its recomputation (through Kubernetes: N2): a verdict "
+                        "accusing a worker is audited again on another node before it counts, so the liar is "
+                        "caught instead of the workers it accused")
+    p.add_argument("--lie", default="random", metavar="FAULT",
+                   help="what the lying verifier answers: random (Fraud verdicts; default), noise-<scale> "
+                        "(noise-0.1: Mismatch verdicts) or replay")
     p.add_argument("--heterogeneous", action="store_true",
                    help="the metal-role node runs with CPU weight repacking off (other kernels) on a Q4_K_M model")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads per agent and for the baseline")
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
                               hang=args.hang, plaintext=args.plaintext, audit_replay_rows=args.audit_replay_rows,
                               sign_per_window=args.sign_per_window, audit_from_state=args.audit_from_state,
-                              state_window=args.state_window, lying_verifier=args.lying_verifier, logs_dir=str(Path(args.report) / "agents") if args.report else None,
+                              state_window=args.state_window, lying_verifier=args.lying_verifier, lie=args.lie, logs_dir=str(Path(args.report) / "agents") if args.report else None,
                               **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     try:
         extensions.apply(args.extension, opts, prompt_given=args.prompt is not None,
@@ -84,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--audit-replay-rows must be at least 0")
         if opts.fault:
             faults.parse_fault(opts.fault)
+        if not faults.parse_fault(opts.lie).transforms_output:
+            raise ValueError("--lie takes noise-<scale>, replay or random")
         if opts.faulty_stage is not None and not 0 <= opts.faulty_stage < len(standalone.PLACEMENT):
             raise ValueError(f"--faulty-stage must be 0-{len(standalone.PLACEMENT) - 1}")
     except ValueError as e:
@@ -91,10 +96,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     json_out = None if args.json in (None, "-") else args.json
     if not args.standalone:
-        if (args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows
-                or args.lying_verifier):
-            print("error: --heterogeneous, --model, --hang, --rpc-timeout, --audit-replay-rows and --lying-verifier "
-                  "need --standalone so far", file=sys.stderr)
+        if args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows:
+            print("error: --heterogeneous, --model, --hang, --rpc-timeout and --audit-replay-rows need --standalone "
+                  "so far", file=sys.stderr)
             return 2
         from consortium import kubecase
 
@@ -104,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
                       "2's node is the only coordinator, the backup of every stage, so nobody could take its stage "
                       "over (--standalone takes any stage)", file=sys.stderr)
                 return 2
+        if args.lying_verifier and args.lying_verifier.lower() not in kubecase.LYING_VERIFIERS:
+            print(f"error: through Kubernetes --lying-verifier must be one of "
+                  f"{[n.upper() for n in kubecase.LYING_VERIFIERS]}: n0 and n2 verify, and n0 is the only "
+                  "coordinator, so nobody could take its stage over (--standalone takes any node)", file=sys.stderr)
+            return 2
         overrides = extensions.session_overrides(args.extension)
         if args.sign_per_window:
             overrides["signing"] = "PerWindow"

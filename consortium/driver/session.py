@@ -125,8 +125,17 @@ class AuditUnit:
     generation: int               # rollback generation it belongs to
     failed_on: tuple[str, ...] = ()   # verifiers whose audit of it failed (AUDIT_RETRY_CODES)
     not_by: tuple[str, ...] = ()      # nodes that may not verify it: the other side of a dispute
-    second_opinion_of: str | None = None   # the verifier whose Fraud verdict on it this audit checks
+    second_opinion_of: str | None = None   # the verifier whose accusing verdict on it this audit checks
+    first_verdict: str | None = None       # and that verdict (Mismatch or Fraud)
     settles_dispute: bool = False          # audited as the third node between two (_judge_replayed)
+
+
+ACCUSING = (verdicts.Verdict.MISMATCH, verdicts.Verdict.FRAUD)   # verdicts that count against a worker
+
+
+def _severity(v: verdicts.Verdict) -> int:
+    """0 for a pass (Passed or PassedWithinTolerance), 1 Mismatch, 2 Fraud."""
+    return ACCUSING.index(v) + 1 if v in ACCUSING else 0
 
 
 @dataclasses.dataclass
@@ -230,8 +239,8 @@ class SessionDriver:
         self._step_failover = False
         self._generation = 0
         self._pending_fraud: list[tuple[str, str]] = []
-        # Fraud verdicts by distance waiting for a second verifier (none alive yet): (stage, verifier,
-        # unit, its row, result); decided at the session's end.
+        # Accusing verdicts waiting for a second verifier (none alive yet): (stage, verifier, unit,
+        # its row, result); decided at the session's end.
         self._unconfirmed: list[tuple[int, str, AuditUnit, np.ndarray, verdicts.AuditResult]] = []
         self._pending_rewind: list[tuple[int, str]] = []   # (position, why): not from a node's audit
         # (stage, epoch) whose node answered a token and then not the row it came from: failed over
@@ -250,7 +259,10 @@ class SessionDriver:
         self.audit_check_cpu_ms = 0.0     # their one-time checks of the sizes they may merge into
         self.forward_cpu_ms = 0.0
         self.audits_selected = 0          # units selected for audit as their commitments arrived
-        self.second_opinions = 0          # Fraud verdicts by distance audited again before anyone was convicted
+        self.second_opinions = 0          # accusing verdicts audited again before they counted
+        # Each verifier's own record: a verdict of its that stood counts as Passed, one that another
+        # verifier overruled as Mismatch (judged by the binomial test, as workers' Mismatches are).
+        self.verifier_records: dict[str, judgement.NodeRecord] = {}
         self._stop = threading.Event()
         self.on_stage = None  # test hook: called before each stage hop with (stage, position)
         self._auditor = threading.Thread(target=self._audit_loop, name="auditor", daemon=True)
@@ -1098,29 +1110,33 @@ class SessionDriver:
     def _judge(self, s: int, verifier: str, units: list[AuditUnit], rows) -> None:
         """Verdicts on audited units from the verifier's recomputed rows. Called with self._lock held.
 
-        A Fraud verdict that rests on the verifier's row (a distance beyond the decisive threshold, not
-        a reveal or signature the worker got wrong on its face) convicts nobody on that verifier's
-        word alone: a lying verifier would frame honest workers with it. The unit is audited again
-        on a third node; if that one finds Fraud too, the worker is convicted; if not, the first
-        verifier's row was decisively far from two others' (the worker's and the second verifier's)
-        and the first verifier is caught instead. With no third node alive (two nodes left), the
-        verdict waits for the session's end (_decide_unconfirmed). A dispute's units need no second
+        A verdict that accuses the worker by a distance (Mismatch, or Fraud beyond the decisive
+        threshold; not a reveal or signature the worker got wrong on its face) rests on the
+        verifier's row, which it does not sign: a lying verifier would have honest workers
+        quarantined with such verdicts. So it counts for nothing until a second verifier, a third
+        node, audits the unit again: its verdict is the one recorded. Where it is milder, the first
+        verdict is overruled: a Fraud overruled by a pass (the first row decisively far from two
+        others) catches its verifier at once; other overrulings count in the verifier's own record,
+        quarantined by the binomial test as a worker is for Mismatches (honest kernel paths differ
+        at the calibrated rate either way). With no third node alive (two nodes left), the verdict
+        waits for the session's end (_decide_unconfirmed). A dispute's units need no second
         opinion: their verifier is already the third node between two."""
         for u, row in zip(units, rows):
             revealed = canonical.canonical_rows(u.worker_row[None, :], self.grid)[0]
             res = verdicts.judge_unit(u.commitment, row, grid=self.grid, tolerance=self.stage_tolerances[s],
                                       revealed=revealed, signature_ok=u.signature_ok)
-            if (res.verdict == verdicts.Verdict.FRAUD and res.figures is not None and u.second_opinion_of is None
+            if (res.verdict in ACCUSING and res.figures is not None and u.second_opinion_of is None
                     and not u.settles_dispute):
                 self._unconfirmed.append((s, verifier, u, np.array(row), res))
                 self._ask_second_opinion(len(self._unconfirmed) - 1)
                 continue
-            if u.second_opinion_of is not None and res.verdict != verdicts.Verdict.FRAUD:
-                self._overrule(s, u, u.second_opinion_of, verifier, res.verdict.value)
+            if u.second_opinion_of is not None:
+                self._second_verdict(s, u, verifier, res.verdict)
             self._record_verdict(s, verifier, u, row, res)
 
     def _record_verdict(self, s: int, verifier: str, u: AuditUnit, row, res: verdicts.AuditResult) -> None:
         """Called with self._lock held."""
+        self._verifier_record(verifier, verdicts.Verdict.PASSED)
         rec = self.records.get(u.node) or judgement.NodeRecord(u.node)
         rec = rec.add(res.verdict)
         self.records[u.node] = rec
@@ -1140,40 +1156,50 @@ class SessionDriver:
         if res.verdict == verdicts.Verdict.FRAUD or verdict_node.quarantine:
             self._fraud(u.node, f"stage {s} position {u.position}: {res.verdict.value}; {verdict_node.reason}")
 
+    def _verifier_record(self, verifier: str, verdict: verdicts.Verdict) -> judgement.NodeRecord:
+        rec = (self.verifier_records.get(verifier) or judgement.NodeRecord(verifier)).add(verdict)
+        self.verifier_records[verifier] = rec
+        return rec
+
+    def _second_verdict(self, s: int, u: AuditUnit, by: str, verdict: verdicts.Verdict) -> None:
+        """A second verifier's verdict on a unit the first accused: the first verifier's verdict stands,
+        or is overruled. Called with self._lock held."""
+        first, v1 = verdicts.Verdict(u.first_verdict), u.second_opinion_of
+        if _severity(verdict) >= _severity(first):
+            self._verifier_record(v1, verdicts.Verdict.PASSED)
+            return
+        self.state.overruled.append({"stage": s, "position": u.position, "node": u.node, "verifier": v1,
+                                     "first_verdict": first.value, "overruled_by": by, "verdict": verdict.value})
+        if first == verdicts.Verdict.FRAUD and verdict not in ACCUSING:
+            self._fraud(v1, f"its recomputation of stage {s} position {u.position} is decisively far from "
+                            f"{u.node}'s committed row, which {by}'s recomputation finds {verdict.value}")
+            return
+        rec = self._verifier_record(v1, verdicts.Verdict.MISMATCH)
+        j = judgement.judge_node(rec, self.honest_rate, self.alpha)
+        if j.quarantine:
+            self._fraud(v1, f"its audit verdicts were overruled by other verifiers too often: {j.reason}")
+
     def _ask_second_opinion(self, i: int, final: bool = False) -> bool:
-        """Queue the unconfirmed Fraud verdict `i` for a second verifier if a third node is alive (it
+        """Queue the unconfirmed verdict `i` for a second verifier if a third node is alive (it
         leaves the list then). Called with self._lock held."""
         s, verifier, u, _, res = self._unconfirmed[i]
         others = [n for n in self.alive() if n not in (u.node, verifier) and n not in u.not_by]
         if not others or u.generation != self._generation:   # (a rollback since: its inputs may be gone)
-            log.warning("stage %d position %d: %s finds %s's row Fraud (%s); %s: %s",
-                        s, u.position, verifier, u.node, "; ".join(res.reasons),
+            log.warning("stage %d position %d: %s finds %s's row %s (%s); %s: %s",
+                        s, u.position, verifier, u.node, res.verdict.value, "; ".join(res.reasons),
                         "no third node alive" if not others else "rolled back since",
                         "taken on its word" if final else "decided when the session ends")
             return False
-        log.warning("stage %d position %d: %s finds %s's row Fraud (%s); asking another verifier",
-                    s, u.position, verifier, u.node, "; ".join(res.reasons))
+        log.warning("stage %d position %d: %s finds %s's row %s (%s); asking another verifier",
+                    s, u.position, verifier, u.node, res.verdict.value, "; ".join(res.reasons))
         del self._unconfirmed[i]
         self.second_opinions += 1
         self._queue_audit(dataclasses.replace(u, not_by=u.not_by + (verifier,), failed_on=(),
-                                              second_opinion_of=verifier))
+                                              second_opinion_of=verifier, first_verdict=res.verdict.value))
         return True
 
-    def _overrule(self, s: int, u: AuditUnit, verifier: str, by: str | None, verdict: str | None) -> None:
-        """Verifier's Fraud verdict on u does not stand: `by` found `verdict` instead (the verifier is
-        caught), or (by None) the verifier was caught lying elsewhere, and u stays unjudged. Called
-        with self._lock held."""
-        self.state.overruled.append({"stage": s, "position": u.position, "node": u.node, "verifier": verifier,
-                                     "overruled_by": by, "verdict": verdict})
-        if by is not None:
-            self._fraud(verifier, f"its recomputation of stage {s} position {u.position} is decisively far from "
-                                  f"{u.node}'s committed row, which {by}'s recomputation finds {verdict}")
-        else:
-            self.state.unjudged.append({"stage": s, "position": u.position, "node": u.node,
-                                        "reason": f"{verifier}'s Fraud verdict dropped: it was caught lying"})
-
     def _decide_unconfirmed(self) -> bool:
-        """At the session's end: each Fraud verdict still waiting for a second opinion is dropped if its
+        """At the session's end: each accusing verdict still waiting for a second opinion is dropped if its
         verifier was caught lying meanwhile, audited again if a third node is alive now, else taken on
         its verifier's word (two nodes left: the one verdict there is). True if any was queued."""
         with self._lock:
@@ -1181,9 +1207,13 @@ class SessionDriver:
             queued = False
             for i in reversed(range(len(self._unconfirmed))):
                 s, verifier, u, row, res = self._unconfirmed[i]
-                if verifier in caught:
+                if verifier in caught:   # its verdict is dropped; the unit stays unjudged
                     del self._unconfirmed[i]
-                    self._overrule(s, u, verifier, None, None)
+                    self.state.overruled.append({"stage": s, "position": u.position, "node": u.node,
+                                                 "verifier": verifier, "first_verdict": res.verdict.value,
+                                                 "overruled_by": None, "verdict": None})
+                    self.state.unjudged.append({"stage": s, "position": u.position, "node": u.node, "reason":
+                                                f"{verifier}'s {res.verdict.value} verdict dropped: it was caught"})
                 elif self._ask_second_opinion(i, final=True):
                     queued = True
             for s, verifier, u, row, res in self._unconfirmed:

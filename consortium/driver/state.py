@@ -29,8 +29,9 @@ class SessionState:
     quarantined: list[str] = dataclasses.field(default_factory=list)
     audits: list[dict] = dataclasses.field(default_factory=list)
     unjudged: list[dict] = dataclasses.field(default_factory=list)   # selected units no audit judged, and why
-    # Fraud verdicts by distance that a second verifier's recomputation overruled (the first verifier
-    # was caught lying instead): stage, position, node, verifier, overruled_by, verdict, reasons.
+    # Accusing verdicts (Mismatch, Fraud) that a second verifier overruled with a milder one, or that
+    # were dropped because their verifier was caught (overruled_by None): stage, position, node,
+    # verifier, first_verdict, overruled_by, verdict.
     overruled: list[dict] = dataclasses.field(default_factory=list)
     failovers: list[dict] = dataclasses.field(default_factory=list)
     rollbacks: list[dict] = dataclasses.field(default_factory=list)

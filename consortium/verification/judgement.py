@@ -75,8 +75,11 @@ def judge_node(record: NodeRecord, honest_rate: float, alpha: float = DEFAULT_AL
 
 
 def false_fraud(records: Iterable[NodeRecord], honest: Iterable[str], honest_rate: float,
-                alpha: float = DEFAULT_ALPHA) -> int:
-    """Honest nodes (by ground truth) that got a Fraud verdict or would be quarantined. Must be 0."""
+                alpha: float = DEFAULT_ALPHA, quarantined: Iterable[str] = ()) -> int:
+    """Honest nodes (by ground truth) that got a Fraud verdict or would be quarantined on their
+    record as workers, or were quarantined for any other reason (`quarantined`: as a verifier
+    overruled too often, say). Must be 0."""
     honest = set(honest)
-    return sum(1 for r in records
-               if r.node_id in honest and (r.frauds > 0 or judge_node(r, honest_rate, alpha).quarantine))
+    bad = {r.node_id for r in records
+           if r.node_id in honest and (r.frauds > 0 or judge_node(r, honest_rate, alpha).quarantine)}
+    return len(bad | (set(quarantined) & honest))

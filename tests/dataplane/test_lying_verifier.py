@@ -70,6 +70,26 @@ def test_a_lying_verifier_is_overruled_and_caught_instead_of_the_workers_it_accu
     assert driver.receipts and all(r["verified"] for r in driver.receipts)
 
 
+def test_a_verifier_whose_lies_are_mere_mismatches_is_overruled_until_its_record_fails(tmp_path, model_path):
+    """L's audits add 10% noise: each of its verdicts is a Mismatch, not a Fraud, and enough of them
+    quarantine a worker by the binomial test (both honest workers were, before second opinions).
+    Each is audited again and overruled by a pass; the overrulings count in L's own record as
+    verifier, which fails the same test: L is quarantined, A and B are not."""
+    want = single_node_tokens(model_path)
+    driver, got = run_session(tmp_path, model_path, "subtle-liar", ["A", "B", "L"], ["L", "A", "B"],
+                              {"A": {}, "B": {}, "L": {"audit_fault": "noise-0.1"}})
+    st = driver.state
+
+    assert got == want
+    assert st.quarantined == ["L"], st.quarantined
+    over = [o for o in st.overruled if o["overruled_by"] is not None]
+    assert over and {(o["verifier"], o["first_verdict"]) for o in over} == {("L", "Mismatch")}, over
+    assert all(o["verdict"] in ("Passed", "PassedWithinTolerance") for o in over)
+    assert driver.verifier_records["L"].mismatches == len(over)
+    assert not [a for a in st.audits if a["verdict"] in ("Mismatch", "Fraud")], st.audits
+    assert all(driver.records[n].mismatches == 0 for n in ("A", "B") if n in driver.records)
+
+
 def test_with_two_nodes_left_a_lying_verifiers_word_waits_and_falls_when_it_is_caught(tmp_path, model_path):
     """B dies at token 5. L's Fraud verdicts on A's rows after that have no third node to ask: they
     wait for the session's end. L's verdicts on B's rows (B's death does not unsign them) are

@@ -97,9 +97,14 @@ def test_bad_extension_is_refused(capsys):
     assert cli.main(["testcase", "--standalone", "--extension", "audit-50", "--audit-probability", "0.3"]) == 2
 
 
-def test_a_stage_nobody_could_take_over_is_refused_through_kubernetes(capsys):
+def test_a_node_nobody_could_replace_is_refused_through_kubernetes(capsys):
     # Stage 2's node is the only coordinator, every stage's backup: refused before any cluster starts.
     for flags in (["--kill-stage", "2"], ["--faulty-stage", "2", "--fault", "skip-layer"]):
         assert cli.main(["testcase", *flags]) == 2
         err = capsys.readouterr().err
         assert f"{flags[0]} must be one of [0, 1]" in err and "--standalone takes any stage" in err, err
+    # A lying n0 (the coordinator, a verifier) would leave no one to take its stage over either.
+    assert cli.main(["testcase", "--lying-verifier", "N0"]) == 2
+    assert "--lying-verifier must be one of ['N2']" in capsys.readouterr().err
+    assert cli.main(["testcase", "--standalone", "--lying-verifier", "N0", "--lie", "skip-layer"]) == 2
+    assert "--lie takes noise-<scale>, replay or random" in capsys.readouterr().err

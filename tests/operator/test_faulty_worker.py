@@ -44,3 +44,20 @@ def test_faulty_worker_is_quarantined_in_the_api(own_cluster):
     assert {p["position"] for p in proofs} == frauds
     assert r["phase"] == "Completed" and r["exact_match"] and r["false_fraud"] == 0
     assert f["honest_verdicts_all_pass"] and f["ok"] and r["success"]
+
+
+@pytest.mark.k8s
+@pytest.mark.slow
+def test_a_lying_verifier_is_quarantined_in_the_api_not_the_workers_it_accuses(own_cluster):
+    """n2's agent runs with --audit-fault random: the operator's driver audits each of its accusing
+    verdicts again on another node, overrules them, and quarantines n2 (in the API too) instead of
+    n0, whose stage n2 verifies."""
+    opts = standalone.Options(max_tokens=24, threads=1, kill_stage=None, lying_verifier="N2")
+    r = kubecase.run(opts, cluster=own_cluster)
+    liar = r["lying_verifier"]
+    assert liar["node"] == "n2" and liar["caught"] and liar["quarantined_in_api"], liar
+    assert liar["overruled_verdicts"] >= 1
+    assert r["quarantined"] == ["n2"] and r["quarantined_in_api"] == ["n2"]
+    assert r["audits"]["fraud"] == 0 and not r["fraud_proofs"]
+    assert "NodeQuarantined" in r["events"]
+    assert r["phase"] == "Completed" and r["exact_match"] and r["false_fraud"] == 0 and r["success"]
