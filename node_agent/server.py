@@ -328,6 +328,16 @@ class Assignment:
         self.undelivered, self.undelivered_windows = [], {}
         return out
 
+    def committed_from(self, first: int) -> pb.DeferredCommitments:
+        """The commitments kept from `first` on (to the first position without one) and the latest
+        signed statement of each window they touch; nothing from `first` on is undelivered after it."""
+        cs = list(itertools.takewhile(lambda c: c is not None, (self.commitments.get(p) for p in itertools.count(first))))
+        last = first + len(cs) - 1
+        windows = [w for ws, w in sorted(self.windows.items()) if cs and ws <= last and ws + w.statement.count > first]
+        self.undelivered = [(p, c) for p, c in self.undelivered if p < first]
+        self.undelivered_windows = {ws: w for ws, w in self.undelivered_windows.items() if ws + w.statement.count <= first}
+        return pb.DeferredCommitments(position=first, commitments=cs, windows=[wire.window_to_pb(w) for w in windows])
+
     @property
     def is_first(self) -> bool:
         return self.layers.first == 0
@@ -821,9 +831,11 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
 
     def _commitments(self, req: pb.CommitmentsRequest) -> pb.DeferredCommitments:
         a = self._assignment(req.ref)
+        if req.HasField("from_position") and req.from_position < 0:
+            raise _bad(f"from_position {req.from_position} is negative")
         with a.lock:
             a.settle(self._commit_and_sign)
-            return a.take_undelivered()
+            return a.committed_from(int(req.from_position)) if req.HasField("from_position") else a.take_undelivered()
 
     # -- Resend / Reveal ----------------------------------------------------------------------
 

@@ -528,19 +528,34 @@ class SessionDriver:
             last.result()
 
     def _collect_deferred(self, timeout: float | None = None) -> None:
-        """The commitments of each stage's last deferred step(s), which no later response carried."""
+        """The commitments of each stage's last deferred step(s), which no later response carried:
+        asked from the first row held unsigned, so an answer lost on the way (a deadline on a slow
+        link) is asked for again, once."""
         for s in range(self.n_stages):
-            with self._lock:
-                if not self._unsigned[s]:
-                    continue
             node, epoch = self.state.nodes[s], self.state.epochs[s]
-            try:
-                d = self.clients[node].call("Commitments", pb.CommitmentsRequest(ref=self._ref(s)), timeout=timeout)
-            except grpc.RpcError as e:  # its rows stay unsigned by it; a failover replays and signs them
-                log.warning("stage %d on %s could not deliver its deferred commitments: %s", s, node, e.code().name)
+            with self._lock:
+                held = {p for p, (n, e, _) in self._unsigned[s].items() if (n, e) == (node, epoch)}
+            if not held:
                 continue
-            if d.commitments:
-                self._accept_deferred(s, node, epoch, d)
+            first = min(held)
+            req = pb.CommitmentsRequest(ref=self._ref(s), from_position=first)
+            for attempt in (1, 2):
+                try:
+                    d = self.clients[node].call("Commitments", req, timeout=timeout)
+                    break
+                except grpc.RpcError as e:  # those rows stay out of its receipts
+                    log.warning("stage %d on %s did not deliver its deferred commitments (try %d): %s", s, node,
+                                attempt, e.code().name)
+                    d = None
+                    if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        break
+            if d is None or not d.commitments:
+                continue
+            # Only the run of rows held unsigned: a row after it was accepted already (its window too).
+            n = next((i for i in range(len(d.commitments)) if first + i not in held), len(d.commitments))
+            windows = [w for w in d.windows if w.window_start < first + n]
+            self._accept_deferred(s, node, epoch, pb.DeferredCommitments(
+                position=first, commitments=d.commitments[:n], windows=windows))
 
     def _forward_request(self, s: int, position: int, x, defer: bool = False,
                          per_window: bool = False) -> pb.ForwardRequest:

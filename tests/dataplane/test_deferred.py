@@ -63,6 +63,17 @@ def test_deferred_commitments_come_with_the_next_response(agent, model_path):
     assert d.position == n
     check_signed(ident, d, wire.decode_tensor(r1b.output, ndim=2), known[1])
     assert not stub.Commitments(pb.CommitmentsRequest(ref=ref("df", 1))).commitments
+    # Asked from a position, as often as asked: an answer lost on the way can be had again, with the
+    # latest statement of each window the commitments touch.
+    for _ in range(2):
+        again = stub.Commitments(pb.CommitmentsRequest(ref=ref("df", 1), from_position=n))
+        assert again == d
+    whole = stub.Commitments(pb.CommitmentsRequest(ref=ref("df", 1), from_position=0))
+    assert list(whole.commitments) == [known[1][p] for p in range(n + 1)] and list(whole.windows) == list(d.windows)
+    assert not stub.Commitments(pb.CommitmentsRequest(ref=ref("df", 1), from_position=n + 1)).commitments
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Commitments(pb.CommitmentsRequest(ref=ref("df", 1), from_position=-1))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "negative" in e.value.details()
     # Reveal waits for the deferred job: the last row is revealable at once.
     rv = stub.Reveal(pb.RevealRequest(ref=ref("df", 2), position=n))
     assert rv.commitment == canonical.commit_rows(wire.decode_tensor(r2b.output, ndim=2))[0]
@@ -228,3 +239,60 @@ def test_commitments_lost_on_the_way_are_computed_again_not_taken_for_a_lie(tmp_
                    for p in range(r["start"], r["start"] + r["count"])}
         first = 0 if s < 2 else len(PROMPT) - 1
         assert set(range(first, state.done[s])) <= covered, s
+
+
+class _Lost(grpc.RpcError):
+    """An answer that never arrived: the call ran on the agent, its response went nowhere."""
+
+    def code(self):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self):
+        return "answer lost on the way (test)"
+
+
+def test_a_lost_answer_to_commitments_is_asked_for_again(tmp_path, model_path):
+    """The session's end asks each stage for the commitments of its last deferred step. The agent
+    answers and the answer is lost: the driver asks again from the same position, gets the same
+    commitments, and every position of every stage ends up in a verified receipt."""
+    from consortium import generation
+    from consortium.driver.policy import LocalPolicy
+    from consortium.driver.session import SessionDriver
+    from consortium.driver.state import SessionState
+    from consortium.layers import LayerRange
+    from node_agent import server
+    from node_agent.identity import NodeIdentity
+
+    ident = NodeIdentity.load_or_create(tmp_path / "n.pem", "n")
+    srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(threads=1, n_ctx=256))
+    try:
+        state = SessionState(session="lost-answer", prompt_tokens=PROMPT, nodes=["n"] * 3, epochs=[1] * 3,
+                             audit_probability=0.0)
+        driver = SessionDriver(session=state.session, model_path=model_path, split=[LayerRange(a, b) for a, b in SPLIT],
+                               n_layers=30, endpoints={"n": f"127.0.0.1:{port}"}, state=state, policy=LocalPolicy(["n"]))
+        client, asked = driver.clients["n"], []
+        real_call = client.call
+
+        def call(method, request, timeout=None):
+            resp = real_call(method, request, timeout=timeout)
+            if method == "Commitments":
+                asked.append((request.ref.stage, request.from_position, len(resp.commitments)))
+                if len(asked) == 1:
+                    raise _Lost()
+            return resp
+        client.call = call
+        try:
+            driver.start()
+            generation.generate(driver, PROMPT, 6)
+        finally:
+            driver.close(release=True)
+    finally:
+        srv.stop(None)
+    # Stage 0 was asked twice from the same position, and answered the same both times.
+    assert asked[0] == asked[1] and asked[0][0] == 0 and asked[0][2] >= 1, asked
+    assert state.rollbacks == [] and state.quarantined == []
+    for s in range(3):
+        covered = {p for r in driver.receipts if r["stage"] == s and r["verified"]
+                   for p in range(r["start"], r["start"] + r["count"])}
+        first = 0 if s < 2 else len(PROMPT) - 1
+        assert set(range(first, state.done[s])) <= covered, (s, sorted(set(range(first, state.done[s])) - covered))
