@@ -71,6 +71,9 @@ AUDIT_TRIES = 2
 # Where a failed node's rows and its backup's replay of them disagree, this many of the positions in
 # dispute are audited on a third node, each side's row: one node's word does not convict the other.
 DISPUTE_AUDITS = 4
+# While a long call (an audit) waits on a node, a Health call on the session's connection every this
+# many seconds: a hung node keeps its socket open and would hold the audit until the load deadline.
+PROBE_EVERY_S = 5.0
 
 
 class DriverError(RuntimeError):
@@ -930,6 +933,29 @@ class SessionDriver:
 
     # -- audits ----------------------------------------------------------------------------------
 
+    def _still_there(self, node: str):
+        """alive() for call_while on `node`: false once it is declared dead, or once a Health call (every
+        PROBE_EVERY_S) goes unanswered within the RPC deadline; it is declared dead then. A busy node
+        still answers Health (gRPC serves it on its own thread); a stopped one does not."""
+        last = [time.monotonic()]
+
+        def alive() -> bool:
+            if node in self.dead:
+                return False
+            if time.monotonic() - last[0] < PROBE_EVERY_S:
+                return True
+            try:
+                self.clients[node].call("Health", pb.HealthRequest(session=self.session))
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    log.warning("%s does not answer Health (%s) while an audit waits on it: declared dead",
+                                node, e.code().name)
+                    self.dead.add(node)
+                    return False
+            last[0] = time.monotonic()
+            return True
+        return alive
+
     def _queue_audit(self, u: AuditUnit) -> None:
         """Called with self._lock held."""
         self._audit_outstanding += 1
@@ -1087,7 +1113,7 @@ class SessionDriver:
         else:
             wire.put_tensor(req.hidden, np.stack(xs))
         try:
-            resp = self.clients[verifier].call_while("Audit", req, lambda: verifier not in self.dead,
+            resp = self.clients[verifier].call_while("Audit", req, self._still_there(verifier),
                                                      timeout=self.load_timeout_s)
         except grpc.RpcError as e:
             log.log(logging.INFO if e.code() == grpc.StatusCode.ABORTED else logging.WARNING,
@@ -1305,7 +1331,7 @@ class SessionDriver:
             # The verifier's audit sequence now holds imported states: its full replays start over.
             self._audit_progress[(verifier, s)] = 0
         try:
-            resp = self.clients[verifier].call_while("Audit", req, lambda: verifier not in self.dead,
+            resp = self.clients[verifier].call_while("Audit", req, self._still_there(verifier),
                                                      timeout=self.load_timeout_s)
         except grpc.RpcError as e:
             log.warning("audit from state on %s failed: %s %s", verifier, e.code().name, e.details())

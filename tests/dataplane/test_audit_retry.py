@@ -55,3 +55,62 @@ def test_units_of_an_audit_the_verifier_failed_are_judged_on_another_node(tmp_pa
     moved = [a for a in audits if a["stage"] > 0 and a["verifier"] != "A"]
     assert moved and all(a["verifier"] != a["node"] for a in audits)
     assert any(a["verifier"] == "A" for a in audits)   # and A's next audit ran in a new process
+
+
+def test_an_audit_on_a_node_that_stops_answering_moves_on_before_its_deadline(tmp_path, model_path):
+    """H, the verifier the policy prefers, serves no stage and is stopped (SIGSTOP: its socket stays
+    open, nothing answers) during the session. Its audit in flight would wait for the load deadline
+    (60 s here); the driver's Health probe finds H silent within the RPC deadline, declares it dead,
+    and its units are judged on the other nodes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with LocalPipeline(model_path, None, StageConfig(threads=1)) as pipe:
+        want = generation.generate(pipe, PROMPT, MAX_TOKENS).tokens
+    servers, endpoints = {}, {}
+    for n in ("A", "B"):
+        ident = NodeIdentity.load_or_create(tmp_path / f"{n}.pem", n)
+        servers[n], _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(node_id=n, threads=1, n_ctx=256))
+        endpoints[n] = f"127.0.0.1:{port}"
+    port_file = tmp_path / "H.port"
+    h = subprocess.Popen([sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--port-file",
+                          str(port_file), "--key-file", str(tmp_path / "H.pem"), "--node-id", "H", "--plaintext",
+                          "--threads", "1", "--ctx", "256"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.is_file():   # waiting for the agent to bind its port
+            assert h.poll() is None and time.monotonic() < deadline, "agent H did not start"
+            time.sleep(0.05)
+        endpoints["H"] = f"127.0.0.1:{int(port_file.read_text())}"
+        state = SessionState(session="verifier-hangs", prompt_tokens=PROMPT, nodes=["A", "B", "A"], epochs=[1, 1, 1],
+                             audit_probability=1.0)
+        driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
+                               endpoints=endpoints, state=state, policy=LocalPolicy(["H", "A", "B"]),
+                               rpc_timeout_s=2.0, load_timeout_s=60.0)
+        stopped = []
+
+        def on_stage(s, position):
+            if not stopped and position == len(PROMPT) + 1:
+                os.kill(h.pid, signal.SIGSTOP)
+                stopped.append(time.monotonic())
+        driver.on_stage = on_stage
+        try:
+            driver.start()
+            got = generation.generate(driver, PROMPT, MAX_TOKENS).tokens
+        finally:
+            driver.close()
+    finally:
+        h.send_signal(signal.SIGKILL)
+        h.wait()
+        for srv in servers.values():
+            srv.stop(None)
+
+    assert stopped and got == want
+    assert "H" in driver.dead and driver.unjudged == []
+    assert len(state.audits) == driver.audits_selected and all(a["verdict"] == "Passed" for a in state.audits)
+    assert {a["verifier"] for a in state.audits} - {"H"}   # the rest were judged elsewhere
+    waited = [r.ms for r in driver.rpc.records if r.node == "H" and r.method == "Audit" and not r.ok]
+    assert waited and max(waited) < 30_000, waited   # given up on long before the 60 s deadline
