@@ -46,16 +46,30 @@ class AuditPublisher:
         self._applied: dict[str, tuple] = {}
         self._quarantined: set[str] = set()
         self._records: dict[str, tuple] = {}
+        self._overruled = 0   # overruled verdicts announced so far
 
     def publish(self, driver, receipts_index: dict[str, dict], *, final: bool = False) -> None:
         with driver._lock:
             audits = list(driver.state.audits)
             unjudged = list(driver.state.unjudged)
             quarantined = list(driver.state.quarantined)
+            overruled = list(driver.state.overruled[self._overruled:])
             records = {n: (rec.audits, rec.mismatches, rec.frauds) for n, rec in driver.records.items()
                        if hasattr(rec, "audits")}
         self._receipts(audits, unjudged, receipts_index, final)
         self._nodes(quarantined, records, driver)
+        # Accusations another verifier did not bear out: one Event per verifier and publish, not per unit.
+        for verifier in sorted({o["verifier"] for o in overruled}):
+            mine = [o for o in overruled if o["verifier"] == verifier]
+            parts = [f"{sum(1 for o in mine if o['overruled_by'] == by)} overruled by {by}"
+                     for by in sorted({o["overruled_by"] for o in mine if o["overruled_by"]})]
+            dropped = sum(1 for o in mine if not o["overruled_by"])
+            parts += [f"{dropped} dropped once it was caught"] if dropped else []
+            o = mine[0]
+            kube.event(self.session, "VerdictOverruled",
+                       f"{verifier}'s accusing verdicts: {', '.join(parts)} (first: {o['first_verdict']} on {o['node']} "
+                       f"stage {o['stage']} position {o['position']})", type_="Warning")
+        self._overruled += len(overruled)
 
     def _receipts(self, audits: list[dict], unjudged: list[dict], index: dict[str, dict], final: bool) -> None:
         md = self.session["metadata"]
