@@ -177,12 +177,8 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
         "fault": {"node": faulty_node, "stage": opts.faulty_stage, "kind": opts.fault,
                   "caught": faulty_node in quarantined, "quarantined_in_api": faulty_node in in_api,
                   "rollbacks": drv.get("rollbacks", [])} if faulty_node else None,
-        "lying_verifier": {"node": liar, "lie": opts.lie, "caught": liar in quarantined,
-                           "quarantined_in_api": liar in in_api,
-                           "overruled_verdicts": sum(o["verifier"] == liar and o["overruled_by"] is not None
-                                                     for o in drv.get("overruled", [])),
-                           "dropped_verdicts": sum(o["verifier"] == liar and o["overruled_by"] is None
-                                                   for o in drv.get("overruled", []))} if liar else None,
+        "lying_verifier": ({**standalone.liar_figures(liar, opts.lie, drv), "quarantined_in_api": liar in in_api}
+                           if liar else None),
         "failover": {"injected": bool(killed), **killed, "completed": bool(fo) and st.get("phase") == "Completed",
                      "at_token": fo[0]["at_token"] if fo else None, "backup_node": fo[0]["to"] if fo else None,
                      "failover_ms": fo[0]["ms"] if fo else None, "replayed_rows": fo[0]["replayed_rows"] if fo else None,
@@ -204,7 +200,8 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
                              and report["session_restarts"] == 0 and (report["failover"]["completed"] or not killed)
                              and not any(a["verdict"] == "Mismatch" for a in honest_audits) and len(receipts) > 0
                              and (not faulty_node or report["fault"]["caught"])
-                             and (not liar or report["lying_verifier"]["quarantined_in_api"]))
+                             and (not liar or report["lying_verifier"]["quarantined_in_api"]
+                                  or not report["lying_verifier"]["accusations"]))
     return report
 
 

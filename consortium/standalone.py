@@ -305,11 +305,7 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         fault_caught = faulty_node in st.quarantined
     liar = None
     if opts.lying_verifier:
-        lies = [o for o in st.overruled if o["verifier"] == opts.lying_verifier]
-        liar = {"node": opts.lying_verifier, "lie": opts.lie, "caught": opts.lying_verifier in st.quarantined,
-                "overruled_verdicts": sum(o["overruled_by"] is not None for o in lies),
-                "dropped_verdicts": sum(o["overruled_by"] is None for o in lies), "second_opinions": driver.second_opinions,
-                "audits_it_judged": sum(a["verifier"] == opts.lying_verifier for a in audits)}
+        liar = {**liar_figures(opts.lying_verifier, opts.lie, st.to_json()), "second_opinions": driver.second_opinions}
     # Same kernels everywhere: every honest audit must pass. Heterogeneous: an honest Mismatch now and
     # then is what calibration measured (a few percent per stage); the binomial test (false_fraud)
     # decides whether there are too many.
@@ -382,9 +378,21 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
     report["success"] = bool(
         (exact or opts.heterogeneous) and false_fraud == 0 and session_restarts == 0 and len(dist.tokens) > 0
         and honest_verdicts_ok and (failover["completed"] or not kill_node)
-        and (fault_caught is not False) and (liar is None or liar["caught"] or opts.audit_probability == 0)
+        and (fault_caught is not False) and (liar is None or liar["caught"] or not liar["accusations"])
         and all(r["verified"] for r in driver.receipts))
     return report
+
+
+def liar_figures(node: str, lie: str, state: dict) -> dict:
+    """What a lying verifier did in a session (its driver state as JSON): its accusing verdicts (those
+    overruled by a second verifier, dropped once it was caught, or left standing), and whether it
+    was caught. One that was gone before it accused anyone had nothing to be caught for."""
+    mine = [o for o in state.get("overruled", []) if o["verifier"] == node]
+    standing = sum(a["verifier"] == node and a["verdict"] in ("Mismatch", "Fraud") for a in state.get("audits", []))
+    overruled = sum(o["overruled_by"] is not None for o in mine)
+    return {"node": node, "lie": lie, "caught": node in state.get("quarantined", []),
+            "accusations": len(mine) + standing, "overruled_verdicts": overruled,
+            "dropped_verdicts": len(mine) - overruled, "standing_accusations": standing}
 
 
 def plot_latency(steps: list[dict], path: Path, outcome: str | None = None) -> None:

@@ -63,10 +63,11 @@ def criteria(r: dict) -> list[tuple[str, bool | None, str]]:
                     f"{sum(bool(p.get('holds')) for p in r.get('fraud_proofs') or [])} fraud proofs holding"))
     liar = r.get("lying_verifier")
     if liar:
-        out.append(("the lying verifier is caught, not the workers it accused", bool(liar["caught"]),
-                    f"{liar['node']} ({liar['lie']} rows) quarantined {liar['caught']}; of its accusing verdicts "
-                    f"{liar['overruled_verdicts']} overruled by a second verifier, {liar['dropped_verdicts']} "
-                    f"dropped once it was caught"))
+        out.append(("the lying verifier is caught, not the workers it accused",
+                    bool(liar["caught"]) if liar["accusations"] else None,
+                    f"{liar['node']} ({liar['lie']} rows) quarantined {liar['caught']}; of its {liar['accusations']} "
+                    f"accusing verdicts {liar['overruled_verdicts']} overruled by a second verifier, "
+                    f"{liar['dropped_verdicts']} dropped once it was caught, {liar['standing_accusations']} standing"))
     for name, fig in (r.get("extensions") or {}).items():
         out.append((f"extension {name}", fig.get("ok"), _extension_figure(name, fig)))
     return out

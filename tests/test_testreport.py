@@ -62,3 +62,23 @@ def test_no_failure_injected_is_not_exercised_and_a_caught_cheater_is_not_an_hon
     r["fault"] = {"node": "N2", "kind": "replay", "caught": True, "rollbacks": [{}]}
     m = marks(r)
     assert m["3. all audits of honest nodes pass"] and m["the faulty worker is caught and quarantined"]
+
+
+def test_a_lying_verifier_is_judged_by_what_it_accused():
+    from consortium.standalone import liar_figures
+
+    crit = "the lying verifier is caught, not the workers it accused"
+    state = {"quarantined": ["N0"], "audits": [],
+             "overruled": [{"verifier": "N0", "overruled_by": "N1"}, {"verifier": "N0", "overruled_by": None},
+                           {"verifier": "N2", "overruled_by": "N1"}]}
+    caught = liar_figures("N0", "random", state)
+    assert (caught["accusations"], caught["overruled_verdicts"], caught["dropped_verdicts"]) == (2, 1, 1)
+    assert marks({**passing_report(), "lying_verifier": caught})[crit] is True
+    # Killed before it accused anyone: nothing to catch, not a failure.
+    silent = liar_figures("N0", "random", {"quarantined": [], "audits": [], "overruled": []})
+    assert silent["accusations"] == 0 and marks({**passing_report(), "lying_verifier": silent})[crit] is None
+    # Its word taken where no third node was left: an accusation that stood, and it was not caught.
+    stood = liar_figures("N0", "random", {"quarantined": ["N1"], "overruled": [],
+                                          "audits": [{"verifier": "N0", "verdict": "Fraud"},
+                                                     {"verifier": "N0", "verdict": "Passed"}]})
+    assert stood["standing_accusations"] == 1 and marks({**passing_report(), "lying_verifier": stood})[crit] is False
