@@ -124,7 +124,13 @@ def run(args: argparse.Namespace) -> int:
         extensions.add_figures(args.extension, report, opts)
         kubecase.write(report, json_out, args.report)
     else:
-        report = standalone.run(opts)
+        from consortium.driver.policy import NoCandidate
+
+        try:
+            report = standalone.run(opts)
+        except NoCandidate as e:   # through Kubernetes the session ends Failed (StageLost) instead
+            print(f"FAIL: the session could not go on: {e}", file=sys.stderr)
+            return 1
         extensions.add_figures(args.extension, report, opts)
         standalone.write(report, json_out, args.report)
     if args.json == "-":

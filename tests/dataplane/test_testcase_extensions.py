@@ -108,3 +108,16 @@ def test_a_node_nobody_could_replace_is_refused_through_kubernetes(capsys):
     assert "--lying-verifier must be one of ['N2']" in capsys.readouterr().err
     assert cli.main(["testcase", "--standalone", "--lying-verifier", "N0", "--lie", "skip-layer"]) == 2
     assert "--lie takes noise-<scale>, replay or random" in capsys.readouterr().err
+
+
+def test_a_session_left_without_nodes_fails_with_the_reason(monkeypatch, capsys):
+    """Standalone, as through Kubernetes (StageLost): no traceback when every node left is quarantined
+    or dead (a node that cheats and lies, with the third one killed, took the honest one down)."""
+    from consortium import standalone
+    from consortium.driver.policy import NoCandidate
+
+    def run(opts):
+        raise NoCandidate("no node left to choose (all failed, quarantined or excluded: N0)")
+    monkeypatch.setattr(standalone, "run", run)
+    assert cli.main(["testcase", "--standalone", "--no-kill"]) == 1
+    assert "FAIL: the session could not go on: no node left to choose" in capsys.readouterr().err
