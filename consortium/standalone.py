@@ -353,8 +353,8 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
                    "selected": driver.audits_selected,
                    "unjudged": len(driver.unjudged),
                    "unjudged_reasons": sorted({u["reason"] for u in driver.unjudged}),
-                   # Fraud verdicts audited again on another node before anyone was convicted, and
-                   # those the second verifier overruled (its first verifier was caught instead)
+                   # accusing verdicts (Mismatch, Fraud) audited again on another node before they
+                   # counted, and those overruled (or dropped once their verifier was caught)
                    "second_opinions": driver.second_opinions, "overruled": st.overruled,
                    "units": audits},
         "hash_equal_rate": round(sum(a["hash_equal"] for a in audits) / len(audits), 4) if audits else None,

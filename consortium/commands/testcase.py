@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
                               hang=args.hang, plaintext=args.plaintext, audit_replay_rows=args.audit_replay_rows,
                               sign_per_window=args.sign_per_window, audit_from_state=args.audit_from_state,
-                              state_window=args.state_window, lying_verifier=args.lying_verifier, lie=args.lie, logs_dir=str(Path(args.report) / "agents") if args.report else None,
+                              state_window=args.state_window, lying_verifier=args.lying_verifier, lie=args.lie,
+                              logs_dir=str(Path(args.report) / "agents") if args.report else None,
                               **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     try:
         extensions.apply(args.extension, opts, prompt_given=args.prompt is not None,
