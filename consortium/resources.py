@@ -458,12 +458,19 @@ class AuditRecord(_Model):
     frauds: int = Field(default=0, ge=0)
 
 
+class VerifierRecord(_Model):
+    verdicts: int = Field(default=0, ge=0, description="Audit verdicts this node gave as a verifier.")
+    overruled: int = Field(default=0, ge=0, description="Of them, accusations a second verifier did not bear out.")
+
+
 class ComputeNodeStatus(_Model):
     backend: Backend | None = Field(default=None, description="Detected by the agent, never claimed.")
     llama_cpp: LlamaCppBuild | None = None
     conditions: Conditions | None = Field(default=None, description="Ready, Quarantined.")
     heartbeat_lease: LeaseRef | None = None
-    audit_record: AuditRecord | None = None
+    audit_record: AuditRecord | None = Field(default=None, description="Verdicts on its work, across sessions.")
+    verifier_record: VerifierRecord | None = Field(default=None, description="Its verdicts on others' work, "
+                                                   "across sessions.")
 
 
 # ---------------------------------------------------------------------------------------------

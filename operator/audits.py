@@ -54,8 +54,11 @@ class AuditPublisher:
             unjudged = list(driver.state.unjudged)
             quarantined = list(driver.state.quarantined)
             overruled = list(driver.state.overruled[self._overruled:])
-            records = {n: (rec.audits, rec.mismatches, rec.frauds) for n, rec in driver.records.items()
+            # As a worker (audits, mismatches, frauds), then as a verifier (verdicts, overruled).
+            workers = {n: (rec.audits, rec.mismatches, rec.frauds) for n, rec in driver.records.items()
                        if hasattr(rec, "audits")}
+            verifiers = {n: (rec.audits, rec.mismatches) for n, rec in driver.verifier_records.items()}
+            records = {n: workers.get(n, (0, 0, 0)) + verifiers.get(n, (0, 0)) for n in {*workers, *verifiers}}
         self._receipts(audits, unjudged, receipts_index, final)
         self._nodes(quarantined, records, driver)
         # Accusations another verifier did not bear out: one Event per verifier and publish, not per unit.
@@ -96,18 +99,22 @@ class AuditPublisher:
     def _nodes(self, quarantined: list[str], records: dict[str, tuple], driver) -> None:
         api = kube.api()
         # A node quarantined as a verifier (its verdicts overruled) may have no record as a worker.
-        for node, rec in {**{n: (0, 0, 0) for n in quarantined}, **records}.items():
+        for node, rec in {**{n: (0,) * 5 for n in quarantined}, **records}.items():
             if self._records.get(node) == rec and node not in set(quarantined) - self._quarantined:
                 continue
             q = node in quarantined and node not in self._quarantined
 
             def change(status: dict, rec=rec, node=node, q=q) -> dict:
                 old = status.get("auditRecord") or {}
-                # The record spans sessions: add what this session's driver saw since the last write.
-                prev = self._records.get(node, (0, 0, 0))
+                # The records span sessions: add what this session's driver saw since the last write.
+                prev = self._records.get(node, (0,) * 5)
                 status["auditRecord"] = {"audits": int(old.get("audits", 0)) + rec[0] - prev[0],
                                          "mismatches": int(old.get("mismatches", 0)) + rec[1] - prev[1],
                                          "frauds": int(old.get("frauds", 0)) + rec[2] - prev[2]}
+                if rec[3] or status.get("verifierRecord"):
+                    old = status.get("verifierRecord") or {}
+                    status["verifierRecord"] = {"verdicts": int(old.get("verdicts", 0)) + rec[3] - prev[3],
+                                                "overruled": int(old.get("overruled", 0)) + rec[4] - prev[4]}
                 if q:
                     why = next((rb["reason"] for rb in driver.state.rollbacks if rb["node"] == node),
                                "failed its audits")

@@ -264,7 +264,8 @@ class SessionDriver:
         self.audits_selected = 0          # units selected for audit as their commitments arrived
         self.second_opinions = 0          # accusing verdicts audited again before they counted
         # Each verifier's own record: a verdict of its that stood counts as Passed, one that another
-        # verifier overruled as Mismatch (judged by the binomial test, as workers' Mismatches are).
+        # verifier overruled as Mismatch (judged by the binomial test, as workers' Mismatches are; a
+        # Fraud overruled by a pass catches its verifier at once).
         self.verifier_records: dict[str, judgement.NodeRecord] = {}
         self._stop = threading.Event()
         self.on_stage = None  # test hook: called before each stage hop with (stage, position)
@@ -1211,11 +1212,11 @@ class SessionDriver:
             return
         self.state.overruled.append({"stage": s, "position": u.position, "node": u.node, "verifier": v1,
                                      "first_verdict": first.value, "overruled_by": by, "verdict": verdict.value})
+        rec = self._verifier_record(v1, verdicts.Verdict.MISMATCH)
         if first == verdicts.Verdict.FRAUD and verdict not in ACCUSING:
             self._fraud(v1, f"its recomputation of stage {s} position {u.position} is decisively far from "
                             f"{u.node}'s committed row, which {by}'s recomputation finds {verdict.value}")
             return
-        rec = self._verifier_record(v1, verdicts.Verdict.MISMATCH)
         j = judgement.judge_node(rec, self.honest_rate, self.alpha)
         if j.quarantine:
             self._fraud(v1, f"its audit verdicts were overruled by other verifiers too often: {j.reason}")

@@ -5,6 +5,8 @@ honest node accused.
 
 On a control plane of its own: the session-wide one may hold the operator tests' agents, which
 carry the same node names."""
+import json
+
 import pytest
 
 from consortium import cluster as lc
@@ -60,4 +62,8 @@ def test_a_lying_verifier_is_quarantined_in_the_api_not_the_workers_it_accuses(o
     assert r["quarantined"] == ["n2"] and r["quarantined_in_api"] == ["n2"]
     assert r["audits"]["fraud"] == 0 and not r["fraud_proofs"]
     assert {"NodeQuarantined", "VerdictOverruled"} <= set(r["events"])
+    # Its ComputeNode keeps its record as a verifier, across sessions, beside the one as a worker.
+    status = json.loads(own_cluster.kubectl("get", "computenode", "n2", "-o", "json").stdout)["status"]
+    assert status["verifierRecord"]["overruled"] >= liar["overruled_verdicts"] >= 1, status
+    assert status["verifierRecord"]["verdicts"] >= status["verifierRecord"]["overruled"]
     assert r["phase"] == "Completed" and r["exact_match"] and r["false_fraud"] == 0 and r["success"]
