@@ -13,10 +13,13 @@ The backend a node detected is shown beside its accelerator label, never replace
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 from consortium import kube
 from consortium import resources as r
+
+log = logging.getLogger("consortium.operator.placement")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +136,8 @@ def write_assignment(session: dict, index: int, stage: r.Stage, node: str, epoch
     """Create StageAssignment <session>-s<i>, or rewrite its node and epoch (failover)."""
     from kubernetes.client.exceptions import ApiException
 
+    from kubernetes import client
+
     body = assignment_body(session, index, stage, node, epoch, model)
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     api = kube.api()
@@ -141,18 +146,35 @@ def write_assignment(session: dict, index: int, stage: r.Stage, node: str, epoch
     except ApiException as e:
         if e.status != 409:
             raise
+    old = api.get_namespaced_custom_object(r.GROUP, r.VERSION, ns, "stageassignments", name)
+    if not kube.owned_by(old, session["metadata"]["uid"]):
+        # A deleted namesake's, not collected yet (the garbage collector took over 20 s on the test
+        # control plane): taken over, it would be collected later under this session, and its agent
+        # would release the stage mid-generation. Removed, and this session's made in its place.
+        log.info("stage assignment %s/%s belongs to a deleted session of the same name: replaced", ns, name)
+        try:
+            api.delete_namespaced_custom_object(r.GROUP, r.VERSION, ns, "stageassignments", name,
+                                                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(
+                                                    uid=old["metadata"]["uid"])))
+        except ApiException as e:
+            if e.status not in (404, 409):   # collected meanwhile, or replaced by someone else
+                raise
+        return api.create_namespaced_custom_object(r.GROUP, r.VERSION, ns, "stageassignments", body)
     return api.patch_namespaced_custom_object(r.GROUP, r.VERSION, ns, "stageassignments", name,
                                               {"spec": {"nodeName": node, "epoch": epoch}})
 
 
-def read_assignments(namespace: str, session: str, n: int) -> list[dict | None]:
+def read_assignments(namespace: str, session: str, n: int, uid: str) -> list[dict | None]:
+    """The session's StageAssignments by stage (None where there is none, or only a deleted
+    namesake's)."""
     from kubernetes.client.exceptions import ApiException
 
     out = []
     for i in range(n):
         try:
-            out.append(kube.api().get_namespaced_custom_object(
-                r.GROUP, r.VERSION, namespace, "stageassignments", r.StageAssignment.name_for(session, i)))
+            sa = kube.api().get_namespaced_custom_object(
+                r.GROUP, r.VERSION, namespace, "stageassignments", r.StageAssignment.name_for(session, i))
+            out.append(sa if kube.owned_by(sa, uid) else None)
         except ApiException as e:
             if e.status != 404:
                 raise

@@ -268,7 +268,7 @@ class SessionRun:
         """Pick the session up from its saved state; the generated tokens to go on from (the last one
         dropped when it cannot be shown to come from the logit row the final stage committed)."""
         st = driver.state
-        sas = placement.read_assignments(self.namespace, self.name, len(st.nodes))
+        sas = placement.read_assignments(self.namespace, self.name, len(st.nodes), self.body["metadata"]["uid"])
         for s, sa in enumerate(sas):
             if sa is not None and int(sa["spec"]["epoch"]) > st.epochs[s]:
                 # A failover was decided but not saved before the restart: finish it from the saved state.

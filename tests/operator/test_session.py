@@ -129,6 +129,34 @@ def test_audits_from_window_states_through_the_operator(bed, baseline):
     assert all(drv["window_states"][s] for s in range(3))
 
 
+def test_a_deleted_namesakes_stage_assignment_is_replaced_not_taken_over(bed, baseline):
+    """A session deleted and applied again under its name: the old one's StageAssignments may still
+    be there (the garbage collector took over 20 s here). One left without an owner, as `kubectl
+    delete --cascade=orphan` leaves them, must not be taken over (patched, it stayed the namesake's;
+    with an owner, the collector removed it later under the running session): the operator replaces
+    it with one the session owns."""
+    from consortium import resources as r
+    from consortium_operator import placement
+
+    for name, labels in testbed.NODE_LABELS.items():   # the failover test killed one; it registers again
+        if bed.agents[name].poll() is not None:
+            bed.start_agent(name, labels)
+    ns, name = "tc-namesake", "again"
+    bed.cluster.kubectl("create", "namespace", ns)
+    body = testbed.sky_is_blue(4, name)
+    spec = r.InferenceSessionSpec.model_validate(body["spec"])
+    left = placement.assignment_body({"metadata": {"name": name, "namespace": ns, "uid": "gone"}}, 1,
+                                     spec.stages[1], "n1", 3, spec.model.to_k8s())
+    del left["metadata"]["ownerReferences"]
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(left))
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(body))
+    s = bed.wait_phase(name, ns, ("Completed",), 300)
+    assert s["status"]["tokens"] == baseline[:4]
+    sa = bed.get("stageassignment", f"{name}-s1", ns)
+    assert [o["uid"] for o in sa["metadata"]["ownerReferences"]] == [s["metadata"]["uid"]]
+    assert sa["spec"]["epoch"] == 1   # made anew, not the leftover's epoch 3 rewritten
+
+
 def test_a_model_without_a_tokenizer_fails_its_session_not_the_operator(bed):
     """llama.cpp aborts a process that tokenizes with a GGUF that has no tokenizer (the synthetic
     models); the operator fails that session with the reason and goes on serving."""
