@@ -1169,8 +1169,8 @@ class SessionDriver:
                                       revealed=revealed, signature_ok=u.signature_ok)
             if (res.verdict in ACCUSING and res.figures is not None and u.second_opinion_of is None
                     and not u.settles_dispute):
-                self._unconfirmed.append((s, verifier, u, np.array(row), res))
-                self._ask_second_opinion(len(self._unconfirmed) - 1)
+                if not self._ask_second_opinion(s, verifier, u, res):
+                    self._unconfirmed.append((s, verifier, u, np.array(row), res))
                 continue
             if u.second_opinion_of is not None:
                 self._second_verdict(s, u, verifier, res.verdict)
@@ -1221,10 +1221,10 @@ class SessionDriver:
         if j.quarantine:
             self._fraud(v1, f"its audit verdicts were overruled by other verifiers too often: {j.reason}")
 
-    def _ask_second_opinion(self, i: int, final: bool = False) -> bool:
-        """Queue the unconfirmed verdict `i` for a second verifier if a third node is alive (it
-        leaves the list then). Called with self._lock held."""
-        s, verifier, u, _, res = self._unconfirmed[i]
+    def _ask_second_opinion(self, s: int, verifier: str, u: AuditUnit, res: verdicts.AuditResult,
+                            final: bool = False) -> bool:
+        """Queue u, which `verifier` accused (`res`), for a second verifier if a third node is alive;
+        False if none is. Called with self._lock held."""
         others = [n for n in self.alive() if n not in (u.node, verifier) and n not in u.not_by]
         if not others or u.generation != self._generation:   # (a rollback since: its inputs may be gone)
             log.warning("stage %d position %d: %s finds %s's row %s (%s); %s: %s",
@@ -1234,7 +1234,6 @@ class SessionDriver:
             return False
         log.warning("stage %d position %d: %s finds %s's row %s (%s); asking another verifier",
                     s, u.position, verifier, u.node, res.verdict.value, "; ".join(res.reasons))
-        del self._unconfirmed[i]
         self.second_opinions += 1
         self._queue_audit(dataclasses.replace(u, not_by=u.not_by + (verifier,), failed_on=(),
                                               second_opinion_of=verifier, first_verdict=res.verdict.value))
@@ -1246,21 +1245,19 @@ class SessionDriver:
         its verifier's word (two nodes left: the one verdict there is). True if any was queued."""
         with self._lock:
             caught = {n for n, _ in self._pending_fraud} | set(self.state.quarantined)
+            waiting, self._unconfirmed = self._unconfirmed, []
             queued = False
-            for i in reversed(range(len(self._unconfirmed))):
-                s, verifier, u, row, res = self._unconfirmed[i]
+            for s, verifier, u, row, res in waiting:
                 if verifier in caught:   # its verdict is dropped; the unit stays unjudged
-                    del self._unconfirmed[i]
                     self.state.overruled.append({"stage": s, "position": u.position, "node": u.node,
                                                  "verifier": verifier, "first_verdict": res.verdict.value,
                                                  "overruled_by": None, "verdict": None})
                     self.state.unjudged.append({"stage": s, "position": u.position, "node": u.node, "reason":
                                                 f"{verifier}'s {res.verdict.value} verdict dropped: it was caught"})
-                elif self._ask_second_opinion(i, final=True):
+                elif self._ask_second_opinion(s, verifier, u, res, final=True):
                     queued = True
-            for s, verifier, u, row, res in self._unconfirmed:
-                self._record_verdict(s, verifier, u, row, res)
-            self._unconfirmed = []
+                else:
+                    self._record_verdict(s, verifier, u, row, res)
         return queued
 
     def _audits_from_state(self, s: int, verifier: str, units: list[AuditUnit]) -> list[AuditUnit]:

@@ -234,11 +234,7 @@ def test_commitments_lost_on_the_way_are_computed_again_not_taken_for_a_lie(tmp_
     assert res.tokens == plain.tokens and res.rewinds == 1
     assert [r["to_position"] for r in state.rollbacks] == lost and "lost on the way" in state.rollbacks[0]["reason"]
     assert state.quarantined == [] and state.failovers == []
-    for s in range(3):
-        covered = {p for r in driver.receipts if r["stage"] == s and r["verified"]
-                   for p in range(r["start"], r["start"] + r["count"])}
-        first = 0 if s < 2 else len(PROMPT) - 1
-        assert set(range(first, state.done[s])) <= covered, s
+    assert_every_position_in_a_receipt(driver, state)
 
 
 class _Lost(grpc.RpcError):
@@ -291,6 +287,12 @@ def test_a_lost_answer_to_commitments_is_asked_for_again(tmp_path, model_path):
     # Stage 0 was asked twice from the same position, and answered the same both times.
     assert asked[0] == asked[1] and asked[0][0] == 0 and asked[0][2] >= 1, asked
     assert state.rollbacks == [] and state.quarantined == []
+    assert_every_position_in_a_receipt(driver, state)
+
+
+def assert_every_position_in_a_receipt(driver, state) -> None:
+    """Each stage's positions (the final stage's from the prompt's last row), as far as the stage got,
+    are in verified receipts."""
     for s in range(3):
         covered = {p for r in driver.receipts if r["stage"] == s and r["verified"]
                    for p in range(r["start"], r["start"] + r["count"])}
