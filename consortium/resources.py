@@ -381,6 +381,9 @@ class ReceiptSpec(_Model):
     session: str = Field(min_length=1, max_length=253)
     stage: int = Field(ge=0, lt=MAX_STAGES)
     node: str = Field(min_length=1, max_length=253)
+    node_id: str | None = Field(default=None, min_length=1, max_length=253, description=(
+        "The id the node signs its windows with (its ComputeNode name, or one derived from its key); "
+        "with the node's published key, what re-checks the signature."))
     epoch: int = Field(ge=0)
     window: Window
     commitments: list[Annotated[str, Field(pattern=HEX64, max_length=64)]] = Field(

@@ -36,7 +36,7 @@ def receipt_body(session: dict, entry: dict, public_key_b64: str) -> dict:
     rc = entry["receipt"]
     md = session["metadata"]
     spec = r.ReceiptSpec(
-        session=md["name"], stage=entry["stage"], node=entry["node"], epoch=entry["epoch"],
+        session=md["name"], stage=entry["stage"], node=entry["node"], node_id=rc["nodeId"], epoch=entry["epoch"],
         window=r.Window(start=rc["windowStart"], count=rc["count"]),
         commitments=[_hex(c) for c in rc["commitments"]], merkle_root=_hex(rc["merkleRoot"]),
         input_digest=_hex(rc["inputDigest"]), grid=r.CanonicalGrid(**{k: v for k, v in rc["grid"].items()
