@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from consortium import netlab, testbed
+from consortium import kube, netlab, receipt_check, testbed
 from consortium import resources as r
 
 FAULTS = ("kill", "hang", "partition", "slow", "double", "operator")
@@ -216,23 +216,6 @@ class PositionWatch:
         self._stop.set()
 
 
-def receipt_gaps(items: list[dict], prompt_len: int, n_tokens: int, n_stages: int) -> dict[int, list[int]]:
-    """Positions of each stage that no Receipt window covers (empty lists: complete). Every
-    position fed is covered: the prompt and every token but the last, and for the last stage from
-    the prompt's final row (where its first logits come from)."""
-    last = prompt_len + n_tokens - 1
-    gaps = {}
-    for stage in range(n_stages):
-        covered = set()
-        for it in items:
-            if it["spec"]["stage"] == stage:
-                w = it["spec"]["window"]
-                covered |= set(range(w["start"], w["start"] + w["count"]))
-        want = set(range(last)) if stage < n_stages - 1 else set(range(prompt_len - 1, last))
-        gaps[stage] = sorted(want - covered)
-    return gaps
-
-
 def latency_spike_ms(steps: list[list], from_position: int) -> float | None:
     """How much longer the slowest step from `from_position` on took than the median step before
     it: the failover's (or the slow link's) spike, from the driver's own step timings."""
@@ -287,11 +270,13 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
         out["identical"] = tokens == baseline
         out["prefix_of_baseline"] = tokens == baseline[:len(tokens)]
         out["tokens"] = len(tokens)
-        items = bed.get("receipts", namespace=ns, selector=f"{r.GROUP}/session={name}")["items"]
-        P = len(drv.get("prompt_tokens") or [])
-        gaps = receipt_gaps(items, P, len(tokens), len(drv.get("nodes") or []))
-        out["receipts_complete"] = bool(items) and not any(gaps.values())
-        out["receipt_gaps"] = {k: v[:10] for k, v in gaps.items() if v}
+        # Complete: every position fed lies in a Receipt that verifies under its node's published key.
+        items = [it for it in bed.get("receipts", namespace=ns, selector=f"{r.GROUP}/session={name}")["items"]
+                 if kube.owned_by(it, s["metadata"]["uid"])]   # not a deleted namesake's
+        chk = receipt_check.check(s, items, bed.get("computenodes")["items"])
+        P = chk["prompt_tokens"]
+        out["receipts_complete"] = chk["receipts"] > 0 and chk["complete"] and not chk["failed"]
+        out["receipt_gaps"], out["receipts_not_verifying"] = chk["gaps"], chk["failed"]
         audits = drv.get("audits") or []
         out["audits"] = len(audits)
         out["false_fraud"] = sum(a["verdict"] == "Fraud" for a in audits) + len(drv.get("quarantined") or [])

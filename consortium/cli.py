@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("consortium.commands.calibrate", "measure honest and cheating stage outputs; choose the verification tolerances"),
     "chaos": ("consortium.commands.chaos", "randomized fault trials (kill, hang, partition, slow link, double failure, operator death) with agents in network namespaces"),
     "verify-proof": ("consortium.commands.verify_proof", "re-check a fraud proof file: HOLDS or DOES NOT HOLD, and why"),
+    "verify-receipts": ("consortium.commands.verify_receipts", "re-check a session's Receipts from the API: signatures under the nodes' published keys, every position covered, fraud proofs"),
     "certs": ("consortium.commands.certs", "a CA and mutual-TLS certificates for node agents and the operator"),
 }
 

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from consortium import kube, standalone, testbed, testreport
+from consortium import kube, receipt_check, standalone, testbed, testreport
 from consortium.driver.proofs import proof_file_name, recheck, write_proof_files
 
 SESSION = "sky-is-blue"
@@ -100,24 +100,25 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
             killed = {"node": victim, "at_token_observed": at}
         s = bed.wait_phase(SESSION, NAMESPACE, ("Completed", "Failed"), 1200)
         wall = time.perf_counter() - t0
-        receipts = [rc for rc in bed.get("receipts", namespace=NAMESPACE,
-                                         selector=f"consortium.io/session={SESSION}")["items"]
-                    if kube.owned_by(rc, s["metadata"]["uid"])]   # an earlier run's may not be collected yet
+        labeled = bed.get("receipts", namespace=NAMESPACE, selector=f"consortium.io/session={SESSION}")["items"]
+        # An earlier run's may not be collected yet.
+        receipts = [rc for rc in labeled if kube.owned_by(rc, s["metadata"]["uid"])]
         events = [e["reason"] for e in bed.events(NAMESPACE, SESSION)]
         sas = {i: bed.get("stageassignment", f"{SESSION}-s{i}", NAMESPACE) for i in range(3)}
         nodes = {n["metadata"]["name"]: n for n in bed.get("computenodes")["items"]}
+        checked = receipt_check.check(s, labeled, list(nodes.values()))
     finally:
         bed.close()
         if started_here:
             cl.stop()
         completed = s is not None and (s.get("status") or {}).get("phase") == "Completed"
         agent_logs = standalone.settle_workdir(workdir, opts.logs_dir, keep=not completed)
-    report = _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node, liar)
+    report = _report(opts, base, s, wall, receipts, checked, events, sas, nodes, killed, faulty_node, liar)
     report["agent_logs"] = agent_logs
     return report
 
 
-def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_node=None, liar=None) -> dict:
+def _report(opts, base, s, wall, receipts, checked, events, sas, nodes, killed, faulty_node=None, liar=None) -> dict:
     st = s.get("status") or {}
     drv = (st.get("report") or {}).get("driverState") or {}
     audits = drv.get("audits", [])
@@ -193,12 +194,15 @@ def _report(opts, base, s, wall, receipts, events, sas, nodes, killed, faulty_no
         "proof_key": st.get("proofKey"),
         "fraud_proofs": fraud_proofs_in_api(receipts, audits, st.get("proofKey")),
         "receipt_verdicts": {v: verdicts.count(v) for v in sorted(set(map(str, verdicts)))},
+        # The Receipts re-checked from the API alone, as `consortium verify-receipts` does.
+        "receipts_check": {k: checked[k] for k in ("ok", "receipts", "verified", "failed", "complete", "gaps",
+                                                  "fraud_proofs", "fraud_proofs_failed")},
         "metrics": st.get("metrics"),
         "rpc": (st.get("report") or {}).get("rpc"),
     }
     report["success"] = bool(exact and st.get("phase") == "Completed" and report["false_fraud"] == 0
                              and report["session_restarts"] == 0 and (report["failover"]["completed"] or not killed)
-                             and not any(a["verdict"] == "Mismatch" for a in honest_audits) and len(receipts) > 0
+                             and not any(a["verdict"] == "Mismatch" for a in honest_audits) and checked["ok"]
                              and (not faulty_node or report["fault"]["caught"])
                              and (not liar or report["lying_verifier"]["quarantined_in_api"]
                                   or not report["lying_verifier"]["accusations"]))

@@ -54,6 +54,17 @@ def criteria(r: dict) -> list[tuple[str, bool | None, str]]:
                 f"{r['session_restarts']} restarts"))
     out.append(("no false fraud: no honest node gets a Fraud verdict or quarantine", r["false_fraud"] == 0,
                 f"false_fraud {r['false_fraud']}"))
+    chk, rec = r.get("receipts_check"), r.get("receipts")
+    if chk is not None:   # through Kubernetes: re-checked from the API alone
+        n_proofs = chk["fraud_proofs"]
+        out.append(("signed receipts: each verifies under its node's published key, every position covered",
+                    bool(chk["ok"]), f"{chk['verified']} of {chk['receipts']} Receipts verify; "
+                    + ("every position covered" if chk["complete"] else f"not covered: {chk['gaps']}")
+                    + (f"; {n_proofs - len(chk['fraud_proofs_failed'])} of {n_proofs} fraud proofs hold"
+                       if n_proofs else "")))
+    elif isinstance(rec, dict):
+        out.append(("signed receipts: each verifies under its node's key", rec["count"] > 0
+                    and rec["verified"] == rec["count"], f"{rec['verified']} of {rec['count']} verify (driver's check)"))
     if fault_node and "faulty-worker" not in (r.get("extensions") or {}):
         fr = r["fault"]
         out.append(("the faulty worker is caught and quarantined", bool(fr.get("caught")),

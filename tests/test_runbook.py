@@ -34,6 +34,7 @@ def test_every_block_is_marked_and_the_rehearsal_covers_the_steps():
     for step in ("consortium cluster up", "consortium certs", "create secret generic consortium-operator-tls",
                  "--bound-object-kind Node", "helm upgrade --install", "node-agent", "--tls-cert", "consortium-operator",
                  "kubectl apply -f manifests/sessions/sky-is-blue.yaml", "kill -9", "kubectl get receipts",
+                 "consortium verify-receipts",
                  "kubectl get events", "consortium generate", "consortium cluster down"):
         assert step in script, step
     assert "--plaintext" not in script and "devPlaintext" not in script
@@ -60,7 +61,8 @@ def test_the_rehearsal_runs_as_written(tmp_path):
     assert run.returncode == 0, out[-6000:]
     assert "identical to the baseline: True" in out, out[-3000:]
     for seen in ("mutual TLS as n0", "mutual TLS as n1", "mutual TLS as n2",
-                 "Completed", "FailoverStarted", "StageReassigned", "FailoverFinished", "Passed"):
+                 "Completed", "FailoverStarted", "StageReassigned", "FailoverFinished", "Passed",
+                 "every position of every stage is covered"):
         assert seen in out, seen
     assert down.returncode == 0, down.stdout + down.stderr
     assert not (tmp_path / "rehearsal/cluster").exists()

@@ -19,6 +19,8 @@ def passing_report() -> dict:
         "failover": {"injected": True, "completed": True, "killed_node": "N2", "how": "SIGKILL", "at_token": 2,
                      "backup_node": "N0", "spike_ms": 400.0, "events": []},
         "session_restarts": 0, "false_fraud": 0, "success": True,
+        "receipts_check": {"ok": True, "receipts": 6, "verified": 6, "failed": [], "complete": True, "gaps": {},
+                           "fraud_proofs": 0, "fraud_proofs_failed": []},
     }
 
 
@@ -43,6 +45,7 @@ def test_each_failure_is_marked_on_its_own_criterion():
         # A restart is also a failover that did not go on without one.
         "4. failover|no session restart": lambda r: r.update(session_restarts=1),
         "no false fraud": lambda r: r.update(false_fraud=1),
+        "signed receipts": lambda r: r["receipts_check"].update(ok=False, complete=False, gaps={1: [7]}),
     }
     for prefixes, breaks in cases.items():
         r = copy.deepcopy(passing_report())
@@ -82,3 +85,10 @@ def test_a_lying_verifier_is_judged_by_what_it_accused():
                                           "audits": [{"verifier": "N0", "verdict": "Fraud"},
                                                      {"verifier": "N0", "verdict": "Passed"}]})
     assert stood["standing_accusations"] == 1 and marks({**passing_report(), "lying_verifier": stood})[crit] is False
+
+
+def test_the_standalone_receipts_row_is_the_drivers_check():
+    r = {k: v for k, v in passing_report().items() if k != "receipts_check"}
+    crit = "signed receipts: each verifies under its node's key"
+    assert marks({**r, "receipts": {"count": 6, "verified": 6}})[crit] is True
+    assert marks({**r, "receipts": {"count": 6, "verified": 5}})[crit] is False

@@ -27,7 +27,7 @@ def lab(bed):
 
 def _healthy(res: dict) -> None:
     assert res["completed"] and res["identical"], res
-    assert res["receipts_complete"], res["receipt_gaps"]
+    assert res["receipts_complete"], (res["receipt_gaps"], res["receipts_not_verifying"])
     assert res["false_fraud"] == 0 and res["stale_receipts"] == 0, res
 
 

@@ -1,0 +1,120 @@
+"""`consortium verify-receipts`'s check, on Receipt objects made by the operator's own code from
+windows signed with real keys: what verifies, and each way one does not."""
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import pytest
+
+from consortium import receipt_check
+from consortium.verification import receipts, signing
+from consortium_operator.receipts import receipt_body
+
+UID = "0a1b2c3d-0000-4000-8000-000000000000"
+PROMPT, TOKENS, WINDOW = 5, 4, 4   # positions fed: 0..7 (the last token is never fed back)
+
+
+def session(phase="Completed", prompt=PROMPT, tokens=TOKENS):
+    return {"metadata": {"name": "sky", "namespace": "ns", "uid": UID},
+            "status": {"phase": phase, "tokens": list(range(tokens)),
+                       "report": {"driverState": {"prompt_tokens": list(range(prompt)), "nodes": ["a", "b"]}}}}
+
+
+def node(name, key):
+    return {"metadata": {"name": name}, "spec": {"publicKey": signing.public_key_text(key)}}
+
+
+def windows(key, node_id, stage, positions):
+    """The receipts a node signs for `positions` of a stage, window by window."""
+    signer = receipts.WindowSigner(key, session="ns/sky", stage=stage, node_id=node_id, epoch=1, window=WINDOW)
+    out = []
+    for p in positions:
+        signer.add(p, hashlib.sha256(b"in%d" % p).digest(), hashlib.sha256(b"out%d.%d" % (stage, p)).digest())
+        if (p + 1) % WINDOW == 0 or p == positions[-1]:
+            out.append(signer.receipt())
+    return out
+
+
+def objects(key, name, node_id, stage, positions):
+    pub = signing.public_key_text(key)
+    return [receipt_body(session(), {"stage": stage, "node": name, "epoch": 1, "receipt": r.to_json()}, pub)
+            for r in windows(key, node_id, stage, positions)]
+
+
+@pytest.fixture
+def run():
+    ka, kb = signing.generate_private_key(), signing.generate_private_key()
+    # Node a signs with its ComputeNode name, node b with the id derived from its key (the chart's way).
+    items = objects(ka, "a", "a", 0, list(range(8))) + objects(kb, "b", signing.node_id_for(kb), 1, list(range(4, 8)))
+    return items, [node("a", ka), node("b", kb)], (ka, kb)
+
+
+def test_a_complete_session_verifies(run):
+    items, nodes, _ = run
+    res = receipt_check.check(session(), items, nodes)
+    assert res["ok"] and res["complete"] and res["verified"] == res["receipts"] == 3, res
+    assert [p["positions"] for p in res["per_stage"]] == ["0-7", "4-7"]
+    text = "\n".join(receipt_check.lines(res))
+    assert text.splitlines()[-1].startswith("OK: all 3 receipts verify")
+
+
+def test_a_receipt_written_before_it_named_its_signing_id_still_verifies(run):
+    items, nodes, _ = run
+    for it in items:
+        it["spec"].pop("nodeId")
+    assert receipt_check.check(session(), items, nodes)["ok"]
+
+
+def test_each_tampering_is_named(run):
+    items, nodes, (ka, _) = run
+    cases = {
+        "do not hash to the signed Merkle root": lambda it: it["spec"]["commitments"].__setitem__(0, "00" * 32),
+        "signature does not verify": lambda it: it["spec"].update(epoch=2),
+        "names session": lambda it: it["spec"].update(session="other"),
+    }
+    for reason, tamper in cases.items():
+        bad = copy.deepcopy(items)
+        tamper(bad[1])
+        res = receipt_check.check(session(), bad, nodes)
+        assert not res["ok"] and len(res["failed"]) == 1 and reason in res["failed"][0]["reasons"][0], (reason, res)
+        # The positions only that receipt covered are then uncovered.
+        assert res["gaps"] == {0: [4, 5, 6, 7]}
+        assert "DOES NOT VERIFY" in "\n".join(receipt_check.lines(res))
+
+
+def test_a_node_that_publishes_another_key_or_none(run):
+    items, nodes, _ = run
+    rekeyed = [node("a", signing.generate_private_key()), nodes[1]]
+    res = receipt_check.check(session(), items, rekeyed)
+    assert not res["ok"] and len(res["failed"]) == 2 and "now publishes" in res["failed"][0]["reasons"][0]
+    res = receipt_check.check(session(), items, nodes[1:])
+    assert not res["ok"] and "no ComputeNode 'a'" in res["failed"][0]["reasons"][0]
+
+
+def test_coverage_is_judged_once_the_session_has_completed(run):
+    items, nodes, _ = run
+    longer = session(tokens=TOKENS + 2)   # positions 8 and 9 fed, in no receipt
+    res = receipt_check.check(longer, items, nodes)
+    assert not res["ok"] and res["gaps"] == {0: [8, 9], 1: [8, 9]}
+    assert "NOT COVERED: stage 0 positions 8, 9" in "\n".join(receipt_check.lines(res))
+    running = session(phase="Running", tokens=TOKENS + 2)
+    assert receipt_check.check(running, items, nodes)["ok"]
+
+
+def test_a_namesakes_receipts_are_not_counted(run):
+    items, nodes, _ = run
+    for it in items:
+        it["metadata"]["ownerReferences"][0]["uid"] = "another"
+    res = receipt_check.check(session(), items, nodes)
+    assert not res["ok"] and res["receipts"] == 0 and res["not_owned"] == 3
+    assert receipt_check.lines(res)[-1] == "FAIL: the session owns no receipts"
+
+
+def test_a_fraud_proof_that_does_not_hold_fails_the_check(run):
+    items, nodes, _ = run
+    items[0]["status"] = {"fraudProofs": ["{}", "not json"]}
+    res = receipt_check.check(session(), items, nodes)
+    assert not res["ok"] and res["fraud_proofs"] == 2 and len(res["fraud_proofs_failed"]) == 2
+    assert "fraud proofs in the receipts' status: 0 of 2 hold" in "\n".join(receipt_check.lines(res))
+
