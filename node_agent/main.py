@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads per stage (default: all cores)")
     p.add_argument("--audit-threads", type=int, default=0,
                    help="llama.cpp threads of audit replays (default: the cores --threads leaves free, at least 1)")
+    p.add_argument("--audit-stall-s", type=float, default=120.0, metavar="S",
+                   help="kill the audit process when it has advanced by no batch for S seconds while an audit "
+                        "waits (the audit is refused INTERNAL, the next one starts a new process; default 120)")
     p.add_argument("--ctx", type=int, default=2048, help="positions each session (and each audit replay) can hold on a loaded layer range")
     p.add_argument("--no-repack", action="store_true",
                    help="turn off llama.cpp's CPU weight repacking: other kernels, honest float differences")
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if audit_fault is not None and not audit_fault.transforms_output:
             raise ValueError(f"--audit-fault {audit_fault.name}: only noise-<scale>, replay and random change an "
                              "audit's rows")
+        if not args.audit_stall_s > 0:   # NaN included
+            raise ValueError(f"--audit-stall-s must be a positive number of seconds, not {args.audit_stall_s}")
         creds = tls.from_args(args)   # TLSError is a ValueError
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = server.AgentConfig(node_id=identity.node_id, labels=labels, threads=args.threads,
                                 audit_threads=args.audit_threads, n_ctx=args.ctx, repack=not args.no_repack,
-                                fault=fault, audit_fault=audit_fault.name if audit_fault else None)
+                                fault=fault, audit_fault=audit_fault.name if audit_fault else None,
+                                audit_stall_s=args.audit_stall_s)
     if creds is not None and args.name and creds.name != args.name:
         print(f"error: the TLS certificate names {creds.name!r}, not this node ({args.name!r})", file=sys.stderr)
         return 2

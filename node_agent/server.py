@@ -19,6 +19,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent import futures
@@ -105,6 +106,10 @@ class AgentConfig:
     # A verifier that lies, for tests: this output fault (noise-<scale>, replay, random) is applied to
     # the rows its audits recompute, so that drivers can be shown not to convict on its word alone.
     audit_fault: str | None = None
+    # Seconds a call into the audit process may wait while that process advances by not one batch
+    # nor task; then the process is killed, the call refused INTERNAL (the driver audits elsewhere)
+    # and the next audit starts a new one. Long enough for a batch of a big model on a slow node.
+    audit_stall_s: float = 120.0
     # Under mutual TLS: names a caller's certificate must carry (the driver's), so another agent's
     # certificate from the same CA cannot fence or truncate this node's stages. Empty: any caller.
     allowed_callers: tuple[str, ...] = ()
@@ -966,13 +971,18 @@ class AuditProcess:
 
     Apart, the replay's Python does not take turns at the GIL with the forward steps' Python, and a
     replay that brings llama.cpp down takes only this process with it: the audit in flight is
-    refused INTERNAL and the next one starts a new process (docs/dataplane.md has the figures)."""
+    refused INTERNAL and the next one starts a new process (docs/dataplane.md has the figures). One
+    that hangs (or gets no CPU) is killed once it has advanced by nothing for audit_stall_s, with the
+    same outcome: otherwise it would hold every audit, handover and release on this node."""
 
     def __init__(self, config: AgentConfig):
         self.config = config
         self._lock = threading.Lock()
         self._pool: futures.ProcessPoolExecutor | None = None
         self._give_way = None   # the pool's audit_gate event
+        self._progress = None   # the pool's audit_gate counter
+        self._pid: int | None = None
+        self.stalls = 0         # audit processes killed for making no progress
 
     def start(self) -> None:
         """Start the process now, in the background (node-agent does, so that no session's audit
@@ -990,19 +1000,24 @@ class AuditProcess:
         # initializer, from a module that imports next to nothing, puts the process in the lowest
         # CPU class before it imports numpy and llama.cpp (about a second of CPU) for its setup.
         ctx = multiprocessing.get_context("spawn")
-        self._give_way = ctx.Event()
+        self._give_way, self._progress = ctx.Event(), ctx.RawValue("Q", 0)
         pool = futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=audit_gate.init,
-                                           initargs=(self._give_way,))
+                                           initargs=(self._give_way, self._progress))
         try:
-            pool.submit(_audit_process_setup, self.config, os.getpid()).result()
+            self._pid = pool.submit(_audit_process_setup, self.config, os.getpid()).result()
         except BrokenProcessPool:
             pass   # the call that needs it says so
         return pool
 
+    def pid(self) -> int | None:
+        """The audit process's pid (started now if it was not; None if it could not start)."""
+        self._running()
+        return self._pid
+
     def _call(self, method: str, *args):
         pool = self._running()
         try:
-            ok, got = pool.submit(_in_audit_process, method, *args).result()
+            ok, got = self._wait(pool, pool.submit(_in_audit_process, method, *args))
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:
@@ -1014,6 +1029,39 @@ class AuditProcess:
             code, message = got
             raise Refused(grpc.StatusCode[code], message)
         return got
+
+    def _wait(self, pool: futures.ProcessPoolExecutor, fut: futures.Future):
+        """fut's result, or the audit process killed once it has advanced by nothing for audit_stall_s
+        (queued behind another session's long audit, this call sees that audit advance)."""
+        stall = self.config.audit_stall_s
+        seen, since = self._progress.value, time.monotonic()
+        while True:
+            try:
+                return fut.result(timeout=min(1.0, stall))
+            except futures.TimeoutError:
+                now, value = time.monotonic(), self._progress.value
+                if value != seen:
+                    seen, since = value, now
+                elif now - since >= stall:
+                    break
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+                pid, self._pid = self._pid, None
+                self.stalls += 1
+            else:
+                pid = None   # another call killed it already
+        log.warning("the audit process advanced by nothing for %.0f s: killed; the next audit starts a new one",
+                    stall)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)   # SIGKILL reaches a stopped process too
+            except ProcessLookupError:
+                pass
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise Refused(grpc.StatusCode.INTERNAL, f"the agent's audit process advanced by nothing for {stall:.0f} s "
+                                                "and was killed; its audit sequences are gone (the next audit "
+                                                "starts a new one)")
 
     def audit(self, key: tuple, req: pb.AuditRequest, layers: LayerRange, n_layers: int) -> pb.AuditResponse:
         body = self._call("audit", key, req.SerializeToString(), layers.first, layers.last, n_layers)
@@ -1056,11 +1104,12 @@ class AuditProcess:
 _AUDIT_PROCESS: "_AuditSequences | None" = None   # in the audit process
 
 
-def _audit_process_setup(config: AgentConfig, agent_pid: int) -> None:
-    """The audit process's first task (its llama.cpp threads inherit its CPU class)."""
+def _audit_process_setup(config: AgentConfig, agent_pid: int) -> int:
+    """The audit process's first task (its llama.cpp threads inherit its CPU class); its pid."""
     global _AUDIT_PROCESS
     _AUDIT_PROCESS = _AuditSequences(config)
     threading.Thread(target=_exit_with, args=(agent_pid,), name="agent-watch", daemon=True).start()
+    return os.getpid()
 
 
 def _exit_with(agent_pid: int) -> None:
@@ -1077,6 +1126,8 @@ def _in_audit_process(method: str, *args):
         return True, refusing(getattr(_AUDIT_PROCESS, method), *args)
     except Refused as e:
         return False, (e.code.name, str(e))
+    finally:
+        audit_gate.advance()
 
 
 # The most one-row batches (decode steps) an audit replay merges into one batch. Per row a merged
@@ -1181,6 +1232,7 @@ class _AuditSequences:
             elif logits:
                 got[pos + s - 1] = out[-1]
             pos, i, merged_rows = pos + s, i + s, merged_rows + (s if merged else 0)
+            audit_gate.advance()
         state = engine.export_state(seq, start, start + n) if req.export_state else b""
         rows = np.stack([got[p] for p in want]) if want else np.zeros((1, 1), np.float32)
         resp = pb.AuditResponse(compute_ms=(time.perf_counter() - t0) * 1000 - check_wall_ms,

@@ -428,6 +428,15 @@ def test_a_lying_verifier_can_only_change_its_audits_rows(tmp_path, capsys):
                                 server.AgentConfig(audit_fault="cheap-quant"))
 
 
+def test_an_audit_stall_limit_is_a_positive_number_of_seconds(tmp_path, capsys):
+    from node_agent.main import main
+
+    for bad in ("0", "-5", "nan"):
+        assert main(["--key-file", str(tmp_path / "k.pem"), "--audit-stall-s", bad]) == 2
+        assert "--audit-stall-s must be a positive number of seconds" in capsys.readouterr().err
+    assert not (tmp_path / "k.pem").exists()
+
+
 def test_a_released_session_gives_back_its_slots_and_stays_fenced(agent, model_path):
     stub, service, _ = agent
 

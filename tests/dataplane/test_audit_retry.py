@@ -114,3 +114,49 @@ def test_an_audit_on_a_node_that_stops_answering_moves_on_before_its_deadline(tm
     assert {a["verifier"] for a in state.audits} - {"H"}   # the rest were judged elsewhere
     waited = [r.ms for r in driver.rpc.records if r.node == "H" and r.method == "Audit" and not r.ok]
     assert waited and max(waited) < 30_000, waited   # given up on long before the 60 s deadline
+
+
+def test_a_stuck_audit_process_is_killed_and_its_audit_judged_elsewhere(tmp_path, model_path):
+    """H serves stage 2 and is the verifier the policy prefers; its audit process is stopped
+    (SIGSTOP) before the session, while H's agent answers Health and serves its stage. Without a
+    watchdog its first audit would wait the load deadline (60 s here) and H would be declared dead.
+    H's agent kills the process once it has advanced by nothing for audit_stall_s (2 s), refuses that
+    audit INTERNAL, the driver audits those units elsewhere, and H serves its stage to the end."""
+    import os
+    import signal
+
+    with LocalPipeline(model_path, None, StageConfig(threads=1)) as pipe:
+        want = generation.generate(pipe, PROMPT, MAX_TOKENS).tokens
+    servers, services, endpoints = {}, {}, {}
+    for n in ("A", "B", "H"):
+        ident = NodeIdentity.load_or_create(tmp_path / f"{n}.pem", n)
+        config = server.AgentConfig(node_id=n, threads=1, n_ctx=256, audit_stall_s=2.0)
+        servers[n], services[n], port = server.serve(ident, "127.0.0.1:0", config)
+        endpoints[n] = f"127.0.0.1:{port}"
+    stuck = services["H"].audits.pid()
+    assert stuck is not None
+    os.kill(stuck, signal.SIGSTOP)
+    state = SessionState(session="audit-process-stuck", prompt_tokens=PROMPT, nodes=["A", "B", "H"],
+                         epochs=[1, 1, 1], audit_probability=1.0)
+    driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
+                           endpoints=endpoints, state=state, policy=LocalPolicy(["H", "A", "B"]),
+                           rpc_timeout_s=30.0, load_timeout_s=60.0)
+    try:
+        driver.start()
+        got = generation.generate(driver, PROMPT, MAX_TOKENS).tokens
+    finally:
+        driver.close()
+        for srv in servers.values():
+            srv.stop(None)
+        try:
+            os.kill(stuck, signal.SIGKILL)   # only if the watchdog left it
+        except ProcessLookupError:
+            pass
+
+    assert got == want
+    assert services["H"].audits.stalls == 1
+    assert "H" not in driver.dead and state.failovers == [] and state.nodes == ["A", "B", "H"]
+    assert driver.unjudged == [] and len(state.audits) == driver.audits_selected > 0
+    assert all(a["verdict"] == "Passed" and a["verifier"] != a["node"] for a in state.audits)
+    refused = [r.ms for r in driver.rpc.records if r.node == "H" and r.method == "Audit" and not r.ok]
+    assert refused and max(refused) < 30_000, refused   # the 2 s watchdog, not the 60 s deadline
