@@ -29,8 +29,9 @@ def test_helm_lint(cluster):
 
 
 @pytest.mark.parametrize("values", [[], ["--set", "models.type=pvc", "--set", "models.existingClaim=models",
-                                         "--set", "agent.hostNetwork=true", "--set", "devPlaintext=true"]],
-                         ids=["defaults", "pvc-hostnetwork-plaintext"])
+                                         "--set", "agent.hostNetwork=true", "--set", "devPlaintext=true",
+                                         "--set", "agent.extraArgs={--threads,8}"]],
+                         ids=["defaults", "pvc-hostnetwork-plaintext-args"])
 def test_rendered_chart_is_accepted_by_the_server(cluster, values):
     ensure_namespace(cluster, NS)
     rendered = cluster.helm("template", RELEASE, CHART, "-n", NS, "--include-crds", *values).stdout
@@ -51,6 +52,10 @@ def test_daemonset_runs_only_on_accelerator_labels(cluster):
     assert terms == [{"matchExpressions": [{"key": r.LABEL_ACCELERATOR, "operator": "In", "values": ["cuda", "metal"]}]}]
     assert ds["spec"]["template"]["spec"]["serviceAccountName"] == "consortium-agent"
     assert ds["spec"]["template"]["spec"]["containers"][0]["command"] == ["node-agent"]
+    assert "args" not in ds["spec"]["template"]["spec"]["containers"][0]
+    rendered = cluster.helm("template", RELEASE, CHART, "-n", NS, "--set", "agent.extraArgs={--audit-stall-s,600}",
+                            "--show-only", "templates/agent-daemonset.yaml").stdout
+    assert yaml.safe_load(rendered)["spec"]["template"]["spec"]["containers"][0]["args"] == ["--audit-stall-s", "600"]
 
 
 def test_agent_data_lane_port_is_declared_and_can_be_turned_off(cluster):
