@@ -126,7 +126,7 @@ class AuditUnit:
     worker_row: np.ndarray        # the output the worker sent: its canonicalization is the reveal
     signature_ok: bool
     generation: int               # rollback generation it belongs to
-    failed_on: tuple[str, ...] = ()   # verifiers whose audit of it failed (AUDIT_RETRY_CODES)
+    failed_on: tuple[str, ...] = ()   # verifiers whose audit of it failed (AUDIT_RETRY_CODES, or overdue)
     not_by: tuple[str, ...] = ()      # nodes that may not verify it: the other side of a dispute
     second_opinion_of: str | None = None   # the verifier whose accusing verdict on it this audit checks
     first_verdict: str | None = None       # and that verdict (Mismatch or Fraud)
@@ -945,17 +945,23 @@ class SessionDriver:
                 return False
             if time.monotonic() - last[0] < PROBE_EVERY_S:
                 return True
-            try:
-                self.clients[node].call("Health", pb.HealthRequest(session=self.session))
-            except grpc.RpcError as e:
-                if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-                    log.warning("%s does not answer Health (%s) while an audit waits on it: declared dead",
-                                node, e.code().name)
-                    self.dead.add(node)
-                    return False
+            if not self._answers_health(node, "while an audit waits on it"):
+                return False
             last[0] = time.monotonic()
             return True
         return alive
+
+    def _answers_health(self, node: str, when: str) -> bool:
+        """A Health call on `node`; one it lets go unanswered within the RPC deadline (or that finds it
+        gone) declares it dead."""
+        try:
+            self.clients[node].call("Health", pb.HealthRequest(session=self.session))
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                log.warning("%s does not answer Health (%s) %s: declared dead", node, e.code().name, when)
+                self.dead.add(node)
+                return False
+        return True
 
     def _queue_audit(self, u: AuditUnit) -> None:
         """Called with self._lock held."""
@@ -1119,9 +1125,14 @@ class SessionDriver:
         except grpc.RpcError as e:
             log.log(logging.INFO if e.code() == grpc.StatusCode.ABORTED else logging.WARNING,
                     "audit on %s failed: %s %s", verifier, e.code().name, e.details())
+            # An audit past its deadline on a node that still answers Health ran too long or got stuck
+            # there (its agent also kills an audit process stuck that long): the verifier failed it,
+            # and the node, which may serve a stage, is not taken for dead.
+            overdue = (e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and verifier not in self.dead
+                       and self._answers_health(verifier, "after an audit ran past its deadline"))
             with self._lock:
                 self._audit_progress[(verifier, s)] = 0
-                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not overdue:
                     self.dead.add(verifier)
                     for u in units:
                         self._queue_audit(u)  # another verifier takes them
@@ -1130,7 +1141,7 @@ class SessionDriver:
                     for u in units:
                         self._queue_audit(u)
                     return
-                if e.code() in AUDIT_RETRY_CODES:
+                if e.code() in AUDIT_RETRY_CODES or overdue:
                     for u in units:
                         if len(u.failed_on) + 1 < AUDIT_TRIES:
                             self._queue_audit(dataclasses.replace(u, failed_on=u.failed_on + (verifier,)))
