@@ -40,6 +40,25 @@ def receipt_status(audits: list[dict], unjudged: list[dict] = ()) -> dict:
             "message": (message + (f"; {missed}" if missed else ""))[:4000]}
 
 
+def _windows(audits: list[dict], unjudged: list[dict], index: dict[str, dict], final: bool):
+    """Per Receipt: (name, what its status is computed from, its window's audits, its unjudged units)."""
+    for name, w in index.items():
+        mine = [a for a in audits if a["stage"] == w["stage"] and a["node"] == w["node"]
+                and a["epoch"] == w["epoch"] and w["start"] <= a["position"] < w["start"] + w["count"]]
+        missed = [u for u in unjudged if u["stage"] == w["stage"] and u["node"] == w["node"]
+                  and w["start"] <= u["position"] < w["start"] + w["count"]]
+        yield name, (len(mine), len(missed), final), mine, missed
+
+
+def _records(driver) -> dict[str, tuple]:
+    """Each node's record in this session, as a worker (audits, mismatches, frauds), then as a verifier
+    (verdicts, overruled). Called with the driver's lock held."""
+    workers = {n: (rec.audits, rec.mismatches, rec.frauds) for n, rec in driver.records.items()
+               if hasattr(rec, "audits")}
+    verifiers = {n: (rec.audits, rec.mismatches) for n, rec in driver.verifier_records.items()}
+    return {n: workers.get(n, (0, 0, 0)) + verifiers.get(n, (0, 0)) for n in {*workers, *verifiers}}
+
+
 class AuditPublisher:
     def __init__(self, session: dict):
         self.session = session
@@ -48,17 +67,33 @@ class AuditPublisher:
         self._records: dict[str, tuple] = {}
         self._overruled = 0   # overruled verdicts announced so far
 
+    def resumed(self, driver, receipts_index: dict[str, dict]) -> None:
+        """After an operator restart, before anything is published: what the saved state holds was
+        published by the operator before this one, so it is neither announced again (AuditFailed,
+        VerdictOverruled, NodeQuarantined Events) nor added to the nodes' records a second time. A
+        quarantine is taken as written only where the ComputeNode shows it: one the old operator
+        saved but did not write yet is written now."""
+        with driver._lock:
+            audits, unjudged = list(driver.state.audits), list(driver.state.unjudged)
+            quarantined = set(driver.state.quarantined)
+            self._overruled = len(driver.state.overruled)
+            self._records = _records(driver)
+        self._applied = {name: key for name, key, _, _ in _windows(audits, unjudged, receipts_index, False)}
+        try:
+            nodes = kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes").get("items", [])
+        except Exception as e:  # noqa: BLE001 - then each quarantine is written (and announced) again
+            log.warning("computenodes not read on resuming: %s", e)
+            return
+        self._quarantined = {n["metadata"]["name"] for n in nodes if n["metadata"]["name"] in quarantined
+                             and kube.condition_true(n, "Quarantined")}
+
     def publish(self, driver, receipts_index: dict[str, dict], *, final: bool = False) -> None:
         with driver._lock:
             audits = list(driver.state.audits)
             unjudged = list(driver.state.unjudged)
             quarantined = list(driver.state.quarantined)
             overruled = list(driver.state.overruled[self._overruled:])
-            # As a worker (audits, mismatches, frauds), then as a verifier (verdicts, overruled).
-            workers = {n: (rec.audits, rec.mismatches, rec.frauds) for n, rec in driver.records.items()
-                       if hasattr(rec, "audits")}
-            verifiers = {n: (rec.audits, rec.mismatches) for n, rec in driver.verifier_records.items()}
-            records = {n: workers.get(n, (0, 0, 0)) + verifiers.get(n, (0, 0)) for n in {*workers, *verifiers}}
+            records = _records(driver)
         self._receipts(audits, unjudged, receipts_index, final)
         self._nodes(quarantined, records, driver)
         # Accusations another verifier did not bear out: one Event per verifier and publish, not per unit.
@@ -76,12 +111,7 @@ class AuditPublisher:
 
     def _receipts(self, audits: list[dict], unjudged: list[dict], index: dict[str, dict], final: bool) -> None:
         md = self.session["metadata"]
-        for name, w in index.items():
-            mine = [a for a in audits if a["stage"] == w["stage"] and a["node"] == w["node"]
-                    and a["epoch"] == w["epoch"] and w["start"] <= a["position"] < w["start"] + w["count"]]
-            missed = [u for u in unjudged if u["stage"] == w["stage"] and u["node"] == w["node"]
-                      and w["start"] <= u["position"] < w["start"] + w["count"]]
-            key = (len(mine), len(missed), final)
+        for name, key, mine, missed in _windows(audits, unjudged, index, final):
             if self._applied.get(name) == key:
                 continue
             status = receipt_status(mine, missed)

@@ -185,6 +185,7 @@ class SessionRun:
         try:
             if resume:
                 writer.load_existing()
+                publisher.resumed(driver, writer.index)
                 generated = self._resume(driver, views, writer.index, generated)
                 kube.event(self.body, "Resumed", f"resumed at token {len(generated)} (position "
                                                  f"{state.done[0]}), epochs {state.epochs}")

@@ -271,8 +271,31 @@ class SessionDriver:
         self.on_stage = None  # test hook: called before each stage hop with (stage, position)
         self._auditor = threading.Thread(target=self._audit_loop, name="auditor", daemon=True)
         self._audit_serial = threading.Lock()   # one audit call at a time: the loop's, or a dispute's
+        self._records_from_state()
 
     # -- setup ---------------------------------------------------------------------------------
+
+    def _records_from_state(self) -> None:
+        """A resumed session's verdicts so far, back in the records its nodes are judged by (a
+        restarted operator would otherwise judge a cheater's Mismatches from zero again): each
+        recorded audit on its worker and as a verdict that stood for its verifier; a second opinion's
+        first verifier as one that stood too, unless overruled, and then as overruled; a failed node's
+        rows its backup's replay agreed with (_judge_replayed) on that node."""
+        overruled = {(o["stage"], o["position"], o["node"], o["verifier"]) for o in self.state.overruled
+                     if o["overruled_by"]}
+        for f in self.state.failovers:
+            counts = (f.get("replay_check") or {}).get("verdicts") or {}
+            for v in (verdicts.Verdict.PASSED, verdicts.Verdict.PASSED_WITHIN_TOLERANCE):
+                for _ in range(int(counts.get(v.value, 0))):
+                    self.records[f["from"]] = (self.records.get(f["from"]) or judgement.NodeRecord(f["from"])).add(v)
+        for a in self.state.audits:
+            self.records[a["node"]] = (self.records.get(a["node"]) or judgement.NodeRecord(a["node"])).add(a["verdict"])
+            self._verifier_record(a["verifier"], verdicts.Verdict.PASSED)
+            first = a.get("first_verifier")
+            if first and (a["stage"], a["position"], a["node"], first) not in overruled:
+                self._verifier_record(first, verdicts.Verdict.PASSED)
+        for stage, position, node, verifier in overruled:
+            self._verifier_record(verifier, verdicts.Verdict.MISMATCH)
 
     def _ref(self, stage: int, epoch: int | None = None) -> pb.StageRef:
         return pb.StageRef(session=self.session, stage=stage,
@@ -1197,7 +1220,9 @@ class SessionDriver:
             "stage": s, "position": u.position, "node": u.node, "epoch": u.epoch, "verifier": verifier,
             "verdict": res.verdict.value, "reasons": list(res.reasons),
             "figures": res.figures.to_json() if res.figures else None,
-            "hash_equal": res.verifier_commitment == u.commitment})
+            "hash_equal": res.verifier_commitment == u.commitment,
+            # A second opinion: whose accusation it judged (a resumed driver rebuilds its record).
+            **({"first_verifier": u.second_opinion_of} if u.second_opinion_of else {})})
         key = f"{s}/{u.node}"
         if res.verdict in (verdicts.Verdict.PASSED, verdicts.Verdict.PASSED_WITHIN_TOLERANCE):
             self.state.last_passed[key] = max(self.state.last_passed.get(key, -1), u.position)

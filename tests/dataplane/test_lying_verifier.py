@@ -45,6 +45,13 @@ def run_session(tmp_path, model_path, name: str, nodes: list[str], preference: l
     finally:
         for srv in servers.values():
             srv.stop(None)
+    # A restarted operator resumes from the saved state alone: every node's record as a worker and as
+    # a verifier comes back as it was, so its judgement goes on where it was.
+    resumed = SessionDriver(session=name, model_path=model_path, split=SPLIT, n_layers=30, endpoints=endpoints,
+                            state=SessionState.from_json(state.to_json()), policy=LocalPolicy(preference))
+    resumed.close()
+    assert resumed.records == driver.records and resumed.verifier_records == driver.verifier_records, (
+        resumed.records, driver.records, resumed.verifier_records, driver.verifier_records)
     return driver, got
 
 
