@@ -205,7 +205,8 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (free until someone takes it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -339,7 +340,7 @@ class LocalCluster:
         self._pids = {}
         self._save_state(starting=True)  # marks the directory as ours before anything else lands in it
         _write_pki(self.pki)
-        etcd_port, peer_port, api_port, kcm_port = (_free_port() for _ in range(4))
+        etcd_port, peer_port, api_port, kcm_port = (free_port() for _ in range(4))
         self.server = f"https://127.0.0.1:{api_port}"
         try:
             self._spawn("etcd", [

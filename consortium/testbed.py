@@ -20,6 +20,7 @@ import grpc
 
 from consortium import resources as r
 from consortium import kube, processes, tls, wire
+from consortium.cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "consortium-system"
@@ -102,9 +103,12 @@ class Testbed:
     def start_operator(self) -> subprocess.Popen:
         self._operator_runs += 1
         log = open(self.workdir / f"operator-{self._operator_runs}.log", "wb")
+        port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"   # the operator's Prometheus metrics
         self.operator = subprocess.Popen(
             [sys.executable, "-m", "consortium_operator.main", "--kubeconfig", self.operator_kubeconfig,
              "--agent-namespace", NS, "--proof-key", str(self.workdir / "keys" / "operator-proofs.pem"),
+             "--metrics-port", str(port),
              *self._tls_args(tls.DRIVER_NAME)], stdout=log, stderr=subprocess.STDOUT, env=self._env())
         return self.operator
 

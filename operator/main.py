@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-namespace", default=os.environ.get("CONSORTIUM_NAMESPACE", "consortium-system"),
                    help="where the agents' Leases live (the chart's release namespace)")
     p.add_argument("--log-level", default=os.environ.get("CONSORTIUM_LOG_LEVEL", "info"))
+    p.add_argument("--metrics-port", type=int, default=os.environ.get("CONSORTIUM_METRICS_PORT") or "0",
+                   metavar="PORT", help="serve Prometheus metrics at :PORT/metrics (default CONSORTIUM_METRICS_PORT; "
+                                        "0: off)")
     p.add_argument("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("--proof-key", default=os.environ.get("CONSORTIUM_PROOF_KEY"),
                    help="Ed25519 key file (PKCS#8 PEM, mode 0600; created if absent) with which the operator "
@@ -69,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     from consortium_operator import sessions  # noqa: F401 - registers the handlers
 
     kube.load_config(args.kubeconfig)
+    if args.metrics_port:
+        from consortium import metrics
+        from consortium_operator.metrics import SessionCollector
+
+        try:
+            metrics.serve([SessionCollector()], args.metrics_port)
+        except OSError as e:
+            print(f"error: --metrics-port {args.metrics_port}: {e}", file=sys.stderr)
+            return 2
     sessions.AGENT_TLS = creds
     sessions.PROOF_KEY = proof_key
     if proof_key is not None:

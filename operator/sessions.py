@@ -34,6 +34,7 @@ from consortium.verification import canonical
 from consortium.verification.canonical import CanonicalGrid
 from consortium.wire import pb
 from consortium_operator import audits, failover, placement, proofs, receipts
+from consortium_operator import metrics as session_metrics
 from node_agent.engine.slicing import read_model_info, sha256_file
 
 log = logging.getLogger("consortium.operator.sessions")
@@ -177,6 +178,7 @@ class SessionRun:
                                registered_keys={n: v.public_key for n, v in views.items() if v.public_key},
                                proof_key=PROOF_KEY and PROOF_KEY.private_key, proof_signer="consortium-operator")
         policy.driver = driver
+        session_metrics.track(self.namespace, self.name, driver, len(generated))
         writer = receipts.ReceiptWriter(self.body)
         publisher = audits.AuditPublisher(self.body)
         proof_publisher = proofs.ProofPublisher(self.body)
@@ -205,6 +207,7 @@ class SessionRun:
                 proof_publisher.publish(driver, writer.index)
 
             def on_token(tokens: list[int]) -> None:
+                session_metrics.generated(self.namespace, self.name, len(tokens))
                 with driver._lock:
                     state.proofs = proof_publisher.unpublished(driver)
                     saved = state.to_json()
@@ -229,6 +232,7 @@ class SessionRun:
             return
         finally:
             driver.close()
+            session_metrics.ended(self.namespace, self.name)
         publish(final=True)
         a = state.audits
         metrics = {"tokensPerSecond": round(result.tokens_per_s, 3), "wallSeconds": round(wall, 3),

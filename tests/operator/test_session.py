@@ -88,6 +88,32 @@ def test_a_receipt_for_every_stage_and_window_with_a_verdict(completed, bed):
     assert all(v in out for v in ("Passed",))
 
 
+def test_the_operators_metrics_tell_the_same_story(completed, bed):
+    """What the operator serves at /metrics for Prometheus agrees with the session's saved state."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s, _ = completed
+    drv = s["status"]["report"]["driverState"]
+    text = urllib.request.urlopen(bed.metrics_url, timeout=10).read().decode()
+    mine = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.labels.get("session") == "sky-is-blue" and sample.labels.get("namespace") == NS:
+                extra = tuple(v for k, v in sorted(sample.labels.items()) if k not in ("namespace", "session"))
+                mine[(sample.name, *extra)] = sample.value
+    assert mine[("consortium_session_running",)] == 0   # ended, still shown
+    assert mine[("consortium_session_tokens_total",)] == MAX_TOKENS == len(s["status"]["tokens"])
+    assert mine[("consortium_session_failovers_total", "1")] == 1 and mine[("consortium_session_failovers_total", "0")] == 0
+    for v in ("Passed", "PassedWithinTolerance", "Mismatch", "Fraud"):
+        assert mine[("consortium_session_audits_total", v)] == sum(a["verdict"] == v for a in drv["audits"])
+    assert mine[("consortium_session_receipts_total",)] >= 3 and mine[("consortium_session_rollbacks_total",)] == 0
+    steps = mine[("consortium_session_steps_total",)]
+    assert steps == MAX_TOKENS and 0 < mine[("consortium_session_step_seconds_total",)] < 300
+    assert "process_resident_memory_bytes" in text
+
+
 def test_failover_in_conditions_and_events(completed, bed):
     s, victim = completed
     cond = {c["type"]: c for c in s["status"]["conditions"]}

@@ -1,0 +1,23 @@
+"""Prometheus metrics over HTTP for the operator and the node agent (prometheus_client does the
+exposition format and the server). Each process registers collectors that read its own state when
+scraped, so nothing in the token path counts anything for them."""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("consortium.metrics")
+
+
+def serve(collectors, port: int, host: str = "0.0.0.0") -> int:
+    """Serve `collectors` and the process's own figures (CPU, memory, open files) at
+    http://host:port/metrics from a daemon thread; returns the port (port 0 picks one)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    for c in collectors:
+        registry.register(c)
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    bound = server.server_port
+    log.info("metrics at http://%s:%d/metrics", host, bound)
+    return bound
