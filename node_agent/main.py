@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-data-lane", action="store_true", default=data_port == "0",
                    help="no data lane: drivers send Forward steps as gRPC calls (default when "
                         "CONSORTIUM_DATA_PORT is 0)")
+    p.add_argument("--metrics-port", type=int, default=env("CONSORTIUM_METRICS_PORT") or "0", metavar="PORT",
+                   help="serve Prometheus metrics at :PORT/metrics, on --listen's host (default "
+                        "$CONSORTIUM_METRICS_PORT; 0: off)")
     identity_dir = env("CONSORTIUM_IDENTITY_DIR")
     p.add_argument("--key-file", required=not identity_dir,
                    default=os.path.join(identity_dir, "node.pem") if identity_dir else None,
@@ -105,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
                                       data_port=None if args.no_data_lane else args.data_port)
     service.audits.start()
     host = args.listen.rsplit(":", 1)[0]
+    if args.metrics_port:
+        from consortium import metrics
+        from node_agent.metrics import AgentCollector
+
+        try:
+            metrics.serve([AgentCollector(service)], args.metrics_port, host.strip("[]"))
+        except OSError as e:
+            print(f"error: --metrics-port {args.metrics_port}: {e}", file=sys.stderr)
+            srv.stop(grace=None)
+            return 2
     logging.info("node %s serving on %s:%d, data lane %s (%s, backend %s%s%s%s)", identity.node_id, host, port,
                  service.data_port or "off",
                  f"mutual TLS as {creds.name}" if creds else "PLAINTEXT", service.backend,

@@ -371,6 +371,10 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         self._audit_keys: set[tuple] = set()   # (session, stage, stage file) audited here
         self.audits = AuditProcess(config)
         self._counters: dict[tuple[str, int, int], list[int]] = collections.defaultdict(lambda: [0, 0])
+        # Seconds spent in Forward (0) and Replay (1) steps per (session, stage), and audits answered,
+        # their rows and seconds: for /metrics (node_agent.metrics).
+        self._step_seconds: dict[tuple[str, int], list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+        self.audit_stats = {"audits": 0, "rows": 0, "seconds": 0.0}
         # Commits and signs deferred steps after their response went out (one job per assignment at a time).
         self._committer = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="commit")
         self.requests = 0
@@ -729,6 +733,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             else:   # a final-stage replay that only rebuilt the KV cache
                 commitments, windows = [], []
             compute_ms, cpu_ms = (time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000
+            with self._lock:
+                self._step_seconds[(a.session, a.stage_index)][0 if send else 1] += compute_ms / 1000
         wins = [wire.window_to_pb(w) for w in windows]
         if not send:
             return pb.ReplayResponse(rows=n, commitments=commitments, windows=wins, compute_ms=compute_ms,
@@ -905,6 +911,10 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 rows = faults.apply_fault(self.audit_fault, wire.decode_tensor(resp.rows, ndim=2), rng=self._audit_rng)
                 resp.ClearField("rows")
                 wire.put_tensor(resp.rows, rows)
+            with self._lock:
+                self.audit_stats["audits"] += 1
+                self.audit_stats["rows"] += resp.replayed_rows
+                self.audit_stats["seconds"] += resp.compute_ms / 1000
             return resp
         finally:
             with self._lock:
@@ -933,6 +943,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             self._audit_keys.difference_update(audits)
             for k in [k for k in self._counters if match(k[:2])]:   # an agent lives through many sessions
                 del self._counters[k]
+            for k in [k for k in self._step_seconds if match(k)]:
+                del self._step_seconds[k]
             for a in gone:
                 key = (a.session, a.stage_index)
                 self._fences[key] = max(self._fences.get(key, 0), a.epoch + 1)

@@ -599,17 +599,22 @@ def _audit_request(session, model_path):
 
 
 def test_audits_run_in_a_process_that_ends_with_the_agent(tmp_path, model_path):
-    """Audits replay in a process of the agent's own; an agent killed outright does not leave it behind."""
+    """Audits replay in a process of the agent's own; an agent killed outright does not leave it behind.
+    (And its /metrics count the audit.)"""
     import os
     import signal
     import subprocess
     import sys
     import time
+    import urllib.request
 
-    port_file = tmp_path / "port"
+    from consortium.cluster import free_port
+
+    port_file, metrics_port = tmp_path / "port", free_port()
     agent = subprocess.Popen([sys.executable, "-m", "node_agent.main", "--listen", "127.0.0.1:0", "--plaintext",
                               "--port-file", str(port_file), "--key-file", str(tmp_path / "node.pem"),
-                              "--threads", "1", "--no-data-lane"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              "--threads", "1", "--no-data-lane", "--metrics-port", str(metrics_port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not port_file.exists():   # waiting for the agent to bind its port
@@ -620,6 +625,8 @@ def test_audits_run_in_a_process_that_ends_with_the_agent(tmp_path, model_path):
         a = stub.Audit(_audit_request("gone", model_path))
         assert wire.decode_tensor(a.rows).shape == (1, 576)
         channel.close()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert "\nconsortium_agent_audits_total 1.0\n" in text and "consortium_agent_info{" in text
         children = [int(p) for p in subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True,
                                                    text=True).stdout.split()]
         audit_processes = [p for p in children if "spawn_main" in open(f"/proc/{p}/cmdline").read()]

@@ -65,9 +65,10 @@ def test_agent_data_lane_port_is_declared_and_can_be_turned_off(cluster):
         c = ds["spec"]["template"]["spec"]["containers"][0]
         return {e["name"]: e.get("value") for e in c["env"]}, {p["name"]: p["containerPort"] for p in c["ports"]}
     env, ports = agent()
-    assert env["CONSORTIUM_DATA_PORT"] == "50052" and ports == {"grpc": 50051, "data-lane": 50052}
-    env, ports = agent("--set", "agent.dataPort=0")
-    assert env["CONSORTIUM_DATA_PORT"] == "0" and ports == {"grpc": 50051}
+    assert env["CONSORTIUM_DATA_PORT"] == "50052" and env["CONSORTIUM_METRICS_PORT"] == "9400"
+    assert ports == {"grpc": 50051, "data-lane": 50052, "metrics": 9400}
+    env, ports = agent("--set", "agent.dataPort=0", "--set", "agent.metricsPort=0")
+    assert env["CONSORTIUM_DATA_PORT"] == "0" and env["CONSORTIUM_METRICS_PORT"] == "0" and ports == {"grpc": 50051}
 
 
 @pytest.mark.parametrize("plaintext", [False, True], ids=["mtls", "dev-plaintext"])

@@ -1,0 +1,52 @@
+"""The node agent's Prometheus metrics, read from the service when scraped: who it is, the stages it
+serves (epoch), positions computed and seconds spent per session and stage (Forward steps and
+failover replays apart), audits answered, requests and refusals, audit processes killed for making no
+progress. A session's series go when the agent frees it (its StageAssignments are gone)."""
+from __future__ import annotations
+
+
+class AgentCollector:
+    def __init__(self, service):
+        self.service = service
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        svc = self.service
+        with svc._lock:
+            counters = {k: list(v) for k, v in svc._counters.items()}
+            seconds = {k: list(v) for k, v in svc._step_seconds.items()}
+            held = {k: a.epoch for k, a in svc._assignments.items()}
+            requests, refused, audits = svc.requests, svc.rejected, dict(svc.audit_stats)
+        info = GaugeMetricFamily("consortium_agent_info", "The agent: its node id, backend and llama.cpp build",
+                                 labels=["node_id", "backend", "llama_cpp"])
+        info.add_metric([svc.identity.node_id, svc.backend, str(svc.build.get("llama_cpp_python", ""))], 1)
+        yield info
+        stage = ["session", "stage"]
+        epoch = GaugeMetricFamily("consortium_agent_stage_epoch", "Stages served now, by their epoch", labels=stage)
+        for (session, s), e in sorted(held.items()):
+            epoch.add_metric([session, str(s)], e)
+        yield epoch
+        positions = CounterMetricFamily("consortium_agent_positions", "Positions computed",
+                                        labels=stage + ["kind"])
+        totals: dict[tuple[str, int], list[int]] = {}
+        for (session, s, _), (fwd, rep) in counters.items():
+            t = totals.setdefault((session, s), [0, 0])
+            t[0], t[1] = t[0] + fwd, t[1] + rep
+        busy = CounterMetricFamily("consortium_agent_step_seconds", "Seconds in those steps, commitments included",
+                                   labels=stage + ["kind"])
+        for key in sorted({*totals, *seconds}):
+            who = [key[0], str(key[1])]
+            for i, kind in enumerate(("forward", "replay")):
+                positions.add_metric(who + [kind], totals.get(key, [0, 0])[i])
+                busy.add_metric(who + [kind], seconds.get(key, [0.0, 0.0])[i])
+        yield positions
+        yield busy
+        yield CounterMetricFamily("consortium_agent_audits", "Audits answered", value=audits["audits"])
+        yield CounterMetricFamily("consortium_agent_audit_rows", "Rows those audits replayed", value=audits["rows"])
+        yield CounterMetricFamily("consortium_agent_audit_seconds", "Seconds those audits took", value=audits["seconds"])
+        yield CounterMetricFamily("consortium_agent_audit_process_kills",
+                                  "Audit processes killed for making no progress (--audit-stall-s)",
+                                  value=svc.audits.stalls)
+        yield CounterMetricFamily("consortium_agent_requests", "Requests received", value=requests)
+        yield CounterMetricFamily("consortium_agent_refused", "Requests refused with a reason", value=refused)
