@@ -9,7 +9,7 @@ import threading
 MAX_ENDED = 100
 
 _lock = threading.Lock()
-_sessions: dict[tuple[str, str], dict] = {}   # (namespace, name) -> {"driver", "running"}
+_sessions: dict[tuple[str, str], dict] = {}   # (namespace, name) -> {"driver", "running", "tokens"}
 
 
 def track(namespace: str, name: str, driver, tokens: int = 0) -> None:
