@@ -1006,11 +1006,14 @@ class SessionDriver:
                 except queue.Empty:
                     break
             try:
-                groups: dict[tuple[int, str], list[AuditUnit]] = {}
+                # Grouped by whom they may not go to as well: a second opinion (not by its first
+                # verifier) or a retry (not where it failed) must not send fresh units of the same
+                # stage and worker away from their verifier.
+                groups: dict[tuple, list[AuditUnit]] = {}
                 for u in units:
                     if u.generation == self._generation:
-                        groups.setdefault((u.stage, u.node), []).append(u)
-                for (s, node), us in sorted(groups.items()):
+                        groups.setdefault((u.stage, u.node, u.not_by, u.failed_on), []).append(u)
+                for (s, node, _, _), us in sorted(groups.items()):
                     try:
                         with self._audit_serial:
                             self._audit_group(s, node, sorted(us, key=lambda u: u.position))
