@@ -13,11 +13,8 @@ class AgentCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         svc = self.service
-        with svc._lock:
-            counters = {k: list(v) for k, v in svc._counters.items()}
-            seconds = {k: list(v) for k, v in svc._step_seconds.items()}
-            held = {k: a.epoch for k, a in svc._assignments.items()}
-            requests, refused, audits = svc.requests, svc.rejected, dict(svc.audit_stats)
+        held, totals = svc.held(), svc.totals()
+        audits = totals["audits"]
         info = GaugeMetricFamily("consortium_agent_info", "The agent: its node id, backend and llama.cpp build",
                                  labels=["node_id", "backend", "llama_cpp"])
         info.add_metric([svc.identity.node_id, svc.backend, str(svc.build.get("llama_cpp_python", ""))], 1)
@@ -29,17 +26,14 @@ class AgentCollector:
         yield epoch
         positions = CounterMetricFamily("consortium_agent_positions", "Positions computed",
                                         labels=stage + ["kind"])
-        totals: dict[tuple[str, int], list[int]] = {}
-        for (session, s, _), (fwd, rep) in counters.items():
-            t = totals.setdefault((session, s), [0, 0])
-            t[0], t[1] = t[0] + fwd, t[1] + rep
         busy = CounterMetricFamily("consortium_agent_step_seconds", "Seconds in those steps, commitments included",
                                    labels=stage + ["kind"])
-        for key in sorted({*totals, *seconds}):
-            who = [key[0], str(key[1])]
-            for i, kind in enumerate(("forward", "replay")):
-                positions.add_metric(who + [kind], totals.get(key, [0, 0])[i])
-                busy.add_metric(who + [kind], seconds.get(key, [0.0, 0.0])[i])
+        for (session, s), (fwd, rep, fwd_s, rep_s) in sorted(totals["steps"].items()):
+            who = [session, str(s)]
+            positions.add_metric(who + ["forward"], fwd)
+            positions.add_metric(who + ["replay"], rep)
+            busy.add_metric(who + ["forward"], fwd_s)
+            busy.add_metric(who + ["replay"], rep_s)
         yield positions
         yield busy
         yield CounterMetricFamily("consortium_agent_audits", "Audits answered", value=audits["audits"])
@@ -48,5 +42,5 @@ class AgentCollector:
         yield CounterMetricFamily("consortium_agent_audit_process_kills",
                                   "Audit processes killed for making no progress (--audit-stall-s)",
                                   value=svc.audits.stalls)
-        yield CounterMetricFamily("consortium_agent_requests", "Requests received", value=requests)
-        yield CounterMetricFamily("consortium_agent_refused", "Requests refused with a reason", value=refused)
+        yield CounterMetricFamily("consortium_agent_requests", "Requests received", value=totals["requests"])
+        yield CounterMetricFamily("consortium_agent_refused", "Requests refused with a reason", value=totals["refused"])

@@ -958,6 +958,17 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         with self._lock:
             return {k: a.epoch for k, a in self._assignments.items()}
 
+    def totals(self) -> dict:
+        """What the agent has done, for /metrics: per (session, stage) [forward positions, replayed
+        positions, forward seconds, replay seconds]; requests, refusals, audits (one consistent read)."""
+        with self._lock:
+            steps: dict[tuple[str, int], list] = {k: [0, 0, *v] for k, v in self._step_seconds.items()}
+            for (session, stage, _), (fwd, rep) in self._counters.items():
+                t = steps.setdefault((session, stage), [0, 0, 0.0, 0.0])
+                t[0], t[1] = t[0] + fwd, t[1] + rep
+            return {"steps": steps, "requests": self.requests, "refused": self.rejected,
+                    "audits": dict(self.audit_stats)}
+
     # -- Health -------------------------------------------------------------------------------
 
     def Health(self, request, context):

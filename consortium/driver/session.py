@@ -283,6 +283,7 @@ class SessionDriver:
         rows its backup's replay agreed with (_judge_replayed) on that node."""
         overruled = [(o["stage"], o["position"], o["node"], o["verifier"]) for o in self.state.overruled
                      if o["overruled_by"]]
+        overruled_units = set(overruled)
         for f in self.state.failovers:
             counts = (f.get("replay_check") or {}).get("verdicts") or {}
             for v in (verdicts.Verdict.PASSED, verdicts.Verdict.PASSED_WITHIN_TOLERANCE):
@@ -292,7 +293,7 @@ class SessionDriver:
             self.records[a["node"]] = (self.records.get(a["node"]) or judgement.NodeRecord(a["node"])).add(a["verdict"])
             self._verifier_record(a["verifier"], verdicts.Verdict.PASSED)
             first = a.get("first_verifier")
-            if first and (a["stage"], a["position"], a["node"], first) not in set(overruled):
+            if first and (a["stage"], a["position"], a["node"], first) not in overruled_units:
                 self._verifier_record(first, verdicts.Verdict.PASSED)
         for stage, position, node, verifier in overruled:
             self._verifier_record(verifier, verdicts.Verdict.MISMATCH)
