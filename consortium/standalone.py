@@ -349,8 +349,11 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
                    "from_state": ({**driver.state_audits, "state_window": driver.state_window}
                                   if opts.audit_from_state else None),
                    # units selected; those that got no verdict (an audit that failed for a reason other
-                   # than its verifier dying), with the reasons; a rollback drops its generation's units
+                   # than its verifier dying), with the reasons; those a rollback cut before their audit
+                   # (their positions were computed again and selected anew): selected = total +
+                   # unjudged + superseded
                    "selected": driver.audits_selected,
+                   "superseded": driver.audits_superseded,
                    "unjudged": len(driver.unjudged),
                    "unjudged_reasons": sorted({u["reason"] for u in driver.unjudged}),
                    # accusing verdicts (Mismatch, Fraud) audited again on another node before they

@@ -241,6 +241,9 @@ class SessionDriver:
         self._agent_ms = [0.0] * self.n_stages
         self._step_failover = False
         self._generation = 0
+        # Per generation a rollback ended: the position it cut the session back to (None: nothing
+        # cut). A unit at an earlier position stands; one at or after it was computed again.
+        self._cuts: list[int | None] = []
         self._pending_fraud: list[tuple[str, str]] = []
         # Accusing verdicts waiting for a second verifier (none alive yet): (stage, verifier, unit,
         # its row, result); decided at the session's end.
@@ -262,6 +265,7 @@ class SessionDriver:
         self.audit_check_cpu_ms = 0.0     # their one-time checks of the sizes they may merge into
         self.forward_cpu_ms = 0.0
         self.audits_selected = 0          # units selected for audit as their commitments arrived
+        self.audits_superseded = 0        # selected units a rollback cut before they were judged
         self.second_opinions = 0          # accusing verdicts audited again before they counted
         # Each verifier's own record: a verdict of its that stood counts as Passed, one that another
         # verifier overruled as Mismatch (judged by the binomial test, as workers' Mismatches are; a
@@ -987,6 +991,21 @@ class SessionDriver:
                 return False
         return True
 
+    def _cut_since(self, generation: int, position: int | None = None) -> int | None:
+        """The earliest position a rollback since `generation` cut the session back to (only if at or
+        before `position`, when given); None if none did. Called with self._lock held."""
+        cuts = [c for c in self._cuts[generation:] if c is not None and (position is None or c <= position)]
+        return min(cuts) if cuts else None
+
+    def _standing(self, units: list[AuditUnit], s: int | None = None) -> list[AuditUnit]:
+        """The units no rollback since their selection cut (and, given stage s, whose inputs are
+        recorded); the others are counted superseded: their positions were computed again and
+        selected anew. Called with self._lock held."""
+        kept = [u for u in units if self._cut_since(u.generation, u.position) is None
+                and (s is None or u.position in self._inputs[s])]
+        self.audits_superseded += len(units) - len(kept)
+        return kept
+
     def _queue_audit(self, u: AuditUnit) -> None:
         """Called with self._lock held."""
         self._audit_outstanding += 1
@@ -1011,8 +1030,8 @@ class SessionDriver:
                 # verifier) or a retry (not where it failed) must not send fresh units of the same
                 # stage and worker away from their verifier.
                 groups: dict[tuple, list[AuditUnit]] = {}
-                for u in units:
-                    if u.generation == self._generation:
+                with self._lock:
+                    for u in self._standing(units):
                         groups.setdefault((u.stage, u.node, u.not_by, u.failed_on), []).append(u)
                 for (s, node, _, _), us in sorted(groups.items()):
                     try:
@@ -1117,7 +1136,7 @@ class SessionDriver:
         r = self.split[s]
         with self._lock:
             gen = self._generation
-            units = [u for u in units if u.generation == gen and u.position in self._inputs[s]]
+            units = self._standing(units, s)
             if not units:
                 return  # rolled back meanwhile
             start = self._audit_progress.get((verifier, s), 0)
@@ -1182,10 +1201,14 @@ class SessionDriver:
             self.audit_cpu_ms += resp.cpu_ms
             self.audit_merged_rows += resp.merged_rows
             self.audit_check_cpu_ms += resp.check_cpu_ms
-            if gen != self._generation:
-                return
+            cut = self._cut_since(gen)
+            if cut is not None:   # rolled back meanwhile: the replay holds old inputs from the cut on
+                keep = [i for i, u in enumerate(units) if u.position < cut]
+                self.audits_superseded += len(units) - len(keep)
+                units, rows, end = [units[i] for i in keep], rows[keep], min(end, cut)
             self._audit_progress[(verifier, s)] = end
-            self._judge(s, verifier, units, rows)
+            if units:
+                self._judge(s, verifier, units, rows)
 
     def _judge(self, s: int, verifier: str, units: list[AuditUnit], rows) -> None:
         """Verdicts on audited units from the verifier's recomputed rows. Called with self._lock held.
@@ -1266,7 +1289,7 @@ class SessionDriver:
         """Queue u, which `verifier` accused (`res`), for a second verifier if a third node is alive;
         False if none is. Called with self._lock held."""
         others = [n for n in self.alive() if n not in (u.node, verifier) and n not in u.not_by]
-        if not others or u.generation != self._generation:   # (a rollback since: its inputs may be gone)
+        if not others or self._cut_since(u.generation, u.position) is not None:   # (its inputs may be gone)
             log.warning("stage %d position %d: %s finds %s's row %s (%s); %s: %s",
                         s, u.position, verifier, u.node, res.verdict.value, "; ".join(res.reasons),
                         "no third node alive" if not others else "rolled back since",
@@ -1321,7 +1344,7 @@ class SessionDriver:
         w, r = self.state_window, self.split[s]
         with self._lock:
             gen = self._generation
-            units = [u for u in units if u.generation == gen]
+            units = self._standing(units)
             if not units:
                 return []   # rolled back meanwhile
             holder, epoch = self.state.nodes[s], self.state.epochs[s]
@@ -1331,7 +1354,7 @@ class SessionDriver:
             # Held per worker (its verifier was chosen against it): a window a failover split between
             # two nodes completes for neither and is audited at the end, as it stands.
             node = units[0].node
-            units = [u for u in self._held.pop((s, ws, node), []) + units if u.generation == gen]
+            units = self._standing(self._held.pop((s, ws, node), [])) + units
             if (window is None or len({u.position for u in units}) < w) and not self._finishing:
                 self._held[(s, ws, node)] = units
                 return []
@@ -1382,7 +1405,9 @@ class SessionDriver:
             self.audit_cpu_ms += resp.cpu_ms
             self.audit_merged_rows += resp.merged_rows
             self.audit_check_cpu_ms += resp.check_cpu_ms
-            if gen != self._generation:
+            cut = self._cut_since(gen)
+            if cut is not None and cut < ws + n:   # rolled back into the window meanwhile
+                self.audits_superseded += len(units)
                 return []
             self.state_audits["windows"] += 1
             if differs and (distance is None or limit is None or distance > limit):
@@ -1457,13 +1482,15 @@ class SessionDriver:
                     first_bad = min(ps) if first_bad is None else min(first_bad, min(ps))
             if node is not None:
                 st.quarantined.append(node)
+            # a prompt is replayed whole, in the same shape
+            q = None if first_bad is None else first_bad if first_bad >= len(st.prompt_tokens) else 0
+            self._cuts.append(q)
             self._generation += 1
         served = [s for s in range(self.n_stages) if node is not None and st.nodes[s] == node]
-        if first_bad is None:
+        if q is None:
             for s in served:
                 self._failover(s, f"{node} quarantined: {why}")
             return None
-        q = first_bad if first_bad >= len(st.prompt_tokens) else 0  # a prompt is replayed whole, same shape
         t0 = time.perf_counter()
         with self._lock:
             for s in range(self.n_stages):

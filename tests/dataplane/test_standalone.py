@@ -14,6 +14,7 @@ def check_common(r):
     assert a["total"] > 0 and a["mismatch"] == 0 and a["fraud"] == 0
     assert a["passed"] + a["passed_within_tolerance"] == a["total"]
     assert a["unjudged"] == 0 and a["total"] == a["selected"], a["unjudged_reasons"]   # every selected unit judged
+    assert a["superseded"] == 0
     assert r["false_fraud"] == 0
     assert r["session_restarts"] == 0
     assert r["receipts"]["count"] > 0 and r["receipts"]["verified"] == r["receipts"]["count"]
@@ -131,6 +132,8 @@ def test_faulty_worker_caught_and_rolled_back(fault):
     assert r["fault"]["caught"] and r["quarantined"] == ["N2"]
     assert r["fault"]["rollbacks"] and r["distributed"]["rewinds"] >= 1
     assert r["false_fraud"] == 0
+    a = r["audits"]   # every selected unit judged, or cut by the rollback before its audit
+    assert a["selected"] == a["total"] + a["superseded"] and a["unjudged"] == 0, a["unjudged_reasons"]
     honest = [a for a in r["audits"]["units"] if a["node"] != "N2"]
     assert all(a["verdict"] in ("Passed", "PassedWithinTolerance") for a in honest)
     # Every Fraud verdict is proven, against the cheater only (a quarantine on Mismatches alone has none).
