@@ -3,7 +3,10 @@
 For each Receipt the session owns: the Ed25519 signature over its window statement, under the key
 its node publishes in its ComputeNode (the fingerprint the Receipt names must be that key's), and
 the commitments against the signed Merkle root. Then the coverage: every position each stage was fed
-must lie in a Receipt that verifies. Fraud proofs in the Receipts' status are re-checked against the
+must lie in a Receipt that verifies, among those that stand there. A rollback has the rows from its
+position on computed and signed again: at a position, the Receipts with the most rollbacks (`spec.
+rollbacks`) stand and the others are superseded; a Receipt superseded at every position it covers
+is reported as such, its verdict apart (a cheater's rolled-back windows keep their Fraud). Fraud proofs in the Receipts' status are re-checked against the
 proof key the session publishes. `consortium verify-receipts` prints it; the Kubernetes test case
 and the chaos trials judge their runs by it.
 """
@@ -24,18 +27,38 @@ from consortium.verification.canonical import CanonicalGrid
 GAPS_SHOWN = 10
 
 
-def receipt_gaps(items: list[dict], prompt_len: int, n_tokens: int, n_stages: int) -> dict[int, list[int]]:
-    """Positions of each stage that no Receipt window covers (empty lists: complete). Every
-    position fed is covered: the prompt and every token but the last, and for the last stage from
-    the prompt's final row (where its first logits come from)."""
+def _positions(item: dict) -> range:
+    w = item["spec"]["window"]
+    return range(w["start"], w["start"] + w["count"])
+
+
+def standing(items: list[dict], cuts: list[int] = ()) -> dict[tuple[int, int], int]:
+    """(stage, position) -> how many rollbacks a Receipt covering it must have been flushed after to
+    stand there: the most among those covering it, and at least the number of the session's
+    rollbacks (`cuts`: the positions they went back to, in driverState) that recomputed it."""
+    most: dict[tuple[int, int], int] = {}
+    for it in items:
+        n = int(it["spec"].get("rollbacks", 0))
+        for p in _positions(it):
+            k = (it["spec"]["stage"], p)
+            most[k] = max(most.get(k, n), n, sum(c <= p for c in cuts))
+    return most
+
+
+def receipt_gaps(items: list[dict], prompt_len: int, n_tokens: int, n_stages: int,
+                 stands: dict[tuple[int, int], int] | None = None) -> dict[int, list[int]]:
+    """Positions of each stage that no Receipt window covers (empty lists: complete); given
+    `stands` (standing() of all the session's Receipts), a window covers only where it stands.
+    Every position fed is covered: the prompt and every token but the last, and for the last stage
+    from the prompt's final row (where its first logits come from)."""
     last = prompt_len + n_tokens - 1
     gaps = {}
     for stage in range(n_stages):
         covered = set()
         for it in items:
             if it["spec"]["stage"] == stage:
-                w = it["spec"]["window"]
-                covered |= set(range(w["start"], w["start"] + w["count"]))
+                n = int(it["spec"].get("rollbacks", 0))
+                covered |= {p for p in _positions(it) if stands is None or stands[(stage, p)] <= n}
         want = set(range(last)) if stage < n_stages - 1 else set(range(prompt_len - 1, last))
         gaps[stage] = sorted(want - covered)
     return gaps
@@ -129,18 +152,22 @@ def check(session: dict, receipts: list[dict], nodes: list[dict]) -> dict:
     # A failed or running session may hold rows no window has closed over yet: coverage is judged once
     # it has completed.
     final = st.get("phase") == "Completed"
-    gaps = receipt_gaps(verified, prompt_len, n_tokens, stages) if prompt_len else {s: [] for s in range(stages)}
+    stands = standing(owned, [int(rb["to_position"]) for rb in drv.get("rollbacks") or []])
+    gaps = (receipt_gaps(verified, prompt_len, n_tokens, stages, stands) if prompt_len
+            else {s: [] for s in range(stages)})
     per_stage = []
     for s in range(stages):
         mine = [it for it in owned if it["spec"]["stage"] == s]
         good = [it for it in verified if it["spec"]["stage"] == s]
-        covered = {p for it in good for p in range(it["spec"]["window"]["start"],
-                                                  it["spec"]["window"]["start"] + it["spec"]["window"]["count"])}
+        covered = {p for it in good for p in _positions(it)}
+        superseded = [it for it in mine
+                      if all(stands[(s, p)] > int(it["spec"].get("rollbacks", 0)) for p in _positions(it))]
         verdicts: dict[str, int] = {}
         for it in mine:
             v = (it.get("status") or {}).get("verdict") or "Pending"
+            v += " (superseded)" if any(it is x for x in superseded) else ""
             verdicts[v] = verdicts.get(v, 0) + 1
-        per_stage.append({"stage": s, "receipts": len(mine), "verified": len(good),
+        per_stage.append({"stage": s, "receipts": len(mine), "verified": len(good), "superseded": len(superseded),
                           "nodes": sorted({it["spec"]["node"] for it in mine}),
                           "epochs": sorted({int(it["spec"]["epoch"]) for it in mine}),
                           "positions": _spans(covered), "gaps": len(gaps[s]), "verdicts": verdicts})
@@ -158,11 +185,13 @@ def lines(res: dict) -> list[str]:
     """The check as a reader wants it: a table per stage, then every problem, then the outcome."""
     out = [f"session {res['namespace']}/{res['session']} ({res['phase']}): {res['tokens']} tokens after a "
            f"{res['prompt_tokens']}-token prompt, {res['stages']} stages, {res['receipts']} receipts",
-           "", f"{'STAGE':<6}{'RECEIPTS':<10}{'VERIFIED':<10}{'NODES (EPOCHS)':<24}{'POSITIONS COVERED':<22}VERDICTS"]
+           "", f"{'STAGE':<6}{'RECEIPTS':<10}{'VERIFIED':<10}{'SUPERSEDED':<12}{'NODES (EPOCHS)':<24}"
+               f"{'POSITIONS COVERED':<22}VERDICTS"]
     for p in res["per_stage"]:
         nodes = f"{','.join(p['nodes'])} ({','.join(map(str, p['epochs']))})"
         verdicts = ", ".join(f"{v} {n}" for v, n in sorted(p["verdicts"].items())) or "-"
-        out.append(f"{p['stage']:<6}{p['receipts']:<10}{p['verified']:<10}{nodes:<24}{p['positions']:<22}{verdicts}")
+        out.append(f"{p['stage']:<6}{p['receipts']:<10}{p['verified']:<10}{p.get('superseded', 0):<12}{nodes:<24}"
+                   f"{p['positions']:<22}{verdicts}")
     out.append("")
     for f in res["failed"]:
         out.append(f"DOES NOT VERIFY: {f['receipt']} ({f['node']}): {'; '.join(f['reasons'])}")

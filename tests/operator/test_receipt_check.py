@@ -25,21 +25,24 @@ def node(name, key):
     return {"metadata": {"name": name}, "spec": {"publicKey": signing.public_key_text(key)}}
 
 
-def windows(key, node_id, stage, positions):
-    """The receipts a node signs for `positions` of a stage, window by window."""
+def windows(key, node_id, stage, positions, version=0):
+    """The receipts a node signs for `positions` of a stage, window by window (rows computed again
+    after a rollback are another version)."""
     signer = receipts.WindowSigner(key, session="ns/sky", stage=stage, node_id=node_id, epoch=1, window=WINDOW)
     out = []
     for p in positions:
-        signer.add(p, hashlib.sha256(b"in%d" % p).digest(), hashlib.sha256(b"out%d.%d" % (stage, p)).digest())
+        signer.add(p, hashlib.sha256(b"in%d" % p).digest(),
+                   hashlib.sha256(b"out%d.%d.%d" % (stage, p, version)).digest())
         if (p + 1) % WINDOW == 0 or p == positions[-1]:
             out.append(signer.receipt())
     return out
 
 
-def objects(key, name, node_id, stage, positions):
+def objects(key, name, node_id, stage, positions, rollbacks=0):
     pub = signing.public_key_text(key)
-    return [receipt_body(session(), {"stage": stage, "node": name, "epoch": 1, "receipt": r.to_json()}, pub)
-            for r in windows(key, node_id, stage, positions)]
+    return [receipt_body(session(), {"stage": stage, "node": name, "epoch": 1, "receipt": r.to_json(),
+                                     "rollbacks": rollbacks}, pub)
+            for r in windows(key, node_id, stage, positions, rollbacks)]
 
 
 @pytest.fixture
@@ -118,3 +121,25 @@ def test_a_fraud_proof_that_does_not_hold_fails_the_check(run):
     assert not res["ok"] and res["fraud_proofs"] == 2 and len(res["fraud_proofs_failed"]) == 2
     assert "fraud proofs in the receipts' status: 0 of 2 hold" in "\n".join(receipt_check.lines(res))
 
+
+
+def test_after_a_rollback_the_windows_signed_again_stand():
+    """Stage 0 signed positions 0-7, the session rolled back to 4, and 4-7 were signed again: the
+    first 4-7 window is superseded, and only the new one covers those positions."""
+    key = signing.generate_private_key()
+    rolled = session()
+    rolled["status"]["report"]["driverState"].update(nodes=["a"], rollbacks=[{"to_position": 4}])
+    old, new = objects(key, "a", "a", 0, range(8)), objects(key, "a", "a", 0, range(4, 8), rollbacks=1)
+    nodes = [node("a", key)]
+    res = receipt_check.check(rolled, old + new, nodes)
+    assert res["ok"] and res["complete"] and res["per_stage"][0]["superseded"] == 1, res
+    assert res["per_stage"][0]["verdicts"] == {"Pending": 2, "Pending (superseded)": 1}
+    assert "Pending (superseded) 1" in "\n".join(receipt_check.lines(res))
+    # The standing window does not verify: its positions are uncovered, though the old one verifies.
+    bad = copy.deepcopy(new)
+    bad[0]["spec"]["commitments"][0] = "00" * 32
+    res = receipt_check.check(rolled, old + bad, nodes)
+    assert not res["ok"] and res["gaps"] == {0: [4, 5, 6, 7]}, res
+    # The rows computed again were never receipted: the old window does not stand in for them.
+    res = receipt_check.check(rolled, old, nodes)
+    assert not res["ok"] and res["gaps"] == {0: [4, 5, 6, 7]} and res["per_stage"][0]["superseded"] == 1, res
