@@ -466,6 +466,22 @@ class VerifierRecord(_Model):
     overruled: int = Field(default=0, ge=0, description="Of them, accusations a second verifier did not bear out.")
 
 
+# Sessions whose share of a ComputeNode's records the node keeps (the most recent ones).
+MAX_SESSION_RECORDS = 32
+
+
+class SessionRecord(_Model):
+    """One session's share of a node's audit and verifier records, as last written: a restarted
+    operator adds to the totals only what its session's share lacks, so nothing counts twice."""
+    session: str = Field(max_length=317, description="namespace/name of the InferenceSession.")
+    uid: str = Field(max_length=64, description="Its uid: a deleted namesake's share is another one.")
+    audits: int = Field(default=0, ge=0)
+    mismatches: int = Field(default=0, ge=0)
+    frauds: int = Field(default=0, ge=0)
+    verdicts: int = Field(default=0, ge=0)
+    overruled: int = Field(default=0, ge=0)
+
+
 class ComputeNodeStatus(_Model):
     backend: Backend | None = Field(default=None, description="Detected by the agent, never claimed.")
     llama_cpp: LlamaCppBuild | None = None
@@ -474,6 +490,9 @@ class ComputeNodeStatus(_Model):
     audit_record: AuditRecord | None = Field(default=None, description="Verdicts on its work, across sessions.")
     verifier_record: VerifierRecord | None = Field(default=None, description="Its verdicts on others' work, "
                                                    "across sessions.")
+    session_records: list[SessionRecord] | None = Field(
+        default=None, max_length=MAX_SESSION_RECORDS,
+        description="Each recent session's share of auditRecord and verifierRecord, most recent last.")
 
 
 # ---------------------------------------------------------------------------------------------

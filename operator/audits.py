@@ -18,6 +18,8 @@ from consortium import resources as r
 log = logging.getLogger("consortium.operator.audits")
 
 SEVERITY = {"Passed": 0, "PassedWithinTolerance": 1, "Mismatch": 2, "Fraud": 3}
+# A node's record in one session, in the order _records gives it and ComputeNode.sessionRecords keeps it.
+RECORD_FIELDS = ("audits", "mismatches", "frauds", "verdicts", "overruled")
 
 
 def receipt_status(audits: list[dict], unjudged: list[dict] = ()) -> dict:
@@ -50,6 +52,11 @@ def _windows(audits: list[dict], unjudged: list[dict], index: dict[str, dict], f
         yield name, (len(mine), len(missed), final), mine, missed
 
 
+def _shows(status: dict, want: dict) -> bool:
+    """Whether a Receipt's status (as the API returned it) says what `want` (receipt_status) says."""
+    return all(status.get(k) == v for k, v in want.items())
+
+
 def _records(driver) -> dict[str, tuple]:
     """Each node's record in this session, as a worker (audits, mismatches, frauds), then as a verifier
     (verdicts, overruled). Called with the driver's lock held."""
@@ -63,22 +70,26 @@ class AuditPublisher:
     def __init__(self, session: dict):
         self.session = session
         self._applied: dict[str, tuple] = {}
+        self._shown: dict[str, str] = {}   # receipt name -> the verdict its status shows
         self._quarantined: set[str] = set()
-        self._records: dict[str, tuple] = {}
+        self._records: dict[str, tuple] = {}   # node -> this session's record as last written to it
         self._overruled = 0   # overruled verdicts announced so far
 
-    def resumed(self, driver, receipts_index: dict[str, dict]) -> None:
-        """After an operator restart, before anything is published: what the saved state holds was
-        published by the operator before this one, so it is neither announced again (AuditFailed,
-        VerdictOverruled, NodeQuarantined Events) nor added to the nodes' records a second time. A
-        quarantine is taken as written only where the ComputeNode shows it: one the old operator
-        saved but did not write yet is written now."""
+    def resumed(self, driver, receipts_index: dict[str, dict], shown: dict[str, dict] | None = None) -> None:
+        """After an operator restart, before anything is published, from what the API shows: a
+        Receipt whose status already says what the saved state gives is not written again, nor its
+        AuditFailed announced again (one the old operator saved but did not write is); a quarantine
+        is taken as written only where the ComputeNode shows it. A node's records need nothing here:
+        each ComputeNode keeps this session's share of them (`sessionRecords`), and only what that
+        lacks is added. Overruled verdicts the saved state holds are taken as announced."""
         with driver._lock:
             audits, unjudged = list(driver.state.audits), list(driver.state.unjudged)
             quarantined = set(driver.state.quarantined)
             self._overruled = len(driver.state.overruled)
-            self._records = _records(driver)
-        self._applied = {name: key for name, key, _, _ in _windows(audits, unjudged, receipts_index, False)}
+        shown = shown or {}
+        self._shown = {name: st["verdict"] for name, st in shown.items() if st.get("verdict")}
+        self._applied = {name: key for name, key, mine, missed in _windows(audits, unjudged, receipts_index, False)
+                         if _shows(shown.get(name) or {}, receipt_status(mine, missed))}
         try:
             nodes = kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes").get("items", [])
         except Exception as e:  # noqa: BLE001 - then each quarantine is written (and announced) again
@@ -123,11 +134,16 @@ class AuditPublisher:
                 self._applied[name] = key
             except Exception as e:  # noqa: BLE001 - retried on the next publish
                 log.warning("verdict on receipt %s not written: %s %s", name, e, getattr(e, "body", "")[:600])
-            if mine and status["verdict"] in ("Mismatch", "Fraud"):
+            # Announced when a receipt's verdict turns accusing (or worse), not at every rewrite.
+            if mine and status["verdict"] in ("Mismatch", "Fraud") and self._shown.get(name) != status["verdict"]:
                 kube.event(self.session, "AuditFailed", f"receipt {name}: {status['verdict']}", type_="Warning")
+                if self._applied.get(name) == key:
+                    self._shown[name] = status["verdict"]
 
     def _nodes(self, quarantined: list[str], records: dict[str, tuple], driver) -> None:
         api = kube.api()
+        md = self.session["metadata"]
+        uid = md.get("uid", "")
         # A node quarantined as a verifier (its verdicts overruled) may have no record as a worker.
         for node, rec in {**{n: (0,) * 5 for n in quarantined}, **records}.items():
             if self._records.get(node) == rec and node not in set(quarantined) - self._quarantined:
@@ -135,9 +151,16 @@ class AuditPublisher:
             q = node in quarantined and node not in self._quarantined
 
             def change(status: dict, rec=rec, node=node, q=q) -> dict:
+                # The records span sessions: add what this session's driver saw beyond its share as
+                # the node shows it (or, if the node no longer keeps it, as this operator last wrote it).
+                shares = list(status.get("sessionRecords") or [])
+                mine = next((x for x in shares if x.get("uid") == uid), None)
+                prev = (tuple(int(mine.get(k, 0)) for k in RECORD_FIELDS) if mine is not None
+                        else self._records.get(node, (0,) * 5))
+                shares = [x for x in shares if x.get("uid") != uid] + [
+                    {"session": r.session_id(md["namespace"], md["name"]), "uid": uid, **dict(zip(RECORD_FIELDS, rec))}]
+                status["sessionRecords"] = shares[-r.MAX_SESSION_RECORDS:]
                 old = status.get("auditRecord") or {}
-                # The records span sessions: add what this session's driver saw since the last write.
-                prev = self._records.get(node, (0,) * 5)
                 status["auditRecord"] = {"audits": int(old.get("audits", 0)) + rec[0] - prev[0],
                                          "mismatches": int(old.get("mismatches", 0)) + rec[1] - prev[1],
                                          "frauds": int(old.get("frauds", 0)) + rec[2] - prev[2]}

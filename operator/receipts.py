@@ -59,6 +59,7 @@ class ReceiptWriter:
     def __init__(self, session: dict):
         self.session = session
         self.index: dict[str, dict] = {}   # name -> {stage, node, epoch, start, count, commitments (hex)}
+        self.shown: dict[str, dict] = {}   # name -> the status an earlier operator wrote (load_existing)
         self._seen = 0
         self.discarded = 0
 
@@ -75,6 +76,7 @@ class ReceiptWriter:
                                                   "start": s["window"]["start"], "count": s["window"]["count"],
                                                   "commitments": list(s["commitments"]),
                                                   "rollbacks": s.get("rollbacks", 0)}
+            self.shown[it["metadata"]["name"]] = it.get("status") or {}
 
     def publish(self, driver) -> int:
         """Write the receipts the driver flushed since the last call; returns how many were written."""

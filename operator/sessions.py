@@ -187,7 +187,7 @@ class SessionRun:
         try:
             if resume:
                 writer.load_existing()
-                publisher.resumed(driver, writer.index)
+                publisher.resumed(driver, writer.index, writer.shown)
                 generated = self._resume(driver, views, writer.index, generated)
                 kube.event(self.body, "Resumed", f"resumed at token {len(generated)} (position "
                                                  f"{state.done[0]}), epochs {state.epochs}")
