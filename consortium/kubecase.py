@@ -195,8 +195,9 @@ def _report(opts, base, s, wall, receipts, checked, events, sas, nodes, killed, 
         "fraud_proofs": fraud_proofs_in_api(receipts, audits, st.get("proofKey")),
         "receipt_verdicts": {v: verdicts.count(v) for v in sorted(set(map(str, verdicts)))},
         # The Receipts re-checked from the API alone, as `consortium verify-receipts` does.
-        "receipts_check": {k: checked[k] for k in ("ok", "receipts", "verified", "failed", "complete", "gaps",
-                                                  "fraud_proofs", "fraud_proofs_failed")},
+        "receipts_check": {**{k: checked[k] for k in ("ok", "receipts", "verified", "failed", "complete", "gaps",
+                                                     "fraud_proofs", "fraud_proofs_failed")},
+                           "superseded": sum(p["superseded"] for p in checked["per_stage"])},
         "metrics": st.get("metrics"),
         "rpc": (st.get("report") or {}).get("rpc"),
     }

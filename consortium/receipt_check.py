@@ -4,11 +4,12 @@ For each Receipt the session owns: the Ed25519 signature over its window stateme
 its node publishes in its ComputeNode (the fingerprint the Receipt names must be that key's), and
 the commitments against the signed Merkle root. Then the coverage: every position each stage was fed
 must lie in a Receipt that verifies, among those that stand there. A rollback has the rows from its
-position on computed and signed again: at a position, the Receipts with the most rollbacks (`spec.
-rollbacks`) stand and the others are superseded; a Receipt superseded at every position it covers
-is reported as such, its verdict apart (a cheater's rolled-back windows keep their Fraud). Fraud proofs in the Receipts' status are re-checked against the
-proof key the session publishes. `consortium verify-receipts` prints it; the Kubernetes test case
-and the chaos trials judge their runs by it.
+position on computed and signed again: at a position, the Receipts with the most rollbacks
+(`spec.rollbacks`) stand and the others are superseded; a Receipt superseded at every position it
+covers is reported as such, its verdict apart (a cheater's rolled-back windows keep their Fraud).
+Fraud proofs in the Receipts' status are re-checked against the proof key the session publishes.
+`consortium verify-receipts` prints it; the Kubernetes test case and the chaos trials judge their
+runs by it.
 """
 from __future__ import annotations
 
@@ -32,16 +33,16 @@ def _positions(item: dict) -> range:
     return range(w["start"], w["start"] + w["count"])
 
 
-def standing(items: list[dict], cuts: list[int] = ()) -> dict[tuple[int, int], int]:
-    """(stage, position) -> how many rollbacks a Receipt covering it must have been flushed after to
-    stand there: the most among those covering it, and at least the number of the session's
-    rollbacks (`cuts`: the positions they went back to, in driverState) that recomputed it."""
+def standing(items: list[dict]) -> dict[tuple[int, int], int]:
+    """(stage, position) -> the most rollbacks among the Receipts covering it: those flushed after
+    that many stand there. (A window an honest node computed again bit for bit after a rollback is
+    the same Receipt, written once: the first one stands for both.)"""
     most: dict[tuple[int, int], int] = {}
     for it in items:
         n = int(it["spec"].get("rollbacks", 0))
         for p in _positions(it):
             k = (it["spec"]["stage"], p)
-            most[k] = max(most.get(k, n), n, sum(c <= p for c in cuts))
+            most[k] = max(most.get(k, n), n)
     return most
 
 
@@ -152,7 +153,7 @@ def check(session: dict, receipts: list[dict], nodes: list[dict]) -> dict:
     # A failed or running session may hold rows no window has closed over yet: coverage is judged once
     # it has completed.
     final = st.get("phase") == "Completed"
-    stands = standing(owned, [int(rb["to_position"]) for rb in drv.get("rollbacks") or []])
+    stands = standing(owned)
     gaps = (receipt_gaps(verified, prompt_len, n_tokens, stages, stands) if prompt_len
             else {s: [] for s in range(stages)})
     per_stage = []

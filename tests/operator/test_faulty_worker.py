@@ -46,6 +46,8 @@ def test_faulty_worker_is_quarantined_in_the_api(own_cluster):
     assert {p["position"] for p in proofs} == frauds
     assert r["phase"] == "Completed" and r["exact_match"] and r["false_fraud"] == 0
     assert f["honest_verdicts_all_pass"] and f["ok"] and r["success"]
+    # The cheater's windows, rolled back and signed again by its replacement, stand no more.
+    assert r["receipts_check"]["ok"] and r["receipts_check"]["superseded"] >= 1, r["receipts_check"]
 
 
 @pytest.mark.k8s
