@@ -54,6 +54,8 @@ PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
         {"name": "Verdict", "type": "string", "jsonPath": ".status.verdict"},
         {"name": "Start", "type": "integer", "jsonPath": ".spec.window.start", "priority": 1},
         {"name": "Epoch", "type": "integer", "jsonPath": ".spec.epoch", "priority": 1},
+        {"name": "Rollbacks", "type": "integer", "jsonPath": ".spec.rollbacks", "priority": 1,
+         "description": "The session's rollbacks before this window was flushed: the most stand"},
         AGE,
     ],
     "ComputeNode": [

@@ -113,6 +113,8 @@ def test_receipt_columns(api):
     row = _row(api, "receipts", "sky-is-blue-s1-w16", "-n", NS)
     assert (row["SESSION"], row["STAGE"], row["NODE"], row["TOKENS"], row["VERDICT"]) == \
         ("sky-is-blue", "1", "macbook", "3", "Passed")
+    wide = _row(api, "receipts", "sky-is-blue-s1-w16", "-n", NS, "-o", "wide")
+    assert (wide["START"], wide["EPOCH"], wide["ROLLBACKS"]) == ("16", "2", "0"), wide
 
 
 def test_computenode_columns(api):
