@@ -1132,7 +1132,11 @@ class SessionDriver:
             return
         verifier = self.policy.choose_verifier(s, worker, candidates)
         if self.audit_from_state:
-            units = self._audits_from_state(s, verifier, units)
+            # Only fresh selections come in whole state windows: a second opinion and a dispute's
+            # audits are single positions, which a window audit would hold until the session's end
+            # (a cheater a failover's replay check disputed went unconvicted so). They replay in full.
+            single = [u for u in units if u.second_opinion_of is not None or u.settles_dispute]
+            units = self._audits_from_state(s, verifier, [u for u in units if not any(u is x for x in single)]) + single
         r = self.split[s]
         with self._lock:
             gen = self._generation

@@ -63,13 +63,15 @@ def test_kill_first_or_final_stage(stage):
 
 
 @pytest.mark.slow
-def test_a_cheater_no_audit_drew_is_caught_by_its_backups_replay():
+@pytest.mark.parametrize("from_state", [False, True], ids=["full-replay", "from-state"])
+def test_a_cheater_no_audit_drew_is_caught_by_its_backups_replay(from_state):
     """Audits off: the cheating stage-1 node is killed at token 20, and its backup's replay of the
     stage recomputes every row it committed. Where they disagree, a third node audits both sides;
     its verdicts quarantine the cheater (with a proof of each Fraud row) and the session rewinds,
-    ending with the baseline's tokens."""
+    ending with the baseline's tokens. The same with audits from window states, whose window audits
+    once held the dispute's single positions until the session's end, and nobody was convicted."""
     r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=1, kill_at=20, faulty_stage=1,
-                                          fault="cheap-quant", audit_probability=0.0))
+                                          fault="cheap-quant", audit_probability=0.0, audit_from_state=from_state))
     check = r["failover"]["events"][0]["replay_check"]
     assert check["verdicts"].get("Fraud", 0) >= 1 and check["disputed"] >= 1, check
     assert r["audits"]["total"] == check["dispute_audits"] == 8   # four positions, each side's row
