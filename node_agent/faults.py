@@ -171,6 +171,12 @@ class CheatingStage:
     def clear(self, seq: int) -> None:
         self.truncate(seq, 0)
 
+    def drop(self, seq: int) -> None:
+        """Free what `seq` holds, as Stage.drop (a fenced or released slot of a cheater)."""
+        for p in self._parts:
+            p.drop(seq)
+        self._last.pop(seq, None)
+
     def close(self) -> None:
         for p in self._owned:
             p.close()

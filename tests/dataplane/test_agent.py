@@ -688,3 +688,31 @@ def test_a_verifier_merges_decode_steps_only_where_that_keeps_the_bits(model):
     else:
         assert 4 not in allowed and merged.merged_rows == (22 - 22 % max(allowed) if allowed else 0)
     seqs.release([("merged", 0, str(f)), ("exact", 0, str(f))])
+
+
+def test_a_cheating_node_is_fenced_and_gives_back_its_slot(tmp_path, model_path):
+    """A failover fences the node it leaves; a cheater's stage (node-agent --fault) is released as an
+    honest one is, so Fence answers and the slot is free again. (It once failed UNKNOWN, and the
+    fenced sequence's slot was lost.)"""
+    from node_agent import server
+    from node_agent.identity import NodeIdentity
+
+    ident = NodeIdentity.load_or_create(tmp_path / "cheat.pem", "cheat")
+    srv, service, port = server.serve(ident, "127.0.0.1:0",
+                                      server.AgentConfig(threads=1, n_ctx=64, fault="skip-layer"))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.CHANNEL_OPTIONS)
+    stub = wire.pb_grpc.NodeAgentStub(channel)
+
+    def load_one(session, epoch=1):
+        stub.LoadStage(pb.LoadStageRequest(ref=ref(session, 0, epoch), model_path=model_path, first_layer=0,
+                                           last_layer=9))
+    try:
+        load_one("fenced")
+        stub.Forward(pb.ForwardRequest(ref=ref("fenced", 0), position=0, tokens=PROMPT))
+        assert stub.Fence(pb.FenceRequest(ref=ref("fenced", 0, 2))).epoch == 2
+        assert ("fenced", 0) not in service.held()
+        for i in range(service.config.n_seq_max):   # every slot, the fenced one's included
+            load_one(f"after-{i}")
+    finally:
+        channel.close()
+        srv.stop(None)
