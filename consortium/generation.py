@@ -17,6 +17,10 @@ import numpy as np
 from consortium.sampling import SamplingParams, sample
 
 
+class ContextFull(ValueError):
+    """The prompt alone is longer than the context the stages hold."""
+
+
 class Pipeline(Protocol):
     n_stages: int
 
@@ -29,6 +33,8 @@ class Pipeline(Protocol):
     # Optional: forward_token(seq, position, tokens, sampling) -> the token sampled at
     # position + len(tokens), where the pipeline samples it itself (the session driver asks the
     # final stage's node); generate() then uses it instead of forward() and sample().
+    # Optional: context_positions() -> how many positions a sequence can hold on every stage (None:
+    # unknown); generation stops there ("context_full") instead of sending a step no stage can take.
 
 
 @dataclasses.dataclass
@@ -39,7 +45,7 @@ class GenerationResult:
     prefill_ms: float
     token_ms: list[float]                  # wall time of each generated token (the first includes prefill)
     stage_ms: list[list[float]]            # per generated token, per stage
-    stopped: str                           # "max_tokens" or "end_of_generation"
+    stopped: str                           # "max_tokens", "end_of_generation" or "context_full"
     rewinds: int = 0                       # rollbacks that regenerated from an earlier position
 
     @property
@@ -86,6 +92,11 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
         raise ValueError("max_tokens must be at least 1")
     if not prompt_tokens:
         raise ValueError("the prompt is empty")
+    context = getattr(pipeline, "context_positions", None)
+    limit = context() if context else None
+    if limit is not None and len(prompt_tokens) > limit:
+        raise ContextFull(f"the prompt's {len(prompt_tokens)} tokens do not fit the {limit} positions a sequence "
+                          f"can hold on the stages")
     tokens: list[int] = []
     token_ms: list[float] = []
     stage_ms: list[list[float]] = []
@@ -103,7 +114,11 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
     forward_token = getattr(pipeline, "forward_token", None)
     rewinds = 0
     while True:
-        if len(tokens) >= max_tokens or stopped == "end_of_generation":
+        limit = context() if context else None   # a failover may have placed a stage on a smaller node
+        full = limit is not None and position + len(feed) > limit
+        if full and stopped != "end_of_generation" and len(tokens) < max_tokens:
+            stopped = "context_full"
+        if len(tokens) >= max_tokens or stopped != "max_tokens":
             q = rewind(wait=True) if rewind else None
             if q is None:
                 break

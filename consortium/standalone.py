@@ -138,6 +138,9 @@ class _Recording:
     def stage_ms(self):
         return self.pipe.stage_ms()
 
+    def context_positions(self):
+        return self.pipe.context_positions()
+
 
 def run(opts: Options) -> dict:
     import consortium.cache

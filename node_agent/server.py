@@ -505,7 +505,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                     backend=self.backend, n_embd=engine.n_embd, n_vocab=engine.n_vocab,
                                     n_layers_total=info.n_layers, load_ms=(time.perf_counter() - t0) * 1000,
                                     commit_domain=canonical.ROW_DOMAIN.decode(),
-                                    data_port=self.data_port, found_loaded=found)
+                                    data_port=self.data_port, found_loaded=found, n_ctx=self.config.n_ctx)
 
     def Prepare(self, request, context):
         return self._handle(context, self._prepare, request)
@@ -575,7 +575,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             # an undelivered window whose earlier commitments it never received, so none is delivered.
             a.undelivered, a.undelivered_windows, a.uncommitted = [], {}, []
             a.signer.reset()
-            return pb.TruncateResponse(next_position=a.engine.next_position(a.seq))
+            return pb.TruncateResponse(next_position=a.engine.next_position(a.seq), n_ctx=self.config.n_ctx)
 
     # -- Forward / Replay ---------------------------------------------------------------------
 

@@ -194,6 +194,11 @@ class SessionRun:
             else:
                 driver.start()
             self.set_condition("Ready", False, "Generating", f"stages on {state.nodes}", phase="Running")
+            limit = driver.context_positions()
+            if limit is not None and len(prompt) + spec.max_tokens - 1 > limit >= len(prompt):
+                kube.event(self.body, "ContextLimit", f"maxTokens {spec.max_tokens} after a {len(prompt)}-token prompt "
+                           f"needs {len(prompt) + spec.max_tokens - 1} positions; the stages' nodes hold {limit}: "
+                           f"generation stops at {limit - len(prompt) + 1} tokens (context_full)", type_="Warning")
             # Published so that anyone holding one of this session's fraud proofs can tell who signed it.
             self.patch_status(stagesReady=f"{len(chosen)}/{len(chosen)}", proofKey=driver.proofs.public_key_text)
 
@@ -229,6 +234,9 @@ class SessionRun:
             raise
         except (NoCandidate, DriverError) as e:
             self.fail("StageLost", str(e))
+            return
+        except generation.ContextFull as e:
+            self.fail("PromptTooLong", f"{e} (node-agent --ctx)")
             return
         finally:
             driver.close()
@@ -286,7 +294,8 @@ class SessionRun:
         receipts.recover_open_windows(driver, written)   # before Truncate drops commitments past the saved positions
         for s, node in enumerate(list(st.nodes)):
             try:
-                driver.clients[node].call("Truncate", pb.TruncateRequest(ref=driver._ref(s), position=st.done[s]))
+                t = driver.clients[node].call("Truncate", pb.TruncateRequest(ref=driver._ref(s), position=st.done[s]))
+                driver.set_context(s, t.n_ctx)
             except (grpc.RpcError, KeyError) as e:
                 why = e.details() if isinstance(e, grpc.RpcError) else "not a usable node"
                 driver._failover(s, f"{node} lost the stage across the operator restart: {why}")
@@ -388,6 +397,9 @@ class _Guarded:
 
     def stage_ms(self):
         return self.driver.stage_ms()
+
+    def context_positions(self):
+        return self.driver.context_positions()
 
     def rewind_position(self, wait: bool = False):
         return self.driver.rewind_position(wait)

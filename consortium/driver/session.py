@@ -239,6 +239,8 @@ class SessionDriver:
         self.steps: list[StepRecord] = []
         self._last_ms = [0.0] * self.n_stages
         self._agent_ms = [0.0] * self.n_stages
+        # Positions a session can hold on each stage's node (its LoadStage answer; 0: not said).
+        self._context = [0] * self.n_stages
         self._step_failover = False
         self._generation = 0
         # Per generation a rollback ended: the position it cut the session back to (None: nothing
@@ -329,7 +331,7 @@ class SessionDriver:
 
     def start(self) -> None:
         for s, node in enumerate(self.state.nodes):
-            self._load(node, s)
+            self.set_context(s, self._load(node, s).n_ctx)
         self._auditor.start()
         self.start_warming()
 
@@ -406,6 +408,15 @@ class SessionDriver:
 
     def stage_ms(self) -> list[float]:
         return list(self._last_ms)
+
+    def context_positions(self) -> int | None:
+        """The positions the session can hold: the smallest context among the stages' nodes."""
+        known = [c for c in self._context if c > 0]
+        return min(known) if known else None
+
+    def set_context(self, s: int, n_ctx: int) -> None:
+        """The context of stage s's node, as its LoadStage or Truncate answer says (0: not said)."""
+        self._context[s] = n_ctx
 
     def rewind_position(self, wait: bool = False) -> int | None:
         """Called by generate() after each token (wait=False) and at the end (wait=True): the position
@@ -737,6 +748,7 @@ class SessionDriver:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.dead.add(backup)
         st.nodes[s] = backup
+        self.set_context(s, loaded.n_ctx)
         event = {"stage": s, "from": old, "to": backup, "epoch": st.epochs[s], "at_position": upto,
                  "at_token": max(0, upto - len(st.prompt_tokens) + 1), "replayed_rows": replayed,
                  "merged_rows": merged, "adopted_rows": adopted,

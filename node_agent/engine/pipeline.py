@@ -41,6 +41,9 @@ class LocalPipeline:
     def stage_ms(self) -> list[float]:
         return list(self._last_ms)
 
+    def context_positions(self) -> int:
+        return min(stage.config.n_ctx for stage in self.stages)
+
     def reset(self, seq: int = 0) -> None:
         for stage in self.stages:
             stage.clear(seq)

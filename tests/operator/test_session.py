@@ -201,3 +201,38 @@ def test_a_model_without_a_tokenizer_fails_its_session_not_the_operator(bed):
     ready = next(c for c in s["status"]["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "PromptNotTokenized" and "no tokenizer" in ready["message"], ready
     assert bed.operator.poll() is None   # still running
+
+
+def test_a_session_ends_where_its_nodes_context_does(bed):
+    """The agents hold 2048 positions a session (node-agent --ctx's default). A prompt that leaves
+    room for 3 of maxTokens 8: a ContextLimit warning, then Completed with those 3 (report.stopped
+    context_full; before, the next step was refused and the session failed StageLost). A prompt
+    longer than the context: Failed, PromptTooLong, before any step."""
+    from consortium.models import resolve_model
+    from consortium.tokenizer import Tokenizer
+
+    for name, labels in testbed.NODE_LABELS.items():   # the failover test killed one; it registers again
+        if bed.agents[name].poll() is not None:
+            bed.start_agent(name, labels)
+    tok = Tokenizer(resolve_model(None))
+    try:
+        overhead = len(tok.prompt_tokens("blue")) - 1
+        fits, too_long = " ".join(["blue"] * (2046 - overhead)), " ".join(["blue"] * 2100)
+        assert len(tok.prompt_tokens(fits)) == 2046 and len(tok.prompt_tokens(too_long)) > 2048
+    finally:
+        tok.close()
+    ns = "tc-context"
+    bed.cluster.kubectl("create", "namespace", ns)
+    for name, prompt in (("fits", fits), ("too-long", too_long)):
+        body = testbed.sky_is_blue(8, name, audit_probability=0.0)
+        body["spec"]["prompt"] = prompt
+        bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(body))
+    s = bed.wait_phase("fits", ns, ("Completed", "Failed"), 300)
+    assert s["status"]["phase"] == "Completed", s["status"].get("conditions")
+    assert len(s["status"]["tokens"]) == 3 and s["status"]["report"]["stopped"] == "context_full"
+    warned = [e["message"] for e in bed.events(ns, "fits") if e["reason"] == "ContextLimit"]
+    assert warned and "stops at 3 tokens" in warned[0], warned
+    s = bed.wait_phase("too-long", ns, ("Completed", "Failed"), 120)
+    ready = next(c for c in s["status"]["conditions"] if c["type"] == "Ready")
+    assert s["status"]["phase"] == "Failed" and ready["reason"] == "PromptTooLong", ready
+    assert "do not fit the 2048 positions" in ready["message"] and not s["status"].get("tokens")
