@@ -24,9 +24,6 @@ from consortium.driver.proofs import recheck
 
 NAMES = ("audit-50", "batch", "faulty-worker", "grid-sweep")
 DEFAULT_FAULT = ("skip-layer", 1)     # (kind, stage): the Metal-role worker skips a layer
-# The long prompt's prefill is one Forward per stage; sky-is-blue.yaml's 5 s deadline, meant for one
-# token, took it on a loaded 2-core machine for a lost node and failed every stage over.
-BATCH_RPC_TIMEOUT_S = 60.0
 
 
 def batch_prompt() -> str:
@@ -53,18 +50,12 @@ def apply(names: list[str], opts, *, prompt_given: bool, fault_given: bool, audi
         if prompt_given:
             raise ValueError("--extension batch brings its own long prompt; drop --prompt")
         opts.prompt = batch_prompt()
-        opts.rpc_timeout_s = max(opts.rpc_timeout_s, BATCH_RPC_TIMEOUT_S)
     if "faulty-worker" in names:
         if not fault_given:
             opts.fault, opts.faulty_stage = DEFAULT_FAULT
         # A cheater that is also killed could die before it is caught: the failure under test is
         # the cheating, so the kill is left out.
         opts.kill_stage = None
-
-
-def session_overrides(names: list[str]) -> dict:
-    """What the presets change in the InferenceSession's spec (Kubernetes mode)."""
-    return {"failover": {"rpcTimeoutSeconds": BATCH_RPC_TIMEOUT_S}} if "batch" in names else {}
 
 
 def add_figures(names: list[str], report: dict, opts, *, log=lambda m: print(m, file=sys.stderr)) -> None:

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{[n.upper() for n in kubecase.LYING_VERIFIERS]}: n0 and n2 verify, and n0 is the only "
                   "coordinator, so nobody could take its stage over (--standalone takes any node)", file=sys.stderr)
             return 2
-        overrides = extensions.session_overrides(args.extension)
+        overrides: dict = {}
         if args.sign_per_window:
             overrides["signing"] = "PerWindow"
         if args.audit_from_state:

@@ -59,6 +59,12 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
                   grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED}
 
+# A step's deadline is rpc_timeout_s per this many of its rows (the agents' llama.cpp batch,
+# StageConfig.n_batch): a decode step gets rpc_timeout_s, a prompt of 2,046 rows 32 times it. With one
+# deadline for every step, a long prompt's prefill (over 5 s on one CPU core) failed each honest node
+# over in turn until the session was lost.
+DEADLINE_ROWS = 64
+
 # Rows per Replay call when a backup rebuilds a stage: a call then stays within a few seconds of
 # compute, and its request within a few MB (256 hidden rows of 4096 floats: 4 MB).
 REPLAY_ROWS_PER_CALL = 256
@@ -192,6 +198,7 @@ class SessionDriver:
         self.alpha = honest_alpha
         self.rpc = RpcLog()
         self.clients = {n: NodeClient(n, ep, self.rpc, rpc_timeout_s, tls) for n, ep in endpoints.items()}
+        self.rpc_timeout_s = rpc_timeout_s
         self.load_timeout_s = load_timeout_s
         # Signatures verify under the key registered for a node (its ComputeNode's), never under the key
         # an agent reports; a node without a registered key is trusted on first use.
@@ -465,7 +472,7 @@ class SessionDriver:
             node, epoch = self.state.nodes[s], self.state.epochs[s]
             req.ref.epoch = epoch
             try:
-                resp = self.clients[node].forward(req)
+                resp = self.clients[node].forward(req, self.rpc_timeout_s * -(-len(x) // DEADLINE_ROWS))
             except grpc.RpcError as e:
                 if e.code() not in FAILOVER_CODES:
                     raise DriverError(f"stage {s} on {node} refused step {position}: {e.code().name}: {e.details()}")
