@@ -247,7 +247,9 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
             sa = bed.get("stageassignment", f"{name}-s{t.stage}", ns)["spec"]
             victim, old_epoch = sa["nodeName"], int(sa["epoch"])
         out["victim"] = victim
-        at = bed.wait_position(name, ns, t.at_token, timeout_s)
+        # Where the session is, asked of the node the fault hits (stage 0's for the operator fault).
+        probe = victim or bed.get("stageassignment", f"{name}-s0", ns)["spec"]["nodeName"]
+        at = bed.wait_token(name, ns, probe, t.stage or 0, t.at_token, timeout_s)
         t_fault = marks["fault"] = time.monotonic()
         if t.fault == "operator":
             bed.kill_operator()

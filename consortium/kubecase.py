@@ -93,9 +93,9 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
         if opts.kill_stage is not None:
             bed.wait_phase(SESSION, NAMESPACE, ("Running", "Completed"), 300)
             victim = bed.get("stageassignment", f"{SESSION}-s{opts.kill_stage}", NAMESPACE)["spec"]["nodeName"]
-            # Killed as soon as the API shows kill_at tokens: inside the step that produces the next
-            # one, if the watch beats that step's hop to the stage (the report says where it landed).
-            at = bed.wait_position(SESSION, NAMESPACE, opts.kill_at, 600)
+            # Killed once it has computed its row of the step that generates token kill_at, asked of
+            # the agent itself: the next step finds it gone (the report says where the failover landed).
+            at = bed.wait_token(SESSION, NAMESPACE, victim, opts.kill_stage, opts.kill_at, 600)
             bed.kill_agent(victim)
             killed = {"node": victim, "at_token_observed": at}
         s = bed.wait_phase(SESSION, NAMESPACE, ("Completed", "Failed"), 1200)

@@ -187,24 +187,40 @@ class Testbed:
     def session(self, name: str, namespace: str) -> dict:
         return self.get("inferencesession", name, namespace)
 
-    def wait_position(self, name: str, namespace: str, at_least: int, timeout: float) -> int:
-        """Block until the session's status.position reaches `at_least`, by a watch: the event comes
-        milliseconds after the operator's patch, where polling with kubectl lags by a token or more.
-        Returns the position seen."""
-        from kubernetes import client, config, watch
+    def wait_token(self, name: str, namespace: str, node: str, stage: int, token: int, timeout: float) -> int:
+        """Block until `node`, serving `stage` of the session, has computed its row of the step that
+        generates token number `token` (position prompt + token - 2), asked of the agent's Health
+        every 10 ms: the operator writes the session's status at most every
+        PROGRESS_INTERVAL_S, so status.position tells where a session is only to within several
+        tokens. A fault injected then lands in the next step, as the seed's "at token 20" means.
+        Returns `token` (0 at once for token <= 0: during the prompt)."""
+        from kubernetes import client, config
 
-        api = client.CustomObjectsApi(config.new_client_from_config(config_file=self.cluster.kubeconfig))
-        w = watch.Watch()
+        if token <= 0:
+            return 0
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for ev in w.stream(api.list_namespaced_custom_object, r.GROUP, r.VERSION, namespace,
-                               r.InferenceSession.plural, field_selector=f"metadata.name={name}",
-                               timeout_seconds=max(1, int(deadline - time.monotonic()))):
-                pos = ((ev["object"].get("status") or {}).get("position")) or 0
-                if pos >= at_least:
-                    w.stop()
-                    return pos
-        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {name} to reach position {at_least}")
+        api = client.CustomObjectsApi(config.new_client_from_config(config_file=self.cluster.kubeconfig))
+
+        def prompt_len():   # from the first saved state, written with the first token (not kubectl: slower)
+            s = api.get_namespaced_custom_object(r.GROUP, r.VERSION, namespace, r.InferenceSession.plural, name)
+            drv = ((s.get("status") or {}).get("report") or {}).get("driverState")
+            return len(drv["prompt_tokens"]) if drv else None
+        at = wait_until(prompt_len, timeout, f"{name}'s first saved state", every=0.01) + token - 2
+        channel = self.channel(node)
+        try:
+            stub, sid = wire.pb_grpc.NodeAgentStub(channel), r.session_id(namespace, name)
+            while time.monotonic() < deadline:
+                try:
+                    counters = stub.Health(wire.pb.HealthRequest(session=sid), timeout=5).counters
+                except grpc.RpcError:
+                    counters = []
+                if any(c.stage == stage and c.position >= at for c in counters):
+                    return token
+                time.sleep(0.01)   # each Health costs the agent a little CPU: about one a step
+        finally:
+            channel.close()
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {node} to compute stage {stage} of "
+                           f"{name} at position {at}")
 
     def wait_phase(self, name: str, namespace: str, phases: tuple[str, ...], timeout: float) -> dict:
         def check():

@@ -2,9 +2,9 @@
 
 The daemon places the stages (placement), writes the StageAssignments, and runs
 consortium.driver's SessionDriver with the Kubernetes policy (failover.KubePolicy) through the one
-token loop (consortium.generation.generate). After every token it saves the driver's SessionState
-(tokens, per-stage nodes and epochs, batch shapes, audit results) into the session's status, and
-publishes receipts, verdicts and failovers. An operator that restarts finds that state in status:
+token loop (consortium.generation.generate). Between two tokens, at most every PROGRESS_INTERVAL_S,
+it saves the driver's SessionState (tokens, per-stage nodes and epochs, batch shapes, audit results)
+into the session's status, and publishes receipts, verdicts and failovers. An operator that restarts finds that state in status:
 it truncates every stage's KV to the saved position, refills the driver's audit inputs from the
 agents' stored outputs (Resend, not recomputation), and generates on from the same position, so the
 agents' forward counters show no position before the restart computed again.
@@ -40,6 +40,12 @@ from node_agent.engine.slicing import read_model_info, sha256_file
 log = logging.getLogger("consortium.operator.sessions")
 
 PLACEMENT_RETRY_S = 3.0
+# The session's progress is written between two tokens, at most this often (and after the last one,
+# and when the operator stops). A status patch with the driver's state took a median 16 ms here (p90
+# 23 ms), more than a token's compute on the default model: written after every token, it made the
+# token loop wait more than it computed, and put a new version of the object in etcd each token. An
+# operator that dies recomputes at most this much of the session (docs/operator.md, restarts).
+PROGRESS_INTERVAL_S = 0.25
 AGENT_TLS = None   # the operator's client credentials for the agents (consortium.tls); None: --plaintext
 PROOF_KEY = None   # the operator's identity that signs fraud proofs (--proof-key); None: one key per session
 
@@ -184,6 +190,7 @@ class SessionRun:
         proof_publisher = proofs.ProofPublisher(self.body)
         leases = failover.LeaseWatch(agent_namespace())
         seen_failovers = len(state.failovers)
+        saved_at, unsaved = float("-inf"), None   # when progress was last written; tokens not written since
         try:
             if resume:
                 writer.load_existing()
@@ -211,14 +218,22 @@ class SessionRun:
                 publisher.publish(driver, writer.index, final=final)
                 proof_publisher.publish(driver, writer.index)
 
-            def on_token(tokens: list[int]) -> None:
-                session_metrics.generated(self.namespace, self.name, len(tokens))
+            def save(tokens: list[int]) -> None:
+                nonlocal saved_at, unsaved
                 with driver._lock:
                     state.proofs = proof_publisher.unpublished(driver)
                     saved = state.to_json()
                 self.patch_status(tokens=tokens, position=len(tokens), text=tok.decode(tokens),
                                   stageEpochs=list(state.epochs), report={"driverState": saved})
+                saved_at, unsaved = time.monotonic(), None
                 publish()
+
+            def on_token(tokens: list[int]) -> None:
+                nonlocal unsaved
+                session_metrics.generated(self.namespace, self.name, len(tokens))
+                unsaved = tokens
+                if time.monotonic() - saved_at >= PROGRESS_INTERVAL_S:
+                    save(tokens)
 
             pipe = _Guarded(driver, self.stopped, leases)
             t0 = time.perf_counter()
@@ -231,6 +246,8 @@ class SessionRun:
             wall = time.perf_counter() - t0
             counters = driver.counters()
         except Interrupted:
+            if unsaved is not None:   # stopped between two tokens: the successor goes on from here
+                save(unsaved)
             raise
         except (NoCandidate, DriverError) as e:
             self.fail("StageLost", str(e))
