@@ -26,7 +26,7 @@ import numpy as np
 from consortium import generation, kube, wire
 from consortium import resources as r
 from consortium.driver.policy import NoCandidate
-from consortium.driver.session import DriverError, SessionDriver
+from consortium.driver.session import DriverError, NodeBusy, SessionDriver
 from consortium.driver.state import SessionState
 from consortium.layers import LayerRange
 from consortium.sampling import SamplingParams, sample
@@ -191,6 +191,7 @@ class SessionRun:
         leases = failover.LeaseWatch(agent_namespace())
         seen_failovers = len(state.failovers)
         saved_at, unsaved = float("-inf"), None   # when progress was last written; tokens not written since
+        interrupted = False   # the operator stops mid-session: its successor resumes from the agents
         try:
             if resume:
                 writer.load_existing()
@@ -199,7 +200,7 @@ class SessionRun:
                 kube.event(self.body, "Resumed", f"resumed at token {len(generated)} (position "
                                                  f"{state.done[0]}), epochs {state.epochs}")
             else:
-                driver.start()
+                self._start(driver)
             self.set_condition("Ready", False, "Generating", f"stages on {state.nodes}", phase="Running")
             limit = driver.context_positions()
             if limit is not None and len(prompt) + spec.max_tokens - 1 > limit >= len(prompt):
@@ -246,6 +247,7 @@ class SessionRun:
             wall = time.perf_counter() - t0
             counters = driver.counters()
         except Interrupted:
+            interrupted = True
             if unsaved is not None:   # stopped between two tokens: the successor goes on from here
                 save(unsaved)
             raise
@@ -256,7 +258,10 @@ class SessionRun:
             self.fail("PromptTooLong", f"{e} (node-agent --ctx)")
             return
         finally:
-            driver.close()
+            # A session that ended, completed or failed, gives back its sequence slots (and KV
+            # memory) on every agent: they were held until the session was deleted, and with eight
+            # slots a layer range, the ninth session in a row failed RESOURCE_EXHAUSTED.
+            driver.close(release=not interrupted)
             session_metrics.ended(self.namespace, self.name)
         publish(final=True)
         a = state.audits
@@ -285,6 +290,26 @@ class SessionRun:
                            phase="Completed")
         kube.event(self.body, "Completed", f"{len(result.tokens)} tokens, {len(a)} audits, "
                                            f"{len(state.failovers)} failover(s)")
+
+    def _start(self, driver: SessionDriver) -> None:
+        """driver.start(), waiting while a node has no free sequence slot for its stage (the
+        sessions holding them have not ended): Scheduled=False, NodesBusy, until one ends."""
+        placed = next((c for c in self.status.get("conditions") or [] if c["type"] == "Scheduled"), None)
+        waiting = False
+        while True:
+            try:
+                driver.start()
+                break
+            except NodeBusy as e:
+                if not waiting:
+                    msg = f"{e}; waiting for a session there to end"
+                    self.set_condition("Scheduled", False, "NodesBusy", msg)
+                    kube.event(self.body, "NodesBusy", msg, type_="Warning")
+                    waiting = True
+            if self.stopped.wait(PLACEMENT_RETRY_S):
+                raise Interrupted()
+        if waiting and placed is not None:
+            self.set_condition("Scheduled", True, placed["reason"], placed["message"])
 
     def fail(self, reason: str, message: str) -> None:
         self.set_condition("Ready", False, reason, message, phase="Failed")

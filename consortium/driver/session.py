@@ -99,6 +99,11 @@ class IncompatibleAgent(RefusedAgent):
     read as Fraud."""
 
 
+class NodeBusy(Exception):
+    """start() found a stage's node with every sequence slot of its layers in use (by sessions that
+    have not ended): a later start() loads the stages still missing."""
+
+
 @functools.lru_cache(maxsize=256)
 def _public_key(text: str):
     """A node's key parsed once, not at every signature check; None when it is no key."""
@@ -248,6 +253,7 @@ class SessionDriver:
         self._agent_ms = [0.0] * self.n_stages
         # Positions a session can hold on each stage's node (its LoadStage answer; 0: not said).
         self._context = [0] * self.n_stages
+        self._started: set[int] = set()   # stages start() has loaded
         self._step_failover = False
         self._generation = 0
         # Per generation a rollback ended: the position it cut the session back to (None: nothing
@@ -337,8 +343,18 @@ class SessionDriver:
         return resp
 
     def start(self) -> None:
+        """Load every stage on its node, then start auditing; raises NodeBusy for a node with no free
+        slot, and a later call loads only the stages still missing."""
         for s, node in enumerate(self.state.nodes):
-            self.set_context(s, self._load(node, s).n_ctx)
+            if s in self._started:
+                continue
+            try:
+                self.set_context(s, self._load(node, s).n_ctx)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise NodeBusy(f"{node}, stage {s}: {e.details()}") from None
+                raise
+            self._started.add(s)
         self._auditor.start()
         self.start_warming()
 
@@ -1562,10 +1578,10 @@ class SessionDriver:
     def close(self, release: bool = False) -> None:
         """Stop the driver's threads after collecting what the agents still owe. `release`: also
         free the session on every agent it used (Release: each stage's sequence slot and its audit
-        replays' slots; the stage is fenced, so the session cannot go on), for drivers outside
-        Kubernetes that share agents between sessions. Not by default: an operator that restarts
-        resumes from what the agents hold, and inside Kubernetes an agent releases a session when
-        its StageAssignments go."""
+        replays' slots; the stage is fenced, so the session cannot go on), once the session has
+        ended. Not by default: an operator that stops mid-session leaves its successor to resume
+        from what the agents hold (and an agent also releases a session when its StageAssignments
+        go)."""
         try:   # after a normal end there is nothing left; after an error, what can still be had quickly
             self._settle_checks()
             self._collect_deferred(timeout=2.0)

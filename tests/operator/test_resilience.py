@@ -48,12 +48,14 @@ def test_operator_restart_resumes_without_recomputing(agents_up, baseline):
     assert s["status"]["tokens"] == baseline
     P = len(s["status"]["report"]["driverState"]["prompt_tokens"])
     fed_before = P + saved["position"] - 1   # positions every stage had computed when status was saved
+    # The agents' own forward counters, as the operator read them from each agent at the end: the
+    # session, over, was released there since (the counters with its slots).
     forward = {}
+    for rows in s["status"]["report"]["counters"].values():
+        for stage, position, fwd, _ in rows:
+            forward[(stage, position)] = forward.get((stage, position), 0) + fwd
     for node in testbed.NODE_LABELS:
-        h = _stub(bed, node).Health(pb.HealthRequest(), timeout=10)
-        for c in h.counters:
-            if c.session == r.session_id(ns, name):
-                forward[(c.stage, c.position)] = forward.get((c.stage, c.position), 0) + c.forward
+        assert not _stub(bed, node).Health(pb.HealthRequest(session=r.session_id(ns, name)), timeout=10).counters
     for stage in range(3):
         before = [forward.get((stage, p), 0) for p in range(fed_before)]
         assert before and all(n == 1 for n in before), (stage, before)

@@ -236,3 +236,47 @@ def test_a_session_ends_where_its_nodes_context_does(bed):
     ready = next(c for c in s["status"]["conditions"] if c["type"] == "Ready")
     assert s["status"]["phase"] == "Failed" and ready["reason"] == "PromptTooLong", ready
     assert "do not fit the 2048 positions" in ready["message"] and not s["status"].get("tokens")
+
+
+def test_a_session_waits_for_a_free_slot_and_an_ended_one_frees_its_own(bed, baseline):
+    """Each agent holds 8 sequence slots a layer range. With every slot of layers 0-9 on n1 taken
+    (by sessions loaded here directly, as a driver outside the operator would), a session waits in
+    Scheduled=False NodesBusy (before: Failed, OperatorError, RESOURCE_EXHAUSTED), and starts once
+    they are released. And a session that ends gives back its own slots: they were held until the
+    session was deleted, so the ninth session in a row failed."""
+    from consortium import resources as r
+    from consortium import wire
+    from consortium.models import resolve_model
+    from consortium.wire import pb
+
+    for name, labels in testbed.NODE_LABELS.items():   # the failover test killed one; it registers again
+        if bed.agents[name].poll() is not None:
+            bed.start_agent(name, labels)
+    ns = "tc-slots"
+    bed.cluster.kubectl("create", "namespace", ns)
+    stub = wire.pb_grpc.NodeAgentStub(bed.channel("n1"))
+    squatters = []
+    for i in range(16):   # until n1 refuses: every slot of stage 0's layers taken
+        ref = pb.StageRef(session=f"{ns}/squatter-{i}", stage=0, epoch=1)
+        try:
+            stub.LoadStage(pb.LoadStageRequest(ref=ref, model_path=str(resolve_model(None)), first_layer=0,
+                                               last_layer=9), timeout=60)
+        except Exception as e:   # grpc.RpcError
+            assert "sequence slots of layers 0-9 are in use" in e.details(), e
+            break
+        squatters.append(ref)
+    assert 0 < len(squatters) < 16
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(4, "late")))
+    testbed.wait_until(lambda: any(c["type"] == "Scheduled" and c["reason"] == "NodesBusy"
+                                   for c in (bed.session("late", ns).get("status") or {}).get("conditions") or []),
+                       120, "NodesBusy")
+    assert "NodesBusy" in [e["reason"] for e in bed.events(ns, "late")]
+    for ref in squatters:
+        stub.Release(pb.ReleaseRequest(ref=ref), timeout=10)
+    s = bed.wait_phase("late", ns, ("Completed",), 300)
+    assert s["status"]["tokens"] == baseline[:4]
+    assert next(c for c in s["status"]["conditions"] if c["type"] == "Scheduled")["reason"] == "Placed"
+    sid = r.session_id(ns, "late")
+    for node in testbed.NODE_LABELS:   # ended: released on every agent (its counters went with its slots)
+        got = wire.pb_grpc.NodeAgentStub(bed.channel(node)).Health(pb.HealthRequest(session=sid), timeout=10)
+        assert not got.counters, node
