@@ -249,7 +249,10 @@ class SessionRun:
         except Interrupted:
             interrupted = True
             if unsaved is not None:   # stopped between two tokens: the successor goes on from here
-                save(unsaved)
+                try:
+                    save(unsaved)
+                except Exception as e:   # e.g. the session was deleted: nothing is left to resume
+                    log.info("session %s/%s: its last progress was not saved: %s", self.namespace, self.name, e)
             raise
         except (NoCandidate, DriverError) as e:
             self.fail("StageLost", str(e))
