@@ -4,8 +4,9 @@ The driver (consortium.driver.session) detects a lost stage on the data path, bu
 the old node, and asks its policy for a backup; this policy answers from the API (approved, Ready,
 non-quarantined nodes matching the session's backupSelector, then the stage's own nodeSelector),
 writes the decision into the StageAssignment (new node, new epoch) before the backup loads anything,
-and sets conditions and Events. A silent node is caught by its Lease: `LeaseWatch.check` fails a
-stage over before the next step when the node serving it stopped renewing.
+and sets conditions and Events. Between steps, `NodeWatch.check` fails a stage over when the node
+serving it stopped renewing its Lease, and has the driver treat a node the cluster quarantined as
+caught.
 """
 from __future__ import annotations
 
@@ -125,32 +126,52 @@ class KubePolicy:
             self.set_condition("StageFailover", False, "FailoverCompleted", msg, phase="Running")
 
 
-class LeaseWatch:
-    """Fails a stage over when the node serving it stopped renewing its Lease."""
+class NodeWatch:
+    """Between two steps, at most every `every_s`: fails a stage over when the node serving it
+    stopped renewing its Lease, and treats a node the cluster quarantined (its ComputeNode's
+    Quarantined condition, from another session's verdicts) as caught in this session too: the
+    driver rolls back to the first position it computed since its last passed audit here and fails
+    its stages over. Before, a session went on with a node known to cheat unless its own audits
+    caught it (none, at audit probability 0)."""
 
     def __init__(self, namespace: str | None, every_s: float = 1.0):
         self.namespace, self.every_s = namespace, every_s
         self._last = 0.0
 
-    def expired(self, nodes: Sequence[str]) -> list[str]:
-        if not self.namespace or time.monotonic() - self._last < self.every_s:
-            return []
+    def check(self, driver) -> None:
+        if time.monotonic() - self._last < self.every_s:
+            return
         self._last = time.monotonic()
+        for node in self._expired(sorted(set(driver.state.nodes))):
+            driver.dead.add(node)
+            for s, n in enumerate(list(driver.state.nodes)):
+                if n == node:
+                    driver._failover(s, f"Lease of {node} expired")
+        for node, why in self._quarantined(driver.clients).items():
+            driver._fraud(node, f"quarantined in the cluster: {why}")
+
+    def _expired(self, nodes: Sequence[str]) -> list[str]:
+        if not self.namespace:
+            return []
         try:
             leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(self.namespace).items}
         except Exception as e:  # noqa: BLE001 - no verdict without data: the data path still catches failures
             log.warning("leases not readable: %s", e)
             return []
-        out = []
-        for n in nodes:
-            lease = leases.get(kube.lease_name(n))
-            if lease is not None and kube.lease_expired(lease):
-                out.append(n)
-        return out
+        return [n for n in nodes if (lease := leases.get(kube.lease_name(n))) is not None and kube.lease_expired(lease)]
 
-    def check(self, driver) -> None:
-        for node in self.expired(sorted(set(driver.state.nodes))):
-            driver.dead.add(node)
-            for s, n in enumerate(list(driver.state.nodes)):
-                if n == node:
-                    driver._failover(s, f"Lease of {node} expired")
+    @staticmethod
+    def _quarantined(nodes) -> dict[str, str]:
+        """node -> the message of its Quarantined condition, for those of `nodes` that have it."""
+        try:
+            items = kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes").get("items", [])
+        except Exception as e:  # noqa: BLE001 - as above
+            log.warning("ComputeNodes not readable: %s", e)
+            return {}
+        out = {}
+        for cn in items:
+            name = cn["metadata"]["name"]
+            if name in nodes and kube.condition_true(cn, "Quarantined"):
+                cond = kube.condition((cn.get("status") or {}).get("conditions"), "Quarantined")
+                out[name] = cond.get("message") or cond.get("reason") or "Quarantined"
+        return out

@@ -188,7 +188,7 @@ class SessionRun:
         writer = receipts.ReceiptWriter(self.body)
         publisher = audits.AuditPublisher(self.body)
         proof_publisher = proofs.ProofPublisher(self.body)
-        leases = failover.LeaseWatch(agent_namespace())
+        nodes_watch = failover.NodeWatch(agent_namespace())
         seen_failovers = len(state.failovers)
         saved_at, unsaved = float("-inf"), None   # when progress was last written; tokens not written since
         interrupted = False   # the operator stops mid-session: its successor resumes from the agents
@@ -236,7 +236,7 @@ class SessionRun:
                 if time.monotonic() - saved_at >= PROGRESS_INTERVAL_S:
                     save(tokens)
 
-            pipe = _Guarded(driver, self.stopped, leases)
+            pipe = _Guarded(driver, self.stopped, nodes_watch)
             t0 = time.perf_counter()
             result = generation.generate(
                 pipe, prompt, spec.max_tokens,
@@ -421,10 +421,10 @@ def step_metrics(steps) -> dict[str, float]:
 
 class _Guarded:
     """The driver as generate() sees it, checking between steps that the operator is not stopping
-    and that no stage's node lost its Lease."""
+    and that no node of the session lost its Lease or was quarantined (NodeWatch)."""
 
-    def __init__(self, driver: SessionDriver, stopped, leases: failover.LeaseWatch):
-        self.driver, self.stopped, self.leases = driver, stopped, leases
+    def __init__(self, driver: SessionDriver, stopped, nodes: failover.NodeWatch):
+        self.driver, self.stopped, self.nodes = driver, stopped, nodes
         self.n_stages = driver.n_stages
 
     def forward(self, seq, position, tokens):
@@ -438,7 +438,7 @@ class _Guarded:
     def _check(self):
         if self.stopped:
             raise Interrupted()
-        self.leases.check(self.driver)
+        self.nodes.check(self.driver)
 
     def stage_ms(self):
         return self.driver.stage_ms()

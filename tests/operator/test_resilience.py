@@ -136,3 +136,28 @@ def test_a_quarantined_node_gets_no_new_stage(agents_up):
     s = bed.wait_phase(name, ns, ("Completed",), 180)
     assert bed.get("stageassignment", f"{name}-s0", ns)["spec"]["nodeName"] == "n1"
     assert len(s["status"]["tokens"]) == 4
+
+
+def test_a_node_quarantined_elsewhere_is_dropped_by_a_running_session(agents_up, baseline):
+    """n2 serves stage 1 of a session that audits nothing; mid-session its ComputeNode turns
+    Quarantined (as another session's verdicts would make it). The session treats it as caught:
+    rolled back to the first position n2 computed since a passed audit here (none: the prompt), its
+    stage failed over, and the tokens are the baseline's. Before, the session went on with n2."""
+    bed = agents_up
+    ns, name = "quarantined-elsewhere", "drops-it"
+    bed.cluster.kubectl("create", "namespace", ns)
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-",
+                        input=json.dumps(testbed.sky_is_blue(MAX_TOKENS, name, audit_probability=0.0)))
+    try:
+        bed.wait_token(name, ns, "n2", 1, 10, 120)
+        bed.set_quarantined("n2", True)
+        s = bed.wait_phase(name, ns, ("Completed",), 300)
+    finally:
+        bed.set_quarantined("n2", False)
+    assert s["status"]["tokens"] == baseline
+    drv = s["status"]["report"]["driverState"]
+    assert drv["quarantined"] == ["n2"]
+    assert [(rb["node"], rb["to_position"]) for rb in drv["rollbacks"]] == [("n2", 0)]
+    assert "quarantined in the cluster" in drv["rollbacks"][0]["reason"]
+    assert [(f["stage"], f["from"]) for f in drv["failovers"]] == [(1, "n2")]
+    assert bed.get("stageassignment", f"{name}-s1", ns)["spec"]["nodeName"] != "n2"
