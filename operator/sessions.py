@@ -4,10 +4,11 @@ The daemon places the stages (placement), writes the StageAssignments, and runs
 consortium.driver's SessionDriver with the Kubernetes policy (failover.KubePolicy) through the one
 token loop (consortium.generation.generate). Between two tokens, at most every PROGRESS_INTERVAL_S,
 it saves the driver's SessionState (tokens, per-stage nodes and epochs, batch shapes, audit results)
-into the session's status, and publishes receipts, verdicts and failovers. An operator that restarts finds that state in status:
-it truncates every stage's KV to the saved position, refills the driver's audit inputs from the
-agents' stored outputs (Resend, not recomputation), and generates on from the same position, so the
-agents' forward counters show no position before the restart computed again.
+into the session's status, and publishes receipts, verdicts and failovers. An operator that
+restarts finds that state in status: it truncates every stage's KV to the saved position, refills
+the driver's audit inputs from the agents' stored outputs (Resend, not recomputation), and
+generates on from the same position, so the agents' forward counters show no position the last
+write saved computed again. A session that ends is released on its agents (their slots and KV).
 """
 from __future__ import annotations
 
