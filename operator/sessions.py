@@ -43,9 +43,9 @@ log = logging.getLogger("consortium.operator.sessions")
 PLACEMENT_RETRY_S = 3.0
 # The session's progress is written between two tokens, at most this often (and after the last one,
 # and when the operator stops). A status patch with the driver's state took a median 16 ms here (p90
-# 23 ms), more than a token's compute on the default model: written after every token, it made the
-# token loop wait more than it computed, and put a new version of the object in etcd each token. An
-# operator that dies recomputes at most this much of the session (docs/operator.md, restarts).
+# 23 ms), about as long as a step of the default model: written after every token, it nearly halved
+# the token rate and put a new version of the object in etcd each token. An operator that dies
+# recomputes at most this much of the session (docs/operator.md, restarts).
 PROGRESS_INTERVAL_S = 0.25
 AGENT_TLS = None   # the operator's client credentials for the agents (consortium.tls); None: --plaintext
 PROOF_KEY = None   # the operator's identity that signs fraud proofs (--proof-key); None: one key per session
