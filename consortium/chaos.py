@@ -34,6 +34,7 @@ from pathlib import Path
 
 from consortium import kube, netlab, receipt_check, testbed
 from consortium import resources as r
+from consortium.driver.state import audit_records, steps_of_report
 
 FAULTS = ("kill", "hang", "partition", "slow", "double", "operator")
 NAMESPACE = "chaos"
@@ -279,7 +280,7 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
         P = chk["prompt_tokens"]
         out["receipts_complete"] = chk["receipts"] > 0 and chk["complete"] and not chk["failed"]
         out["receipt_gaps"], out["receipts_not_verifying"] = chk["gaps"], chk["failed"]
-        audits = drv.get("audits") or []
+        audits = audit_records(drv)
         out["audits"] = len(audits)
         out["false_fraud"] = sum(a["verdict"] == "Fraud" for a in audits) + len(drv.get("quarantined") or [])
         out["mismatch"] = sum(a["verdict"] == "Mismatch" for a in audits)
@@ -290,7 +291,7 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
             nxt = watch.first_after(t_fault, at)
             out["recovery_ms"] = round((nxt - t_fault) * 1000, 1) if nxt else None
         else:
-            steps = (st.get("report") or {}).get("steps") or []
+            steps = steps_of_report((st.get("report") or {}).get("steps"))
             out["recovery_ms"] = latency_spike_ms(steps, P + at - 1)
         if victim is not None and t.fault in ("hang", "partition"):
             # The node comes back (SIGCONT, link healed) with its old epoch: it must not write into

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from consortium import kube, receipt_check, standalone, testbed, testreport
 from consortium.driver.proofs import proof_file_name, recheck, write_proof_files
+from consortium.driver.state import audit_records, counters_of_report, steps_of_report
 
 SESSION = "sky-is-blue"
 NAMESPACE = "default"
@@ -121,12 +122,12 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
 def _report(opts, base, s, wall, receipts, checked, events, sas, nodes, killed, faulty_node=None, liar=None) -> dict:
     st = s.get("status") or {}
     drv = (st.get("report") or {}).get("driverState") or {}
-    audits = drv.get("audits", [])
+    audits = audit_records(drv)
     count = {v: sum(a["verdict"] == v for a in audits) for v in ("Passed", "PassedWithinTolerance", "Mismatch", "Fraud")}
     tokens = st.get("tokens") or []
     exact = tokens == base.tokens
     diverge = next((i for i, (a, b) in enumerate(zip(base.tokens, tokens)) if a != b), None)
-    counters = (st.get("report") or {}).get("counters") or {}
+    counters = counters_of_report((st.get("report") or {}).get("counters"))
     per_pos: dict[tuple[int, int], int] = {}
     for rows in counters.values():
         for stage, p, f, _ in rows:
@@ -162,7 +163,7 @@ def _report(opts, base, s, wall, receipts, checked, events, sas, nodes, killed, 
                         "generation_s": (st.get("metrics") or {}).get("wallSeconds"),
                         "tokens_per_s": (st.get("metrics") or {}).get("tokensPerSecond"),
                         "step_ms_median": (st.get("metrics") or {}).get("stepMsMedian"),
-                        "steps": (st.get("report") or {}).get("steps")},
+                        "steps": steps_of_report((st.get("report") or {}).get("steps"))},
         "exact_match": exact, "first_divergence": diverge,
         "audits": {"total": len(audits), "passed": count["Passed"],
                    "passed_within_tolerance": count["PassedWithinTolerance"], "mismatch": count["Mismatch"],

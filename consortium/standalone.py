@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from consortium import processes
+from consortium.driver.state import audit_records
 
 NODES = ("N0", "N1", "N2")
 ROLES = {"N0": "cuda", "N1": "cuda", "N2": "metal"}
@@ -394,7 +395,7 @@ def liar_figures(node: str, lie: str, state: dict) -> dict:
     overruled by a second verifier, dropped once it was caught, or left standing), and whether it
     was caught. One that was gone before it accused anyone had nothing to be caught for."""
     mine = [o for o in state.get("overruled", []) if o["verifier"] == node]
-    standing = sum(a["verifier"] == node and a["verdict"] in ("Mismatch", "Fraud") for a in state.get("audits", []))
+    standing = sum(a["verifier"] == node and a["verdict"] in ("Mismatch", "Fraud") for a in audit_records(state))
     overruled = sum(o["overruled_by"] is not None for o in mine)
     return {"node": node, "lie": lie, "caught": node in state.get("quarantined", []),
             "accusations": len(mine) + standing, "overruled_verdicts": overruled,

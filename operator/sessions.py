@@ -28,7 +28,7 @@ from consortium import generation, kube, wire
 from consortium import resources as r
 from consortium.driver.policy import NoCandidate
 from consortium.driver.session import DriverError, NodeBusy, SessionDriver
-from consortium.driver.state import SessionState
+from consortium.driver.state import SessionState, report_counters, report_steps
 from consortium.layers import LayerRange
 from consortium.sampling import SamplingParams, sample
 from consortium.verification import canonical
@@ -204,7 +204,7 @@ class SessionRun:
                 self._start(driver)
             self.set_condition("Ready", False, "Generating", f"stages on {state.nodes}", phase="Running")
             limit = driver.context_positions()
-            if limit is not None and len(prompt) + spec.max_tokens - 1 > limit >= len(prompt):
+            if not resume and limit is not None and len(prompt) + spec.max_tokens - 1 > limit >= len(prompt):
                 kube.event(self.body, "ContextLimit", f"maxTokens {spec.max_tokens} after a {len(prompt)}-token prompt "
                            f"needs {len(prompt) + spec.max_tokens - 1} positions; the stages' nodes hold {limit}: "
                            f"generation stops at {limit - len(prompt) + 1} tokens (context_full)", type_="Warning")
@@ -283,12 +283,10 @@ class SessionRun:
         self.patch_status(tokens=result.tokens, position=len(result.tokens), text=result.text,
                           stageEpochs=list(state.epochs), metrics=metrics, finishedAt=kube.timestamp(),
                           report={"driverState": saved, "stopped": result.stopped,
-                                  "counters": {n: [list(x) for x in rows] for n, rows in counters.items()},
+                                  "counters": report_counters(counters),
                                   "rpc": driver.rpc.summary(),
                                   "warmBackups": list(driver.prepared),   # backups that loaded a stage ahead
-                                  # [position, rows, step ms, failover] of each step this run drove
-                                  "steps": [[x.position, x.rows, round(x.wall_ms, 3), x.failover]
-                                            for x in driver.steps]})
+                                  "steps": report_steps(driver.steps)})   # each step this run drove
         self.set_condition("StageFailover", False, "NoFailover", "") if not state.failovers else None
         self.set_condition("Ready", True, "Completed", f"{len(result.tokens)} tokens ({result.stopped})",
                            phase="Completed")

@@ -44,7 +44,7 @@ from consortium.batches import merge_decode_steps
 from consortium.driver.client import NodeClient, RpcLog
 from consortium.driver.policy import Policy
 from consortium.driver.proofs import FraudUnit, ProofBook
-from consortium.driver.state import SessionState
+from consortium.driver.state import SessionState, record_figures
 from consortium.layers import LayerRange
 from consortium.sampling import SamplingParams, sample
 from consortium.verification import canonical, judgement, kvstate, receipts, signing, verdicts
@@ -1282,11 +1282,13 @@ class SessionDriver:
         rec = self.records.get(u.node) or judgement.NodeRecord(u.node)
         rec = rec.add(res.verdict)
         self.records[u.node] = rec
+        equal = res.verifier_commitment == u.commitment
         self.state.audits.append({
             "stage": s, "position": u.position, "node": u.node, "epoch": u.epoch, "verifier": verifier,
             "verdict": res.verdict.value, "reasons": list(res.reasons),
-            "figures": res.figures.to_json() if res.figures else None,
-            "hash_equal": res.verifier_commitment == u.commitment,
+            # Equal hashes mean equal rows: their figures (every distance 0) would say nothing more.
+            "figures": record_figures(res.figures) if res.figures and not equal else None,
+            "hash_equal": equal,
             # A second opinion: whose accusation it judged (a resumed driver rebuilds its record).
             **({"first_verifier": u.second_opinion_of} if u.second_opinion_of else {})})
         key = f"{s}/{u.node}"

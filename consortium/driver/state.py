@@ -4,6 +4,14 @@ Audit selection needs no saved RNG state: a unit (stage, position) is audited wh
 seeded with (seed, stage, position) draws below the probability, so a resumed driver and a rollback
 select the same units again. Audits from window states select whole windows (every position of a
 window whose first position is drawn).
+
+Under the operator this state, and the session's report beside it, live in one API object, which
+etcd caps at 1.5 MiB. Saved whole, they grew about 235 bytes a token at 20% audits and passed the cap
+near 6,500 tokens. So what grows with every token is saved in compact forms (`to_json`,
+`report_steps`, `report_counters`): a plain pass as five values (six within tolerance), runs of
+decode steps as one entry each, the agents' counters as runs of positions. A session at maxTokens'
+limit (32768) then writes about 1.1 MB when its audits pass by equal hashes, and one of half as many
+tokens about as much when every audit passes within tolerance (tests/dataplane/test_state_size.py).
 """
 from __future__ import annotations
 
@@ -11,6 +19,8 @@ import dataclasses
 import json
 
 import numpy as np
+
+from consortium.verification import verdicts
 
 
 @dataclasses.dataclass
@@ -72,11 +82,115 @@ class SessionState:
         return bool(u < self.audit_probability)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        o = dataclasses.asdict(self)
+        o["audits"] = [_compact_audit(a) for a in o["audits"]]
+        o["batches"] = _compact_runs(o["batches"])
+        return o
 
     @classmethod
     def from_json(cls, o: dict) -> "SessionState":
-        return cls(**o)
+        return cls(**{**o, "audits": audit_records(o), "batches": _expand_runs(o.get("batches") or [])})
 
     def dumps(self) -> str:
         return json.dumps(self.to_json())
+
+
+# -- compact forms of what grows with every token ---------------------------------------------------
+
+# An audit record's figures keep 6 significant digits: more than any tolerance is calibrated to, and
+# a within-tolerance pass then saves in about 80 bytes instead of 250.
+FIGURE_DIGITS = 6
+_FIGURES = [f.name for f in dataclasses.fields(verdicts.Figures)]
+_WITHIN = "hashes differ; figures within the honest tolerance"   # Tolerance.classify's reason
+
+
+def record_figures(fig: verdicts.Figures) -> dict:
+    """An audit's figures as its record keeps them."""
+    return {k: float(f"{v:.{FIGURE_DIGITS}g}") if isinstance(v, float) else v for k, v in fig.to_json().items()}
+
+
+def _record(stage, position, node, epoch, verifier, figures=None) -> dict:
+    """The whole record of a plain pass: by equal hashes (no figures: every distance is 0, they would
+    say nothing more), or within tolerance (the figures as a list in Figures' field order)."""
+    if figures is None:
+        return {"stage": stage, "position": position, "node": node, "epoch": epoch, "verifier": verifier,
+                "verdict": "Passed", "reasons": ["hashes equal"], "figures": None, "hash_equal": True}
+    return {"stage": stage, "position": position, "node": node, "epoch": epoch, "verifier": verifier,
+            "verdict": "PassedWithinTolerance", "reasons": [_WITHIN], "figures": dict(zip(_FIGURES, figures)),
+            "hash_equal": False}
+
+
+def _compact_audit(a: dict):
+    short = [a["stage"], a["position"], a["node"], a["epoch"], a["verifier"]]
+    if a == _record(*short):
+        return short
+    figures = [(a.get("figures") or {}).get(k) for k in _FIGURES]
+    if a == _record(*short, figures):
+        return short + [figures]
+    return a   # anything else (an accusation, a second opinion) is kept whole
+
+
+def audit_records(saved: dict) -> list[dict]:
+    """Every audit record of a saved state (SessionState.to_json, e.g. `report.driverState`), whole."""
+    return [_record(*a) if isinstance(a, list) else a for a in saved.get("audits") or []]
+
+
+def _compact_runs(batches: list[list[int]]) -> list[list[int]]:
+    """[start, rows] of each step, with a run of n decode steps (one row each, consecutive) saved as
+    [start, 1, n]."""
+    out: list[list[int]] = []
+    for start, rows in batches:
+        last = out[-1] if out else None
+        run = (last[2] if len(last) == 3 else 1) if last and last[1] == 1 else 0   # decode steps in it
+        if rows == 1 and run and last[0] + run == start:
+            out[-1] = [last[0], 1, run + 1]
+        else:
+            out.append([start, rows])
+    return out
+
+
+def _expand_runs(saved: list[list[int]]) -> list[list[int]]:
+    out = []
+    for b in saved:
+        out.extend([[b[0] + i, 1] for i in range(b[2])] if len(b) == 3 else [list(b)])
+    return out
+
+
+def report_steps(steps) -> dict:
+    """A session's steps as its report saves them: `batches` ([position, rows], runs of decode steps
+    as [position, 1, n]), `ms` (each step's wall time, 0.1 ms) and `failovers` (the indices of steps
+    that failed over)."""
+    return {"batches": _compact_runs([[x.position, x.rows] for x in steps]),
+            "ms": [round(x.wall_ms, 1) for x in steps],
+            "failovers": [i for i, x in enumerate(steps) if x.failover]}
+
+
+def steps_of_report(saved) -> list[tuple[int, int, float, bool]]:
+    """(position, rows, ms, failed over) of each step, from report_steps' form."""
+    if not saved:
+        return []
+    failed = set(saved["failovers"])
+    return [(p, n, ms, i in failed)
+            for i, ((p, n), ms) in enumerate(zip(_expand_runs(saved["batches"]), saved["ms"]))]
+
+
+def report_counters(counters: dict[str, list]) -> dict[str, list[list[int]]]:
+    """The agents' counters (node -> [(stage, position, forward, replay)]) as runs of consecutive
+    positions with the same counts: node -> [[stage, first position, last position, forward, replay]]."""
+    out = {}
+    for node, rows in counters.items():
+        runs: list[list[int]] = []
+        for stage, p, fwd, rep in sorted(rows):
+            r = runs[-1] if runs else None
+            if r and r[0] == stage and r[2] + 1 == p and r[3:] == [fwd, rep]:
+                r[2] = p
+            else:
+                runs.append([stage, p, p, fwd, rep])
+        out[node] = runs
+    return out
+
+
+def counters_of_report(saved: dict) -> dict[str, list[tuple[int, int, int, int]]]:
+    """node -> [(stage, position, forward, replay)], from report_counters' form."""
+    return {node: [(s, p, f, r) for s, first, last, f, r in runs for p in range(first, last + 1)]
+            for node, runs in (saved or {}).items()}

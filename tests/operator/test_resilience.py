@@ -8,7 +8,7 @@ import pytest
 
 from consortium import resources as r
 from consortium import testbed, wire
-from consortium.driver.state import SessionState
+from consortium.driver.state import SessionState, audit_records, counters_of_report
 from consortium.wire import pb
 
 pytestmark = pytest.mark.k8s
@@ -51,7 +51,7 @@ def test_operator_restart_resumes_without_recomputing(agents_up, baseline):
     # The agents' own forward counters, as the operator read them from each agent at the end: the
     # session, over, was released there since (the counters with its slots).
     forward = {}
-    for rows in s["status"]["report"]["counters"].values():
+    for rows in counters_of_report(s["status"]["report"]["counters"]).values():
         for stage, position, fwd, _ in rows:
             forward[(stage, position)] = forward.get((stage, position), 0) + fwd
     for node in testbed.NODE_LABELS:
@@ -68,7 +68,7 @@ def test_operator_restart_resumes_without_recomputing(agents_up, baseline):
     state = SessionState.from_json(drv)
     selected = {(st, p) for st in range(3) for p in range(0 if st < 2 else P - 1, state.done[st])
                 if state.selected(st, p)}
-    accounted = {(a["stage"], a["position"]) for a in drv["audits"] + drv["unjudged"]}
+    accounted = {(a["stage"], a["position"]) for a in audit_records(drv) + drv["unjudged"]}
     assert selected and selected <= accounted, sorted(selected - accounted)
     # Judged, in fact: the final stage's node still keeps the logit rows the driver needs.
     assert not [u for u in drv["unjudged"] if "coordinator stopped" in u["reason"]], drv["unjudged"]

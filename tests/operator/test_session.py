@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from consortium import testbed
-
+from consortium.driver.state import audit_records
 from consortium.testbed import TEST_MAX_TOKENS as MAX_TOKENS
 
 pytestmark = pytest.mark.k8s
@@ -73,7 +73,7 @@ def test_a_receipt_for_every_stage_and_window_with_a_verdict(completed, bed):
     verdicts = [it.get("status", {}).get("verdict") for it in items]
     assert all(v in ("Passed", "PassedWithinTolerance", "Pending") for v in verdicts), verdicts
     assert sum(v in ("Passed", "PassedWithinTolerance") for v in verdicts) >= 3
-    audited = {(a["stage"], a["position"]) for a in drv["audits"]}
+    audited = {(a["stage"], a["position"]) for a in audit_records(drv)}
     for it in items:
         positions = [a["position"] for a in (it.get("status") or {}).get("audits") or []]
         w = it["spec"]["window"]
@@ -107,7 +107,7 @@ def test_the_operators_metrics_tell_the_same_story(completed, bed):
     assert mine[("consortium_session_tokens_total",)] == MAX_TOKENS == len(s["status"]["tokens"])
     assert mine[("consortium_session_failovers_total", "1")] == 1 and mine[("consortium_session_failovers_total", "0")] == 0
     for v in ("Passed", "PassedWithinTolerance", "Mismatch", "Fraud"):
-        assert mine[("consortium_session_audits_total", v)] == sum(a["verdict"] == v for a in drv["audits"])
+        assert mine[("consortium_session_audits_total", v)] == sum(a["verdict"] == v for a in audit_records(drv))
     assert mine[("consortium_session_receipts_total",)] >= 3 and mine[("consortium_session_rollbacks_total",)] == 0
     steps = mine[("consortium_session_steps_total",)]
     assert steps == MAX_TOKENS and 0 < mine[("consortium_session_step_seconds_total",)] < 300
@@ -148,7 +148,7 @@ def test_audits_from_window_states_through_the_operator(bed, baseline):
     assert s["spec"]["audit"]["fromWindowStates"] is True and s["status"]["tokens"] == baseline
     drv = s["status"]["report"]["driverState"]
     assert drv["audit_window"] == 8   # the driver selected whole state windows
-    verdicts = [a["verdict"] for a in drv["audits"]]
+    verdicts = [a["verdict"] for a in audit_records(drv)]
     assert verdicts and set(verdicts) == {"Passed"} and not drv["unjudged"]
     assert drv["session"] == "tc-states/sky-is-blue"   # agents key it by namespace and name
     # The statements and counts are in the status, where a resumed operator finds them.
