@@ -10,7 +10,10 @@ with selected units no audit could judge (the driver's `unjudged`) says how many
 """
 from __future__ import annotations
 
+import collections
 import logging
+import math
+import time
 
 from consortium import kube
 from consortium import resources as r
@@ -20,6 +23,9 @@ log = logging.getLogger("consortium.operator.audits")
 SEVERITY = {"Passed": 0, "PassedWithinTolerance": 1, "Mismatch": 2, "Fraud": 3}
 # A node's record in one session, in the order _records gives it and ComputeNode.sessionRecords keeps it.
 RECORD_FIELDS = ("audits", "mismatches", "frauds", "verdicts", "overruled")
+# A node's record is written at most this often while the session runs (at its end, and a quarantine,
+# at once): a read and a write per node with every progress write were most of what publishing cost.
+RECORD_INTERVAL_S = 5.0
 
 
 def receipt_status(audits: list[dict], unjudged: list[dict] = ()) -> dict:
@@ -43,12 +49,19 @@ def receipt_status(audits: list[dict], unjudged: list[dict] = ()) -> dict:
 
 
 def _windows(audits: list[dict], unjudged: list[dict], index: dict[str, dict], final: bool):
-    """Per Receipt: (name, what its status is computed from, its window's audits, its unjudged units)."""
+    """Per Receipt: (name, what its status is computed from, its window's audits, its unjudged units).
+    Units are looked up by stage, node and position: matching every unit against every window made a
+    long session's publishing quadratic (at 2,400 tokens, with the state's copy, it took nine tenths
+    of the token loop)."""
+    audits_at, missed_at = collections.defaultdict(list), collections.defaultdict(list)
+    for i, a in enumerate(audits):
+        audits_at[(a["stage"], a["node"], a["position"])].append((i, a))
+    for u in unjudged:
+        missed_at[(u["stage"], u["node"], u["position"])].append(u)
     for name, w in index.items():
-        mine = [a for a in audits if a["stage"] == w["stage"] and a["node"] == w["node"]
-                and a["epoch"] == w["epoch"] and w["start"] <= a["position"] < w["start"] + w["count"]]
-        missed = [u for u in unjudged if u["stage"] == w["stage"] and u["node"] == w["node"]
-                  and w["start"] <= u["position"] < w["start"] + w["count"]]
+        units = [(w["stage"], w["node"], p) for p in range(w["start"], w["start"] + w["count"])]
+        mine = [a for _, a in sorted(x for k in units for x in audits_at.get(k, ()) if x[1]["epoch"] == w["epoch"])]
+        missed = [u for k in units for u in missed_at.get(k, ())]
         yield name, (len(mine), len(missed), final), mine, missed
 
 
@@ -73,6 +86,7 @@ class AuditPublisher:
         self._shown: dict[str, str] = {}   # receipt name -> the verdict its status shows
         self._quarantined: set[str] = set()
         self._records: dict[str, tuple] = {}   # node -> this session's record as last written to it
+        self._records_at: dict[str, float] = {}   # node -> when it was written (time.monotonic)
         self._overruled = 0   # overruled verdicts announced so far
 
     def resumed(self, driver, receipts_index: dict[str, dict], shown: dict[str, dict] | None = None) -> None:
@@ -106,7 +120,7 @@ class AuditPublisher:
             overruled = list(driver.state.overruled[self._overruled:])
             records = _records(driver)
         self._receipts(audits, unjudged, receipts_index, final)
-        self._nodes(quarantined, records, driver)
+        self._nodes(quarantined, records, driver, final)
         # Accusations another verifier did not bear out: one Event per verifier and publish, not per unit.
         for verifier in sorted({o["verifier"] for o in overruled}):
             mine = [o for o in overruled if o["verifier"] == verifier]
@@ -140,15 +154,16 @@ class AuditPublisher:
                 if self._applied.get(name) == key:
                     self._shown[name] = status["verdict"]
 
-    def _nodes(self, quarantined: list[str], records: dict[str, tuple], driver) -> None:
+    def _nodes(self, quarantined: list[str], records: dict[str, tuple], driver, final: bool = False) -> None:
         api = kube.api()
         md = self.session["metadata"]
         uid = md.get("uid", "")
         # A node quarantined as a verifier (its verdicts overruled) may have no record as a worker.
         for node, rec in {**{n: (0,) * 5 for n in quarantined}, **records}.items():
-            if self._records.get(node) == rec and node not in set(quarantined) - self._quarantined:
-                continue
             q = node in quarantined and node not in self._quarantined
+            if not q and (self._records.get(node) == rec
+                          or not final and time.monotonic() - self._records_at.get(node, -math.inf) < RECORD_INTERVAL_S):
+                continue
 
             def change(status: dict, rec=rec, node=node, q=q) -> dict:
                 # The records span sessions: add what this session's driver saw beyond its share as
@@ -181,7 +196,7 @@ class AuditPublisher:
                     lambda b, node=node: api.patch_cluster_custom_object_status(r.GROUP, r.VERSION, "computenodes",
                                                                                 node, b),
                     change)
-                self._records[node] = rec
+                self._records[node], self._records_at[node] = rec, time.monotonic()
                 if q:
                     self._quarantined.add(node)
                     kube.event(self.session, "NodeQuarantined", f"{node}: quarantined; its work is rolled back",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import logging
 import os
 import statistics
@@ -47,6 +48,10 @@ PLACEMENT_RETRY_S = 3.0
 # the token rate and put a new version of the object in etcd each token. An operator that dies
 # recomputes at most this much of the session (docs/operator.md, restarts).
 PROGRESS_INTERVAL_S = 0.25
+# ...and at most this many bytes a second: each write keeps a new version of the whole object in
+# etcd until the API server compacts its history (every 5 minutes by default), so a long session's
+# status (a few hundred KB at 8,000 tokens) is written less often than a short one's.
+PROGRESS_BYTES_PER_S = 256 * 1024
 AGENT_TLS = None   # the operator's client credentials for the agents (consortium.tls); None: --plaintext
 PROOF_KEY = None   # the operator's identity that signs fraud proofs (--proof-key); None: one key per session
 
@@ -192,6 +197,7 @@ class SessionRun:
         nodes_watch = failover.NodeWatch(agent_namespace())
         seen_failovers = len(state.failovers)
         saved_at, unsaved = float("-inf"), None   # when progress was last written; tokens not written since
+        interval = PROGRESS_INTERVAL_S   # until the next write, from the size of the last
         interrupted = False   # the operator stops mid-session: its successor resumes from the agents
         try:
             if resume:
@@ -221,20 +227,23 @@ class SessionRun:
                 proof_publisher.publish(driver, writer.index)
 
             def save(tokens: list[int]) -> None:
-                nonlocal saved_at, unsaved
+                nonlocal saved_at, unsaved, interval
                 with driver._lock:
                     state.proofs = proof_publisher.unpublished(driver)
                     saved = state.to_json()
-                self.patch_status(tokens=tokens, position=len(tokens), text=tok.decode(tokens),
+                text = tok.decode(tokens)
+                self.patch_status(tokens=tokens, position=len(tokens), text=text,
                                   stageEpochs=list(state.epochs), report={"driverState": saved})
                 saved_at, unsaved = time.monotonic(), None
+                written = len(json.dumps(saved)) + len(text) + 6 * len(tokens)   # about what the patch carried
+                interval = max(PROGRESS_INTERVAL_S, written / PROGRESS_BYTES_PER_S)
                 publish()
 
             def on_token(tokens: list[int]) -> None:
                 nonlocal unsaved
                 session_metrics.generated(self.namespace, self.name, len(tokens))
                 unsaved = tokens
-                if time.monotonic() - saved_at >= PROGRESS_INTERVAL_S:
+                if time.monotonic() - saved_at >= interval:
                     save(tokens)
 
             pipe = _Guarded(driver, self.stopped, nodes_watch)

@@ -82,10 +82,13 @@ class SessionState:
         return bool(u < self.audit_probability)
 
     def to_json(self) -> dict:
-        o = dataclasses.asdict(self)
-        o["audits"] = [_compact_audit(a) for a in o["audits"]]
-        o["batches"] = _compact_runs(o["batches"])
-        return o
+        """A copy, JSON values only, that the driver's threads can go on changing the state beside."""
+        o = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        o["audits"] = [_compact_audit(a) for a in self.audits]
+        o["batches"] = _compact_runs(self.batches)
+        # Copied through JSON text: the json module's C code copies a long session's state in
+        # milliseconds, where dataclasses.asdict took a quarter of a second at 8,000 tokens.
+        return json.loads(json.dumps(o))
 
     @classmethod
     def from_json(cls, o: dict) -> "SessionState":
