@@ -198,6 +198,8 @@ class SessionRun:
         seen_failovers = len(state.failovers)
         saved_at, unsaved = float("-inf"), None   # when progress was last written; tokens not written since
         interval = PROGRESS_INTERVAL_S   # until the next write, from the size of the last
+        emitted: list[float] = []   # when each new token of this run came out
+        have = 0   # tokens on_token was last given (a rollback's rewind gives fewer: no new token)
         interrupted = False   # the operator stops mid-session: its successor resumes from the agents
         try:
             if resume:
@@ -240,8 +242,11 @@ class SessionRun:
                 publish()
 
             def on_token(tokens: list[int]) -> None:
-                nonlocal unsaved
+                nonlocal unsaved, have
                 session_metrics.generated(self.namespace, self.name, len(tokens))
+                if len(tokens) > have:
+                    emitted.append(time.monotonic())
+                have = len(tokens)
                 unsaved = tokens
                 if time.monotonic() - saved_at >= interval:
                     save(tokens)
@@ -278,7 +283,11 @@ class SessionRun:
             session_metrics.ended(self.namespace, self.name)
         publish(final=True)
         a = state.audits
-        metrics = {"tokensPerSecond": round(result.tokens_per_s, 3), "wallSeconds": round(wall, 3),
+        # The rate the session's tokens came out at, from its first to its last, as a user watching
+        # status.tokens saw it; the steps' own rate leaves out the operator's writes between them.
+        seen = (len(emitted) - 1) / (emitted[-1] - emitted[0]) if len(emitted) > 1 and emitted[-1] > emitted[0] else 0.0
+        metrics = {"tokensPerSecond": round(seen or result.tokens_per_s, 3),
+                   "stepTokensPerSecond": round(result.tokens_per_s, 3), "wallSeconds": round(wall, 3),
                    "audits": len(a), "auditsPassed": sum(x["verdict"] == "Passed" for x in a),
                    "auditsPassedWithinTolerance": sum(x["verdict"] == "PassedWithinTolerance" for x in a),
                    "auditsMismatch": sum(x["verdict"] == "Mismatch" for x in a),

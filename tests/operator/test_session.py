@@ -54,6 +54,10 @@ def test_tokens_equal_the_baseline(completed, baseline):
     assert s["status"]["tokens"] == baseline
     assert s["status"]["position"] == len(baseline)
     assert s["status"]["stageEpochs"] == [1, 2, 1]
+    # Tokens as they came out, the operator's writes between steps included, come no faster than
+    # the steps alone.
+    m = s["status"]["metrics"]
+    assert 0 < m["tokensPerSecond"] <= m["stepTokensPerSecond"], m
 
 
 def test_a_receipt_for_every_stage_and_window_with_a_verdict(completed, bed):
