@@ -43,8 +43,10 @@ class GenerationResult:
     tokens: list[int]
     text: str
     prefill_ms: float
-    token_ms: list[float]                  # wall time of each generated token (the first includes prefill)
-    stage_ms: list[list[float]]            # per generated token, per stage
+    # Wall time of each token this run generated (the first includes prefill), and per stage: after
+    # `resume`, the tokens an earlier run generated have none, so these hold the last ones only.
+    token_ms: list[float]
+    stage_ms: list[list[float]]
     stopped: str                           # "max_tokens", "end_of_generation" or "context_full"
     rewinds: int = 0                       # rollbacks that regenerated from an earlier position
 
@@ -54,8 +56,9 @@ class GenerationResult:
 
     @property
     def tokens_per_s(self) -> float:
-        """Decode rate: tokens after the first over the time they took (prefill excluded)."""
-        n = len(self.tokens) - 1
+        """Decode rate: tokens after the first this run generated over the time they took (prefill
+        excluded)."""
+        n = len(self.token_ms) - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
     def per_stage_mean_ms(self) -> list[float]:
@@ -151,7 +154,8 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
         rewinds += 1
         stopped = "max_tokens"
         keep = max(0, q - len(prompt_tokens) + 1) if q >= len(prompt_tokens) else 0
-        del tokens[keep:], token_ms[keep:], stage_ms[keep:]
+        earlier = len(tokens) - len(token_ms)   # tokens a resumed run was given, without timings
+        del tokens[keep:], token_ms[max(0, keep - earlier):], stage_ms[max(0, keep - earlier):]
         if q < len(prompt_tokens) or not tokens:
             position, feed = 0, np.asarray(prompt_tokens, dtype=np.int32)
             del tokens[:], token_ms[:], stage_ms[:]

@@ -30,6 +30,17 @@ def test_the_single_node_stops_where_its_context_ends(model_path):
         baseline(model_path, 6, 5)
 
 
+def test_a_resumed_run_goes_on_where_the_earlier_stopped_and_times_its_own_tokens(model_path):
+    """generate(resume=...) on stages that hold the earlier run's keys and values: the tokens of one
+    uninterrupted run, and the timings (and the decode rate) of the tokens this run generated only."""
+    whole = baseline(model_path, 64, 12)
+    with LocalPipeline(model_path, None, StageConfig(threads=1, n_ctx=64)) as pipe:
+        first = generation.generate(pipe, PROMPT, 5)
+        rest = generation.generate(pipe, PROMPT, 12, resume=first.tokens)
+    assert rest.tokens == whole.tokens and first.tokens == whole.tokens[:5]
+    assert len(rest.token_ms) == 7 and rest.tokens_per_s == pytest.approx(6 / (sum(rest.token_ms[1:]) / 1000))
+
+
 def test_a_session_stops_at_the_smallest_context_its_nodes_hold_after_a_failover(tmp_path, model_path):
     contexts = {"A": 64, "B": 64, "C": 64, "D": 40}   # D, stage 1's backup, holds fewer positions
     servers, endpoints = {}, {}
