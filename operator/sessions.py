@@ -52,6 +52,10 @@ PROGRESS_INTERVAL_S = 0.25
 # etcd until the API server compacts its history (every 5 minutes by default), so a long session's
 # status (a few hundred KB at 8,000 tokens) is written less often than a short one's.
 PROGRESS_BYTES_PER_S = 256 * 1024
+# ...and with at least this many times its own duration between two writes, so that saving takes at
+# most a tenth of the token loop: at 2,400 tokens a write (the patch, then receipts and verdicts)
+# took 130 ms, mostly waiting for the API server, and written every 0.25 s it took 43% of the loop.
+PROGRESS_SPACING = 9.0
 AGENT_TLS = None   # the operator's client credentials for the agents (consortium.tls); None: --plaintext
 PROOF_KEY = None   # the operator's identity that signs fraud proofs (--proof-key); None: one key per session
 
@@ -230,6 +234,7 @@ class SessionRun:
 
             def save(tokens: list[int]) -> None:
                 nonlocal saved_at, unsaved, interval
+                began = time.monotonic()
                 with driver._lock:
                     state.proofs = proof_publisher.unpublished(driver)
                     saved = state.to_json()
@@ -238,8 +243,9 @@ class SessionRun:
                                   stageEpochs=list(state.epochs), report={"driverState": saved})
                 saved_at, unsaved = time.monotonic(), None
                 written = len(json.dumps(saved)) + len(text) + 6 * len(tokens)   # about what the patch carried
-                interval = max(PROGRESS_INTERVAL_S, written / PROGRESS_BYTES_PER_S)
                 publish()
+                interval = max(PROGRESS_INTERVAL_S, written / PROGRESS_BYTES_PER_S,
+                               PROGRESS_SPACING * (time.monotonic() - began))
 
             def on_token(tokens: list[int]) -> None:
                 nonlocal unsaved, have
