@@ -13,6 +13,7 @@ write saved computed again. A session that ends is released on its agents (their
 from __future__ import annotations
 
 import base64
+import collections
 import importlib.util
 import json
 import logging
@@ -52,9 +53,11 @@ PROGRESS_INTERVAL_S = 0.25
 # etcd until the API server compacts its history (every 5 minutes by default), so a long session's
 # status (a few hundred KB at 8,000 tokens) is written less often than a short one's.
 PROGRESS_BYTES_PER_S = 256 * 1024
-# ...and with at least this many times its own duration between two writes, so that saving takes at
-# most a tenth of the token loop: at 2,400 tokens a write (the patch, then receipts and verdicts)
-# took 130 ms, mostly waiting for the API server, and written every 0.25 s it took 43% of the loop.
+# ...and with at least this many times its own duration between two writes (the shortest of the last
+# three: one slow write, such as the first after a resume that publishes what its predecessor had not,
+# does not hold the next ones back), so that saving takes at most a tenth of the token loop: at 2,400
+# tokens a write (the patch, then receipts and verdicts) took 130 ms, mostly waiting for the API
+# server, and written every 0.25 s it took 43% of the loop.
 PROGRESS_SPACING = 9.0
 AGENT_TLS = None   # the operator's client credentials for the agents (consortium.tls); None: --plaintext
 PROOF_KEY = None   # the operator's identity that signs fraud proofs (--proof-key); None: one key per session
@@ -202,6 +205,7 @@ class SessionRun:
         seen_failovers = len(state.failovers)
         saved_at, unsaved = float("-inf"), None   # when progress was last written; tokens not written since
         interval = PROGRESS_INTERVAL_S   # until the next write, from the size of the last
+        write_s = collections.deque(maxlen=3)   # how long the last writes took
         emitted: list[float] = []   # when each new token of this run came out
         have = 0   # tokens on_token was last given (a rollback's rewind gives fewer: no new token)
         interrupted = False   # the operator stops mid-session: its successor resumes from the agents
@@ -244,8 +248,9 @@ class SessionRun:
                 saved_at, unsaved = time.monotonic(), None
                 written = len(json.dumps(saved)) + len(text) + 6 * len(tokens)   # about what the patch carried
                 publish()
+                write_s.append(time.monotonic() - began)
                 interval = max(PROGRESS_INTERVAL_S, written / PROGRESS_BYTES_PER_S,
-                               PROGRESS_SPACING * (time.monotonic() - began))
+                               PROGRESS_SPACING * min(write_s) if len(write_s) == write_s.maxlen else 0.0)
 
             def on_token(tokens: list[int]) -> None:
                 nonlocal unsaved, have
