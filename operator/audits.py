@@ -161,8 +161,8 @@ class AuditPublisher:
         # A node quarantined as a verifier (its verdicts overruled) may have no record as a worker.
         for node, rec in {**{n: (0,) * 5 for n in quarantined}, **records}.items():
             q = node in quarantined and node not in self._quarantined
-            if not q and (self._records.get(node) == rec
-                          or not final and time.monotonic() - self._records_at.get(node, -math.inf) < RECORD_INTERVAL_S):
+            recent = time.monotonic() - self._records_at.get(node, -math.inf) < RECORD_INTERVAL_S
+            if not q and (self._records.get(node) == rec or recent and not final):
                 continue
 
             def change(status: dict, rec=rec, node=node, q=q) -> dict:

@@ -204,7 +204,7 @@ class SessionRun:
         nodes_watch = failover.NodeWatch(agent_namespace())
         seen_failovers = len(state.failovers)
         saved_at, unsaved = float("-inf"), None   # when progress was last written; tokens not written since
-        interval = PROGRESS_INTERVAL_S   # until the next write, from the size of the last
+        interval = PROGRESS_INTERVAL_S   # until the next write, from the size and cost of the last ones
         write_s = collections.deque(maxlen=3)   # how long the last writes took
         emitted: list[float] = []   # when each new token of this run came out
         have = 0   # tokens on_token was last given (a rollback's rewind gives fewer: no new token)
@@ -296,7 +296,8 @@ class SessionRun:
         a = state.audits
         # The rate the session's tokens came out at, from its first to its last, as a user watching
         # status.tokens saw it; the steps' own rate leaves out the operator's writes between them.
-        seen = (len(emitted) - 1) / (emitted[-1] - emitted[0]) if len(emitted) > 1 and emitted[-1] > emitted[0] else 0.0
+        span = emitted[-1] - emitted[0] if emitted else 0.0
+        seen = (len(emitted) - 1) / span if span > 0 else 0.0
         metrics = {"tokensPerSecond": round(seen or result.tokens_per_s, 3),
                    "stepTokensPerSecond": round(result.tokens_per_s, 3), "wallSeconds": round(wall, 3),
                    "audits": len(a), "auditsPassed": sum(x["verdict"] == "Passed" for x in a),
