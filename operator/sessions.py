@@ -241,12 +241,12 @@ class SessionRun:
                 began = time.monotonic()
                 with driver._lock:
                     state.proofs = proof_publisher.unpublished(driver)
-                    saved = state.to_json()
+                    saved = state.dumps()
                 text = tok.decode(tokens)
                 self.patch_status(tokens=tokens, position=len(tokens), text=text,
-                                  stageEpochs=list(state.epochs), report={"driverState": saved})
+                                  stageEpochs=list(state.epochs), report={"driverState": json.loads(saved)})
                 saved_at, unsaved = time.monotonic(), None
-                written = len(json.dumps(saved)) + len(text) + 6 * len(tokens)   # about what the patch carried
+                written = len(saved) + len(text) + 6 * len(tokens)   # about what the patch carried
                 publish()
                 write_s.append(time.monotonic() - began)
                 interval = max(PROGRESS_INTERVAL_S, written / PROGRESS_BYTES_PER_S,

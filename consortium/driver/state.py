@@ -83,19 +83,20 @@ class SessionState:
 
     def to_json(self) -> dict:
         """A copy, JSON values only, that the driver's threads can go on changing the state beside."""
-        o = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        o["audits"] = [_compact_audit(a) for a in self.audits]
-        o["batches"] = _compact_runs(self.batches)
         # Copied through JSON text: the json module's C code copies a long session's state in
         # milliseconds, where dataclasses.asdict took a quarter of a second at 8,000 tokens.
-        return json.loads(json.dumps(o))
+        return json.loads(self.dumps())
 
     @classmethod
     def from_json(cls, o: dict) -> "SessionState":
         return cls(**{**o, "audits": audit_records(o), "batches": _expand_runs(o.get("batches") or [])})
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json())
+        """The saved form as JSON text."""
+        o = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        o["audits"] = [_compact_audit(a) for a in self.audits]
+        o["batches"] = _compact_runs(self.batches)
+        return json.dumps(o)
 
 
 # -- compact forms of what grows with every token ---------------------------------------------------
