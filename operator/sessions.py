@@ -26,7 +26,7 @@ import grpc
 import kopf
 import numpy as np
 
-from consortium import generation, kube, wire
+from consortium import generation, kube, receipt_check, wire
 from consortium import resources as r
 from consortium.driver.policy import NoCandidate
 from consortium.driver.session import DriverError, NodeBusy, SessionDriver
@@ -209,11 +209,49 @@ class SessionRun:
         emitted: list[float] = []   # when each new token of this run came out
         have = 0   # tokens on_token was last given (a rollback's rewind gives fewer: no new token)
         interrupted = False   # the operator stops mid-session: its successor resumes from the agents
+        latest = generated   # the tokens as generation last reported them
+        failure = None   # (reason, message) of a session that cannot go on
+
+        def publish(final: bool = False) -> None:
+            nonlocal seen_failovers
+            if len(state.failovers) > seen_failovers:
+                policy.finished(state.failovers[seen_failovers:])
+                seen_failovers = len(state.failovers)
+            writer.publish(driver)
+            publisher.publish(driver, writer.index, final=final)
+            proof_publisher.publish(driver, writer.index)
+
+        def save(tokens: list[int]) -> None:
+            nonlocal saved_at, unsaved, interval
+            began = time.monotonic()
+            with driver._lock:
+                state.proofs = proof_publisher.unpublished(driver)
+                saved = state.dumps()
+            text = tok.decode(tokens)
+            self.patch_status(tokens=tokens, position=len(tokens), text=text,
+                              stageEpochs=list(state.epochs), report={"driverState": json.loads(saved)})
+            saved_at, unsaved = time.monotonic(), None
+            written = len(saved) + len(text) + 6 * len(tokens)   # about what the patch carried
+            publish()
+            write_s.append(time.monotonic() - began)
+            interval = max(PROGRESS_INTERVAL_S, written / PROGRESS_BYTES_PER_S,
+                           PROGRESS_SPACING * min(write_s) if len(write_s) == write_s.maxlen else 0.0)
+
+        def on_token(tokens: list[int]) -> None:
+            nonlocal unsaved, have, latest
+            session_metrics.generated(self.namespace, self.name, len(tokens))
+            if len(tokens) > have:
+                emitted.append(time.monotonic())
+            have = len(tokens)
+            unsaved = latest = tokens
+            if time.monotonic() - saved_at >= interval:
+                save(tokens)
+
         try:
             if resume:
                 writer.load_existing()
                 publisher.resumed(driver, writer.index, writer.shown)
-                generated = self._resume(driver, views, writer.index, generated)
+                generated = latest = self._resume(driver, views, writer.index, generated)
                 kube.event(self.body, "Resumed", f"resumed at token {len(generated)} (position "
                                                  f"{state.done[0]}), epochs {state.epochs}")
             else:
@@ -226,41 +264,6 @@ class SessionRun:
                            f"generation stops at {limit - len(prompt) + 1} tokens (context_full)", type_="Warning")
             # Published so that anyone holding one of this session's fraud proofs can tell who signed it.
             self.patch_status(stagesReady=f"{len(chosen)}/{len(chosen)}", proofKey=driver.proofs.public_key_text)
-
-            def publish(final: bool = False) -> None:
-                nonlocal seen_failovers
-                if len(state.failovers) > seen_failovers:
-                    policy.finished(state.failovers[seen_failovers:])
-                    seen_failovers = len(state.failovers)
-                writer.publish(driver)
-                publisher.publish(driver, writer.index, final=final)
-                proof_publisher.publish(driver, writer.index)
-
-            def save(tokens: list[int]) -> None:
-                nonlocal saved_at, unsaved, interval
-                began = time.monotonic()
-                with driver._lock:
-                    state.proofs = proof_publisher.unpublished(driver)
-                    saved = state.dumps()
-                text = tok.decode(tokens)
-                self.patch_status(tokens=tokens, position=len(tokens), text=text,
-                                  stageEpochs=list(state.epochs), report={"driverState": json.loads(saved)})
-                saved_at, unsaved = time.monotonic(), None
-                written = len(saved) + len(text) + 6 * len(tokens)   # about what the patch carried
-                publish()
-                write_s.append(time.monotonic() - began)
-                interval = max(PROGRESS_INTERVAL_S, written / PROGRESS_BYTES_PER_S,
-                               PROGRESS_SPACING * min(write_s) if len(write_s) == write_s.maxlen else 0.0)
-
-            def on_token(tokens: list[int]) -> None:
-                nonlocal unsaved, have
-                session_metrics.generated(self.namespace, self.name, len(tokens))
-                if len(tokens) > have:
-                    emitted.append(time.monotonic())
-                have = len(tokens)
-                unsaved = tokens
-                if time.monotonic() - saved_at >= interval:
-                    save(tokens)
 
             pipe = _Guarded(driver, self.stopped, nodes_watch)
             t0 = time.perf_counter()
@@ -281,37 +284,27 @@ class SessionRun:
                     log.info("session %s/%s: its last progress was not saved: %s", self.namespace, self.name, e)
             raise
         except (NoCandidate, DriverError) as e:
-            self.fail("StageLost", str(e))
-            return
+            failure = ("StageLost", str(e))
         except generation.ContextFull as e:
-            self.fail("PromptTooLong", f"{e} (node-agent --ctx)")
-            return
+            failure = ("PromptTooLong", f"{e} (node-agent --ctx)")
         finally:
             # A session that ended, completed or failed, gives back its sequence slots (and KV
             # memory) on every agent: they were held until the session was deleted, and with eight
             # slots a layer range, the ninth session in a row failed RESOURCE_EXHAUSTED.
             driver.close(release=not interrupted)
             session_metrics.ended(self.namespace, self.name)
+        if failure is not None:
+            self._end_failed(failure, driver, writer, latest, save, publish, emitted)
+            return
         publish(final=True)
-        a = state.audits
-        # The rate the session's tokens came out at, from its first to its last, as a user watching
-        # status.tokens saw it; the steps' own rate leaves out the operator's writes between them.
-        span = emitted[-1] - emitted[0] if emitted else 0.0
-        seen = (len(emitted) - 1) / span if span > 0 else 0.0
-        metrics = {"tokensPerSecond": round(seen or result.tokens_per_s, 3),
-                   "stepTokensPerSecond": round(result.tokens_per_s, 3), "wallSeconds": round(wall, 3),
-                   "audits": len(a), "auditsPassed": sum(x["verdict"] == "Passed" for x in a),
-                   "auditsPassedWithinTolerance": sum(x["verdict"] == "PassedWithinTolerance" for x in a),
-                   "auditsMismatch": sum(x["verdict"] == "Mismatch" for x in a),
-                   "auditsFraud": sum(x["verdict"] == "Fraud" for x in a),
-                   "failovers": len(state.failovers), "rollbacks": len(state.rollbacks),
-                   "receipts": len(writer.index), "receiptsDiscarded": writer.discarded,
-                   **step_metrics(driver.steps)}
         with driver._lock:
             state.proofs = proof_publisher.unpublished(driver)   # empty unless the API refused some
             saved = state.to_json()
+        metrics = self._metrics(state, emitted, writer, driver.steps)
+        metrics.update(tokensPerSecond=metrics["tokensPerSecond"] or round(result.tokens_per_s, 3),
+                       stepTokensPerSecond=round(result.tokens_per_s, 3), wallSeconds=round(wall, 3))
         self.patch_status(tokens=result.tokens, position=len(result.tokens), text=result.text,
-                          stageEpochs=list(state.epochs), metrics=metrics, finishedAt=kube.timestamp(),
+                          stageEpochs=list(state.epochs), finishedAt=kube.timestamp(), metrics=metrics,
                           report={"driverState": saved, "stopped": result.stopped,
                                   "counters": report_counters(counters),
                                   "rpc": driver.rpc.summary(),
@@ -320,8 +313,59 @@ class SessionRun:
         self.set_condition("StageFailover", False, "NoFailover", "") if not state.failovers else None
         self.set_condition("Ready", True, "Completed", f"{len(result.tokens)} tokens ({result.stopped})",
                            phase="Completed")
-        kube.event(self.body, "Completed", f"{len(result.tokens)} tokens, {len(a)} audits, "
+        kube.event(self.body, "Completed", f"{len(result.tokens)} tokens, {len(state.audits)} audits, "
                                            f"{len(state.failovers)} failover(s)")
+
+    @staticmethod
+    def _metrics(state: SessionState, emitted: list[float], writer, steps) -> dict:
+        a = state.audits
+        # The rate the session's tokens came out at, from its first to its last, as a user watching
+        # status.tokens saw it; the steps' own rate (stepTokensPerSecond) leaves out the operator's
+        # writes between them.
+        span = emitted[-1] - emitted[0] if emitted else 0.0
+        return {"tokensPerSecond": round((len(emitted) - 1) / span, 3) if span > 0 else 0.0,
+                "audits": len(a), "auditsPassed": sum(x["verdict"] == "Passed" for x in a),
+                "auditsPassedWithinTolerance": sum(x["verdict"] == "PassedWithinTolerance" for x in a),
+                "auditsMismatch": sum(x["verdict"] == "Mismatch" for x in a),
+                "auditsFraud": sum(x["verdict"] == "Fraud" for x in a),
+                "failovers": len(state.failovers), "rollbacks": len(state.rollbacks),
+                "receipts": len(writer.index), "receiptsDiscarded": writer.discarded,
+                **step_metrics(steps)}
+
+    def _end_failed(self, failure: tuple[str, str], driver: SessionDriver, writer, tokens: list[int],
+                    save, publish, emitted: list[float]) -> None:
+        """A session that cannot go on keeps its record, as a completed one does: its receipts,
+        verdicts and fraud proofs, the driver's state (failovers, audits, rollbacks), and the tokens
+        generated that its receipts back (every stage's signed rows up to the last token's) and no
+        pending rollback puts in doubt; then it is Failed with the reason."""
+        reason, message = failure
+        n_prompt = len(driver.state.prompt_tokens)
+        at, why = driver.abandon()
+        try:
+            publish(final=True)
+            # The first position some stage has no standing Receipt for: a node that died before its
+            # rows' commitments came, with no backup left to replay and sign them.
+            items = [{"spec": {"stage": w["stage"], "window": {"start": w["start"], "count": w["count"]},
+                               "rollbacks": w.get("rollbacks", 0)}} for w in writer.index.values()]
+            gaps = receipt_check.receipt_gaps(items, n_prompt, len(tokens), len(driver.state.nodes),
+                                              receipt_check.standing(items))
+            unsigned = min((g[0] for g in gaps.values() if g), default=None)
+            if unsigned is not None and (at is None or unsigned < at):
+                at, why = unsigned, (f"no Receipt covers position {unsigned} on every stage: a node died before "
+                                     f"its commitments came, and no backup was left to sign the rows again")
+            if at is not None:
+                keep = max(0, at - n_prompt + 1)
+                if keep < len(tokens):
+                    message += f"; {keep} of the {len(tokens)} tokens generated are kept ({why})"
+                    tokens = tokens[:keep]
+            save(tokens)
+            self.patch_status(metrics=self._metrics(driver.state, emitted, writer, driver.steps),
+                              report={"stopped": "failed", "rpc": driver.rpc.summary(),
+                                      "steps": report_steps(driver.steps)})
+        except Exception:   # the reason below matters more than the record
+            log.exception("session %s/%s: its record was not written in full before failing", self.namespace,
+                          self.name)
+        self.fail(reason, message)
 
     def _start(self, driver: SessionDriver) -> None:
         """driver.start(), waiting while a node has no free sequence slot for its stage (the

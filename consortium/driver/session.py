@@ -259,6 +259,7 @@ class SessionDriver:
         # Per generation a rollback ended: the position it cut the session back to (None: nothing
         # cut). A unit at an earlier position stands; one at or after it was computed again.
         self._cuts: list[int | None] = []
+        self._rolling_back: int | None = None   # the position of a rollback under way
         self._pending_fraud: list[tuple[str, str]] = []
         # Accusing verdicts waiting for a second verifier (none alive yet): (stage, verifier, unit,
         # its row, result); decided at the session's end.
@@ -1515,18 +1516,14 @@ class SessionDriver:
         st = self.state
         self._settle_checks()
         with self._lock:
-            first_bad = at
-            for s in range(self.n_stages if node is not None else 0):
-                since = st.last_passed.get(f"{s}/{node}", -1)
-                ps = [p for p, (n, _, _) in self._commits[s].items() if n == node and p > since]
-                if ps:
-                    first_bad = min(ps) if first_bad is None else min(first_bad, min(ps))
+            first_bad = self._first_unproven(node, at)
             if node is not None:
                 st.quarantined.append(node)
             # a prompt is replayed whole, in the same shape
             q = None if first_bad is None else first_bad if first_bad >= len(st.prompt_tokens) else 0
             self._cuts.append(q)
             self._generation += 1
+            self._rolling_back = q   # until the stages are truncated and failed over (abandon())
         served = [s for s in range(self.n_stages) if node is not None and st.nodes[s] == node]
         if q is None:
             for s in served:
@@ -1562,9 +1559,40 @@ class SessionDriver:
         st.rollbacks.append({"node": node, "reason": why, "to_position": q,
                              "to_token": max(0, q - len(st.prompt_tokens)), "stages": served,
                              "ms": round((time.perf_counter() - t0) * 1000, 3)})
+        self._rolling_back = None
         return q
 
+    def _first_unproven(self, node: str | None, at: int | None) -> int | None:
+        """The first position `node` (if any) computed since its last passed audit, or `at` if that
+        is earlier: where a rollback for it regenerates from. Under the lock."""
+        first_bad = at
+        for s in range(self.n_stages if node is not None else 0):
+            since = self.state.last_passed.get(f"{s}/{node}", -1)
+            ps = [p for p, (n, _, _) in self._commits[s].items() if n == node and p > since]
+            if ps:
+                first_bad = min(ps) if first_bad is None else min(first_bad, min(ps))
+        return first_bad
+
     # -- end -------------------------------------------------------------------------------------
+
+    def abandon(self) -> tuple[int | None, str]:
+        """For a session that cannot go on (a stage has no node left), once closed: quarantine every
+        node caught meanwhile, as a rollback would, and say from which position on the rollbacks and
+        rewinds still pending would have computed the session again (None: none) and why. Nothing is
+        recomputed, truncated or failed over."""
+        with self._lock:
+            rewinds, self._pending_rewind = self._pending_rewind, []
+            frauds, self._pending_fraud = self._pending_fraud, []
+            at = min((p for p, _ in rewinds), default=None)
+            if self._rolling_back is not None:   # the session failed while rolling back: its failover found no node
+                at = self._rolling_back if at is None else min(at, self._rolling_back)
+                rewinds.append((self._rolling_back, f"a rollback to position {self._rolling_back} did not finish"))
+            for node, _ in frauds:
+                at = self._first_unproven(node, at)
+                if node not in self.state.quarantined:
+                    self.state.quarantined.append(node)
+            why = "; ".join([w for _, w in rewinds] + [f"{n} caught: {w}" for n, w in frauds])
+        return at, why
 
     def counters(self) -> dict[str, list]:
         """Each reachable agent's forward counters for this session: node -> [(stage, position, fwd, replay)]."""

@@ -5,8 +5,10 @@ upstream, which would resend stage 1's inputs) are stopped together mid-generati
 stage 1 finds no one to resend, fails stage 0 over as well (rebuilt from the token ids), takes stage
 1's inputs from stage 0's replacement, and the session ends with the single-node tokens.
 """
+import pytest
+
 from consortium import generation
-from consortium.driver.policy import LocalPolicy
+from consortium.driver.policy import LocalPolicy, NoCandidate
 from consortium.driver.session import SessionDriver
 from consortium.driver.state import SessionState
 from consortium.layers import LayerRange
@@ -196,3 +198,28 @@ def test_window_selection_draws_once_for_the_prompt_and_once_per_window_after_it
                           audit_seed=seed, audit_window=4).selected(0, p)
              for seed in range(500) for p in (0, 32, 60)]
     assert 0.15 < sum(draws) / len(draws) < 0.25
+
+
+class _NoBackups(LocalPolicy):
+    """Verifiers as usual, but no node may take a stage over (a backup selector nobody matches)."""
+
+    def choose_backup(self, stage, failed, candidates):
+        raise NoCandidate(f"no backup for stage {stage}")
+
+
+def test_a_rollback_that_finds_no_backup_leaves_its_cut_to_abandon(tmp_path, model_path):
+    """A cheater caught on stage 1 with no node to take its stage over: the rollback quarantines it,
+    truncates the other stages, then cannot fail stage 1 over, and the session cannot go on.
+    abandon() says from where its tokens are not to be kept (the rollback's cut, which its rows
+    reach back to) and keeps the cheater quarantined, so that a failed session shows none of them."""
+    servers, endpoints = start_agents(tmp_path, {"H": None, "C": "skip-layer"})
+    state = SessionState(session="no-backup", prompt_tokens=PROMPT, nodes=["H", "C", "H"], epochs=[1, 1, 1],
+                         audit_probability=1.0)
+    driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
+                           endpoints=endpoints, state=state, policy=_NoBackups(["H", "C"]), rpc_timeout_s=10.0)
+    with pytest.raises(NoCandidate):
+        generate_then_stop(driver, servers)
+    at, why = driver.abandon()
+    assert state.quarantined == ["C"] and state.rollbacks == []   # begun, never finished
+    assert at == 0, (at, why)   # C computed every position since the prompt's first, none of it passed
+    assert "did not finish" in why, why

@@ -64,8 +64,14 @@ def test_double_failure_without_a_second_backup_stops_with_a_reason(lab, baselin
                               backup_labels={r.LABEL_COORDINATOR: "true"})
     finally:
         lab.bed.set_quarantined("h3", False)
+    print("DOUBLE", res)
     assert res["victim"] == "h2" and res["backup_killed"] == "h0", res
     assert res["phase"] == "Failed" and not res["completed"], res
     assert res["reason"].startswith("StageLost: no backup for stage 1"), res["reason"]
     assert res["prefix_of_baseline"], res   # stopped, never with wrong tokens
     assert res["false_fraud"] == 0
+    # Failed, it keeps its record: the tokens up to the kill (the last one dropped if its rows died
+    # unsigned with h0), every one of them backed by verifying Receipts of every stage, its audits.
+    assert res["tokens"] >= 4 - 1, res
+    assert not res["receipt_gaps"] and not res["receipts_not_verifying"], res
+    assert res["audits"] > 0, res
