@@ -47,7 +47,7 @@ class GenerationResult:
     # `resume`, the tokens an earlier run generated have none, so these hold the last ones only.
     token_ms: list[float]
     stage_ms: list[list[float]]
-    stopped: str                           # "max_tokens", "end_of_generation" or "context_full"
+    stopped: str                           # "max_tokens", "end_of_generation", "context_full" or stop()'s reason
     rewinds: int = 0                       # rollbacks that regenerated from an earlier position
 
     @property
@@ -83,13 +83,15 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
              detokenize: Callable[[list[int]], str] | None = None, seq: int = 0,
              progress: Callable[[int, int, float], None] | None = None,
              resume: list[int] | None = None,
-             on_token: Callable[[list[int]], None] | None = None) -> GenerationResult:
+             on_token: Callable[[list[int]], None] | None = None,
+             stop: Callable[[], str | None] | None = None) -> GenerationResult:
     """Greedy or seeded sampling of up to max_tokens after the prompt.
 
     resume: tokens an earlier run of the same session already generated (the pipeline's stages hold
     the KV of every position but the last token's): generation goes on from there instead of
     prefilling again. on_token: called with the tokens so far after each one (and after a rewind), so
-    a caller can save progress.
+    a caller can save progress. stop: asked before each token; a reason it gives ends generation
+    there, as `stopped`.
     """
     if max_tokens < 1:
         raise ValueError("max_tokens must be at least 1")
@@ -121,6 +123,8 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
         full = limit is not None and position + len(feed) > limit
         if full and stopped != "end_of_generation" and len(tokens) < max_tokens:
             stopped = "context_full"
+        if stop is not None and stopped == "max_tokens" and len(tokens) < max_tokens:
+            stopped = stop() or stopped
         if len(tokens) >= max_tokens or stopped != "max_tokens":
             q = rewind(wait=True) if rewind else None
             if q is None:

@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ed25519 key file (PKCS#8 PEM, mode 0600; created if absent) with which the operator "
                         "signs fraud proofs as the coordinator (default: CONSORTIUM_PROOF_KEY, else the PEM text "
                         "in CONSORTIUM_PROOF_KEY_PEM, else a new key per session, named in each proof)")
+    p.add_argument("--status-budget-bytes", type=int, metavar="N",
+                   default=os.environ.get("CONSORTIUM_STATUS_BUDGET_BYTES") or "1310720",
+                   help="a session stops generating (stopped: status_full) once its status reaches N bytes, so "
+                        "that the object stays under etcd's request limit (default CONSORTIUM_STATUS_BUDGET_BYTES, "
+                        "else 1310720: 1.25 MiB, for etcd's default 1.5 MiB)")
     tls.add_arguments(p, "driver")
     return p
 
@@ -51,6 +56,9 @@ def proof_identity(path: str | None, pem: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.status_budget_bytes < 1:
+        print("error: --status-budget-bytes must be positive", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         creds = tls.from_args(args)
@@ -81,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"error: --metrics-port {args.metrics_port}: {e}", file=sys.stderr)
             return 2
+    sessions.STATUS_BUDGET_BYTES = args.status_budget_bytes
     sessions.AGENT_TLS = creds
     sessions.PROOF_KEY = proof_key
     if proof_key is not None:

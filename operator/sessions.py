@@ -59,6 +59,12 @@ PROGRESS_BYTES_PER_S = 256 * 1024
 # tokens a write (the patch, then receipts and verdicts) took 130 ms, mostly waiting for the API
 # server, and written every 0.25 s it took 43% of the loop.
 PROGRESS_SPACING = 9.0
+# A session stops generating (stopped: status_full) once a progress write carries more than this:
+# the whole object, status included, must stay under etcd's request limit (1.5 MiB by default), or
+# every later write fails and the session could neither finish nor be resumed. A session of the
+# longest maxTokens with audits passing by equal hashes writes about 1.1 MB (tests/dataplane/
+# test_state_size.py); one whose audits all pass within tolerance, as many at about half its length.
+STATUS_BUDGET_BYTES = 1_310_720
 AGENT_TLS = None   # the operator's client credentials for the agents (consortium.tls); None: --plaintext
 PROOF_KEY = None   # the operator's identity that signs fraud proofs (--proof-key); None: one key per session
 
@@ -210,6 +216,7 @@ class SessionRun:
         have = 0   # tokens on_token was last given (a rollback's rewind gives fewer: no new token)
         interrupted = False   # the operator stops mid-session: its successor resumes from the agents
         latest = generated   # the tokens as generation last reported them
+        status_full = False   # the last write reached STATUS_BUDGET_BYTES: no more tokens
         failure = None   # (reason, message) of a session that cannot go on
 
         def publish(final: bool = False) -> None:
@@ -222,7 +229,7 @@ class SessionRun:
             proof_publisher.publish(driver, writer.index)
 
         def save(tokens: list[int]) -> None:
-            nonlocal saved_at, unsaved, interval
+            nonlocal saved_at, unsaved, interval, status_full
             began = time.monotonic()
             with driver._lock:
                 state.proofs = proof_publisher.unpublished(driver)
@@ -232,6 +239,11 @@ class SessionRun:
                               stageEpochs=list(state.epochs), report={"driverState": json.loads(saved)})
             saved_at, unsaved = time.monotonic(), None
             written = len(saved) + len(text) + 6 * len(tokens)   # about what the patch carried
+            if written > STATUS_BUDGET_BYTES and not status_full:
+                status_full = True
+                kube.event(self.body, "StatusFull", f"the session's status reached {written} bytes at token "
+                           f"{len(tokens)} (the operator's --status-budget-bytes: {STATUS_BUDGET_BYTES}); "
+                           f"generation stops there (status_full)", type_="Warning")
             publish()
             write_s.append(time.monotonic() - began)
             interval = max(PROGRESS_INTERVAL_S, written / PROGRESS_BYTES_PER_S,
@@ -272,7 +284,7 @@ class SessionRun:
                 sampling=SamplingParams(temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
                                         seed=spec.sampling.seed),
                 is_end=tok.is_end_of_generation, detokenize=tok.decode, resume=generated if resume else None,
-                on_token=on_token)
+                on_token=on_token, stop=lambda: "status_full" if status_full else None)
             wall = time.perf_counter() - t0
             counters = driver.counters()
         except Interrupted:

@@ -161,3 +161,31 @@ def test_a_node_quarantined_elsewhere_is_dropped_by_a_running_session(agents_up,
     assert "quarantined in the cluster" in drv["rollbacks"][0]["reason"]
     assert [(f["stage"], f["from"]) for f in drv["failovers"]] == [(1, "n2")]
     assert bed.get("stageassignment", f"{name}-s1", ns)["spec"]["nodeName"] != "n2"
+
+
+def test_a_status_at_its_budget_stops_generation_with_a_reason(agents_up, baseline, monkeypatch):
+    """An operator whose status budget is smaller than any session's first write (the default, 1.25
+    MiB, sits below etcd's limit): the session stops after the token that write carried, Completed
+    with report.stopped status_full and a StatusFull Event, instead of writing on until the API
+    server refuses every write."""
+    bed = agents_up
+    ns, name = "budget", "stops-early"
+    bed.cluster.kubectl("create", "namespace", ns)
+    bed.kill_operator()
+    monkeypatch.setenv("CONSORTIUM_STATUS_BUDGET_BYTES", "1")
+    bed.start_operator()
+    try:
+        bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(MAX_TOKENS, name)))
+        s = bed.wait_phase(name, ns, ("Completed", "Failed"), 300)
+    finally:
+        bed.kill_operator()
+        monkeypatch.delenv("CONSORTIUM_STATUS_BUDGET_BYTES")
+        bed.start_operator()
+    st = s["status"]
+    assert st["phase"] == "Completed" and st["report"]["stopped"] == "status_full", st.get("conditions")
+    assert st["tokens"] == baseline[:1]
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == "1 tokens (status_full)", ready
+    events = bed.cluster.kubectl("get", "events", "-n", ns, "-o", "json")
+    full = [e for e in json.loads(events.stdout)["items"] if e["reason"] == "StatusFull"]
+    assert len(full) == 1 and "generation stops there" in full[0]["message"], full
