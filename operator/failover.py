@@ -21,6 +21,8 @@ from consortium_operator import placement
 
 log = logging.getLogger("consortium.operator.failover")
 
+VERIFIER_VIEWS_MAX_AGE_S = 1.0
+
 
 class KubePolicy:
     def __init__(self, session: dict, spec: r.InferenceSessionSpec, agent_namespace: str | None,
@@ -31,9 +33,14 @@ class KubePolicy:
         self.decisions: list[dict] = []
         self.stage_bytes: list[int] = []   # each stage's share of the weights, when known
         self._warmed: dict[str, int] = {}  # node -> bytes of stages it was asked to load ahead
+        self._views: tuple[float, dict[str, placement.NodeView]] = (float("-inf"), {})   # (read at, by name)
 
-    def _usable(self, candidates: Sequence[str]) -> list[placement.NodeView]:
-        views = {n.name: n for n in placement.node_views(self.agent_namespace)}
+    def _usable(self, candidates: Sequence[str], max_age_s: float = 0.0) -> list[placement.NodeView]:
+        """The candidates that are usable now, from ComputeNodes and Leases read at most max_age_s ago."""
+        at, views = self._views
+        if time.monotonic() - at > max_age_s:
+            views = {n.name: n for n in placement.node_views(self.agent_namespace)}
+            self._views = time.monotonic(), views
         return [views[c] for c in candidates if c in views and views[c].why_not() is None]
 
     def choose_backup(self, stage: int, failed: str, candidates: Sequence[str]) -> str:
@@ -90,7 +97,10 @@ class KubePolicy:
         sel = self.spec.audit.verifier_selector
         names = [c for c in candidates if c != worker]
         try:
-            usable = self._usable(names)
+            # Read again at most once a second: the auditor chose a verifier for each group of units
+            # it took, two LIST calls each (about 13 a second in a 1,000-token session). A verifier
+            # that died since is found out by its audit, which is then tried on another node.
+            usable = self._usable(names, VERIFIER_VIEWS_MAX_AGE_S)
         except Exception:  # noqa: BLE001 - the API away for a moment must not stop an audit
             usable = []
         preferred = [n.name for n in usable if placement.matches(sel, n.labels)]
