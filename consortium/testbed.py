@@ -169,13 +169,22 @@ class Testbed:
         processes.stop(([self.operator] if self.operator else []) + list(self.agents.values()), timeout=15)
 
     def set_quarantined(self, node: str, value: bool) -> None:
-        """Set or lift a ComputeNode's Quarantined condition, as the operator would (for tests)."""
-        cn = self.get("computenode", node)
-        conds = [c for c in (cn.get("status") or {}).get("conditions", []) if c["type"] != "Quarantined"]
-        conds.append({"type": "Quarantined", "status": "True" if value else "False", "reason": "Test",
-                      "message": "set by the test", "lastTransitionTime": kube.timestamp()})
-        self.cluster.kubectl("patch", "computenode", node, "--subresource=status", "--type", "merge",
-                             "-p", json.dumps({"status": {"conditions": conds}}))
+        """Set or lift a ComputeNode's Quarantined condition, as the operator would (for tests):
+        written at the resourceVersion read, read again on a conflict, so that a condition the
+        agent's registrar writes meanwhile is neither lost nor undoes this one."""
+        for _ in range(8):
+            cn = self.get("computenode", node)
+            conds = [c for c in (cn.get("status") or {}).get("conditions", []) if c["type"] != "Quarantined"]
+            conds.append({"type": "Quarantined", "status": "True" if value else "False", "reason": "Test",
+                          "message": "set by the test", "lastTransitionTime": kube.timestamp()})
+            body = {"metadata": {"resourceVersion": cn["metadata"]["resourceVersion"]}, "status": {"conditions": conds}}
+            res = self.cluster.kubectl("patch", "computenode", node, "--subresource=status", "--type", "merge",
+                                       "-p", json.dumps(body), check=False)
+            if res.returncode == 0:
+                return
+            if "the object has been modified" not in res.stderr:
+                raise RuntimeError(f"quarantining {node}: {res.stderr.strip()}")
+        raise RuntimeError(f"quarantining {node}: conflicts on every try")
 
     # -- API ---------------------------------------------------------------------------------------
 
