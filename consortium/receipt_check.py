@@ -133,7 +133,7 @@ def _spans(positions: set[int]) -> str:
 def check(session: dict, receipts: list[dict], nodes: list[dict]) -> dict:
     """The check of one session (an InferenceSession object) against the Receipt and ComputeNode
     objects read from the API. `ok`: every Receipt it owns verifies, every fraud proof holds, and,
-    once the session has completed, every position of every stage is covered."""
+    once the session has ended (Completed or Failed), every position of every stage is covered."""
     md, st = session["metadata"], session.get("status") or {}
     drv = (st.get("report") or {}).get("driverState") or {}
     by_name = {n["metadata"]["name"]: n for n in nodes}
@@ -150,9 +150,9 @@ def check(session: dict, receipts: list[dict], nodes: list[dict]) -> dict:
         n, bad = _proof_problems(it, st.get("proofKey"))
         proofs += n
         proofs_failed += [{"receipt": it["metadata"]["name"], "reason": b} for b in bad]
-    # A failed or running session may hold rows no window has closed over yet: coverage is judged once
-    # it has completed.
-    final = st.get("phase") == "Completed"
+    # A running session may hold rows no window has closed over yet: coverage is judged once it has
+    # ended. A failed one keeps only the tokens its Receipts back (the operator drops the rest).
+    final = st.get("phase") in ("Completed", "Failed")
     stands = standing(owned)
     gaps = (receipt_gaps(verified, prompt_len, n_tokens, stages, stands) if prompt_len
             else {s: [] for s in range(stages)})

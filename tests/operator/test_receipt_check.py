@@ -95,7 +95,7 @@ def test_a_node_that_publishes_another_key_or_none(run):
     assert not res["ok"] and "no ComputeNode 'a'" in res["failed"][0]["reasons"][0]
 
 
-def test_coverage_is_judged_once_the_session_has_completed(run):
+def test_coverage_is_judged_once_the_session_has_ended(run):
     items, nodes, _ = run
     longer = session(tokens=TOKENS + 2)   # positions 8 and 9 fed, in no receipt
     res = receipt_check.check(longer, items, nodes)
@@ -103,6 +103,10 @@ def test_coverage_is_judged_once_the_session_has_completed(run):
     assert "NOT COVERED: stage 0 positions 8, 9" in "\n".join(receipt_check.lines(res))
     running = session(phase="Running", tokens=TOKENS + 2)
     assert receipt_check.check(running, items, nodes)["ok"]
+    # A failed session shows only tokens its Receipts back (the operator drops the others).
+    failed = session(phase="Failed", tokens=TOKENS + 2)
+    assert not receipt_check.check(failed, items, nodes)["ok"]
+    assert receipt_check.check(session(phase="Failed"), items, nodes)["ok"]
 
 
 def test_a_namesakes_receipts_are_not_counted(run):
