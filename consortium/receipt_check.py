@@ -154,7 +154,8 @@ def check(session: dict, receipts: list[dict], nodes: list[dict]) -> dict:
     # ended. A failed one keeps only the tokens its Receipts back (the operator drops the rest).
     final = st.get("phase") in ("Completed", "Failed")
     stands = standing(owned)
-    gaps = (receipt_gaps(verified, prompt_len, n_tokens, stages, stands) if prompt_len
+    # Positions that led to a token shown: none before the first (a session that failed in its prompt).
+    gaps = (receipt_gaps(verified, prompt_len, n_tokens, stages, stands) if prompt_len and n_tokens
             else {s: [] for s in range(stages)})
     per_stage = []
     for s in range(stages):

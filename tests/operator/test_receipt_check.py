@@ -107,6 +107,9 @@ def test_coverage_is_judged_once_the_session_has_ended(run):
     failed = session(phase="Failed", tokens=TOKENS + 2)
     assert not receipt_check.check(failed, items, nodes)["ok"]
     assert receipt_check.check(session(phase="Failed"), items, nodes)["ok"]
+    # Failed in its prompt: no token came of the rows it computed.
+    stage_1 = [it for it in items if it["spec"]["stage"] == 1]   # stage 0's node died before signing
+    assert receipt_check.check(session(phase="Failed", tokens=0), stage_1, nodes)["complete"]
 
 
 def test_a_namesakes_receipts_are_not_counted(run):
