@@ -237,8 +237,8 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
     watch = PositionWatch(bed, name, ns)
     out = {"trial": t.index, "fault": t.fault, "stage": t.stage, "at_token": t.at_token, "victim": None,
            "backup_killed": None, "completed": False, "identical": False, "receipts_complete": False,
-           "false_fraud": None, "recovery_ms": None, "failovers": [], "phase": None, "reason": None,
-           "stale_write_refused": None}
+           "false_fraud": None, "recovery_ms": None, "failovers": [], "backups_failed": [], "phase": None,
+           "reason": None, "stale_write_refused": None}
     try:
         bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(session_body(name, cl.name, max_tokens, backup_labels)))
         bed.wait_phase(name, ns, ("Running", "Completed", "Failed"), 300)
@@ -287,6 +287,8 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
         out["failovers"] = [{k: f[k] for k in ("stage", "from", "to", "epoch", "at_position", "at_token", "ms",
                                                       "replayed_rows")}
                             for f in drv.get("failovers") or []]
+        out["backups_failed"] = [{k: f.get(k) for k in ("stage", "from", "to", "epoch", "at_position", "reason")}
+                                 for f in drv.get("backups_failed") or []]
         if t.fault == "operator":
             nxt = watch.first_after(t_fault, at)
             out["recovery_ms"] = round((nxt - t_fault) * 1000, 1) if nxt else None

@@ -767,10 +767,15 @@ class SessionDriver:
                 break
             except RefusedAgent as e:
                 log.warning("backup %s for stage %d: %s", backup, s, e)
+                why = str(e)
             except grpc.RpcError as e:
                 log.warning("backup %s for stage %d failed: %s", backup, s, e.code().name)
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.dead.add(backup)
+                why = f"{e.code().name}: {e.details() or ''}"
+            with self._lock:
+                st.backups_failed.append({"stage": s, "from": old, "to": backup, "epoch": st.epochs[s],
+                                          "at_position": upto, "reason": why})
         st.nodes[s] = backup
         self.set_context(s, loaded.n_ctx)
         event = {"stage": s, "from": old, "to": backup, "epoch": st.epochs[s], "at_position": upto,

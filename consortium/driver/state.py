@@ -44,6 +44,9 @@ class SessionState:
     # verifier, first_verdict, overruled_by, verdict.
     overruled: list[dict] = dataclasses.field(default_factory=list)
     failovers: list[dict] = dataclasses.field(default_factory=list)
+    # Backups that failed while taking a stage over (stage, from, to, epoch, at_position, reason):
+    # the failover went on with the next one, or, with none left, the session failed.
+    backups_failed: list[dict] = dataclasses.field(default_factory=list)
     rollbacks: list[dict] = dataclasses.field(default_factory=list)
     # Audits from window states: per stage, the state statements checked ("window start" -> [node,
     # epoch, count, sha256 hex]), so a resumed driver audits earlier windows from them too; the

@@ -73,5 +73,8 @@ def test_double_failure_without_a_second_backup_stops_with_a_reason(lab, baselin
     # Failed, it keeps its record: the tokens up to the kill (the last one dropped if its rows died
     # unsigned with h0), every one of them backed by verifying Receipts of every stage, its audits.
     assert res["tokens"] >= 4 - 1, res
+    # h0 took stage 1 over and died: during its replay (a backup that failed), or after it.
+    took_over = [(f["stage"], f["to"]) for f in res["failovers"] + res["backups_failed"]]
+    assert (1, "h0") in took_over, res
     assert not res["receipt_gaps"] and not res["receipts_not_verifying"], res
     assert res["audits"] > 0, res
