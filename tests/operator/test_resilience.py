@@ -130,7 +130,9 @@ def test_a_quarantined_node_gets_no_new_stage(agents_up):
         assert c["reason"] == "Unschedulable" and "n1: quarantined" in c["message"], c
         assert bed.session(name, ns)["status"]["phase"] == "Scheduling"
         assert bed.cluster.kubectl("get", "stageassignment", f"{name}-s0", "-n", ns, check=False).returncode != 0
-        assert "Unschedulable" in [e["reason"] for e in bed.events(ns, name)]
+        # Posted right after the condition is written: asked until it has come.
+        testbed.wait_until(lambda: "Unschedulable" in [e["reason"] for e in bed.events(ns, name)], 30,
+                           "the Unschedulable Event")
     finally:
         bed.set_quarantined("n1", False)
     # Lifted: the session is placed and runs.
