@@ -157,6 +157,11 @@ class NodeWatch:
             for s, n in enumerate(list(driver.state.nodes)):
                 if n == node:
                     driver._failover(s, f"Lease of {node} expired")
+        self.check_quarantine(driver)
+
+    def check_quarantine(self, driver) -> None:
+        """The quarantine half of check(), now, whenever the last check was: the last look before
+        a session completes (a Lease expiring once every token is out needs no failover)."""
         for node, why in self._quarantined(driver.clients).items():
             driver._fraud(node, f"quarantined in the cluster: {why}")
 

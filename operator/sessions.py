@@ -532,7 +532,14 @@ class _Guarded:
         return self.driver.context_positions()
 
     def rewind_position(self, wait: bool = False):
-        return self.driver.rewind_position(wait)
+        q = self.driver.rewind_position(wait)
+        if q is None and wait:
+            # Generation is about to end (its audits drained): look at the nodes once more, however
+            # recent the last look, so that a node quarantined in the cluster since then is rolled
+            # back here too instead of the session completing with its work.
+            self.nodes.check_quarantine(self.driver)
+            q = self.driver.rewind_position(False)
+        return q
 
 
 @kopf.daemon(r.GROUP, r.VERSION, "inferencesessions", cancellation_timeout=30.0,

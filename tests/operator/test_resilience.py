@@ -141,18 +141,21 @@ def test_a_quarantined_node_gets_no_new_stage(agents_up):
     assert len(s["status"]["tokens"]) == 4
 
 
-def test_a_node_quarantined_elsewhere_is_dropped_by_a_running_session(agents_up, baseline):
-    """n2 serves stage 1 of a session that audits nothing; mid-session its ComputeNode turns
-    Quarantined (as another session's verdicts would make it). The session treats it as caught:
-    rolled back to the first position n2 computed since a passed audit here (none: the prompt), its
-    stage failed over, and the tokens are the baseline's. Before, the session went on with n2."""
+@pytest.mark.parametrize("at_token", [10, MAX_TOKENS - 3], ids=["mid-session", "in-the-last-tokens"])
+def test_a_node_quarantined_elsewhere_is_dropped_by_a_running_session(agents_up, baseline, at_token):
+    """n2 serves stage 1 of a session that audits nothing; mid-session, or a few tokens before its
+    end, its ComputeNode turns Quarantined (as another session's verdicts would make it). The session
+    treats it as caught: rolled back to the first position n2 computed since a passed audit here
+    (none: the prompt), its stage failed over, and the tokens are the baseline's. Before, the session
+    went on with n2; and one that ended within the second between two looks at the nodes completed
+    with n2's work (the session now looks once more before it completes)."""
     bed = agents_up
-    ns, name = "quarantined-elsewhere", "drops-it"
+    ns, name = f"quarantined-at-{at_token}", "drops-it"
     bed.cluster.kubectl("create", "namespace", ns)
     bed.cluster.kubectl("apply", "-n", ns, "-f", "-",
                         input=json.dumps(testbed.sky_is_blue(MAX_TOKENS, name, audit_probability=0.0)))
     try:
-        bed.wait_token(name, ns, "n2", 1, 10, 120)
+        bed.wait_token(name, ns, "n2", 1, at_token, 120)
         bed.set_quarantined("n2", True)
         s = bed.wait_phase(name, ns, ("Completed",), 300)
     finally:
