@@ -299,7 +299,7 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
             # The node comes back (SIGCONT, link healed) with its old epoch: it must not write into
             # the session. Its own registrar fences it from the StageAssignment; ask it directly.
             cl.restore()
-            out["stale_write_refused"] = stale_write_refused(bed.channel(victim), r.session_id(ns, name), t.stage,
+            out["stale_write_refused"] = stale_write_refused(bed.channel(victim), bed.session_id(name, ns), t.stage,
                                                          old_epoch)
         out["stale_receipts"] = _receipts_after_failover(items, out["failovers"])
         marks["checked"] = time.monotonic()

@@ -65,12 +65,14 @@ def receipt_gaps(items: list[dict], prompt_len: int, n_tokens: int, n_stages: in
     return gaps
 
 
-def signature_problems(item: dict, session_name: str, nodes: dict[str, dict]) -> list[str]:
+def signature_problems(item: dict, session_name: str, session_uid: str, nodes: dict[str, dict]) -> list[str]:
     """Why one Receipt object does not verify under its node's published key (empty: it does)."""
     spec = item["spec"]
     if spec.get("session") != session_name:
         return [f"names session {spec.get('session')!r}"]
-    signed_session = r.session_id(item["metadata"]["namespace"], session_name)   # what the agents signed
+    # What the agents signed: the session's id with its uid (namespace/name in states saved before).
+    ns = item["metadata"]["namespace"]
+    signed_sessions = [r.session_id(ns, session_name, session_uid), r.session_id(ns, session_name)]
     node = nodes.get(spec["node"])
     if node is None:
         return [f"no ComputeNode {spec['node']!r} to take its public key from"]
@@ -87,10 +89,10 @@ def signature_problems(item: dict, session_name: str, nodes: dict[str, dict]) ->
     try:
         w = spec["window"]
         commitments = tuple(bytes.fromhex(c) for c in spec["commitments"])
-        statements = [rc.WindowStatement(signed_session, int(spec["stage"]), node_id, int(spec["epoch"]),
+        statements = [rc.WindowStatement(sid, int(spec["stage"]), node_id, int(spec["epoch"]),
                                          int(w["start"]), int(w["count"]), bytes.fromhex(spec["merkleRoot"]),
                                          bytes.fromhex(spec["inputDigest"]), CanonicalGrid.from_json(spec["grid"]))
-                      for node_id in ids]
+                      for sid in signed_sessions for node_id in ids]
         signature = base64.b64decode(spec["signature"], validate=True)
     except (KeyError, TypeError, ValueError) as e:
         return [f"unreadable: {type(e).__name__}: {e}"]
@@ -142,7 +144,7 @@ def check(session: dict, receipts: list[dict], nodes: list[dict]) -> dict:
     prompt_len, n_tokens = len(drv.get("prompt_tokens") or []), len(st.get("tokens") or [])
     failed, verified, proofs, proofs_failed = [], [], 0, []
     for it in sorted(owned, key=lambda it: (it["spec"]["stage"], it["spec"]["window"]["start"], it["spec"]["epoch"])):
-        why = signature_problems(it, md["name"], by_name)
+        why = signature_problems(it, md["name"], md["uid"], by_name)
         if why:
             failed.append({"receipt": it["metadata"]["name"], "node": it["spec"].get("node"), "reasons": why})
         else:

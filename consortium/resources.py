@@ -41,15 +41,23 @@ LABEL_VERIFIER = f"{GROUP}/verifier"                # "true"
 ACCELERATORS = ("cuda", "metal", "cpu")
 
 
-def session_id(namespace: str, name: str) -> str:
+# namespace (63) / name (253) / uid (36)
+MAX_SESSION_ID = 63 + 1 + 253 + 1 + 36
+
+
+def session_id(namespace: str, name: str, uid: str = "") -> str:
     """What agents and signatures know an InferenceSession by: sessions of one name in two
-    namespaces must never share an agent's sequences, fences or counters, nor each other's receipts."""
-    return f"{namespace}/{name}"
+    namespaces must never share an agent's sequences, fences or counters, nor each other's receipts;
+    nor must a session deleted and applied again under its name (its uid tells them apart), whose
+    agents still fence the old one's epochs. Without a uid (a StageAssignment made by hand, a
+    session saved before ids had one): namespace/name."""
+    return f"{namespace}/{name}/{uid}" if uid else f"{namespace}/{name}"
 
 
 def session_name(session: str) -> str:
     """The object name in a session id (a standalone session's id is its name)."""
-    return session.rpartition("/")[2]
+    parts = session.split("/")
+    return parts[1] if len(parts) > 1 else session
 
 
 # Limits that bound CEL evaluation cost and object size; raising one is an API change.

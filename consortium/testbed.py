@@ -203,6 +203,11 @@ class Testbed:
     def session(self, name: str, namespace: str) -> dict:
         return self.get("inferencesession", name, namespace)
 
+    def session_id(self, name: str, namespace: str) -> str:
+        """The id the agents know the session by (with its uid)."""
+        s = self.api().get_namespaced_custom_object(r.GROUP, r.VERSION, namespace, r.InferenceSession.plural, name)
+        return r.session_id(namespace, name, s["metadata"]["uid"])
+
     def wait_token(self, name: str, namespace: str, node: str, stage: int, token: int, timeout: float) -> int:
         """Block until `node`, serving `stage` of the session, has computed its row of the step that
         generates token number `token` (position prompt + token - 2), asked of the agent's Health
@@ -222,7 +227,7 @@ class Testbed:
         at = wait_until(prompt_len, timeout, f"{name}'s first saved state", every=0.01) + token - 2
         channel = self.channel(node)
         try:
-            stub, sid = wire.pb_grpc.NodeAgentStub(channel), r.session_id(namespace, name)
+            stub, sid = wire.pb_grpc.NodeAgentStub(channel), self.session_id(name, namespace)
             while time.monotonic() < deadline:
                 try:
                     counters = stub.Health(wire.pb.HealthRequest(session=sid), timeout=5).counters

@@ -114,11 +114,12 @@ class Registrar:
         api = kube.api()
         items = api.list_cluster_custom_object(r.GROUP, r.VERSION, "stageassignments",
                                                _request_timeout=self.request_timeout_s).get("items", [])
-        self._release_ended({_session(sa) for sa in items})
+        self._release_ended({sid for sa in items for sid in _session_ids(sa)})
         held = self.service.held()  # (session, stage) -> epoch
         for sa in items:
             spec = sa.get("spec") or {}
-            key = (_session(sa), int(spec.get("stageIndex", -1)))
+            key = next(((sid, int(spec.get("stageIndex", -1))) for sid in _session_ids(sa)
+                        if (sid, int(spec.get("stageIndex", -1))) in held), None)
             epoch = int(spec.get("epoch", 0))
             mine = spec.get("nodeName") == self.name
             have = held.get(key)
@@ -199,6 +200,11 @@ def wait_ready(timeout: float = 30.0) -> None:
             time.sleep(0.5)
 
 
-def _session(sa: dict) -> str:
-    """The session id the operator's driver sends for a StageAssignment's session."""
-    return r.session_id(sa["metadata"]["namespace"], (sa.get("spec") or {}).get("session", ""))
+def _session_ids(sa: dict) -> tuple[str, ...]:
+    """The session ids the operator's driver may send for a StageAssignment's session: with the
+    uid of the InferenceSession that owns it, and namespace/name alone (an assignment with no
+    owner; a session resumed from a state saved before ids carried the uid)."""
+    ns, name = sa["metadata"]["namespace"], (sa.get("spec") or {}).get("session", "")
+    uids = [o.get("uid") for o in sa["metadata"].get("ownerReferences") or []
+            if o.get("kind") == "InferenceSession" and o.get("uid")]
+    return tuple(r.session_id(ns, name, uid) for uid in uids[:1]) + (r.session_id(ns, name),)

@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 from consortium import wire
 from consortium.batches import largest_allowed, merge_decode_steps
 from consortium.layers import LayerRange
-from consortium.resources import MAX_WINDOW
+from consortium.resources import MAX_SESSION_ID, MAX_WINDOW
 from consortium.sampling import SamplingParams, sample
 from consortium.verification import canonical, proofs, receipts
 from consortium.verification.canonical import CanonicalGrid
@@ -420,8 +420,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
     def _ref(self, ref: pb.StageRef) -> tuple[str, int, int]:
         if not ref.session:
             raise _bad("the request names no session")
-        if len(ref.session) > 317:   # namespace (63) / name (253)
-            raise _bad("session id longer than 317 characters")
+        if len(ref.session) > MAX_SESSION_ID:
+            raise _bad(f"session id longer than {MAX_SESSION_ID} characters")
         if ref.stage < 0:
             raise _bad(f"stage {ref.stage} is negative")
         if ref.epoch < 0:

@@ -176,7 +176,7 @@ class SessionRun:
             chosen = list(state.nodes)
         else:
             chosen = self.place(need)
-            state = SessionState(session=r.session_id(self.namespace, self.name), prompt_tokens=prompt,
+            state = SessionState(session=r.session_id(self.namespace, self.name, self.body["metadata"]["uid"]), prompt_tokens=prompt,
                                  nodes=chosen, epochs=[1] * len(chosen), audit_probability=spec.audit.probability,
                                  audit_seed=spec.audit.seed)
             for i, n in enumerate(chosen):

@@ -172,7 +172,7 @@ class ProofBook:
 
 
 def proof_file_name(entry: dict) -> str:
-    session = entry["session"].replace("/", "_")   # namespace/name under the operator
+    session = entry["session"].replace("/", "_")   # namespace/name/uid under the operator
     return f"{session}-s{entry['stage']}-p{entry['position']}-{entry['node']}.json"
 
 

@@ -12,16 +12,19 @@ from consortium_operator.receipts import receipt_body
 
 
 def test_a_proof_names_the_receipt_of_its_window():
-    """Under the operator the signed session is namespace/name; the Receipt is named by the name."""
+    """Under the operator the signed session is namespace/name/uid; the Receipt is named by the name
+    and the uid's first part."""
     rng = np.random.default_rng(1)
     key = signing.generate_private_key()
     inputs = [rng.standard_normal(32).astype(np.float32) for _ in range(4)]
     sent = rng.standard_normal((4, 32)).astype(np.float32)
-    signer = receipts.WindowSigner(key, session="default/sky-is-blue", stage=1, node_id="n2", epoch=2)
+    uid = "6f1c2a9e-0b7d-4c55-9a3e-2d8f1b7c4e01"
+    sid = f"default/sky-is-blue/{uid}"
+    signer = receipts.WindowSigner(key, session=sid, stage=1, node_id="n2", epoch=2)
     signer.add_batch(32, [receipts.hidden_input_digest(x) for x in inputs], canonical.commit_rows(sent))
     r = signer.receipt()
     entry = {"stage": 1, "node": "n2", "epoch": 2, "start": 32, "count": 4, "receipt": r.to_json()}
-    book = ProofBook("default/sky-is-blue", canonical.CanonicalGrid())
+    book = ProofBook(sid, canonical.CanonicalGrid())
     tol = Tolerance(honest=Limits(relative_l2=0.1), decisive=Limits(relative_l2=1.0))
     book.add(FraudUnit(1, 33, "n2", 2, r.commitments[1], sent[1], rng.standard_normal(32).astype(np.float32),
                        tol, "n0"),
@@ -29,7 +32,6 @@ def test_a_proof_names_the_receipt_of_its_window():
              lambda s, ps: [receipts.hidden_input_digest(inputs[p - 32]) for p in ps])
     [e] = book.entries
     assert e["holds"], e["reasons"]
-    uid = "6f1c2a9e-0b7d-4c55-9a3e-2d8f1b7c4e01"
     session = {"metadata": {"name": "sky-is-blue", "namespace": "default", "uid": uid}}
     body = receipt_body(session, entry, signing.public_key_text(key))
     root = r.statement.merkle_root.hex()
@@ -37,7 +39,7 @@ def test_a_proof_names_the_receipt_of_its_window():
     assert proof_receipt(e["proof"], uid) == body["metadata"]["name"] == name
     # A session made again under the same name signs the same window: its Receipt has another name.
     assert proof_receipt(e["proof"], "0d3e" + uid[4:]) != name
-    assert proof_file_name(e).startswith("default_sky-is-blue-s1-p33-n2")
+    assert proof_file_name(e) == f"default_sky-is-blue_{uid}-s1-p33-n2.json"
 
 
 def test_the_operator_refuses_an_unsafe_proof_key(tmp_path, capsys):

@@ -8,6 +8,7 @@ import hashlib
 import pytest
 
 from consortium import receipt_check
+from consortium import resources as r
 from consortium.verification import receipts, signing
 from consortium_operator.receipts import receipt_body
 
@@ -25,10 +26,10 @@ def node(name, key):
     return {"metadata": {"name": name}, "spec": {"publicKey": signing.public_key_text(key)}}
 
 
-def windows(key, node_id, stage, positions, version=0):
+def windows(key, node_id, stage, positions, version=0, session_id=r.session_id("ns", "sky", UID)):
     """The receipts a node signs for `positions` of a stage, window by window (rows computed again
     after a rollback are another version)."""
-    signer = receipts.WindowSigner(key, session="ns/sky", stage=stage, node_id=node_id, epoch=1, window=WINDOW)
+    signer = receipts.WindowSigner(key, session=session_id, stage=stage, node_id=node_id, epoch=1, window=WINDOW)
     out = []
     for p in positions:
         signer.add(p, hashlib.sha256(b"in%d" % p).digest(),
@@ -38,11 +39,11 @@ def windows(key, node_id, stage, positions, version=0):
     return out
 
 
-def objects(key, name, node_id, stage, positions, rollbacks=0):
+def objects(key, name, node_id, stage, positions, rollbacks=0, **signed):
     pub = signing.public_key_text(key)
-    return [receipt_body(session(), {"stage": stage, "node": name, "epoch": 1, "receipt": r.to_json(),
+    return [receipt_body(session(), {"stage": stage, "node": name, "epoch": 1, "receipt": w.to_json(),
                                      "rollbacks": rollbacks}, pub)
-            for r in windows(key, node_id, stage, positions, rollbacks)]
+            for w in windows(key, node_id, stage, positions, rollbacks, **signed)]
 
 
 @pytest.fixture
@@ -67,6 +68,18 @@ def test_a_receipt_written_before_it_named_its_signing_id_still_verifies(run):
     for it in items:
         it["spec"].pop("nodeId")
     assert receipt_check.check(session(), items, nodes)["ok"]
+
+
+def test_a_receipt_signed_for_a_namesake_does_not_verify():
+    """Signed for the session of that name deleted before (another uid): not this session's work.
+    Signed with namespace/name alone (sessions saved before ids carried the uid): still verifies."""
+    ka = signing.generate_private_key()
+    for signed_as, ok in ((r.session_id("ns", "sky", "another-uid"), False), (r.session_id("ns", "sky"), True)):
+        items = objects(ka, "a", "a", 0, list(range(8)), session_id=signed_as)
+        res = receipt_check.check(session(), items, [node("a", ka)])
+        assert res["verified"] == (2 if ok else 0), (signed_as, res)
+        if not ok:
+            assert "signature does not verify" in res["failed"][0]["reasons"][0], res
 
 
 def test_each_tampering_is_named(run):

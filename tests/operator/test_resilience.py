@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from consortium import resources as r
-from consortium import testbed, wire
+from consortium import receipt_check, testbed, wire
 from consortium.driver.state import SessionState, audit_records, counters_of_report
 from consortium.wire import pb
 
@@ -56,7 +56,7 @@ def test_operator_restart_resumes_without_recomputing(agents_up, baseline):
         for stage, position, fwd, _ in rows:
             forward[(stage, position)] = forward.get((stage, position), 0) + fwd
     for node in testbed.NODE_LABELS:
-        assert not _stub(bed, node).Health(pb.HealthRequest(session=r.session_id(ns, name)), timeout=10).counters
+        assert not _stub(bed, node).Health(pb.HealthRequest(session=bed.session_id(name, ns)), timeout=10).counters
     for stage in range(3):
         before = [forward.get((stage, p), 0) for p in range(fed_before)]
         assert before and all(n == 1 for n in before), (stage, before)
@@ -167,6 +167,27 @@ def test_a_node_quarantined_elsewhere_is_dropped_by_a_running_session(agents_up,
     assert "quarantined in the cluster" in drv["rollbacks"][0]["reason"]
     assert [(f["stage"], f["from"]) for f in drv["failovers"]] == [(1, "n2")]
     assert bed.get("stageassignment", f"{name}-s1", ns)["spec"]["nodeName"] != "n2"
+
+
+def test_a_session_deleted_and_applied_again_under_its_name_runs(agents_up, baseline):
+    """`kubectl delete` then `kubectl apply` of the same manifest: the agents still fence the old
+    session's epochs (so that its late requests are refused), and the new one used to fail at once
+    on them ("stale epoch 1 ... fenced at epoch 2"). Its uid makes it another session to them."""
+    bed = agents_up
+    ns, name = "again", "same-name"
+    bed.cluster.kubectl("create", "namespace", ns)
+    ids = []
+    for _ in range(2):
+        bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(4, name)))
+        s = bed.wait_phase(name, ns, ("Completed",), 120)
+        assert s["status"]["tokens"] == baseline[:4]
+        ids.append(bed.session_id(name, ns))
+        # Its receipts verify under the id it ran with (a namesake's, not yet collected, do not count).
+        items = bed.get("receipts", namespace=ns, selector=f"{r.GROUP}/session={name}")["items"]
+        res = receipt_check.check(s, items, bed.get("computenodes")["items"])
+        assert res["ok"] and res["verified"] == res["receipts"] > 0, res
+        bed.cluster.kubectl("delete", "inferencesession", name, "-n", ns, "--wait=true")
+    assert ids[0] != ids[1]
 
 
 def test_a_status_at_its_budget_stops_generation_with_a_reason(agents_up, baseline, monkeypatch):

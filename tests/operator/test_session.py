@@ -154,7 +154,8 @@ def test_audits_from_window_states_through_the_operator(bed, baseline):
     assert drv["audit_window"] == 8   # the driver selected whole state windows
     verdicts = [a["verdict"] for a in audit_records(drv)]
     assert verdicts and set(verdicts) == {"Passed"} and not drv["unjudged"]
-    assert drv["session"] == "tc-states/sky-is-blue"   # agents key it by namespace and name
+    # Agents key it by namespace, name and uid.
+    assert drv["session"] == f"tc-states/sky-is-blue/{s['metadata']['uid']}"
     # The statements and counts are in the status, where a resumed operator finds them.
     fs = drv["state_audits"]
     assert fs["windows"] >= 1 and fs["state_differs"] == 0 and drv["untrusted_states"] == [], fs
@@ -248,7 +249,6 @@ def test_a_session_waits_for_a_free_slot_and_an_ended_one_frees_its_own(bed, bas
     Scheduled=False NodesBusy (before: Failed, OperatorError, RESOURCE_EXHAUSTED), and starts once
     they are released. And a session that ends gives back its own slots: they were held until the
     session was deleted, so the ninth session in a row failed."""
-    from consortium import resources as r
     from consortium import wire
     from consortium.models import resolve_model
     from consortium.wire import pb
@@ -280,7 +280,7 @@ def test_a_session_waits_for_a_free_slot_and_an_ended_one_frees_its_own(bed, bas
     s = bed.wait_phase("late", ns, ("Completed",), 300)
     assert s["status"]["tokens"] == baseline[:4]
     assert next(c for c in s["status"]["conditions"] if c["type"] == "Scheduled")["reason"] == "Placed"
-    sid = r.session_id(ns, "late")
+    sid = bed.session_id("late", ns)
     for node in testbed.NODE_LABELS:   # ended: released on every agent (its counters went with its slots)
         got = wire.pb_grpc.NodeAgentStub(bed.channel(node)).Health(pb.HealthRequest(session=sid), timeout=10)
         assert not got.counters, node
