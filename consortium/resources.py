@@ -276,8 +276,13 @@ class Failover(_Model):
 
 
 class InferenceSessionSpec(_Model):
+    # Immutable, as a Job's template: the operator runs a session with the spec it was created with,
+    # and one resumed after an operator restart would join a changed spec to the state saved under
+    # the old one. A session deleted and applied again runs as a new one.
     model_config = ConfigDict(json_schema_extra=_extra(validations=[
-        _cel("has(self.prompt) != has(self.messages)", "exactly one of prompt or messages must be set")]))
+        _cel("has(self.prompt) != has(self.messages)", "exactly one of prompt or messages must be set"),
+        _cel("self == oldSelf", "InferenceSession spec is immutable: delete the session and apply it again "
+             "to run it with another spec")]))
     model: ModelRef
     prompt: str | None = Field(default=None, max_length=65536)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)

@@ -167,6 +167,26 @@ def test_receipt_spec_is_immutable(api):
     assert r.Receipt.model_validate(receipt).status.audits[0].figures == {"relL2": 0.003}
 
 
+def test_session_spec_is_immutable(api):
+    """A changed spec would not reach a running session (or would meet its saved state on a resume):
+    refused, with what to do instead. Its status and labels stay writable."""
+    session = yaml.safe_load((ROOT / "manifests/sessions/minimal.yaml").read_text())
+    session["metadata"]["name"] = "fixed-spec"
+    apply(api, session, NS)
+    for patch in ({"spec": {"maxTokens": 8}}, {"spec": {"prompt": "another prompt"}},
+                  {"spec": {"audit": {"probability": 0.5}}}):
+        done = api.kubectl("patch", "inferencesession", "fixed-spec", "-n", NS, "--type=merge", "-p",
+                           json.dumps(patch), check=False)
+        assert done.returncode != 0 and "InferenceSession spec is immutable" in done.stderr, (patch, done.stderr)
+    # The same manifest applied again changes nothing, and is taken.
+    apply(api, session, NS)
+    _patch_status(api, "inferencesession", "fixed-spec", {"phase": "Running", "position": 3}, NS)
+    api.kubectl("label", "inferencesession", "fixed-spec", "-n", NS, "team=a")
+    got = get_json(api, "inferencesession", "fixed-spec", "-n", NS)
+    assert got["status"]["position"] == 3 and got["metadata"]["labels"]["team"] == "a"
+    assert got["spec"]["maxTokens"] == session["spec"].get("maxTokens", 64)
+
+
 def test_status_is_a_subresource(api):
     # A status sent with the main resource is dropped: only the status subresource writes it.
     obj = _receipt("status-ignored")
