@@ -190,6 +190,28 @@ def test_a_session_deleted_and_applied_again_under_its_name_runs(agents_up, base
     assert ids[0] != ids[1]
 
 
+def test_a_session_deleted_mid_generation_stops_and_frees_its_agents(agents_up):
+    """`kubectl delete` of a running session: the deletion completes, the operator stops driving it
+    without failing or crashing on the object that is gone, and every agent gives back its slots
+    (its forward counters go with them) instead of holding them for a session nobody runs."""
+    bed = agents_up
+    ns, name = "deleted-mid", "goes-away"
+    bed.cluster.kubectl("create", "namespace", ns)
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(1024, name)))
+    bed.wait_token(name, ns, "n2", 1, 10, 120)
+    sid = bed.session_id(name, ns)
+    log_from = len(bed.operator_log())
+    bed.cluster.kubectl("delete", "inferencesession", name, "-n", ns, "--wait=true", "--timeout=60s")
+
+    def released():
+        return all(not _stub(bed, node).Health(pb.HealthRequest(session=sid), timeout=10).counters
+                   for node in testbed.NODE_LABELS)
+    testbed.wait_until(released, 30, "every agent to release the deleted session")
+    assert bed.operator.poll() is None
+    after = bed.operator_log()[log_from:]
+    assert "Traceback" not in after and f"session {name} failed" not in after, after[-3000:]
+
+
 def test_a_status_at_its_budget_stops_generation_with_a_reason(agents_up, baseline, monkeypatch):
     """An operator whose status budget is smaller than any session's first write (the default, 1.25
     MiB, sits below etcd's limit): the session stops after the token that write carried, Completed
