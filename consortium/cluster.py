@@ -265,6 +265,7 @@ class LocalCluster:
         self.server: str | None = None
         self._procs: dict[str, subprocess.Popen] = {}
         self._pids: dict[str, int] = {}
+        self._cmds: dict[str, tuple[list[str], bool]] = {}   # how each component was started here
         self.start_seconds: float | None = None
         self._load_state()
 
@@ -438,7 +439,25 @@ class LocalCluster:
             time.sleep(0.05)
         return False
 
+    def restart_apiserver(self, down_s: float = 0.0, timeout: float = 60.0) -> float:
+        """Kill kube-apiserver (as a crash or a server's reboot would; on SIGTERM it drains for 15 s
+        and more), wait `down_s` seconds, start it again as before (same port, same etcd). Returns
+        the seconds it was unreachable. Only for a cluster started by this process, and from the
+        thread that started it (its components die with that thread: PR_SET_PDEATHSIG)."""
+        cmd, detach = self._cmds.get("kube-apiserver", (None, False))
+        proc = self._procs.get("kube-apiserver")
+        if cmd is None or proc is None:
+            raise ClusterError("restart_apiserver: kube-apiserver was not started by this process")
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGKILL)
+        self._wait_exit("kube-apiserver", proc.pid, 10.0)
+        time.sleep(down_s)
+        self._spawn("kube-apiserver", cmd, detach)
+        self._wait(self.is_ready, timeout, "kube-apiserver /readyz after its restart")
+        return time.monotonic() - t0
+
     def _spawn(self, name: str, cmd: list[str], detach: bool) -> None:
+        self._cmds[name] = (cmd, detach)
         with open(self.logs_dir / f"{name}.log", "ab") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                     cwd=self.state_dir, start_new_session=True,

@@ -130,6 +130,26 @@ def with_condition(conditions: list[dict] | None, type_: str, status: bool | str
     return out
 
 
+# Statuses an API server answers while it starts or is overloaded, before its authorizer has
+# synced (401, 403) or while it is not ready (429, 5xx): a write refused with one may pass later.
+TRANSIENT_STATUSES = {401, 403, 408, 429, 500, 502, 503, 504}
+
+
+def transient(e: BaseException) -> bool:
+    """Whether a failed call may pass if made again: no answer at all (no connection, a timeout)
+    or one of TRANSIENT_STATUSES. A refusal of the request itself (400, 404, 409, 422) is not."""
+    status = getattr(e, "status", None)
+    return not status or status in TRANSIENT_STATUSES
+
+
+def reason(e: BaseException) -> str:
+    """A short account of a failed call, for logs and Events (an ApiException's str() is its body)."""
+    status = getattr(e, "status", None)
+    if status:
+        return f"{status} {getattr(e, 'reason', '') or ''}".strip()
+    return f"{type(e).__name__}: {e}"[:300]
+
+
 def update_status(get: Callable[[], dict], patch: Callable[[dict], Any], change: Callable[[dict], dict],
                   attempts: int = 8) -> Any:
     """Read, change the status, write with the read resourceVersion; on 409 read again and retry."""

@@ -147,6 +147,8 @@ class NodeWatch:
     def __init__(self, namespace: str | None, every_s: float = 1.0):
         self.namespace, self.every_s = namespace, every_s
         self._last = 0.0
+        self._unreachable = False   # the last read of the API failed
+        self._answered_again = float("-inf")   # when the API answered after a failed read (monotonic)
 
     def check(self, driver) -> None:
         if time.monotonic() - self._last < self.every_s:
@@ -171,9 +173,17 @@ class NodeWatch:
         try:
             leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(self.namespace).items}
         except Exception as e:  # noqa: BLE001 - no verdict without data: the data path still catches failures
-            log.warning("leases not readable: %s", e)
+            log.warning("leases not readable: %s", kube.reason(e))
+            self._unreachable = True
             return []
-        return [n for n in nodes if (lease := leases.get(kube.lease_name(n))) is not None and kube.lease_expired(lease)]
+        now = time.monotonic()
+        if self._unreachable:
+            self._unreachable, self._answered_again = False, now
+        # Agents renew their Leases through the same API: one that was away (a control plane
+        # restarting) left them unrenewed with their nodes alive. A Lease counts as expired only once
+        # its agent has had a whole lease duration of an API that answers to renew it.
+        return [n for n in nodes if (lease := leases.get(kube.lease_name(n))) is not None and kube.lease_expired(lease)
+                and now - self._answered_again > float(lease.spec.lease_duration_seconds or 15)]
 
     @staticmethod
     def _quarantined(nodes) -> dict[str, str]:

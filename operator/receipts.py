@@ -61,6 +61,7 @@ class ReceiptWriter:
         self.index: dict[str, dict] = {}   # name -> {stage, node, epoch, start, count, commitments (hex)}
         self.shown: dict[str, dict] = {}   # name -> the status an earlier operator wrote (load_existing)
         self._seen = 0
+        self._pending: list[dict] = []   # flushed by the driver, not yet written (the API was away)
         self.discarded = 0
 
     def load_existing(self) -> None:
@@ -78,32 +79,48 @@ class ReceiptWriter:
                                                   "rollbacks": s.get("rollbacks", 0)}
             self.shown[it["metadata"]["name"]] = it.get("status") or {}
 
-    def publish(self, driver) -> int:
-        """Write the receipts the driver flushed since the last call; returns how many were written."""
-        from kubernetes.client.exceptions import ApiException
-
+    def publish(self, driver, strict: bool = False) -> int:
+        """Write the receipts the driver flushed since the last call, and those an earlier call could
+        not (the API away: a control plane restarting); returns how many were written. The first
+        write the API refuses for a reason that may pass leaves it and the rest for the next call
+        (raised instead with `strict`: the end of a session retries until they are written)."""
         with driver._lock:
-            new = list(driver.receipts[self._seen:])
+            self._pending += driver.receipts[self._seen:]
             self._seen = len(driver.receipts)
         written = 0
         md = self.session["metadata"]
-        for e in new:
+        while self._pending:
+            e = self._pending[0]
             if not e["verified"] or e["epoch"] > driver.state.epochs[e["stage"]]:
                 self.discarded += 1
                 kube.event(self.session, "ReceiptDiscarded",
                            f"stage {e['stage']} window at {e['start']} from {e['node']} epoch {e['epoch']}: "
                            f"{'; '.join(e['reasons']) or 'did not verify'}", type_="Warning")
+                self._pending.pop(0)
                 continue
             body = receipt_body(self.session, e, driver.public_keys.get(e["node"], ""))
             name = body["metadata"]["name"]
             if name in self.index:
+                self._pending.pop(0)
                 continue
             try:
                 kube.api().create_namespaced_custom_object(r.GROUP, r.VERSION, md["namespace"], "receipts", body)
                 written += 1
-            except ApiException as ex:
-                if ex.status != 409:
-                    raise
+            except Exception as ex:  # noqa: BLE001 - sorted below
+                if kube.transient(ex):
+                    if strict:
+                        raise
+                    log.warning("receipt %s not written yet (%d more wait): %s", name, len(self._pending) - 1,
+                                kube.reason(ex))
+                    return written
+                if getattr(ex, "status", None) != 409:   # 409: an earlier try was written, its answer lost
+                    # Refused for good (the object itself): said so, and the others still go out.
+                    self._pending.pop(0)
+                    self.discarded += 1
+                    kube.event(self.session, "ReceiptDiscarded", f"{name}: the API refused it: {kube.reason(ex)}",
+                               type_="Warning")
+                    continue
+            self._pending.pop(0)
             self.index[name] = {"stage": e["stage"], "node": e["node"], "epoch": e["epoch"], "start": e["start"],
                                 "count": e["count"], "commitments": list(body["spec"]["commitments"]),
                                 "rollbacks": e.get("rollbacks", 0)}

@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import grpc
 import kopf
@@ -65,6 +66,12 @@ PROGRESS_SPACING = 9.0
 # longest maxTokens with audits passing by equal hashes writes about 1.1 MB (tests/dataplane/
 # test_state_size.py); one whose audits all pass within tolerance, as many at about half its length.
 STATUS_BUDGET_BYTES = 1_310_720
+# A progress write the API refused for a reason that may pass (a control plane restarting) is tried
+# again this long after, while generation goes on; the writes that end a session are retried, the
+# wait doubling up to FINAL_RETRY_MAX_S, for at most FINAL_RETRY_FOR_S.
+PROGRESS_RETRY_S = 1.0
+FINAL_RETRY_MAX_S = 8.0
+FINAL_RETRY_FOR_S = 600.0
 AGENT_TLS = None   # the operator's client credentials for the agents (consortium.tls); None: --plaintext
 PROOF_KEY = None   # the operator's identity that signs fraud proofs (--proof-key); None: one key per session
 
@@ -235,8 +242,17 @@ class SessionRun:
                 state.proofs = proof_publisher.unpublished(driver)
                 saved = state.dumps()
             text = tok.decode(tokens)
-            self.patch_status(tokens=tokens, position=len(tokens), text=text,
-                              stageEpochs=list(state.epochs), report={"driverState": json.loads(saved)})
+            try:
+                self.patch_status(tokens=tokens, position=len(tokens), text=text,
+                                  stageEpochs=list(state.epochs), report={"driverState": json.loads(saved)})
+            except Exception as e:  # noqa: BLE001 - sorted below
+                if not kube.transient(e):
+                    raise
+                # Generation does not need the API: it goes on, and the next write carries these tokens.
+                log.warning("session %s/%s: progress at token %d not written (%s); trying again in %.0f s",
+                            self.namespace, self.name, len(tokens), kube.reason(e), PROGRESS_RETRY_S)
+                saved_at = time.monotonic() - interval + PROGRESS_RETRY_S
+                return
             saved_at, unsaved = time.monotonic(), None
             written = len(saved) + len(text) + 6 * len(tokens)   # about what the patch carried
             if written > STATUS_BUDGET_BYTES and not status_full:
@@ -305,6 +321,8 @@ class SessionRun:
             # slots a layer range, the ninth session in a row failed RESOURCE_EXHAUSTED.
             driver.close(release=not interrupted)
             session_metrics.ended(self.namespace, self.name)
+        # The end must reach the API, which may be away for a while: the receipts first, strictly.
+        self._retrying("its receipts", lambda: writer.publish(driver, strict=True))
         if failure is not None:
             self._end_failed(failure, driver, writer, latest, save, publish, emitted)
             return
@@ -315,18 +333,39 @@ class SessionRun:
         metrics = self._metrics(state, emitted, writer, driver.steps)
         metrics.update(tokensPerSecond=metrics["tokensPerSecond"] or round(result.tokens_per_s, 3),
                        stepTokensPerSecond=round(result.tokens_per_s, 3), wallSeconds=round(wall, 3))
-        self.patch_status(tokens=result.tokens, position=len(result.tokens), text=result.text,
-                          stageEpochs=list(state.epochs), finishedAt=kube.timestamp(), metrics=metrics,
-                          report={"driverState": saved, "stopped": result.stopped,
-                                  "counters": report_counters(counters),
-                                  "rpc": driver.rpc.summary(),
-                                  "warmBackups": list(driver.prepared),   # backups that loaded a stage ahead
-                                  "steps": report_steps(driver.steps)})   # each step this run drove
-        self.set_condition("StageFailover", False, "NoFailover", "") if not state.failovers else None
-        self.set_condition("Ready", True, "Completed", f"{len(result.tokens)} tokens ({result.stopped})",
-                           phase="Completed")
+        end = dict(tokens=result.tokens, position=len(result.tokens), text=result.text,
+                   stageEpochs=list(state.epochs), finishedAt=kube.timestamp(), metrics=metrics,
+                   report={"driverState": saved, "stopped": result.stopped,
+                           "counters": report_counters(counters),
+                           "rpc": driver.rpc.summary(),
+                           "warmBackups": list(driver.prepared),   # backups that loaded a stage ahead
+                           "steps": report_steps(driver.steps)})   # each step this run drove
+
+        def complete() -> None:
+            self.patch_status(**end)
+            self.set_condition("StageFailover", False, "NoFailover", "") if not state.failovers else None
+            self.set_condition("Ready", True, "Completed", f"{len(result.tokens)} tokens ({result.stopped})",
+                               phase="Completed")
+        self._retrying("its completion", complete)
         kube.event(self.body, "Completed", f"{len(result.tokens)} tokens, {len(state.audits)} audits, "
                                            f"{len(state.failovers)} failover(s)")
+
+    def _retrying(self, what: str, write: Callable[[], Any]) -> Any:
+        """write() made until it passes: the end of a session must reach the API, which may be away
+        for a while (a control plane restarting). A refusal of the request itself is raised at once,
+        as is the last failure after FINAL_RETRY_FOR_S."""
+        delay, deadline = 0.5, time.monotonic() + FINAL_RETRY_FOR_S
+        while True:
+            try:
+                return write()
+            except Exception as e:  # noqa: BLE001 - sorted below
+                if not kube.transient(e) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("session %s/%s: %s not written (%s); trying again in %.1f s", self.namespace,
+                            self.name, what, kube.reason(e), delay)
+            if self.stopped.wait(delay):
+                raise Interrupted()
+            delay = min(2 * delay, FINAL_RETRY_MAX_S)
 
     @staticmethod
     def _metrics(state: SessionState, emitted: list[float], writer, steps) -> dict:

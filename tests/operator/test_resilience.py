@@ -212,6 +212,31 @@ def test_a_session_deleted_mid_generation_stops_and_frees_its_agents(agents_up):
     assert "Traceback" not in after and f"session {name} failed" not in after, after[-3000:]
 
 
+def test_a_session_rides_out_an_api_server_restart(agents_up, baseline):
+    """The API server dies mid-session (a crash, a k3s server's reboot) and is away for 12 s and
+    more: every write the operator makes meanwhile fails, and no agent can renew its Lease (10 s).
+    Generation does not need the API: the session goes on (here to the end of its answer, while the
+    API is still away), writes its receipts and its end once the API is back, and completes with no
+    failover, its tokens the baseline's and every position covered by a receipt that verifies.
+    Before, the first failed progress write failed the session, and kopf's retry of it, resuming
+    on agents that had released it, failed every stage over and ended Failed with no token."""
+    bed = agents_up
+    ns, name = "apiserver-restart", "rides-it-out"
+    n = 1024
+    bed.cluster.kubectl("create", "namespace", ns)
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(n, name)))
+    bed.wait_token(name, ns, "n2", 1, 10, 120)
+    down_s = bed.cluster.restart_apiserver(down_s=12.0)
+    s = bed.wait_phase(name, ns, ("Completed",), 300)
+    st = s["status"]
+    assert st["report"]["driverState"]["failovers"] == []
+    assert st["tokens"][:MAX_TOKENS] == baseline
+    assert len(st["tokens"]) == n or st["report"]["stopped"] == "end_of_generation", st["report"]["stopped"]
+    items = bed.get("receipts", namespace=ns, selector=f"{r.GROUP}/session={name}")["items"]
+    res = receipt_check.check(s, items, bed.get("computenodes")["items"])
+    assert res["ok"] and res["complete"], (down_s, receipt_check.lines(res))
+
+
 def test_a_status_at_its_budget_stops_generation_with_a_reason(agents_up, baseline, monkeypatch):
     """An operator whose status budget is smaller than any session's first write (the default, 1.25
     MiB, sits below etcd's limit): the session stops after the token that write carried, Completed

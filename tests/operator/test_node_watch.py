@@ -1,0 +1,55 @@
+"""NodeWatch on a real API server that goes away and comes back: a Lease its agent could not renew
+meanwhile is not taken for a dead node until the agent has had a lease duration to renew it."""
+import datetime as dt
+import threading
+import time
+
+import pytest
+
+from consortium import kube, testbed
+
+pytestmark = pytest.mark.k8s
+
+
+def test_a_lease_left_unrenewed_while_the_api_was_away_is_not_a_dead_node(cluster):
+    from kubernetes import client, config
+
+    from consortium_operator import failover
+
+    ns, node, duration = "node-watch", "away", 6
+    cluster.kubectl("create", "namespace", ns, check=False)
+    old = client.Configuration.get_default_copy()
+    config.load_kube_config(config_file=cluster.kubeconfig)
+    try:
+        kube.coordination().create_namespaced_lease(ns, {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": kube.lease_name(node)},
+            "spec": {"holderIdentity": node, "leaseDurationSeconds": duration,
+                     "renewTime": kube.micro_time(kube.now() - dt.timedelta(seconds=60))}})
+        watch = failover.NodeWatch(ns)
+        assert watch._expired([node]) == [node]   # the API answered all along: its node is gone
+
+        # Read all along from another thread (the cluster's processes die with the thread that
+        # started them, so the restart stays on this one).
+        reads, done = [], threading.Event()
+
+        def read():
+            while not done.is_set():
+                reads.append((time.monotonic(), watch._expired([node])))
+                time.sleep(0.1)
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            cluster.restart_apiserver(down_s=1.0)
+            back = time.monotonic()   # up to a second or two after it first answered (/readyz comes later)
+            time.sleep(duration - 3.0)
+        finally:
+            done.set()
+            reader.join()
+        # While the API was away, and for a lease duration after it answered again, the node is not
+        # taken for dead: its agent could not renew.
+        after = [expired for t, expired in reads if t > back]
+        assert after and all(expired == [] for expired in after), [(round(t - back, 2), e) for t, e in reads]
+        # Then it is, as before.
+        testbed.wait_until(lambda: watch._expired([node]) == [node], 3 * duration, "the Lease to count again")
+    finally:
+        client.Configuration.set_default(old)
