@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import consortium.cache
 
@@ -439,11 +439,13 @@ class LocalCluster:
             time.sleep(0.05)
         return False
 
-    def restart_apiserver(self, down_s: float = 0.0, timeout: float = 60.0) -> float:
+    def restart_apiserver(self, down_s: float = 0.0, timeout: float = 60.0,
+                          while_down: Callable[[], Any] | None = None) -> float:
         """Kill kube-apiserver (as a crash or a server's reboot would; on SIGTERM it drains for 15 s
-        and more), wait `down_s` seconds, start it again as before (same port, same etcd). Returns
-        the seconds it was unreachable. Only for a cluster started by this process, and from the
-        thread that started it (its components die with that thread: PR_SET_PDEATHSIG)."""
+        and more), call `while_down`, wait `down_s` seconds, start it again as before (same port,
+        same etcd). Returns the seconds it was unreachable. Only for a cluster started by this
+        process, and from the thread that started it (its components die with that thread:
+        PR_SET_PDEATHSIG)."""
         cmd, detach = self._cmds.get("kube-apiserver", (None, False))
         proc = self._procs.get("kube-apiserver")
         if cmd is None or proc is None:
@@ -451,6 +453,8 @@ class LocalCluster:
         t0 = time.monotonic()
         os.killpg(proc.pid, signal.SIGKILL)
         self._wait_exit("kube-apiserver", proc.pid, 10.0)
+        if while_down is not None:
+            while_down()
         time.sleep(down_s)
         self._spawn("kube-apiserver", cmd, detach)
         self._wait(self.is_ready, timeout, "kube-apiserver /readyz after its restart")

@@ -127,10 +127,11 @@ class Testbed:
             AGENT_SA, NS, name, duration="2h"))
 
     def start_agent(self, name: str, labels: dict[str, str], extra: list[str] = (), host=None,
-                    kubeconfig: str | None = None) -> subprocess.Popen:
+                    kubeconfig: str | None = None, wait: bool = True) -> subprocess.Popen:
         """An agent process; with `host` (a consortium.netlab.Host) inside that host's network
         namespace on its address, logging in with `kubeconfig` (one that reaches the API server from
-        there, netlab's forwarder)."""
+        there, netlab's forwarder). Returned once it serves and has registered, unless not `wait`
+        (then wait_agent)."""
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         addr = host.address if host is not None else "127.0.0.1"
@@ -142,11 +143,17 @@ class Testbed:
         log = open(self.workdir / f"agent-{name}.log", "ab")
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
         self.agents[name] = p
-        wait_until(lambda: port_file.is_file() or p.poll() is not None, 120, f"agent {name} to serve")
+        if wait:
+            self.wait_agent(name, addr)
+        return p
+
+    def wait_agent(self, name: str, addr: str = "127.0.0.1", timeout: float = 120) -> None:
+        """Until agent `name` has registered and serves (it writes its port file then)."""
+        p, port_file = self.agents[name], self.workdir / f"{name}.port"
+        wait_until(lambda: port_file.is_file() or p.poll() is not None, timeout, f"agent {name} to serve")
         if p.poll() is not None:
             raise RuntimeError(f"agent {name} exited: {(self.workdir / f'agent-{name}.log').read_text()[-2000:]}")
         self.endpoints[name] = f"{addr}:{int(port_file.read_text())}"
-        return p
 
     def channel(self, name: str):
         """A gRPC channel to agent `name` as the operator would open it (tests call agents directly)."""

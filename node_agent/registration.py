@@ -165,8 +165,24 @@ class Registrar:
     # -- loop -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.register()
-        self.renew_lease()
+        """Register and take the Lease, then keep both up in the background. An API server that
+        cannot be reached yet (starting, restarting, the chart not installed: 404) is waited for,
+        saying so, as a kubelet waits: a bare agent started first must not just exit."""
+        delay = 1.0
+        while True:
+            try:
+                self.register()
+                self.renew_lease()
+                break
+            except Exception as e:  # noqa: BLE001 - sorted below
+                if not (kube.transient(e) or getattr(e, "status", None) == 404):
+                    raise
+                hint = " (are the chart's CRDs installed?)" if getattr(e, "status", None) == 404 else ""
+                log.warning("control plane not reachable: %s%s; registering again in %.0f s", kube.reason(e), hint,
+                            delay)
+                if self._stop.wait(delay):
+                    return
+                delay = min(2 * delay, 30.0)
         self._thread.start()
 
     def _loop(self) -> None:

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from consortium import resources as r
-from consortium import receipt_check, testbed, wire
+from consortium import kube, receipt_check, testbed, wire
 from consortium.driver.state import SessionState, audit_records, counters_of_report
 from consortium.wire import pb
 
@@ -235,6 +235,28 @@ def test_a_session_rides_out_an_api_server_restart(agents_up, baseline):
     items = bed.get("receipts", namespace=ns, selector=f"{r.GROUP}/session={name}")["items"]
     res = receipt_check.check(s, items, bed.get("computenodes")["items"])
     assert res["ok"] and res["complete"], (down_s, receipt_check.lines(res))
+
+
+def test_an_agent_started_while_the_api_server_is_away_registers_once_it_is_back(agents_up):
+    """A bare agent started before its control plane answers (k3s still booting, restarting) waits
+    for it, saying so, and registers once it is back. Before, the agent exited at once with a
+    traceback, and nothing starts a bare agent again."""
+    bed = agents_up
+    name = "late-agent"
+    kubeconfig = bed.agent_kubeconfig(name)   # its token is made while the API answers
+    try:
+        bed.cluster.restart_apiserver(down_s=3.0, while_down=lambda: bed.start_agent(
+            name, {r.LABEL_ACCELERATOR: "cpu"}, kubeconfig=kubeconfig, wait=False))
+        bed.wait_agent(name)
+        cn = bed.get("computenode", name)
+        assert kube.condition_true(cn, "Ready") and not cn["spec"].get("approved"), cn
+        log = (bed.workdir / f"agent-{name}.log").read_text()
+        assert "control plane not reachable" in log and "registering again" in log, log[-2000:]
+    finally:
+        bed.kill_agent(name)
+        bed.cluster.kubectl("delete", "computenode", name, "--ignore-not-found")
+        bed.cluster.kubectl("delete", "lease", kube.lease_name(name), "-n", testbed.NS, "--ignore-not-found")
+        bed.cluster.kubectl("delete", "node", name, "--ignore-not-found")   # revokes its token
 
 
 def test_a_status_at_its_budget_stops_generation_with_a_reason(agents_up, baseline, monkeypatch):
