@@ -34,21 +34,35 @@ class KubePolicy:
         self.stage_bytes: list[int] = []   # each stage's share of the weights, when known
         self._warmed: dict[str, int] = {}  # node -> bytes of stages it was asked to load ahead
         self._views: tuple[float, dict[str, placement.NodeView]] = (float("-inf"), {})   # (read at, by name)
+        self._unwritten: dict[int, tuple[str, int]] = {}   # stage -> (node, epoch) the API was away for
 
     def _usable(self, candidates: Sequence[str], max_age_s: float = 0.0) -> list[placement.NodeView]:
         """The candidates that are usable now, from ComputeNodes and Leases read at most max_age_s ago."""
         at, views = self._views
         if time.monotonic() - at > max_age_s:
-            views = {n.name: n for n in placement.node_views(self.agent_namespace)}
-            self._views = time.monotonic(), views
+            try:
+                views = {n.name: n for n in placement.node_views(self.agent_namespace)}
+                self._views = time.monotonic(), views
+            except Exception as e:  # noqa: BLE001 - sorted below
+                if not views or not kube.transient(e):
+                    raise
+                # The API away (a control plane restarting): the last reading, however old, rather
+                # than no choice at all; the data path still finds out a node that died since.
+                log.warning("ComputeNodes not readable (%s): choosing from a reading %.0f s old", kube.reason(e),
+                            time.monotonic() - at)
         return [views[c] for c in candidates if c in views and views[c].why_not() is None]
 
     def choose_backup(self, stage: int, failed: str, candidates: Sequence[str]) -> str:
         epoch = self.driver.state.epochs[stage] if self.driver else 0
         kube.event(self.session, "FailoverStarted", f"stage {stage} lost {failed}; fenced below epoch {epoch}",
                    type_="Warning")
-        self.set_condition("StageFailover", True, "StageLost", f"stage {stage} lost {failed} (epoch {epoch})",
-                           phase="Failover")
+        try:
+            self.set_condition("StageFailover", True, "StageLost", f"stage {stage} lost {failed} (epoch {epoch})",
+                               phase="Failover")
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if not kube.transient(e):
+                raise
+            log.warning("stage %d: StageFailover condition not written (%s)", stage, kube.reason(e))
         pool, by_backup = self._backup_pool(stage, candidates)
         if not pool:
             msg = (f"no backup for stage {stage}: none of {list(candidates)} is usable and matches the backup "
@@ -56,8 +70,17 @@ class KubePolicy:
             kube.event(self.session, "FailoverFailed", msg, type_="Warning")
             raise NoCandidate(msg)
         chosen = pool[0].name
-        placement.write_assignment(self.session, stage, self.spec.stages[stage], chosen, epoch,
-                                   self.spec.model.to_k8s())
+        self._unwritten[stage] = (chosen, epoch)
+        try:
+            self.write_pending()
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if not kube.transient(e):
+                raise
+            # The backup takes over all the same (the driver fences and loads it by RPC); the
+            # StageAssignment, which agents fence by and a resumed operator reads, follows once the
+            # API answers (write_pending, at each progress write).
+            log.warning("stage %d: StageAssignment to %s at epoch %d not written yet (%s)", stage, chosen, epoch,
+                        kube.reason(e))
         self._assignment_condition(stage, "Ready", False, "Failover",
                                    f"{failed} lost; {chosen} takes over at epoch {epoch}")
         kube.event(self.session, "StageReassigned",
@@ -65,6 +88,14 @@ class KubePolicy:
                    f"({'backupSelector' if by_backup else 'stage nodeSelector'})")
         self.decisions.append({"stage": stage, "from": failed, "to": chosen, "epoch": epoch})
         return chosen
+
+    def write_pending(self) -> None:
+        """Write the StageAssignments failovers decided and could not write yet, the earliest stage
+        first; raises the first failure (the rest wait for the next call)."""
+        for stage, (node, epoch) in sorted(self._unwritten.items()):
+            placement.write_assignment(self.session, stage, self.spec.stages[stage], node, epoch,
+                                       self.spec.model.to_k8s())
+            del self._unwritten[stage]
 
     def _backup_pool(self, stage: int, candidates: Sequence[str]) -> tuple[list[placement.NodeView], bool]:
         """The usable candidates a backup of `stage` is chosen from, best first, and whether the

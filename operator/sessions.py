@@ -228,9 +228,16 @@ class SessionRun:
 
         def publish(final: bool = False) -> None:
             nonlocal seen_failovers
-            if len(state.failovers) > seen_failovers:
-                policy.finished(state.failovers[seen_failovers:])
-                seen_failovers = len(state.failovers)
+            try:
+                policy.write_pending()   # StageAssignments failovers decided while the API was away
+                if len(state.failovers) > seen_failovers:
+                    policy.finished(state.failovers[seen_failovers:])
+                    seen_failovers = len(state.failovers)
+            except Exception as e:  # noqa: BLE001 - sorted below
+                if not kube.transient(e):
+                    raise
+                log.warning("session %s/%s: failover records not written yet (%s)", self.namespace, self.name,
+                            kube.reason(e))
             writer.publish(driver)
             publisher.publish(driver, writer.index, final=final)
             proof_publisher.publish(driver, writer.index)

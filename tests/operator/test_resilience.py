@@ -237,6 +237,28 @@ def test_a_session_rides_out_an_api_server_restart(agents_up, baseline):
     assert res["ok"] and res["complete"], (down_s, receipt_check.lines(res))
 
 
+def test_a_node_lost_while_the_api_server_is_away_is_failed_over(agents_up, baseline):
+    """Stage 1's agent is killed while the API server is down: the backup is chosen from the last
+    reading of the ComputeNodes, takes over by RPC, and the StageAssignment follows once the API is
+    back. Before, the failover failed on its first write and with it the session."""
+    bed = agents_up
+    ns, name = "failover-api-away", "no-api"
+    bed.cluster.kubectl("create", "namespace", ns)
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(1024, name)))
+    bed.wait_token(name, ns, "n2", 1, 10, 120)
+    bed.cluster.restart_apiserver(down_s=4.0, while_down=lambda: bed.kill_agent("n2"))
+    s = bed.wait_phase(name, ns, ("Completed",), 300)
+    st = s["status"]
+    drv = st["report"]["driverState"]
+    assert [(f["stage"], f["from"], f["epoch"]) for f in drv["failovers"]] == [(1, "n2", 2)], drv["failovers"]
+    assert st["tokens"][:MAX_TOKENS] == baseline
+    sa = bed.get("stageassignment", f"{name}-s1", ns)["spec"]
+    assert (sa["nodeName"], sa["epoch"]) == (drv["failovers"][0]["to"], 2), sa
+    items = bed.get("receipts", namespace=ns, selector=f"{r.GROUP}/session={name}")["items"]
+    res = receipt_check.check(s, items, bed.get("computenodes")["items"])
+    assert res["ok"] and res["complete"], receipt_check.lines(res)
+
+
 def test_an_agent_started_while_the_api_server_is_away_registers_once_it_is_back(agents_up):
     """A bare agent started before its control plane answers (k3s still booting, restarting) waits
     for it, saying so, and registers once it is back. Before, the agent exited at once with a
