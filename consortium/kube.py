@@ -200,9 +200,41 @@ def lease_name(node: str) -> str:
 
 
 def lease_expired(lease: Any, at: float | None = None) -> bool:
-    """True when the holder has not renewed within its lease duration."""
+    """True when the holder has not renewed within its lease duration, by the renewTime it wrote
+    with its own clock."""
     spec = lease.spec if hasattr(lease, "spec") else None
     if spec is None or spec.renew_time is None:
         return True
     renewed = parse_time(spec.renew_time).timestamp()
     return (at or time.time()) > renewed + float(spec.lease_duration_seconds or 15)
+
+
+class LeaseClock:
+    """Judges Leases by when this process saw them renewed, on its own clock, as Kubernetes' node
+    lifecycle controller does: an agent's renewTime is written with the agent's clock, and a laptop
+    whose clock is a lease duration behind the operator's looked expired at every renewal (ahead,
+    alive for as long after it died). A Lease seen renewed counts as live until it has gone one
+    duration without a renewal seen; one not yet seen renewed is judged by its renewTime, and dead
+    once unchanged for a duration. Every look in the process (placement, failover, the session's
+    node watch) goes through one (LEASES), so renewals are seen as often as anything reads."""
+
+    def __init__(self):
+        self._seen: dict[str, tuple[str, float, bool]] = {}   # namespace/name -> (renewTime, seen since, renewed)
+        self._lock = threading.Lock()
+
+    def expired(self, lease: Any) -> bool:
+        spec, md = getattr(lease, "spec", None), getattr(lease, "metadata", None)
+        if spec is None or spec.renew_time is None or md is None:
+            return True
+        key, renew = f"{md.namespace}/{md.name}", str(spec.renew_time)
+        duration, now = float(spec.lease_duration_seconds or 15), time.monotonic()
+        with self._lock:
+            prev = self._seen.get(key)
+            if prev is None or prev[0] != renew:
+                self._seen[key] = (renew, now, prev is not None)
+                return prev is None and lease_expired(lease)   # renewed since the last look: live
+        _, since, renewed = prev
+        return now - since > duration or (not renewed and lease_expired(lease))
+
+
+LEASES = LeaseClock()

@@ -213,7 +213,7 @@ class NodeWatch:
         # Agents renew their Leases through the same API: one that was away (a control plane
         # restarting) left them unrenewed with their nodes alive. A Lease counts as expired only once
         # its agent has had a whole lease duration of an API that answers to renew it.
-        return [n for n in nodes if (lease := leases.get(kube.lease_name(n))) is not None and kube.lease_expired(lease)
+        return [n for n in nodes if (lease := leases.get(kube.lease_name(n))) is not None and kube.LEASES.expired(lease)
                 and now - self._answered_again > float(lease.spec.lease_duration_seconds or 15)]
 
     @staticmethod

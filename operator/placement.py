@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 from consortium import kube
 from consortium import resources as r
@@ -63,7 +62,6 @@ def node_views(namespace: str | None) -> list[NodeView]:
             leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(namespace).items}
         except Exception:  # noqa: BLE001 - without Lease access, Ready alone decides
             leases = {}
-    now = time.time()
     out = []
     for cn in items:
         spec, status = cn.get("spec") or {}, cn.get("status") or {}
@@ -72,7 +70,7 @@ def node_views(namespace: str | None) -> list[NodeView]:
         out.append(NodeView(
             name=name, labels=dict(spec.get("labels") or {}), approved=bool(spec.get("approved")),
             ready=kube.condition_true(cn, "Ready"), quarantined=kube.condition_true(cn, "Quarantined"),
-            lease_ok=(not leases) or (lease is not None and not kube.lease_expired(lease, now)),
+            lease_ok=(not leases) or (lease is not None and not kube.LEASES.expired(lease)),
             backend=status.get("backend"), memory_bytes=int(spec.get("memoryBytes") or 0),
             endpoint=spec.get("endpoint", ""), public_key=spec.get("publicKey", "")))
     return sorted(out, key=lambda n: n.name)

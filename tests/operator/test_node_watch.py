@@ -1,5 +1,6 @@
-"""NodeWatch on a real API server that goes away and comes back: a Lease its agent could not renew
-meanwhile is not taken for a dead node until the agent has had a lease duration to renew it."""
+"""NodeWatch's judgment of Leases on a real API server: one its agent could not renew while the API
+was away is not taken for a dead node until the agent has had a lease duration to renew it; one
+renewed by an agent whose clock runs behind is live while renewals are seen."""
 import datetime as dt
 import threading
 import time
@@ -51,5 +52,46 @@ def test_a_lease_left_unrenewed_while_the_api_was_away_is_not_a_dead_node(cluste
         assert after and all(expired == [] for expired in after), [(round(t - back, 2), e) for t, e in reads]
         # Then it is, as before.
         testbed.wait_until(lambda: watch._expired([node]) == [node], 3 * duration, "the Lease to count again")
+    finally:
+        client.Configuration.set_default(old)
+
+
+def test_an_agent_whose_clock_runs_behind_is_live_while_it_renews(cluster):
+    """A Lease renewed every second by an agent whose clock is 60 s behind the operator's (a
+    laptop's): by its renewTime it expired long ago at every renewal, and the node was failed over
+    and never placed. Seen renewed, it is live; once no renewal is seen for its duration, dead. A
+    Lease never renewed stays dead."""
+    from kubernetes import client, config
+
+    from consortium_operator import failover
+
+    ns, duration, behind_s = "lease-clock", 3, 60.0
+    cluster.kubectl("create", "namespace", ns, check=False)
+    old = client.Configuration.get_default_copy()
+    config.load_kube_config(config_file=cluster.kubeconfig)
+
+    def renew(node: str, create: bool = False) -> None:
+        spec = {"holderIdentity": node, "leaseDurationSeconds": duration,
+                "renewTime": kube.micro_time(kube.now() - dt.timedelta(seconds=behind_s))}
+        if create:
+            kube.coordination().create_namespaced_lease(ns, {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": kube.lease_name(node)}, "spec": spec})
+        else:
+            kube.coordination().patch_namespaced_lease(kube.lease_name(node), ns, {"spec": spec})
+    try:
+        renew("behind", create=True)
+        renew("dead", create=True)
+        watch = failover.NodeWatch(ns)
+        # First look: nothing but the renewTimes to go by.
+        assert sorted(watch._expired(["behind", "dead"])) == ["behind", "dead"]
+        for _ in range(5):
+            time.sleep(1.0)
+            renew("behind")
+            assert watch._expired(["behind", "dead"]) == ["dead"]
+        stopped = time.monotonic()
+        testbed.wait_until(lambda: watch._expired(["behind"]) == ["behind"], 3 * duration,
+                           "the Lease to count as expired once not renewed")
+        assert time.monotonic() - stopped >= duration - 1.0
     finally:
         client.Configuration.set_default(old)
