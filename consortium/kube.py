@@ -216,11 +216,26 @@ class LeaseClock:
     alive for as long after it died). A Lease seen renewed counts as live until it has gone one
     duration without a renewal seen; one not yet seen renewed is judged by its renewTime, and dead
     once unchanged for a duration. Every look in the process (placement, failover, the session's
-    node watch) goes through one (LEASES), so renewals are seen as often as anything reads."""
+    node watch) goes through one (LEASES), so renewals are seen as often as anything reads.
+
+    Agents renew through the same API the Leases are read from: one that was away (a control plane
+    restarting) left them unrenewed with their nodes alive. Readers say when a read failed
+    (`unreachable`) and when one passed (`reachable`); for a lease duration after the API answers
+    again, no Lease counts as expired, so that its agent can renew it first."""
 
     def __init__(self):
         self._seen: dict[str, tuple[str, float, bool]] = {}   # namespace/name -> (renewTime, seen since, renewed)
         self._lock = threading.Lock()
+        self._away = False   # the last read of the API failed
+        self._back_at = float("-inf")   # when a read passed after one failed (monotonic)
+
+    def unreachable(self) -> None:
+        self._away = True
+
+    def reachable(self) -> None:
+        with self._lock:
+            if self._away:
+                self._away, self._back_at = False, time.monotonic()
 
     def expired(self, lease: Any) -> bool:
         spec, md = getattr(lease, "spec", None), getattr(lease, "metadata", None)
@@ -232,7 +247,12 @@ class LeaseClock:
             prev = self._seen.get(key)
             if prev is None or prev[0] != renew:
                 self._seen[key] = (renew, now, prev is not None)
-                return prev is None and lease_expired(lease)   # renewed since the last look: live
+                if prev is not None:
+                    return False   # renewed since the last look: live
+        if now - self._back_at <= duration:
+            return False
+        if prev is None:
+            return lease_expired(lease)   # the first look: its renewTime is all there is
         _, since, renewed = prev
         return now - since > duration or (not renewed and lease_expired(lease))
 

@@ -75,6 +75,7 @@ class KubePolicy:
             self.write_pending()
         except Exception as e:  # noqa: BLE001 - sorted below
             if not kube.transient(e):
+                self._unwritten.pop(stage, None)   # the failover fails with it
                 raise
             # The backup takes over all the same (the driver fences and loads it by RPC); the
             # StageAssignment, which agents fence by and a resumed operator reads, follows once the
@@ -178,8 +179,6 @@ class NodeWatch:
     def __init__(self, namespace: str | None, every_s: float = 1.0):
         self.namespace, self.every_s = namespace, every_s
         self._last = 0.0
-        self._unreachable = False   # the last read of the API failed
-        self._answered_again = float("-inf")   # when the API answered after a failed read (monotonic)
 
     def check(self, driver) -> None:
         if time.monotonic() - self._last < self.every_s:
@@ -205,16 +204,10 @@ class NodeWatch:
             leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(self.namespace).items}
         except Exception as e:  # noqa: BLE001 - no verdict without data: the data path still catches failures
             log.warning("leases not readable: %s", kube.reason(e))
-            self._unreachable = True
+            kube.LEASES.unreachable()
             return []
-        now = time.monotonic()
-        if self._unreachable:
-            self._unreachable, self._answered_again = False, now
-        # Agents renew their Leases through the same API: one that was away (a control plane
-        # restarting) left them unrenewed with their nodes alive. A Lease counts as expired only once
-        # its agent has had a whole lease duration of an API that answers to renew it.
-        return [n for n in nodes if (lease := leases.get(kube.lease_name(n))) is not None and kube.LEASES.expired(lease)
-                and now - self._answered_again > float(lease.spec.lease_duration_seconds or 15)]
+        kube.LEASES.reachable()   # after an API that was away, its agents get a lease duration to renew
+        return [n for n in nodes if (lease := leases.get(kube.lease_name(n))) is not None and kube.LEASES.expired(lease)]
 
     @staticmethod
     def _quarantined(nodes) -> dict[str, str]:
@@ -222,7 +215,7 @@ class NodeWatch:
         try:
             items = kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes").get("items", [])
         except Exception as e:  # noqa: BLE001 - as above
-            log.warning("ComputeNodes not readable: %s", e)
+            log.warning("ComputeNodes not readable: %s", kube.reason(e))
             return {}
         out = {}
         for cn in items:

@@ -55,13 +55,19 @@ class NodeView:
 
 def node_views(namespace: str | None) -> list[NodeView]:
     """Every ComputeNode, with its Lease read from `namespace` (the agents' release namespace)."""
-    items = kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes").get("items", [])
+    try:
+        items = kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes").get("items", [])
+    except Exception as e:
+        if kube.transient(e):
+            kube.LEASES.unreachable()
+        raise
     leases = {}
     if namespace:
         try:
             leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(namespace).items}
         except Exception:  # noqa: BLE001 - without Lease access, Ready alone decides
             leases = {}
+    kube.LEASES.reachable()   # after an API that was away, its agents get a lease duration to renew
     out = []
     for cn in items:
         spec, status = cn.get("spec") or {}, cn.get("status") or {}
