@@ -136,10 +136,15 @@ TRANSIENT_STATUSES = {401, 403, 408, 429, 500, 502, 503, 504}
 
 
 def transient(e: BaseException) -> bool:
-    """Whether a failed call may pass if made again: no answer at all (no connection, a timeout)
-    or one of TRANSIENT_STATUSES. A refusal of the request itself (400, 404, 409, 422) is not."""
+    """Whether a failed call may pass if made again: no answer at all (no connection, a timeout,
+    a TLS handshake cut short: the client's status 0) or one of TRANSIENT_STATUSES. A refusal of the
+    request itself (400, 404, 409, 422) is not, nor an error of the caller's own (a TypeError)."""
+    from urllib3.exceptions import HTTPError
+
     status = getattr(e, "status", None)
-    return not status or status in TRANSIENT_STATUSES
+    if status is not None:
+        return not status or status in TRANSIENT_STATUSES
+    return isinstance(e, (HTTPError, OSError))
 
 
 def reason(e: BaseException) -> str:

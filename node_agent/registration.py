@@ -118,8 +118,8 @@ class Registrar:
         held = self.service.held()  # (session, stage) -> epoch
         for sa in items:
             spec = sa.get("spec") or {}
-            key = next(((sid, int(spec.get("stageIndex", -1))) for sid in _session_ids(sa)
-                        if (sid, int(spec.get("stageIndex", -1))) in held), None)
+            stage = int(spec.get("stageIndex", -1))
+            key = next(((sid, stage) for sid in _session_ids(sa) if (sid, stage) in held), None)
             epoch = int(spec.get("epoch", 0))
             mine = spec.get("nodeName") == self.name
             have = held.get(key)

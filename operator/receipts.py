@@ -113,7 +113,9 @@ class ReceiptWriter:
                     log.warning("receipt %s not written yet (%d more wait): %s", name, len(self._pending) - 1,
                                 kube.reason(ex))
                     return written
-                if getattr(ex, "status", None) != 409:   # 409: an earlier try was written, its answer lost
+                if getattr(ex, "status", None) is None:
+                    raise
+                if not kube.is_status(ex, 409):   # 409: an earlier try was written, its answer lost
                     # Refused for good (the object itself): said so, and the others still go out.
                     self._pending.pop(0)
                     self.discarded += 1
