@@ -460,6 +460,22 @@ class LocalCluster:
         self._wait(self.is_ready, timeout, "kube-apiserver /readyz after its restart")
         return time.monotonic() - t0
 
+    def pause_apiserver(self, seconds: float, while_paused: Callable[[], Any] | None = None) -> None:
+        """Stop kube-apiserver (SIGSTOP) for `seconds`, calling `while_paused` meanwhile, then let it
+        go on: a server that hangs, its connections open and nothing answered, as behind a link that
+        drops packets. Works on a detached cluster too."""
+        pid = self._pids.get("kube-apiserver")
+        if pid is None or not _pid_is(pid, "kube-apiserver"):
+            raise ClusterError("pause_apiserver: kube-apiserver is not running")
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            if while_paused is not None:
+                while_paused()
+            time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
     def _spawn(self, name: str, cmd: list[str], detach: bool) -> None:
         self._cmds[name] = (cmd, detach)
         with open(self.logs_dir / f"{name}.log", "ab") as logf:

@@ -55,6 +55,21 @@ def parse_time(text: Any) -> dt.datetime | None:
 
 _shared: tuple[Any, Any] | None = None   # (the default configuration, the ApiClient made from it)
 _shared_lock = threading.Lock()
+# (connect, read) seconds for a call that names no timeout of its own. The client's default is none:
+# an API server that hangs (a stopped process, a link that drops packets) held a call, and the
+# session's token loop waiting on it, for as long as it hung.
+REQUEST_TIMEOUT_S = (5.0, 30.0)
+
+
+def _timed_client_class():
+    from kubernetes import client
+
+    class TimedApiClient(client.ApiClient):
+        def call_api(self, method, url, header_params=None, body=None, post_params=None, _request_timeout=None):
+            return super().call_api(method, url, header_params, body, post_params,
+                                    REQUEST_TIMEOUT_S if _request_timeout is None else _request_timeout)
+
+    return TimedApiClient
 
 
 def _client():
@@ -68,7 +83,7 @@ def _client():
     default = client.Configuration.get_default()
     with _shared_lock:
         if _shared is None or _shared[0] is not default:
-            _shared = (default, client.ApiClient())   # made from a copy of `default`
+            _shared = (default, _timed_client_class()())   # made from a copy of `default`
         return _shared[1]
 
 
@@ -224,9 +239,12 @@ class LeaseClock:
     node watch) goes through one (LEASES), so renewals are seen as often as anything reads.
 
     Agents renew through the same API the Leases are read from: one that was away (a control plane
-    restarting) left them unrenewed with their nodes alive. Readers say when a read failed
-    (`unreachable`) and when one passed (`reachable`); for a lease duration after the API answers
-    again, no Lease counts as expired, so that its agent can renew it first."""
+    restarting) or hung (a stopped process, a link dropping packets) left them unrenewed with their
+    nodes alive. Readers say when a read failed (`unreachable`) and when one passed (`reachable`, with
+    how long it took); for a lease duration after the API answers again, or answers a read that took
+    over SLOW_ANSWER_S, no Lease counts as expired, so that its agent can renew it first."""
+
+    SLOW_ANSWER_S = 2.0   # a LIST here takes milliseconds; one held this long, the API was not serving
 
     def __init__(self):
         self._seen: dict[str, tuple[str, float, bool]] = {}   # namespace/name -> (renewTime, seen since, renewed)
@@ -237,9 +255,9 @@ class LeaseClock:
     def unreachable(self) -> None:
         self._away = True
 
-    def reachable(self) -> None:
+    def reachable(self, took_s: float = 0.0) -> None:
         with self._lock:
-            if self._away:
+            if self._away or took_s > self.SLOW_ANSWER_S:
                 self._away, self._back_at = False, time.monotonic()
 
     def expired(self, lease: Any) -> bool:

@@ -11,6 +11,7 @@ caught.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -35,6 +36,7 @@ class KubePolicy:
         self._warmed: dict[str, int] = {}  # node -> bytes of stages it was asked to load ahead
         self._views: tuple[float, dict[str, placement.NodeView]] = (float("-inf"), {})   # (read at, by name)
         self._unwritten: dict[int, tuple[str, int]] = {}   # stage -> (node, epoch) the API was away for
+        self._unwritten_lock = threading.Lock()
 
     def _usable(self, candidates: Sequence[str], max_age_s: float = 0.0) -> list[placement.NodeView]:
         """The candidates that are usable now, from ComputeNodes and Leases read at most max_age_s ago."""
@@ -70,12 +72,14 @@ class KubePolicy:
             kube.event(self.session, "FailoverFailed", msg, type_="Warning")
             raise NoCandidate(msg)
         chosen = pool[0].name
-        self._unwritten[stage] = (chosen, epoch)
+        with self._unwritten_lock:   # a write of the writer's thread in flight finishes first
+            self._unwritten[stage] = (chosen, epoch)
         try:
             self.write_pending()
         except Exception as e:  # noqa: BLE001 - sorted below
             if not kube.transient(e):
-                self._unwritten.pop(stage, None)   # the failover fails with it
+                with self._unwritten_lock:
+                    self._unwritten.pop(stage, None)   # the failover fails with it
                 raise
             # The backup takes over all the same (the driver fences and loads it by RPC); the
             # StageAssignment, which agents fence by and a resumed operator reads, follows once the
@@ -93,10 +97,13 @@ class KubePolicy:
     def write_pending(self) -> None:
         """Write the StageAssignments failovers decided and could not write yet, the earliest stage
         first; raises the first failure (the rest wait for the next call)."""
-        for stage, (node, epoch) in sorted(self._unwritten.items()):
-            placement.write_assignment(self.session, stage, self.spec.stages[stage], node, epoch,
-                                       self.spec.model.to_k8s())
-            del self._unwritten[stage]
+        # Called from the progress writer's thread too, while the token loop may fail a stage over:
+        # one writer at a time, so that an older decision is never written over a newer one.
+        with self._unwritten_lock:
+            for stage, (node, epoch) in sorted(self._unwritten.items()):
+                placement.write_assignment(self.session, stage, self.spec.stages[stage], node, epoch,
+                                           self.spec.model.to_k8s())
+                del self._unwritten[stage]
 
     def _backup_pool(self, stage: int, candidates: Sequence[str]) -> tuple[list[placement.NodeView], bool]:
         """The usable candidates a backup of `stage` is chosen from, best first, and whether the
@@ -155,58 +162,87 @@ class KubePolicy:
         except Exception as e:  # noqa: BLE001
             log.warning("condition %s on %s not written: %s", type_, name, e)
 
-    def finished(self, events: list[dict]) -> None:
-        """Failovers the driver completed since the last call: conditions and Events."""
-        for f in events:
-            how = [f"{f['adopted_rows']} taken from its audit replay"] if f.get("adopted_rows") else []
-            how += [f"{f['merged_rows']} in merged batches"] if f.get("merged_rows") else []
-            merged = f" ({', '.join(how)})" if how else ""
-            msg = (f"stage {f['stage']}: {f['from']} -> {f['to']} at epoch {f['epoch']}, position {f['at_position']}, "
-                   f"{f['replayed_rows']} rows replayed{merged} in {f['ms']:.0f} ms ({f['reason']})")
-            kube.event(self.session, "FailoverFinished", msg)
-            self._assignment_condition(f["stage"], "Ready", True, "FailedOver", msg)
-            self.set_condition("StageFailover", False, "FailoverCompleted", msg, phase="Running")
+    def finished(self, f: dict) -> None:
+        """A failover the driver completed: conditions, then its Event (the conditions' write may
+        fail while the API is away, and is made again; the Event, posted last, is posted once)."""
+        how = [f"{f['adopted_rows']} taken from its audit replay"] if f.get("adopted_rows") else []
+        how += [f"{f['merged_rows']} in merged batches"] if f.get("merged_rows") else []
+        merged = f" ({', '.join(how)})" if how else ""
+        msg = (f"stage {f['stage']}: {f['from']} -> {f['to']} at epoch {f['epoch']}, position {f['at_position']}, "
+               f"{f['replayed_rows']} rows replayed{merged} in {f['ms']:.0f} ms ({f['reason']})")
+        self._assignment_condition(f["stage"], "Ready", True, "FailedOver", msg)
+        self.set_condition("StageFailover", False, "FailoverCompleted", msg, phase="Running")
+        kube.event(self.session, "FailoverFinished", msg)
 
 
 class NodeWatch:
-    """Between two steps, at most every `every_s`: fails a stage over when the node serving it
-    stopped renewing its Lease, and treats a node the cluster quarantined (its ComputeNode's
-    Quarantined condition, from another session's verdicts) as caught in this session too: the
-    driver rolls back to the first position it computed since its last passed audit here and fails
-    its stages over. Before, a session went on with a node known to cheat unless its own audits
-    caught it (none, at audit probability 0)."""
+    """Fails a stage over when the node serving it stopped renewing its Lease, and treats a node the
+    cluster quarantined (its ComputeNode's Quarantined condition, from another session's verdicts) as
+    caught in this session too: the driver rolls back to the first position it computed since its
+    last passed audit here and fails its stages over. Before, a session went on with a node known to
+    cheat unless its own audits caught it (none, at audit probability 0).
+
+    The Leases and ComputeNodes are read every `every_s` on a thread of its own (`start`), and the
+    token loop takes each reading between two steps (`check`): read in the token loop, an API server
+    that hung held up generation for as long as it hung."""
 
     def __init__(self, namespace: str | None, every_s: float = 1.0):
         self.namespace, self.every_s = namespace, every_s
-        self._last = 0.0
+        self._reading: tuple[list[str], dict[str, str]] | None = None   # (expired, quarantined), not yet taken
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, driver) -> None:
+        self._thread = threading.Thread(target=self._watch, args=(driver,), name="node-watch", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self, driver) -> None:
+        while True:
+            try:
+                # Copies made at once of what the token loop changes meanwhile.
+                self._reading = (self._expired(sorted(set(driver.state.nodes))),
+                                 self._quarantined(list(driver.clients)))
+            except Exception:  # noqa: BLE001 - a watch that stops would leave the session blind
+                log.exception("node watch: reading failed")
+            if self._stop.wait(self.every_s):
+                return
 
     def check(self, driver) -> None:
-        if time.monotonic() - self._last < self.every_s:
+        """Between two steps, in the token loop: acts on the latest reading, once."""
+        reading, self._reading = self._reading, None
+        if reading is None:
             return
-        self._last = time.monotonic()
-        for node in self._expired(sorted(set(driver.state.nodes))):
-            driver.dead.add(node)
-            for s, n in enumerate(list(driver.state.nodes)):
-                if n == node:
-                    driver._failover(s, f"Lease of {node} expired")
-        self.check_quarantine(driver)
+        expired, quarantined = reading
+        for node in expired:
+            if node in driver.state.nodes:   # still serving: not failed over since the reading
+                driver.dead.add(node)
+                for s, n in enumerate(list(driver.state.nodes)):
+                    if n == node:
+                        driver._failover(s, f"Lease of {node} expired")
+        for node, why in quarantined.items():
+            driver._fraud(node, f"quarantined in the cluster: {why}")
 
     def check_quarantine(self, driver) -> None:
-        """The quarantine half of check(), now, whenever the last check was: the last look before
-        a session completes (a Lease expiring once every token is out needs no failover)."""
-        for node, why in self._quarantined(driver.clients).items():
+        """The quarantine half of a reading, read now: the last look before a session completes (a
+        Lease expiring once every token is out needs no failover)."""
+        for node, why in self._quarantined(list(driver.clients)).items():
             driver._fraud(node, f"quarantined in the cluster: {why}")
 
     def _expired(self, nodes: Sequence[str]) -> list[str]:
         if not self.namespace:
             return []
+        asked = time.monotonic()
         try:
             leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(self.namespace).items}
         except Exception as e:  # noqa: BLE001 - no verdict without data: the data path still catches failures
             log.warning("leases not readable: %s", kube.reason(e))
             kube.LEASES.unreachable()
             return []
-        kube.LEASES.reachable()   # after an API that was away, its agents get a lease duration to renew
+        # After an API that was away or slow to answer, its agents get a lease duration to renew.
+        kube.LEASES.reachable(time.monotonic() - asked)
         return [n for n in nodes if (lease := leases.get(kube.lease_name(n))) is not None and kube.LEASES.expired(lease)]
 
     @staticmethod

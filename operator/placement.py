@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 from consortium import kube
 from consortium import resources as r
@@ -55,6 +56,7 @@ class NodeView:
 
 def node_views(namespace: str | None) -> list[NodeView]:
     """Every ComputeNode, with its Lease read from `namespace` (the agents' release namespace)."""
+    asked = time.monotonic()
     try:
         items = kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes").get("items", [])
     except Exception as e:
@@ -67,7 +69,8 @@ def node_views(namespace: str | None) -> list[NodeView]:
             leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(namespace).items}
         except Exception:  # noqa: BLE001 - without Lease access, Ready alone decides
             leases = {}
-    kube.LEASES.reachable()   # after an API that was away, its agents get a lease duration to renew
+    # After an API that was away or slow to answer, its agents get a lease duration to renew.
+    kube.LEASES.reachable(time.monotonic() - asked)
     out = []
     for cn in items:
         spec, status = cn.get("spec") or {}, cn.get("status") or {}

@@ -3,8 +3,9 @@
 The daemon places the stages (placement), writes the StageAssignments, and runs
 consortium.driver's SessionDriver with the Kubernetes policy (failover.KubePolicy) through the one
 token loop (consortium.generation.generate). Between two tokens, at most every PROGRESS_INTERVAL_S,
-it saves the driver's SessionState (tokens, per-stage nodes and epochs, batch shapes, audit results)
-into the session's status, and publishes receipts, verdicts and failovers. An operator that
+it takes the driver's SessionState (tokens, per-stage nodes and epochs, batch shapes, audit results),
+which a thread of its own (ProgressWriter) saves into the session's status before it publishes
+receipts, verdicts and failovers: no token waits for the API. An operator that
 restarts finds that state in status: it truncates every stage's KV to the saved position, refills
 the driver's audit inputs from the agents' stored outputs (Resend, not recomputation), and
 generates on from the same position, so the agents' forward counters show no position the last
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -111,6 +113,9 @@ class SessionRun:
         self.status = dict(body.get("status") or {})
         self.stopped = stopped
         self.api = kube.api()
+        # Conditions are read, changed and written whole from the token loop (a failover) and the
+        # progress writer (the failover finished): one at a time, or one would undo the other's.
+        self._conditions_lock = threading.Lock()
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -120,12 +125,13 @@ class SessionRun:
                                                        self.name, {"status": fields})
 
     def set_condition(self, type_: str, status: bool, reason: str, message: str = "", phase: str | None = None):
-        conds = kube.with_condition(self.status.get("conditions"), type_, status, reason, message,
-                                    self.body["metadata"].get("generation"))
-        fields = {"conditions": conds}
-        if phase:
-            fields["phase"] = phase
-        self.patch_status(**fields)
+        with self._conditions_lock:
+            conds = kube.with_condition(self.status.get("conditions"), type_, status, reason, message,
+                                        self.body["metadata"].get("generation"))
+            fields = {"conditions": conds}
+            if phase:
+                fields["phase"] = phase
+            self.patch_status(**fields)
 
     # -- placement -------------------------------------------------------------------------------
 
@@ -216,23 +222,25 @@ class SessionRun:
         proof_publisher = proofs.ProofPublisher(self.body)
         nodes_watch = failover.NodeWatch(agent_namespace())
         seen_failovers = len(state.failovers)
-        saved_at, unsaved = float("-inf"), None   # when progress was last written; tokens not written since
+        saved_at = float("-inf")   # when progress was last written
+        written = generated   # the tokens it carried
         interval = PROGRESS_INTERVAL_S   # until the next write, from the size and cost of the last ones
         write_s = collections.deque(maxlen=3)   # how long the last writes took
         emitted: list[float] = []   # when each new token of this run came out
         have = 0   # tokens on_token was last given (a rollback's rewind gives fewer: no new token)
         interrupted = False   # the operator stops mid-session: its successor resumes from the agents
         latest = generated   # the tokens as generation last reported them
-        status_full = False   # the last write reached STATUS_BUDGET_BYTES: no more tokens
+        status_full = False   # the last snapshot reached STATUS_BUDGET_BYTES: no more tokens
+        full_announced = False   # its StatusFull Event posted
         failure = None   # (reason, message) of a session that cannot go on
 
         def publish(final: bool = False) -> None:
             nonlocal seen_failovers
             try:
                 policy.write_pending()   # StageAssignments failovers decided while the API was away
-                if len(state.failovers) > seen_failovers:
-                    policy.finished(state.failovers[seen_failovers:])
-                    seen_failovers = len(state.failovers)
+                for f in state.failovers[seen_failovers:]:
+                    policy.finished(f)
+                    seen_failovers += 1
             except Exception as e:  # noqa: BLE001 - sorted below
                 if not kube.transient(e):
                     raise
@@ -242,13 +250,22 @@ class SessionRun:
             publisher.publish(driver, writer.index, final=final)
             proof_publisher.publish(driver, writer.index)
 
-        def save(tokens: list[int]) -> None:
-            nonlocal saved_at, unsaved, interval, status_full
-            began = time.monotonic()
+        def snapshot(tokens: list[int]) -> tuple[list[int], str, str]:
+            """What a progress write carries, taken between two steps: the state as of these tokens.
+            One that reaches STATUS_BUDGET_BYTES stops generation after these tokens."""
+            nonlocal status_full
             with driver._lock:
                 state.proofs = proof_publisher.unpublished(driver)
                 saved = state.dumps()
             text = tok.decode(tokens)
+            status_full = status_full or len(saved) + len(text) + 6 * len(tokens) > STATUS_BUDGET_BYTES
+            return tokens, saved, text
+
+        def save(snap: tuple[list[int], str, str]) -> None:
+            """One progress write; during generation on the progress writer's thread."""
+            nonlocal saved_at, written, interval, full_announced
+            tokens, saved, text = snap
+            began = time.monotonic()
             try:
                 self.patch_status(tokens=tokens, position=len(tokens), text=text,
                                   stageEpochs=list(state.epochs), report={"driverState": json.loads(saved)})
@@ -260,28 +277,30 @@ class SessionRun:
                             self.namespace, self.name, len(tokens), kube.reason(e), PROGRESS_RETRY_S)
                 saved_at = time.monotonic() - interval + PROGRESS_RETRY_S
                 return
-            saved_at, unsaved = time.monotonic(), None
-            written = len(saved) + len(text) + 6 * len(tokens)   # about what the patch carried
-            if written > STATUS_BUDGET_BYTES and not status_full:
-                status_full = True
-                kube.event(self.body, "StatusFull", f"the session's status reached {written} bytes at token "
+            saved_at, written = time.monotonic(), tokens
+            size = len(saved) + len(text) + 6 * len(tokens)   # about what the patch carried
+            if size > STATUS_BUDGET_BYTES and not full_announced:
+                full_announced = True
+                kube.event(self.body, "StatusFull", f"the session's status reached {size} bytes at token "
                            f"{len(tokens)} (the operator's --status-budget-bytes: {STATUS_BUDGET_BYTES}); "
                            f"generation stops there (status_full)", type_="Warning")
             publish()
             write_s.append(time.monotonic() - began)
-            interval = max(PROGRESS_INTERVAL_S, written / PROGRESS_BYTES_PER_S,
+            interval = max(PROGRESS_INTERVAL_S, size / PROGRESS_BYTES_PER_S,
                            PROGRESS_SPACING * min(write_s) if len(write_s) == write_s.maxlen else 0.0)
 
         def on_token(tokens: list[int]) -> None:
-            nonlocal unsaved, have, latest
+            nonlocal have, latest
             session_metrics.generated(self.namespace, self.name, len(tokens))
             if len(tokens) > have:
                 emitted.append(time.monotonic())
             have = len(tokens)
-            unsaved = latest = tokens
-            if time.monotonic() - saved_at >= interval:
-                save(tokens)
+            latest = tokens
+            progress.raise_failure()
+            if time.monotonic() - saved_at >= interval and progress.idle():
+                progress.offer(snapshot(tokens))
 
+        progress = ProgressWriter(save, f"progress {self.namespace}/{self.name}")
         try:
             if resume:
                 writer.load_existing()
@@ -301,6 +320,7 @@ class SessionRun:
             self.patch_status(stagesReady=f"{len(chosen)}/{len(chosen)}", proofKey=driver.proofs.public_key_text)
 
             pipe = _Guarded(driver, self.stopped, nodes_watch)
+            nodes_watch.start(driver)
             t0 = time.perf_counter()
             result = generation.generate(
                 pipe, prompt, spec.max_tokens,
@@ -309,12 +329,15 @@ class SessionRun:
                 is_end=tok.is_end_of_generation, detokenize=tok.decode, resume=generated if resume else None,
                 on_token=on_token, stop=lambda: "status_full" if status_full else None)
             wall = time.perf_counter() - t0
+            progress.close()
+            progress.raise_failure()
             counters = driver.counters()
         except Interrupted:
             interrupted = True
-            if unsaved is not None:   # stopped between two tokens: the successor goes on from here
+            progress.close()
+            if latest is not written:   # stopped between two tokens: the successor goes on from here
                 try:
-                    save(unsaved)
+                    save(snapshot(latest))
                 except Exception as e:   # e.g. the session was deleted: nothing is left to resume
                     log.info("session %s/%s: its last progress was not saved: %s", self.namespace, self.name, e)
             raise
@@ -323,6 +346,8 @@ class SessionRun:
         except generation.ContextFull as e:
             failure = ("PromptTooLong", f"{e} (node-agent --ctx)")
         finally:
+            nodes_watch.close()
+            progress.close()   # the writes below are made here, in order
             # A session that ended, completed or failed, gives back its sequence slots (and KV
             # memory) on every agent: they were held until the session was deleted, and with eight
             # slots a layer range, the ninth session in a row failed RESOURCE_EXHAUSTED.
@@ -331,7 +356,7 @@ class SessionRun:
         # The end must reach the API, which may be away for a while: the receipts first, strictly.
         self._retrying("its receipts", lambda: writer.publish(driver, strict=True))
         if failure is not None:
-            self._end_failed(failure, driver, writer, latest, save, publish, emitted)
+            self._end_failed(failure, driver, writer, latest, lambda t: save(snapshot(t)), publish, emitted)
             return
         publish(final=True)
         with driver._lock:
@@ -548,6 +573,63 @@ def step_metrics(steps) -> dict[str, float]:
     if fo:
         out["failoverSpikeMs"] = round(max(fo) - (statistics.median(normal) if normal else 0.0), 3)
     return out
+
+
+class ProgressWriter:
+    """Makes the session's progress writes on a thread of its own. Made in the token loop, they held
+    up generation for as long as an API server hung (a stopped process, a link dropping packets): one
+    stopped at token 10 for 12 s stopped the session within three positions, for the 12 s; now the
+    rest of its answer, 137 tokens, came out meanwhile. The token loop offers what to write when the
+    last write is done (`idle`); a write that fails for good is raised in the token loop
+    (`raise_failure`), as it was when made there."""
+
+    def __init__(self, write: Callable[[Any], None], name: str):
+        self._write = write
+        self._cond = threading.Condition()
+        self._next: Any = None
+        self._busy = False
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def idle(self) -> bool:
+        return not self._busy and self._next is None
+
+    def offer(self, item: Any) -> None:
+        with self._cond:
+            self._next = item
+            self._cond.notify_all()
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def close(self) -> None:
+        """Waits for the write in flight (if any) and makes no other: what is still to write after
+        generation is written by the caller, in order."""
+        with self._cond:
+            self._closed, self._next = True, None
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._next is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                item, self._next, self._busy = self._next, None, True
+            try:
+                self._write(item)
+            except BaseException as e:  # noqa: BLE001 - raised in the token loop
+                self._failure = e
+            finally:
+                with self._cond:
+                    self._busy = False
 
 
 class _Guarded:

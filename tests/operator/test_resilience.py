@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import grpc
 import pytest
@@ -235,6 +236,51 @@ def test_a_session_rides_out_an_api_server_restart(agents_up, baseline):
     items = bed.get("receipts", namespace=ns, selector=f"{r.GROUP}/session={name}")["items"]
     res = receipt_check.check(s, items, bed.get("computenodes")["items"])
     assert res["ok"] and res["complete"], (down_s, receipt_check.lines(res))
+
+
+def test_a_hung_api_server_holds_up_no_token(agents_up, baseline):
+    """The API server stops answering mid-session for 12 s, its connections open (a stopped process,
+    a link that drops packets), longer than the agents' Leases last. Generation does not wait for
+    it: the tokens come out meanwhile, the session's writes follow once it answers, and no node is
+    failed over for the Leases it could not renew. Before, the progress writes and the node watch's
+    reads were made in the token loop, which waited on them for as long as the server hung: stage 1
+    moved 3 positions, then none."""
+    bed = agents_up
+    ns, name = "apiserver-hang", "keeps-going"
+    bed.cluster.kubectl("create", "namespace", ns)
+    bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(1024, name)))
+    bed.wait_token(name, ns, "n2", 1, 10, 120)
+    sid, stub = bed.session_id(name, ns), _stub(bed, "n2")   # the id before the hang: it reads the API
+
+    def position():   # stage 1's, from its agent; 0 once the session is released there (it ended)
+        counters = stub.Health(pb.HealthRequest(session=sid), timeout=10).counters
+        return max((c.position for c in counters if c.stage == 1), default=0)
+
+    seen = []
+
+    def during():   # until the session ends there or stalls for 3 s, within the pause
+        first = last = position()
+        still, until = time.monotonic(), time.monotonic() + 11
+        while time.monotonic() < until and time.monotonic() - still < 3:
+            time.sleep(0.2)
+            p = position()
+            if p == 0:
+                break
+            if p > last:
+                last, still = p, time.monotonic()
+        seen.extend([first, last])
+
+    bed.cluster.pause_apiserver(12.0, while_paused=during)
+    s = bed.wait_phase(name, ns, ("Completed",), 300)
+    st = s["status"]
+    P = len(st["report"]["driverState"]["prompt_tokens"])
+    # Every token but the first ten came out while the server hung (the answer ends before 1,024).
+    assert seen[1] - seen[0] >= min(100, len(st["tokens"]) - 12), (seen, len(st["tokens"]), P)
+    assert st["report"]["driverState"]["failovers"] == []
+    assert st["tokens"][:MAX_TOKENS] == baseline
+    items = bed.get("receipts", namespace=ns, selector=f"{r.GROUP}/session={name}")["items"]
+    res = receipt_check.check(s, items, bed.get("computenodes")["items"])
+    assert res["ok"] and res["complete"], receipt_check.lines(res)
 
 
 def test_a_node_lost_while_the_api_server_is_away_is_failed_over(agents_up, baseline):
