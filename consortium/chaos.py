@@ -15,6 +15,9 @@ token (the operator fault kills the operator instead):
     slow       a tbf rate limit on the host's link (both directions) for the rest of the session
     double     SIGKILL the agent, then SIGKILL the backup the operator chose for it
     operator   SIGKILL the operator and start a new one (the session resumes from its status)
+    apiserver  SIGSTOP the API server for API_PAUSE_S, then SIGCONT: it hangs for everyone, operator
+               and agents; asked for by name only (`--faults`), so that the default plan of a seed
+               stays the one earlier runs were measured on
 
 and records: completed, tokens identical to the single-node baseline, receipts complete (every
 stage's positions covered by Receipt windows in the API), false fraud (Fraud verdicts plus
@@ -36,7 +39,11 @@ from consortium import kube, netlab, receipt_check, testbed
 from consortium import resources as r
 from consortium.driver.state import audit_records, steps_of_report
 
-FAULTS = ("kill", "hang", "partition", "slow", "double", "operator")
+FAULTS = ("kill", "hang", "partition", "slow", "double", "operator")   # the default plan's kinds
+OPT_IN_FAULTS = ("apiserver",)
+KNOWN_FAULTS = FAULTS + OPT_IN_FAULTS
+CLUSTER_FAULTS = ("operator", "apiserver")   # no stage: they hit the control plane
+API_PAUSE_S = 12.0   # longer than an agent's Lease lasts (10 s), which it cannot renew meanwhile
 NAMESPACE = "chaos"
 LAB_LABEL = f"{r.GROUP}/lab"
 SLOW_KBIT = 384
@@ -54,16 +61,16 @@ HOSTS = {
 class Trial:
     index: int
     fault: str
-    stage: int | None      # None for the operator fault
+    stage: int | None      # None for the faults of the control plane (CLUSTER_FAULTS)
     at_token: int
 
 
 def plan(trials: int, max_tokens: int, seed: int, kinds: tuple[str, ...] = FAULTS) -> list[Trial]:
     """Random trials; every fault kind equally often (as far as `trials` allows), in random order,
     each at a random stage and token (from 2 to max_tokens - 4, so the fault lands mid-session)."""
-    bad = [k for k in kinds if k not in FAULTS]
+    bad = [k for k in kinds if k not in KNOWN_FAULTS]
     if bad or not kinds:
-        raise ValueError(f"unknown fault kind(s) {bad or '(none given)'}; known: {', '.join(FAULTS)}")
+        raise ValueError(f"unknown fault kind(s) {bad or '(none given)'}; known: {', '.join(KNOWN_FAULTS)}")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     if max_tokens < 8:
@@ -71,7 +78,7 @@ def plan(trials: int, max_tokens: int, seed: int, kinds: tuple[str, ...] = FAULT
     rng = random.Random(seed)
     order = [kinds[i % len(kinds)] for i in range(trials)]
     rng.shuffle(order)
-    return [Trial(i, k, None if k == "operator" else rng.randrange(3), rng.randint(2, max_tokens - 4))
+    return [Trial(i, k, None if k in CLUSTER_FAULTS else rng.randrange(3), rng.randint(2, max_tokens - 4))
             for i, k in enumerate(order)]
 
 
@@ -238,7 +245,7 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
     out = {"trial": t.index, "fault": t.fault, "stage": t.stage, "at_token": t.at_token, "victim": None,
            "backup_killed": None, "completed": False, "identical": False, "receipts_complete": False,
            "false_fraud": None, "recovery_ms": None, "failovers": [], "backups_failed": [], "phase": None,
-           "reason": None, "stale_write_refused": None}
+           "reason": None, "stale_write_refused": None, "moved_while_api_hung": None}
     try:
         bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(session_body(name, cl.name, max_tokens, backup_labels)))
         bed.wait_phase(name, ns, ("Running", "Completed", "Failed"), 300)
@@ -248,13 +255,21 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
             sa = bed.get("stageassignment", f"{name}-s{t.stage}", ns)["spec"]
             victim, old_epoch = sa["nodeName"], int(sa["epoch"])
         out["victim"] = victim
-        # Where the session is, asked of the node the fault hits (stage 0's for the operator fault).
+        # Where the session is, asked of the node the fault hits (stage 0's for the control plane's).
         probe = victim or bed.get("stageassignment", f"{name}-s0", ns)["spec"]["nodeName"]
         at = bed.wait_token(name, ns, probe, t.stage or 0, t.at_token, timeout_s)
         t_fault = marks["fault"] = time.monotonic()
         if t.fault == "operator":
             bed.kill_operator()
             bed.start_operator()
+        elif t.fault == "apiserver":
+            sid = bed.session_id(name, ns)   # read while the API answers
+            before, late = stage_position(bed, probe, sid, 0), []
+            # Stage 0's position shortly before the server answers again: moved on, or the session
+            # ended and was released (None), unless generation waited for the API.
+            bed.cluster.pause_apiserver(API_PAUSE_S, while_paused=lambda: (
+                time.sleep(API_PAUSE_S - 2), late.append(stage_position(bed, probe, sid, 0))))
+            out["moved_while_api_hung"] = late[0] is None or (before is not None and late[0] > before)
         else:
             _inject(cl, t.fault, victim)
             if t.fault == "double":
@@ -323,7 +338,21 @@ def _inject(cl: ChaosLab, fault: str, victim: str) -> None:
     elif fault == "slow":
         cl.lab.hosts[victim].slow(SLOW_KBIT)
     else:
-        raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+        raise ValueError(f"unknown fault {fault!r}; known: {', '.join(KNOWN_FAULTS)}")
+
+
+def stage_position(bed: testbed.Testbed, node: str, session: str, stage: int) -> int | None:
+    """The last position `node` computed for `stage` of `session`, from its Health (no API call);
+    None once it holds none of the session's rows (released: the session ended)."""
+    from consortium import wire
+    from consortium.wire import pb
+
+    ch = bed.channel(node)
+    try:
+        counters = wire.pb_grpc.NodeAgentStub(ch).Health(pb.HealthRequest(session=session), timeout=10).counters
+    finally:
+        ch.close()
+    return max((c.position for c in counters if c.stage == stage), default=None)
 
 
 def _moved(bed: testbed.Testbed, name: str, ns: str, stage: int, victim: str) -> str | None:
@@ -374,9 +403,10 @@ def _receipts_after_failover(items: list[dict], failovers: list[dict]) -> int:
 
 def summary(trials: list[dict]) -> dict:
     ok = [t for t in trials if t["completed"] and t["identical"] and t["receipts_complete"] and t["false_fraud"] == 0
-          and not t.get("stale_receipts") and t.get("stale_write_refused") is not False]
+          and not t.get("stale_receipts") and t.get("stale_write_refused") is not False
+          and t.get("moved_while_api_hung") is not False]
     rec = {}
-    for k in FAULTS:
+    for k in KNOWN_FAULTS:
         xs = [t["recovery_ms"] for t in trials if t["fault"] == k and t["recovery_ms"] is not None]
         if xs:
             rec[k] = {"n": len(xs), "median_ms": round(statistics.median(xs), 1), "max_ms": round(max(xs), 1)}
@@ -385,5 +415,5 @@ def summary(trials: list[dict]) -> dict:
             "receipts_complete": sum(t["receipts_complete"] for t in trials),
             "false_fraud": sum(t["false_fraud"] or 0 for t in trials),
             "stale_write_refused": sum(bool(t.get("stale_write_refused")) for t in trials),
-            "by_fault": {k: sum(t["fault"] == k for t in trials) for k in FAULTS},
+            "by_fault": {k: sum(t["fault"] == k for t in trials) for k in KNOWN_FAULTS},
             "recovery_ms": rec}

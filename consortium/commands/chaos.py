@@ -1,6 +1,6 @@
 """`consortium chaos`: randomized fault trials through Kubernetes with the agents on hosts of their
-own (network namespaces): kill, hang, partition, slow link, double failure, operator death. Needs
-root (network namespaces); see docs/reliability.md."""
+own (network namespaces): kill, hang, partition, slow link, double failure, operator death, and on
+request an API server that hangs. Needs root (network namespaces); see docs/reliability.md."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=24, help="tokens per trial session (default 24)")
     p.add_argument("--seed", type=int, default=1, help="seed of the random plan: fault order, stages, tokens")
     p.add_argument("--faults", default=None,
-                   help="comma-separated subset of kill,hang,partition,slow,double,operator (default: all)")
+                   help="comma-separated kinds of kill,hang,partition,slow,double,operator (the default: "
+                        "all of them) and apiserver (named only: the API server hung for 12 s)")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads per agent and for the baseline")
     p.add_argument("--json", metavar="OUT", help="write {'summary', 'trials': [...]} here")
 

@@ -1,6 +1,7 @@
 """Faults on separate hosts (network namespaces) through the operator: a partition whose node comes
-back fenced, the operator killed mid-session without losing a receipt, and a double failure with no
-second backup that stops with a clear reason. The full randomized set is `consortium chaos`."""
+back fenced, the operator killed mid-session without losing a receipt, the API server hung, and a
+double failure with no second backup that stops with a clear reason. The full randomized set is
+`consortium chaos`."""
 from __future__ import annotations
 
 import pytest
@@ -54,6 +55,14 @@ def test_operator_killed_mid_session_loses_no_receipt(lab, baseline):
     res = chaos.run_trial(lab, chaos.Trial(1, "operator", None, 10), baseline[:MAX_TOKENS], MAX_TOKENS)
     _healthy(res)
     assert res["failovers"] == [] and res["recovery_ms"] is not None
+
+
+def test_a_hung_api_server_fails_no_node_over(lab, baseline):
+    # Hung for everyone for 12 s, longer than a Lease lasts: no agent can renew, no write passes.
+    res = chaos.run_trial(lab, chaos.Trial(3, "apiserver", None, 4), baseline[:MAX_TOKENS], MAX_TOKENS)
+    _healthy(res)
+    assert res["failovers"] == [] and res["victim"] is None, res
+    assert res["moved_while_api_hung"] is True, res   # generation did not wait for the API
 
 
 def test_double_failure_without_a_second_backup_stops_with_a_reason(lab, baseline):
