@@ -86,12 +86,15 @@ def run_plan(plan, max_tokens: int, threads: int, json_out: str | None) -> list[
 
 
 def _line(t: dict) -> str:
-    where = "operator" if t["stage"] is None else f"stage {t['stage']}" + (f" ({t.get('victim')})" if t.get("victim") else "")
+    where = ("control plane" if t["stage"] is None
+             else f"stage {t['stage']}" + (f" ({t.get('victim')})" if t.get("victim") else ""))
     fo = ", ".join(f"s{f['stage']} {f['from']}->{f['to']}" for f in t.get("failovers") or [])
     return (f"trial {t['trial']:2d} {t['fault']:9s} {where:16s} token {t['at_token']:2d}: completed {t['completed']}, "
             f"identical {t['identical']}, receipts {t['receipts_complete']}, false_fraud {t['false_fraud']}, "
             f"recovery {t['recovery_ms']} ms" + (f", failovers [{fo}]" if fo else "")
             + (f", stale write refused {t['stale_write_refused']}" if t.get("stale_write_refused") is not None else "")
+            + (f", moved while the API hung {t['moved_while_api_hung']}" if t.get("moved_while_api_hung") is not None
+               else "")
             + (f", {t['phase']}: {t['reason']}" if t.get("phase") == "Failed" else "")
             + (f", ERROR {t['error']}" if t.get("error") else ""))
 
