@@ -264,11 +264,11 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
             bed.start_operator()
         elif t.fault == "apiserver":
             sid = bed.session_id(name, ns)   # read while the API answers
-            before, late = stage_position(bed, probe, sid, 0), []
+            before, late = bed.stage_position(probe, sid, 0), []
             # Stage 0's position shortly before the server answers again: moved on, or the session
             # ended and was released (None), unless generation waited for the API.
             bed.cluster.pause_apiserver(API_PAUSE_S, while_paused=lambda: (
-                time.sleep(API_PAUSE_S - 2), late.append(stage_position(bed, probe, sid, 0))))
+                time.sleep(API_PAUSE_S - 2), late.append(bed.stage_position(probe, sid, 0))))
             out["moved_while_api_hung"] = late[0] is None or (before is not None and late[0] > before)
         else:
             _inject(cl, t.fault, victim)
@@ -339,20 +339,6 @@ def _inject(cl: ChaosLab, fault: str, victim: str) -> None:
         cl.lab.hosts[victim].slow(SLOW_KBIT)
     else:
         raise ValueError(f"unknown fault {fault!r}; known: {', '.join(KNOWN_FAULTS)}")
-
-
-def stage_position(bed: testbed.Testbed, node: str, session: str, stage: int) -> int | None:
-    """The last position `node` computed for `stage` of `session`, from its Health (no API call);
-    None once it holds none of the session's rows (released: the session ended)."""
-    from consortium import wire
-    from consortium.wire import pb
-
-    ch = bed.channel(node)
-    try:
-        counters = wire.pb_grpc.NodeAgentStub(ch).Health(pb.HealthRequest(session=session), timeout=10).counters
-    finally:
-        ch.close()
-    return max((c.position for c in counters if c.stage == stage), default=None)
 
 
 def _moved(bed: testbed.Testbed, name: str, ns: str, stage: int, victim: str) -> str | None:

@@ -248,6 +248,18 @@ class Testbed:
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {node} to compute stage {stage} of "
                            f"{name} at position {at}")
 
+    def stage_position(self, node: str, session_id: str, stage: int) -> int | None:
+        """The last position `node` computed for `stage` of a session, from its Health (no API
+        call: usable while the API server is away); None once it holds none of the session's rows
+        (released: the session ended)."""
+        channel = self.channel(node)
+        try:
+            counters = wire.pb_grpc.NodeAgentStub(channel).Health(wire.pb.HealthRequest(session=session_id),
+                                                                  timeout=10).counters
+        finally:
+            channel.close()
+        return max((c.position for c in counters if c.stage == stage), default=None)
+
     def wait_phase(self, name: str, namespace: str, phases: tuple[str, ...], timeout: float) -> dict:
         def check():
             if self.operator is not None and self.operator.poll() is not None:

@@ -250,21 +250,16 @@ def test_a_hung_api_server_holds_up_no_token(agents_up, baseline):
     bed.cluster.kubectl("create", "namespace", ns)
     bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(1024, name)))
     bed.wait_token(name, ns, "n2", 1, 10, 120)
-    sid, stub = bed.session_id(name, ns), _stub(bed, "n2")   # the id before the hang: it reads the API
-
-    def position():   # stage 1's, from its agent; 0 once the session is released there (it ended)
-        counters = stub.Health(pb.HealthRequest(session=sid), timeout=10).counters
-        return max((c.position for c in counters if c.stage == 1), default=0)
-
+    sid = bed.session_id(name, ns)   # before the hang: it reads the API
     seen = []
 
-    def during():   # until the session ends there or stalls for 3 s, within the pause
-        first = last = position()
+    def during():   # stage 1's position, until the session ends there or stalls for 3 s
+        first = last = bed.stage_position("n2", sid, 1)
         still, until = time.monotonic(), time.monotonic() + 11
         while time.monotonic() < until and time.monotonic() - still < 3:
             time.sleep(0.2)
-            p = position()
-            if p == 0:
+            p = bed.stage_position("n2", sid, 1)
+            if p is None:   # released: generation ended
                 break
             if p > last:
                 last, still = p, time.monotonic()
