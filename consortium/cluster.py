@@ -440,19 +440,21 @@ class LocalCluster:
         return False
 
     def restart_apiserver(self, down_s: float = 0.0, timeout: float = 60.0,
-                          while_down: Callable[[], Any] | None = None) -> float:
-        """Kill kube-apiserver (as a crash or a server's reboot would; on SIGTERM it drains for 15 s
-        and more), call `while_down`, wait `down_s` seconds, start it again as before (same port,
-        same etcd). Returns the seconds it was unreachable. Only for a cluster started by this
-        process, and from the thread that started it (its components die with that thread:
+                          while_down: Callable[[], Any] | None = None, graceful: bool = False) -> float:
+        """Kill kube-apiserver (as a crash or a server's reboot would), or with `graceful` stop it
+        with SIGTERM (as an upgrade would: it goes on serving for a while, then drains), call
+        `while_down`, wait `down_s` seconds, start it again as before (same port, same etcd).
+        Returns the seconds from the signal until it is ready again. Only for a cluster started by
+        this process, and from the thread that started it (its components die with that thread:
         PR_SET_PDEATHSIG)."""
         cmd, detach = self._cmds.get("kube-apiserver", (None, False))
         proc = self._procs.get("kube-apiserver")
         if cmd is None or proc is None:
             raise ClusterError("restart_apiserver: kube-apiserver was not started by this process")
         t0 = time.monotonic()
-        os.killpg(proc.pid, signal.SIGKILL)
-        self._wait_exit("kube-apiserver", proc.pid, 10.0)
+        os.killpg(proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+        if not self._wait_exit("kube-apiserver", proc.pid, 90.0 if graceful else 10.0):
+            raise ClusterError("restart_apiserver: kube-apiserver did not exit")
         if while_down is not None:
             while_down()
         time.sleep(down_s)

@@ -35,17 +35,21 @@ class KubePolicy:
         self.stage_bytes: list[int] = []   # each stage's share of the weights, when known
         self._warmed: dict[str, int] = {}  # node -> bytes of stages it was asked to load ahead
         self._views: tuple[float, dict[str, placement.NodeView]] = (float("-inf"), {})   # (read at, by name)
+        self._failed_at = float("-inf")   # when a reading last failed
         self._unwritten: dict[int, tuple[str, int]] = {}   # stage -> (node, epoch) the API was away for
         self._unwritten_lock = threading.Lock()
 
     def _usable(self, candidates: Sequence[str], max_age_s: float = 0.0) -> list[placement.NodeView]:
         """The candidates that are usable now, from ComputeNodes and Leases read at most max_age_s ago."""
         at, views = self._views
-        if time.monotonic() - at > max_age_s:
+        if time.monotonic() - max(at, self._failed_at) > max_age_s:
             try:
                 views = {n.name: n for n in placement.node_views(self.agent_namespace)}
                 self._views = time.monotonic(), views
             except Exception as e:  # noqa: BLE001 - sorted below
+                # Not read again within max_age_s either: the auditor asked once per group of units,
+                # several times a second while the API was away, each ask a LIST tried four times.
+                self._failed_at = time.monotonic()
                 if not views or not kube.transient(e):
                     raise
                 # The API away (a control plane restarting): the last reading, however old, rather

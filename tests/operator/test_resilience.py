@@ -213,21 +213,24 @@ def test_a_session_deleted_mid_generation_stops_and_frees_its_agents(agents_up):
     assert "Traceback" not in after and f"session {name} failed" not in after, after[-3000:]
 
 
-def test_a_session_rides_out_an_api_server_restart(agents_up, baseline):
+@pytest.mark.parametrize("graceful", [False, True], ids=["killed", "stopped"])
+def test_a_session_rides_out_an_api_server_restart(agents_up, baseline, graceful):
     """The API server dies mid-session (a crash, a k3s server's reboot) and is away for 12 s and
     more: every write the operator makes meanwhile fails, and no agent can renew its Lease (10 s).
+    Or it is stopped (SIGTERM, as an upgrade does): it refuses connections at once and drains for
+    about a minute before it exits (62 s from the signal to ready again here), then is away 2 s.
     Generation does not need the API: the session goes on (here to the end of its answer, while the
     API is still away), writes its receipts and its end once the API is back, and completes with no
     failover, its tokens the baseline's and every position covered by a receipt that verifies.
     Before, the first failed progress write failed the session, and kopf's retry of it, resuming
     on agents that had released it, failed every stage over and ended Failed with no token."""
     bed = agents_up
-    ns, name = "apiserver-restart", "rides-it-out"
+    ns, name = f"apiserver-restart-{'stopped' if graceful else 'killed'}", "rides-it-out"
     n = 1024
     bed.cluster.kubectl("create", "namespace", ns)
     bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(n, name)))
     bed.wait_token(name, ns, "n2", 1, 10, 120)
-    down_s = bed.cluster.restart_apiserver(down_s=12.0)
+    down_s = bed.cluster.restart_apiserver(down_s=2.0 if graceful else 12.0, graceful=graceful)
     s = bed.wait_phase(name, ns, ("Completed",), 300)
     st = s["status"]
     assert st["report"]["driverState"]["failovers"] == []
