@@ -44,7 +44,7 @@ class KubePolicy:
         at, views = self._views
         if time.monotonic() - max(at, self._failed_at) > max_age_s:
             try:
-                views = {n.name: n for n in placement.node_views(self.agent_namespace)}
+                views = {n.name: n for n in placement.node_views(self.agent_namespace, max_age_s)}
                 self._views = time.monotonic(), views
             except Exception as e:  # noqa: BLE001 - sorted below
                 # Not read again within max_age_s either: the auditor asked once per group of units,
@@ -206,9 +206,10 @@ class NodeWatch:
     def _watch(self, driver) -> None:
         while True:
             try:
-                # Copies made at once of what the token loop changes meanwhile.
-                self._reading = (self._expired(sorted(set(driver.state.nodes))),
-                                 self._quarantined(list(driver.clients)))
+                # Copies made at once of what the token loop changes meanwhile; readings shared with
+                # the operator's other sessions when young enough (placement.computenodes, .leases).
+                self._reading = (self._expired(sorted(set(driver.state.nodes)), self.every_s / 2),
+                                 self._quarantined(list(driver.clients), self.every_s / 2))
             except Exception:  # noqa: BLE001 - a watch that stops would leave the session blind
                 log.exception("node watch: reading failed")
             if self._stop.wait(self.every_s):
@@ -235,25 +236,20 @@ class NodeWatch:
         for node, why in self._quarantined(list(driver.clients)).items():
             driver._fraud(node, f"quarantined in the cluster: {why}")
 
-    def _expired(self, nodes: Sequence[str]) -> list[str]:
+    def _expired(self, nodes: Sequence[str], max_age_s: float = 0.0) -> list[str]:
         if not self.namespace:
             return []
-        asked = time.monotonic()
         try:
-            leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(self.namespace).items}
+            leases = placement.leases(self.namespace, max_age_s)
         except Exception as e:  # noqa: BLE001 - no verdict without data: the data path still catches failures
             log.warning("leases not readable: %s", kube.reason(e))
-            kube.LEASES.unreachable()
             return []
-        # After an API that was away or slow to answer, its agents get a lease duration to renew.
-        kube.LEASES.reachable(time.monotonic() - asked)
         return [n for n in nodes if (lease := leases.get(kube.lease_name(n))) is not None and kube.LEASES.expired(lease)]
 
-    @staticmethod
-    def _quarantined(nodes) -> dict[str, str]:
+    def _quarantined(self, nodes: Sequence[str], max_age_s: float = 0.0) -> dict[str, str]:
         """node -> the message of its Quarantined condition, for those of `nodes` that have it."""
         try:
-            items = kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes").get("items", [])
+            items = placement.computenodes(max_age_s)
         except Exception as e:  # noqa: BLE001 - as above
             log.warning("ComputeNodes not readable: %s", kube.reason(e))
             return {}

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+from typing import Any, Callable
 
 from consortium import kube
 from consortium import resources as r
@@ -54,32 +56,70 @@ class NodeView:
         return None
 
 
-def node_views(namespace: str | None) -> list[NodeView]:
-    """Every ComputeNode, with its Lease read from `namespace` (the agents' release namespace)."""
-    asked = time.monotonic()
-    try:
-        items = kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes").get("items", [])
-    except Exception as e:
-        if kube.transient(e):
-            kube.LEASES.unreachable()
-        raise
-    leases = {}
+class _Shared:
+    """A list read from the API for every session of this process: a reading at most `max_age_s`
+    old is given again, and callers that ask while one is being made wait for it and take it if it
+    is young enough. Each running session's node watch reads the ComputeNodes and Leases once a
+    second and its auditor's verifier choice as often: four LISTs a second a session, unshared."""
+
+    def __init__(self, fetch: Callable[[Any], Any]):
+        self._fetch = fetch
+        self._lock = threading.Lock()
+        self._last: dict[Any, tuple[float, Any]] = {}   # key -> (when it came, the reading)
+
+    def get(self, key: Any, max_age_s: float) -> Any:
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and time.monotonic() - last[0] <= max_age_s:
+                return last[1]
+            asked = time.monotonic()
+            try:
+                value = self._fetch(key)
+            except Exception as e:
+                if kube.transient(e):
+                    kube.LEASES.unreachable()
+                raise
+            # After an API that was away or slow to answer, its agents get a lease duration to renew.
+            kube.LEASES.reachable(time.monotonic() - asked)
+            self._last[key] = (time.monotonic(), value)
+            return value
+
+
+_computenodes = _Shared(lambda _: kube.api().list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes")
+                        .get("items", []))
+_leases = _Shared(lambda ns: {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(ns).items})
+
+
+def computenodes(max_age_s: float = 0.0) -> list[dict]:
+    """Every ComputeNode, from a reading at most `max_age_s` old."""
+    return _computenodes.get(None, max_age_s)
+
+
+def leases(namespace: str, max_age_s: float = 0.0) -> dict[str, Any]:
+    """The Leases in `namespace` (the agents' release namespace) by name, from a reading at most
+    `max_age_s` old."""
+    return _leases.get(namespace, max_age_s)
+
+
+def node_views(namespace: str | None, max_age_s: float = 0.0) -> list[NodeView]:
+    """Every ComputeNode, with its Lease read from `namespace` (the agents' release namespace), from
+    readings at most `max_age_s` old."""
+    items = computenodes(max_age_s)
+    found = {}
     if namespace:
         try:
-            leases = {x.metadata.name: x for x in kube.coordination().list_namespaced_lease(namespace).items}
+            found = leases(namespace, max_age_s)
         except Exception:  # noqa: BLE001 - without Lease access, Ready alone decides
-            leases = {}
-    # After an API that was away or slow to answer, its agents get a lease duration to renew.
-    kube.LEASES.reachable(time.monotonic() - asked)
+            found = {}
     out = []
     for cn in items:
         spec, status = cn.get("spec") or {}, cn.get("status") or {}
         name = cn["metadata"]["name"]
-        lease = leases.get(kube.lease_name(name))
+        lease = found.get(kube.lease_name(name))
         out.append(NodeView(
             name=name, labels=dict(spec.get("labels") or {}), approved=bool(spec.get("approved")),
             ready=kube.condition_true(cn, "Ready"), quarantined=kube.condition_true(cn, "Quarantined"),
-            lease_ok=(not leases) or (lease is not None and not kube.LEASES.expired(lease)),
+            lease_ok=(not found) or (lease is not None and not kube.LEASES.expired(lease)),
             backend=status.get("backend"), memory_bytes=int(spec.get("memoryBytes") or 0),
             endpoint=spec.get("endpoint", ""), public_key=spec.get("publicKey", "")))
     return sorted(out, key=lambda n: n.name)

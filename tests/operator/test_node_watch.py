@@ -95,3 +95,20 @@ def test_an_agent_whose_clock_runs_behind_is_live_while_it_renews(cluster):
         assert time.monotonic() - stopped >= duration - 1.0
     finally:
         client.Configuration.set_default(old)
+
+
+def test_a_read_held_for_seconds_gives_the_agents_a_lease_duration_to_renew():
+    """An API server that hung answers the LIST it held once it goes on: the agents' renewals hung
+    with it, so the Leases it returns are as old as the hang. Judged at once, a hang longer than a
+    lease duration would fail every node over; a read that took over SLOW_ANSWER_S counts as the
+    API having been away."""
+    from kubernetes import client
+
+    clock = kube.LeaseClock()
+    lease = client.V1Lease(metadata=client.V1ObjectMeta(name="n", namespace="ns"),
+                           spec=client.V1LeaseSpec(lease_duration_seconds=10,
+                                                   renew_time=kube.now() - dt.timedelta(seconds=12)))
+    clock.reachable(took_s=0.01)
+    assert clock.expired(lease)   # answered at once: not renewed for longer than its duration
+    clock.reachable(took_s=clock.SLOW_ANSWER_S + 10)
+    assert not clock.expired(lease)
