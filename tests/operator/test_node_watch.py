@@ -1,6 +1,7 @@
 """NodeWatch's judgment of Leases on a real API server: one its agent could not renew while the API
 was away is not taken for a dead node until the agent has had a lease duration to renew it; one
-renewed by an agent whose clock runs behind is live while renewals are seen."""
+renewed by an agent whose clock runs behind is live while renewals are seen; and a read the API held
+for seconds counts as the API having been away."""
 import datetime as dt
 import threading
 import time
