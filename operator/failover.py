@@ -34,7 +34,7 @@ class KubePolicy:
         self.decisions: list[dict] = []
         self.stage_bytes: list[int] = []   # each stage's share of the weights, when known
         self._warmed: dict[str, int] = {}  # node -> bytes of stages it was asked to load ahead
-        self._views: tuple[float, dict[str, placement.NodeView]] = (float("-inf"), {})   # (read at, by name)
+        self._views: tuple[float, dict[str, placement.NodeView]] = (float("-inf"), {})   # the last good: (taken at, by name)
         self._failed_at = float("-inf")   # when a reading last failed
         self._unwritten: dict[int, tuple[str, int]] = {}   # stage -> (node, epoch) the API was away for
         self._unwritten_lock = threading.Lock()
@@ -42,7 +42,7 @@ class KubePolicy:
     def _usable(self, candidates: Sequence[str], max_age_s: float = 0.0) -> list[placement.NodeView]:
         """The candidates that are usable now, from ComputeNodes and Leases read at most max_age_s ago."""
         at, views = self._views
-        if time.monotonic() - max(at, self._failed_at) > max_age_s:
+        if time.monotonic() - self._failed_at > max_age_s:   # node_views keeps readings young enough
             try:
                 views = {n.name: n for n in placement.node_views(self.agent_namespace, max_age_s)}
                 self._views = time.monotonic(), views

@@ -250,21 +250,23 @@ class SessionRun:
             publisher.publish(driver, writer.index, final=final)
             proof_publisher.publish(driver, writer.index)
 
-        def snapshot(tokens: list[int]) -> tuple[list[int], str, str]:
-            """What a progress write carries, taken between two steps: the state as of these tokens.
-            One that reaches STATUS_BUDGET_BYTES stops generation after these tokens."""
+        def snapshot(tokens: list[int]) -> tuple[list[int], str, str, int]:
+            """What a progress write carries, taken between two steps: the state as of these tokens,
+            and about how many bytes. One that reaches STATUS_BUDGET_BYTES stops generation after
+            these tokens."""
             nonlocal status_full
             with driver._lock:
                 state.proofs = proof_publisher.unpublished(driver)
                 saved = state.dumps()
             text = tok.decode(tokens)
-            status_full = status_full or len(saved) + len(text) + 6 * len(tokens) > STATUS_BUDGET_BYTES
-            return tokens, saved, text
+            size = len(saved) + len(text) + 6 * len(tokens)
+            status_full = status_full or size > STATUS_BUDGET_BYTES
+            return tokens, saved, text, size
 
-        def save(snap: tuple[list[int], str, str]) -> None:
+        def save(snap: tuple[list[int], str, str, int]) -> None:
             """One progress write; during generation on the progress writer's thread."""
             nonlocal saved_at, written, interval, full_announced
-            tokens, saved, text = snap
+            tokens, saved, text, size = snap
             began = time.monotonic()
             try:
                 self.patch_status(tokens=tokens, position=len(tokens), text=text,
@@ -278,7 +280,6 @@ class SessionRun:
                 saved_at = time.monotonic() - interval + PROGRESS_RETRY_S
                 return
             saved_at, written = time.monotonic(), tokens
-            size = len(saved) + len(text) + 6 * len(tokens)   # about what the patch carried
             if size > STATUS_BUDGET_BYTES and not full_announced:
                 full_announced = True
                 kube.event(self.body, "StatusFull", f"the session's status reached {size} bytes at token "
@@ -612,8 +613,7 @@ class ProgressWriter:
         with self._cond:
             self._closed, self._next = True, None
             self._cond.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        self._thread.join()
 
     def _run(self) -> None:
         while True:
