@@ -330,8 +330,6 @@ class SessionRun:
                 is_end=tok.is_end_of_generation, detokenize=tok.decode, resume=generated if resume else None,
                 on_token=on_token, stop=lambda: "status_full" if status_full else None)
             wall = time.perf_counter() - t0
-            progress.close()
-            progress.raise_failure()
             counters = driver.counters()
         except Interrupted:
             interrupted = True
@@ -348,12 +346,14 @@ class SessionRun:
             failure = ("PromptTooLong", f"{e} (node-agent --ctx)")
         finally:
             nodes_watch.close()
-            progress.close()   # the writes below are made here, in order
             # A session that ended, completed or failed, gives back its sequence slots (and KV
             # memory) on every agent: they were held until the session was deleted, and with eight
-            # slots a layer range, the ninth session in a row failed RESOURCE_EXHAUSTED.
+            # slots a layer range, the ninth session in a row failed RESOURCE_EXHAUSTED. Before the
+            # progress writer is waited for: its write in flight may wait on an API that hangs.
             driver.close(release=not interrupted)
             session_metrics.ended(self.namespace, self.name)
+            progress.close()   # the writes below are made here, in order
+        progress.raise_failure()   # the last write in flight, refused for good
         # The end must reach the API, which may be away for a while: the receipts first, strictly.
         self._retrying("its receipts", lambda: writer.publish(driver, strict=True))
         if failure is not None:
