@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
-        proof = proofs.FraudProof.from_json(json.loads(text))
+        proof = proofs.proof_from_json(json.loads(text))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         print(f"cannot read a fraud proof from {args.file}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

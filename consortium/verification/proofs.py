@@ -11,6 +11,12 @@ whose digest the proof names.
 A revealed tensor that hashes to the signed commitment is the worker's by the hash. One that does not
 is only the worker's if the worker signed it (reveal_signature over the reveal statement); without
 that, anyone could fabricate a wrong "reveal", so such a proof does not hold.
+
+A `SamplingFraudProof` needs no recomputation: a final stage signs, with a window's commitments, the
+token it sampled from each logit row (receipts.SampledTokens), and the proof shows from the worker's
+words alone that its row cannot sample that token: the revealed canonical row hashes to the signed
+commitment, and no row of float32 logits with that canonical form samples the signed token with
+the signed parameters (consortium.sampling.cannot_sample over canonical.cell_bounds).
 """
 from __future__ import annotations
 
@@ -23,14 +29,18 @@ from typing import Sequence
 
 import numpy as np
 
+from consortium.sampling import SamplingParams, cannot_sample
+
 from . import canonical, merkle, receipts, signing, verdicts
 from .merkle import InclusionProof
 from .receipts import Receipt, WindowStatement
 from .verdicts import Figures, Tolerance, Verdict
 
-__all__ = ["FraudProof", "make_fraud_proof", "check_proof", "reveal_message", "sign_reveal"]
+__all__ = ["FraudProof", "SamplingFraudProof", "make_fraud_proof", "make_sampling_proof", "check_proof",
+           "proof_from_json", "reveal_message", "sign_reveal"]
 
 PROOF_DOMAIN = "consortium.fraud-proof.v1"
+SAMPLING_PROOF_DOMAIN = "consortium.sampling-fraud-proof.v1"
 REVEAL_DOMAIN = "consortium.reveal.v1"
 
 
@@ -142,6 +152,104 @@ class FraudProof:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class SamplingFraudProof:
+    """A final stage's signed token that its own committed logit row cannot sample."""
+    session: str
+    stage: int
+    statement: WindowStatement           # the worker's, holding the token (statement.sampled)
+    worker_signature: bytes
+    worker_public_key: bytes
+    position: int                        # the logit row's; the token is the one at position + 1
+    commitment: bytes
+    inclusion: InclusionProof
+    revealed: np.ndarray                 # int32 [vocabulary] grid indices of the row
+    reasons: tuple[str, ...]
+    verifier_id: str
+    verifier_public_key: bytes
+    verifier_signature: bytes = b""
+
+    def body(self) -> dict:
+        return {"kind": "SamplingFraudProof", "version": 1, "session": self.session, "stage": self.stage,
+                "position": self.position,
+                "statement": self.statement.to_json(), "workerSignature": _b64(self.worker_signature),
+                "workerPublicKey": _b64(self.worker_public_key), "commitment": _b64(self.commitment),
+                "inclusion": self.inclusion.to_json(), "revealed": _array_out(self.revealed, "int32"),
+                "reasons": list(self.reasons), "verifierId": self.verifier_id,
+                "verifierPublicKey": _b64(self.verifier_public_key)}
+
+    def signed_bytes(self) -> bytes:
+        return signing.encode_fields(SAMPLING_PROOF_DOMAIN, canonical_json(self.body()))
+
+    def to_json(self) -> dict:
+        return {**self.body(), "verifierSignature": _b64(self.verifier_signature)}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+    @classmethod
+    def from_json(cls, o: dict) -> "SamplingFraudProof":
+        if o.get("kind") != "SamplingFraudProof" or o.get("version") != 1:
+            raise ValueError("not a version-1 SamplingFraudProof")
+        return cls(session=str(o["session"]), stage=int(o["stage"]),
+                   statement=WindowStatement.from_json(o["statement"]), worker_signature=_unb64(o["workerSignature"]),
+                   worker_public_key=_unb64(o["workerPublicKey"]), position=int(o["position"]),
+                   commitment=_unb64(o["commitment"]), inclusion=InclusionProof.from_json(o["inclusion"]),
+                   revealed=_array_in(o["revealed"], "int32"), reasons=tuple(str(r) for r in o["reasons"]),
+                   verifier_id=str(o["verifierId"]), verifier_public_key=_unb64(o["verifierPublicKey"]),
+                   verifier_signature=_unb64(o["verifierSignature"]))
+
+
+def proof_from_json(o: dict) -> "FraudProof | SamplingFraudProof":
+    """Either kind of proof from its JSON; ValueError for anything else."""
+    kinds = {"FraudProof": FraudProof, "SamplingFraudProof": SamplingFraudProof}
+    kind = o.get("kind") if isinstance(o, dict) else None
+    if kind not in kinds:
+        raise ValueError(f"not a fraud proof (kind {kind!r})")
+    return kinds[kind].from_json(o)
+
+
+def _unsampleable(st: WindowStatement, position: int, revealed: np.ndarray) -> tuple[int | None, str | None]:
+    """The token the statement signs for `position` and why the revealed row cannot sample it."""
+    token = st.sampled.token_at(position) if st.sampled is not None else None
+    if token is None:
+        return None, None
+    lo, hi = canonical.cell_bounds(revealed, st.grid)
+    params = SamplingParams(st.sampled.temperature, st.sampled.top_p, st.sampled.seed)
+    return token, cannot_sample(lo, hi, token, position + 1, params)
+
+
+def make_sampling_proof(receipt: Receipt, position: int, worker_public_key: signing.PublicKeyLike,
+                        revealed: np.ndarray, verifier_key: signing.Ed25519PrivateKey,
+                        verifier_id: str | None = None) -> SamplingFraudProof:
+    """The signed proof that the token the receipt signs for the logit row at `position` is not one
+    that row (revealed: its canonical grid indices) can sample. ValueError where it cannot be
+    proven: the receipt does not verify, signs no token there, the reveal is not the committed row,
+    or some row with that canonical form might sample the token."""
+    st = receipt.statement
+    if position not in st.positions:
+        raise ValueError(f"position {position} is not in the receipt's window {st.positions}")
+    ok, why = receipts.verify_receipt(receipt, worker_public_key)
+    if not ok:
+        raise ValueError("the receipt does not verify, so it proves nothing about the worker: " + "; ".join(why))
+    i = position - st.window_start
+    k = np.asarray(revealed).astype(np.int32).reshape(-1)
+    if canonical.commit_canonical(k[None, :], st.grid)[0] != receipt.commitments[i]:
+        raise ValueError("the revealed row does not hash to the signed commitment")
+    token, reason = _unsampleable(st, position, k)
+    if token is None:
+        raise ValueError(f"the window signs no token sampled at position {position}")
+    if reason is None:
+        raise ValueError(f"token {token} might come from a row with this canonical form: nothing to prove")
+    proof = SamplingFraudProof(
+        session=st.session, stage=st.stage, statement=st, worker_signature=receipt.signature, worker_public_key=signing.public_key_bytes(worker_public_key),
+        position=position, commitment=receipt.commitments[i], inclusion=merkle.inclusion_proof(receipt.commitments, i),
+        revealed=k, reasons=(f"signed token {token} at position {position + 1}; {reason}",),
+        verifier_id=verifier_id or signing.node_id_for(verifier_key),
+        verifier_public_key=signing.public_key_bytes(verifier_key))
+    return dataclasses.replace(proof, verifier_signature=signing.sign(verifier_key, proof.signed_bytes()))
+
+
 def make_fraud_proof(receipt: Receipt, position: int, window_input_digests: Sequence[bytes],
                      worker_public_key: signing.PublicKeyLike, recomputed: np.ndarray, tolerance: Tolerance,
                      verifier_key: signing.Ed25519PrivateKey, verifier_id: str | None = None, *,
@@ -174,7 +282,8 @@ def make_fraud_proof(receipt: Receipt, position: int, window_input_digests: Sequ
     return dataclasses.replace(proof, verifier_signature=signing.sign(verifier_key, proof.signed_bytes()))
 
 
-def check_proof(proof: FraudProof, verifier_key: signing.PublicKeyLike | None = None) -> tuple[bool, list[str]]:
+def check_proof(proof: "FraudProof | SamplingFraudProof",
+                verifier_key: signing.PublicKeyLike | None = None) -> tuple[bool, list[str]]:
     """Re-check every part of a proof. Returns (holds, reasons): the failures if it does not hold,
     otherwise what was checked and what a reader must still compare with the session.
 
@@ -187,17 +296,9 @@ def check_proof(proof: FraudProof, verifier_key: signing.PublicKeyLike | None = 
         (ok if cond else fail).append(good if cond else bad)
         return cond
 
-    if verifier_key is not None:
-        expected = signing.public_key_bytes(verifier_key)
-        need(proof.verifier_public_key == expected, "the verifier key is the session's proof key",
-             f"signed with key {signing.public_key_text(proof.verifier_public_key)}, not the session's proof key "
-             f"{signing.public_key_text(expected)}")
-    need(signing.verify_signature(proof.verifier_public_key, proof.signed_bytes(), proof.verifier_signature),
-         f"verifier {proof.verifier_id!r} signed this proof",
-         "the verifier's signature does not cover this proof (altered, or signed by another key)")
-    need(signing.verify_signature(proof.worker_public_key, st.encode(), proof.worker_signature),
-         f"worker {st.node_id!r} signed the window statement",
-         "the worker's signature over the window statement does not verify")
+    if isinstance(proof, SamplingFraudProof):
+        return _check_sampling_proof(proof, verifier_key, need, ok, fail)
+    _check_signatures(proof, verifier_key, need)
     need(proof.session == st.session and proof.stage == st.stage, "session and stage match the statement",
          f"proof names {proof.session!r} stage {proof.stage}, the statement {st.session!r} stage {st.stage}")
     if need(proof.position in st.positions, f"position {proof.position} lies in the signed window",
@@ -242,6 +343,58 @@ def check_proof(proof: FraudProof, verifier_key: signing.PublicKeyLike | None = 
     if verifier_key is None:
         notes.append(f"note: the verifier key is {signing.public_key_text(proof.verifier_public_key)}; compare it "
                      "with the session's status.proofKey (or give it: --verifier-key)")
+    if signing.node_id_for(proof.worker_public_key) != st.node_id:
+        notes.append(f"note: node id {st.node_id!r} is not derived from the worker key; check the key against "
+                     "that ComputeNode's public key")
+    return True, ok + notes
+
+
+def _check_signatures(proof, verifier_key, need) -> None:
+    """The parts both kinds share: the verifier's key and signature, the worker's statement signature."""
+    st = proof.statement
+    if verifier_key is not None:
+        expected = signing.public_key_bytes(verifier_key)
+        need(proof.verifier_public_key == expected, "the verifier key is the session's proof key",
+             f"signed with key {signing.public_key_text(proof.verifier_public_key)}, not the session's proof key "
+             f"{signing.public_key_text(expected)}")
+    need(signing.verify_signature(proof.verifier_public_key, proof.signed_bytes(), proof.verifier_signature),
+         f"verifier {proof.verifier_id!r} signed this proof",
+         "the verifier's signature does not cover this proof (altered, or signed by another key)")
+    need(signing.verify_signature(proof.worker_public_key, st.encode(), proof.worker_signature),
+         f"worker {st.node_id!r} signed the window statement",
+         "the worker's signature over the window statement does not verify")
+
+
+def _check_sampling_proof(proof: SamplingFraudProof, verifier_key, need, ok: list, fail: list) -> tuple[bool, list[str]]:
+    st = proof.statement
+    _check_signatures(proof, verifier_key, need)
+    need(proof.session == st.session and proof.stage == st.stage, "session and stage match the statement",
+         f"proof names {proof.session!r} stage {proof.stage}, the statement {st.session!r} stage {st.stage}")
+    if need(proof.position in st.positions, f"position {proof.position} lies in the signed window",
+            f"position {proof.position} is outside the signed window {st.window_start}..{st.window_start + st.count - 1}"):
+        i = proof.position - st.window_start
+        need(proof.inclusion.index == i and proof.inclusion.size == st.count
+             and merkle.verify_inclusion(proof.commitment, proof.inclusion, st.merkle_root),
+             "the logit row's commitment is in the signed Merkle root",
+             "the commitment's inclusion proof does not lead to the signed root at this position")
+    try:
+        hashes = canonical.commit_canonical(proof.revealed.reshape(1, -1), st.grid)[0] == proof.commitment
+    except canonical.NonCanonicalTensor as e:
+        hashes = False
+        fail.append(f"the revealed row is not canonical: {e}")
+    if need(hashes, "the revealed row hashes to the signed commitment",
+            "the revealed row does not hash to the signed commitment"):
+        token, reason = _unsampleable(st, proof.position, proof.revealed)
+        if need(token is not None, f"the worker signed token {token} as sampled from this row",
+                f"the statement signs no token sampled at position {proof.position}"):
+            need(reason is not None, f"no row with this canonical form samples it: {reason}",
+                 f"token {token} might come from a row with this canonical form")
+    if fail:
+        return False, fail
+    notes = []
+    if verifier_key is None:
+        notes.append(f"note: the proof was published by key {signing.public_key_text(proof.verifier_public_key)}; "
+                     "everything it proves is the worker's own signed words")
     if signing.node_id_for(proof.worker_public_key) != st.node_id:
         notes.append(f"note: node id {st.node_id!r} is not derived from the worker key; check the key against "
                      "that ComputeNode's public key")

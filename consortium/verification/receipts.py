@@ -9,12 +9,19 @@ is complete or asked for: the rows a node held uncommitted when it died are then
 node that replays them.) A Receipt is that statement, the per-token commitments and the
 signature; the commitments stay in it so a dead node's work can still be audited.
 
+A final stage that samples the next token (ForwardRequest.sample) also signs, in the statement of
+the window holding the logit row, the token it sampled from that row and the parameters it sampled
+with (`SampledTokens`; the statement is then encoded under "consortium.window.v2"). Its own signed
+words then say which token it gave for which committed row, so a token its row cannot sample is
+provable (consortium.verification.proofs.SamplingFraudProof).
+
 Windows are aligned: a window closes after position p when (p + 1) % window == 0, so receipts of
 different nodes and epochs cover predictable position ranges (a node that starts at 20 signs 20..31).
 """
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
@@ -28,7 +35,7 @@ from . import canonical, merkle, signing
 from .canonical import CanonicalGrid
 
 __all__ = [
-    "WindowStatement", "SignedStatement", "Receipt", "WindowSigner", "verify_receipt",
+    "WindowStatement", "SignedStatement", "SampledTokens", "Receipt", "WindowSigner", "verify_receipt",
     "token_input_digest", "hidden_input_digest", "input_chain", "receipt_bytes_per_token", "DEFAULT_WINDOW",
     "DEFAULT_STATE_WINDOW",
 ]
@@ -38,6 +45,7 @@ DEFAULT_WINDOW = 16
 # a short one keeps the replay small and gives a cheater many windows' odds of being drawn.
 DEFAULT_STATE_WINDOW = 4
 STATEMENT_DOMAIN = "consortium.window.v1"
+SAMPLED_STATEMENT_DOMAIN = "consortium.window.v2"   # a statement holding sampled tokens
 STATE_DOMAIN = "consortium.state.v1"
 
 
@@ -98,6 +106,36 @@ def input_chain(digests: Sequence[bytes]) -> bytes:
 
 
 @dataclass(frozen=True)
+class SampledTokens:
+    """The tokens a final stage sampled in one window: (position of the logit row, token) pairs in
+    position order, and the sampling parameters (consortium.sampling.SamplingParams' fields), which
+    are the session's and the same for every token."""
+    temperature: float
+    top_p: float
+    seed: int
+    tokens: tuple[tuple[int, int], ...] = ()
+
+    def encode_fields(self) -> tuple:
+        out: list = [struct.pack("<d", self.temperature), struct.pack("<d", self.top_p), self.seed, len(self.tokens)]
+        for p, t in self.tokens:
+            out += [p, t]
+        return tuple(out)
+
+    def token_at(self, position: int) -> int | None:
+        return next((t for p, t in self.tokens if p == position), None)
+
+    def to_json(self) -> dict:
+        return {"temperature": self.temperature, "topP": self.top_p, "seed": self.seed,
+                "tokens": [{"position": p, "token": t} for p, t in self.tokens]}
+
+    @classmethod
+    def from_json(cls, o: dict) -> "SampledTokens":
+        """From to_json's form, which a Receipt's spec.sampled also has."""
+        return cls(float(o["temperature"]), float(o["topP"]), int(o["seed"]),
+                   tuple((int(t["position"]), int(t["token"])) for t in o["tokens"]))
+
+
+@dataclass(frozen=True)
 class WindowStatement:
     session: str
     stage: int
@@ -108,6 +146,7 @@ class WindowStatement:
     merkle_root: bytes
     input_digest: bytes
     grid: CanonicalGrid = field(default_factory=CanonicalGrid)
+    sampled: SampledTokens | None = None   # final stage, sampling: the tokens it gave
 
     @classmethod
     def for_window(cls, *, session: str, stage: int, node_id: str, epoch: int, window_start: int,
@@ -121,25 +160,30 @@ class WindowStatement:
 
     def encode(self) -> bytes:
         """The signed bytes (docs/verification.md, "Window statement")."""
-        return signing.encode_fields(
-            STATEMENT_DOMAIN, self.session, self.stage, self.node_id, self.epoch, self.window_start,
-            self.count, self.merkle_root, self.input_digest, self.grid.dtype, self.grid.grid,
-            self.grid.clamp_steps)
+        fields = (self.session, self.stage, self.node_id, self.epoch, self.window_start, self.count,
+                  self.merkle_root, self.input_digest, self.grid.dtype, self.grid.grid, self.grid.clamp_steps)
+        if self.sampled is None:
+            return signing.encode_fields(STATEMENT_DOMAIN, *fields)
+        return signing.encode_fields(SAMPLED_STATEMENT_DOMAIN, *fields, *self.sampled.encode_fields())
 
     @property
     def positions(self) -> range:
         return range(self.window_start, self.window_start + self.count)
 
     def to_json(self) -> dict:
-        return {"session": self.session, "stage": self.stage, "nodeId": self.node_id, "epoch": self.epoch,
-                "windowStart": self.window_start, "count": self.count, "merkleRoot": _b64(self.merkle_root),
-                "inputDigest": _b64(self.input_digest), "grid": self.grid.to_json()}
+        out = {"session": self.session, "stage": self.stage, "nodeId": self.node_id, "epoch": self.epoch,
+               "windowStart": self.window_start, "count": self.count, "merkleRoot": _b64(self.merkle_root),
+               "inputDigest": _b64(self.input_digest), "grid": self.grid.to_json()}
+        if self.sampled is not None:
+            out["sampled"] = self.sampled.to_json()
+        return out
 
     @classmethod
     def from_json(cls, o: dict) -> "WindowStatement":
         return cls(str(o["session"]), int(o["stage"]), str(o["nodeId"]), int(o["epoch"]), int(o["windowStart"]),
                    int(o["count"]), _unb64(o["merkleRoot"]), _unb64(o["inputDigest"]),
-                   CanonicalGrid.from_json(o["grid"]))
+                   CanonicalGrid.from_json(o["grid"]),
+                   SampledTokens.from_json(o["sampled"]) if o.get("sampled") is not None else None)
 
 
 @dataclass(frozen=True)
@@ -216,11 +260,13 @@ class WindowSigner:
         self._commitments: list[bytes] = []
         self._tree = merkle.MerkleAccumulator()
         self._chain = _CHAIN_SEED
+        self._sampled: SampledTokens | None = None
 
     def _closed(self) -> bool:
         return self._start is None or (self._start + len(self._commitments)) % self.window == 0
 
-    def _append(self, position: int, input_digest: bytes, commitment: bytes) -> None:
+    def _append(self, position: int, input_digest: bytes, commitment: bytes, sampled=None) -> None:
+        """`sampled`: (SamplingParams, token) when the token was sampled from this row."""
         if len(commitment) != 32 or len(input_digest) != 32:
             raise ValueError("commitments and input digests are 32 bytes")
         if self._closed():
@@ -229,44 +275,56 @@ class WindowSigner:
         elif position != self._start + len(self._commitments):
             raise ValueError(f"position {position} does not continue the window at "
                              f"{self._start + len(self._commitments)}; reset() first")
+        if sampled is not None:
+            params, token = sampled
+            s = self._sampled or SampledTokens(float(params.temperature), float(params.top_p), int(params.seed))
+            if (s.temperature, s.top_p, s.seed) != (params.temperature, params.top_p, params.seed):
+                raise ValueError("a window's tokens are sampled with one set of parameters")
+            self._sampled = dataclasses.replace(s, tokens=s.tokens + ((position, int(token)),))
         self._commitments.append(bytes(commitment))
         self._tree.add(commitment)
         self._chain = _chain_step(self._chain, input_digest)
 
     def _sign(self) -> SignedStatement:
         st = WindowStatement(self.session, self.stage, self.node_id, self.epoch, self._start, len(self._commitments),
-                             self._tree.root(), self._chain, self.grid)
+                             self._tree.root(), self._chain, self.grid, self._sampled)
         self._last = SignedStatement(st, signing.sign(self._key, st.encode()))
         return self._last
 
-    def add(self, position: int, input_digest: bytes, commitment: bytes) -> SignedStatement:
-        """Record one token's commitment and return the signed statement of its window so far."""
-        self._append(position, input_digest, commitment)
+    def add(self, position: int, input_digest: bytes, commitment: bytes, sampled=None) -> SignedStatement:
+        """Record one token's commitment (and the token sampled from its row: (SamplingParams, token))
+        and return the signed statement of its window so far."""
+        self._append(position, input_digest, commitment, sampled)
         return self._sign()
 
-    def add_batch(self, start: int, input_digests: Sequence[bytes],
-                  commitments: Sequence[bytes]) -> list[SignedStatement]:
-        """Record consecutive positions; one signed statement per window touched, signed once each."""
+    def add_batch(self, start: int, input_digests: Sequence[bytes], commitments: Sequence[bytes],
+                  sampled: dict | None = None) -> list[SignedStatement]:
+        """Record consecutive positions; one signed statement per window touched, signed once each.
+        `sampled`: position -> (SamplingParams, token) for rows a token was sampled from."""
         if len(input_digests) != len(commitments):
             raise ValueError("one input digest per commitment")
+        sampled = sampled or {}
         out = []
         for i, (d, c) in enumerate(zip(input_digests, commitments)):
-            self._append(start + i, d, c)
+            self._append(start + i, d, c, sampled.get(start + i))
             if self._closed() or i == len(commitments) - 1:
                 out.append(self._sign())
         return out
 
-    def commit_steps(self, steps: Sequence[tuple[int, np.ndarray, Sequence]], *,
-                     token_inputs: bool) -> tuple[list[bytes], list[SignedStatement]]:
+    def commit_steps(self, steps: Sequence[tuple], *, token_inputs: bool) -> tuple[list[bytes], list[SignedStatement]]:
         """Commit the output rows of one or more steps, each (position of its first row, rows [n, d],
-        what was fed at each row's position: token ids if token_inputs, else hidden rows), whose rows
+        what was fed at each row's position: token ids if token_inputs, else hidden rows[, the token
+        sampled from its last row with its SamplingParams: (params, token), or None]), whose rows
         continue one another, and sign each window they touch once."""
         digests: list[bytes] = []
-        for _, _, inputs in steps:
+        sampled = {}
+        for first, rows, inputs, *token in steps:
             digests += ([token_input_digest(int(t)) for t in inputs] if token_inputs
                         else [hidden_input_digest(r) for r in inputs])
-        commitments = canonical.commit_arrays([rows for _, rows, _ in steps], self.grid)
-        return commitments, self.add_batch(steps[0][0], digests, commitments)
+            if token and token[0] is not None:
+                sampled[first + len(rows) - 1] = token[0]
+        commitments = canonical.commit_arrays([step[1] for step in steps], self.grid)
+        return commitments, self.add_batch(steps[0][0], digests, commitments, sampled)
 
     @property
     def last(self) -> SignedStatement | None:

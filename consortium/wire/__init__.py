@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from consortium.verification.canonical import CanonicalGrid
-from consortium.verification.receipts import SignedStatement, WindowStatement
+from consortium.verification.receipts import SampledTokens, SignedStatement, WindowStatement
 
 from . import agent_pb2 as pb
 from . import agent_pb2_grpc as pb_grpc
@@ -85,12 +85,21 @@ def grid_from_pb(g: pb.Grid) -> CanonicalGrid:
 
 def window_to_pb(s: SignedStatement) -> pb.SignedWindow:
     st = s.statement
-    return pb.SignedWindow(session=st.session, stage=st.stage, node_id=st.node_id, epoch=st.epoch,
-                           window_start=st.window_start, count=st.count, merkle_root=st.merkle_root,
-                           input_digest=st.input_digest, grid=grid_to_pb(st.grid), signature=s.signature)
+    w = pb.SignedWindow(session=st.session, stage=st.stage, node_id=st.node_id, epoch=st.epoch,
+                        window_start=st.window_start, count=st.count, merkle_root=st.merkle_root,
+                        input_digest=st.input_digest, grid=grid_to_pb(st.grid), signature=s.signature)
+    if st.sampled is not None:
+        sp = st.sampled
+        w.sampling.CopyFrom(pb.Sampling(temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed))
+        w.sampled.extend(pb.SampledToken(position=p, token=t) for p, t in sp.tokens)
+    return w
 
 
 def window_from_pb(w: pb.SignedWindow) -> SignedStatement:
+    sampled = None
+    if w.HasField("sampling"):
+        sampled = SampledTokens(w.sampling.temperature, w.sampling.top_p, int(w.sampling.seed),
+                                tuple((int(t.position), int(t.token)) for t in w.sampled))
     st = WindowStatement(w.session, int(w.stage), w.node_id, int(w.epoch), int(w.window_start), int(w.count),
-                         bytes(w.merkle_root), bytes(w.input_digest), grid_from_pb(w.grid))
+                         bytes(w.merkle_root), bytes(w.input_digest), grid_from_pb(w.grid), sampled)
     return SignedStatement(st, bytes(w.signature))
