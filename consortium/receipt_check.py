@@ -89,9 +89,11 @@ def signature_problems(item: dict, session_name: str, session_uid: str, nodes: d
     try:
         w = spec["window"]
         commitments = tuple(bytes.fromhex(c) for c in spec["commitments"])
+        sampled = None if spec.get("sampled") is None else rc.SampledTokens.from_json(spec["sampled"])
         statements = [rc.WindowStatement(sid, int(spec["stage"]), node_id, int(spec["epoch"]),
                                          int(w["start"]), int(w["count"]), bytes.fromhex(spec["merkleRoot"]),
-                                         bytes.fromhex(spec["inputDigest"]), CanonicalGrid.from_json(spec["grid"]))
+                                         bytes.fromhex(spec["inputDigest"]), CanonicalGrid.from_json(spec["grid"]),
+                                         sampled)
                       for sid in signed_sessions for node_id in ids]
         signature = base64.b64decode(spec["signature"], validate=True)
     except (KeyError, TypeError, ValueError) as e:

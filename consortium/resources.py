@@ -384,6 +384,19 @@ class Window(_Model):
     count: int = Field(ge=1, le=MAX_WINDOW, description="Number of positions (tokens) covered.")
 
 
+class SampledToken(_Model):
+    position: int = Field(ge=0, description="The logit row's position; the token is the one after it.")
+    token: int = Field(ge=0)
+
+
+class SampledTokens(_Model):
+    """Final stage: the tokens the node sampled from the window's logit rows, signed with them."""
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    seed: int = Field(ge=0)
+    tokens: list[SampledToken] = Field(max_length=MAX_WINDOW)
+
+
 class ReceiptSpec(_Model):
     """What a node signed for one stage and window; the operator writes it once and never changes it."""
     model_config = ConfigDict(json_schema_extra=_extra(validations=[
@@ -408,6 +421,9 @@ class ReceiptSpec(_Model):
                            description="Ed25519 signature by the node, base64.")
     public_key_fingerprint: str = Field(pattern=HEX64, max_length=64,
                                         description="SHA-256 of the node's raw public key, hex.")
+    sampled: SampledTokens | None = Field(default=None, description=(
+        "Final stage: the tokens it sampled from this window's logit rows and the sampling "
+        "parameters, part of what it signed."))
     rollbacks: int = Field(default=0, ge=0, description=(
         "The session's rollbacks before this window was flushed. A rollback to a position has its "
         "positions from there computed and signed again: at those positions a window with more "

@@ -306,8 +306,12 @@ class Assignment:
     pending: "DeferredJob | None" = None
     undelivered: list = dataclasses.field(default_factory=list)    # [(position, commitment)]
     undelivered_windows: dict = dataclasses.field(default_factory=dict)  # window start -> latest signed
-    # Steps signed per window whose rows went out and are not committed yet: [(first row, rows, inputs)].
+    # Steps signed per window whose rows went out and are not committed yet: [(first row, rows, inputs,
+    # (SamplingParams, token) sampled from the last row or None)].
     uncommitted: list = dataclasses.field(default_factory=list)
+    # The final stage's sampling parameters, from its first sampled step: its windows sign tokens
+    # sampled with one set of them, so a step asking for others is refused.
+    sampling: SamplingParams | None = None
     # With window_states: the KV state of each closed state window (state_window positions, apart
     # from the receipt window: audits replay whole state windows) and its signed statement, by start.
     window_states: bool = False
@@ -649,6 +653,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                 raise _bad("sample is for a Forward step of the final stage")
             # Checked before the step: a refusal after it would leave the KV a row ahead of the driver.
             sampling = SamplingParams(req.sample.temperature, req.sample.top_p, req.sample.seed)
+            if a.sampling is not None and sampling != a.sampling:
+                raise _bad(f"sampling {sampling} differs from this session's earlier steps ({a.sampling}); "
+                           "the tokens a node signs are sampled with one set of parameters")
         tokens, hidden = request_inputs(a.is_first, a.engine.n_embd, list(req.tokens), req.hidden,
                                         req.HasField("hidden"))
         x = tokens if tokens is not None else hidden
@@ -702,6 +709,11 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                     outs.append(out)
                 i += size
             out = (outs[0] if len(outs) == 1 else np.concatenate(outs)) if outs else None
+            # The token is signed with its row's commitment (receipts.SampledTokens).
+            token = _sample(out[-1], req.position + n, sampling) if sampling is not None else None
+            signed_token = None if token is None else (sampling, token)
+            if token is not None:
+                a.sampling = sampling
             if not a.is_last:
                 first_out, inputs = req.position, x
             elif committed:
@@ -721,7 +733,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             earlier = a.take_undelivered() if send else None   # before the job below adds to it
             if defer:
                 commitments, windows = [], []
-                a.uncommitted.append((first_out, out, inputs))
+                a.uncommitted.append((first_out, out, inputs, signed_token))
                 window = a.signer.window
                 if not req.sign_per_window or (first_out + len(out)) // window > first_out // window:
                     steps, a.uncommitted = a.uncommitted, []
@@ -729,7 +741,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                             self._committer)
                     when_sent(a.pending)
             elif out is not None:
-                commitments, windows = self._commit_and_sign(a, [(first_out, out, inputs)], False)
+                commitments, windows = self._commit_and_sign(a, [(first_out, out, inputs, signed_token)], False)
             else:   # a final-stage replay that only rebuilt the KV cache
                 commitments, windows = [], []
             compute_ms, cpu_ms = (time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000
@@ -741,7 +753,6 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                                      cpu_ms=cpu_ms, states=states, merged_rows=merged_rows, adopted_rows=adopted)
         resp = pb.ForwardResponse(output_position=first_out, commitments=commitments, windows=wins,
                                   compute_ms=compute_ms, earlier=earlier, cpu_ms=cpu_ms, states=states)
-        token = _sample(out[-1], req.position + n, sampling) if sampling is not None else None
         if token is not None:
             resp.token = token
         if token is not None and row_later is not None:

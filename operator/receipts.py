@@ -43,6 +43,7 @@ def receipt_body(session: dict, entry: dict, public_key_b64: str) -> dict:
                                                                       if k in ("dtype", "grid", "clamp")}),
         signature=rc["signature"],
         public_key_fingerprint=hashlib.sha256(base64.b64decode(public_key_b64)).hexdigest(),
+        sampled=None if rc.get("sampled") is None else r.SampledTokens.model_validate(rc["sampled"]),
         rollbacks=entry.get("rollbacks", 0)).to_k8s()
     return {"apiVersion": r.API_VERSION, "kind": "Receipt",
             "metadata": {"name": receipt_name(md["name"], md["uid"], entry["stage"], entry["epoch"], rc["windowStart"],

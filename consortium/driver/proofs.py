@@ -17,6 +17,10 @@ the operator), with its own key. The recomputed row comes from the auditing node
 which that node does not sign, so a proof carries the coordinator's claim that this is the auditing
 node's recomputation (the entry names the auditor; the proof's verifierId is the coordinator). A
 third party checks the claim by re-running the stage on the input whose digest the proof names.
+
+A final stage's token that its own logit row does not sample (the driver checks each one as the row
+arrives) becomes a `SamplingFraudProof` in the same way (a `SamplingUnit` waiting for the receipt
+whose statement signs that token): it rests on the worker's signed words alone.
 """
 from __future__ import annotations
 
@@ -64,6 +68,34 @@ class FraudUnit:
                    Tolerance.from_json(o["tolerance"]), o["auditor"])
 
 
+@dataclasses.dataclass
+class SamplingUnit:
+    """A token the final stage answered that its logit row does not sample, waiting for the receipt
+    that signs it. `position` is the row's (the token is the one at position + 1)."""
+    stage: int
+    position: int
+    node: str
+    epoch: int
+    commitment: bytes
+    worker_row: np.ndarray       # the logit row the worker sent
+    token: int                   # the token it answered
+    auditor: None = None         # nobody recomputed anything: the row is the worker's own
+
+    def to_json(self) -> dict:
+        return {"kind": "sampling", "stage": self.stage, "position": self.position, "node": self.node,
+                "epoch": self.epoch, "commitment": base64.b64encode(self.commitment).decode(),
+                "worker_row": _row_json(self.worker_row), "token": self.token}
+
+    @classmethod
+    def from_json(cls, o: dict) -> "SamplingUnit":
+        return cls(int(o["stage"]), int(o["position"]), o["node"], int(o["epoch"]), base64.b64decode(o["commitment"]),
+                   _row_from_json(o["worker_row"]), int(o["token"]))
+
+
+def _unit_from_json(o: dict) -> "FraudUnit | SamplingUnit":
+    return SamplingUnit.from_json(o) if o.get("kind") == "sampling" else FraudUnit.from_json(o)
+
+
 def _row_json(row: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(row, dtype="<f4").tobytes()).decode()
 
@@ -86,14 +118,14 @@ class ProofBook:
         self.key = key or signing.generate_private_key()
         self.signer = signer or signing.node_id_for(self.key)
         self.session, self.grid = session, grid
-        self.pending: list[FraudUnit] = []
+        self.pending: list[FraudUnit | SamplingUnit] = []
         self.entries: list[dict] = []
 
     @property
     def public_key_text(self) -> str:
         return signing.public_key_text(self.key)
 
-    def add(self, unit: FraudUnit, flushed: Sequence[dict], public_keys: dict[str, str],
+    def add(self, unit: FraudUnit | SamplingUnit, flushed: Sequence[dict], public_keys: dict[str, str],
             input_digests: InputDigests) -> None:
         """A Fraud verdict: prove it now when a flushed receipt covers it, else keep it pending."""
         for entry in reversed(flushed):
@@ -115,13 +147,13 @@ class ProofBook:
             self._prove(u, r, public_keys, input_digests)
 
     @staticmethod
-    def _covers(entry: dict, u: FraudUnit) -> bool:
+    def _covers(entry: dict, u: FraudUnit | SamplingUnit) -> bool:
         if (entry["stage"], entry["node"], entry["epoch"]) != (u.stage, u.node, u.epoch):
             return False
         i = u.position - entry["start"]
         return 0 <= i < entry["count"] and base64.b64decode(entry["receipt"]["commitments"][i]) == u.commitment
 
-    def _prove(self, u: FraudUnit, r: receipts.Receipt, public_keys: dict[str, str],
+    def _prove(self, u: FraudUnit | SamplingUnit, r: receipts.Receipt, public_keys: dict[str, str],
                input_digests: InputDigests) -> None:
         entry = {"session": self.session, "stage": u.stage, "position": u.position, "node": u.node,
                  "epoch": u.epoch, "auditor": u.auditor, "verifier": self.signer, "holds": False,
@@ -132,13 +164,17 @@ class ProofBook:
             entry["reasons"] = ["the row the worker sent does not hash to its signed commitment, and the "
                                 "worker signed no reveal of it: nothing of the worker's to prove with"]
             return
-        digests = input_digests(u.stage, list(r.statement.positions))
-        if digests is None:
-            entry["reasons"] = ["the driver no longer holds the window's inputs"]
-            return
         try:
-            proof = proofs.make_fraud_proof(r, u.position, digests, public_keys.get(u.node, ""), u.recomputed,
-                                            u.tolerance, self.key, self.signer, revealed=revealed)
+            if isinstance(u, SamplingUnit):
+                proof = proofs.make_sampling_proof(r, u.position, public_keys.get(u.node, ""), revealed, self.key,
+                                                   self.signer)
+            else:
+                digests = input_digests(u.stage, list(r.statement.positions))
+                if digests is None:
+                    entry["reasons"] = ["the driver no longer holds the window's inputs"]
+                    return
+                proof = proofs.make_fraud_proof(r, u.position, digests, public_keys.get(u.node, ""), u.recomputed,
+                                                u.tolerance, self.key, self.signer, revealed=revealed)
         except ValueError as e:
             entry["reasons"] = [str(e)]
             log.warning("no fraud proof for %s stage %d position %d: %s", u.node, u.stage, u.position, e)
@@ -158,7 +194,7 @@ class ProofBook:
         """Take back what to_json saved (a coordinator resuming a session): its entries to publish
         again, its units to prove once a receipt covers them."""
         self.entries += [dict(e) for e in saved.get("entries", ())]
-        self.pending += [FraudUnit.from_json(u) for u in saved.get("pending", ())]
+        self.pending += [_unit_from_json(u) for u in saved.get("pending", ())]
 
     def report(self) -> list[dict]:
         """The entries as a report lists them: each with the file name its proof is written under,
@@ -183,7 +219,7 @@ def write_proof_files(entries: Sequence[dict], folder) -> list[str]:
     for e in entries:
         if e.get("proof"):
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / proof_file_name(e)).write_text(proofs.FraudProof.from_json(e["proof"]).dumps() + "\n")
+            (folder / proof_file_name(e)).write_text(proofs.proof_from_json(e["proof"]).dumps() + "\n")
             names.append(proof_file_name(e))
     return names
 
@@ -197,7 +233,7 @@ def recheck(entries: Sequence[dict], verifier_key: str | None = None) -> list[tu
             out.append((e, False, list(e.get("reasons") or ["no proof"])))
             continue
         try:
-            holds, why = proofs.check_proof(proofs.FraudProof.from_json(e["proof"]), verifier_key)
+            holds, why = proofs.check_proof(proofs.proof_from_json(e["proof"]), verifier_key)
         except (KeyError, TypeError, ValueError) as err:
             holds, why = False, [f"unreadable proof: {err}"]
         out.append((e, holds, why))

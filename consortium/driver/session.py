@@ -43,7 +43,7 @@ from consortium import wire
 from consortium.batches import merge_decode_steps
 from consortium.driver.client import NodeClient, RpcLog
 from consortium.driver.policy import Policy
-from consortium.driver.proofs import FraudUnit, ProofBook
+from consortium.driver.proofs import FraudUnit, ProofBook, SamplingUnit
 from consortium.driver.state import SessionState, record_figures
 from consortium.layers import LayerRange
 from consortium.sampling import SamplingParams, sample
@@ -215,6 +215,10 @@ class SessionDriver:
         # What the driver received, per stage: inputs it sent (for audits) and commitments by position.
         self._inputs: list[dict[int, object]] = [dict() for _ in self.split]
         self._commits: list[dict[int, tuple[str, int, bytes]]] = [dict() for _ in self.split]
+        # The tokens the final stage answered, by the position of the logit row each was sampled from
+        # (node, epoch, token), and the parameters sent: its signed windows must sign the same.
+        self._answered: dict[int, tuple[str, int, int]] = {}
+        self._sampling: SamplingParams | None = None
         self._open: list[dict | None] = [None] * self.n_stages  # open receipt window per stage
         self.defer_commitments = defer_commitments
         self.sign_per_window = defer_commitments and sign_per_window
@@ -461,6 +465,8 @@ class SessionDriver:
             rewinds, self._pending_rewind = self._pending_rewind, []
             at = min(p for p, _ in rewinds) if rewinds else None
             node = why = None
+            # A node caught again while its rollback ran (a check in flight) was dealt with by it.
+            self._pending_fraud = [f for f in self._pending_fraud if f[0] not in self.state.quarantined]
             if self._pending_fraud:
                 node, why = self._pending_fraud[0]
                 self._pending_fraud = [f for f in self._pending_fraud if f[0] != node]
@@ -499,6 +505,10 @@ class SessionDriver:
             self._agent_ms[s] = resp.compute_ms
             self.forward_cpu_ms += resp.cpu_ms
             self.state.done[s] = position + len(x)
+            if sampling is not None and resp.HasField("token"):
+                with self._lock:
+                    self._sampling = sampling
+                    self._answered[position + len(x) - 1] = (node, epoch, int(resp.token))
             if sampling is not None and resp.row_follows:
                 return int(resp.token), functools.partial(self._check_row, s, node, epoch, None, int(resp.token),
                                                           position + len(x), sampling)
@@ -539,6 +549,12 @@ class SessionDriver:
             mine = f"nothing ({e})"
         if mine != token or (resp.HasField("token") and resp.token != token):
             self._fraud(node, f"stage {s} at {at}: answered token {token}, its logit row samples {mine}")
+            # Provable once the node's window signs the token (SamplingUnit): with deferral its
+            # statement comes later, asked for before the stage fails over (_collect_signed).
+            commitment = canonical.commit_rows(out[-1:], self.grid)[0]
+            with self._lock:
+                self.proofs.add(SamplingUnit(s, at - 1, node, epoch, commitment, np.array(out[-1]), token),
+                                self.receipts, self.public_keys, self._input_digests)
 
     def _check_response(self, s: int, node: str, epoch: int, resp: pb.ForwardResponse, out: np.ndarray) -> None:
         if resp.states:
@@ -552,7 +568,7 @@ class SessionDriver:
                 for i in range(len(out)):
                     self._unsigned[s][resp.output_position + i] = (node, epoch, out[i])
 
-    def _accept_deferred(self, s: int, node: str, epoch: int, d: pb.DeferredCommitments) -> None:
+    def _accept_deferred(self, s: int, node: str, epoch: int, d: pb.DeferredCommitments, select: bool = True) -> None:
         """Deferred commitments checked against the rows they commit to, when the driver holds them."""
         first, cs = int(d.position), list(d.commitments)
         with self._lock:
@@ -562,7 +578,7 @@ class SessionDriver:
             # A list, not one stacked array: a window's 16 logit rows stacked would be 3 MB (an
             # allocation beyond malloc's mmap threshold, page faults every window).
             rows = [h[2] for h in held]
-        self._accept(s, node, epoch, first, rows, cs, list(d.windows), select=rows is not None)
+        self._accept(s, node, epoch, first, rows, cs, list(d.windows), select=select and rows is not None)
 
     def _accept_states(self, s: int, node: str, epoch: int, states) -> None:
         """Window state statements, kept when their signature verifies under the node's key."""
@@ -599,30 +615,34 @@ class SessionDriver:
         asked from the first row held unsigned, so an answer lost on the way (a deadline on a slow
         link) is asked for again, once."""
         for s in range(self.n_stages):
-            node, epoch = self.state.nodes[s], self.state.epochs[s]
-            with self._lock:
-                held = {p for p, (n, e, _) in self._unsigned[s].items() if (n, e) == (node, epoch)}
-            if not held:
-                continue
-            first = min(held)
-            req = pb.CommitmentsRequest(ref=self._ref(s), from_position=first)
-            for attempt in (1, 2):
-                try:
-                    d = self.clients[node].call("Commitments", req, timeout=timeout)
+            self._collect_stage(s, timeout)
+
+    def _collect_stage(self, s: int, timeout: float | None, tries: int = 2, select: bool = True) -> None:
+        """_collect_deferred for stage s's current node."""
+        node, epoch = self.state.nodes[s], self.state.epochs[s]
+        with self._lock:
+            held = {p for p, (n, e, _) in self._unsigned[s].items() if (n, e) == (node, epoch)}
+        if not held:
+            return
+        first = min(held)
+        req = pb.CommitmentsRequest(ref=self._ref(s), from_position=first)
+        for attempt in range(1, tries + 1):
+            try:
+                d = self.clients[node].call("Commitments", req, timeout=timeout)
+                break
+            except grpc.RpcError as e:  # those rows stay out of its receipts
+                log.warning("stage %d on %s did not deliver its deferred commitments (try %d): %s", s, node,
+                            attempt, e.code().name)
+                d = None
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     break
-                except grpc.RpcError as e:  # those rows stay out of its receipts
-                    log.warning("stage %d on %s did not deliver its deferred commitments (try %d): %s", s, node,
-                                attempt, e.code().name)
-                    d = None
-                    if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                        break
-            if d is None or not d.commitments:
-                continue
-            # Only the run of rows held unsigned: a row after it was accepted already (its window too).
-            n = next((i for i in range(len(d.commitments)) if first + i not in held), len(d.commitments))
-            windows = [w for w in d.windows if w.window_start < first + n]
-            self._accept_deferred(s, node, epoch, pb.DeferredCommitments(
-                position=first, commitments=d.commitments[:n], windows=windows))
+        if d is None or not d.commitments:
+            return
+        # Only the run of rows held unsigned: a row after it was accepted already (its window too).
+        n = next((i for i in range(len(d.commitments)) if first + i not in held), len(d.commitments))
+        windows = [w for w in d.windows if w.window_start < first + n]
+        self._accept_deferred(s, node, epoch, pb.DeferredCommitments(
+            position=first, commitments=d.commitments[:n], windows=windows), select)
 
     def _forward_request(self, s: int, position: int, x, defer: bool = False,
                          per_window: bool = False) -> pb.ForwardRequest:
@@ -670,6 +690,8 @@ class SessionDriver:
                     continue
                 cs = [h[2] if h is not None else b"" for h in held]
                 ok = ok and len(cs) == st.count and receipts.merkle.merkle_root(cs) == st.merkle_root
+                if s == self.n_stages - 1 and ok:
+                    ok = self._signs_answered_tokens(node, epoch, st)
                 statements_ok = statements_ok and ok
                 o = self._open[s]
                 if o is not None and (o["node"] != node or o["epoch"] != epoch or o["start"] != st.window_start):
@@ -679,7 +701,8 @@ class SessionDriver:
                 if (st.window_start + st.count) % self.receipt_window == 0:
                     self._flush(s)
             if not statements_ok:
-                self._fraud(node, f"stage {s} at {first}: a window statement or Merkle root does not match")
+                self._fraud(node, f"stage {s} at {first}: a window statement, its Merkle root or its signed tokens "
+                                  "do not match")
             if select and out is not None:
                 for i, c in enumerate(commitments):
                     p = first + i
@@ -687,6 +710,18 @@ class SessionDriver:
                         self.audits_selected += 1
                         self._queue_audit(AuditUnit(s, p, node, epoch, c, np.array(out[i]), statements_ok,
                                                     self._generation))
+
+    def _signs_answered_tokens(self, node: str, epoch: int, st: receipts.WindowStatement) -> bool:
+        """Whether a final-stage statement signs exactly the tokens this node answered at its
+        positions, with the parameters sent. Under the lock."""
+        answered = tuple((p, self._answered[p][2]) for p in st.positions
+                         if self._answered.get(p, (None, None))[:2] == (node, epoch))
+        if st.sampled is None:
+            return not answered
+        sp, params = st.sampled, self._sampling
+        return (sp.tokens == answered and params is not None
+                and (sp.temperature, sp.top_p, sp.seed) == (params.temperature, params.top_p,
+                                                            params.seed & (2 ** 64 - 1)))
 
     def _flush(self, s: int) -> None:
         o = self._open[s]
@@ -1530,6 +1565,8 @@ class SessionDriver:
             self._generation += 1
             self._rolling_back = q   # until the stages are truncated and failed over (abandon())
         served = [s for s in range(self.n_stages) if node is not None and st.nodes[s] == node]
+        for s in served:
+            self._collect_signed(s)
         if q is None:
             for s in served:
                 self._failover(s, f"{node} quarantined: {why}")
@@ -1545,6 +1582,11 @@ class SessionDriver:
                 for k in [k for k, (_, _, n, _) in kept.items() if int(k) + n > q]:
                     del kept[k]
                 self._unsigned[s].clear()   # Truncate (or the failover below) drops their commitments
+            for k in [k for k in self._answered if k >= q]:
+                del self._answered[k]
+            # A rewind asked for at or after q is done by this rollback (its position may be past
+            # the tokens left).
+            self._pending_rewind = [(p, w) for p, w in self._pending_rewind if p < q]
             st.batches = [b for b in st.batches if b[0] < q]
             st.done = [min(d, q) for d in st.done]
             del st.tokens[max(0, q - len(st.prompt_tokens)):]
@@ -1566,6 +1608,16 @@ class SessionDriver:
                              "ms": round((time.perf_counter() - t0) * 1000, 3)})
         self._rolling_back = None
         return q
+
+    def _collect_signed(self, s: int) -> None:
+        """Before a caught node's stage s fails over: the windows it has signed since its last
+        response (with deferral a step's statement comes with the next one), when a token of its
+        waits for them to be proven."""
+        node = self.state.nodes[s]
+        with self._lock:
+            waiting = any(isinstance(u, SamplingUnit) and u.node == node and u.stage == s for u in self.proofs.pending)
+        if waiting and node not in self.dead:
+            self._collect_stage(s, timeout=2.0, tries=1, select=False)
 
     def _first_unproven(self, node: str | None, at: int | None) -> int | None:
         """The first position `node` (if any) computed since its last passed audit, or `at` if that

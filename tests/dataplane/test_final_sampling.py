@@ -2,6 +2,8 @@
 alone and its logit row in a second frame, which the driver reads and checks while stage 0 computes.
 A node whose token is not what its row samples is caught and rolled back; one that answers a token
 and never its row has that token taken back and its stage failed over."""
+import dataclasses
+
 import grpc
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from consortium.driver.policy import LocalPolicy
 from consortium.driver.session import SessionDriver
 from consortium.driver.state import SessionState
 from consortium.sampling import SamplingParams, sample
+from consortium.verification import proofs
 from consortium.wire import lane, pb
 from node_agent import server
 from node_agent.engine.pipeline import LocalPipeline
@@ -71,6 +74,15 @@ def test_a_bad_sampling_request_is_refused_before_the_step(agent, model_path):
     # Nothing was computed: the stage still continues at position 0.
     r2 = stub.Forward(pb.ForwardRequest(ref=ref("fs-bad", 2), position=0, hidden=r1.output, sample=pb.Sampling(top_p=1)))
     assert r2.output_position == len(PROMPT) - 1
+    # Its windows sign tokens sampled with one set of parameters: a step asking for others is refused.
+    row = wire.decode_tensor(r1.output, ndim=2)[-1:]
+    step = pb.ForwardRequest(ref=ref("fs-bad", 2), position=len(PROMPT), sample=pb.Sampling(temperature=0.5, top_p=1))
+    wire.put_tensor(step.hidden, row)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Forward(step)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "one set of parameters" in e.value.details()
+    step.sample.temperature = 0
+    assert stub.Forward(step).output_position == len(PROMPT)
 
 
 def start(tmp_path, names):
@@ -152,3 +164,54 @@ def assert_receipts_cover(driver, last: int) -> None:
         want = set(range(last)) if s < 2 else set(range(len(PROMPT) - 1, last))
         assert want <= covered, (s, sorted(want - covered))
 
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SAMPLING], ids=["greedy", "seeded"])
+def test_a_final_node_that_signs_a_token_its_row_cannot_sample_is_proven(tmp_path, model_path, monkeypatch, params):
+    """The cheater samples its least likely token and signs it with the row's commitment, as its own
+    windows sign every token: the driver rolls it back and publishes a SamplingFraudProof that holds
+    on the node's signed words alone, and breaks when those words are altered."""
+    with LocalPipeline(model_path, None, StageConfig(threads=1)) as pipe:
+        want = generation.generate(pipe, PROMPT, MAX_TOKENS, sampling=params).tokens
+    at = len(PROMPT) + 3
+    honest, cheated = server._sample, []
+
+    def lying_sample(logits, position, sampling):
+        if position == at and not cheated:
+            cheated.append(int(np.argmin(logits)))
+            return cheated[-1]
+        return honest(logits, position, sampling)
+    monkeypatch.setattr(server, "_sample", lying_sample)
+    servers, _, endpoints = start(tmp_path, ("A", "B", "C", "D"))
+    state = SessionState(session="final-signed-lie", prompt_tokens=PROMPT, nodes=["A", "B", "C"], epochs=[1, 1, 1],
+                         audit_probability=0.0)
+    driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
+                           endpoints=endpoints, state=state, policy=LocalPolicy(["D", "A", "B", "C"]),
+                           rpc_timeout_s=10.0, warm_backups=False)
+    try:
+        driver.start()
+        res = generation.generate(driver, PROMPT, MAX_TOKENS, sampling=params)
+    finally:
+        driver.close()
+        for srv in servers.values():
+            srv.stop(None)
+    assert len(cheated) == 1 and res.tokens == want and state.quarantined == ["C"]
+    [entry] = driver.proofs.report()
+    assert (entry["node"], entry["stage"], entry["position"], entry["holds"]) == ("C", 2, at - 1, True), entry
+    proof = proofs.proof_from_json(entry["proof"])
+    assert isinstance(proof, proofs.SamplingFraudProof)
+    assert proof.statement.sampled.token_at(at - 1) == cheated[0]
+    assert proofs.check_proof(proof, driver.proofs.public_key_text)[0]
+    # C's lie and every token its backup D sampled again from there are in verified receipts.
+    signed = {(r["node"], t["position"]): t["token"] for r in driver.receipts if r["verified"] and r["stage"] == 2
+              for t in (r["receipt"].get("sampled") or {}).get("tokens", [])}
+    assert signed[("C", at - 1)] == cheated[0]
+    assert [signed.get(("D", p)) for p in range(at - 1, len(PROMPT) + MAX_TOKENS - 1)] == want[at - len(PROMPT):]
+    # The node's words altered (the token it signed put back to the honest one): the proof falls.
+    st = proof.statement
+    honest_tokens = tuple((p, want[p + 1 - len(PROMPT)] if p == at - 1 else t) for p, t in st.sampled.tokens)
+    forged = dataclasses.replace(proof, statement=dataclasses.replace(
+        st, sampled=dataclasses.replace(st.sampled, tokens=honest_tokens)))
+    holds, why = proofs.check_proof(forged)
+    assert not holds and any("worker's signature" in w for w in why)
+    assert_receipts_cover(driver, len(PROMPT) + MAX_TOKENS - 1)

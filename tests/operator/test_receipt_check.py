@@ -9,11 +9,13 @@ import pytest
 
 from consortium import receipt_check
 from consortium import resources as r
+from consortium.sampling import SamplingParams
 from consortium.verification import receipts, signing
 from consortium_operator.receipts import receipt_body
 
 UID = "0a1b2c3d-0000-4000-8000-000000000000"
 PROMPT, TOKENS, WINDOW = 5, 4, 4   # positions fed: 0..7 (the last token is never fed back)
+SAMPLING = SamplingParams(temperature=0.7, top_p=0.9, seed=5)   # the final stage (1) signs its tokens
 
 
 def session(phase="Completed", prompt=PROMPT, tokens=TOKENS):
@@ -28,12 +30,13 @@ def node(name, key):
 
 def windows(key, node_id, stage, positions, version=0, session_id=r.session_id("ns", "sky", UID)):
     """The receipts a node signs for `positions` of a stage, window by window (rows computed again
-    after a rollback are another version)."""
+    after a rollback are another version); on the final stage (1) with the tokens it sampled."""
     signer = receipts.WindowSigner(key, session=session_id, stage=stage, node_id=node_id, epoch=1, window=WINDOW)
     out = []
     for p in positions:
         signer.add(p, hashlib.sha256(b"in%d" % p).digest(),
-                   hashlib.sha256(b"out%d.%d.%d" % (stage, p, version)).digest())
+                   hashlib.sha256(b"out%d.%d.%d" % (stage, p, version)).digest(),
+                   (SAMPLING, 100 + p) if stage == 1 else None)
         if (p + 1) % WINDOW == 0 or p == positions[-1]:
             out.append(signer.receipt())
     return out
@@ -97,6 +100,18 @@ def test_each_tampering_is_named(run):
         # The positions only that receipt covered are then uncovered.
         assert res["gaps"] == {0: [4, 5, 6, 7]}
         assert "DOES NOT VERIFY" in "\n".join(receipt_check.lines(res))
+
+
+def test_the_final_stages_signed_tokens_are_part_of_its_receipt(run):
+    items, nodes, _ = run
+    final = items[2]["spec"]
+    assert final["sampled"]["tokens"] == [{"position": p, "token": 100 + p} for p in range(4, 8)]
+    assert final["sampled"]["topP"] == 0.9 and "sampled" not in items[0]["spec"]
+    for tamper in (lambda sp: sp["tokens"][1].update(token=7), lambda sp: sp.update(seed=6), lambda sp: sp["tokens"].pop()):
+        bad = copy.deepcopy(items)
+        tamper(bad[2]["spec"]["sampled"])
+        res = receipt_check.check(session(), bad, nodes)
+        assert not res["ok"] and "signature does not verify" in res["failed"][0]["reasons"][0], res
 
 
 def test_a_node_that_publishes_another_key_or_none(run):
