@@ -264,12 +264,19 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
             bed.start_operator()
         elif t.fault == "apiserver":
             sid = bed.session_id(name, ns)   # read while the API answers
+            drv = bed.session(name, ns)["status"]["report"]["driverState"]
+            last = len(drv["prompt_tokens"]) + max_tokens - 2   # stage 0's last row (the last token is not fed)
             before, late = bed.stage_position(probe, sid, 0), []
             # Stage 0's position shortly before the server answers again: moved on, or the session
             # ended and was released (None), unless generation waited for the API.
             bed.cluster.pause_apiserver(API_PAUSE_S, while_paused=lambda: (
                 time.sleep(API_PAUSE_S - 2), late.append(bed.stage_position(probe, sid, 0))))
             out["moved_while_api_hung"] = late[0] is None or (before is not None and late[0] > before)
+            out["api_hung_positions"] = {"before": before, "late": late[0], "last": last}
+            if before is not None and before >= last and late[0] is not None:
+                # Every row was computed before the pause; the session's end (its last audits) may
+                # wait for the API: this trial cannot tell whether generation would have.
+                out["moved_while_api_hung"] = None
         else:
             _inject(cl, t.fault, victim)
             if t.fault == "double":
