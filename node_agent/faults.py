@@ -15,6 +15,10 @@ Fault classes (the names are used everywhere a fault is injected):
     replay          the previous token's output sent again (row i gets the honest row i-1 of the same
                     batch, row 0 the honest last row of this sequence's previous call, zeros if none).
     random          gaussian rows with the honest row's mean and standard deviation.
+    wrong-token     final stage only: honest rows, but every token it samples it gives (and signs)
+                    its row's least likely token instead, steering the answer. Not a row fault: the
+                    driver's check of each token against its row catches it, and the node's own
+                    signed window proves it (SamplingFraudProof).
 
 API:
 
@@ -33,16 +37,17 @@ import os
 
 import numpy as np
 
-FAULT_CLASSES = ("skip-layer", "cheap-quant", "noise-<scale>", "replay", "random")
+FAULT_CLASSES = ("skip-layer", "cheap-quant", "noise-<scale>", "replay", "random", "wrong-token")
 DEFAULT_NOISE_SCALES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 CHEAP_FTYPE = "Q2_K"
 _OUTPUT_FAULTS = ("noise", "replay", "random")
 _STAGE_FAULTS = ("skip-layer", "cheap-quant")
+_TOKEN_FAULTS = ("wrong-token",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    kind: str                    # skip-layer, cheap-quant, noise, replay, random
+    kind: str                    # skip-layer, cheap-quant, noise, replay, random, wrong-token
     scale: float | None = None   # noise only
 
     @property
@@ -54,12 +59,17 @@ class Fault:
         """True when the fault is a function of the honest output (no stage of its own)."""
         return self.kind in _OUTPUT_FAULTS
 
+    @property
+    def changes_rows(self) -> bool:
+        """True when the stage computes other rows than an honest one (every kind but wrong-token)."""
+        return self.kind not in _TOKEN_FAULTS
+
 
 def parse_fault(text: str | Fault) -> Fault:
     if isinstance(text, Fault):
         return text
     t = str(text).strip().lower()
-    if t in ("skip-layer", "cheap-quant", "replay", "random"):
+    if t in ("skip-layer", "cheap-quant", "replay", "random", "wrong-token"):
         return Fault(t)
     if t.startswith("noise-"):
         try:

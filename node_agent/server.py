@@ -361,6 +361,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         self.identity = identity
         self.config = config
         self.fault = faults.parse_fault(config.fault) if config.fault else None
+        # The fault its stages compute with; a token fault leaves the rows honest.
+        self.row_fault = self.fault if self.fault is not None and self.fault.changes_rows else None
         self.audit_fault = faults.parse_fault(config.audit_fault) if config.audit_fault else None
         if self.audit_fault is not None and not self.audit_fault.transforms_output:
             raise ValueError(f"audit fault {self.audit_fault.name}: only noise-<scale>, replay and random "
@@ -493,8 +495,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         if old is not None and epoch < old.epoch:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"stale epoch {epoch}: this node serves epoch {old.epoch}")
         path, info = self._stage_path(req.model_path, req.model_sha256, layers)
-        found = self.engines.is_loaded(path, self.fault)
-        engine, seq = self.engines.acquire(path, layers, info.n_layers, model_path=req.model_path, fault=self.fault)
+        found = self.engines.is_loaded(path, self.row_fault)
+        engine, seq = self.engines.acquire(path, layers, info.n_layers, model_path=req.model_path, fault=self.row_fault)
         signer = receipts.WindowSigner(self.identity.private_key, session=session, stage=stage_index,
                                        node_id=self.identity.node_id, epoch=epoch, grid=grid, window=window)
         a = Assignment(session, stage_index, epoch, layers, info.n_layers, req.model_path, engine, seq, signer, grid,
@@ -520,9 +522,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         layers = self._layers(req.first_layer, req.last_layer)
         t0 = time.perf_counter()
         path, info = self._stage_path(req.model_path, req.model_sha256, layers)
-        loaded = self.engines.prepare(path, layers, info.n_layers, model_path=req.model_path, fault=self.fault)
+        loaded = self.engines.prepare(path, layers, info.n_layers, model_path=req.model_path, fault=self.row_fault)
         # While the stage waits idle: whether a failover's replay on it may merge decode steps.
-        self.engines.check_replay_merging(path, self.fault)
+        self.engines.check_replay_merging(path, self.row_fault)
         return pb.PrepareResponse(load_ms=(time.perf_counter() - t0) * 1000 if loaded else 0.0)
 
     def Fence(self, request, context):
@@ -711,6 +713,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             out = (outs[0] if len(outs) == 1 else np.concatenate(outs)) if outs else None
             # The token is signed with its row's commitment (receipts.SampledTokens).
             token = _sample(out[-1], req.position + n, sampling) if sampling is not None else None
+            if token is not None and self.fault is not None and self.fault.kind == "wrong-token":
+                token = int(np.argmin(out[-1]))
             signed_token = None if token is None else (sampling, token)
             if token is not None:
                 a.sampling = sampling

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "signature per window and stage; the rows a dying node held uncommitted are signed "
                         "only by its replacement (through Kubernetes: the session's signing: PerWindow)")
     p.add_argument("--faulty-stage", type=int, help="the agent serving this stage cheats (with --fault)")
-    p.add_argument("--fault", help="skip-layer, cheap-quant, noise-<scale>, replay, random")
+    p.add_argument("--fault", help="skip-layer, cheap-quant, noise-<scale>, replay, random, wrong-token (the last "
+                                   "stage: it gives tokens its rows do not sample)")
     p.add_argument("--lying-verifier", choices=("N0", "N1", "N2"), metavar="NODE",
                    help="this node's audits answer other rows than its recomputation (through Kubernetes: N2): a verdict "
                         "accusing a worker is audited again on another node before it counts, so the liar is "
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--lie takes noise-<scale>, replay or random")
         if opts.faulty_stage is not None and not 0 <= opts.faulty_stage < len(standalone.PLACEMENT):
             raise ValueError(f"--faulty-stage must be 0-{len(standalone.PLACEMENT) - 1}")
+        if opts.fault and not faults.parse_fault(opts.fault).changes_rows and opts.faulty_stage != len(standalone.PLACEMENT) - 1:
+            raise ValueError(f"--fault {opts.fault} is the final stage's: --faulty-stage {len(standalone.PLACEMENT) - 1}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from consortium import standalone
+from consortium import cli, standalone
 
 MAX_TOKENS = 24
 
@@ -124,6 +124,25 @@ def test_signing_per_window_survives_a_final_stage_kill_and_catches_a_cheater():
     frauds = {a["position"] for a in r["audits"]["units"] if a["verdict"] == "Fraud"}
     assert frauds and {p["position"] for p in r["fraud_proofs"]} == frauds
     assert all(p["holds"] for p in r["fraud_proofs"])
+
+
+@pytest.mark.slow
+def test_a_final_stage_giving_tokens_its_rows_do_not_sample_is_proven_by_its_own_signature(tmp_path, capsys):
+    """N0's agent runs with --fault wrong-token: its rows are honest, the tokens it gives are its
+    rows' least likely ones, and it signs them with those rows as every final stage signs its
+    tokens. Caught at its first token, rolled back, and proven by a SamplingFraudProof."""
+    r = standalone.run(standalone.Options(max_tokens=MAX_TOKENS, kill_stage=None, faulty_stage=2,
+                                          fault="wrong-token", report_dir=str(tmp_path)))
+    assert r["exact_match"] and r["fault"]["caught"] and r["quarantined"] == ["N0"] and r["false_fraud"] == 0
+    assert r["success"] and r["fault"]["rollbacks"][0]["reason"].startswith("stage 2 at")
+    # Each lie it told before the rollback (the check runs beside the next step, so one or two).
+    proofs = r["fraud_proofs"]
+    assert 1 <= len(proofs) <= 2 and proofs[0]["position"] == r["prompt_tokens"] - 1, proofs
+    assert all(p["holds"] and p["node"] == "N0" and p["proof"]["kind"] == "SamplingFraudProof" for p in proofs)
+    # Honest rows: no audit of N0 found anything.
+    assert all(a["verdict"] in ("Passed", "PassedWithinTolerance") for a in r["audits"]["units"])
+    assert cli.main(["verify-proof", str(tmp_path / "proofs" / proofs[0]["file"])]) == 0
+    assert capsys.readouterr().out.startswith("HOLDS")
 
 
 @pytest.mark.slow
