@@ -8,6 +8,8 @@ position on computed and signed again: at a position, the Receipts with the most
 (`spec.rollbacks`) stand and the others are superseded; a Receipt superseded at every position it
 covers is reported as such, its verdict apart (a cheater's rolled-back windows keep their Fraud).
 Fraud proofs in the Receipts' status are re-checked against the proof key the session publishes.
+And the answer itself: each token the session shows is compared with the token the final stage's
+node signed for its logit row (Receipt spec.sampled), among the Receipts that verify and stand there.
 `consortium verify-receipts` prints it; the Kubernetes test case and the chaos trials judge their
 runs by it.
 """
@@ -63,6 +65,34 @@ def receipt_gaps(items: list[dict], prompt_len: int, n_tokens: int, n_stages: in
         want = set(range(last)) if stage < n_stages - 1 else set(range(prompt_len - 1, last))
         gaps[stage] = sorted(want - covered)
     return gaps
+
+
+def token_signatures(items: list[dict], tokens: list[int], prompt_len: int, final_stage: int,
+                     stands: dict[tuple[int, int], int]) -> dict:
+    """The session's tokens against the final stage's signed ones (`items`: Receipts that verify).
+    Token i comes from the logit row at position prompt_len - 1 + i. Signed: a standing Receipt signs
+    that token there; contradicted: the ones standing there sign another; unsigned: none signs one
+    (a row its node died before signing, which a backup's replay signs without sampling)."""
+    signed: dict[int, set[int]] = {}
+    for it in items:
+        spec = it["spec"]
+        if spec["stage"] != final_stage or not spec.get("sampled"):
+            continue
+        n = int(spec.get("rollbacks", 0))
+        for t in spec["sampled"]["tokens"]:
+            p = int(t["position"])
+            if p in _positions(it) and stands.get((final_stage, p), 0) <= n:
+                signed.setdefault(p, set()).add(int(t["token"]))
+    out = {"signed": 0, "unsigned": [], "contradicted": []}
+    for i, shown in enumerate(tokens):
+        there = signed.get(prompt_len - 1 + i)
+        if not there:
+            out["unsigned"].append(i)
+        elif there == {int(shown)}:
+            out["signed"] += 1
+        else:
+            out["contradicted"].append({"token": i, "shown": int(shown), "signed": sorted(there)})
+    return out
 
 
 def signature_problems(item: dict, session_name: str, session_uid: str, nodes: dict[str, dict]) -> list[str]:
@@ -178,13 +208,17 @@ def check(session: dict, receipts: list[dict], nodes: list[dict]) -> dict:
                           "epochs": sorted({int(it["spec"]["epoch"]) for it in mine}),
                           "positions": _spans(covered), "gaps": len(gaps[s]), "verdicts": verdicts})
     complete = not any(gaps.values())
+    answer = token_signatures(verified, [int(t) for t in st.get("tokens") or []], prompt_len, stages - 1, stands)
     return {"session": md["name"], "namespace": md.get("namespace"), "uid": md["uid"], "phase": st.get("phase"),
             "prompt_tokens": prompt_len, "tokens": n_tokens, "stages": stages,
             "receipts": len(owned), "not_owned": len(receipts) - len(owned), "verified": len(verified),
             "failed": failed, "complete": complete,
             "gaps": {s: g[:GAPS_SHOWN] for s, g in gaps.items() if g},
             "per_stage": per_stage, "fraud_proofs": proofs, "fraud_proofs_failed": proofs_failed,
-            "ok": bool(owned) and not failed and not proofs_failed and (complete or not final)}
+            "tokens_signed": answer["signed"], "tokens_unsigned": answer["unsigned"][:GAPS_SHOWN],
+            "tokens_unsigned_count": len(answer["unsigned"]), "tokens_contradicted": answer["contradicted"][:GAPS_SHOWN],
+            "ok": bool(owned) and not failed and not proofs_failed and not answer["contradicted"]
+                  and (complete or not final)}
 
 
 def lines(res: dict) -> list[str]:
@@ -206,6 +240,16 @@ def lines(res: dict) -> list[str]:
         out.append(f"NOT COVERED: stage {s} positions {', '.join(map(str, g))}" + (f" and {more} more" if more > 0 else ""))
     for f in res["fraud_proofs_failed"]:
         out.append(f"PROOF: {f['receipt']}: {f['reason']}")
+    for c in res.get("tokens_contradicted") or []:
+        out.append(f"TOKEN {c['token']}: the session shows {c['shown']}, the final stage signed "
+                   f"{', '.join(map(str, c['signed']))} for its row")
+    if res.get("tokens"):
+        unsigned = res.get("tokens_unsigned_count", 0)
+        out.append(f"tokens the final stage's node signed as sampled from its committed rows: "
+                   f"{res.get('tokens_signed', 0)} of {res['tokens']}" + (
+                       f" (unsigned: {', '.join(map(str, res['tokens_unsigned']))}"
+                       + (f" and {unsigned - len(res['tokens_unsigned'])} more" if unsigned > len(res['tokens_unsigned']) else "")
+                       + "; rows a backup replayed, or sampled by the driver)" if unsigned else ""))
     if res["not_owned"]:
         out.append(f"({res['not_owned']} receipts labeled with this session belong to a deleted namesake: not counted)")
     if res["fraud_proofs"]:

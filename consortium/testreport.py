@@ -62,6 +62,12 @@ def criteria(r: dict) -> list[tuple[str, bool | None, str]]:
                     + ("every position covered" if chk["complete"] else f"not covered: {chk['gaps']}")
                     + (f"; {n_proofs - len(chk['fraud_proofs_failed'])} of {n_proofs} fraud proofs hold"
                        if n_proofs else "")))
+        if chk.get("tokens_signed") is not None:
+            n = len(r["distributed"]["tokens"])
+            out.append(("the answer is what the final stage signed: no token shown contradicts its signed one",
+                        not chk["tokens_contradicted"],
+                        f"{chk['tokens_signed']} of {n} tokens signed, {chk['tokens_unsigned_count']} unsigned "
+                        f"(rows a backup replayed), {len(chk['tokens_contradicted'])} contradicted"))
     elif isinstance(rec, dict):
         out.append(("signed receipts: each verifies under its node's key", rec["count"] > 0
                     and rec["verified"] == rec["count"], f"{rec['verified']} of {rec['count']} verify (driver's check)"))

@@ -20,7 +20,7 @@ SAMPLING = SamplingParams(temperature=0.7, top_p=0.9, seed=5)   # the final stag
 
 def session(phase="Completed", prompt=PROMPT, tokens=TOKENS):
     return {"metadata": {"name": "sky", "namespace": "ns", "uid": UID},
-            "status": {"phase": phase, "tokens": list(range(tokens)),
+            "status": {"phase": phase, "tokens": [100 + prompt - 1 + i for i in range(tokens)],
                        "report": {"driverState": {"prompt_tokens": list(range(prompt)), "nodes": ["a", "b"]}}}}
 
 
@@ -36,7 +36,7 @@ def windows(key, node_id, stage, positions, version=0, session_id=r.session_id("
     for p in positions:
         signer.add(p, hashlib.sha256(b"in%d" % p).digest(),
                    hashlib.sha256(b"out%d.%d.%d" % (stage, p, version)).digest(),
-                   (SAMPLING, 100 + p) if stage == 1 else None)
+                   (SAMPLING, 100 + p) if stage == 1 else None)   # token i is 100 + its row's position
         if (p + 1) % WINDOW == 0 or p == positions[-1]:
             out.append(signer.receipt())
     return out
@@ -112,6 +112,24 @@ def test_the_final_stages_signed_tokens_are_part_of_its_receipt(run):
         tamper(bad[2]["spec"]["sampled"])
         res = receipt_check.check(session(), bad, nodes)
         assert not res["ok"] and "signature does not verify" in res["failed"][0]["reasons"][0], res
+
+
+def test_the_tokens_shown_are_checked_against_those_the_final_stage_signed(run):
+    items, nodes, _ = run
+    res = receipt_check.check(session(), items, nodes)
+    assert res["tokens_signed"] == TOKENS and res["tokens_unsigned"] == [] and res["tokens_contradicted"] == []
+    assert f"signed as sampled from its committed rows: {TOKENS} of {TOKENS}" in "\n".join(receipt_check.lines(res))
+    # A session whose status shows another token than the one signed for its row.
+    shown = session()
+    shown["status"]["tokens"][2] = 7
+    res = receipt_check.check(shown, items, nodes)
+    assert not res["ok"] and res["tokens_contradicted"] == [{"token": 2, "shown": 7, "signed": [106]}], res
+    assert "TOKEN 2: the session shows 7, the final stage signed 106" in "\n".join(receipt_check.lines(res))
+    # A row signed without its token (a backup's replay) leaves that token unsigned, not contradicted.
+    bare = copy.deepcopy(items)
+    bare[2]["spec"]["sampled"]["tokens"].pop(0)
+    res = receipt_check.token_signatures(bare, session()["status"]["tokens"], PROMPT, 1, receipt_check.standing(bare))
+    assert res == {"signed": TOKENS - 1, "unsigned": [0], "contradicted": []}
 
 
 def test_a_node_that_publishes_another_key_or_none(run):
