@@ -179,7 +179,7 @@ def run(opts: Options) -> dict:
     # The coordinator's own key signs the fraud proofs (consortium.driver.proofs says what they claim).
     coordinator = NodeIdentity.load_or_create(workdir / "keys" / "coordinator.pem", "coordinator")
     driver = None
-    failed = True
+    failed, closed = True, False
     try:
         state = SessionState(session="sky-is-blue", prompt_tokens=prompt_ids, nodes=list(PLACEMENT),
                              epochs=[1, 1, 1], audit_probability=opts.audit_probability, audit_seed=opts.audit_seed)
@@ -209,12 +209,16 @@ def run(opts: Options) -> dict:
         dist = generation.generate(driver, prompt_ids, max_tokens, detokenize=tok.decode)
         wall_s = time.perf_counter() - t0
         counters = driver.counters()
+        # Closed before the report: its last windows (still open at the end) are flushed as receipts
+        # then, and proofs waiting for them made.
+        driver.close()
+        closed = True
         rpc = driver.rpc.summary()
         report = _report(opts, model, info, split, prompt_ids, base, rec.margins, dist, wall_s, driver, health,
                          killed, kill_node, faulty_node, counters, rpc, format_split(split), ll, judgement)
         failed = False
     finally:
-        if driver is not None:
+        if driver is not None and not closed:
             driver.close()
         agents.close()
         tok.close()
@@ -378,7 +382,8 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         "counters": per_stage,
         "receipts": {"count": len(driver.receipts), "verified": sum(r["verified"] for r in driver.receipts),
                      "short_windows": sum(r["count"] < 16 for r in driver.receipts),
-                     "bytes_json": sum(r["bytes"] for r in driver.receipts)},
+                     "bytes_json": sum(r["bytes"] for r in driver.receipts),
+                     "tokens": signed_tokens(driver.receipts, dist.tokens, len(prompt_ids), len(split) - 1)},
         "rpc": rpc,
         "state": st.to_json(),
     }
@@ -386,8 +391,19 @@ def _report(opts, model, info, split, prompt_ids, base, margins, dist, wall_s, d
         (exact or opts.heterogeneous) and false_fraud == 0 and session_restarts == 0 and len(dist.tokens) > 0
         and honest_verdicts_ok and (failover["completed"] or not kill_node)
         and (fault_caught is not False) and (liar is None or liar["caught"] or not liar["accusations"])
-        and all(r["verified"] for r in driver.receipts))
+        and all(r["verified"] for r in driver.receipts) and not report["receipts"]["tokens"]["contradicted"])
     return report
+
+
+def signed_tokens(entries: list[dict], tokens: list[int], prompt_len: int, final_stage: int) -> dict:
+    """receipt_check.token_signatures over the driver's receipts: the answer against the tokens the
+    final stage signed (signed, unsigned token indices, contradicted)."""
+    from consortium import receipt_check
+
+    items = [{"spec": {"stage": e["stage"], "window": {"start": e["start"], "count": e["count"]},
+                       "rollbacks": e["rollbacks"], "sampled": e["receipt"].get("sampled")}}
+             for e in entries if e["verified"]]
+    return receipt_check.token_signatures(items, tokens, prompt_len, final_stage, receipt_check.standing(items))
 
 
 def liar_figures(node: str, lie: str, state: dict) -> dict:

@@ -62,15 +62,21 @@ def criteria(r: dict) -> list[tuple[str, bool | None, str]]:
                     + ("every position covered" if chk["complete"] else f"not covered: {chk['gaps']}")
                     + (f"; {n_proofs - len(chk['fraud_proofs_failed'])} of {n_proofs} fraud proofs hold"
                        if n_proofs else "")))
-        if chk.get("tokens_signed") is not None:
-            n = len(r["distributed"]["tokens"])
-            out.append(("the answer is what the final stage signed: no token shown contradicts its signed one",
-                        not chk["tokens_contradicted"],
-                        f"{chk['tokens_signed']} of {n} tokens signed, {chk['tokens_unsigned_count']} unsigned "
-                        f"(rows a backup replayed), {len(chk['tokens_contradicted'])} contradicted"))
     elif isinstance(rec, dict):
         out.append(("signed receipts: each verifies under its node's key", rec["count"] > 0
                     and rec["verified"] == rec["count"], f"{rec['verified']} of {rec['count']} verify (driver's check)"))
+    if chk is not None and chk.get("tokens_signed") is not None:
+        answer = {"signed": chk["tokens_signed"], "unsigned": chk["tokens_unsigned_count"],
+                  "contradicted": len(chk["tokens_contradicted"])}
+    elif isinstance(rec, dict) and rec.get("tokens"):
+        answer = {k: v if isinstance(v, int) else len(v) for k, v in rec["tokens"].items()}
+    else:
+        answer = None
+    if answer is not None:
+        out.append(("the answer is what the final stage signed: no token shown contradicts its signed one",
+                    answer["contradicted"] == 0,
+                    f"{answer['signed']} of {len(r['distributed']['tokens'])} tokens signed, {answer['unsigned']} "
+                    f"unsigned (rows a backup replayed), {answer['contradicted']} contradicted"))
     if fault_node and "faulty-worker" not in (r.get("extensions") or {}):
         fr = r["fault"]
         out.append(("the faulty worker is caught and quarantined", bool(fr.get("caught")),

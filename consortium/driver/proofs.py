@@ -79,7 +79,7 @@ class SamplingUnit:
     commitment: bytes
     worker_row: np.ndarray       # the logit row the worker sent
     token: int                   # the token it answered
-    auditor: None = None         # nobody recomputed anything: the row is the worker's own
+    auditor: str | None = None   # none: nobody recomputed anything, the row is the worker's own
 
     def to_json(self) -> dict:
         return {"kind": "sampling", "stage": self.stage, "position": self.position, "node": self.node,

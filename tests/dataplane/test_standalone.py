@@ -139,6 +139,8 @@ def test_a_final_stage_giving_tokens_its_rows_do_not_sample_is_proven_by_its_own
     proofs = r["fraud_proofs"]
     assert 1 <= len(proofs) <= 2 and proofs[0]["position"] == r["prompt_tokens"] - 1, proofs
     assert all(p["holds"] and p["node"] == "N0" and p["proof"]["kind"] == "SamplingFraudProof" for p in proofs)
+    # Its lies were rolled back: every token shown is one its backup signed for its row.
+    assert r["receipts"]["tokens"] == {"signed": MAX_TOKENS, "unsigned": [], "contradicted": []}
     # Honest rows: no audit of N0 found anything.
     assert all(a["verdict"] in ("Passed", "PassedWithinTolerance") for a in r["audits"]["units"])
     assert cli.main(["verify-proof", str(tmp_path / "proofs" / proofs[0]["file"])]) == 0
