@@ -165,7 +165,6 @@ def assert_receipts_cover(driver, last: int) -> None:
         assert want <= covered, (s, sorted(want - covered))
 
 
-
 @pytest.mark.parametrize("params", [SamplingParams(), SAMPLING], ids=["greedy", "seeded"])
 def test_a_final_node_that_signs_a_token_its_row_cannot_sample_is_proven(tmp_path, model_path, monkeypatch, params):
     """The cheater samples its least likely token and signs it with the row's commitment, as its own
