@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
@@ -82,8 +82,22 @@ def sign_reveal(private_key: signing.Ed25519PrivateKey, statement: WindowStateme
     return signing.sign(private_key, reveal_message(statement, position, revealed))
 
 
+class _Signed:
+    """What both kinds of proof share: the publisher's signature over everything else (body())."""
+    domain: ClassVar[str]
+
+    def signed_bytes(self) -> bytes:
+        return signing.encode_fields(self.domain, canonical_json(self.body()))
+
+    def to_json(self) -> dict:
+        return {**self.body(), "verifierSignature": _b64(self.verifier_signature)}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+
 @dataclass(frozen=True, eq=False)
-class FraudProof:
+class FraudProof(_Signed):
     session: str
     stage: int
     position: int
@@ -103,6 +117,7 @@ class FraudProof:
     verifier_id: str
     verifier_public_key: bytes
     verifier_signature: bytes = b""
+    domain: ClassVar[str] = PROOF_DOMAIN
 
     def body(self) -> dict:
         """Everything but the verifier's signature, as JSON."""
@@ -121,15 +136,6 @@ class FraudProof:
             "reasons": list(self.reasons), "tolerance": self.tolerance.to_json(),
             "verifierId": self.verifier_id, "verifierPublicKey": _b64(self.verifier_public_key),
         }
-
-    def signed_bytes(self) -> bytes:
-        return signing.encode_fields(PROOF_DOMAIN, canonical_json(self.body()))
-
-    def to_json(self) -> dict:
-        return {**self.body(), "verifierSignature": _b64(self.verifier_signature)}
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=1)
 
     @classmethod
     def from_json(cls, o: dict) -> "FraudProof":
@@ -153,7 +159,7 @@ class FraudProof:
 
 
 @dataclass(frozen=True, eq=False)
-class SamplingFraudProof:
+class SamplingFraudProof(_Signed):
     """A final stage's signed token that its own committed logit row cannot sample."""
     session: str
     stage: int
@@ -168,6 +174,7 @@ class SamplingFraudProof:
     verifier_id: str
     verifier_public_key: bytes
     verifier_signature: bytes = b""
+    domain: ClassVar[str] = SAMPLING_PROOF_DOMAIN
 
     def body(self) -> dict:
         return {"kind": "SamplingFraudProof", "version": 1, "session": self.session, "stage": self.stage,
@@ -177,15 +184,6 @@ class SamplingFraudProof:
                 "inclusion": self.inclusion.to_json(), "revealed": _array_out(self.revealed, "int32"),
                 "reasons": list(self.reasons), "verifierId": self.verifier_id,
                 "verifierPublicKey": _b64(self.verifier_public_key)}
-
-    def signed_bytes(self) -> bytes:
-        return signing.encode_fields(SAMPLING_PROOF_DOMAIN, canonical_json(self.body()))
-
-    def to_json(self) -> dict:
-        return {**self.body(), "verifierSignature": _b64(self.verifier_signature)}
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=1)
 
     @classmethod
     def from_json(cls, o: dict) -> "SamplingFraudProof":
@@ -219,6 +217,18 @@ def _unsampleable(st: WindowStatement, position: int, revealed: np.ndarray) -> t
     return token, cannot_sample(lo, hi, token, position + 1, params)
 
 
+def _signed_index(receipt: Receipt, position: int, worker_public_key: signing.PublicKeyLike) -> int:
+    """The position's index in a receipt that verifies under the worker's key; ValueError otherwise
+    (a bad signature proves nothing to a third party: anyone can make one)."""
+    st = receipt.statement
+    if position not in st.positions:
+        raise ValueError(f"position {position} is not in the receipt's window {st.positions}")
+    ok, why = receipts.verify_receipt(receipt, worker_public_key)
+    if not ok:
+        raise ValueError("the receipt does not verify, so it proves nothing about the worker: " + "; ".join(why))
+    return position - st.window_start
+
+
 def make_sampling_proof(receipt: Receipt, position: int, worker_public_key: signing.PublicKeyLike,
                         revealed: np.ndarray, verifier_key: signing.Ed25519PrivateKey,
                         verifier_id: str | None = None) -> SamplingFraudProof:
@@ -227,12 +237,7 @@ def make_sampling_proof(receipt: Receipt, position: int, worker_public_key: sign
     proven: the receipt does not verify, signs no token there, the reveal is not the committed row,
     or some row with that canonical form might sample the token."""
     st = receipt.statement
-    if position not in st.positions:
-        raise ValueError(f"position {position} is not in the receipt's window {st.positions}")
-    ok, why = receipts.verify_receipt(receipt, worker_public_key)
-    if not ok:
-        raise ValueError("the receipt does not verify, so it proves nothing about the worker: " + "; ".join(why))
-    i = position - st.window_start
+    i = _signed_index(receipt, position, worker_public_key)
     k = np.asarray(revealed).astype(np.int32).reshape(-1)
     if canonical.commit_canonical(k[None, :], st.grid)[0] != receipt.commitments[i]:
         raise ValueError("the revealed row does not hash to the signed commitment")
@@ -242,8 +247,8 @@ def make_sampling_proof(receipt: Receipt, position: int, worker_public_key: sign
     if reason is None:
         raise ValueError(f"token {token} might come from a row with this canonical form: nothing to prove")
     proof = SamplingFraudProof(
-        session=st.session, stage=st.stage, statement=st, worker_signature=receipt.signature, worker_public_key=signing.public_key_bytes(worker_public_key),
-        position=position, commitment=receipt.commitments[i], inclusion=merkle.inclusion_proof(receipt.commitments, i),
+        session=st.session, stage=st.stage, statement=st, worker_signature=receipt.signature,
+        worker_public_key=signing.public_key_bytes(worker_public_key), position=position, commitment=receipt.commitments[i], inclusion=merkle.inclusion_proof(receipt.commitments, i),
         revealed=k, reasons=(f"signed token {token} at position {position + 1}; {reason}",),
         verifier_id=verifier_id or signing.node_id_for(verifier_key),
         verifier_public_key=signing.public_key_bytes(verifier_key))
@@ -260,12 +265,7 @@ def make_fraud_proof(receipt: Receipt, position: int, window_input_digests: Sequ
     signature, which proves nothing to a third party: anyone can make a bad signature).
     """
     st = receipt.statement
-    if position not in st.positions:
-        raise ValueError(f"position {position} is not in the receipt's window {st.positions}")
-    ok, why = receipts.verify_receipt(receipt, worker_public_key)
-    if not ok:
-        raise ValueError("the receipt does not verify, so it proves nothing about the worker: " + "; ".join(why))
-    i = position - st.window_start
+    i = _signed_index(receipt, position, worker_public_key)
     row = np.asarray(recomputed, dtype=np.float32)
     result = verdicts.judge_unit(receipt.commitments[i], row, grid=st.grid, tolerance=tolerance, revealed=revealed)
     if result.verdict is not Verdict.FRAUD:
@@ -298,16 +298,8 @@ def check_proof(proof: "FraudProof | SamplingFraudProof",
 
     if isinstance(proof, SamplingFraudProof):
         return _check_sampling_proof(proof, verifier_key, need, ok, fail)
-    _check_signatures(proof, verifier_key, need)
-    need(proof.session == st.session and proof.stage == st.stage, "session and stage match the statement",
-         f"proof names {proof.session!r} stage {proof.stage}, the statement {st.session!r} stage {st.stage}")
-    if need(proof.position in st.positions, f"position {proof.position} lies in the signed window",
-            f"position {proof.position} is outside the signed window {st.window_start}..{st.window_start + st.count - 1}"):
-        i = proof.position - st.window_start
-        need(proof.inclusion.index == i and proof.inclusion.size == st.count
-             and merkle.verify_inclusion(proof.commitment, proof.inclusion, st.merkle_root),
-             "the audited commitment is in the signed Merkle root",
-             "the audited commitment's inclusion proof does not lead to the signed root at this position")
+    i = _check_worker_words(proof, verifier_key, need, "the audited commitment")
+    if i is not None:
         ins = proof.window_input_digests
         need(len(ins) == st.count and len(set(map(len, ins)) | {32}) == 1
              and receipts.input_chain(ins) == st.input_digest and ins[i] == proof.input_digest,
@@ -349,8 +341,10 @@ def check_proof(proof: "FraudProof | SamplingFraudProof",
     return True, ok + notes
 
 
-def _check_signatures(proof, verifier_key, need) -> None:
-    """The parts both kinds share: the verifier's key and signature, the worker's statement signature."""
+def _check_worker_words(proof, verifier_key, need, commitment: str) -> int | None:
+    """The parts both kinds share: the verifier's key and signature, the worker's statement
+    signature, session and stage, the position in the window and its commitment's inclusion.
+    Returns the position's index in the window, or None when it lies outside."""
     st = proof.statement
     if verifier_key is not None:
         expected = signing.public_key_bytes(verifier_key)
@@ -363,20 +357,23 @@ def _check_signatures(proof, verifier_key, need) -> None:
     need(signing.verify_signature(proof.worker_public_key, st.encode(), proof.worker_signature),
          f"worker {st.node_id!r} signed the window statement",
          "the worker's signature over the window statement does not verify")
+    need(proof.session == st.session and proof.stage == st.stage, "session and stage match the statement",
+         f"proof names {proof.session!r} stage {proof.stage}, the statement {st.session!r} stage {st.stage}")
+    if not need(proof.position in st.positions, f"position {proof.position} lies in the signed window",
+                f"position {proof.position} is outside the signed window "
+                f"{st.window_start}..{st.window_start + st.count - 1}"):
+        return None
+    i = proof.position - st.window_start
+    need(proof.inclusion.index == i and proof.inclusion.size == st.count
+         and merkle.verify_inclusion(proof.commitment, proof.inclusion, st.merkle_root),
+         f"{commitment} is in the signed Merkle root",
+         f"{commitment}'s inclusion proof does not lead to the signed root at this position")
+    return i
 
 
 def _check_sampling_proof(proof: SamplingFraudProof, verifier_key, need, ok: list, fail: list) -> tuple[bool, list[str]]:
     st = proof.statement
-    _check_signatures(proof, verifier_key, need)
-    need(proof.session == st.session and proof.stage == st.stage, "session and stage match the statement",
-         f"proof names {proof.session!r} stage {proof.stage}, the statement {st.session!r} stage {st.stage}")
-    if need(proof.position in st.positions, f"position {proof.position} lies in the signed window",
-            f"position {proof.position} is outside the signed window {st.window_start}..{st.window_start + st.count - 1}"):
-        i = proof.position - st.window_start
-        need(proof.inclusion.index == i and proof.inclusion.size == st.count
-             and merkle.verify_inclusion(proof.commitment, proof.inclusion, st.merkle_root),
-             "the logit row's commitment is in the signed Merkle root",
-             "the commitment's inclusion proof does not lead to the signed root at this position")
+    _check_worker_words(proof, verifier_key, need, "the logit row's commitment")
     try:
         hashes = canonical.commit_canonical(proof.revealed.reshape(1, -1), st.grid)[0] == proof.commitment
     except canonical.NonCanonicalTensor as e:

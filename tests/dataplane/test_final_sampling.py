@@ -119,6 +119,24 @@ def cheat_at(service, position: int, how: str) -> list[int]:
     return done
 
 
+def generate_on(model_path, servers: dict, endpoints: dict, session: str, sampling: SamplingParams):
+    """A session on nodes A, B, C (stages 0-2), D the first backup, without audits; every server
+    stopped at the end. Returns (driver, result)."""
+    state = SessionState(session=session, prompt_tokens=PROMPT, nodes=["A", "B", "C"], epochs=[1, 1, 1],
+                         audit_probability=0.0)
+    driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
+                           endpoints=endpoints, state=state, policy=LocalPolicy(["D", "A", "B", "C"]),
+                           rpc_timeout_s=10.0, warm_backups=False)
+    try:
+        driver.start()
+        res = generation.generate(driver, PROMPT, MAX_TOKENS, sampling=sampling)
+    finally:
+        driver.close()
+        for srv in servers.values():
+            srv.stop(None)
+    return driver, res
+
+
 @pytest.mark.parametrize("how", ["token", "row"])
 def test_a_final_node_that_lies_about_its_token_or_keeps_its_row_is_rolled_back(tmp_path, model_path, how):
     with LocalPipeline(model_path, None, StageConfig(threads=1)) as pipe:
@@ -126,18 +144,8 @@ def test_a_final_node_that_lies_about_its_token_or_keeps_its_row_is_rolled_back(
     servers, services, endpoints = start(tmp_path, ("A", "B", "C", "D"))
     at = len(PROMPT) + 3   # the fourth generated token
     cheated = cheat_at(services["C"], at, how)
-    state = SessionState(session=f"final-{how}", prompt_tokens=PROMPT, nodes=["A", "B", "C"], epochs=[1, 1, 1],
-                         audit_probability=0.0)
-    driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
-                           endpoints=endpoints, state=state, policy=LocalPolicy(["D", "A", "B", "C"]),
-                           rpc_timeout_s=10.0, warm_backups=False)
-    try:
-        driver.start()
-        res = generation.generate(driver, PROMPT, MAX_TOKENS, sampling=SAMPLING)
-    finally:
-        driver.close()
-        for srv in servers.values():
-            srv.stop(None)
+    driver, res = generate_on(model_path, servers, endpoints, f"final-{how}", SAMPLING)
+    state = driver.state
     assert cheated == [at]
     assert res.tokens == want and res.rewinds == 1
     rows = [r for r in driver.rpc.records if r.method == "ForwardRow"]
@@ -182,19 +190,8 @@ def test_a_final_node_that_signs_a_token_its_row_cannot_sample_is_proven(tmp_pat
         return honest(logits, position, sampling)
     monkeypatch.setattr(server, "_sample", lying_sample)
     servers, _, endpoints = start(tmp_path, ("A", "B", "C", "D"))
-    state = SessionState(session="final-signed-lie", prompt_tokens=PROMPT, nodes=["A", "B", "C"], epochs=[1, 1, 1],
-                         audit_probability=0.0)
-    driver = SessionDriver(session=state.session, model_path=model_path, split=SPLIT, n_layers=30,
-                           endpoints=endpoints, state=state, policy=LocalPolicy(["D", "A", "B", "C"]),
-                           rpc_timeout_s=10.0, warm_backups=False)
-    try:
-        driver.start()
-        res = generation.generate(driver, PROMPT, MAX_TOKENS, sampling=params)
-    finally:
-        driver.close()
-        for srv in servers.values():
-            srv.stop(None)
-    assert len(cheated) == 1 and res.tokens == want and state.quarantined == ["C"]
+    driver, res = generate_on(model_path, servers, endpoints, "final-signed-lie", params)
+    assert len(cheated) == 1 and res.tokens == want and driver.state.quarantined == ["C"]
     [entry] = driver.proofs.report()
     assert (entry["node"], entry["stage"], entry["position"], entry["holds"]) == ("C", 2, at - 1, True), entry
     proof = proofs.proof_from_json(entry["proof"])
