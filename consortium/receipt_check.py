@@ -67,6 +67,23 @@ def receipt_gaps(items: list[dict], prompt_len: int, n_tokens: int, n_stages: in
     return gaps
 
 
+def backed_tokens(items: list[dict], prompt_len: int, n_tokens: int, n_stages: int, at: int | None = None,
+                  why: str | None = None) -> tuple[int, str | None]:
+    """How many of a failed session's n_tokens its record keeps: those every stage's standing
+    Receipts (`items`) back, before `at` (where a rollback or rewind still pending would have
+    computed the session again, for `why`). Returns (tokens kept, why fewer, or None)."""
+    gaps = receipt_gaps(items, prompt_len, n_tokens, n_stages, standing(items))
+    unsigned = min((g[0] for g in gaps.values() if g), default=None)
+    if unsigned is not None and (at is None or unsigned < at):
+        # A node died before its rows' commitments came, with no backup left to replay and sign them.
+        at, why = unsigned, (f"no Receipt covers position {unsigned} on every stage: a node died before its "
+                             f"commitments came, and no backup was left to sign the rows again")
+    if at is None:
+        return n_tokens, None
+    keep = min(n_tokens, max(0, at - prompt_len + 1))
+    return keep, (why if keep < n_tokens else None)
+
+
 def token_signatures(items: list[dict], tokens: list[int], prompt_len: int, final_stage: int,
                      stands: dict[tuple[int, int], int]) -> dict:
     """The session's tokens against the final stage's signed ones (`items`: Receipts that verify).

@@ -53,6 +53,7 @@ class Options:
     sign_per_window: bool = False   # deferred commitments committed and signed once per receipt window
     lying_verifier: str | None = None   # this node's audits lie (node-agent --audit-fault `lie`)
     lie: str = "random"   # random rows: Fraud verdicts; noise-0.1: Mismatch verdicts
+    backups: tuple[str, ...] | None = None   # the nodes that may take a stage over (None: any)
 
 
 class Agents:
@@ -146,7 +147,7 @@ class _Recording:
 def run(opts: Options) -> dict:
     import consortium.cache
     from consortium import generation
-    from consortium.driver.policy import LocalPolicy
+    from consortium.driver.policy import LocalPolicy, NoCandidate
     from consortium.driver.session import SessionDriver
     from consortium.driver.state import SessionState
     from consortium.layers import even_split, format_split
@@ -184,7 +185,7 @@ def run(opts: Options) -> dict:
         state = SessionState(session="sky-is-blue", prompt_tokens=prompt_ids, nodes=list(PLACEMENT),
                              epochs=[1, 1, 1], audit_probability=opts.audit_probability, audit_seed=opts.audit_seed)
         driver = SessionDriver(session=state.session, model_path=str(model), split=split, n_layers=info.n_layers,
-                               model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"]),
+                               model_sha256=sha256_file(model, consortium.cache.cache_dir()), endpoints=agents.endpoints, state=state, policy=LocalPolicy(["N0", "N1", "N2"], opts.backups),
                                rpc_timeout_s=opts.rpc_timeout_s, tls=agents.driver_tls,
                                registered_keys=agents.public_keys, defer_commitments=opts.defer_commitments,
                                sign_per_window=opts.sign_per_window,
@@ -206,16 +207,27 @@ def run(opts: Options) -> dict:
 
         driver.on_stage = on_stage
         t0 = time.perf_counter()
-        dist = generation.generate(driver, prompt_ids, max_tokens, detokenize=tok.decode)
+        shown: list[int] = []
+        try:
+            dist = generation.generate(driver, prompt_ids, max_tokens, detokenize=tok.decode,
+                                       on_token=lambda ts: shown.__setitem__(slice(None), ts))
+            failure = None
+        except NoCandidate as e:   # a stage lost with no node left: the run keeps its record, as through Kubernetes
+            dist, failure = None, {"reason": "StageLost", "message": str(e)}
         wall_s = time.perf_counter() - t0
         counters = driver.counters()
         # Closed before the report: its last windows (still open at the end) are flushed as receipts
         # then, and proofs waiting for them made.
         driver.close()
         closed = True
+        if failure is not None:
+            dist, failure["message"] = _kept(driver, prompt_ids, shown, tok, failure["message"])
         rpc = driver.rpc.summary()
         report = _report(opts, model, info, split, prompt_ids, base, rec.margins, dist, wall_s, driver, health,
                          killed, kill_node, faulty_node, counters, rpc, format_split(split), ll, judgement)
+        report["failure"] = failure
+        report["phase"] = "Failed" if failure else "Completed"
+        report["success"] = report["success"] and failure is None
         failed = False
     finally:
         if driver is not None and not closed:
@@ -227,6 +239,23 @@ def run(opts: Options) -> dict:
     report["agent_logs"] = agent_logs
     write(report, opts.json_out, opts.report_dir)
     return report
+
+
+def _kept(driver, prompt_ids: list[int], shown: list[int], tok, message: str):
+    """What a run that could not go on keeps (as the operator keeps of a Failed session): the tokens
+    shown that every stage's verified receipts back and no rollback still pending puts in doubt, as
+    a GenerationResult without timings, and the failure's message saying what was dropped."""
+    from consortium import receipt_check
+    from consortium.generation import GenerationResult
+
+    at, why = driver.abandon()
+    items = [{"spec": {"stage": e["stage"], "window": {"start": e["start"], "count": e["count"]},
+                       "rollbacks": e["rollbacks"]}} for e in driver.receipts if e["verified"]]
+    keep, why = receipt_check.backed_tokens(items, len(prompt_ids), len(shown), len(driver.state.nodes), at, why)
+    if keep < len(shown):
+        message += f"; {keep} of the {len(shown)} tokens generated are kept ({why})"
+    tokens = list(shown[:keep])
+    return GenerationResult(list(prompt_ids), tokens, tok.decode(tokens), 0.0, [], [], "failed"), message
 
 
 def settle_workdir(workdir: Path, logs_dir: str | None, keep: bool) -> str | None:

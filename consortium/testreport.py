@@ -16,7 +16,8 @@ def criteria(r: dict) -> list[tuple[str, bool | None, str]]:
     out = []
     phase = r.get("phase", "Completed" if tokens else None)
     out.append(("1. inference completes end to end", phase == "Completed" and len(tokens) > 0,
-                f"{len(tokens)} of {r['max_tokens']} tokens, phase {phase}"))
+                f"{len(tokens)} of {r['max_tokens']} tokens, phase {phase}"
+                + (f" ({r['failure']['reason']}: {r['failure']['message']})" if r.get("failure") else "")))
     agree = sum(x == y for x, y in zip(r["baseline"]["tokens"], tokens))
     if r["exact_match"]:
         out.append(("2. output correct: every token equals the single-node baseline", True,

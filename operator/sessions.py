@@ -427,21 +427,12 @@ class SessionRun:
         at, why = driver.abandon()
         try:
             publish(final=True)
-            # The first position some stage has no standing Receipt for: a node that died before its
-            # rows' commitments came, with no backup left to replay and sign them.
             items = [{"spec": {"stage": w["stage"], "window": {"start": w["start"], "count": w["count"]},
                                "rollbacks": w.get("rollbacks", 0)}} for w in writer.index.values()]
-            gaps = receipt_check.receipt_gaps(items, n_prompt, len(tokens), len(driver.state.nodes),
-                                              receipt_check.standing(items))
-            unsigned = min((g[0] for g in gaps.values() if g), default=None)
-            if unsigned is not None and (at is None or unsigned < at):
-                at, why = unsigned, (f"no Receipt covers position {unsigned} on every stage: a node died before "
-                                     f"its commitments came, and no backup was left to sign the rows again")
-            if at is not None:
-                keep = max(0, at - n_prompt + 1)
-                if keep < len(tokens):
-                    message += f"; {keep} of the {len(tokens)} tokens generated are kept ({why})"
-                    tokens = tokens[:keep]
+            keep, why = receipt_check.backed_tokens(items, n_prompt, len(tokens), len(driver.state.nodes), at, why)
+            if keep < len(tokens):
+                message += f"; {keep} of the {len(tokens)} tokens generated are kept ({why})"
+                tokens = tokens[:keep]
             save(tokens)
             self.patch_status(metrics=self._metrics(driver.state, emitted, writer, driver.steps),
                               report={"stopped": "failed", "rpc": driver.rpc.summary(),

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extension", action="append", default=[], metavar="NAME",
                    help="an extension test of the seed (repeatable): audit-50, batch, faulty-worker, grid-sweep "
                         "(docs/testcase-extensions.md)")
+    p.add_argument("--backups", metavar="NODES",
+                   help="--standalone: the nodes that may take a stage over, comma-separated (default any of N0, "
+                        "N1, N2); with none left for a lost stage the run ends Failed and keeps its record")
     p.add_argument("--json", metavar="OUT", help="write the report JSON here ('-' for stdout)")
     p.add_argument("--report", metavar="DIR", help="write report.json, summary.md and latency.png here")
 
@@ -81,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
                               sign_per_window=args.sign_per_window, audit_from_state=args.audit_from_state,
                               state_window=args.state_window, lying_verifier=args.lying_verifier, lie=args.lie,
                               logs_dir=str(Path(args.report) / "agents") if args.report else None,
+                              backups=tuple(n.strip().upper() for n in args.backups.split(",") if n.strip())
+                              if args.backups is not None else None,
                               **({} if args.rpc_timeout is None else {"rpc_timeout_s": args.rpc_timeout}))
     try:
         extensions.apply(args.extension, opts, prompt_given=args.prompt is not None,
@@ -91,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
             faults.parse_fault(opts.fault)
         if not faults.parse_fault(opts.lie).transforms_output:
             raise ValueError("--lie takes noise-<scale>, replay or random")
+        if opts.backups is not None and not set(opts.backups) <= set(standalone.NODES):
+            raise ValueError(f"--backups takes nodes of {', '.join(standalone.NODES)}, got {','.join(opts.backups)}")
         if opts.faulty_stage is not None and not 0 <= opts.faulty_stage < len(standalone.PLACEMENT):
             raise ValueError(f"--faulty-stage must be 0-{len(standalone.PLACEMENT) - 1}")
         if opts.fault and not faults.parse_fault(opts.fault).changes_rows and opts.faulty_stage != len(standalone.PLACEMENT) - 1:
@@ -100,9 +107,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     json_out = None if args.json in (None, "-") else args.json
     if not args.standalone:
-        if args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows:
-            print("error: --heterogeneous, --model, --hang, --rpc-timeout and --audit-replay-rows need --standalone "
-                  "so far", file=sys.stderr)
+        if (args.heterogeneous or args.model or args.hang or args.rpc_timeout or args.audit_replay_rows
+                or args.backups is not None):
+            print("error: --heterogeneous, --model, --hang, --rpc-timeout, --audit-replay-rows and --backups need "
+                  "--standalone so far (through Kubernetes a session's spec.backupSelector chooses its backups)",
+                  file=sys.stderr)
             return 2
         from consortium import kubecase
 
@@ -128,19 +137,15 @@ def run(args: argparse.Namespace) -> int:
         extensions.add_figures(args.extension, report, opts)
         kubecase.write(report, json_out, args.report)
     else:
-        from consortium.driver.policy import NoCandidate
-
-        try:
-            report = standalone.run(opts)
-        except NoCandidate as e:   # through Kubernetes the session ends Failed (StageLost) instead
-            print(f"FAIL: the session could not go on: {e}", file=sys.stderr)
-            return 1
+        report = standalone.run(opts)
         extensions.add_figures(args.extension, report, opts)
         standalone.write(report, json_out, args.report)
     if args.json == "-":
         print(json.dumps(report, indent=2))
     else:
         print(report["distributed"]["text"])
+        if report.get("failure"):
+            print(f"\nFAIL: the session could not go on: {report['failure']['message']}", file=sys.stderr)
         print("\n" + verdict_line(report), file=sys.stderr)
     return 0 if report["success"] else 1
 

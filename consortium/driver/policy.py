@@ -26,10 +26,15 @@ class NoCandidate(RuntimeError):
 
 
 class LocalPolicy:
-    """First choice by a fixed preference order (the seed: N0 takes over and verifies)."""
+    """First choice by a fixed preference order (the seed: N0 takes over and verifies). `backups`:
+    the nodes that may take a stage over (default any), as a session's backupSelector does."""
 
-    def __init__(self, preference: Sequence[str]):
+    def __init__(self, preference: Sequence[str], backups: Sequence[str] | None = None):
         self.preference = list(preference)
+        self.backups = None if backups is None else set(backups)
+
+    def _backups(self, candidates):
+        return [n for n in candidates if self.backups is None or n in self.backups]
 
     def _first(self, candidates, exclude):
         ordered = [n for n in self.preference if n in candidates] + [n for n in candidates if n not in self.preference]
@@ -39,11 +44,11 @@ class LocalPolicy:
         raise NoCandidate(f"no node left to choose (all failed, quarantined or excluded: {exclude})")
 
     def choose_backup(self, stage, failed, candidates):
-        return self._first(candidates, failed)
+        return self._first(self._backups(candidates), failed)
 
     def likely_backup(self, stage, serving, candidates):
         try:
-            return self._first(candidates, serving)
+            return self._first(self._backups(candidates), serving)
         except NoCandidate:
             return None
 
