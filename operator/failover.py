@@ -23,6 +23,10 @@ from consortium_operator import placement
 log = logging.getLogger("consortium.operator.failover")
 
 VERIFIER_VIEWS_MAX_AGE_S = 1.0
+# How long a verifier choice waits for a fresh reading before choosing from the last good one: an
+# API server that hangs answers a LIST only after the client's read timeout (30 s, tried again), and
+# the session's last audits, so its end and the release of its agents, waited that long.
+VERIFIER_READ_WAIT_S = 1.0
 
 
 class KubePolicy:
@@ -38,25 +42,51 @@ class KubePolicy:
         self._failed_at = float("-inf")   # when a reading last failed
         self._unwritten: dict[int, tuple[str, int]] = {}   # stage -> (node, epoch) the API was away for
         self._unwritten_lock = threading.Lock()
+        self._reader: threading.Thread | None = None   # a reading wait_s gave up on, still under way
+        self._reader_lock = threading.Lock()
 
-    def _usable(self, candidates: Sequence[str], max_age_s: float = 0.0) -> list[placement.NodeView]:
-        """The candidates that are usable now, from ComputeNodes and Leases read at most max_age_s ago."""
-        at, views = self._views
+    def _usable(self, candidates: Sequence[str], max_age_s: float = 0.0,
+                wait_s: float | None = None) -> list[placement.NodeView]:
+        """The candidates that are usable now, from ComputeNodes and Leases read at most max_age_s ago.
+        `wait_s`: where a good reading exists, how long to wait for a new one before choosing from
+        it (the read goes on in the background); None: as long as the read takes."""
+        views = self._views[1]
         if time.monotonic() - self._failed_at > max_age_s:   # node_views keeps readings young enough
-            try:
-                views = {n.name: n for n in placement.node_views(self.agent_namespace, max_age_s)}
-                self._views = time.monotonic(), views
-            except Exception as e:  # noqa: BLE001 - sorted below
-                # Not read again within max_age_s either: the auditor asked once per group of units,
-                # several times a second while the API was away, each ask a LIST tried four times.
-                self._failed_at = time.monotonic()
-                if not views or not kube.transient(e):
-                    raise
-                # The API away (a control plane restarting): the last reading, however old, rather
-                # than no choice at all; the data path still finds out a node that died since.
-                log.warning("ComputeNodes not readable (%s): choosing from a reading %.0f s old", kube.reason(e),
-                            time.monotonic() - at)
+            views = self._read(max_age_s) if wait_s is None or not views else self._read_behind(max_age_s, wait_s)
         return [views[c] for c in candidates if c in views and views[c].why_not() is None]
+
+    def _read(self, max_age_s: float) -> dict[str, placement.NodeView]:
+        at, views = self._views
+        try:
+            views = {n.name: n for n in placement.node_views(self.agent_namespace, max_age_s)}
+            self._views = time.monotonic(), views
+        except Exception as e:  # noqa: BLE001 - sorted below
+            # Not read again within max_age_s either: the auditor asked once per group of units,
+            # several times a second while the API was away, each ask a LIST tried four times.
+            self._failed_at = time.monotonic()
+            if not views or not kube.transient(e):
+                raise
+            # The API away (a control plane restarting): the last reading, however old, rather
+            # than no choice at all; the data path still finds out a node that died since.
+            log.warning("ComputeNodes not readable (%s): choosing from a reading %.0f s old", kube.reason(e),
+                        time.monotonic() - at)
+        return views
+
+    def _read_behind(self, max_age_s: float, wait_s: float) -> dict[str, placement.NodeView]:
+        """_read on a thread of its own (one at a time), waited for at most wait_s; then the last good
+        reading, whichever it is."""
+        def read() -> None:
+            try:
+                self._read(max_age_s)
+            except Exception as e:  # noqa: BLE001 - the next choice reads again
+                log.warning("ComputeNodes not read: %s", kube.reason(e))
+        with self._reader_lock:
+            if self._reader is None or not self._reader.is_alive():
+                self._reader = threading.Thread(target=read, name="node-views", daemon=True)
+                self._reader.start()
+            reader = self._reader
+        reader.join(wait_s)
+        return self._views[1]
 
     def choose_backup(self, stage: int, failed: str, candidates: Sequence[str]) -> str:
         epoch = self.driver.state.epochs[stage] if self.driver else 0
@@ -143,7 +173,7 @@ class KubePolicy:
             # Read again at most once a second: the auditor chose a verifier for each group of units
             # it took, two LIST calls each (about 13 a second in a 1,000-token session). A verifier
             # that died since is found out by its audit, which is then tried on another node.
-            usable = self._usable(names, VERIFIER_VIEWS_MAX_AGE_S)
+            usable = self._usable(names, VERIFIER_VIEWS_MAX_AGE_S, VERIFIER_READ_WAIT_S)
         except Exception:  # noqa: BLE001 - the API away for a moment must not stop an audit
             usable = []
         preferred = [n.name for n in usable if placement.matches(sel, n.labels)]

@@ -22,6 +22,40 @@ def test_unapproved_node_gets_no_stage_until_approved():
 
 
 
+def test_a_verifier_choice_waits_at_most_a_second_for_an_api_that_hangs(monkeypatch):
+    """A hung API server answers a LIST only after the client's read timeout: the auditor's verifier
+    choice takes the last good reading after VERIFIER_READ_WAIT_S, while one read goes on behind it."""
+    import threading
+    import time
+
+    from consortium import testbed
+    from consortium_operator import failover
+
+    spec = r.InferenceSessionSpec.model_validate(testbed.sky_is_blue(8)["spec"])
+    p = failover.KubePolicy({"metadata": {"name": "s", "namespace": "ns"}}, spec, None, lambda *a, **k: None)
+    answer, reads = threading.Event(), []
+
+    def node_views(namespace, max_age_s):
+        reads.append(max_age_s)
+        if len(reads) > 1:
+            answer.wait(30)   # hung until the test lets it answer: node a has gone meanwhile
+            return [view("b", True)]
+        return [view("a", True), view("b", True)]
+    monkeypatch.setattr(failover.placement, "node_views", node_views)
+    candidates = ["a", "b", "worker"]
+    assert p.choose_verifier(0, "worker", candidates) == "a"
+    time.sleep(failover.VERIFIER_VIEWS_MAX_AGE_S + 0.05)   # that reading is now too old
+    t0 = time.monotonic()
+    assert p.choose_verifier(0, "worker", candidates) == "a"   # from it, after waiting for a new one
+    assert p.choose_verifier(0, "worker", candidates) == "a"   # the read still hangs: not asked again
+    waited = time.monotonic() - t0
+    assert 2 * failover.VERIFIER_READ_WAIT_S - 0.1 < waited < 2 * failover.VERIFIER_READ_WAIT_S + 1.0, waited
+    assert len(reads) == 2
+    answer.set()
+    p._reader.join(5)
+    assert p.choose_verifier(0, "worker", candidates) == "b"   # the API answers again
+
+
 @pytest.mark.k8s
 def test_a_backup_loads_stages_ahead_only_while_its_memory_holds_them(cluster):
     """KubePolicy.likely_backup: the backup a failover would pick, unless the layers it would hold
