@@ -261,12 +261,13 @@ def lines(res: dict) -> list[str]:
         out.append(f"TOKEN {c['token']}: the session shows {c['shown']}, the final stage signed "
                    f"{', '.join(map(str, c['signed']))} for its row")
     if res.get("tokens"):
-        unsigned = res.get("tokens_unsigned_count", 0)
-        out.append(f"tokens the final stage's node signed as sampled from its committed rows: "
-                   f"{res.get('tokens_signed', 0)} of {res['tokens']}" + (
-                       f" (unsigned: {', '.join(map(str, res['tokens_unsigned']))}"
-                       + (f" and {unsigned - len(res['tokens_unsigned'])} more" if unsigned > len(res['tokens_unsigned']) else "")
-                       + "; rows a backup replayed, or sampled by the driver)" if unsigned else ""))
+        line = (f"tokens the final stage's node signed as sampled from its committed rows: "
+                f"{res.get('tokens_signed', 0)} of {res['tokens']}")
+        unsigned, named = res.get("tokens_unsigned_count", 0), res.get("tokens_unsigned") or []
+        if unsigned:
+            more = f" and {unsigned - len(named)} more" if unsigned > len(named) else ""
+            line += f" (unsigned: {', '.join(map(str, named))}{more}; rows a backup replayed, or sampled by the driver)"
+        out.append(line)
     if res["not_owned"]:
         out.append(f"({res['not_owned']} receipts labeled with this session belong to a deleted namesake: not counted)")
     if res["fraud_proofs"]:

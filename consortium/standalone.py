@@ -249,8 +249,7 @@ def _kept(driver, prompt_ids: list[int], shown: list[int], tok, message: str):
     from consortium.generation import GenerationResult
 
     at, why = driver.abandon()
-    items = [{"spec": {"stage": e["stage"], "window": {"start": e["start"], "count": e["count"]},
-                       "rollbacks": e["rollbacks"]}} for e in driver.receipts if e["verified"]]
+    items = _receipt_items(driver.receipts)
     keep, why = receipt_check.backed_tokens(items, len(prompt_ids), len(shown), len(driver.state.nodes), at, why)
     if keep < len(shown):
         message += f"; {keep} of the {len(shown)} tokens generated are kept ({why})"
@@ -429,10 +428,15 @@ def signed_tokens(entries: list[dict], tokens: list[int], prompt_len: int, final
     final stage signed (signed, unsigned token indices, contradicted)."""
     from consortium import receipt_check
 
-    items = [{"spec": {"stage": e["stage"], "window": {"start": e["start"], "count": e["count"]},
-                       "rollbacks": e["rollbacks"], "sampled": e["receipt"].get("sampled")}}
-             for e in entries if e["verified"]]
+    items = _receipt_items(entries)
     return receipt_check.token_signatures(items, tokens, prompt_len, final_stage, receipt_check.standing(items))
+
+
+def _receipt_items(entries: list[dict]) -> list[dict]:
+    """The driver's verified receipts in the shape receipt_check reads Receipt objects in."""
+    return [{"spec": {"stage": e["stage"], "window": {"start": e["start"], "count": e["count"]},
+                      "rollbacks": e["rollbacks"], "sampled": e["receipt"].get("sampled")}}
+            for e in entries if e["verified"]]
 
 
 def liar_figures(node: str, lie: str, state: dict) -> dict:
