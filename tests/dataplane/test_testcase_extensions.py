@@ -110,14 +110,18 @@ def test_a_node_nobody_could_replace_is_refused_through_kubernetes(capsys):
     assert "--lie takes noise-<scale>, replay or random" in capsys.readouterr().err
 
 
-def test_a_session_left_without_nodes_fails_with_the_reason(monkeypatch, capsys):
-    """Standalone, as through Kubernetes (StageLost): no traceback when every node left is quarantined
-    or dead (a node that cheats and lies, with the third one killed, took the honest one down)."""
-    from consortium import standalone
-    from consortium.driver.policy import NoCandidate
-
-    def run(opts):
-        raise NoCandidate("no node left to choose (all failed, quarantined or excluded: N0)")
-    monkeypatch.setattr(standalone, "run", run)
-    assert cli.main(["testcase", "--standalone", "--no-kill"]) == 1
-    assert "FAIL: the session could not go on: no node left to choose" in capsys.readouterr().err
+def test_a_session_left_without_nodes_fails_with_the_reason(capsys, tmp_path):
+    """Standalone, as through Kubernetes (StageLost): no traceback, and the run keeps its record, when
+    a lost stage has no node left to take it over. N2 (stage 1) is killed at token 10 and only N2
+    may take a stage over; the report keeps the tokens its receipts back, a prefix of the baseline."""
+    assert cli.main(["testcase", "--standalone", "--backups", "n2", "--kill-at", "10", "--max-tokens", "24",
+                     "--report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL: the session could not go on: no node left to choose" in err and "success False" in err, err
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert r["phase"] == "Failed" and r["failure"]["reason"] == "StageLost" and not r["success"]
+    kept = r["distributed"]["tokens"]
+    assert 0 < len(kept) <= 10 and kept == r["baseline"]["tokens"][:len(kept)]
+    assert r["receipts"]["verified"] == r["receipts"]["count"] > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "1. inference completes end to end | FAIL" in summary and "StageLost" in summary
