@@ -335,10 +335,15 @@ def check_proof(proof: "FraudProof | SamplingFraudProof",
     if verifier_key is None:
         notes.append(f"note: the verifier key is {signing.public_key_text(proof.verifier_public_key)}; compare it "
                      "with the session's status.proofKey (or give it: --verifier-key)")
-    if signing.node_id_for(proof.worker_public_key) != st.node_id:
-        notes.append(f"note: node id {st.node_id!r} is not derived from the worker key; check the key against "
-                     "that ComputeNode's public key")
-    return True, ok + notes
+    return True, ok + notes + _node_id_note(proof)
+
+
+def _node_id_note(proof) -> list[str]:
+    st = proof.statement
+    if signing.node_id_for(proof.worker_public_key) == st.node_id:
+        return []
+    return [f"note: node id {st.node_id!r} is not derived from the worker key; check the key against that "
+            "ComputeNode's public key"]
 
 
 def _check_worker_words(proof, verifier_key, need, commitment: str) -> int | None:
@@ -392,7 +397,4 @@ def _check_sampling_proof(proof: SamplingFraudProof, verifier_key, need, ok: lis
     if verifier_key is None:
         notes.append(f"note: the proof was published by key {signing.public_key_text(proof.verifier_public_key)}; "
                      "everything it proves is the worker's own signed words")
-    if signing.node_id_for(proof.worker_public_key) != st.node_id:
-        notes.append(f"note: node id {st.node_id!r} is not derived from the worker key; check the key against "
-                     "that ComputeNode's public key")
-    return True, ok + notes
+    return True, ok + notes + _node_id_note(proof)
