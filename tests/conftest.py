@@ -19,6 +19,10 @@ from consortium import cluster as lc
 def pytest_collection_modifyitems(session, config, items):
     # A cold build takes far longer than any test timeout, so it happens here, before tests run
     # (scripts/setup.sh normally did it already and this is a no-op).
+    # The operator test bed (tests/operator's `bed`) keeps an operator reconciling every namespace of
+    # the shared control plane until the session ends, so the tests that read the API server with no
+    # operator acting (tests/k8s) run before any test that starts it, whatever order they were named in.
+    items.sort(key=lambda item: "bed" in getattr(item, "fixturenames", ()))
     if config.option.collectonly:
         return
     if any(item.get_closest_marker("k8s") for item in items) and not lc.binaries_present():
