@@ -105,6 +105,12 @@ def coordination():
     return client.CoordinationV1Api(_client())
 
 
+def certificates():
+    from kubernetes import client
+
+    return client.CertificatesV1Api(_client())
+
+
 def is_status(e: Exception, *codes: int) -> bool:
     return getattr(e, "status", None) in codes
 

@@ -51,10 +51,12 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, every: float
 
 
 class Testbed:
-    def __init__(self, cluster, workdir: Path, threads: int = 1, plaintext: bool = False):
+    def __init__(self, cluster, workdir: Path, threads: int = 1, plaintext: bool = False, issuer: str = "admin"):
         """Mutual TLS unless `plaintext`: a CA made for this testbed issues each agent a certificate
-        naming it (as a user supplies them) and the operator its client certificate."""
-        self.cluster, self.workdir, self.threads = cluster, Path(workdir), threads
+        naming it (as a user supplies them) and the operator its client certificate; with issuer
+        "operator" (the chart's tls.issuer) the operator holds the CA and signs the certificates the
+        agents ask for."""
+        self.cluster, self.workdir, self.threads, self.issuer = cluster, Path(workdir), threads, issuer
         self.ca = None if plaintext else tls.CertificateAuthority.create()
         self.driver_tls = None if plaintext else tls.Credentials(*self.ca.issue(tls.DRIVER_NAME, server=False),
                                                                  self.ca.cert_pem)
@@ -77,7 +79,8 @@ class Testbed:
         # Installed as a Helm release (not `helm template | kubectl apply`), so the chart's own tests
         # and `helm upgrade` find objects Helm owns. The operator runs as a process, not a Deployment.
         c.helm("upgrade", "--install", RELEASE, str(ROOT / "charts/consortium"), "-n", NS,
-               "--set", f"devPlaintext={str(self.ca is None).lower()}", "--set", "operator.replicas=0")
+               "--set", f"devPlaintext={str(self.ca is None).lower()}", "--set", f"tls.issuer={self.issuer}",
+               "--set", "operator.replicas=0")
         self.operator_kubeconfig = c.write_kubeconfig(self.workdir / "operator.kubeconfig",
                                                       token=c.create_token(OPERATOR_SA, NS, duration="2h"))
         # RBAC reaches the server's authorizer a moment after it is written.
@@ -97,11 +100,18 @@ class Testbed:
     def _tls_args(self, name: str) -> list[str]:
         if self.ca is None:
             return ["--plaintext"]
+        if self.issuer == "operator":
+            if name != tls.DRIVER_NAME:
+                return ["--tls-from-cluster", str(self.workdir / "tls" / name)]
+            if not (self.workdir / "tls" / "ca" / "ca.key").exists():
+                self.ca.save(self.workdir / "tls" / "ca")
+            return ["--tls-ca", str(self.workdir / "tls" / "ca" / "ca.crt"),
+                    "--tls-ca-key", str(self.workdir / "tls" / "ca" / "ca.key")]
         creds = self.driver_tls if name == tls.DRIVER_NAME else tls.Credentials(*self.ca.issue(name), self.ca.cert_pem)
         f = creds.write(self.workdir / "tls" / name)
         return ["--tls-cert", f["cert"], "--tls-key", f["key"], "--tls-ca", f["ca"]]
 
-    def start_operator(self) -> subprocess.Popen:
+    def start_operator(self, extra: list[str] = ()) -> subprocess.Popen:
         self._operator_runs += 1
         log = open(self.workdir / f"operator-{self._operator_runs}.log", "wb")
         port = free_port()
@@ -110,7 +120,7 @@ class Testbed:
             [sys.executable, "-m", "consortium_operator.main", "--kubeconfig", self.operator_kubeconfig,
              "--agent-namespace", NS, "--proof-key", str(self.workdir / "keys" / "operator-proofs.pem"),
              "--metrics-port", str(port),
-             *self._tls_args(tls.DRIVER_NAME)], stdout=log, stderr=subprocess.STDOUT, env=self._env())
+             *self._tls_args(tls.DRIVER_NAME), *extra], stdout=log, stderr=subprocess.STDOUT, env=self._env())
         return self.operator
 
     def operator_log(self) -> str:

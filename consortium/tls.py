@@ -21,9 +21,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CertificateAuthority", "Credentials", "TLSError", "secure_channel", "local_pki"]
+__all__ = ["CertificateAuthority", "Credentials", "TLSError", "secure_channel", "local_pki", "signing_request"]
 
 DRIVER_NAME = "consortium-driver"   # the client certificate's name for the driver/operator
+# The Kubernetes CertificateSigningRequest signer of agent certificates, when the operator issues them.
+AGENT_SIGNER = "consortium.io/agent"
 
 
 class TLSError(ValueError):
@@ -78,16 +80,20 @@ class CertificateAuthority:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "CertificateAuthority":
-        d = Path(directory)
+        """ca.crt and ca.key of `directory` (what save wrote)."""
+        return cls.load_files(Path(directory) / "ca.crt", Path(directory) / "ca.key")
+
+    @classmethod
+    def load_files(cls, cert_file: str | os.PathLike, key_file: str | os.PathLike) -> "CertificateAuthority":
         try:
-            cert = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
-            key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+            cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+            key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
         except OSError as e:
-            raise TLSError(f"cannot read the CA in {d}: {e.strerror}: {e.filename}") from None
+            raise TLSError(f"cannot read the CA: {e.strerror}: {e.filename}") from None
         except (ValueError, TypeError) as e:
-            raise TLSError(f"the CA in {d} is not a PEM certificate and unencrypted key: {e}") from None
+            raise TLSError(f"the CA {cert_file}, {key_file} is not a PEM certificate and unencrypted key: {e}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
-            raise TLSError(f"{d / 'ca.key'} is not the key of {d / 'ca.crt'}")
+            raise TLSError(f"{key_file} is not the key of {cert_file}")
         return cls(key, cert)
 
     def issue(self, name: str, *, server: bool = True, client: bool = True, days: int = 365,
@@ -95,22 +101,30 @@ class CertificateAuthority:
         """(certificate PEM, key PEM) for `name`: a node's name (server) or the driver's (client).
         `addresses` are extra IP subject alternative names (not needed by the driver, which checks
         the name)."""
+        key = _new_key()
+        return self.certify(name, key.public_key(), server=server, client=client, days=days,
+                            addresses=addresses), _key_pem(key)
+
+    def certify(self, name: str, public_key, *, server: bool = True, client: bool = True, days: float = 365,
+                addresses: tuple[str, ...] = ()) -> bytes:
+        """A certificate PEM naming `name` for a key held elsewhere (a signing request's), valid for
+        `days` but never past the CA's own end."""
         if not name or len(name) > 253:
             raise TLSError(f"certificate name {name!r} must be 1-253 characters")
-        key = _new_key()
+        until = min(_now() + datetime.timedelta(days=days), self.cert.not_valid_after_utc)
         usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
         sans = [x509.DNSName(name)] + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .issuer_name(self.cert.subject).public_key(public_key)
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(_now() - datetime.timedelta(minutes=5))
-                .not_valid_after(_now() + datetime.timedelta(days=days))
+                .not_valid_after(until)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                 .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                 .sign(self.key, hashes.SHA256()))
-        return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+        return cert.public_bytes(serialization.Encoding.PEM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +205,45 @@ class Credentials:
         return {k: str(v) for k, v in paths.items()}
 
 
+# -- certificates through the Kubernetes API (CertificateSigningRequests) ----------------------------
+
+
+def signing_request(name: str, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A PKCS#10 request PEM for an agent certificate naming node `name` (its key stays with the agent)."""
+    return (x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+def requested_key(request_pem: bytes, name: str):
+    """The public key of a signing request that asks for exactly an agent certificate naming `name`:
+    a valid self-signature, an ECDSA P-256 key, the common name (if any) and the only subject
+    alternative name both `name`, no other extension. TLSError says what is wrong."""
+    try:
+        req = x509.load_pem_x509_csr(request_pem)
+    except ValueError as e:
+        raise TLSError(f"the request is not a PEM certificate signing request: {e}") from None
+    if not req.is_signature_valid:
+        raise TLSError("the request's signature does not verify under its own key")
+    key = req.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise TLSError("the request's key is not ECDSA P-256")
+    common = [a.value for a in req.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if common not in ([], [name]) or len(req.subject) != len(common):
+        raise TLSError(f"the request's subject is {req.subject.rfc4514_string()!r}, not CN={name}")
+    others = [e.oid.dotted_string for e in req.extensions if not isinstance(e.value, x509.SubjectAlternativeName)]
+    if others:
+        raise TLSError(f"the request asks for extensions other than its name: {', '.join(others)}")
+    try:
+        sans = req.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        sans = []
+    if [repr(v) for v in sans] != [repr(x509.DNSName(name))]:
+        raise TLSError(f"the request names {', '.join(str(v.value) for v in sans) or 'nothing'}, not only {name}")
+    return key
+
+
 def secure_channel(endpoint: str, node_name: str, creds: Credentials, options=()):
     """A channel to the agent at `endpoint` that only completes its handshake if the agent presents
     a certificate from our CA naming `node_name` (whatever host or address `endpoint` has)."""
@@ -213,7 +266,9 @@ def local_pki(directory: str | os.PathLike, nodes: list[str]) -> tuple[dict[str,
 def add_arguments(p, role: str) -> None:
     """--tls-cert/--tls-key/--tls-ca and --plaintext, for the agent ("agent") or the driver ("driver");
     defaults from CONSORTIUM_TLS_CERT, CONSORTIUM_TLS_KEY, CONSORTIUM_TLS_CA and CONSORTIUM_PLAINTEXT=1
-    (what the chart sets from a mounted Secret)."""
+    (what the chart sets from a mounted Secret). Certificates may instead come through the cluster:
+    the operator, given the CA's key (--tls-ca-key), issues its own and signs the agents' requests;
+    an agent asks for one (--tls-from-cluster)."""
     env = os.environ.get
     whose = "the node's certificate (its DNS name is the node's name)" if role == "agent" else \
         "the driver's client certificate"
@@ -223,18 +278,41 @@ def add_arguments(p, role: str) -> None:
     g.add_argument("--tls-key", default=env("CONSORTIUM_TLS_KEY"), help="PEM file: its private key")
     g.add_argument("--tls-ca", default=env("CONSORTIUM_TLS_CA"),
                    help="PEM file: the CA that signed every agent's and the driver's certificate")
+    if role == "agent":
+        g.add_argument("--tls-from-cluster", metavar="DIR", default=env("CONSORTIUM_TLS_FROM_CLUSTER"),
+                       help="instead of --tls-*: make a key in DIR and ask the cluster for a certificate naming "
+                            "this node (a CertificateSigningRequest the operator signs for the agent whose token "
+                            "is bound to this node); kept in DIR and used again while more than a day is left")
+    else:
+        g.add_argument("--tls-ca-key", default=env("CONSORTIUM_TLS_CA_KEY"),
+                       help="PEM file: the key of --tls-ca. The operator then issues its own client certificate "
+                            "(instead of --tls-cert/--tls-key) and signs the certificates agents ask for "
+                            "(node-agent --tls-from-cluster)")
     g.add_argument("--plaintext", action="store_true", default=env("CONSORTIUM_PLAINTEXT") == "1",
                    help="no TLS (development only: anyone on the network reads prompts and activations "
                         "and can pose as any node)")
 
 
 def from_args(args) -> Credentials | None:
-    """The credentials the flags name, or None for --plaintext; TLSError says what is missing."""
-    given = [f for f in ("tls_cert", "tls_key", "tls_ca") if getattr(args, f)]
+    """The credentials the flags name, or None for --plaintext or a certificate the agent will ask the
+    cluster for (--tls-from-cluster); TLSError says what is missing or contradictory."""
+    flags = ("tls_cert", "tls_key", "tls_ca", "tls_ca_key", "tls_from_cluster")
+    given = [f for f in flags if getattr(args, f, None)]
+    named = ", ".join(f"--{f.replace('_', '-')}" for f in given)
     if args.plaintext:
         if given:
-            raise TLSError("--plaintext and --tls-* exclude each other")
+            raise TLSError(f"--plaintext and {named} exclude each other")
         return None
+    if getattr(args, "tls_from_cluster", None):
+        if given != ["tls_from_cluster"]:
+            raise TLSError(f"--tls-from-cluster and --tls-cert/--tls-key/--tls-ca exclude each other (given {named})")
+        return None
+    if getattr(args, "tls_ca_key", None):
+        if given != ["tls_ca", "tls_ca_key"]:
+            raise TLSError(f"--tls-ca-key goes with --tls-ca alone: the operator issues its own certificate "
+                           f"(given {named})")
+        ca = CertificateAuthority.load_files(args.tls_ca, args.tls_ca_key)
+        return Credentials(*ca.issue(DRIVER_NAME, server=False), ca.cert_pem)
     if len(given) != 3:
         missing = [f"--{f.replace('_', '-')}" for f in ("tls_cert", "tls_key", "tls_ca") if f not in given]
         raise TLSError(f"mutual TLS needs --tls-cert, --tls-key and --tls-ca (missing {', '.join(missing)}); "

@@ -102,6 +102,28 @@ def main(argv: list[str] | None = None) -> int:
                                 audit_threads=args.audit_threads, n_ctx=args.ctx, repack=not args.no_repack,
                                 fault=fault, audit_fault=audit_fault.name if audit_fault else None,
                                 audit_stall_s=args.audit_stall_s)
+    node_name = os.environ.get("CONSORTIUM_NODE_NAME") or os.environ.get("NODE_NAME")
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not args.kubeconfig
+    name = args.name or node_name or identity.node_id   # the ComputeNode's, and the certificate's
+    if args.kubeconfig or in_cluster:
+        from consortium import kube
+
+        kube.load_config(args.kubeconfig)
+    if args.tls_from_cluster:
+        if not (args.kubeconfig or in_cluster):
+            print("error: --tls-from-cluster asks the cluster: give --kubeconfig (or run in the cluster)", file=sys.stderr)
+            return 2
+        from node_agent import certificate
+
+        try:
+            creds = certificate.from_cluster(args.tls_from_cluster, name)
+        except tls.TLSError as e:
+            print(f"error: --tls-from-cluster: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # noqa: BLE001 - the API server refused or could not be reached
+            print(f"error: --tls-from-cluster: asking the API server for a certificate failed: {kube.reason(e)}",
+                  file=sys.stderr)
+            return 2
     if creds is not None and args.name and creds.name != args.name:
         print(f"error: the TLS certificate names {creds.name!r}, not this node ({args.name!r})", file=sys.stderr)
         return 2
@@ -125,18 +147,14 @@ def main(argv: list[str] | None = None) -> int:
                  ", repacking off" if args.no_repack else "", f", FAULT {fault}" if fault else "",
                  f", LYING AUDITS {audit_fault.name}" if audit_fault else "")
     registrar = None
-    node_name = os.environ.get("CONSORTIUM_NODE_NAME") or os.environ.get("NODE_NAME")
-    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not args.kubeconfig
     if args.kubeconfig or in_cluster:
-        from consortium import kube
         from node_agent import registration
 
-        kube.load_config(args.kubeconfig)
         if in_cluster and node_name:
             labels = {**registration.node_labels(node_name), **labels}  # the Node's labels, flags on top
         pod_ip = os.environ.get("CONSORTIUM_POD_IP")
         endpoint = args.endpoint or (f"{pod_ip}:{port}" if in_cluster and pod_ip else f"{host}:{port}")
-        registrar = registration.Registrar(service, name=args.name or node_name or identity.node_id,
+        registrar = registration.Registrar(service, name=name,
                                            endpoint=endpoint, labels=labels, namespace=args.namespace,
                                            lease_seconds=args.lease_seconds,
                                            renew_seconds=max(0.5, args.lease_seconds / 5))

@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="namespace to watch (repeatable; default: CONSORTIUM_WATCH_NAMESPACES or all)")
     p.add_argument("--agent-namespace", default=os.environ.get("CONSORTIUM_NAMESPACE", "consortium-system"),
                    help="where the agents' Leases live (the chart's release namespace)")
+    p.add_argument("--agent-service-account", metavar="NAME",
+                   default=os.environ.get("CONSORTIUM_AGENT_SERVICE_ACCOUNT", "consortium-agent"),
+                   help="the agents' ServiceAccount in --agent-namespace: with --tls-ca-key, only its tokens bound "
+                        "to a node get a certificate naming that node (default CONSORTIUM_AGENT_SERVICE_ACCOUNT, "
+                        "else consortium-agent)")
     p.add_argument("--log-level", default=os.environ.get("CONSORTIUM_LOG_LEVEL", "info"))
     p.add_argument("--metrics-port", type=int, default=os.environ.get("CONSORTIUM_METRICS_PORT") or "0",
                    metavar="PORT", help="serve Prometheus metrics at :PORT/metrics (default CONSORTIUM_METRICS_PORT; "
@@ -78,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from consortium import kube
     from consortium_operator import sessions  # noqa: F401 - registers the handlers
+
+    if args.tls_ca_key:
+        from consortium_operator import certificates
+
+        certificates.register(tls.CertificateAuthority.load_files(args.tls_ca, args.tls_ca_key),
+                              f"system:serviceaccount:{args.agent_namespace}:{args.agent_service_account}")
 
     kube.load_config(args.kubeconfig)
     if args.metrics_port:

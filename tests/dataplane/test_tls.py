@@ -133,7 +133,10 @@ def test_agent_flags_refuse_a_missing_or_mixed_tls_setup(tmp_path, capsys):
     cases = [
         ([], "mutual TLS needs --tls-cert, --tls-key and --tls-ca (missing --tls-cert, --tls-key, --tls-ca)"),
         (["--tls-cert", files["cert"], "--tls-key", files["key"]], "missing --tls-ca"),
-        (["--plaintext", "--tls-ca", files["ca"]], "--plaintext and --tls-* exclude each other"),
+        (["--plaintext", "--tls-ca", files["ca"]], "--plaintext and --tls-ca exclude each other"),
+        (["--tls-from-cluster", str(tmp_path / "asked"), "--tls-ca", files["ca"]],
+         "--tls-from-cluster and --tls-cert/--tls-key/--tls-ca exclude each other (given --tls-ca, --tls-from-cluster)"),
+        (["--tls-from-cluster", str(tmp_path / "asked")], "--tls-from-cluster asks the cluster: give --kubeconfig"),
         (["--tls-cert", str(tmp_path / "junk.pem"), "--tls-key", files["key"], "--tls-ca", files["ca"]],
          "the certificate is not a PEM X.509 certificate"),
         (["--tls-cert", str(tmp_path / "absent.pem"), "--tls-key", files["key"], "--tls-ca", files["ca"]],
@@ -143,6 +146,26 @@ def test_agent_flags_refuse_a_missing_or_mixed_tls_setup(tmp_path, capsys):
     ]
     for extra, message in cases:
         assert agent_main.main(["--key-file", key, "--listen", "127.0.0.1:0", *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_operator_given_the_ca_key_issues_its_own_client_certificate(tmp_path, capsys):
+    from consortium_operator import main as operator_main
+
+    ca = tls.CertificateAuthority.create()
+    ca.save(tmp_path / "pki")
+    crt, key = str(tmp_path / "pki" / "ca.crt"), str(tmp_path / "pki" / "ca.key")
+    args = operator_main.build_parser().parse_args(["--tls-ca", crt, "--tls-ca-key", key])
+    own = tls.from_args(args)
+    cert = tls.x509.load_pem_x509_certificate(own.cert_pem)
+    cert.verify_directly_issued_by(ca.cert)
+    assert own.name == tls.DRIVER_NAME and own.ca_pem == ca.cert_pem
+    tls.CertificateAuthority.create().save(tmp_path / "other")
+    for extra, message in (
+            (["--tls-ca-key", key], "--tls-ca-key goes with --tls-ca alone"),
+            (["--tls-ca", crt, "--tls-ca-key", key, "--tls-cert", crt], "--tls-ca-key goes with --tls-ca alone"),
+            (["--tls-ca", crt, "--tls-ca-key", str(tmp_path / "other" / "ca.key")], "is not the key of")):
+        assert operator_main.main(extra) == 2
         assert message in capsys.readouterr().err
 
 

@@ -30,8 +30,9 @@ def test_helm_lint(cluster):
 
 @pytest.mark.parametrize("values", [[], ["--set", "models.type=pvc", "--set", "models.existingClaim=models",
                                          "--set", "agent.hostNetwork=true", "--set", "devPlaintext=true",
-                                         "--set", "agent.extraArgs={--threads,8}"]],
-                         ids=["defaults", "pvc-hostnetwork-plaintext-args"])
+                                         "--set", "agent.extraArgs={--threads,8}"],
+                                    ["--set", "tls.issuer=operator"]],
+                         ids=["defaults", "pvc-hostnetwork-plaintext-args", "operator-issues-certificates"])
 def test_rendered_chart_is_accepted_by_the_server(cluster, values):
     ensure_namespace(cluster, NS)
     rendered = cluster.helm("template", RELEASE, CHART, "-n", NS, "--include-crds", *values).stdout
@@ -94,6 +95,35 @@ def test_tls_material_is_mounted_unless_dev_plaintext(cluster, plaintext):
     [proof] = [e for e in operator["containers"][0]["env"] if e["name"] == "CONSORTIUM_PROOF_KEY_PEM"]
     assert proof["valueFrom"]["secretKeyRef"] == {"name": "consortium-operator-tls", "key": "proof.pem",
                                                   "optional": True}
+
+
+def test_operator_issued_certificates_change_files_and_rights(cluster):
+    """tls.issuer operator: the operator gets the CA from its Secret and rights on certificate
+    requests of its own signer; agents ask for theirs (no certificate folder on the node)."""
+    def render(*values):
+        docs = yaml.safe_load_all(cluster.helm("template", RELEASE, CHART, "-n", NS, *values).stdout)
+        return {(d["kind"], d["metadata"]["name"]): d for d in docs if d}
+
+    def env(obj):
+        return {e["name"]: e.get("value") for e in obj["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    def csr_rules(objs, role):
+        return [rule for rule in objs[("ClusterRole", f"consortium-{role}")]["rules"]
+                if rule["apiGroups"] == ["certificates.k8s.io"]]
+    admin, issuing = render(), render("--set", "tls.issuer=operator")
+    assert not csr_rules(admin, "operator") and not csr_rules(admin, "agent")
+    assert [rule["verbs"] for rule in csr_rules(issuing, "agent")] == [["create", "get"]]
+    [signers] = [rule for rule in csr_rules(issuing, "operator") if rule["resources"] == ["signers"]]
+    assert signers["resourceNames"] == ["consortium.io/agent"] and signers["verbs"] == ["approve", "sign"]
+    operator = env(issuing[("Deployment", "consortium-operator")])
+    assert operator["CONSORTIUM_TLS_CA_KEY"] == "/etc/consortium/tls/ca.key" and "CONSORTIUM_TLS_CERT" not in operator
+    assert operator["CONSORTIUM_AGENT_SERVICE_ACCOUNT"] == "consortium-agent"
+    ds = issuing[("DaemonSet", "consortium-agent")]
+    assert env(ds)["CONSORTIUM_TLS_FROM_CLUSTER"].startswith(env(ds)["CONSORTIUM_IDENTITY_DIR"] + "/")
+    assert "CONSORTIUM_TLS_CERT" not in env(ds)
+    assert not [v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    done = cluster.helm("template", RELEASE, CHART, "--set", "tls.issuer=cert-manager", check=False)
+    assert done.returncode != 0 and "tls.issuer must be admin or operator" in done.stderr
 
 
 def test_bad_model_source_is_refused_at_render_time(cluster):

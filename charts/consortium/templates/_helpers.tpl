@@ -57,3 +57,11 @@ volume definition for both, mounted read-only at /models. */}}
 {{- fail "models.type must be hostPath, pvc or none" }}
 {{- end }}
 {{- end -}}
+
+{{/* "true" when the operator issues the certificates (tls.issuer operator, TLS on), else empty. */}}
+{{- define "consortium.operatorIssues" -}}
+{{- if not (has .Values.tls.issuer (list "admin" "operator")) -}}
+{{- fail "tls.issuer must be admin or operator" }}
+{{- end -}}
+{{- if and (not .Values.devPlaintext) (eq .Values.tls.issuer "operator") -}}true{{- end -}}
+{{- end -}}

@@ -1,0 +1,128 @@
+"""`node-agent --tls-from-cluster DIR`: the agent's certificate asked of the cluster instead of
+copied onto the machine by the admin.
+
+The agent makes its TLS key in DIR (it never leaves the machine) and creates a
+CertificateSigningRequest of signer consortium.io/agent for a certificate naming its node; the
+operator signs it when the agent's token is bound to that node (consortium_operator.certificates).
+The chain the operator returns ends with its CA, which the agent then requires of its callers. The
+certificate is kept in DIR beside the key and used again at the next start while more than a day of
+it is left; a longer-lived agent keeps serving with it until restarted (no rotation while running).
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import logging
+import os
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from consortium import kube, tls
+
+log = logging.getLogger("node_agent.certificate")
+
+RENEW_WITHIN = datetime.timedelta(days=1)
+WAIT_LOG_S = 30.0   # how often a waiting agent says it still waits
+
+
+def _key(directory: Path) -> ec.EllipticCurvePrivateKey:
+    """DIR/tls.key, made (mode 0600) if missing."""
+    path = directory / "tls.key"
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise tls.TLSError(f"{path} is not an ECDSA key")
+        return key
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return key
+
+
+def kept(directory: Path, name: str) -> tls.Credentials | None:
+    """The certificate DIR already holds, if it names `name`, belongs to DIR's key and has more than
+    RENEW_WITHIN left."""
+    paths = [directory / f for f in ("tls.crt", "tls.key", "ca.crt")]
+    if not all(p.exists() for p in paths):
+        return None
+    try:
+        creds = tls.Credentials.load(*paths)
+    except tls.TLSError as e:
+        log.warning("the certificate in %s cannot be used (%s): asking for a new one", directory, e)
+        return None
+    cert = x509.load_pem_x509_certificate(creds.cert_pem)
+    key = serialization.load_pem_private_key(creds.key_pem, password=None)
+    if creds.name != name or cert.public_key() != key.public_key() or \
+            cert.not_valid_after_utc - kube.now() < RENEW_WITHIN:
+        return None
+    return creds
+
+
+def from_cluster(directory: str | os.PathLike, name: str, *, timeout_s: float | None = None,
+                 poll_s: float = 1.0) -> tls.Credentials:
+    """The agent's credentials for node `name`: the ones kept in `directory`, else a new certificate
+    asked of the cluster (waits for the operator, with a log line every WAIT_LOG_S, up to
+    `timeout_s` if given). TLSError if the request is denied or fails, with the operator's reason."""
+    d = Path(directory)
+    have = kept(d, name)
+    if have is not None:
+        log.info("TLS certificate for %s from %s (kept from an earlier start)", name, d)
+        return have
+    key = _key(d)
+    api = kube.certificates()
+    made = api.create_certificate_signing_request({
+        "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"generateName": f"consortium-agent-{name}-"[:200]},
+        "spec": {"request": base64.b64encode(tls.signing_request(name, key)).decode("ascii"),
+                 "signerName": tls.AGENT_SIGNER, "usages": ["digital signature", "server auth"]}})
+    csr = made.metadata.name
+    log.info("asked the cluster for a certificate naming %s: CertificateSigningRequest %s (signer %s); "
+             "waiting for the operator to sign it", name, csr, tls.AGENT_SIGNER)
+    began = said = time.monotonic()
+    while True:
+        status = api.read_certificate_signing_request(csr).status
+        for c in (status.conditions if status else None) or []:
+            if c.type in ("Denied", "Failed"):
+                raise tls.TLSError(f"CertificateSigningRequest {csr} {c.type.lower()}: {c.reason}: {c.message}")
+        if status and status.certificate:
+            return _keep(d, name, key, base64.b64decode(status.certificate), csr)
+        now = time.monotonic()
+        if timeout_s is not None and now - began > timeout_s:
+            raise tls.TLSError(f"CertificateSigningRequest {csr} not signed within {timeout_s:.0f} s "
+                               "(is the operator running with --tls-ca-key?)")
+        if now - said >= WAIT_LOG_S:
+            said = now
+            log.info("still waiting for CertificateSigningRequest %s to be signed (%.0f s)", csr, now - began)
+        time.sleep(poll_s)
+
+
+def _keep(d: Path, name: str, key, chain_pem: bytes, csr: str) -> tls.Credentials:
+    """Check the returned chain (a certificate for this key naming `name`, issued by the CA at its
+    end) and write tls.crt and ca.crt beside the key."""
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as e:
+        raise tls.TLSError(f"CertificateSigningRequest {csr}: the certificate is not PEM: {e}") from None
+    leaf, ca = chain[0], chain[-1]
+    try:
+        leaf.verify_directly_issued_by(ca)
+    except Exception as e:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError: all mean not issued by it
+        raise tls.TLSError(f"CertificateSigningRequest {csr}: the certificate is not issued by the CA its chain "
+                           f"ends with ({e or type(e).__name__})") from None
+    pem = serialization.Encoding.PEM
+    creds = tls.Credentials(leaf.public_bytes(pem), key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), ca.public_bytes(pem))
+    if creds.name != name or leaf.public_key() != key.public_key():
+        raise tls.TLSError(f"CertificateSigningRequest {csr}: the certificate names {creds.name!r} or holds another "
+                           f"key, not this node's ({name})")
+    creds.write(d)
+    log.info("TLS certificate for %s signed by %s, valid until %s, kept in %s", name,
+             ca.subject.rfc4514_string(), leaf.not_valid_after_utc.isoformat(timespec="seconds"), d)
+    return creds
