@@ -68,7 +68,7 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
     cl, started_here = local_cluster(cluster=cluster)
     base = baseline(opts.max_tokens, opts.prompt, opts.threads)
     workdir = Path(tempfile.mkdtemp(prefix="consortium-k8s-testcase-"))
-    bed = testbed.Testbed(cl, workdir, threads=opts.threads, plaintext=opts.plaintext)
+    bed = testbed.Testbed(cl, workdir, threads=opts.threads, plaintext=opts.plaintext, issuer=opts.tls_issuer)
     s = None
     try:
         bed.install()
@@ -78,11 +78,11 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
         cl.kubectl("delete", "computenode", *testbed.NODE_LABELS, "--ignore-not-found", "--wait=true")
         faulty_node = REPLACEABLE_STAGES[opts.faulty_stage] if opts.faulty_stage is not None else None
         liar = opts.lying_verifier.lower() if opts.lying_verifier else None
+        bed.start_operator()   # first, as in a cluster: it may have to sign the agents' certificates
         for name, labels in testbed.NODE_LABELS.items():
             bed.start_agent(name, labels, (["--fault", opts.fault] if name == faulty_node else [])
                             + (["--audit-fault", opts.lie] if name == liar else []))
         bed.approve(*testbed.NODE_LABELS)
-        bed.start_operator()
         body = testbed.sky_is_blue(opts.max_tokens, SESSION, opts.audit_probability)
         body["spec"]["audit"]["seed"] = opts.audit_seed
         body["spec"]["prompt"] = opts.prompt
@@ -142,7 +142,8 @@ def _report(opts, base, s, wall, receipts, checked, events, sas, nodes, killed, 
     report_from_state = bool(((s.get("spec") or {}).get("audit") or {}).get("fromWindowStates"))
     report = {
         "mode": "kubernetes",
-        "transport": "plaintext" if opts.plaintext else "mutual TLS",
+        "transport": "plaintext" if opts.plaintext else "mutual TLS" + (
+            ", agents' certificates signed by the operator" if opts.tls_issuer == "operator" else ""),
         "signing": (s.get("spec") or {}).get("signing"),   # PerStep or PerWindow, as the server stored it
         "audit_from_state": report_from_state,
         "receipt_window": (s.get("spec") or {}).get("receiptWindow"),

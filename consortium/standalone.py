@@ -46,6 +46,7 @@ class Options:
     rpc_timeout_s: float = 30.0
     hang: bool = False   # SIGSTOP instead of SIGKILL: the agent keeps its socket and never answers
     plaintext: bool = False  # gRPC without TLS; by default a CA made for the run issues mutual-TLS certificates
+    tls_issuer: str = "admin"   # through Kubernetes: "operator" has the agents ask the operator for their certificates
     defer_commitments: bool = True   # agents commit and sign after answering (False: before, in the response)
     audit_replay_rows: int = 0   # audits' decode steps: 0 merged where the verifier checked, 1 as run, N merged up to N
     audit_from_state: bool = False   # audit decode windows from the nodes' signed window states

@@ -57,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plaintext", action="store_true",
                    help="gRPC without TLS (development only); by default a CA made for the run issues "
                         "mutual-TLS certificates to the agents and the driver")
+    p.add_argument("--tls-issuer", choices=("admin", "operator"), default="admin",
+                   help="through Kubernetes, who issues the agents' certificates (the chart's tls.issuer): admin "
+                        "(default: the run's CA, as `consortium certs` would) or operator (the agents ask for "
+                        "theirs through CertificateSigningRequests and the operator signs them)")
     p.add_argument("--extension", action="append", default=[], metavar="NAME",
                    help="an extension test of the seed (repeatable): audit-50, batch, faulty-worker, grid-sweep "
                         "(docs/testcase-extensions.md)")
@@ -80,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
                               audit_probability=args.audit_probability, audit_seed=args.audit_seed,
                               faulty_stage=args.faulty_stage, fault=args.fault, heterogeneous=args.heterogeneous,
                               threads=args.threads, prompt=args.prompt or standalone.PROMPT,
-                              hang=args.hang, plaintext=args.plaintext, audit_replay_rows=args.audit_replay_rows,
+                              hang=args.hang, plaintext=args.plaintext, tls_issuer=args.tls_issuer,
+                              audit_replay_rows=args.audit_replay_rows,
                               sign_per_window=args.sign_per_window, audit_from_state=args.audit_from_state,
                               state_window=args.state_window, lying_verifier=args.lying_verifier, lie=args.lie,
                               logs_dir=str(Path(args.report) / "agents") if args.report else None,
@@ -98,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--lie takes noise-<scale>, replay or random")
         if opts.backups is not None and not set(opts.backups) <= set(standalone.NODES):
             raise ValueError(f"--backups takes nodes of {', '.join(standalone.NODES)}, got {','.join(opts.backups)}")
+        if opts.tls_issuer == "operator" and (args.standalone or opts.plaintext):
+            raise ValueError("--tls-issuer operator is for runs through Kubernetes with TLS (not --standalone, "
+                             "not --plaintext)")
         if opts.faulty_stage is not None and not 0 <= opts.faulty_stage < len(standalone.PLACEMENT):
             raise ValueError(f"--faulty-stage must be 0-{len(standalone.PLACEMENT) - 1}")
         if opts.fault and not faults.parse_fault(opts.fault).changes_rows and opts.faulty_stage != len(standalone.PLACEMENT) - 1:

@@ -97,6 +97,12 @@ def test_bad_extension_is_refused(capsys):
     assert cli.main(["testcase", "--standalone", "--extension", "audit-50", "--audit-probability", "0.3"]) == 2
 
 
+def test_operator_issued_certificates_need_kubernetes_and_tls(capsys):
+    for flags in (["--standalone"], ["--plaintext"]):
+        assert cli.main(["testcase", "--tls-issuer", "operator", *flags]) == 2
+        assert "--tls-issuer operator is for runs through Kubernetes with TLS" in capsys.readouterr().err
+
+
 def test_a_node_nobody_could_replace_is_refused_through_kubernetes(capsys):
     # Stage 2's node is the only coordinator, every stage's backup: refused before any cluster starts.
     for flags in (["--kill-stage", "2"], ["--faulty-stage", "2", "--fault", "skip-layer"]):
