@@ -96,7 +96,8 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
             victim = bed.get("stageassignment", f"{SESSION}-s{opts.kill_stage}", NAMESPACE)["spec"]["nodeName"]
             # Killed once it has computed its row of the step that generates token kill_at, asked of
             # the agent itself: the next step finds it gone (the report says where the failover landed).
-            at = bed.wait_token(SESSION, NAMESPACE, victim, opts.kill_stage, opts.kill_at, 600)
+            at = bed.wait_token(SESSION, NAMESPACE, victim, opts.kill_stage, opts.kill_at, 600,
+                                prompt_len=len(base.prompt_tokens))
             bed.kill_agent(victim)
             killed = {"node": victim, "at_token_observed": at}
         s = bed.wait_phase(SESSION, NAMESPACE, ("Completed", "Failed"), 1200)

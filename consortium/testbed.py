@@ -225,23 +225,28 @@ class Testbed:
         s = self.api().get_namespaced_custom_object(r.GROUP, r.VERSION, namespace, r.InferenceSession.plural, name)
         return r.session_id(namespace, name, s["metadata"]["uid"])
 
-    def wait_token(self, name: str, namespace: str, node: str, stage: int, token: int, timeout: float) -> int:
+    def wait_token(self, name: str, namespace: str, node: str, stage: int, token: int, timeout: float,
+                   prompt_len: int | None = None) -> int:
         """Block until `node`, serving `stage` of the session, has computed its row of the step that
         generates token number `token` (position prompt + token - 2), asked of the agent's Health
         every 10 ms: the operator writes the session's status at most every
         PROGRESS_INTERVAL_S, so status.position tells where a session is only to within several
         tokens. A fault injected then lands in the next step, as the seed's "at token 20" means.
+        The prompt's length is read from the session's first saved state unless the caller knows it
+        (`prompt_len`): that state may be written a few tokens late, and the fault with it.
         Returns `token` (0 at once for token <= 0: during the prompt)."""
         if token <= 0:
             return 0
         deadline = time.monotonic() + timeout
         api = self.api()
 
-        def prompt_len():   # from the first saved state, written with the first token (not kubectl: slower)
+        def saved_prompt_len():   # from the first saved state, written with the first token (not kubectl: slower)
             s = api.get_namespaced_custom_object(r.GROUP, r.VERSION, namespace, r.InferenceSession.plural, name)
             drv = ((s.get("status") or {}).get("report") or {}).get("driverState")
             return len(drv["prompt_tokens"]) if drv else None
-        at = wait_until(prompt_len, timeout, f"{name}'s first saved state", every=0.01) + token - 2
+        if prompt_len is None:
+            prompt_len = wait_until(saved_prompt_len, timeout, f"{name}'s first saved state", every=0.01)
+        at = prompt_len + token - 2
         channel = self.channel(node)
         try:
             stub, sid = wire.pb_grpc.NodeAgentStub(channel), self.session_id(name, namespace)
