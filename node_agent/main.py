@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --tls-from-cluster: {e}", file=sys.stderr)
             return 2
         except Exception as e:  # noqa: BLE001 - the API server refused or could not be reached
-            print(f"error: --tls-from-cluster: asking the API server for a certificate failed: {kube.reason(e)}",
+            hint = (" (the agents may ask for certificates only where the chart has tls.issuer operator)"
+                    if kube.is_status(e, 403) else "")
+            print(f"error: --tls-from-cluster: asking the API server for a certificate failed: {kube.reason(e)}{hint}",
                   file=sys.stderr)
             return 2
     if creds is not None and args.name and creds.name != args.name:

@@ -59,6 +59,18 @@ def proof_identity(path: str | None, pem: str | None):
     return None
 
 
+def _existing(namespaces: list[str]) -> list[str]:
+    """Those of `namespaces` that exist now; patterns (kopf's globs) and, if the API cannot say,
+    every one count as existing."""
+    from consortium import kube
+
+    try:
+        names = {n.metadata.name for n in kube.core().list_namespace(_request_timeout=10).items}
+    except Exception:  # noqa: BLE001 - only a warning depends on it
+        return list(namespaces)
+    return [p for p in namespaces if p in names or any(c in p for c in "*?!,")]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.status_budget_bytes < 1:
@@ -122,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ns_env = [x for x in os.environ.get("CONSORTIUM_WATCH_NAMESPACES", "").split(",") if x]
     namespaces = args.namespace or ns_env
+    if namespaces and not _existing(namespaces):
+        logging.getLogger("consortium.operator").warning(
+            "none of the namespaces to watch (%s) exists yet: kopf watches nothing, sessions nor certificate "
+            "requests, until one does", ", ".join(namespaces))
     try:
         kopf.run(standalone=True, namespaces=namespaces, clusterwide=not namespaces,
                  liveness_endpoint=args.liveness)

@@ -174,3 +174,13 @@ def test_requested_checks_the_request_itself():
                .add_extension(x509.SubjectAlternativeName([x509.DNSName("n1"), x509.DNSName("n2")]), critical=False)
                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
         certificates.requested({**spec, "request": base64.b64encode(two).decode()}, AGENT_USER)
+
+
+def test_the_operator_says_when_no_namespace_it_watches_exists(cluster):
+    """kopf starts no watch at all, of certificate requests neither, before one exists: said at start."""
+    from consortium import kube
+    from consortium_operator import main as operator_main
+
+    kube.load_config(str(cluster.kubeconfig))
+    assert operator_main._existing(["default", "no-such-namespace", "team-*"]) == ["default", "team-*"]
+    assert operator_main._existing(["no-such-namespace"]) == []
