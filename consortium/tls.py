@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CertificateAuthority", "Credentials", "TLSError", "secure_channel", "local_pki", "signing_request"]
+__all__ = ["CertificateAuthority", "Credentials", "TLSError", "secure_channel", "local_pki", "signing_request",
+           "requested_key"]
 
 DRIVER_NAME = "consortium-driver"   # the client certificate's name for the driver/operator
 # The Kubernetes CertificateSigningRequest signer of agent certificates, when the operator issues them.
@@ -282,7 +283,7 @@ def add_arguments(p, role: str) -> None:
         g.add_argument("--tls-from-cluster", metavar="DIR", default=env("CONSORTIUM_TLS_FROM_CLUSTER"),
                        help="instead of --tls-*: make a key in DIR and ask the cluster for a certificate naming "
                             "this node (a CertificateSigningRequest the operator signs for the agent whose token "
-                            "is bound to this node); kept in DIR and used again while more than a day is left")
+                            "is bound to this node); kept in DIR and used again while a third of its lifetime is left")
     else:
         g.add_argument("--tls-ca-key", default=env("CONSORTIUM_TLS_CA_KEY"),
                        help="PEM file: the key of --tls-ca. The operator then issues its own client certificate "

@@ -5,13 +5,13 @@ The agent makes its TLS key in DIR (it never leaves the machine) and creates a
 CertificateSigningRequest of signer consortium.io/agent for a certificate naming its node; the
 operator signs it when the agent's token is bound to that node (consortium_operator.certificates).
 The chain the operator returns ends with its CA, which the agent then requires of its callers. The
-certificate is kept in DIR beside the key and used again at the next start while more than a day of
-it is left; a longer-lived agent keeps serving with it until restarted (no rotation while running).
+certificate is kept in DIR beside the key and used again at the next start while more than a third
+of its lifetime is left (a new one is asked for after that, as a kubelet renews its own); a running
+agent keeps serving with it until restarted (no rotation while running).
 """
 from __future__ import annotations
 
 import base64
-import datetime
 import logging
 import os
 import time
@@ -25,7 +25,7 @@ from consortium import kube, tls
 
 log = logging.getLogger("node_agent.certificate")
 
-RENEW_WITHIN = datetime.timedelta(days=1)
+RENEW_AT = 1 / 3   # of a kept certificate's lifetime left: ask for a new one
 WAIT_LOG_S = 30.0   # how often a waiting agent says it still waits
 
 
@@ -48,7 +48,7 @@ def _key(directory: Path) -> ec.EllipticCurvePrivateKey:
 
 def kept(directory: Path, name: str) -> tls.Credentials | None:
     """The certificate DIR already holds, if it names `name`, belongs to DIR's key and has more than
-    RENEW_WITHIN left."""
+    RENEW_AT of its lifetime left."""
     paths = [directory / f for f in ("tls.crt", "tls.key", "ca.crt")]
     if not all(p.exists() for p in paths):
         return None
@@ -59,17 +59,17 @@ def kept(directory: Path, name: str) -> tls.Credentials | None:
         return None
     cert = x509.load_pem_x509_certificate(creds.cert_pem)
     key = serialization.load_pem_private_key(creds.key_pem, password=None)
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     if creds.name != name or cert.public_key() != key.public_key() or \
-            cert.not_valid_after_utc - kube.now() < RENEW_WITHIN:
+            cert.not_valid_after_utc - kube.now() < RENEW_AT * lifetime:
         return None
     return creds
 
 
-def from_cluster(directory: str | os.PathLike, name: str, *, timeout_s: float | None = None,
-                 poll_s: float = 1.0) -> tls.Credentials:
+def from_cluster(directory: str | os.PathLike, name: str, *, poll_s: float = 1.0) -> tls.Credentials:
     """The agent's credentials for node `name`: the ones kept in `directory`, else a new certificate
-    asked of the cluster (waits for the operator, with a log line every WAIT_LOG_S, up to
-    `timeout_s` if given). TLSError if the request is denied or fails, with the operator's reason."""
+    asked of the cluster (waits for the operator as long as it takes, saying so every WAIT_LOG_S).
+    TLSError if the request is denied or fails, with the operator's reason."""
     d = Path(directory)
     have = kept(d, name)
     if have is not None:
@@ -87,19 +87,23 @@ def from_cluster(directory: str | os.PathLike, name: str, *, timeout_s: float | 
              "waiting for the operator to sign it", name, csr, tls.AGENT_SIGNER)
     began = said = time.monotonic()
     while True:
-        status = api.read_certificate_signing_request(csr).status
+        try:
+            status = api.read_certificate_signing_request(csr).status
+        except Exception as e:  # noqa: BLE001 - an API server restarting: the request is still there
+            if not kube.transient(e):
+                raise
+            log.warning("reading CertificateSigningRequest %s failed (%s); trying again", csr, kube.reason(e))
+            status = None
         for c in (status.conditions if status else None) or []:
             if c.type in ("Denied", "Failed"):
                 raise tls.TLSError(f"CertificateSigningRequest {csr} {c.type.lower()}: {c.reason}: {c.message}")
         if status and status.certificate:
             return _keep(d, name, key, base64.b64decode(status.certificate), csr)
         now = time.monotonic()
-        if timeout_s is not None and now - began > timeout_s:
-            raise tls.TLSError(f"CertificateSigningRequest {csr} not signed within {timeout_s:.0f} s "
-                               "(is the operator running with --tls-ca-key?)")
         if now - said >= WAIT_LOG_S:
             said = now
-            log.info("still waiting for CertificateSigningRequest %s to be signed (%.0f s)", csr, now - began)
+            log.info("still waiting for CertificateSigningRequest %s to be signed (%.0f s; the operator signs it "
+                     "when it runs with --tls-ca-key, the chart's tls.issuer operator)", csr, now - began)
         time.sleep(poll_s)
 
 

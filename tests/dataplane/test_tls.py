@@ -195,3 +195,25 @@ def test_certs_command_issues_certificates_that_handshake(tmp_path, capsys):
     assert cli.main(["certs", str(d), "n9"]) == 2
     assert "is not the key of" in capsys.readouterr().err
     assert cli.main(["certs", str(tmp_path / "empty")]) == 2
+
+
+def test_an_agent_keeps_its_asked_for_certificate_while_a_third_of_its_life_is_left(tmp_path):
+    """node-agent --tls-from-cluster uses the certificate it kept only if it names the node, holds
+    the kept key and is not near its end (then it asks the cluster again)."""
+    from node_agent import certificate
+
+    ca = tls.CertificateAuthority.create()
+    key = certificate._key(tmp_path)
+    assert certificate.kept(tmp_path, "n1") is None   # nothing kept yet
+
+    def keep(name, days, public_key=key.public_key()):
+        (tmp_path / "tls.crt").write_bytes(ca.certify(name, public_key, client=False, days=days))
+        (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    keep("n1", 1)
+    assert certificate.kept(tmp_path, "n1").name == "n1"
+    assert certificate.kept(tmp_path, "n2") is None                                   # another node's
+    keep("n1", 0.001)                                                                 # 86 s of 6 minutes left
+    assert certificate.kept(tmp_path, "n1") is None
+    keep("n1", 1, public_key=tls._new_key().public_key())                             # not for the kept key
+    assert certificate.kept(tmp_path, "n1") is None
+
