@@ -36,6 +36,7 @@ import consortium.native
 __all__ = [
     "CanonicalGrid", "NonFiniteActivation", "NonCanonicalTensor", "DEFAULT_GRID",
     "canonical_rows", "cell_bounds", "commit_canonical", "commit_rows", "commit_arrays", "seed_commit_rows", "row_header",
+    "index_dtype",
 ]
 
 ROW_DOMAIN = b"consortium.commit.row.v2"
@@ -245,7 +246,7 @@ def commit_canonical(k, grid: CanonicalGrid = DEFAULT_GRID) -> list[bytes]:
     return _commit_indices(_check_indices(k, grid), grid)
 
 
-def _index_dtype(grid: CanonicalGrid) -> np.dtype:
+def index_dtype(grid: CanonicalGrid) -> np.dtype:
     """How indices are hashed: int16 when every index fits (the default grid's ±6,400 does), which
     halves the bytes SHA-256 reads; int32 otherwise. The header's clamp steps say which."""
     return np.dtype("<i2") if grid.clamp_steps <= 2**15 - 1 else np.dtype("<i4")
@@ -253,12 +254,12 @@ def _index_dtype(grid: CanonicalGrid) -> np.dtype:
 
 def _hash_indices(x, grid: CanonicalGrid) -> np.ndarray:
     """canonical_rows of activations, in the dtype they are hashed in."""
-    k = _native_indices(x, grid, _index_dtype(grid))
+    k = _native_indices(x, grid, index_dtype(grid))
     return canonical_rows(x, grid) if k is None else k
 
 
 def _commit_indices(a: np.ndarray, grid: CanonicalGrid) -> list[bytes]:
-    a = np.ascontiguousarray(a, dtype=_index_dtype(grid))
+    a = np.ascontiguousarray(a, dtype=index_dtype(grid))
     base = _row_hash_head(grid, a.shape[1])
     out = []
     for row in a:
@@ -290,7 +291,7 @@ def commit_rows(x, grid: CanonicalGrid = DEFAULT_GRID) -> list[bytes]:
             h = _row_hash_head(grid, width).copy()
             for j in range(0, width, _BLOCK_ELEMENTS):
                 piece = _hash_indices(row[None, j:j + _BLOCK_ELEMENTS], grid)
-                h.update(np.ascontiguousarray(piece, dtype=_index_dtype(grid)))
+                h.update(np.ascontiguousarray(piece, dtype=index_dtype(grid)))
             out.append(h.digest())
         return out
     except NonFiniteActivation:

@@ -174,28 +174,38 @@ class SamplingFraudProof(_Signed):
     verifier_id: str
     verifier_public_key: bytes
     verifier_signature: bytes = b""
+    # 2: the row travels in the width its grid hashes it in (int16 for the default grid: half of a
+    # 49,152-entry row's 262 KB of base64); 1: always int32. Kept, so a proof re-encodes as signed.
+    version: int = 2
     domain: ClassVar[str] = SAMPLING_PROOF_DOMAIN
 
+    @staticmethod
+    def _reveal_dtype(version: int, statement: WindowStatement) -> str:
+        return "int32" if version == 1 else canonical.index_dtype(statement.grid).name
+
     def body(self) -> dict:
-        return {"kind": "SamplingFraudProof", "version": 1, "session": self.session, "stage": self.stage,
+        return {"kind": "SamplingFraudProof", "version": self.version, "session": self.session, "stage": self.stage,
                 "position": self.position,
                 "statement": self.statement.to_json(), "workerSignature": _b64(self.worker_signature),
                 "workerPublicKey": _b64(self.worker_public_key), "commitment": _b64(self.commitment),
-                "inclusion": self.inclusion.to_json(), "revealed": _array_out(self.revealed, "int32"),
+                "inclusion": self.inclusion.to_json(),
+                "revealed": _array_out(self.revealed, self._reveal_dtype(self.version, self.statement)),
                 "reasons": list(self.reasons), "verifierId": self.verifier_id,
                 "verifierPublicKey": _b64(self.verifier_public_key)}
 
     @classmethod
     def from_json(cls, o: dict) -> "SamplingFraudProof":
-        if o.get("kind") != "SamplingFraudProof" or o.get("version") != 1:
-            raise ValueError("not a version-1 SamplingFraudProof")
-        return cls(session=str(o["session"]), stage=int(o["stage"]),
-                   statement=WindowStatement.from_json(o["statement"]), worker_signature=_unb64(o["workerSignature"]),
+        if o.get("kind") != "SamplingFraudProof" or o.get("version") not in (1, 2):
+            raise ValueError("not a version-1 or -2 SamplingFraudProof")
+        statement = WindowStatement.from_json(o["statement"])
+        revealed = _array_in(o["revealed"], cls._reveal_dtype(o["version"], statement)).astype(np.int32)
+        return cls(session=str(o["session"]), stage=int(o["stage"]), statement=statement,
+                   worker_signature=_unb64(o["workerSignature"]),
                    worker_public_key=_unb64(o["workerPublicKey"]), position=int(o["position"]),
                    commitment=_unb64(o["commitment"]), inclusion=InclusionProof.from_json(o["inclusion"]),
-                   revealed=_array_in(o["revealed"], "int32"), reasons=tuple(str(r) for r in o["reasons"]),
+                   revealed=revealed, reasons=tuple(str(r) for r in o["reasons"]),
                    verifier_id=str(o["verifierId"]), verifier_public_key=_unb64(o["verifierPublicKey"]),
-                   verifier_signature=_unb64(o["verifierSignature"]))
+                   verifier_signature=_unb64(o["verifierSignature"]), version=int(o["version"]))
 
 
 def proof_from_json(o: dict) -> "FraudProof | SamplingFraudProof":

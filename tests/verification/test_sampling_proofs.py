@@ -151,6 +151,25 @@ def test_the_proof_holds_survives_json_and_the_cli(lie, tmp_path, capsys):
     assert run_cli(path) == 0 and capsys.readouterr().out.startswith("HOLDS")
 
 
+def test_the_row_travels_in_the_width_it_is_hashed_in_and_version_1_proofs_still_hold(lie):
+    """Version 2 writes the revealed row as int16 under the default grid (its indices fit, as they do
+    when hashed); a version-1 proof (int32) reads back and holds as it was signed."""
+    p = make(lie)
+    assert p.version == 2 and p.to_json()["revealed"]["dtype"] == "int16"
+    old = dataclasses.replace(p, version=1)
+    old = dataclasses.replace(old, verifier_signature=signing.sign(lie["coordinator"], old.signed_bytes()))
+    assert old.to_json()["revealed"]["dtype"] == "int32"
+    assert len(p.dumps()) < 0.6 * len(old.dumps())
+    for proof in (p, old):
+        back = proofs.proof_from_json(json.loads(proof.dumps()))
+        assert back.version == proof.version and (back.revealed == p.revealed).all()
+        assert back.signed_bytes() == proof.signed_bytes()
+        assert proofs.check_proof(back, signing.public_key_text(lie["coordinator"]))[0]
+    wrong = {**p.to_json(), "revealed": old.to_json()["revealed"]}   # int32 data in a version-2 proof
+    with pytest.raises(ValueError, match="expected a int16 tensor"):
+        proofs.proof_from_json(wrong)
+
+
 def test_no_proof_for_an_honest_token_or_a_row_that_is_not_the_committed_one(lie):
     with pytest.raises(ValueError, match="might come from a row"):
         make(lie, 33)
