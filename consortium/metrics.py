@@ -21,3 +21,24 @@ def serve(collectors, port: int, host: str = "0.0.0.0") -> int:
     bound = server.server_port
     log.info("metrics at http://%s:%d/metrics", host, bound)
     return bound
+
+
+DASHBOARD = "charts/consortium/dashboards/consortium.json"   # from the repository root
+
+
+def dashboard_series(text: str, prefix: str) -> dict[str, set[str]]:
+    """The metrics named `prefix`* in the Grafana dashboard's queries (the dashboard JSON as text),
+    each with the label names the queries select or group it by, beside `instance`, which
+    Prometheus adds when it scrapes. Lets tests hold the dashboard to what a process serves."""
+    import json
+    import re
+
+    out: dict[str, set[str]] = {}
+    for panel in json.loads(text)["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            grouped = {g.strip() for by in re.findall(r"\bby \(([^)]*)\)", expr) for g in by.split(",")}
+            for name, selector in re.findall(rf"\b({re.escape(prefix)}\w*)(?:\{{([^}}]*)\}})?", expr):
+                labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector)) | grouped
+                out.setdefault(name, set()).update(labels - {"instance"})
+    return out

@@ -1,6 +1,7 @@
 """The agent's /metrics (node_agent.metrics), scraped over HTTP after a real session on three
 agents in this process, against what the driver saw: positions, audits, requests."""
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,6 +16,7 @@ from node_agent.metrics import AgentCollector
 from tests.dataplane.test_failover import PROMPT, SPLIT
 
 TOKENS = 5
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def scrape(port: int) -> dict:
@@ -63,3 +65,11 @@ def test_agent_metrics_agree_with_the_session(tmp_path, model_path):
         assert m[("consortium_agent_requests_total", ())] > forward / 2 and m[("consortium_agent_refused_total", ())] == 0
         assert m[("consortium_agent_audit_process_kills_total", ())] == 0
     assert sum(got[n][("consortium_agent_audits_total", ())] for n in got) > 0
+    # The chart's Grafana dashboard asks only for series an agent serves, with labels it has.
+    served = {}
+    for name, labels in got["A"]:
+        served.setdefault(name, set()).update(k for k, _ in labels)
+    wanted = metrics.dashboard_series((ROOT / metrics.DASHBOARD).read_text(), "consortium_agent")
+    assert len(wanted) >= 5
+    for name, labels in wanted.items():
+        assert name in served and labels <= served[name], (name, labels, served.get(name))

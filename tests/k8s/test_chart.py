@@ -126,6 +126,25 @@ def test_operator_issued_certificates_change_files_and_rights(cluster):
     assert done.returncode != 0 and "tls.issuer must be admin or operator" in done.stderr
 
 
+def test_grafana_dashboard_is_shipped_on_request(cluster):
+    """metrics.grafanaDashboard.enabled: the dashboard JSON in a ConfigMap with the sidecar's label;
+    its queries are checked against what the processes serve in tests/operator/test_session.py and
+    tests/dataplane/test_agent_metrics.py."""
+    def configmaps(*values):
+        docs = yaml.safe_load_all(cluster.helm("template", RELEASE, CHART, "-n", NS, *values).stdout)
+        return [d for d in docs if d and d["kind"] == "ConfigMap"]
+    assert not configmaps()
+    [cm] = configmaps("--set", "metrics.grafanaDashboard.enabled=true")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1" and cm["metadata"]["namespace"] == NS
+    dashboard = json.loads(cm["data"]["consortium.json"])
+    assert dashboard["uid"] == "consortium" and dashboard == json.loads((ROOT / "charts/consortium/dashboards/consortium.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15 and all("consortium_" in e for e in exprs)
+    ensure_namespace(cluster, NS)
+    done = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(cm))
+    assert "configmap/consortium-dashboard" in done.stdout
+
+
 def test_bad_model_source_is_refused_at_render_time(cluster):
     done = cluster.helm("template", RELEASE, CHART, "--set", "models.type=nfs", check=False)
     assert done.returncode != 0 and "models.type must be hostPath, pvc or none" in done.stderr

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from consortium import testbed
+from consortium import metrics, testbed
 from consortium.driver.state import audit_records
 from consortium.testbed import TEST_MAX_TOKENS as MAX_TOKENS
 
@@ -116,6 +116,15 @@ def test_the_operators_metrics_tell_the_same_story(completed, bed):
     steps = mine[("consortium_session_steps_total",)]
     assert steps == MAX_TOKENS and 0 < mine[("consortium_session_step_seconds_total",)] < 300
     assert "process_resident_memory_bytes" in text
+    # The chart's Grafana dashboard asks only for series the operator serves, with labels they have.
+    served = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            served.setdefault(sample.name, set()).update(sample.labels)
+    wanted = metrics.dashboard_series((testbed.ROOT / metrics.DASHBOARD).read_text(), "consortium_session")
+    assert len(wanted) >= 8
+    for name, labels in wanted.items():
+        assert name in served and labels <= served[name], (name, labels, served.get(name))
 
 
 def test_failover_in_conditions_and_events(completed, bed):
