@@ -92,10 +92,10 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
         cl.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(body))
         killed = {}
         if opts.kill_stage is not None:
-            bed.wait_phase(SESSION, NAMESPACE, ("Running", "Completed"), 300)
-            victim = bed.get("stageassignment", f"{SESSION}-s{opts.kill_stage}", NAMESPACE)["spec"]["nodeName"]
+            victim = bed.wait_assignment(SESSION, NAMESPACE, opts.kill_stage, 300)
             # Killed once it has computed its row of the step that generates token kill_at, asked of
-            # the agent itself: the next step finds it gone (the report says where the failover landed).
+            # the agent itself: the next step finds it gone (the report says where the failover landed;
+            # a kill between computing the row and answering loses that step instead: one token early).
             at = bed.wait_token(SESSION, NAMESPACE, victim, opts.kill_stage, opts.kill_at, 600,
                                 prompt_len=len(base.prompt_tokens))
             bed.kill_agent(victim)

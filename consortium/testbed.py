@@ -225,6 +225,23 @@ class Testbed:
         s = self.api().get_namespaced_custom_object(r.GROUP, r.VERSION, namespace, r.InferenceSession.plural, name)
         return r.session_id(namespace, name, s["metadata"]["uid"])
 
+    def wait_assignment(self, name: str, namespace: str, stage: int, timeout: float) -> str:
+        """The node the operator placed `stage` of the session on, read as soon as its
+        StageAssignment exists (through the API's client every 20 ms: kubectl takes a few tenths of
+        a second a call, in which a short session's first tokens go by)."""
+        api = self.api()
+
+        def placed():
+            try:
+                sa = api.get_namespaced_custom_object(r.GROUP, r.VERSION, namespace, r.StageAssignment.plural,
+                                                      f"{name}-s{stage}")
+            except Exception as e:  # noqa: BLE001 - not there yet
+                if kube.is_status(e, 404):
+                    return None
+                raise
+            return sa["spec"]["nodeName"]
+        return wait_until(placed, timeout, f"stage {stage} of {name} to be placed", every=0.02)
+
     def wait_token(self, name: str, namespace: str, node: str, stage: int, token: int, timeout: float,
                    prompt_len: int | None = None) -> int:
         """Block until `node`, serving `stage` of the session, has computed its row of the step that
@@ -232,11 +249,10 @@ class Testbed:
         every 10 ms: the operator writes the session's status at most every
         PROGRESS_INTERVAL_S, so status.position tells where a session is only to within several
         tokens. A fault injected then lands in the next step, as the seed's "at token 20" means.
+        For token <= 0, until the agent has loaded the stage: a fault then lands in the prompt.
         The prompt's length is read from the session's first saved state unless the caller knows it
         (`prompt_len`): that state may be written a few tokens late, and the fault with it.
-        Returns `token` (0 at once for token <= 0: during the prompt)."""
-        if token <= 0:
-            return 0
+        Returns max(token, 0)."""
         deadline = time.monotonic() + timeout
         api = self.api()
 
@@ -244,24 +260,28 @@ class Testbed:
             s = api.get_namespaced_custom_object(r.GROUP, r.VERSION, namespace, r.InferenceSession.plural, name)
             drv = ((s.get("status") or {}).get("report") or {}).get("driverState")
             return len(drv["prompt_tokens"]) if drv else None
-        if prompt_len is None:
-            prompt_len = wait_until(saved_prompt_len, timeout, f"{name}'s first saved state", every=0.01)
-        at = prompt_len + token - 2
+        if token <= 0:
+            at, what = None, "load"
+        else:
+            if prompt_len is None:
+                prompt_len = wait_until(saved_prompt_len, timeout, f"{name}'s first saved state", every=0.01)
+            at = prompt_len + token - 2
+            what = f"compute position {at} of"
         channel = self.channel(node)
         try:
             stub, sid = wire.pb_grpc.NodeAgentStub(channel), self.session_id(name, namespace)
             while time.monotonic() < deadline:
                 try:
-                    counters = stub.Health(wire.pb.HealthRequest(session=sid), timeout=5).counters
+                    health = stub.Health(wire.pb.HealthRequest(session=sid), timeout=5)
                 except grpc.RpcError:
-                    counters = []
-                if any(c.stage == stage and c.position >= at for c in counters):
-                    return token
+                    health = None
+                if health is not None and (stage in health.held_stages if at is None else any(
+                        c.stage == stage and c.position >= at for c in health.counters)):
+                    return max(token, 0)
                 time.sleep(0.01)   # each Health costs the agent a little CPU: about one a step
         finally:
             channel.close()
-        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {node} to compute stage {stage} of "
-                           f"{name} at position {at}")
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {node} to {what} stage {stage} of {name}")
 
     def stage_position(self, node: str, session_id: str, stage: int) -> int | None:
         """The last position `node` computed for `stage` of a session, from its Health (no API

@@ -993,13 +993,14 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         with self._lock:
             counters = [pb.PositionCount(session=s, stage=st, position=p, forward=c[0], replay=c[1])
                         for (s, st, p), c in sorted(self._counters.items()) if not req.session or s == req.session]
+            held = sorted(st for s, st in self._assignments if req.session and s == req.session)
             req, rej = self.requests, self.rejected
         return pb.HealthResponse(node_id=self.identity.node_id, public_key=self.identity.public_key_text,
                                  backend=self.backend, labels={str(k): str(v) for k, v in self.config.labels.items()},
                                  llama_cpp_version=str(self.build.get("llama_cpp_python", "")),
                                  ggml_commit=str(self.build.get("commit", "")), counters=counters,
                                  requests=req, rejected=rej, fault=self.fault.name if self.fault else "",
-                                 audit_fault=self.audit_fault.name if self.audit_fault else "")
+                                 audit_fault=self.audit_fault.name if self.audit_fault else "", held_stages=held)
 
 
 class AuditProcess:

@@ -464,6 +464,8 @@ def test_release_frees_a_stage_and_its_audit_slot_and_fences_it(agent, model_pat
     """Release, as a driver outside Kubernetes calls it at its end (SessionDriver.close(release=True))."""
     stub, service, _ = agent
     stub.LoadStage(pb.LoadStageRequest(ref=ref("rel", 0, 2), model_path=model_path, first_layer=0, last_layer=9))
+    assert list(stub.Health(pb.HealthRequest(session="rel")).held_stages) == [0]   # loaded, nothing computed yet
+    assert not stub.Health(pb.HealthRequest()).held_stages                          # only for a session asked
     stub.Forward(pb.ForwardRequest(ref=ref("rel", 0, 2), position=0, tokens=PROMPT))
     # An audit of the stage on this agent holds a slot of its own.
     stub.Audit(pb.AuditRequest(ref=ref("rel", 0, 2), model_path=model_path, first_layer=0, last_layer=9,
@@ -474,6 +476,7 @@ def test_release_frees_a_stage_and_its_audit_slot_and_fences_it(agent, model_pat
     assert stub.Release(pb.ReleaseRequest(ref=ref("rel", 0, 2))).slots == 2
     assert ("rel", 0) not in service.held() and "rel" not in service.sessions()
     assert not stub.Health(pb.HealthRequest(session="rel")).counters
+    assert not stub.Health(pb.HealthRequest(session="rel")).held_stages
     for call in (lambda: stub.Forward(pb.ForwardRequest(ref=ref("rel", 0, 2), position=len(PROMPT), tokens=[5])),
                  lambda: stub.LoadStage(pb.LoadStageRequest(ref=ref("rel", 0, 2), model_path=model_path,
                                                             first_layer=0, last_layer=9))):
