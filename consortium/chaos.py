@@ -252,11 +252,11 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
         marks = {"running": time.monotonic()}
         victim, old_epoch = None, None
         if t.stage is not None:   # read before the token is reached: the fault lands right after it
-            sa = bed.get("stageassignment", f"{name}-s{t.stage}", ns)["spec"]
+            sa = bed.wait_assignment(name, ns, t.stage, 60)
             victim, old_epoch = sa["nodeName"], int(sa["epoch"])
         out["victim"] = victim
         # Where the session is, asked of the node the fault hits (stage 0's for the control plane's).
-        probe = victim or bed.get("stageassignment", f"{name}-s0", ns)["spec"]["nodeName"]
+        probe = victim or bed.wait_assignment(name, ns, 0, 60)["nodeName"]
         at = bed.wait_token(name, ns, probe, t.stage or 0, t.at_token, timeout_s)
         t_fault = marks["fault"] = time.monotonic()
         if t.fault == "operator":

@@ -92,7 +92,7 @@ def run(opts, cluster=None, spec_overrides: dict | None = None) -> dict:
         cl.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(body))
         killed = {}
         if opts.kill_stage is not None:
-            victim = bed.wait_assignment(SESSION, NAMESPACE, opts.kill_stage, 300)
+            victim = bed.wait_assignment(SESSION, NAMESPACE, opts.kill_stage, 300)["nodeName"]
             # Killed once it has computed its row of the step that generates token kill_at, asked of
             # the agent itself: the next step finds it gone (the report says where the failover landed;
             # a kill between computing the row and answering loses that step instead: one token early).

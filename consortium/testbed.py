@@ -225,10 +225,10 @@ class Testbed:
         s = self.api().get_namespaced_custom_object(r.GROUP, r.VERSION, namespace, r.InferenceSession.plural, name)
         return r.session_id(namespace, name, s["metadata"]["uid"])
 
-    def wait_assignment(self, name: str, namespace: str, stage: int, timeout: float) -> str:
-        """The node the operator placed `stage` of the session on, read as soon as its
-        StageAssignment exists (through the API's client every 20 ms: kubectl takes a few tenths of
-        a second a call, in which a short session's first tokens go by)."""
+    def wait_assignment(self, name: str, namespace: str, stage: int, timeout: float) -> dict:
+        """The spec (nodeName, epoch, ...) of the StageAssignment of `stage` of the session, read as
+        soon as it exists (through the API's client every 20 ms: kubectl takes a few tenths of a
+        second a call, in which a short session's first tokens go by)."""
         api = self.api()
 
         def placed():
@@ -239,7 +239,7 @@ class Testbed:
                 if kube.is_status(e, 404):
                     return None
                 raise
-            return sa["spec"]["nodeName"]
+            return sa["spec"]
         return wait_until(placed, timeout, f"stage {stage} of {name} to be placed", every=0.02)
 
     def wait_token(self, name: str, namespace: str, node: str, stage: int, token: int, timeout: float,
