@@ -14,6 +14,7 @@ import ipaddress
 import os
 import ssl
 import tempfile
+import threading
 from pathlib import Path
 
 from cryptography import x509
@@ -21,8 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CertificateAuthority", "Credentials", "TLSError", "secure_channel", "local_pki", "signing_request",
-           "requested_key"]
+__all__ = ["CertificateAuthority", "Credentials", "Rotating", "TLSError", "secure_channel", "local_pki",
+           "signing_request", "requested_key"]
 
 DRIVER_NAME = "consortium-driver"   # the client certificate's name for the driver/operator
 # The Kubernetes CertificateSigningRequest signer of agent certificates, when the operator issues them.
@@ -186,11 +187,7 @@ class Credentials:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.check_hostname = not server and peer_name is not None
-        ctx.load_verify_locations(cadata=self.ca_pem.decode())
-        # ssl loads a certificate chain only from files: written for the call into a private folder.
-        with tempfile.TemporaryDirectory(prefix="consortium-tls-") as d:
-            paths = self.write(d)
-            ctx.load_cert_chain(paths["cert"], paths["key"])
+        _load_identity(ctx, self)
         return ctx
 
     def write(self, directory: str | os.PathLike) -> dict[str, str]:
@@ -204,6 +201,62 @@ class Credentials:
         with os.fdopen(fd, "wb") as f:
             f.write(self.key_pem)
         return {k: str(v) for k, v in paths.items()}
+
+
+class Rotating:
+    """A serving process's credentials that it may replace while it runs (an agent renewing the
+    certificate it asked the cluster for): each new handshake, on the gRPC port (gRPC asks for the
+    certificate at every new connection) and on the data lane (its contexts are reloaded), presents
+    the newest certificate and requires callers of the newest CA; connections already open keep
+    theirs. Has the serving side of Credentials' interface."""
+
+    def __init__(self, creds: Credentials):
+        self.current = creds
+        self._lock = threading.Lock()
+        self._contexts: list[ssl.SSLContext] = []
+
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    def update(self, creds: Credentials) -> None:
+        if creds.name != self.current.name:
+            raise TLSError(f"a certificate for {creds.name!r} cannot replace one for {self.current.name!r}")
+        with self._lock:
+            self.current = creds
+            for ctx in self._contexts:
+                _load_identity(ctx, creds)
+
+    def server_credentials(self):
+        import grpc
+
+        def config(creds: Credentials):
+            return grpc.ssl_server_certificate_configuration([(creds.key_pem, creds.cert_pem)],
+                                                             root_certificates=creds.ca_pem)
+        served = [self.current]
+
+        def fetch():   # gRPC's question at each new connection: None keeps what it has
+            with self._lock:
+                if self.current is served[0]:
+                    return None
+                served[0] = self.current
+                return config(self.current)
+        return grpc.dynamic_ssl_server_credentials(config(self.current), fetch, require_client_authentication=True)
+
+    def ssl_context(self, *, server: bool, peer_name: str | None = None) -> ssl.SSLContext:
+        with self._lock:
+            ctx = self.current.ssl_context(server=server, peer_name=peer_name)
+            self._contexts.append(ctx)
+        return ctx
+
+
+def _load_identity(ctx: ssl.SSLContext, creds: Credentials) -> None:
+    """Put `creds`' certificate, key and CA into `ctx` (ssl loads a chain only from files: written for
+    the call into a private folder). A context trusts every CA loaded into it: a renewal keeps its CA."""
+    ctx.load_verify_locations(cadata=creds.ca_pem.decode())
+    with tempfile.TemporaryDirectory(prefix="consortium-tls-") as d:
+        paths = creds.write(d)
+        ctx.load_cert_chain(paths["cert"], paths["key"])
 
 
 # -- certificates through the Kubernetes API (CertificateSigningRequests) ----------------------------
@@ -283,7 +336,8 @@ def add_arguments(p, role: str) -> None:
         g.add_argument("--tls-from-cluster", metavar="DIR", default=env("CONSORTIUM_TLS_FROM_CLUSTER"),
                        help="instead of --tls-*: make a key in DIR and ask the cluster for a certificate naming "
                             "this node (a CertificateSigningRequest the operator signs for the agent whose token "
-                            "is bound to this node); kept in DIR and used again while a third of its lifetime is left")
+                            "is bound to this node); kept in DIR, and renewed, at start or while serving, once a "
+                            "third of its lifetime is left")
     else:
         g.add_argument("--tls-ca-key", default=env("CONSORTIUM_TLS_CA_KEY"),
                        help="PEM file: the key of --tls-ca. The operator then issues its own client certificate "

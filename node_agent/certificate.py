@@ -6,14 +6,17 @@ CertificateSigningRequest of signer consortium.io/agent for a certificate naming
 operator signs it when the agent's token is bound to that node (consortium_operator.certificates).
 The chain the operator returns ends with its CA, which the agent then requires of its callers. The
 certificate is kept in DIR beside the key and used again at the next start while more than a third
-of its lifetime is left (a new one is asked for after that, as a kubelet renews its own); a running
-agent keeps serving with it until restarted (no rotation while running).
+of its lifetime is left. A running agent renews it then too, as a kubelet renews its own (Renewer):
+it asks again with the same key and serves the new certificate to every new connection
+(tls.Rotating), while connections already open keep theirs.
 """
 from __future__ import annotations
 
 import base64
+import datetime
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +28,9 @@ from consortium import kube, tls
 
 log = logging.getLogger("node_agent.certificate")
 
-RENEW_AT = 1 / 3   # of a kept certificate's lifetime left: ask for a new one
+RENEW_AT = 1 / 3   # of a certificate's lifetime left: ask for a new one
 WAIT_LOG_S = 30.0   # how often a waiting agent says it still waits
+RETRY_S = 60.0      # after a renewal that failed
 
 
 def _key(directory: Path) -> ec.EllipticCurvePrivateKey:
@@ -59,11 +63,15 @@ def kept(directory: Path, name: str) -> tls.Credentials | None:
         return None
     cert = x509.load_pem_x509_certificate(creds.cert_pem)
     key = serialization.load_pem_private_key(creds.key_pem, password=None)
-    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-    if creds.name != name or cert.public_key() != key.public_key() or \
-            cert.not_valid_after_utc - kube.now() < RENEW_AT * lifetime:
+    if creds.name != name or cert.public_key() != key.public_key() or renewal_due(creds) <= kube.now():
         return None
     return creds
+
+
+def renewal_due(creds: tls.Credentials) -> datetime.datetime:
+    """When a certificate has RENEW_AT of its lifetime left."""
+    cert = x509.load_pem_x509_certificate(creds.cert_pem)
+    return cert.not_valid_after_utc - RENEW_AT * (cert.not_valid_after_utc - cert.not_valid_before_utc)
 
 
 def from_cluster(directory: str | os.PathLike, name: str, *, poll_s: float = 1.0) -> tls.Credentials:
@@ -75,6 +83,11 @@ def from_cluster(directory: str | os.PathLike, name: str, *, poll_s: float = 1.0
     if have is not None:
         log.info("TLS certificate for %s from %s (kept from an earlier start)", name, d)
         return have
+    return ask(d, name, poll_s=poll_s)
+
+
+def ask(d: Path, name: str, *, poll_s: float = 1.0) -> tls.Credentials:
+    """A new certificate for DIR's key (made if missing), asked of the cluster and kept in DIR."""
     key = _key(d)
     api = kube.certificates()
     made = api.create_certificate_signing_request({
@@ -130,3 +143,38 @@ def _keep(d: Path, name: str, key, chain_pem: bytes, csr: str) -> tls.Credential
     log.info("TLS certificate for %s signed by %s, valid until %s, kept in %s", name,
              ca.subject.rfc4514_string(), leaf.not_valid_after_utc.isoformat(timespec="seconds"), d)
     return creds
+
+
+class Renewer:
+    """Renews a running agent's certificate when RENEW_AT of its lifetime is left (again RETRY_S
+    after a failed try), into `rotating`, which serves it to new connections."""
+
+    def __init__(self, rotating: tls.Rotating, directory: str | os.PathLike, name: str):
+        self.rotating, self.directory, self.name = rotating, Path(directory), name
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tls-renewer", daemon=True)
+
+    def start(self) -> "Renewer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def renew(self) -> None:
+        """Ask now (the loop calls it when due)."""
+        self.rotating.update(ask(self.directory, self.name))
+        self.renewals += 1
+
+    def _run(self) -> None:
+        due = renewal_due(self.rotating.current)
+        while not self._stop.wait(max(0.0, (due - kube.now()).total_seconds())):
+            try:
+                self.renew()
+                due = renewal_due(self.rotating.current)
+            except Exception as e:  # noqa: BLE001 - the certificate in use stays valid meanwhile
+                log.warning("renewing the TLS certificate for %s failed (%s); trying again in %.0f s", self.name,
+                            e if isinstance(e, tls.TLSError) else kube.reason(e), RETRY_S)
+                due = kube.now() + datetime.timedelta(seconds=RETRY_S)
+

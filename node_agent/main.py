@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         from node_agent import certificate
 
         try:
-            creds = certificate.from_cluster(args.tls_from_cluster, name)
+            creds = tls.Rotating(certificate.from_cluster(args.tls_from_cluster, name))
         except tls.TLSError as e:
             print(f"error: --tls-from-cluster: {e}", file=sys.stderr)
             return 2
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"mutual TLS as {creds.name}" if creds else "PLAINTEXT", service.backend,
                  ", repacking off" if args.no_repack else "", f", FAULT {fault}" if fault else "",
                  f", LYING AUDITS {audit_fault.name}" if audit_fault else "")
+    renewer = certificate.Renewer(creds, args.tls_from_cluster, name).start() if args.tls_from_cluster else None
     registrar = None
     if args.kubeconfig or in_cluster:
         from node_agent import registration
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
+    if renewer is not None:
+        renewer.stop()
     if registrar is not None:
         registrar.stop()
     srv.stop(grace=2).wait()

@@ -217,3 +217,78 @@ def test_an_agent_keeps_its_asked_for_certificate_while_a_third_of_its_life_is_l
     keep("n1", 1, public_key=tls._new_key().public_key())                             # not for the kept key
     assert certificate.kept(tmp_path, "n1") is None
 
+
+
+def test_rotating_credentials_present_the_new_certificate_to_new_connections(tmp_path):
+    """An agent serving tls.Rotating credentials: after update(), new handshakes on the gRPC port and
+    the data lane get the new certificate and need callers of its CA (here a second CA, so that the
+    switch shows: the old CA's driver is refused, the new one's served)."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    first, second = tls.CertificateAuthority.create(), tls.CertificateAuthority.create()
+    creds = [tls.Credentials(*ca.issue("n5"), ca.cert_pem) for ca in (first, second)]
+    drivers = [tls.Credentials(*ca.issue(tls.DRIVER_NAME, server=False), ca.cert_pem) for ca in (first, second)]
+    rotating = tls.Rotating(creds[0])
+    ident = NodeIdentity.load_or_create(tmp_path / "node.pem", "n5")
+    srv, service, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(node_id="n5", threads=1, n_ctx=64),
+                                      tls=rotating)
+
+    def lane_certificate(driver) -> bytes:
+        ctx = driver.ssl_context(server=False, peer_name="n5")
+        with socket.create_connection(("127.0.0.1", service.data_port), timeout=CALL_S) as raw:
+            with ctx.wrap_socket(raw, server_hostname="n5") as conn:
+                return conn.getpeercert(binary_form=True)
+
+    def der(creds) -> bytes:
+        return x509.load_pem_x509_certificate(creds.cert_pem).public_bytes(serialization.Encoding.DER)
+    try:
+        assert health(f"127.0.0.1:{port}", "n5", drivers[0]).node_id == "n5"
+        assert lane_certificate(drivers[0]) == der(creds[0])
+        with pytest.raises(tls.TLSError, match="cannot replace one for 'n5'"):
+            rotating.update(tls.Credentials(*second.issue("n6"), second.cert_pem))
+        rotating.update(creds[1])
+        assert health(f"127.0.0.1:{port}", "n5", drivers[1]).node_id == "n5"
+        refused(f"127.0.0.1:{port}", "n5", drivers[0])
+        assert lane_certificate(drivers[1]) == der(creds[1])
+        with pytest.raises(ssl.SSLError):   # the lane presents the new CA's certificate to the old CA's driver
+            lane_certificate(drivers[0])
+    finally:
+        srv.stop(None)
+
+
+def test_the_renewer_asks_again_when_a_third_of_the_life_is_left(tmp_path, monkeypatch):
+    """node_agent.certificate.Renewer, the cluster's answer stood in by a CA here (the whole round
+    trip through the API and the operator is tests/k8s/test_certificates.py): a certificate past its
+    renewal point is renewed at once, the new one not before its own."""
+    import threading
+    import time
+
+    from node_agent import certificate
+
+    ca = tls.CertificateAuthority.create()
+    key = certificate._key(tmp_path)
+    short = tls.Credentials(ca.certify("n1", key.public_key(), client=False, days=0.001),
+                            (tmp_path / "tls.key").read_bytes(), ca.cert_pem)
+    assert certificate.renewal_due(short) < certificate.kube.now()
+    asked = threading.Event()
+
+    def ask(d, name, **_):
+        asked.set()
+        return tls.Credentials(ca.certify(name, key.public_key(), client=False, days=30), short.key_pem, ca.cert_pem)
+    monkeypatch.setattr(certificate, "ask", ask)
+    rotating = tls.Rotating(short)
+    renewer = certificate.Renewer(rotating, tmp_path, "n1").start()
+    try:
+        assert asked.wait(10)
+        deadline = time.monotonic() + 10
+        while not renewer.renewals and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert renewer.renewals == 1 and rotating.current is not short
+        assert (certificate.renewal_due(rotating.current) - certificate.kube.now()).days >= 19   # 20 of its 30 days
+    finally:
+        renewer.stop()
+

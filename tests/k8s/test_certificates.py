@@ -22,7 +22,7 @@ pytestmark = pytest.mark.k8s
 
 NS = testbed.NS
 AGENT_USER = f"system:serviceaccount:{NS}:{testbed.AGENT_SA}"
-NODES = ("cert-a", "cert-b", "cert-c")   # agents started here: their Nodes and ComputeNodes go at the end
+NODES = ("cert-a", "cert-b", "cert-c", "cert-d")   # agents started here: their Nodes and ComputeNodes go at the end
 OPERATOR_ARGS = ["--namespace", "certificates-no-sessions"]
 
 
@@ -93,6 +93,50 @@ def test_a_request_made_while_the_operator_was_down_is_signed_when_it_starts(iss
     bed.start_operator(OPERATOR_ARGS)
     bed.wait_agent("cert-c")
     assert _health(bed, "cert-c").node_id == "cert-c"
+
+
+def test_a_running_agent_renews_its_certificate_and_new_connections_get_the_new_one(issuing, tmp_path):
+    """What node-agent's Renewer does when a third of the certificate's life is left, done now: the
+    same key asks again, the operator signs again, and the agent (in this process, with the agent's
+    node-bound token) presents the new certificate to the next connection."""
+    import socket
+
+    from cryptography.hazmat.primitives import serialization
+
+    from consortium import kube
+    from node_agent import certificate, server
+    from node_agent.identity import NodeIdentity
+
+    bed, cluster = issuing, issuing.cluster
+    kube.load_config(cluster.write_kubeconfig(tmp_path / "agent.kubeconfig", token=cluster.node_bound_token(
+        testbed.AGENT_SA, NS, "cert-d")))
+    try:
+        rotating = tls.Rotating(certificate.from_cluster(tmp_path / "tls", "cert-d"))
+        srv, service, port = server.serve(NodeIdentity.load_or_create(tmp_path / "node.pem", "cert-d"), "127.0.0.1:0",
+                                          server.AgentConfig(node_id="cert-d", threads=1, n_ctx=64), tls=rotating)
+    finally:
+        kube.load_config(cluster.kubeconfig)
+
+    def served() -> bytes:
+        ctx = bed.driver_tls.ssl_context(server=False, peer_name="cert-d")
+        with socket.create_connection(("127.0.0.1", service.data_port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="cert-d") as conn:
+                return conn.getpeercert(binary_form=True)
+    try:
+        first = served()
+        kube.load_config(str(tmp_path / "agent.kubeconfig"))
+        try:
+            certificate.Renewer(rotating, tmp_path / "tls", "cert-d").renew()
+        finally:
+            kube.load_config(cluster.kubeconfig)
+        new = x509.load_pem_x509_certificate(rotating.current.cert_pem)
+        assert served() == new.public_bytes(serialization.Encoding.DER) != first
+        assert len(_requests(cluster, "cert-d")) == 2
+        with tls.secure_channel(f"127.0.0.1:{port}", "cert-d", bed.driver_tls) as ch:
+            assert wire.pb_grpc.NodeAgentStub(ch).Health(pb.HealthRequest(), timeout=10).node_id == "cert-d"
+        assert (tmp_path / "tls" / "tls.crt").read_bytes() == rotating.current.cert_pem   # kept for the next start
+    finally:
+        srv.stop(None)
 
 
 def _ask(cluster, name: str, *, token: str | None, node: str, usages=("digital signature", "server auth")):
