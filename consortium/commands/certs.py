@@ -52,4 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fraud proofs: --proof-key {proof} (public key {ident.public_key_text})")
         print(f"operator Secret: kubectl -n consortium-system create secret generic consortium-operator-tls "
               f"--from-file={d / tls.DRIVER_NAME}")
+        print(f"  or, for the chart's tls.issuer operator (the operator signs the agents' certificates): "
+              f"kubectl -n consortium-system create secret generic consortium-operator-tls --from-file={d / 'ca.crt'} "
+              f"--from-file={d / 'ca.key'} --from-file={proof}")
     return 0
