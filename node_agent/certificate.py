@@ -51,8 +51,9 @@ def _key(directory: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def kept(directory: Path, name: str) -> tls.Credentials | None:
-    """The certificate DIR already holds, if it names `name`, belongs to DIR's key and has more than
-    RENEW_AT of its lifetime left."""
+    """The certificate DIR already holds, if it names `name`, belongs to DIR's key, was issued by
+    DIR's ca.crt (the files are written one after another) and has more than RENEW_AT of its
+    lifetime left."""
     paths = [directory / f for f in ("tls.crt", "tls.key", "ca.crt")]
     if not all(p.exists() for p in paths):
         return None
@@ -63,6 +64,10 @@ def kept(directory: Path, name: str) -> tls.Credentials | None:
         return None
     cert = x509.load_pem_x509_certificate(creds.cert_pem)
     key = serialization.load_pem_private_key(creds.key_pem, password=None)
+    try:
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(creds.ca_pem))
+    except Exception:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError: not that CA's
+        return None
     if creds.name != name or cert.public_key() != key.public_key() or renewal_due(creds) <= kube.now():
         return None
     return creds

@@ -216,6 +216,9 @@ def test_an_agent_keeps_its_asked_for_certificate_while_a_third_of_its_life_is_l
     assert certificate.kept(tmp_path, "n1") is None
     keep("n1", 1, public_key=tls._new_key().public_key())                             # not for the kept key
     assert certificate.kept(tmp_path, "n1") is None
+    keep("n1", 1)
+    (tmp_path / "ca.crt").write_bytes(tls.CertificateAuthority.create().cert_pem)     # not issued by ca.crt
+    assert certificate.kept(tmp_path, "n1") is None
 
 
 
