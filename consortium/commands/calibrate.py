@@ -233,7 +233,7 @@ def collect_model(spec: str, prompts: list[tuple[str, str]], *, threads: int, se
     from consortium.tokenizer import Tokenizer
     from consortium.verification.canonical import DEFAULT_GRID, canonical_rows
     from consortium.verification.verdicts import Tolerance
-    from node_agent.engine.reference import ReferenceError, ReferenceLlama
+    from node_agent.engine.reference import ReferenceError, ReferenceModel
     from node_agent.engine.slicing import read_model_info, stage_file
     from node_agent.engine.stage import Stage, StageConfig
     from node_agent.faults import CheatingStage, Fault, apply_fault
@@ -249,7 +249,7 @@ def collect_model(spec: str, prompts: list[tuple[str, str]], *, threads: int, se
     worker_cfg = StageConfig(threads=threads, n_ctx=n_ctx, n_seq_max=1, n_batch=64, repack=True)
     other_cfg = dataclasses.replace(worker_cfg, repack=False)
     try:
-        ref = ReferenceLlama(path)
+        ref = ReferenceModel(path)
     except ReferenceError as e:
         ref = None
         log(f"  {label}: no numpy reference pair ({e})")

@@ -1,8 +1,10 @@
-"""An independent reference implementation of the llama architecture's layers, in numpy.
+"""An independent reference implementation of the llama, qwen2 and qwen3 architectures' layers, in numpy.
 
 It shares nothing with llama.cpp but the GGUF file: weights are read and dequantized with gguf-py,
 and every operation (RMSNorm, rotary embedding, grouped-query causal attention, SwiGLU) is written
-out here from the architecture's definition. Two uses:
+out here from the architecture's definition (qwen2 adds biases to the query, key and value
+projections; qwen3 an RMSNorm over each query and key head, and heads of their own width; both
+rotate in NEOX mode). Two uses:
 
 - Proving the slicing right. A stage file for layers a..b, run by llama.cpp, must compute what the
   reference computes for layers a..b of the whole model; a slice that is off by one layer or that
@@ -22,9 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
-# Layer tensors the llama architecture needs (biases and other variants are refused, not ignored).
-_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+# Layer tensors every implemented architecture needs, and those each one adds (anything else is
+# refused, not ignored).
+_LAYER_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                  "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+_ARCH_TENSORS = {
+    "llama": (),
+    "qwen2": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+    "qwen3": ("attn_q_norm.weight", "attn_k_norm.weight"),
+}
+# llama.cpp's rope mode per architecture: "normal" rotates adjacent pairs (2i, 2i+1), "neox" the
+# pairs (i, i + n_rot/2).
+_ROPE_MODE = {"llama": "normal", "qwen2": "neox", "qwen3": "neox"}
 
 
 class ReferenceError(ValueError):
@@ -46,7 +57,7 @@ class KVCache:
         return 0 if k is None else k.shape[0]
 
 
-class ReferenceLlama:
+class ReferenceModel:
     def __init__(self, model_path: str | os.PathLike):
         import gguf
 
@@ -59,32 +70,38 @@ class ReferenceLlama:
             return default if f is None else f.contents()
 
         arch = get("general.architecture")
-        if arch != "llama":
-            raise ReferenceError(f"the reference implements the llama architecture, not {arch!r}")
-        self.n_layers = int(get("llama.block_count"))
-        self.n_embd = int(get("llama.embedding_length"))
-        self.n_head = int(get("llama.attention.head_count"))
-        n_head_kv = get("llama.attention.head_count_kv", self.n_head)
+        if arch not in _ARCH_TENSORS:
+            raise ReferenceError(f"the reference implements the {', '.join(_ARCH_TENSORS)} architectures, "
+                                 f"not {arch!r}")
+        self.arch = arch
+        self.n_layers = int(get(f"{arch}.block_count"))
+        self.n_embd = int(get(f"{arch}.embedding_length"))
+        self.n_head = int(get(f"{arch}.attention.head_count"))
+        n_head_kv = get(f"{arch}.attention.head_count_kv", self.n_head)
         if isinstance(n_head_kv, list):
             raise ReferenceError("per-layer head_count_kv is not implemented")
         self.n_head_kv = int(n_head_kv)
-        self.head_dim = self.n_embd // self.n_head
-        self.n_rot = int(get("llama.rope.dimension_count", self.head_dim))
-        self.eps = float(get("llama.attention.layer_norm_rms_epsilon", 1e-5))
-        self.rope_base = float(get("llama.rope.freq_base", 10000.0))
-        scaling = get("llama.rope.scaling.type", "none")
-        factor = float(get("llama.rope.scaling.factor", 0.0) or 0.0)
+        self.head_dim = int(get(f"{arch}.attention.key_length", self.n_embd // self.n_head))
+        if int(get(f"{arch}.attention.value_length", self.head_dim)) != self.head_dim:
+            raise ReferenceError("values of another width than keys are not implemented")
+        self.n_rot = int(get(f"{arch}.rope.dimension_count", self.head_dim))
+        self.rope_mode = _ROPE_MODE[arch]
+        self.eps = float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+        self.rope_base = float(get(f"{arch}.rope.freq_base", 10000.0))
+        scaling = get(f"{arch}.rope.scaling.type", "none")
+        factor = float(get(f"{arch}.rope.scaling.factor", 0.0) or 0.0)
         if scaling not in ("none", "linear") and factor not in (0.0, 1.0):
             raise ReferenceError(f"rope scaling {scaling!r} is not implemented")
         self.rope_freq_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
 
         self._tensors = {t.name: t for t in self._reader.tensors}
         self._cache: dict[str, np.ndarray] = {}  # dequantized weights, filled as layers are used
+        wanted = _LAYER_TENSORS + _ARCH_TENSORS[arch]
         for il in range(self.n_layers):
-            for name in _LAYER_TENSORS:
-                if f"blk.{il}.{name}.weight" not in self._tensors:
-                    raise ReferenceError(f"blk.{il}.{name}.weight is missing")
-            extra = [n for n in self._tensors if n.startswith(f"blk.{il}.") and n.split(".")[2] not in _LAYER_TENSORS]
+            for name in wanted:
+                if f"blk.{il}.{name}" not in self._tensors:
+                    raise ReferenceError(f"blk.{il}.{name} is missing")
+            extra = [n for n in self._tensors if n.startswith(f"blk.{il}.") and n.split(".", 2)[2] not in wanted]
             if extra:
                 raise ReferenceError(f"tensors the reference does not implement: {', '.join(extra)}")
         self.tied_output = "output.weight" not in self._tensors
@@ -107,13 +124,20 @@ class ReferenceLlama:
             self._cache[name] = w
         return w
 
-    def _layer(self, il: int, name: str) -> np.ndarray:
-        return self._weight(f"blk.{il}.{name}.weight")
+    def _layer(self, il: int, name: str, kind: str = "weight") -> np.ndarray:
+        return self._weight(f"blk.{il}.{name}.{kind}")
+
+    def _project(self, il: int, h: np.ndarray, name: str, heads: int) -> np.ndarray:
+        """h times a Q, K or V projection (plus its bias where the architecture has one), split in heads."""
+        out = h @ self._layer(il, name).T
+        if f"blk.{il}.{name}.bias" in self._tensors:
+            out = out + self._layer(il, name, "bias")
+        return out.reshape(h.shape[0], heads, self.head_dim)
 
     # -- the model -------------------------------------------------------------------------------
 
     def embed(self, token_ids) -> np.ndarray:
-        """Rows of token_embd for the ids: the input of layer 0 (llama applies no embedding scale)."""
+        """Rows of token_embd for the ids: the input of layer 0 (none of these architectures scales it)."""
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= self.n_vocab:
             raise ValueError(f"token ids must be a non-empty 1-D array in [0, {self.n_vocab})")
@@ -156,9 +180,12 @@ class ReferenceLlama:
         n = x.shape[0]
         hd, nh, nkv = self.head_dim, self.n_head, self.n_head_kv
         h = self._rms_norm(x, self._layer(il, "attn_norm"))
-        q = (h @ self._layer(il, "attn_q").T).reshape(n, nh, hd)
-        k = (h @ self._layer(il, "attn_k").T).reshape(n, nkv, hd)
-        v = (h @ self._layer(il, "attn_v").T).reshape(n, nkv, hd)
+        q = self._project(il, h, "attn_q", nh)
+        k = self._project(il, h, "attn_k", nkv)
+        v = self._project(il, h, "attn_v", nkv)
+        if self.arch == "qwen3":   # RMSNorm over each head's own width, before the rotation
+            q = self._rms_norm(q, self._layer(il, "attn_q_norm"))
+            k = self._rms_norm(k, self._layer(il, "attn_k_norm"))
         q = self._rope(q, cos, sin)
         k = self._rope(k, cos, sin)
         if kv_cache is not None:
@@ -187,9 +214,9 @@ class ReferenceLlama:
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * weight
 
     def _rope_tables(self, positions: np.ndarray):
-        # llama.cpp's rope for the llama architecture is the "normal" mode: dimension pairs
-        # (2i, 2i+1) rotate by pos * base^(-2i/n_rot), divided by rope_freqs[i] when the model has
-        # it (Llama 3.1's long-context factors). Converters permute Q and K so this equals HF's form.
+        # Pair i of the n_rot/2 rotated pairs turns by pos * base^(-2i/n_rot), divided by
+        # rope_freqs[i] when the model has it (Llama 3.1's long-context factors). Which dimensions
+        # form pair i is the mode's business (_rope).
         inv = self.rope_base ** (-np.arange(0, self.n_rot, 2, dtype=np.float64) / self.n_rot)
         inv = inv * self.rope_freq_scale
         if self._freq_factors is not None:
@@ -198,10 +225,16 @@ class ReferenceLlama:
         return np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]  # [n, 1, n_rot/2]
 
     def _rope(self, x: np.ndarray, cos, sin) -> np.ndarray:
+        # "normal" (llama: converters permute Q and K so that adjacent pairs equal HF's form): pair i
+        # is dimensions (2i, 2i+1). "neox" (qwen2, qwen3, HF's rotate_half): (i, i + n_rot/2).
+        if self.rope_mode == "normal":
+            first, second = slice(0, self.n_rot, 2), slice(1, self.n_rot, 2)
+        else:
+            first, second = slice(0, self.n_rot // 2), slice(self.n_rot // 2, self.n_rot)
         out = x.copy()
-        x0, x1 = x[..., 0:self.n_rot:2], x[..., 1:self.n_rot:2]
-        out[..., 0:self.n_rot:2] = x0 * cos - x1 * sin
-        out[..., 1:self.n_rot:2] = x0 * sin + x1 * cos
+        x0, x1 = x[..., first], x[..., second]
+        out[..., first] = x0 * cos - x1 * sin
+        out[..., second] = x0 * sin + x1 * cos
         return out  # dimensions past n_rot (if any) pass unrotated
 
 
@@ -224,4 +257,4 @@ def row_relative_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-__all__ = ["ReferenceLlama", "KVCache", "ReferenceError", "relative_l2", "row_relative_l2"]
+__all__ = ["ReferenceModel", "KVCache", "ReferenceError", "relative_l2", "row_relative_l2"]

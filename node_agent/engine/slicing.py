@@ -22,7 +22,12 @@ import numpy as np
 import consortium.cache
 from consortium.layers import LayerRange
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+# Each checked against llama.cpp's loader and graph for the architecture (llama-cpp-python 0.3.36's
+# sources): the layer output is named l_out-<i>, hidden states fed through embd are used unscaled (or,
+# for gemma3, only token input is scaled), and what depends on a layer's index or on the layer count
+# is written out or refused below. qwen2 and qwen3 derive nothing from either (the layer count only
+# names the model's size in its log); tested like llama on synthetic models of their shapes.
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "qwen2", "qwen3")
 STAGE_FORMAT = 2  # bump when stage files are written differently: cached files of older formats are not reused
 MODEL_INFO_FORMAT = 1  # bump when ModelInfo's fields change meaning: remembered infos of older formats are not read
 

@@ -1,6 +1,6 @@
-"""The Q4_K_M requantization of the default model and the synthetic Llama-3-shaped model: what they
-are made of, and identical greedy tokens unsplit, split in 3 and split in 5 (issue: 64 tokens on
-every supported model)."""
+"""The Q4_K_M requantization of the default model and the synthetic models of Llama 3's, Qwen 2.5's
+and Qwen 3's shapes: what they are made of, and identical greedy tokens unsplit, split in 3 and split
+in 5 (issue: 64 tokens on every supported model)."""
 from __future__ import annotations
 
 import time
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from consortium.generation import generate
-from consortium.layers import even_split
+from consortium.layers import LayerRange, even_split
 from consortium.models import resolve_model
 from consortium.tokenizer import Tokenizer, benchmark_prompt
 from node_agent.engine import quantize
 from node_agent.engine.pipeline import LocalPipeline
-from node_agent.engine.slicing import read_model_info
+from node_agent.engine.slicing import read_model_info, stage_file
 from node_agent.engine.stage import StageConfig
 
 # One thread: the CI machine has 2 cores shared with other jobs, and llama.cpp's spinning
@@ -83,6 +83,28 @@ def test_synthetic_llama3_has_llama3s_shape():
     assert types["blk.0.attn_q.weight"] == "Q4_K"  # width 256: real K-quants, no fallback
 
 
+@pytest.mark.parametrize("family,extra", [("qwen2", ("attn_q.bias", "attn_k.bias", "attn_v.bias")),
+                                          ("qwen3", ("attn_q_norm.weight", "attn_k_norm.weight"))])
+def test_synthetic_qwen_models_have_their_familys_shape(family, extra):
+    model = resolve_model(f"synthetic-{family}")
+    info = read_model_info(model)
+    assert info.architecture == family and info.file_type == "Q4_K_M"
+    assert (info.n_vocab, info.n_embd, info.n_layers, info.tied_output) == (151936, 256, 6, True)
+    reader = gguf.GGUFReader(str(model), "r")
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    assert all(f"blk.{il}.{name}" in shapes for il in range(6) for name in extra)
+    assert "output.weight" not in shapes and "rope_freqs.weight" not in shapes
+    if family == "qwen3":   # heads of 128 over a width of 256: attention twice as wide as the stream
+        assert reader.fields["qwen3.attention.key_length"].contents() == 128
+        assert shapes["blk.0.attn_q.weight"] == [256, 512] and shapes["blk.0.attn_output.weight"] == [512, 256]
+    # A stage file keeps its layers' own extra tensors, renumbered from 0.
+    stage = stage_file(model, LayerRange(2, 3))
+    stage_shapes = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(str(stage), "r").tensors}
+    for name in extra:
+        assert stage_shapes[f"blk.0.{name}"] == shapes[f"blk.2.{name}"]
+        assert f"blk.2.{name}" not in stage_shapes
+
+
 def test_a_model_without_a_tokenizer_refuses_text_and_benchmarks_feed_it_ids():
     model = resolve_model("synthetic-llama3")
     tok = Tokenizer(model)
@@ -115,10 +137,12 @@ def test_requantized_default_model_split_gives_identical_tokens():
     assert len(set(runs[1])) > 8  # not a degenerate loop on one token
 
 
-def test_synthetic_llama3_split_gives_identical_tokens():
-    model = resolve_model("synthetic-llama3")
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
+def test_synthetic_models_split_gives_identical_tokens(family):
+    model = resolve_model(f"synthetic-{family}")
+    n_vocab = read_model_info(model).n_vocab
     # No tokenizer: random ids from the whole vocabulary, including the top end of it.
-    prompt_ids = [int(t) for t in np.random.default_rng(3).integers(0, 128256, 20)] + [128255]
+    prompt_ids = [int(t) for t in np.random.default_rng(3).integers(0, n_vocab, 20)] + [n_vocab - 1]
     runs = _tokens_per_split(model, prompt_ids, 6)
     assert len(runs[1]) == MAX_TOKENS
     assert runs[3] == runs[1]

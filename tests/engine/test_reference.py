@@ -14,10 +14,10 @@ import pytest
 from consortium.layers import LayerRange
 from consortium.models import resolve_model
 from consortium.tokenizer import Tokenizer
-from node_agent.engine.reference import KVCache, ReferenceLlama, relative_l2, row_relative_l2
+from node_agent.engine.reference import KVCache, ReferenceError, ReferenceModel, relative_l2, row_relative_l2
 from node_agent.engine.slicing import stage_file
 from node_agent.engine.stage import Stage, StageConfig
-from node_agent.engine.synthetic import synthetic_llama3
+from node_agent.engine.synthetic import synthetic_model
 
 # One thread: the CI machine has 2 cores shared with other jobs, and llama.cpp's spinning
 # thread barrier slows down badly when its threads outnumber the free cores.
@@ -46,7 +46,7 @@ def smollm2():
     tok = Tokenizer(model)
     ids = np.asarray(tok.encode(PROMPT), dtype=np.int32)
     tok.close()
-    ref = ReferenceLlama(model)
+    ref = ReferenceModel(model)
     outs = {}
     with _stage(model, 0, 9, 30) as s:
         outs[(0, 9)] = s.forward(0, 0, tokens=ids)
@@ -118,23 +118,29 @@ def test_incremental_decoding_equals_prefill(smollm2):
         ref.run_layers(x[:1], 0, 9, start_pos=3, kv_cache=cache)
 
 
-# -- the synthetic model with Llama 3's shape (GQA 8/2, untied output, rope_freqs, 128256 tokens) --
+# -- the synthetic models: Llama 3's shape (GQA 8/2, untied output, rope_freqs, 128256 tokens), Qwen
+# 2.5's (QKV biases, NEOX rope) and Qwen 3's (per-head QK norms, heads of 128 over a width of 256) --
 
-# Measured 2025-11-23 with 16 random token ids (seed 7), split 0-1 / 2-3 / 4-5: the F32 model's
-# stage 0-1 is 1.0e-4 from the reference and its final stage's logits 8.5e-5 (only llama.cpp's f16
-# KV cache differs), which checks the reference's GQA, rope base and rope_freqs factors on their own.
-# The Q4_K_M model: 0.0088 and 0.0099 (8-bit activations for K-quant products). A stage holding the
-# wrong layers: 0.36 or more. Assertions at about 4x.
-SYNTH_TOL = {"F32": 4e-4, "Q4_K_M": 0.04}
+# Measured with 16 random token ids (seed 7), split 0-1 / 2-3 / 4-5, stage 0-1 and the final stage's
+# logits against the reference. Llama 3 (2025-11-23): F32 1.1e-4 and 8.7e-5 (only llama.cpp's f16
+# KV cache differs), which checks the reference's GQA, rope base and rope_freqs factors on their own;
+# Q4_K_M 0.0088 and 0.0099 (8-bit activations for K-quant products). Qwen 2.5 (2026-12-07): F32
+# 6.4e-4 and 1.7e-4, Q4_K_M 0.022 and 0.012; Qwen 3: F32 1.0e-3 and 1.7e-4, Q4_K_M 0.031 and 0.013.
+# The same reference rotating in the other rope mode: 0.36 (Qwen 2.5) and 0.66 (Qwen 3) at F32. A
+# stage holding the wrong layers: 0.36 or more. Assertions at about 4x.
+SYNTH_TOL = {("llama3", "F32"): 4e-4, ("llama3", "Q4_K_M"): 0.04,
+             ("qwen2", "F32"): 3e-3, ("qwen2", "Q4_K_M"): 0.09,
+             ("qwen3", "F32"): 4e-3, ("qwen3", "Q4_K_M"): 0.12}
+SYNTH_HEADS = {"llama3": (8, 2, 32, False), "qwen2": (4, 2, 64, True), "qwen3": (4, 2, 128, True)}
 
 
-@pytest.mark.parametrize("ftype", ["F32", "Q4_K_M"])
-def test_synthetic_llama3_stages_match_reference(ftype):
+@pytest.mark.parametrize("family,ftype", list(SYNTH_TOL))
+def test_synthetic_stages_match_reference(family, ftype):
     # The F32 copy uses a smaller vocabulary (16 MB instead of 1 GB of F32 embeddings and head);
-    # the Q4_K_M copy is the registered model with the full 128256-token vocabulary.
-    model = synthetic_llama3("F32", n_vocab=8192) if ftype == "F32" else resolve_model("synthetic-llama3")
-    ref = ReferenceLlama(model)
-    assert (ref.n_head, ref.n_head_kv, ref.tied_output) == (8, 2, False)
+    # the Q4_K_M copy is the registered model with the full vocabulary.
+    model = synthetic_model(family, "F32", n_vocab=8192) if ftype == "F32" else resolve_model(f"synthetic-{family}")
+    ref = ReferenceModel(model)
+    assert (ref.n_head, ref.n_head_kv, ref.head_dim, ref.tied_output) == SYNTH_HEADS[family]
     ids = np.random.default_rng(7).integers(0, ref.n_vocab, 16).astype(np.int32)
     with _stage(model, 0, 1, 6) as s:
         first = s.forward(0, 0, tokens=ids)
@@ -145,7 +151,29 @@ def test_synthetic_llama3_stages_match_reference(ftype):
     want_first = ref.run_layers(ref.embed(ids), 0, 1)
     want_logits = ref.logits(ref.run_layers(middle, 4, 5))
     e_first, e_logits = relative_l2(first, want_first), relative_l2(logits, want_logits)
-    print(f"synthetic {ftype}: stage 0-1 {e_first:.2e}, stage 4-5 logits {e_logits:.2e}")
-    assert e_first < SYNTH_TOL[ftype]
-    assert e_logits < SYNTH_TOL[ftype]
+    print(f"synthetic {family} {ftype}: stage 0-1 {e_first:.2e}, stage 4-5 logits {e_logits:.2e}")
+    assert e_first < SYNTH_TOL[family, ftype]
+    assert e_logits < SYNTH_TOL[family, ftype]
     assert row_relative_l2(first, ref.run_layers(ref.embed(ids), 1, 2)).mean() > 0.2
+
+
+def test_the_reference_refuses_what_it_does_not_implement(tmp_path):
+    """A qwen2 file without its biases is not computed as if they were zero."""
+    import gguf
+
+    src = gguf.GGUFReader(str(synthetic_model("qwen2", "F32", n_vocab=8192)), "r")
+    dst = gguf.GGUFWriter(str(tmp_path / "no-bias.gguf"), "qwen2")
+    for key, field in src.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            vtype = field.types[0]
+            dst.add_key_value(key, field.contents(), vtype,
+                              sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in src.tensors:
+        if t.name != "blk.3.attn_k.bias":
+            dst.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    dst.write_header_to_file()
+    dst.write_kv_data_to_file()
+    dst.write_tensors_to_file()
+    dst.close()
+    with pytest.raises(ReferenceError, match="blk.3.attn_k.bias is missing"):
+        ReferenceModel(tmp_path / "no-bias.gguf")
