@@ -118,7 +118,19 @@ def _parse_model_info(path: str) -> ModelInfo:
                      n_vocab=n_vocab, tied_output="output.weight" not in names, file_type=file_type)
 
 
+# Architectures checked and found unsplittable on this llama.cpp, with the reason.
+_UNSPLITTABLE = {
+    arch: ("llama.cpp scales a layer-0 input fed through embd by sqrt(n_embd) as it scales token "
+           "embeddings (gemma3 scales token input only), so every stage after the first would compute on "
+           "inputs scaled twice")
+    for arch in ("gemma", "gemma2")
+}
+
+
 def check_supported(info: ModelInfo) -> None:
+    if info.architecture in _UNSPLITTABLE:
+        raise UnsupportedModelError(f"architecture {info.architecture!r} cannot be split: "
+                                    f"{_UNSPLITTABLE[info.architecture]}")
     if info.architecture not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"architecture {info.architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)}); "

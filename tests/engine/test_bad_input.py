@@ -42,11 +42,13 @@ def test_cli_reports_a_bad_split_as_an_error(default_model, capsys):
     assert "layers 10-11 are in no stage" in capsys.readouterr().err
 
 
-def test_unsupported_architecture_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("arch,why", [("gpt2", "architecture 'gpt2' is not supported"),
+                                      ("gemma2", "architecture 'gemma2' cannot be split: .* sqrt\\(n_embd\\)")])
+def test_unsupported_architecture_is_refused_by_name(tmp_path, arch, why):
     import gguf
 
-    path = tmp_path / "tiny-gpt2.gguf"
-    w = gguf.GGUFWriter(str(path), "gpt2")
+    path = tmp_path / f"tiny-{arch}.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(2)
     w.add_embedding_length(8)
     w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
@@ -54,7 +56,7 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedModelError, match="architecture 'gpt2' is not supported"):
+    with pytest.raises(UnsupportedModelError, match=why):
         stage_file(path, LayerRange(0, 0), cache_dir=tmp_path / "cache")
 
 
