@@ -15,6 +15,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("consortium.commands.generate", "generate text, single-node or split into stages in one process"),
     "bench": ("consortium.commands.bench", "benchmarks with figures measured side by side in one run"),
     "cluster": ("consortium.commands.cluster", "start, stop or inspect the local Kubernetes control plane"),
+    "ask": ("consortium.commands.ask", "create an InferenceSession for a prompt and stream its text as it is generated"),
+    "follow": ("consortium.commands.follow", "stream a session's text as it is generated, with its failovers, rollbacks and outcome"),
     "testcase": ("consortium.commands.testcase", "Test Case v1 through Kubernetes (or --standalone): baseline, audits, a killed node, a report"),
     "calibrate": ("consortium.commands.calibrate", "measure honest and cheating stage outputs; choose the verification tolerances"),
     "chaos": ("consortium.commands.chaos", "randomized fault trials (kill, hang, partition, slow link, double failure, operator death) with agents in network namespaces"),

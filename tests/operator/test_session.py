@@ -2,13 +2,15 @@
 as a kopf daemon, receipts and verdicts as objects, and failover when stage 1's agent is SIGKILLed."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from consortium import metrics, testbed
+from consortium import follow, metrics, testbed
 from consortium.driver.state import audit_records
 from consortium.testbed import TEST_MAX_TOKENS as MAX_TOKENS
 
@@ -18,11 +20,50 @@ NS = "tc-v1"
 KILL_AT = 20
 
 
+class CountingView(follow.SessionView):
+    """A SessionView that counts the snapshots that showed more text than the one before."""
+    growths = 0
+
+    def update(self, obj):
+        before = len(self.printed)
+        super().update(obj)
+        self.growths += len(self.printed) > before
+
+
+class Follower:
+    """`consortium follow` of the session, in a thread from its creation on: what a person watching
+    it was told."""
+
+    def __init__(self, api):
+        self.out, self.err = io.StringIO(), io.StringIO()
+        self.view = CountingView(self.out, self.err)
+        self.error = None
+        self._thread = threading.Thread(target=self._run, args=(api,), daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def _run(self, api):
+        try:
+            follow.follow(NS, "sky-is-blue", self.view, timeout_s=300, api=api)
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            self.error = e
+
+    def join(self):
+        self._thread.join(30)
+
+
 @pytest.fixture(scope="module")
-def completed(bed, baseline):
+def follower(bed):
+    return Follower(bed.api())
+
+
+@pytest.fixture(scope="module")
+def completed(bed, baseline, follower):
     bed.cluster.kubectl("create", "namespace", NS)
     body = testbed.sky_is_blue(MAX_TOKENS)
     bed.cluster.kubectl("apply", "-n", NS, "-f", "-", input=json.dumps(body))
+    follower.start()
     s = bed.wait_phase("sky-is-blue", NS, ("Running",), 120)
     victim = bed.get("stageassignment", "sky-is-blue-s1", NS)["spec"]["nodeName"]
     # Killed once it has computed its row of token KILL_AT's step, as its own counters say: status
@@ -30,7 +71,21 @@ def completed(bed, baseline):
     bed.wait_token("sky-is-blue", NS, victim, 1, KILL_AT, 180)
     bed.kill_agent(victim)
     s = bed.wait_phase("sky-is-blue", NS, ("Completed",), 300)
+    follower.join()
     return s, victim
+
+
+def test_a_follower_saw_the_text_grow_the_failover_and_the_outcome(completed, follower):
+    s, victim = completed
+    assert follower.error is None and follower.view.finished()
+    assert follower.out.getvalue() == s["status"]["text"] + "\n"
+    assert follower.view.growths >= 3   # streamed while generating, not printed at the end
+    told = follower.err.getvalue()
+    assert f"StageFailover True StageLost: stage 1 lost {victim}" in told, told
+    assert f"StageFailover False FailoverCompleted: stage 1: {victim} -> n0" in told, told
+    assert "] Completed\n" in told and f"{MAX_TOKENS} tokens" in told
+    m = s["status"]["metrics"]
+    assert f"audits: {m['auditsPassed']} passed" in told and f"receipts {m['receipts']}" in told
 
 
 def test_placement_follows_the_seeds_roles(completed, bed):
