@@ -10,7 +10,7 @@ its audits and receipts. `SessionView` turns successive snapshots of the object 
 from __future__ import annotations
 
 import time
-from typing import Callable, TextIO
+from typing import TextIO
 
 from consortium import kube
 from consortium import resources as r
@@ -129,8 +129,7 @@ class SessionGone(RuntimeError):
     """The session was deleted while followed."""
 
 
-def follow(namespace: str, name: str, view: SessionView, *, timeout_s: float | None = None,
-           api=None, sleep: Callable[[float], None] = time.sleep) -> dict:
+def follow(namespace: str, name: str, view: SessionView, *, timeout_s: float | None = None, api=None) -> dict:
     """Feed `view` every change of the session until it ends (or `timeout_s` passes: TimeoutError);
     returns the last snapshot. A missing session raises the API's 404; a deleted one SessionGone.
     The watch is made again when it ends or the API server goes away for a while."""
@@ -172,7 +171,7 @@ def follow(namespace: str, name: str, view: SessionView, *, timeout_s: float | N
         except Exception as e:  # noqa: BLE001 - the connection dropped: a short wait, then read anew
             if not kube.transient(e):
                 raise
-            sleep(1.0)
+            time.sleep(1.0)
             rv = None
         finally:
             w.stop()

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--namespace", default=os.environ.get("CONSORTIUM_NAMESPACE", "consortium-system"),
                    help="namespace of the heartbeat Lease (the chart's release namespace)")
     k.add_argument("--lease-seconds", type=int, default=10, help="Lease duration; renewed every fifth of it")
+    k.add_argument("--credentials-warn-hours", type=float, default=24.0, metavar="H",
+                   help="bare mode: the ComputeNode's CredentialsExpiring turns True, and the log warns hourly, "
+                        "once the kubeconfig's token has less than H hours left (default 24); the file is "
+                        "loaded again whenever it changes")
     p.add_argument("--port-file", help="write the bound port here once serving (for --listen with port 0)")
     tls.add_arguments(p, "agent")
     return p
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                              "audit's rows")
         if not args.audit_stall_s > 0:   # NaN included
             raise ValueError(f"--audit-stall-s must be a positive number of seconds, not {args.audit_stall_s}")
+        if not args.credentials_warn_hours >= 0:
+            raise ValueError(f"--credentials-warn-hours must be 0 or more hours, not {args.credentials_warn_hours}")
         creds = tls.from_args(args)   # TLSError is a ValueError
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -105,10 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     node_name = os.environ.get("CONSORTIUM_NODE_NAME") or os.environ.get("NODE_NAME")
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not args.kubeconfig
     name = args.name or node_name or identity.node_id   # the ComputeNode's, and the certificate's
+    credentials = None
     if args.kubeconfig or in_cluster:
         from consortium import kube
 
         kube.load_config(args.kubeconfig)
+    if args.kubeconfig:
+        from node_agent.credentials import Kubeconfig
+
+        credentials = Kubeconfig(args.kubeconfig, warn_before_s=args.credentials_warn_hours * 3600)
+        logging.info("control plane: kubeconfig %s, %s", args.kubeconfig, credentials.describe())
     if args.tls_from_cluster:
         if not (args.kubeconfig or in_cluster):
             print("error: --tls-from-cluster asks the cluster: give --kubeconfig (or run in the cluster)", file=sys.stderr)
@@ -138,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         from node_agent.metrics import AgentCollector
 
         try:
-            metrics.serve([AgentCollector(service)], args.metrics_port, host.strip("[]"))
+            metrics.serve([AgentCollector(service, credentials)], args.metrics_port, host.strip("[]"))
         except OSError as e:
             print(f"error: --metrics-port {args.metrics_port}: {e}", file=sys.stderr)
             srv.stop(grace=None)
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         registrar = registration.Registrar(service, name=name,
                                            endpoint=endpoint, labels=labels, namespace=args.namespace,
                                            lease_seconds=args.lease_seconds,
-                                           renew_seconds=max(0.5, args.lease_seconds / 5))
+                                           renew_seconds=max(0.5, args.lease_seconds / 5), credentials=credentials)
         registrar.start()
     if args.port_file:
         with open(args.port_file + ".tmp", "w") as f:

@@ -1,13 +1,15 @@
 """The node agent's Prometheus metrics, read from the service when scraped: who it is, the stages it
 serves (epoch), positions computed and seconds spent per session and stage (Forward steps and
 failover replays apart), audits answered, requests and refusals, audit processes killed for making no
-progress. A session's series go when the agent frees it (its StageAssignments are gone)."""
+progress; a bare agent's token expiry. A session's series go when the agent frees it (its
+StageAssignments are gone)."""
 from __future__ import annotations
 
 
 class AgentCollector:
-    def __init__(self, service):
+    def __init__(self, service, credentials=None):
         self.service = service
+        self.credentials = credentials   # a bare agent's Kubeconfig: its token's expiry
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -42,5 +44,9 @@ class AgentCollector:
         yield CounterMetricFamily("consortium_agent_audit_process_kills",
                                   "Audit processes killed for making no progress (--audit-stall-s)",
                                   value=svc.audits.stalls)
+        if self.credentials is not None and self.credentials.expires is not None:
+            yield GaugeMetricFamily("consortium_agent_credentials_expiry_timestamp_seconds",
+                                    "When the bare agent's kubeconfig token expires (Unix time)",
+                                    value=self.credentials.expires.timestamp())
         yield CounterMetricFamily("consortium_agent_requests", "Requests received", value=totals["requests"])
         yield CounterMetricFamily("consortium_agent_refused", "Requests refused with a reason", value=totals["refused"])

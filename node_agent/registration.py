@@ -43,8 +43,13 @@ def node_labels(node_name: str) -> dict[str, str]:
 
 class Registrar:
     def __init__(self, service, *, name: str, endpoint: str, labels: dict[str, str], namespace: str,
-                 lease_seconds: int = 10, renew_seconds: float = 2.0):
+                 lease_seconds: int = 10, renew_seconds: float = 2.0, credentials=None):
         self.service, self.name, self.endpoint = service, name, endpoint
+        # A bare agent's kubeconfig (node_agent.credentials.Kubeconfig): reloaded when it changes,
+        # its token's expiry told in the ComputeNode. None in the cluster, where the kubelet renews.
+        self.credentials = credentials
+        self._told_expiring: bool | None = None   # the CredentialsExpiring status last written
+        self._warned_at = self._refused_at = 0.0
         self.labels, self.namespace = dict(labels), namespace
         self.lease_seconds, self.renew_seconds = lease_seconds, renew_seconds
         # Each periodic request gives up after this long: one sent just before a partition would
@@ -82,12 +87,56 @@ class Registrar:
                            "heartbeatLease": {"namespace": self.namespace, "name": kube.lease_name(self.name)}})
             status["conditions"] = kube.with_condition(status.get("conditions"), "Ready", True, "AgentServing",
                                                        f"agent serving on {self.endpoint}")
+            if self.credentials is not None:
+                status["conditions"] = self._credentials_condition(status["conditions"])
             return status
 
         kube.update_status(
             lambda: api.get_cluster_custom_object(r.GROUP, r.VERSION, "computenodes", self.name),
             lambda b: api.patch_cluster_custom_object_status(r.GROUP, r.VERSION, "computenodes", self.name, b),
             change)
+
+    # -- credentials (bare agents) --------------------------------------------------------------
+
+    def _credentials_condition(self, conditions: list[dict] | None) -> list[dict]:
+        expiring = self.credentials.expiring()
+        self._told_expiring = expiring
+        return kube.with_condition(conditions, "CredentialsExpiring", expiring,
+                                   "TokenExpiring" if expiring else "TokenValid",
+                                   f"{self.credentials.describe()} (kubeconfig {self.credentials.path})")
+
+    def tell_credentials(self) -> None:
+        """Rewrite CredentialsExpiring when it no longer says what is true (the warning time reached,
+        a new token loaded), and warn in the log hourly while the token is about to lapse."""
+        creds = self.credentials
+        if creds is None:
+            return
+        expiring = creds.expiring()
+        if expiring and time.monotonic() - self._warned_at > 3600:
+            self._warned_at = time.monotonic()
+            log.warning("%s: write the agent a new kubeconfig at %s before then (docs/runbook.md, section 3)",
+                        creds.describe(), creds.path)
+        if expiring == self._told_expiring:
+            return
+        api = kube.api()
+
+        def change(status: dict) -> dict:
+            status["conditions"] = self._credentials_condition(status.get("conditions"))
+            return status
+
+        kube.update_status(
+            lambda: api.get_cluster_custom_object(r.GROUP, r.VERSION, "computenodes", self.name),
+            lambda b: api.patch_cluster_custom_object_status(r.GROUP, r.VERSION, "computenodes", self.name, b),
+            change)
+
+    def _refused(self, e: BaseException) -> bool:
+        """Log a refused token (401) with what to do, once a minute; True if it was one."""
+        if self.credentials is None or not kube.is_status(e, 401):
+            return False
+        if time.monotonic() - self._refused_at > 60:
+            self._refused_at = time.monotonic()
+            log.error("%s", self.credentials.refused_hint())
+        return True
 
     # -- Lease ----------------------------------------------------------------------------------
 
@@ -177,21 +226,29 @@ class Registrar:
             except Exception as e:  # noqa: BLE001 - sorted below
                 if not (kube.transient(e) or getattr(e, "status", None) == 404):
                     raise
-                hint = " (are the chart's CRDs installed?)" if getattr(e, "status", None) == 404 else ""
-                log.warning("control plane not reachable: %s%s; registering again in %.0f s", kube.reason(e), hint,
-                            delay)
+                if not self._refused(e):
+                    hint = " (are the chart's CRDs installed?)" if getattr(e, "status", None) == 404 else ""
+                    log.warning("control plane not reachable: %s%s; registering again in %.0f s", kube.reason(e),
+                                hint, delay)
                 if self._stop.wait(delay):
                     return
+                if self.credentials is not None and self.credentials.reload_if_changed():
+                    delay = 1.0
+                    continue
                 delay = min(2 * delay, 30.0)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.renew_seconds):
+            if self.credentials is not None and self.credentials.reload_if_changed():
+                self._told_expiring = None   # the new token's expiry goes into the ComputeNode
             try:
                 self.renew_lease()
                 self.reconcile_assignments()
+                self.tell_credentials()
             except Exception as e:  # noqa: BLE001 - the API server may be away for a while; keep serving
-                log.warning("control plane unreachable: %s", e)
+                if not self._refused(e):
+                    log.warning("control plane unreachable: %s", e)
 
     def stop(self) -> None:
         self._stop.set()

@@ -40,11 +40,11 @@ def start_agents(tmp_path, faults: dict[str, str | None]) -> tuple[dict, dict]:
     return servers, endpoints
 
 
-def generate_then_stop(driver, servers: dict) -> list[int]:
+def generate_then_stop(driver, servers: dict, prompt: list[int] = PROMPT, max_tokens: int = MAX_TOKENS) -> list[int]:
     """The session's tokens; then the driver and every agent still there stop."""
     try:
         driver.start()
-        return generation.generate(driver, PROMPT, MAX_TOKENS).tokens
+        return generation.generate(driver, prompt, max_tokens).tokens
     finally:
         driver.close()
         for srv in servers.values():

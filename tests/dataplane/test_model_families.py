@@ -13,10 +13,9 @@ from consortium.driver.session import SessionDriver
 from consortium.driver.state import SessionState
 from consortium.layers import LayerRange
 from consortium.models import resolve_model
-from node_agent import server
 from node_agent.engine.pipeline import LocalPipeline
 from node_agent.engine.stage import StageConfig
-from node_agent.identity import NodeIdentity
+from tests.dataplane.test_failover import generate_then_stop, start_agents
 
 SPLIT = [LayerRange(0, 1), LayerRange(2, 4), LayerRange(5, 5)]   # stage 1 wide enough to skip a layer of
 PROMPT = [151935, 17, 4002, 88000, 123, 99999, 42, 7]
@@ -24,27 +23,18 @@ MAX_TOKENS = 12
 KILL_TOKEN = 5
 
 
-def _run(tmp_path, model: str, faults: dict[str, str | None], on_stage=None) -> tuple[list[int], SessionState, dict]:
-    servers, endpoints = {}, {}
-    for n, fault in faults.items():
-        ident = NodeIdentity.load_or_create(tmp_path / f"{n}.pem", n)
-        servers[n], _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(node_id=n, threads=1, n_ctx=256,
-                                                                                   fault=fault))
-        endpoints[n] = f"127.0.0.1:{port}"
-    state = SessionState(session=f"{tmp_path.name}", prompt_tokens=PROMPT, nodes=["A", "B", "C"],
+def _run(tmp_path, model: str, faults: dict[str, str | None], on_stage=None) -> tuple[list[int], SessionState]:
+    """The session's tokens and state once it ran on agents named and faulted by `faults` (A, B, C
+    serving)."""
+    tmp_path.mkdir()
+    servers, endpoints = start_agents(tmp_path, faults)
+    state = SessionState(session=tmp_path.name, prompt_tokens=PROMPT, nodes=["A", "B", "C"],
                          epochs=[1, 1, 1], audit_probability=0.5, audit_seed=3)
     driver = SessionDriver(session=state.session, model_path=model, split=SPLIT, n_layers=6, endpoints=endpoints,
                            state=state, policy=LocalPolicy(["D", "C", "B", "A"]), rpc_timeout_s=30.0)
     if on_stage:
         driver.on_stage = lambda s, position: on_stage(s, position, servers)
-    try:
-        driver.start()
-        got = generation.generate(driver, PROMPT, MAX_TOKENS).tokens
-    finally:
-        driver.close()
-        for srv in servers.values():
-            srv.stop(None)
-    return got, state, driver
+    return generate_then_stop(driver, servers, PROMPT, MAX_TOKENS), state
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
@@ -60,8 +50,7 @@ def test_a_qwen_session_survives_a_dead_stage_and_a_cheater(tmp_path, family):
             servers["B"].stop(None)
             killed.append("B")
 
-    (tmp_path / "kill").mkdir()
-    got, state, _ = _run(tmp_path / "kill", model, dict.fromkeys("ABCD"), kill_b)
+    got, state = _run(tmp_path / "kill", model, dict.fromkeys("ABCD"), kill_b)
     assert killed == ["B"] and got == want
     assert [(f["stage"], f["from"]) for f in state.failovers] == [(1, "B")]
     assert state.audits and all(a["verdict"] == "Passed" for a in state.audits), state.audits
@@ -69,8 +58,7 @@ def test_a_qwen_session_survives_a_dead_stage_and_a_cheater(tmp_path, family):
     assert {a["stage"] for a in state.audits} == {0, 1, 2}
     assert state.quarantined == []
 
-    (tmp_path / "cheat").mkdir()
-    got, state, _ = _run(tmp_path / "cheat", model, {"A": None, "B": "skip-layer", "C": None, "D": None})
+    got, state = _run(tmp_path / "cheat", model, {"A": None, "B": "skip-layer", "C": None, "D": None})
     assert got == want
     # A synthetic model has no calibration of its own: under the default tolerance a skipped layer
     # lands between honest and decisive (relative L2 about 0.5), so B is caught by its Mismatch
