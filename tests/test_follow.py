@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from consortium.commands.ask import session_body
+from consortium.client import session_body
 from consortium.follow import SessionView
 
 
@@ -81,8 +81,8 @@ def test_a_failed_session_says_why():
     assert "Failed: StageLost: no backup left for stage 1" in err.getvalue()
 
 
-def test_ask_builds_the_session_from_defaults_or_a_manifest():
-    body = session_body("Why is the sky blue?")
+def test_a_session_is_built_from_the_default_or_a_template():
+    body = session_body(prompt="Why is the sky blue?")
     assert body["metadata"] == {"generateName": "ask-"}
     assert body["spec"]["prompt"] == "Why is the sky blue?" and body["spec"]["maxTokens"] == 64
     assert [s["layers"] for s in body["spec"]["stages"]] == ["0-9", "10-19", "20-29"]
@@ -91,14 +91,20 @@ def test_ask_builds_the_session_from_defaults_or_a_manifest():
     chat = {"apiVersion": "consortium.io/v1alpha1", "kind": "InferenceSession", "metadata": {"name": "chat"},
             "spec": {"model": {"name": "m", "file": "m.gguf"}, "messages": [{"role": "user", "content": "hi"}],
                      "maxTokens": 48, "stages": [{"layers": "0-14"}, {"layers": "15-29"}]}}
-    body = session_body("Tell me more.", chat, max_tokens=8)
+    body = session_body(chat, prompt="Tell me more.", max_tokens=8)
     assert body["metadata"] == {"name": "chat"} and "messages" not in body["spec"]
     assert body["spec"]["prompt"] == "Tell me more." and body["spec"]["maxTokens"] == 8
     assert [s["layers"] for s in body["spec"]["stages"]] == ["0-14", "15-29"]
     assert chat["spec"]["messages"]   # the manifest itself is left as it was
-    assert session_body(None, chat, name="again")["spec"]["messages"] == chat["spec"]["messages"]
-    assert [s["layers"] for s in session_body(None, chat, layers="0-29")["spec"]["stages"]] == ["0-29"]
+    assert session_body(chat, name="again")["spec"]["messages"] == chat["spec"]["messages"]
+    assert [s["layers"] for s in session_body(chat, layers="0-29")["spec"]["stages"]] == ["0-29"]
+    asked = session_body(chat, messages=[{"role": "user", "content": "hi again"}], sampling={"temperature": 0.5},
+                         labels={"a": "b"}, generate_name="chat-")
+    assert asked["spec"]["messages"] == [{"role": "user", "content": "hi again"}] and "prompt" not in asked["spec"]
+    assert asked["spec"]["sampling"] == {"temperature": 0.5} and asked["metadata"]["labels"] == {"a": "b"}
     with pytest.raises(ValueError, match="give a prompt"):
-        session_body(None, {**chat, "spec": {"model": {}}})
+        session_body({**chat, "spec": {"model": {}}})
+    with pytest.raises(ValueError, match="not both"):
+        session_body(chat, prompt="x", messages=[])
     with pytest.raises(ValueError, match="not an InferenceSession"):
-        session_body("x", {"kind": "Receipt"})
+        session_body({"kind": "Receipt"}, prompt="x")

