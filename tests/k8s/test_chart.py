@@ -1,5 +1,6 @@
 """The Helm chart on a real API server: it lints, renders into objects the server accepts, installs,
-and its two ServiceAccounts can do exactly what the chart says (tokens from `kubectl create token`).
+and its ServiceAccounts (operator, agent, and the OpenAI-compatible endpoint's) can do exactly what
+the chart says (tokens from `kubectl create token`).
 
 No kubelet runs here, so the Deployment and DaemonSet never start pods; the operator and agent
 processes run elsewhere with these same tokens (DESIGN.md §7)."""
@@ -31,8 +32,12 @@ def test_helm_lint(cluster):
 @pytest.mark.parametrize("values", [[], ["--set", "models.type=pvc", "--set", "models.existingClaim=models",
                                          "--set", "agent.hostNetwork=true", "--set", "devPlaintext=true",
                                          "--set", "agent.extraArgs={--threads,8}"],
-                                    ["--set", "tls.issuer=operator"]],
-                         ids=["defaults", "pvc-hostnetwork-plaintext-args", "operator-issues-certificates"])
+                                    ["--set", "tls.issuer=operator"],
+                                    ["--set", "api.enabled=true", "--set", "api.keySecret=api-key",
+                                     "--set-json", 'api.template={"model": {"name": "m", "file": "m.gguf"}, '
+                                                   '"stages": [{"layers": "0-29"}]}']],
+                         ids=["defaults", "pvc-hostnetwork-plaintext-args", "operator-issues-certificates",
+                              "openai-endpoint"])
 def test_rendered_chart_is_accepted_by_the_server(cluster, values):
     ensure_namespace(cluster, NS)
     rendered = cluster.helm("template", RELEASE, CHART, "-n", NS, "--include-crds", *values).stdout
@@ -43,6 +48,33 @@ def test_rendered_chart_is_accepted_by_the_server(cluster, values):
                  "validatingadmissionpolicy.admissionregistration.k8s.io/consortium-agents-own-node-only",
                  "customresourcedefinition.apiextensions.k8s.io/receipts.consortium.io"):
         assert kind in done.stdout
+    assert ("deployment.apps/consortium-api" in done.stdout) == ("api.enabled=true" in values)
+
+
+def test_the_openai_endpoint_runs_the_template_it_is_given(cluster):
+    def objects(*values):
+        docs = yaml.safe_load_all(cluster.helm("template", RELEASE, CHART, "-n", NS, *values).stdout)
+        return {(d["kind"], d["metadata"]["name"]): d for d in docs if d}
+    assert not any(name == "consortium-api" for _, name in objects())   # off by default
+    template = {"model": {"name": "m", "file": "m.gguf"}, "stages": [{"layers": "0-29"}]}
+    got = objects("--set", "api.enabled=true", "--set", "api.namespace=chat", "--set", "api.keySecret=k",
+                  "--set-json", f"api.template={json.dumps(template)}")
+    pod = got["Deployment", "consortium-api"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["command"] == ["consortium", "api"] and pod["serviceAccountName"] == "consortium-api"
+    assert c["args"] == ["--listen=0.0.0.0:8080", "--namespace=chat", "--timeout=600",
+                         "--template=/etc/consortium/api/template.yaml"]
+    assert c["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "k", "key": "api-key"}
+    manifest = yaml.safe_load(got["ConfigMap", "consortium-api"]["data"]["template.yaml"])
+    assert manifest["kind"] == "InferenceSession" and manifest["spec"] == template
+    assert got["Role", "consortium-api"]["metadata"]["namespace"] == "chat"
+    assert got["Service", "consortium-api"]["spec"]["ports"][0]["port"] == 8080
+    plain = objects("--set", "api.enabled=true")["Deployment", "consortium-api"]["spec"]["template"]["spec"]
+    assert not any(a.startswith("--template") for a in plain["containers"][0]["args"])   # the default session
+    assert "env" not in plain["containers"][0]
+    done = cluster.helm("template", RELEASE, CHART, "--set", "api.enabled=true", "--set-json",
+                        'api.template={"stages": [{"layers": "0-29"}]}', check=False)
+    assert done.returncode != 0 and "api.template must give model.name" in done.stderr
 
 
 def test_daemonset_runs_only_on_accelerator_labels(cluster):
@@ -154,9 +186,10 @@ def test_bad_model_source_is_refused_at_render_time(cluster):
 def installed(cluster):
     install_crds(cluster)
     ensure_namespace(cluster, SESSIONS)
-    cluster.helm("upgrade", "--install", RELEASE, CHART, "-n", NS, "--create-namespace")
+    cluster.helm("upgrade", "--install", RELEASE, CHART, "-n", NS, "--create-namespace",
+                 "--set", "api.enabled=true", "--set", f"api.namespace={SESSIONS}")
     cluster.kubectl("apply", "-n", SESSIONS, "-f", str(ROOT / "manifests/sessions/minimal.yaml"))
-    tokens = {who: cluster.create_token(f"{RELEASE}-{who}", NS) for who in ("operator", "agent")}
+    tokens = {who: cluster.create_token(f"{RELEASE}-{who}", NS) for who in ("operator", "agent", "api")}
     yield cluster, tokens
     cluster.helm("uninstall", RELEASE, "-n", NS, check=False)
 
@@ -328,3 +361,64 @@ def test_agent_cannot_write_another_nodes_computenode_lease_or_assignment(instal
     assert done.returncode == 0, done.stderr
     # The admin is not an agent: the policy does not apply.
     cluster.kubectl("patch", "computenode", "id-a", "--type=merge", "-p", '{"spec":{"endpoint":"10.0.0.11:50051"}}')
+
+
+# -- the OpenAI-compatible endpoint's identity ------------------------------------------------------
+
+def test_the_endpoint_makes_and_follows_sessions_in_its_namespace_and_nothing_more(installed, tmp_path):
+    def bound():   # the Role is in the sessions' namespace
+        assert _can(installed, "api", "create", "inferencesessions", SESSIONS)
+    eventually(bound)
+    for verb in ("create", "get", "list", "watch"):
+        assert _can(installed, "api", verb, "inferencesessions", SESSIONS), verb
+    for verb in ("delete", "patch", "update"):
+        assert not _can(installed, "api", verb, "inferencesessions", SESSIONS), verb
+    assert not _can(installed, "api", "create", "inferencesessions", NS)
+    assert not _can(installed, "api", "patch", "inferencesessions", SESSIONS, subresource="status")
+    for resource in ("receipts", "stageassignments", "secrets"):
+        assert not _can(installed, "api", "get", resource, SESSIONS), resource
+    assert not _can(installed, "api", "get", "computenodes")
+
+    # The process itself, with that token: a request makes a session (no operator runs here, so it
+    # stays Pending and the answer times out, saying so), and nothing else is needed.
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from consortium.cluster import free_port
+
+    cluster, tokens = installed
+    kubeconfig = cluster.write_kubeconfig(tmp_path / "api.kubeconfig", token=tokens["api"])
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "consortium.cli", "api", "--listen", f"127.0.0.1:{port}",
+                             "-n", SESSIONS, "--kubeconfig", kubeconfig, "--timeout", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def up():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r_:
+                assert r_.status == 200
+        eventually(lambda: _no_refusal(up), timeout=30)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode())
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("a session no operator runs cannot complete")
+        except urllib.error.HTTPError as e:
+            code, err = e.code, json.loads(e.read())["error"]
+        assert code == 504 and "still" in err["message"], err
+        name = err["consortium"]["session"].split("/")[1]
+        made = get_json(cluster, "inferencesession", name, "-n", SESSIONS)
+        assert made["metadata"]["labels"][f"{r.GROUP}/created-by"] == "openai-api"
+        assert made["spec"]["messages"] == [{"role": "user", "content": "Hi"}] and made["spec"]["maxTokens"] == 4
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _no_refusal(check):
+    """`check`, with a refused connection (the server not listening yet) as a failed assertion."""
+    try:
+        check()
+    except OSError as e:
+        raise AssertionError(str(e)) from e

@@ -32,6 +32,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ include "consortium.fullname" . }}-agent
 {{- end -}}
 
+{{- define "consortium.apiServiceAccount" -}}
+{{ include "consortium.fullname" . }}-api
+{{- end -}}
+
+{{/* Where the OpenAI-compatible endpoint makes its sessions. */}}
+{{- define "consortium.apiNamespace" -}}
+{{ .Values.api.namespace | default .Release.Namespace }}
+{{- end -}}
+
 {{/* The model files, for the agents (stages) and the operator (layer count, tokenizer, sha256): one
 volume definition for both, mounted read-only at /models. */}}
 {{- define "consortium.modelsMount" -}}
