@@ -91,6 +91,33 @@ def test_a_streamed_completion_arrives_in_pieces_that_make_the_sessions_text(end
     assert "".join(pieces) == s["status"]["text"] and s["status"]["phase"] == "Completed"
 
 
+def test_the_official_openai_client_reads_answers_streams_and_refusals(endpoint, bed, baseline):
+    import openai
+
+    _, url = endpoint
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    assert [m.id for m in c.models.list()] == [MODEL]
+    got = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=6,
+                                    temperature=0)
+    name = got.model_extra["consortium"]["session"].split("/")[1]
+    assert session(bed, name)["status"]["tokens"] == baseline[:6]
+    assert got.choices[0].message.content == session(bed, name)["status"]["text"]
+    assert got.choices[0].finish_reason == "length" and got.usage.completion_tokens == 6
+
+    pieces, finish = [], None
+    for ch in c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=6,
+                                        temperature=0, stream=True):
+        if ch.choices:
+            pieces.append(ch.choices[0].delta.content or "")
+            finish = ch.choices[0].finish_reason or finish
+    assert "".join(pieces) == got.choices[0].message.content and finish == "length"
+
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="maxTokens"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=100000)
+
+
 @pytest.mark.parametrize("body,status,words", [
     ({"model": MODEL}, 400, "messages: a non-empty list"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served here"),
