@@ -36,6 +36,7 @@ class NodeView:
     memory_bytes: int
     endpoint: str
     public_key: str
+    llama_commit: str = ""   # the llama.cpp build its agent runs (status.llamaCpp.commit)
 
     @property
     def shown(self) -> str:
@@ -121,8 +122,25 @@ def node_views(namespace: str | None, max_age_s: float = 0.0) -> list[NodeView]:
             ready=kube.condition_true(cn, "Ready"), quarantined=kube.condition_true(cn, "Quarantined"),
             lease_ok=(not found) or (lease is not None and not kube.LEASES.expired(lease)),
             backend=status.get("backend"), memory_bytes=int(spec.get("memoryBytes") or 0),
-            endpoint=spec.get("endpoint", ""), public_key=spec.get("publicKey", "")))
+            endpoint=spec.get("endpoint", ""), public_key=spec.get("publicKey", ""),
+            llama_commit=str((status.get("llamaCpp") or {}).get("commit") or "")))
     return sorted(out, key=lambda n: n.name)
+
+
+def mixed_builds(nodes: list[NodeView], names) -> str | None:
+    """What to warn of when the named nodes run different llama.cpp builds: stage outputs are
+    bit-exact only within one build, so a session across them loses the exact audits and may lose
+    the single node's tokens, as across backends. None when they agree (or say nothing)."""
+    wanted = set(names)
+    by_build: dict[str, list[str]] = {}
+    for n in nodes:
+        if n.name in wanted and n.llama_commit:
+            by_build.setdefault(n.llama_commit, []).append(n.name)
+    if len(by_build) <= 1:
+        return None
+    builds = "; ".join(f"{commit[:12]} on {', '.join(sorted(ns))}" for commit, ns in sorted(by_build.items()))
+    return (f"llama.cpp builds differ ({builds}): stage outputs are bit-exact only within one build, so audits "
+            f"between these nodes pass within tolerance at best and the tokens may differ from a single node's")
 
 
 def matches(selector: r.LabelSelector | None, labels: dict) -> bool:

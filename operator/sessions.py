@@ -144,6 +144,14 @@ class SessionRun:
             if chosen:
                 shown = {n.name: n.shown for n in nodes}
                 msg = ", ".join(f"stage {i} -> {n} ({shown[n]})" for i, n in enumerate(chosen))
+                # Verifiers and backups come from the usable nodes their selectors match.
+                helpers = [n.name for n in nodes if n.why_not() is None and any(
+                    placement.matches(sel, n.labels) for sel in (self.spec.audit.verifier_selector,
+                                                                  self.spec.failover.backup_selector))]
+                mixed = placement.mixed_builds(nodes, [*chosen, *helpers])
+                if mixed:
+                    kube.event(self.body, "MixedBuilds", mixed, type_="Warning")
+                    msg += f"; {mixed}"
                 self.set_condition("Scheduled", True, "Placed", msg, phase="Scheduling")
                 kube.event(self.body, "Scheduled", msg)
                 return chosen

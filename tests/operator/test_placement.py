@@ -1,4 +1,8 @@
-"""Placement refuses nodes a person has not approved: a freshly registered ComputeNode gets no stage."""
+"""Placement refuses nodes a person has not approved: a freshly registered ComputeNode gets no stage;
+it says when the nodes a session may use run different llama.cpp builds."""
+import dataclasses
+import json
+
 import pytest
 
 from consortium import resources as r
@@ -20,6 +24,16 @@ def test_unapproved_node_gets_no_stage_until_approved():
     chosen, _ = placement.place(stages, [view("fresh", True), view("old", True)], [1, 1])
     assert sorted(chosen) == ["fresh", "old"]
 
+
+
+def test_nodes_on_different_llama_cpp_builds_are_named_with_the_consequence():
+    a, b, c = (dataclasses.replace(view(n, True), llama_commit=commit)
+               for n, commit in (("a", "4f1c2d3e5a6b7c8d"), ("b", "4f1c2d3e5a6b7c8d"), ("c", "9e8d7c6b5a4f3e2d")))
+    assert placement.mixed_builds([a, b, c], ["a", "b"]) is None
+    warning = placement.mixed_builds([a, b, c], ["a", "b", "c"])
+    assert warning.startswith("llama.cpp builds differ (4f1c2d3e5a6b on a, b; 9e8d7c6b5a4f on c)")
+    assert "bit-exact only within one build" in warning
+    assert placement.mixed_builds([a, dataclasses.replace(c, llama_commit="")], ["a", "c"]) is None   # unknown
 
 
 def test_a_verifier_choice_waits_at_most_a_second_for_an_api_that_hangs(monkeypatch):
@@ -102,3 +116,28 @@ def test_a_backup_loads_stages_ahead_only_while_its_memory_holds_them(cluster):
     finally:
         cluster.kubectl("delete", "computenode", *names, "--ignore-not-found", check=False)
         client.Configuration.set_default(old)
+
+
+def test_a_session_across_llama_cpp_builds_is_warned_of(bed, baseline):
+    """One agent's ComputeNode says another build (as a node updated on its own would): the session
+    still runs, its Scheduled condition and a MixedBuilds Event say which nodes run which build."""
+    from consortium import testbed
+
+    node = bed.get("computenode", "n2")
+    real = node["status"]["llamaCpp"]["commit"]
+    patch = lambda commit: bed.cluster.kubectl(   # noqa: E731
+        "patch", "computenode", "n2", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"llamaCpp": {"commit": commit}}}))
+    ns = "tc-builds"
+    bed.cluster.kubectl("create", "namespace", ns)
+    patch("0123456789abcdef")
+    try:
+        bed.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(testbed.sky_is_blue(4, "mixed")))
+        s = bed.wait_phase("mixed", ns, ("Completed", "Failed"), 180)
+    finally:
+        patch(real)
+    scheduled = next(c for c in s["status"]["conditions"] if c["type"] == "Scheduled")
+    msg = scheduled["message"]
+    assert "llama.cpp builds differ" in msg and "0123456789ab on n2" in msg and f"{real[:12]} on n0, n1" in msg, msg
+    assert "MixedBuilds" in [e["reason"] for e in bed.events(ns, "mixed")]
+    assert s["status"]["phase"] == "Completed"
