@@ -125,6 +125,10 @@ class Endpoint:
             if e.status in (400, 422):   # the schema's refusal names the field and the rule
                 raise RequestError(400, f"the session was refused: {client.refusal(e)}") from e
             raise RequestError(503, f"the Kubernetes API answered {e.status} {e.reason}", "api_error") from e
+        except Exception as e:   # noqa: BLE001 - no answer at all: the API server is away
+            if not kube.transient(e):
+                raise
+            raise RequestError(503, f"the Kubernetes API cannot be reached: {kube.reason(e)}", "api_error") from e
 
 
 def _messages(messages) -> list[dict]:
@@ -272,6 +276,11 @@ def handler_for(endpoint: Endpoint):
                 raise RequestError(504, f"{e}; the session goes on", "timeout") from e
             except follow.SessionGone as e:
                 raise RequestError(410, str(e), "session_deleted") from e
+            except TakenBack:
+                raise
+            except Exception as e:  # noqa: BLE001 - the API refused the watch or the read
+                raise RequestError(502, f"following session {endpoint.namespace}/{name} failed: {kube.reason(e)}; "
+                                   f"the session goes on", "api_error") from e
             return view.status
 
         def _complete(self, name: str, ident: dict) -> None:
