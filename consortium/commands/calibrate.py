@@ -3,9 +3,11 @@
 Method (docs/calibration.md has the measured figures):
 - Each model is split 3 ways. For every prompt, the worker's pipeline (llama.cpp, CPU weight
   repacking on) gives every stage its input; on that same input, honest verifiers recompute the stage
-  on other "hardware" (llama.cpp with repacking off; the numpy float64 reference for llama models),
-  and cheaters (node_agent.faults) produce their own output. One comparison is one token row of one
-  stage, judged on the canonical grid the way an audit judges it (verdicts.figures).
+  on other "hardware" (llama.cpp with repacking off; the numpy float64 reference for llama models;
+  with --verifier-agent, running node agents on their own machines, CUDA or Metal, through the Audit
+  call a session's verifier answers), and cheaters (node_agent.faults) produce their own output. One
+  comparison is one token row of one stage, judged on the canonical grid the way an audit judges it
+  (verdicts.figures).
 - Prompts are split in two: tolerances are chosen on the calibration prompts only, and every figure
   reported as a result comes from the held-out prompts.
 - The honest threshold is a high percentile (98th, as seed 003) of the honest calibration distances
@@ -30,6 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from consortium import tls
 
 DEFAULT_MODELS = ("smollm2-135m", "smollm2-135m-q4_k_m", "gemma3-270m")
 QUICK_MODELS = ("smollm2-135m-q4_k_m",)
@@ -127,6 +131,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"prompts per role (calibration, held-out); default 5, 1 with --quick (max {len(PROMPTS) // 2})")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per stage (0: every core)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and random cheaters")
+    p.add_argument("--verifier-agent", action="append", default=[], metavar="NODE=HOST:PORT",
+                   help="also recompute every stage on this running node agent (its own machine and backend), "
+                        "as an honest pair the tolerances must hold: how CUDA and Metal nodes are calibrated "
+                        "against each other. Repeatable. Calls it as the driver does (--tls-* below)")
+    p.add_argument("--verifier-model", metavar="PATH",
+                   help="the model file's path on the agents' machines (default: the same path as here)")
+    tls.add_arguments(p, "driver")
 
 
 # -- figures for many rows at once ----------------------------------------------------------------
@@ -226,8 +237,101 @@ def even_split(n_layers: int, parts: int = 3):
     return [LayerRange(bounds[i], bounds[i + 1] - 1) for i in range(parts)]
 
 
+def _row_by_row(stage, kw: dict) -> np.ndarray:
+    """The stage's logit rows for these inputs, one row per llama_decode, as a session decodes."""
+    stage.clear(0)
+    (key, rows), = kw.items()
+    out = [stage.forward(0, j, all_logits=True, **{key: rows[j:j + 1]}) for j in range(len(rows))]
+    stage.clear(0)
+    return np.concatenate(out)
+
+
+class AgentError(RuntimeError):
+    """A verifier agent could not be reached or refused a recomputation (with its reason)."""
+
+
+@dataclasses.dataclass
+class AgentLink:
+    """A running node agent used as an honest verifier: `name=host:port` and how to reach it."""
+    name: str
+    endpoint: str
+    creds: tls.Credentials | None   # None: plaintext (development)
+
+    @classmethod
+    def parse(cls, text: str, creds) -> "AgentLink":
+        name, sep, endpoint = text.partition("=")
+        if not sep or not name or ":" not in endpoint:
+            raise ValueError(f"--verifier-agent {text!r}: give NODE=HOST:PORT (NODE: the name its certificate holds)")
+        return cls(name, endpoint, creds)
+
+    def channel(self):
+        import grpc
+
+        from consortium import wire
+
+        if self.creds is None:
+            return grpc.insecure_channel(self.endpoint, options=wire.CHANNEL_OPTIONS)
+        return tls.secure_channel(self.endpoint, self.name, self.creds, options=wire.CHANNEL_OPTIONS)
+
+
+class AgentVerifier:
+    """One stage recomputed by a node agent: an Audit of all the prompt's positions from position 0,
+    as a verifier answers in a session (non-final stages in one batch, as the worker here computes
+    them; the final stage row by row, since an Audit returns logits at batch ends only). Each call is
+    a session of its own, released after it."""
+
+    def __init__(self, link: AgentLink, stage: int, layers, model_path: str, model_sha256: str, last: bool):
+        from consortium import wire
+
+        self.link, self.stage, self.layers, self.last = link, stage, layers, last
+        self.model_path, self.model_sha256 = model_path, model_sha256
+        self._channel = link.channel()
+        self._stub = wire.pb_grpc.NodeAgentStub(self._channel)
+        health = self._call("Health", wire.pb.HealthRequest(), 30)
+        self.backend, self.build = health.backend, health.ggml_commit
+
+    def _call(self, method: str, request, timeout: float):
+        import grpc
+
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise AgentError(f"verifier agent {self.link.name} at {self.link.endpoint}: {method}: "
+                             f"{e.code().name}: {e.details()}") from None
+
+    def clear(self, seq: int) -> None:   # every call starts at position 0 in a session of its own
+        pass
+
+    def forward(self, seq: int, position: int, *, all_logits: bool = False, tokens=None, hidden=None) -> np.ndarray:
+        import uuid
+
+        from consortium import wire
+        from consortium.wire import pb
+
+        n = len(tokens) if tokens is not None else int(np.asarray(hidden).shape[0])
+        ref = pb.StageRef(session=f"calibrate-{uuid.uuid4().hex[:12]}", stage=self.stage, epoch=1)
+        req = pb.AuditRequest(ref=ref, model_path=self.model_path, model_sha256=self.model_sha256,
+                              first_layer=self.layers.first, last_layer=self.layers.last, start_position=0,
+                              batch_sizes=[1] * n if self.last else [n], positions=list(range(n)), exact_shapes=True)
+        if tokens is not None:
+            req.tokens.extend(int(t) for t in tokens)
+        else:
+            wire.put_tensor(req.hidden, np.asarray(hidden, dtype=np.float32))
+        try:
+            resp = self._call("Audit", req, 900)
+        finally:
+            try:
+                self._stub.Release(pb.ReleaseRequest(ref=ref), timeout=30)
+            except Exception:  # noqa: BLE001 - the slot goes with the session on the agent anyway
+                pass
+        return wire.decode_tensor(resp.rows, ndim=2)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
 def collect_model(spec: str, prompts: list[tuple[str, str]], *, threads: int, seed: int, noise_scales,
-                  log) -> tuple[list[Rows], dict]:
+                  log, agents: list[AgentLink] = (), agent_model: str | None = None) -> tuple[list[Rows], dict]:
     """Every comparison for one model: honest pairs and cheaters, per stage, per prompt."""
     from consortium.models import resolve_model
     from consortium.tokenizer import Tokenizer
@@ -253,8 +357,12 @@ def collect_model(spec: str, prompts: list[tuple[str, str]], *, threads: int, se
     except ReferenceError as e:
         ref = None
         log(f"  {label}: no numpy reference pair ({e})")
-    stages = []
-    for r in split:
+    import consortium.cache
+    from node_agent.engine.slicing import sha256_file
+
+    sha = sha256_file(path, consortium.cache.cache_dir())
+    stages, remote = [], []
+    for si, r in enumerate(split):
         f = stage_file(path, r)
         stages.append({
             "worker": Stage(f, r, n, worker_cfg),
@@ -262,7 +370,11 @@ def collect_model(spec: str, prompts: list[tuple[str, str]], *, threads: int, se
             "skip-layer": CheatingStage("skip-layer", path, r, n, worker_cfg),
             "cheap-quant": CheatingStage("cheap-quant", path, r, n, worker_cfg),
         })
-    log(f"  {label}: {n} layers split {', '.join(map(str, split))}; stages loaded in {time.time() - t0:.1f} s")
+        remote.append({f"agent:{a.name}": AgentVerifier(a, si, r, agent_model or str(path), sha, si == len(split) - 1)
+                       for a in agents})
+    agents_seen = {v.link.name: f"{v.backend} (ggml {v.build[:12]})" for v in (remote[0].values() if remote else ())}
+    log(f"  {label}: {n} layers split {', '.join(map(str, split))}; stages loaded in {time.time() - t0:.1f} s"
+        + "".join(f"; agent {k} on {v}" for k, v in agents_seen.items()))
     tok = Tokenizer(path)
     out: list[Rows] = []
     output_faults = [Fault("noise", s) for s in noise_scales] + [Fault("replay"), Fault("random")]
@@ -279,14 +391,21 @@ def collect_model(spec: str, prompts: list[tuple[str, str]], *, threads: int, se
                     s.clear(0)
                 y = st["worker"].forward(0, 0, all_logits=last, **kw)
                 verifiers = {"repack-off": st["repack-off"].forward(0, 0, all_logits=last, **kw)}
+                for name, v in remote[si].items():
+                    verifiers[name] = v.forward(0, 0, all_logits=last, **kw)
                 if ref is not None:
                     h = ref.run_layers(ref.embed(ids) if x is None else x, r.first, r.last)
                     verifiers["reference"] = (ref.logits(h) if last else h).astype(np.float32)
+                # An agent recomputes the final stage row by row (an Audit gives logits at batch ends);
+                # the worker's rows for it are taken the same way, as a session's decode steps are:
+                # across batch shapes the LM head's kernels differ, which no audit compares.
+                y_steps = _row_by_row(st["worker"], kw) if last and remote[si] else None
                 for name, v in verifiers.items():
+                    w = y_steps if name in remote[si] and y_steps is not None else y
                     vidx = canonical_rows(v, grid)
-                    eq, fig = compare(y, vidx, grid, topk)
+                    eq, fig = compare(w, vidx, grid, topk)
                     out.append(Rows(label, si, role, name, True, eq, fig,
-                                    grid_equal(y, v) if role == "heldout" else None))
+                                    grid_equal(w, v) if role == "heldout" else None))
                 # Cheaters are audited by the repacking-off verifier, like the honest worker.
                 vidx = canonical_rows(verifiers["repack-off"], grid)
                 for name in ("skip-layer", "cheap-quant"):
@@ -301,17 +420,15 @@ def collect_model(spec: str, prompts: list[tuple[str, str]], *, threads: int, se
             log(f"  {label}: prompt {pi + 1}/{len(prompts)} ({role}, {len(ids)} tokens) done at {time.time() - t0:.0f} s")
     finally:
         tok.close()
-        for st in stages:
+        for st in stages + remote:
             for s in st.values():
                 s.close()
-    import consortium.cache
-    from node_agent.engine.slicing import sha256_file
-
-    sha = sha256_file(path, consortium.cache.cache_dir())
     for r in out:
         r.stage_key = (sha, str(split[r.stage]))
     meta = {"model": label, "sha256": sha, "architecture": info.architecture, "file_type": info.file_type, "layers": n,
-            "split": [str(r) for r in split], "honest_pairs": ["repack-off"] + (["reference"] if ref else []),
+            "split": [str(r) for r in split],
+            "honest_pairs": ["repack-off"] + (["reference"] if ref else []) + [f"agent:{a.name}" for a in agents],
+            "agents": agents_seen,
             "prompt_tokens": n_tokens, "seconds": round(time.time() - t0, 1)}
     return out, meta
 
@@ -761,10 +878,23 @@ def run(args) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    agents = []
+    if args.verifier_agent:
+        try:
+            creds = tls.from_args(args)
+            agents = [AgentLink.parse(a, creds) for a in args.verifier_agent]
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     rows, metas, state_rows = [], [], []
     for m in models:
-        r, meta = collect_model(m, prompts, threads=args.threads, seed=args.seed,
-                                noise_scales=DEFAULT_NOISE_SCALES, log=log)
+        try:
+            r, meta = collect_model(m, prompts, threads=args.threads, seed=args.seed,
+                                    noise_scales=DEFAULT_NOISE_SCALES, log=log, agents=agents,
+                                    agent_model=args.verifier_model)
+        except AgentError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         rows += r
         metas.append(meta)
         state_rows += collect_states(m, prompts, threads=args.threads, log=log)
@@ -781,6 +911,7 @@ def run(args) -> int:
     brk = noise_breakpoint(held["cheaters"])
     import llama_cpp
 
+    agents_seen = {name: backend for meta in metas for name, backend in meta["agents"].items()}
     report = {
         "about": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "machine": f"{platform.machine()} {platform.system()}, CPU backend",
@@ -788,7 +919,9 @@ def run(args) -> int:
                   "prompts_per_role": per_role, "models": metas, "grid": "float16, grid 64, clamp 100",
                   "worker": "llama.cpp, CPU weight repacking on",
                   "cheaters_audited_by": "llama.cpp, repacking off",
-                  "not_measured": "CUDA and Metal (no GPU on this machine)"},
+                  "verifier_agents": agents_seen,
+                  "not_measured": None if any(b.split()[0] in ("cuda", "metal") for b in agents_seen.values())
+                  else "CUDA and Metal (no GPU here, and no --verifier-agent on one)"},
         "honest": held["honest"],
         "cheaters": held["cheaters"],
         "noise_breakpoint": brk,

@@ -22,12 +22,41 @@ CORE = ("skip-layer", "cheap-quant", "replay", "random")
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
+    """The quick calibration, with a running node agent (repacking off: the other "hardware") as a
+    third honest pair, the way CUDA and Metal nodes are calibrated against each other."""
+    from node_agent import server
+    from node_agent.identity import NodeIdentity
+
     d = tmp_path_factory.mktemp("calibrate")
     out, png, tol = d / "calib.json", d / "calib.png", d / "tolerance.json"
-    rc = cli.main(["calibrate", "--quick", "--threads", "2", "--json", str(out), "--plot", str(png),
-                   "--tolerance-out", str(tol)])
+    ident = NodeIdentity.load_or_create(d / "verifier.pem", "verifier")
+    srv, _, port = server.serve(ident, "127.0.0.1:0", server.AgentConfig(node_id="verifier", threads=1, n_ctx=512,
+                                                                       repack=False))
+    try:
+        rc = cli.main(["calibrate", "--quick", "--threads", "2", "--json", str(out), "--plot", str(png),
+                       "--tolerance-out", str(tol), "--verifier-agent", f"verifier=127.0.0.1:{port}", "--plaintext"])
+    finally:
+        srv.stop(None)
     assert rc == 0
     return json.loads(out.read_text()), png, tol
+
+
+def test_a_running_agent_is_an_honest_pair_that_computes_what_the_same_kernels_do_here(quick):
+    rep, _, _ = quick
+    [meta] = rep["about"]["models"]
+    assert meta["honest_pairs"] == ["repack-off", "reference", "agent:verifier"]
+    assert meta["agents"]["verifier"].startswith("cpu ")
+    by_stage = rep["honest"]["by_stage"]
+    model = meta["model"]
+    for stage in (0, 1):   # one batch, as the worker's: the same bits as repacking off in this process
+        here, there = by_stage[f"{model} repack-off stage {stage}"], by_stage[f"{model} agent:verifier stage {stage}"]
+        assert there["comparisons"] == here["comparisons"] > 0
+        assert there["hash_equal"] == here["hash_equal"], (stage, here, there)
+    # The final stage row by row on both sides (an Audit gives logits at batch ends only), as a
+    # session decodes: in one shape the two kernel families still agree bit for bit on some rows
+    # (29 of 102 measured; 1 of 102, and 13 Mismatch, against the worker's one batch).
+    last = by_stage[f"{model} agent:verifier stage 2"]
+    assert last["comparisons"] == 102 and last["hash_equal"] > 0 and last["fraud"] == 0
 
 
 def test_quick_report_has_the_keys_and_consistent_counts(quick):
