@@ -60,6 +60,7 @@ class Endpoint:
     namespace: str = "default"
     timeout_s: float = 600.0
     api_key: str | None = None
+    max_tokens_cap: int | None = None   # the most tokens one request may ask for (None: the schema's limit)
     api: object = None
 
     @classmethod
@@ -102,6 +103,10 @@ class Endpoint:
         max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
             raise RequestError(400, "max_tokens must be an integer")
+        if self.max_tokens_cap is not None:
+            asked = max_tokens if max_tokens is not None else (template.get("spec") or {}).get("maxTokens", 64)
+            if asked > self.max_tokens_cap:
+                raise RequestError(400, f"max_tokens {asked} is above this endpoint's limit of {self.max_tokens_cap}")
         sampling = {}
         for key, ours in (("temperature", "temperature"), ("top_p", "topP"), ("seed", "seed")):
             value = req.get(key)

@@ -62,7 +62,7 @@ def test_the_openai_endpoint_runs_the_template_it_is_given(cluster):
     pod = got["Deployment", "consortium-api"]["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["command"] == ["consortium", "api"] and pod["serviceAccountName"] == "consortium-api"
-    assert c["args"] == ["--listen=0.0.0.0:8080", "--namespace=chat", "--timeout=600",
+    assert c["args"] == ["--listen=0.0.0.0:8080", "--namespace=chat", "--timeout=600", "--max-tokens-cap=4096",
                          "--template=/etc/consortium/api/template.yaml"]
     assert c["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "k", "key": "api-key"}
     manifest = yaml.safe_load(got["ConfigMap", "consortium-api"]["data"]["template.yaml"])
@@ -72,6 +72,8 @@ def test_the_openai_endpoint_runs_the_template_it_is_given(cluster):
     plain = objects("--set", "api.enabled=true")["Deployment", "consortium-api"]["spec"]["template"]["spec"]
     assert not any(a.startswith("--template") for a in plain["containers"][0]["args"])   # the default session
     assert "env" not in plain["containers"][0]
+    uncapped = objects("--set", "api.enabled=true", "--set", "api.maxTokensCap=0")["Deployment", "consortium-api"]
+    assert not any(a.startswith("--max-tokens-cap") for a in uncapped["spec"]["template"]["spec"]["containers"][0]["args"])
     done = cluster.helm("template", RELEASE, CHART, "--set", "api.enabled=true", "--set-json",
                         'api.template={"stages": [{"layers": "0-29"}]}', check=False)
     assert done.returncode != 0 and "api.template must give model.name" in done.stderr

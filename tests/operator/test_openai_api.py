@@ -138,6 +138,21 @@ def test_requests_it_cannot_serve_are_refused_with_the_reason(endpoint, bed, bod
     assert after == before   # nothing made
 
 
+def test_a_token_cap_refuses_longer_requests_before_any_session_is_made(endpoint, bed):
+    ep, url = endpoint
+    ep.max_tokens_cap = 6
+    try:
+        before = len(bed.api().list_namespaced_custom_object(r.GROUP, r.VERSION, NS, "inferencesessions")["items"])
+        status, _, text = call(f"{url}/v1/chat/completions", ask(7))
+        assert status == 400 and "max_tokens 7 is above this endpoint's limit of 6" in text
+        status, _, text = call(f"{url}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 400 and "max_tokens 8 is above" in text   # the template's maxTokens when none is asked
+        after = len(bed.api().list_namespaced_custom_object(r.GROUP, r.VERSION, NS, "inferencesessions")["items"])
+        assert after == before
+    finally:
+        ep.max_tokens_cap = None
+
+
 def test_with_an_api_key_only_clients_that_send_it_are_served(endpoint):
     ep, url = endpoint
     ep.api_key = "s3cret"
