@@ -27,8 +27,9 @@ class SessionView:
     """What a person watching one session is told: `out` gets the generated text as it grows, `err`
     one line per change of phase or condition, a rollback, and the outcome."""
 
-    def __init__(self, out: TextIO, err: TextIO):
+    def __init__(self, out: TextIO, err: TextIO, *, timestamps: bool = True):
         self.out, self.err = out, err
+        self.timestamps = timestamps      # off where `err` is a log that stamps its own lines
         self.phase: str | None = None
         self.printed = ""                 # the text written to `out` so far
         self.tokens: list[int] = []
@@ -121,7 +122,7 @@ class SessionView:
         return lines
 
     def _line(self, text: str) -> None:
-        self.err.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
+        self.err.write(f"[{time.strftime('%H:%M:%S')}] {text}\n" if self.timestamps else f"{text}\n")
         self.err.flush()
 
 

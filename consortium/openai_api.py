@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import re
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -175,6 +174,13 @@ def usage(status: dict) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _failed(namespace: str, name: str, status: dict) -> RequestError:
+    """A session that ended without completing, as the answer's error (its Ready reason and message)."""
+    ready = kube.condition(status.get("conditions"), "Ready") or {}
+    return RequestError(502, f"session {namespace}/{name} failed: {ready.get('reason')}: {ready.get('message')}",
+                        "session_failed")
+
+
 def finish_reason(status: dict) -> str:
     return FINISH_REASONS.get((status.get("report") or {}).get("stopped"), "stop")
 
@@ -187,9 +193,8 @@ class _LogLines(io.TextIOBase):
 
     def write(self, s: str) -> int:
         for line in s.splitlines():
-            line = re.sub(r"^\[\d\d:\d\d:\d\d\] ", "", line.strip())   # the log line has its own time
-            if line:
-                log.info("%s %s", self.name, line)
+            if line.strip():
+                log.info("%s %s", self.name, line.strip())
         return len(s)
 
 
@@ -197,7 +202,7 @@ class _Relay(follow.SessionView):
     """A SessionView that hands each new piece of text to `emit` and stops at a rollback."""
 
     def __init__(self, name: str, emit):
-        super().__init__(io.StringIO(), _LogLines(name))
+        super().__init__(io.StringIO(), _LogLines(name), timestamps=False)
         self.emit = emit
 
     def _write_text(self, text: str) -> None:
@@ -289,16 +294,13 @@ def handler_for(endpoint: Endpoint):
             return view.status
 
         def _complete(self, name: str, ident: dict) -> None:
-            view = follow.SessionView(io.StringIO(), _LogLines(name))
+            view = follow.SessionView(io.StringIO(), _LogLines(name), timestamps=False)
             try:
                 st = self._follow(name, view)
+                if st.get("phase") != "Completed":
+                    raise _failed(endpoint.namespace, name, st)
             except RequestError as e:
                 return self._error(e, {"consortium": summary(endpoint.namespace, name, view.status)})
-            if st.get("phase") != "Completed":
-                ready = kube.condition(st.get("conditions"), "Ready") or {}
-                return self._error(RequestError(502, f"session {endpoint.namespace}/{name} failed: "
-                                                f"{ready.get('reason')}: {ready.get('message')}", "session_failed"),
-                                   {"consortium": summary(endpoint.namespace, name, st)})
             self._json(200, {**ident, "object": "chat.completion",
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": st.get("text") or ""},
                                           "finish_reason": finish_reason(st)}],
@@ -325,9 +327,7 @@ def handler_for(endpoint: Endpoint):
                                        f"had sent (a node was caught and its work recomputed); its status.text "
                                        f"holds the corrected answer", "rolled_back") from None
                 if st.get("phase") != "Completed":
-                    ready = kube.condition(st.get("conditions"), "Ready") or {}
-                    raise RequestError(502, f"session {endpoint.namespace}/{name} failed: {ready.get('reason')}: "
-                                       f"{ready.get('message')}", "session_failed")
+                    raise _failed(endpoint.namespace, name, st)
                 self._sse(chunk({}, finish_reason(st), usage=usage(st),
                                 consortium=summary(endpoint.namespace, name, st)))
             except RequestError as e:

@@ -182,4 +182,3 @@ class Renewer:
                 log.warning("renewing the TLS certificate for %s failed (%s); trying again in %.0f s", self.name,
                             e if isinstance(e, tls.TLSError) else kube.reason(e), RETRY_S)
                 due = kube.now() + datetime.timedelta(seconds=RETRY_S)
-

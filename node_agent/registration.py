@@ -91,6 +91,11 @@ class Registrar:
                 status["conditions"] = self._credentials_condition(status["conditions"])
             return status
 
+        self._update_status(change)
+
+    def _update_status(self, change) -> None:
+        """Change this node's ComputeNode status (re-read and retried on a conflict)."""
+        api = kube.api()
         kube.update_status(
             lambda: api.get_cluster_custom_object(r.GROUP, r.VERSION, "computenodes", self.name),
             lambda b: api.patch_cluster_custom_object_status(r.GROUP, r.VERSION, "computenodes", self.name, b),
@@ -118,16 +123,12 @@ class Registrar:
                         creds.describe(), creds.path)
         if expiring == self._told_expiring:
             return
-        api = kube.api()
 
         def change(status: dict) -> dict:
             status["conditions"] = self._credentials_condition(status.get("conditions"))
             return status
 
-        kube.update_status(
-            lambda: api.get_cluster_custom_object(r.GROUP, r.VERSION, "computenodes", self.name),
-            lambda b: api.patch_cluster_custom_object_status(r.GROUP, r.VERSION, "computenodes", self.name, b),
-            change)
+        self._update_status(change)
 
     def _refused(self, e: BaseException) -> bool:
         """Log a refused token (401) with what to do, once a minute; True if it was one."""
