@@ -111,6 +111,11 @@ def certificates():
     return client.CertificatesV1Api(_client())
 
 
+def unreachable(e: BaseException) -> str:
+    """What a command says when its kubeconfig or the API server fails it before any answer."""
+    return f"cannot reach the API server: {type(e).__name__}: {e}"
+
+
 def is_status(e: Exception, *codes: int) -> bool:
     return getattr(e, "status", None) in codes
 

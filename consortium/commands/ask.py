@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"the API server refused the session: {e.status} {e.reason}: {client.refusal(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - kubeconfig missing or unreadable, server unreachable
-        print(f"cannot reach the API server: {type(e).__name__}: {e}", file=sys.stderr)
+        print(kube.unreachable(e), file=sys.stderr)
         return 2
     name = made["metadata"]["name"]
     if args.detach:

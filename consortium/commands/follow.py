@@ -41,6 +41,6 @@ def follow_session(namespace: str, name: str, kubeconfig: str | None, timeout_s:
         print(str(e), file=sys.stderr)
         return 3
     except Exception as e:  # noqa: BLE001 - kubeconfig missing or unreadable, server unreachable
-        print(f"cannot reach the API server: {type(e).__name__}: {e}", file=sys.stderr)
+        print(kube.unreachable(e), file=sys.stderr)
         return 2
     return 0 if view.phase == "Completed" else 1

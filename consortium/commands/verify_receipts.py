@@ -1,4 +1,5 @@
-"""`consortium verify-receipts SESSION`: re-check a session's Receipts from the API alone."""
+"""`consortium verify-receipts SESSION`: re-check a session's Receipts from the API alone, or from
+an archive (`--archive FILE`, written by `consortium archive` or `consortium prune`) with no API."""
 from __future__ import annotations
 
 import argparse
@@ -7,16 +8,48 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("session", help="the InferenceSession's name")
+    parser.add_argument("session", nargs="?", help="the InferenceSession's name (not with --archive)")
     parser.add_argument("-n", "--namespace", default="default", help="its namespace (default: default)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, else ~/.kube/config)")
+    parser.add_argument("--archive", metavar="FILE",
+                        help="check a session archive instead, with the node keys it holds; no API server needed")
     parser.add_argument("--json", metavar="OUT", help="also write the result as JSON ('-' for stdout alone)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from consortium import archive, receipt_check
+
+    if bool(args.archive) == bool(args.session):
+        print("name a session, or an archive with --archive (not both)", file=sys.stderr)
+        return 2
+    if args.archive:
+        try:
+            doc = archive.read(args.archive)
+        except archive.ArchiveError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        res, preface = archive.check(doc), archive.key_lines(doc)
+    else:
+        read = _from_api(args)
+        if isinstance(read, int):
+            return read
+        res, preface = receipt_check.check(*read), []
+    if args.json:
+        text = json.dumps(res, indent=2) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+            return 0 if res["ok"] else 1
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(text)
+    print("\n".join(preface + receipt_check.lines(res)))
+    return 0 if res["ok"] else 1
+
+
+def _from_api(args: argparse.Namespace):
+    """(session, receipts, nodes) from the API, or the exit code after saying why not."""
     from kubernetes.client.exceptions import ApiException
 
-    from consortium import kube, receipt_check
+    from consortium import kube
     from consortium import resources as r
 
     try:
@@ -32,16 +65,7 @@ def run(args: argparse.Namespace) -> int:
             f"the API server answered {e.status} {e.reason}"
         print(f"cannot read the session's receipts: {what}", file=sys.stderr)
         return 2
-    except Exception as e:  # kubeconfig missing or unreadable, server unreachable
-        print(f"cannot reach the API server: {type(e).__name__}: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - kubeconfig missing or unreadable, server unreachable
+        print(kube.unreachable(e), file=sys.stderr)
         return 2
-    res = receipt_check.check(session, receipts, nodes)
-    if args.json:
-        text = json.dumps(res, indent=2) + "\n"
-        if args.json == "-":
-            sys.stdout.write(text)
-            return 0 if res["ok"] else 1
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(text)
-    print("\n".join(receipt_check.lines(res)))
-    return 0 if res["ok"] else 1
+    return session, receipts, nodes

@@ -1,0 +1,58 @@
+"""`consortium archive SESSION`: a session's evidence in one file, checked by `consortium
+verify-receipts --archive` with no API server (the session, its Receipts, its nodes' keys)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("session", help="the InferenceSession's name")
+    parser.add_argument("-n", "--namespace", default="default", help="its namespace (default: default)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, else ~/.kube/config)")
+    parser.add_argument("-o", "--out", metavar="FILE",
+                        help="where to write it (default NAMESPACE.SESSION.UID8.json.gz here; "
+                             "compressed when the name ends in .gz)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kubernetes.client.exceptions import ApiException
+
+    from consortium import archive, kube
+
+    try:
+        kube.load_config(args.kubeconfig)
+        doc = archive.collect(kube.api(), args.namespace, args.session)
+    except ApiException as e:
+        what = f"inferencesession {args.namespace}/{args.session} not found" if e.status == 404 else \
+            f"the API server answered {e.status} {e.reason}"
+        print(f"cannot archive the session: {what}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - kubeconfig missing or unreadable, server unreachable
+        print(kube.unreachable(e), file=sys.stderr)
+        return 2
+    out = args.out or archive.file_name(doc)
+    try:
+        size = archive.write(doc, out)
+    except OSError as e:
+        print(f"cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(describe(doc, out, size))
+    for line in archive.key_lines(doc)[1:]:
+        print(line, file=sys.stderr)
+    return 0
+
+
+def describe(doc: dict, path: str, size: int, ended: str = "") -> str:
+    """One line per archive written: what it holds and whether its receipts verify."""
+    md, st, c = doc["session"]["metadata"], doc["session"].get("status") or {}, doc["check"]
+    phase = st.get("phase") or "Pending"
+    if not c["receipts"]:
+        verdict = "no receipts"
+    elif c["ok"]:
+        verdict = "all verify"
+    else:
+        verdict = f"check FAILS: {c['verified']} of {c['receipts']} verify" + ("" if c["complete"] else ", positions not covered")
+    note = "" if phase in ("Completed", "Failed") else " (still running: its record so far)"
+    return (f"{md.get('namespace')}/{md['name']}: {phase}{' ' + ended if ended else ''}{note}, {c['tokens']} tokens, {c['receipts']} receipts "
+            f"({verdict}) -> {path} ({size / 1024:.1f} KiB)")
