@@ -5,77 +5,44 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
-import hashlib
 import json
 import subprocess
-import sys
 
 import pytest
 
-from consortium import archive, kube
+from consortium import archive
 from consortium import resources as r
-from consortium.sampling import SamplingParams
-from consortium.verification import receipts, signing
-from consortium_operator.receipts import receipt_body
+from consortium.verification import signing
 
-from k8s_helpers import apply, ensure_namespace, eventually, get_json, install_crds
+from k8s_helpers import (ensure_namespace, eventually, get_json, install_crds, register_nodes, run_cli,
+                         signed_ended_session)
 
 pytestmark = pytest.mark.k8s
 
 NS = "archive-prune"
 PROMPT, TOKENS, WINDOW = 6, 5, 4   # positions fed: 0..9 (the last token is never fed back)
 NODES = ("arch-a", "arch-b")       # stage 0, stage 1 (final)
-SAMPLING = SamplingParams()        # greedy
 
 
 def consortium(tmp_path, *args) -> subprocess.CompletedProcess:
-    # Run outside the repository: its operator/ folder would shadow the standard library's module.
-    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+    return run_cli(*args, cwd=tmp_path)
+
+
+def keys_fp(key) -> str:
+    return archive.fingerprint(signing.public_key_text(key))[:16]
 
 
 @pytest.fixture(scope="module")
 def keys(cluster):
     install_crds(cluster)
     ensure_namespace(cluster, NS)
-    made = {name: signing.generate_private_key() for name in NODES}
-    for name, key in made.items():
-        apply(cluster, {"apiVersion": r.API_VERSION, "kind": "ComputeNode", "metadata": {"name": name},
-                        "spec": {"endpoint": f"{name}.example:7070", "publicKey": signing.public_key_text(key)}})
+    made = register_nodes(cluster, NODES)
     yield made
     cluster.kubectl("delete", "computenode", *NODES, "--ignore-not-found")
 
 
-def ended_session(cluster, keys, name: str, *, ago: dt.timedelta | None, labels: dict | None = None,
-                  phase: str = "Completed") -> dict:
-    """A two-stage session the admin marks as ended `ago` (None: still Running), and the Receipts its
-    nodes signed for every position fed, as the operator writes them."""
-    apply(cluster, {"apiVersion": r.API_VERSION, "kind": "InferenceSession",
-                    "metadata": {"name": name, "labels": labels or {}},
-                    "spec": {"model": {"name": "m", "file": "m.gguf"}, "prompt": "p", "maxTokens": TOKENS,
-                             "stages": [{"layers": "0-9"}, {"layers": "10-29"}]}}, NS)
-    s = get_json(cluster, "inferencesession", name, "-n", NS)
-    tokens = [100 + PROMPT - 1 + i for i in range(TOKENS)]   # token i sampled from the row at PROMPT-1+i
-    status = {"phase": phase if ago is not None else "Running", "tokens": tokens,
-              "report": {"driverState": {"prompt_tokens": list(range(PROMPT)), "nodes": list(NODES)}}}
-    if ago is not None:
-        status["finishedAt"] = kube.timestamp(kube.now() - ago)
-    cluster.kubectl("patch", "inferencesession", name, "-n", NS, "--subresource=status", "--type=merge",
-                    "-p", json.dumps({"status": status}))
-    s = get_json(cluster, "inferencesession", name, "-n", NS)
-    sid = r.session_id(NS, name, s["metadata"]["uid"])
-    for stage, node in enumerate(NODES):
-        final = stage == len(NODES) - 1
-        signer = receipts.WindowSigner(keys[node], session=sid, stage=stage, node_id=node, epoch=1, window=WINDOW)
-        positions = list(range(PROMPT - 1 if final else 0, PROMPT + TOKENS - 1))
-        for p in positions:
-            signer.add(p, hashlib.sha256(b"in%d" % p).digest(), hashlib.sha256(b"out%d.%d" % (stage, p)).digest(),
-                       (SAMPLING, 100 + p) if final else None)
-            if (p + 1) % WINDOW == 0 or p == positions[-1]:
-                body = receipt_body(s, {"stage": stage, "node": node, "epoch": 1,
-                                        "receipt": signer.receipt().to_json()}, signing.public_key_text(keys[node]))
-                apply(cluster, body, NS)
-    return s
+def ended_session(cluster, keys, name, **kw) -> dict:
+    return signed_ended_session(cluster, NS, name, keys, prompt=PROMPT, tokens=TOKENS, window=WINDOW, **kw)
 
 
 def receipts_of(cluster, name: str) -> list[dict]:
@@ -123,10 +90,6 @@ def test_an_archive_verifies_offline_and_a_changed_one_does_not(cluster, keys, t
     other = consortium(tmp_path, "verify-receipts", "--archive", str(tmp_path / "other.json"))
     assert other.returncode == 2 and "kind 'Receipt'" in other.stderr
     assert json.loads(gzip.decompress(out.read_bytes()))["kind"] == archive.KIND
-
-
-def keys_fp(key) -> str:
-    return archive.fingerprint(signing.public_key_text(key))[:16]
 
 
 def test_prune_archives_then_deletes_only_what_ended_long_enough_ago(cluster, keys, tmp_path):

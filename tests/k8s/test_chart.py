@@ -1,11 +1,12 @@
 """The Helm chart on a real API server: it lints, renders into objects the server accepts, installs,
-and its ServiceAccounts (operator, agent, and the OpenAI-compatible endpoint's) can do exactly what
-the chart says (tokens from `kubectl create token`).
+and its ServiceAccounts (operator, agent, the OpenAI-compatible endpoint's and the prune CronJob's)
+can do exactly what the chart says (tokens from `kubectl create token`).
 
 No kubelet runs here, so the Deployment and DaemonSet never start pods; the operator and agent
 processes run elsewhere with these same tokens (DESIGN.md §7)."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
@@ -13,7 +14,8 @@ import yaml
 
 from consortium import resources as r
 
-from k8s_helpers import ROOT, ensure_namespace, eventually, get_json, install_crds
+from k8s_helpers import (ROOT, ensure_namespace, eventually, get_json, install_crds, register_nodes, run_cli,
+                         signed_ended_session)
 
 pytestmark = pytest.mark.k8s
 
@@ -34,10 +36,11 @@ def test_helm_lint(cluster):
                                          "--set", "agent.extraArgs={--threads,8}"],
                                     ["--set", "tls.issuer=operator"],
                                     ["--set", "api.enabled=true", "--set", "api.keySecret=api-key",
+                                     "--set", "prune.enabled=true", "--set", "prune.archiveClaim=archive",
                                      "--set-json", 'api.template={"model": {"name": "m", "file": "m.gguf"}, '
                                                    '"stages": [{"layers": "0-29"}]}']],
                          ids=["defaults", "pvc-hostnetwork-plaintext-args", "operator-issues-certificates",
-                              "openai-endpoint"])
+                              "openai-endpoint-and-prune"])
 def test_rendered_chart_is_accepted_by_the_server(cluster, values):
     ensure_namespace(cluster, NS)
     rendered = cluster.helm("template", RELEASE, CHART, "-n", NS, "--include-crds", *values).stdout
@@ -49,6 +52,7 @@ def test_rendered_chart_is_accepted_by_the_server(cluster, values):
                  "customresourcedefinition.apiextensions.k8s.io/receipts.consortium.io"):
         assert kind in done.stdout
     assert ("deployment.apps/consortium-api" in done.stdout) == ("api.enabled=true" in values)
+    assert ("cronjob.batch/consortium-prune" in done.stdout) == ("prune.enabled=true" in values)
 
 
 def test_the_openai_endpoint_runs_the_template_it_is_given(cluster):
@@ -184,14 +188,24 @@ def test_bad_model_source_is_refused_at_render_time(cluster):
     assert done.returncode != 0 and "models.type must be hostPath, pvc or none" in done.stderr
 
 
+def test_prune_without_a_place_for_archives_is_refused_at_render_time(cluster):
+    done = cluster.helm("template", RELEASE, CHART, "--set", "prune.enabled=true", check=False)
+    assert done.returncode != 0 and "prune.enabled needs prune.archiveClaim" in done.stderr
+    docs = yaml.safe_load_all(cluster.helm("template", RELEASE, CHART, "--set", "prune.enabled=true",
+                                           "--set", "prune.noArchive=true").stdout)
+    job = next(d for d in docs if d and d["kind"] == "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert "--no-archive" in job["containers"][0]["args"] and "volumes" not in job
+
+
 @pytest.fixture(scope="module")
 def installed(cluster):
     install_crds(cluster)
     ensure_namespace(cluster, SESSIONS)
     cluster.helm("upgrade", "--install", RELEASE, CHART, "-n", NS, "--create-namespace",
-                 "--set", "api.enabled=true", "--set", f"api.namespace={SESSIONS}")
+                 "--set", "api.enabled=true", "--set", f"api.namespace={SESSIONS}",
+                 "--set", "prune.enabled=true", "--set", "prune.archiveClaim=session-archive")
     cluster.kubectl("apply", "-n", SESSIONS, "-f", str(ROOT / "manifests/sessions/minimal.yaml"))
-    tokens = {who: cluster.create_token(f"{RELEASE}-{who}", NS) for who in ("operator", "agent", "api")}
+    tokens = {who: cluster.create_token(f"{RELEASE}-{who}", NS) for who in ("operator", "agent", "api", "prune")}
     yield cluster, tokens
     cluster.helm("uninstall", RELEASE, "-n", NS, check=False)
 
@@ -416,6 +430,50 @@ def test_the_endpoint_makes_and_follows_sessions_in_its_namespace_and_nothing_mo
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_prune_deletes_ended_sessions_in_its_namespace_and_nothing_more(installed, tmp_path):
+    def bound():
+        assert _can(installed, "prune", "delete", "inferencesessions", SESSIONS)
+    eventually(bound)
+    for verb in ("get", "list", "delete"):
+        assert _can(installed, "prune", verb, "inferencesessions", SESSIONS), verb
+    for verb in ("create", "patch", "update"):
+        assert not _can(installed, "prune", verb, "inferencesessions", SESSIONS), verb
+    assert not _can(installed, "prune", "patch", "inferencesessions", SESSIONS, subresource="status")
+    assert not _can(installed, "prune", "delete", "inferencesessions", NS)
+    assert _can(installed, "prune", "list", "receipts", SESSIONS)
+    for verb in ("create", "patch", "delete"):
+        assert not _can(installed, "prune", verb, "receipts", SESSIONS), verb
+    assert _can(installed, "prune", "get", "computenodes") and not _can(installed, "prune", "patch", "computenodes")
+    assert not _can(installed, "prune", "get", "secrets", SESSIONS)
+
+    # The CronJob's own command line, with its token: the ended session the endpoint made goes, archived
+    # (its nodes' keys read); the one applied by hand and a session still pending stay.
+    cluster, tokens = installed
+    keys = register_nodes(cluster, ("prune-a", "prune-b"))
+    try:
+        signed_ended_session(cluster, SESSIONS, "chat-ended", keys, ago=dt.timedelta(days=8),
+                             labels={f"{r.GROUP}/created-by": "openai-api"})
+        signed_ended_session(cluster, SESSIONS, "by-hand-ended", keys, ago=dt.timedelta(days=8))
+        job = get_json(cluster, "cronjob", f"{RELEASE}-prune", "-n", NS)["spec"]["jobTemplate"]["spec"]["template"]
+        container = job["spec"]["containers"][0]
+        assert container["command"] == ["consortium", "prune"]
+        assert job["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "session-archive"
+        notes = cluster.helm("get", "notes", RELEASE, "-n", NS).stdout
+        assert f"CronJob {RELEASE}-prune" in notes and "archived first in claim session-archive" in notes, notes
+        args = [a.replace("=/archive", f"={tmp_path}") for a in container["args"]]
+        assert f"--archive-dir={tmp_path}" in args and f"--namespace={SESSIONS}" in args
+        kubeconfig = cluster.write_kubeconfig(tmp_path / "prune.kubeconfig", token=tokens["prune"])
+        done = run_cli("prune", *args, "--kubeconfig", kubeconfig, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "1 of 1 sessions pruned" in done.stderr and "(all verify)" in done.stdout, done.stdout + done.stderr
+        left = {s["metadata"]["name"] for s in get_json(cluster, "inferencesessions", "-n", SESSIONS)["items"]}
+        assert "chat-ended" not in left and {"by-hand-ended", "minimal"} <= left
+        archived = run_cli("verify-receipts", "--archive", *[str(p) for p in tmp_path.glob("*.json.gz")], cwd=tmp_path)
+        assert archived.returncode == 0 and "OK: all 5 receipts verify" in archived.stdout, archived.stdout
+    finally:
+        cluster.kubectl("delete", "computenode", "prune-a", "prune-b", "--ignore-not-found")
 
 
 def _no_refusal(check):

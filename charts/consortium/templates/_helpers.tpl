@@ -41,6 +41,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.api.namespace | default .Release.Namespace }}
 {{- end -}}
 
+{{- define "consortium.pruneServiceAccount" -}}
+{{ include "consortium.fullname" . }}-prune
+{{- end -}}
+
+{{/* Where the prune CronJob deletes ended sessions. */}}
+{{- define "consortium.pruneNamespace" -}}
+{{ .Values.prune.namespace | default (include "consortium.apiNamespace" .) }}
+{{- end -}}
+
 {{/* The model files, for the agents (stages) and the operator (layer count, tokenizer, sha256): one
 volume definition for both, mounted read-only at /models. */}}
 {{- define "consortium.modelsMount" -}}
