@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("consortium.commands.ask", "create an InferenceSession for a prompt and stream its text as it is generated"),
     "api": ("consortium.commands.api", "an OpenAI-compatible chat endpoint: each request becomes an InferenceSession, its text streamed back"),
     "follow": ("consortium.commands.follow", "stream a session's text as it is generated, with its failovers, rollbacks and outcome"),
+    "stop": ("consortium.commands.stop", "end a session's generation now: it completes with the tokens it has, their receipts and audits"),
     "testcase": ("consortium.commands.testcase", "Test Case v1 through Kubernetes (or --standalone): baseline, audits, a killed node, a report"),
     "calibrate": ("consortium.commands.calibrate", "measure honest and cheating stage outputs; choose the verification tolerances"),
     "chaos": ("consortium.commands.chaos", "randomized fault trials (kill, hang, partition, slow link, double failure, operator death) with agents in network namespaces"),

@@ -61,6 +61,16 @@ def session_body(template: dict | None = None, *, prompt: str | None = None, mes
     return body
 
 
+def request_stop(api, namespace: str, name: str, reason: str) -> dict:
+    """Ask the operator to stop a session after the token in hand (the consortium.io/stop annotation;
+    the spec itself is immutable). Returns the session as patched; an ApiException as the API gives
+    it (404: no such session)."""
+    from consortium import resources as r
+
+    return api.patch_namespaced_custom_object(r.GROUP, r.VERSION, namespace, "inferencesessions", name,
+                                              {"metadata": {"annotations": {r.ANNOTATION_STOP: reason}}})
+
+
 def refusal(e) -> str:
     """The API server's own words for a refused request (an ApiException's body): a schema violation
     names the field and the rule."""
@@ -72,4 +82,4 @@ def refusal(e) -> str:
         return str(getattr(e, "body", e))
 
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_LAYERS", "default_template", "session_body", "refusal"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_LAYERS", "default_template", "session_body", "request_stop", "refusal"]

@@ -107,6 +107,8 @@ class SessionView:
         ready = kube.condition(st.get("conditions"), "Ready") or {}
         if st.get("phase") == "Failed":
             lines = [f"Failed: {ready.get('reason', '')}" + (f": {ready['message']}" if ready.get("message") else "")]
+        elif (st.get("report") or {}).get("stopped") == "stop_requested":
+            lines = [f"{st.get('phase')}: stopped on request: {st['report'].get('stopReason')}"]
         else:
             lines = [str(st.get("phase"))]
         lines.append(f"{len(st.get('tokens') or [])} tokens"

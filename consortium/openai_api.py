@@ -14,8 +14,10 @@ names the session, whose `status.text` holds the corrected answer; a request wit
 ever returns the final text.
 
 The session stays after the answer (its Receipts are the evidence), labeled
-`consortium.io/created-by=openai-api`; delete such sessions when they are no longer needed. A client
-that goes away does not stop its session.
+`consortium.io/created-by=openai-api`, for `consortium prune` to archive and delete. A client that goes
+away before its answer is complete has its session stopped (the consortium.io/stop annotation): it
+completes with the tokens it has, instead of generating the rest for no one (`keep_on_disconnect`:
+left to finish).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import io
 import json
 import logging
 import os
+import select
+import socket
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -36,7 +40,8 @@ CREATED_BY = {f"{r.GROUP}/created-by": "openai-api"}
 ROLES = ("system", "user", "assistant")
 # How the session stopped (status.report.stopped) as OpenAI's finish_reason.
 FINISH_REASONS = {"end_of_generation": "stop", "max_tokens": "length", "context_full": "length",
-                  "status_full": "length"}
+                  "status_full": "length", "stop_requested": "stop"}
+STOP_REASON = "its client went away (OpenAI-compatible endpoint)"
 
 
 class RequestError(Exception):
@@ -51,6 +56,19 @@ class TakenBack(Exception):
     """A rollback took back text the stream had already sent."""
 
 
+class ClientGone(Exception):
+    """The HTTP client closed its connection before its answer was complete."""
+
+
+def _peer_closed(sock) -> bool:
+    """Whether a client waiting for its answer has closed its side: readable, with nothing to read."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):   # reset, or already closed
+        return True
+
+
 @dataclasses.dataclass
 class Endpoint:
     """What the server serves: session templates by model name (the first is the default), where
@@ -60,6 +78,7 @@ class Endpoint:
     timeout_s: float = 600.0
     api_key: str | None = None
     max_tokens_cap: int | None = None   # the most tokens one request may ask for (None: the schema's limit)
+    keep_on_disconnect: bool = False     # a session whose client went away generates on to its end
     api: object = None
 
     @classmethod
@@ -118,6 +137,18 @@ class Endpoint:
         body["metadata"].pop("name", None)   # one session per request, whatever the template is called
         body["metadata"]["generateName"] = "chat-"
         return model, body
+
+    def client_gone(self, name: str) -> None:
+        """The client of session `name` went away: stop the session (unless told to keep it)."""
+        if self.keep_on_disconnect:
+            log.info("%s: the client went away; the session goes on", name)
+            return
+        try:
+            client.request_stop(self.api, self.namespace, name, STOP_REASON)
+            log.info("%s: the client went away; the session is stopped", name)
+        except Exception as e:  # noqa: BLE001 - e.g. a Role without patch: it then runs to its end
+            log.warning("%s: the client went away, and the session could not be stopped (%s); it goes on",
+                        name, kube.reason(e))
 
     def create(self, body: dict) -> dict:
         from kubernetes.client.exceptions import ApiException
@@ -198,8 +229,23 @@ class _LogLines(io.TextIOBase):
         return len(s)
 
 
+class _Waiting(follow.SessionView):
+    """The session behind a request answered whole: at each change, whether its client still waits
+    (ClientGone when it has closed its connection)."""
+
+    def __init__(self, name: str, connection):
+        super().__init__(io.StringIO(), _LogLines(name), timestamps=False)
+        self.connection = connection
+
+    def update(self, obj: dict) -> None:
+        super().update(obj)
+        if not self.finished() and _peer_closed(self.connection):
+            raise ClientGone()
+
+
 class _Relay(follow.SessionView):
-    """A SessionView that hands each new piece of text to `emit` and stops at a rollback."""
+    """A SessionView that hands each new piece of text to `emit` and stops at a rollback, or when
+    the client is no longer there to take it."""
 
     def __init__(self, name: str, emit):
         super().__init__(io.StringIO(), _LogLines(name), timestamps=False)
@@ -209,7 +255,10 @@ class _Relay(follow.SessionView):
         if not text.startswith(self.printed):
             raise TakenBack()
         if text[len(self.printed):]:
-            self.emit(text[len(self.printed):])
+            try:
+                self.emit(text[len(self.printed):])
+            except OSError as e:   # a broken pipe or reset: not the API server's, so not retried
+                raise ClientGone() from e
         self.printed = text
 
 
@@ -286,7 +335,7 @@ def handler_for(endpoint: Endpoint):
                 raise RequestError(504, f"{e}; the session goes on", "timeout") from e
             except follow.SessionGone as e:
                 raise RequestError(410, str(e), "session_deleted") from e
-            except TakenBack:
+            except (TakenBack, ClientGone):
                 raise
             except Exception as e:  # noqa: BLE001 - the API refused the watch or the read
                 raise RequestError(502, f"following session {endpoint.namespace}/{name} failed: {kube.reason(e)}; "
@@ -294,11 +343,13 @@ def handler_for(endpoint: Endpoint):
             return view.status
 
         def _complete(self, name: str, ident: dict) -> None:
-            view = follow.SessionView(io.StringIO(), _LogLines(name), timestamps=False)
+            view = _Waiting(name, self.connection)
             try:
                 st = self._follow(name, view)
                 if st.get("phase") != "Completed":
                     raise _failed(endpoint.namespace, name, st)
+            except ClientGone:
+                return endpoint.client_gone(name)
             except RequestError as e:
                 return self._error(e, {"consortium": summary(endpoint.namespace, name, view.status)})
             self._json(200, {**ident, "object": "chat.completion",
@@ -333,9 +384,8 @@ def handler_for(endpoint: Endpoint):
             except RequestError as e:
                 self._sse({"error": {"message": str(e), "type": e.kind, "code": e.status,
                                      "consortium": summary(endpoint.namespace, name, view.status)}})
-            except (BrokenPipeError, ConnectionResetError):
-                log.info("%s: the client went away; the session goes on", name)
-                return
+            except (ClientGone, BrokenPipeError, ConnectionResetError):
+                return endpoint.client_gone(name)
             self._sse("[DONE]")
 
     return Handler

@@ -39,6 +39,10 @@ LABEL_COORDINATOR = f"{GROUP}/coordinator"          # "true"
 LABEL_WORKER = f"{GROUP}/worker"                    # "true"
 LABEL_VERIFIER = f"{GROUP}/verifier"                # "true"
 ACCELERATORS = ("cuda", "metal", "cpu")
+# A session's owner asks for it to stop with this annotation (any value: the reason). The spec is
+# immutable, so a request to stop is metadata: the operator ends generation after the token in hand
+# and completes the session with what it has (report.stopped: stop_requested).
+ANNOTATION_STOP = f"{GROUP}/stop"
 
 
 # namespace (63) / name (253) / uid (36)

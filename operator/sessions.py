@@ -82,6 +82,10 @@ class Interrupted(Exception):
     """The operator is stopping: the session's progress is in status, the next operator resumes it."""
 
 
+class StopRequested(Exception):
+    """The session's owner asked it to stop (the consortium.io/stop annotation) before it generated."""
+
+
 def agent_namespace() -> str | None:
     return os.environ.get("CONSORTIUM_NAMESPACE") or None
 
@@ -111,6 +115,7 @@ class SessionRun:
         self.name, self.namespace = body["metadata"]["name"], body["metadata"]["namespace"]
         self.spec = r.InferenceSessionSpec.model_validate(body["spec"])
         self.status = dict(body.get("status") or {})
+        self.live = body   # kopf keeps a daemon's body fresh: how a stop request reaches the token loop
         self.stopped = stopped
         self.api = kube.api()
         # Conditions are read, changed and written whole from the token loop (a failover) and the
@@ -132,6 +137,21 @@ class SessionRun:
             if phase:
                 fields["phase"] = phase
             self.patch_status(**fields)
+
+    def stop_requested(self) -> str | None:
+        """The reason given with a request to stop the session, or None (none made)."""
+        annotations = (self.live.get("metadata") or {}).get("annotations") or {}
+        if r.ANNOTATION_STOP not in annotations:
+            return None
+        return annotations[r.ANNOTATION_STOP] or "no reason given"
+
+    def _waiting(self) -> None:
+        """Between two tries at placing or starting the session."""
+        if self.stopped.wait(PLACEMENT_RETRY_S):
+            raise Interrupted()
+        why = self.stop_requested()
+        if why is not None:
+            raise StopRequested(why)
 
     # -- placement -------------------------------------------------------------------------------
 
@@ -160,8 +180,7 @@ class SessionRun:
                 self.set_condition("Scheduled", False, "Unschedulable", msg, phase="Scheduling")
                 kube.event(self.body, "Unschedulable", msg, type_="Warning")
                 last = msg
-            if self.stopped.wait(PLACEMENT_RETRY_S):
-                raise Interrupted()
+            self._waiting()
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -196,7 +215,11 @@ class SessionRun:
             state = SessionState.from_json(saved)
             chosen = list(state.nodes)
         else:
-            chosen = self.place(need)
+            try:
+                chosen = self.place(need)
+            except StopRequested as e:
+                self.fail("StopRequested", f"stopped before it was placed: {e}")
+                return
             state = SessionState(session=r.session_id(self.namespace, self.name, self.body["metadata"]["uid"]), prompt_tokens=prompt,
                                  nodes=chosen, epochs=[1] * len(chosen), audit_probability=spec.audit.probability,
                                  audit_seed=spec.audit.seed)
@@ -241,6 +264,7 @@ class SessionRun:
         status_full = False   # the last snapshot reached STATUS_BUDGET_BYTES: no more tokens
         full_announced = False   # its StatusFull Event posted
         failure = None   # (reason, message) of a session that cannot go on
+        stop_reason = None   # given with a request to stop, once generation has stopped for it
 
         def publish(final: bool = False) -> None:
             nonlocal seen_failovers
@@ -309,6 +333,14 @@ class SessionRun:
             if time.monotonic() - saved_at >= interval and progress.idle():
                 progress.offer(snapshot(tokens))
 
+        def stop() -> str | None:
+            """Asked before each token: a full status, or its owner's request, ends generation there."""
+            nonlocal stop_reason
+            if status_full:
+                return "status_full"
+            stop_reason = self.stop_requested()
+            return None if stop_reason is None else "stop_requested"
+
         progress = ProgressWriter(save, f"progress {self.namespace}/{self.name}")
         try:
             if resume:
@@ -336,7 +368,7 @@ class SessionRun:
                 sampling=SamplingParams(temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
                                         seed=spec.sampling.seed),
                 is_end=tok.is_end_of_generation, detokenize=tok.decode, resume=generated if resume else None,
-                on_token=on_token, stop=lambda: "status_full" if status_full else None)
+                on_token=on_token, stop=stop)
             wall = time.perf_counter() - t0
             counters = driver.counters()
         except Interrupted:
@@ -352,6 +384,8 @@ class SessionRun:
             failure = ("StageLost", str(e))
         except generation.ContextFull as e:
             failure = ("PromptTooLong", f"{e} (node-agent --ctx)")
+        except StopRequested as e:   # while its nodes were busy: nothing was generated
+            failure = ("StopRequested", f"stopped before generation began: {e}")
         finally:
             nodes_watch.close()
             # A session that ended, completed or failed, gives back its sequence slots (and KV
@@ -382,12 +416,19 @@ class SessionRun:
                            "warmBackups": list(driver.prepared),   # backups that loaded a stage ahead
                            "steps": report_steps(driver.steps)})   # each step this run drove
 
+        why = result.stopped
+        if result.stopped == "stop_requested":
+            end["report"]["stopReason"] = stop_reason
+            why += f": {stop_reason}"
+
         def complete() -> None:
             self.patch_status(**end)
             self.set_condition("StageFailover", False, "NoFailover", "") if not state.failovers else None
-            self.set_condition("Ready", True, "Completed", f"{len(result.tokens)} tokens ({result.stopped})",
-                               phase="Completed")
+            self.set_condition("Ready", True, "Completed", f"{len(result.tokens)} tokens ({why})", phase="Completed")
         self._retrying("its completion", complete)
+        if result.stopped == "stop_requested":
+            kube.event(self.body, "Stopped", f"stopped at token {len(result.tokens)} of {spec.max_tokens} on "
+                                             f"request: {stop_reason}")
         kube.event(self.body, "Completed", f"{len(result.tokens)} tokens, {len(state.audits)} audits, "
                                            f"{len(state.failovers)} failover(s)")
 
@@ -465,8 +506,7 @@ class SessionRun:
                     self.set_condition("Scheduled", False, "NodesBusy", msg)
                     kube.event(self.body, "NodesBusy", msg, type_="Warning")
                     waiting = True
-            if self.stopped.wait(PLACEMENT_RETRY_S):
-                raise Interrupted()
+            self._waiting()
         if waiting and placed is not None:
             self.set_condition("Scheduled", True, placed["reason"], placed["message"])
 

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest answer in seconds (default 600); the session itself goes on")
     parser.add_argument("--max-tokens-cap", type=int, metavar="N",
                         help="refuse requests for more than N tokens (default: only the session schema's limit)")
+    parser.add_argument("--keep-on-disconnect", action="store_true",
+                        help="let a session whose client went away generate to its end (default: stop it, "
+                             "which needs patch on inferencesessions)")
     parser.add_argument("--api-key", help="the bearer token clients must send (default: CONSORTIUM_API_KEY; "
                                           "none: any client that reaches the port may make sessions)")
 
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         endpoint = openai_api.Endpoint.from_files(args.template, namespace=args.namespace, timeout_s=args.timeout,
                                                   api_key=args.api_key or openai_api.api_key_from_env(),
-                                                  max_tokens_cap=args.max_tokens_cap)
+                                                  max_tokens_cap=args.max_tokens_cap,
+                                                  keep_on_disconnect=args.keep_on_disconnect)
         kube.load_config(args.kubeconfig)
         srv = openai_api.serve(endpoint, host.strip("[]") or "127.0.0.1", int(port))
     except (OSError, ValueError) as e:

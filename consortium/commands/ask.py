@@ -61,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
         print(name)
         return 0
     print(f"inferencesession {args.namespace}/{name} created; following it (Ctrl-C stops following, "
-          f"not the session)", file=sys.stderr)
+          f"not the session: consortium stop {name} -n {args.namespace} does)", file=sys.stderr)
     return follow_session(args.namespace, name, None, args.timeout, api=api)
 

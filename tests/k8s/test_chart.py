@@ -78,6 +78,10 @@ def test_the_openai_endpoint_runs_the_template_it_is_given(cluster):
     assert "env" not in plain["containers"][0]
     uncapped = objects("--set", "api.enabled=true", "--set", "api.maxTokensCap=0")["Deployment", "consortium-api"]
     assert not any(a.startswith("--max-tokens-cap") for a in uncapped["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "patch" in got["Role", "consortium-api"]["rules"][0]["verbs"]   # to stop a session whose client left
+    kept = objects("--set", "api.enabled=true", "--set", "api.keepOnDisconnect=true")
+    assert "--keep-on-disconnect" in kept["Deployment", "consortium-api"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "patch" not in kept["Role", "consortium-api"]["rules"][0]["verbs"]
     done = cluster.helm("template", RELEASE, CHART, "--set", "api.enabled=true", "--set-json",
                         'api.template={"stages": [{"layers": "0-29"}]}', check=False)
     assert done.returncode != 0 and "api.template must give model.name" in done.stderr
@@ -385,10 +389,17 @@ def test_the_endpoint_makes_and_follows_sessions_in_its_namespace_and_nothing_mo
     def bound():   # the Role is in the sessions' namespace
         assert _can(installed, "api", "create", "inferencesessions", SESSIONS)
     eventually(bound)
-    for verb in ("create", "get", "list", "watch"):
+    for verb in ("create", "get", "list", "watch", "patch"):   # patch: to stop a session whose client left
         assert _can(installed, "api", verb, "inferencesessions", SESSIONS), verb
-    for verb in ("delete", "patch", "update"):
+    for verb in ("delete", "update"):
         assert not _can(installed, "api", verb, "inferencesessions", SESSIONS), verb
+    # What patch allows is the stop annotation: the spec stays as it was made.
+    changed = _as(installed, "api", "patch", "inferencesession", "minimal", "-n", SESSIONS, "--type=merge",
+                  "-p", json.dumps({"spec": {"maxTokens": 7}}))
+    assert changed.returncode != 0 and "immutable" in changed.stderr, changed.stderr
+    stop = _as(installed, "api", "patch", "inferencesession", "minimal", "-n", SESSIONS, "--type=merge",
+               "-p", json.dumps({"metadata": {"annotations": {r.ANNOTATION_STOP: "test"}}}))
+    assert stop.returncode == 0, stop.stderr
     assert not _can(installed, "api", "create", "inferencesessions", NS)
     assert not _can(installed, "api", "patch", "inferencesessions", SESSIONS, subresource="status")
     for resource in ("receipts", "stageassignments", "secrets"):

@@ -4,8 +4,10 @@ server-sent events, with the session's audits and receipts beside the text; requ
 serve are refused with OpenAI's error shape, and what the API server's schema refuses says why."""
 from __future__ import annotations
 
+import http.client
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -164,3 +166,51 @@ def test_with_an_api_key_only_clients_that_send_it_are_served(endpoint):
         assert call(f"{url}/healthz")[0] == 200   # for probes
     finally:
         ep.api_key = None
+
+
+def _new_session(bed, before: set[str], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        made = {s["metadata"]["name"] for s in bed.get("inferencesessions", namespace=NS)["items"]} - before
+        if made:
+            return made.pop()
+        assert time.monotonic() < deadline, "no session was made for the request"
+        time.sleep(0.2)
+
+
+def _ended(bed, name: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while (st := session(bed, name).get("status") or {}).get("phase") not in ("Completed", "Failed"):
+        assert time.monotonic() < deadline, f"{name} still {st.get('phase')}"
+        time.sleep(0.3)
+    return st
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "answered-whole"])
+def test_a_session_whose_client_goes_away_is_stopped(endpoint, bed, stream):
+    # A prompt the model answers at length: without the stop it would generate all 500 tokens.
+    _, url = endpoint
+    host, port = url.removeprefix("http://").split(":")
+    before = {s["metadata"]["name"] for s in bed.get("inferencesessions", namespace=NS)["items"]}
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "Write the numbers from 1 to 300 in words, "
+                                                                  "separated by commas."}],
+         "max_tokens": 500, "temperature": 0, "stream": stream}), {"Content-Type": "application/json"})
+    name = _new_session(bed, before)
+    if stream:
+        resp = conn.getresponse()
+        while b'"content": "' not in (line := resp.fp.readline()) or b'"content": ""' in line:
+            assert line, "the stream ended before any text"
+        resp.close()   # the response holds the socket open too
+    else:
+        deadline = time.monotonic() + 120
+        while ((session(bed, name).get("status") or {}).get("position") or 0) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    conn.close()   # the client goes away mid-answer
+
+    st = _ended(bed, name)
+    assert st["phase"] == "Completed" and st["report"]["stopped"] == "stop_requested", st.get("report", {}).get("stopped")
+    assert st["report"]["stopReason"] == openai_api.STOP_REASON
+    assert 1 <= len(st["tokens"]) < 500
