@@ -23,7 +23,8 @@ def default_template() -> dict:
 
 def session_body(template: dict | None = None, *, prompt: str | None = None, messages: list[dict] | None = None,
                  name: str | None = None, generate_name: str = "ask-", max_tokens: int | None = None,
-                 layers: str | None = None, sampling: dict | None = None, labels: dict | None = None) -> dict:
+                 layers: str | None = None, sampling: dict | None = None, labels: dict | None = None,
+                 stop_sequences: list[str] | None = None) -> dict:
     """The InferenceSession to create: `template` (or the default session) with these changes. The
     template itself is left as it was."""
     body = copy.deepcopy(template) if template else default_template()
@@ -56,6 +57,8 @@ def session_body(template: dict | None = None, *, prompt: str | None = None, mes
         spec["stages"] = [{"layers": part.strip()} for part in (layers or DEFAULT_LAYERS).split(",") if part.strip()]
     if sampling:
         spec["sampling"] = {**(spec.get("sampling") or {}), **sampling}
+    if stop_sequences is not None:
+        spec["stopSequences"] = list(stop_sequences)
     if labels:
         meta["labels"] = {**(meta.get("labels") or {}), **labels}
     return body

@@ -9,6 +9,7 @@ its audits and receipts. `SessionView` turns successive snapshots of the object 
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import TextIO
 
@@ -109,6 +110,8 @@ class SessionView:
             lines = [f"Failed: {ready.get('reason', '')}" + (f": {ready['message']}" if ready.get("message") else "")]
         elif (st.get("report") or {}).get("stopped") == "stop_requested":
             lines = [f"{st.get('phase')}: stopped on request: {st['report'].get('stopReason')}"]
+        elif (st.get("report") or {}).get("stopped") == "stop_sequence":
+            lines = [f"{st.get('phase')}: stopped at {json.dumps(st['report'].get('stopSequence'))}"]
         else:
             lines = [str(st.get("phase"))]
         lines.append(f"{len(st.get('tokens') or [])} tokens"

@@ -172,6 +172,48 @@ def generate(pipeline: Pipeline, prompt_tokens: list[int], max_tokens: int, *,
     return GenerationResult(list(prompt_tokens), tokens, text, prefill_ms, token_ms, stage_ms, stopped, rewinds)
 
 
+@dataclasses.dataclass(frozen=True)
+class StopSequences:
+    """OpenAI's `stop`: strings whose appearance in the generated text ends generation. The token
+    loop stops after the token that completes one; an answer shows the text before it."""
+    sequences: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, sequences) -> "StopSequences":
+        return cls(tuple(s for s in sequences or () if s))
+
+    def __bool__(self) -> bool:
+        return bool(self.sequences)
+
+    @property
+    def tokens_to_decode(self) -> int:
+        """How many of the last tokens hold every character a sequence could span: a token decodes
+        to at least one byte, a character takes at most four."""
+        return 4 * max(map(len, self.sequences), default=0) + 8
+
+    def found(self, text: str) -> tuple[int, str] | None:
+        """The first place in `text` where a sequence begins, and which (None: none does)."""
+        hits = [(i, s) for s in self.sequences if (i := text.find(s)) >= 0]
+        return min(hits) if hits else None
+
+    def in_tail(self, tokens: list[int], detokenize: Callable[[list[int]], str]) -> str | None:
+        """The sequence that the last tokens' text contains, if any (checked after each token, so
+        only the tail is decoded)."""
+        hit = self.found(detokenize(tokens[-self.tokens_to_decode:])) if self and tokens else None
+        return hit[1] if hit else None
+
+    def shown(self, text: str, final: bool) -> str:
+        """What of the text so far an answer may show: up to the first sequence; while generating,
+        not a tail that may yet become one."""
+        hit = self.found(text)
+        if hit:
+            return text[:hit[0]]
+        if final:
+            return text
+        held = max((k for s in self.sequences for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return text[:len(text) - held]
+
+
 def terminal_progress(label: str) -> Callable[[int, int, float], None] | None:
     """A one-line progress display on a terminal; nothing when output is redirected."""
     if not sys.stderr.isatty():

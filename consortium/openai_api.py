@@ -31,7 +31,7 @@ import socket
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from consortium import client, follow, kube
+from consortium import client, follow, generation, kube
 from consortium import resources as r
 
 log = logging.getLogger("consortium.api")
@@ -40,7 +40,7 @@ CREATED_BY = {f"{r.GROUP}/created-by": "openai-api"}
 ROLES = ("system", "user", "assistant")
 # How the session stopped (status.report.stopped) as OpenAI's finish_reason.
 FINISH_REASONS = {"end_of_generation": "stop", "max_tokens": "length", "context_full": "length",
-                  "status_full": "length", "stop_requested": "stop"}
+                  "status_full": "length", "stop_requested": "stop", "stop_sequence": "stop"}
 STOP_REASON = "its client went away (OpenAI-compatible endpoint)"
 
 
@@ -115,9 +115,7 @@ class Endpoint:
         messages = _messages(req.get("messages"))
         if req.get("n", 1) != 1:
             raise RequestError(400, "n: one choice per request")
-        if req.get("stop"):
-            raise RequestError(400, "stop: stop sequences are not supported; the session ends at the model's "
-                               "end of generation or max_tokens")
+        stop = _stop_sequences(req.get("stop"))
         max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
             raise RequestError(400, "max_tokens must be an integer")
@@ -133,7 +131,7 @@ class Endpoint:
                     raise RequestError(400, f"{key} must be a number")
                 sampling[ours] = value
         body = client.session_body(template, messages=messages, generate_name="chat-", max_tokens=max_tokens,
-                                   sampling=sampling or None, labels=CREATED_BY)
+                                   sampling=sampling or None, labels=CREATED_BY, stop_sequences=stop)
         body["metadata"].pop("name", None)   # one session per request, whatever the template is called
         body["metadata"]["generateName"] = "chat-"
         return model, body
@@ -185,6 +183,21 @@ def _messages(messages) -> list[dict]:
             raise RequestError(400, f"messages[{i}].content must be a string or a list of text parts")
         out.append({"role": role, "content": content})
     return out
+
+
+def _stop_sequences(stop) -> list[str] | None:
+    """A request's `stop` (a string or up to four) as the session's spec.stopSequences."""
+    if stop is None:
+        return None
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise RequestError(400, "stop must be a string or a list of strings")
+    stop = [s for s in stop if s]
+    if len(stop) > 4:
+        raise RequestError(400, f"stop: at most 4 sequences, not {len(stop)}")
+    if any(len(s) > r.MAX_STOP_SEQUENCE for s in stop):
+        raise RequestError(400, f"stop: a sequence may have at most {r.MAX_STOP_SEQUENCE} characters")
+    return stop or None
 
 
 def summary(namespace: str, name: str, status: dict) -> dict:
@@ -247,11 +260,13 @@ class _Relay(follow.SessionView):
     """A SessionView that hands each new piece of text to `emit` and stops at a rollback, or when
     the client is no longer there to take it."""
 
-    def __init__(self, name: str, emit):
+    def __init__(self, name: str, emit, stops: generation.StopSequences = generation.StopSequences()):
         super().__init__(io.StringIO(), _LogLines(name), timestamps=False)
-        self.emit = emit
+        self.emit, self.stops = emit, stops
 
     def _write_text(self, text: str) -> None:
+        # Text a stop sequence ends is not the answer's, nor a tail that may still become one.
+        text = self.stops.shown(text, self.status.get("phase") in follow.FINAL_PHASES)
         if not text.startswith(self.printed):
             raise TakenBack()
         if text[len(self.printed):]:
@@ -317,6 +332,7 @@ def handler_for(endpoint: Endpoint):
                 except ValueError as e:
                     raise RequestError(400, f"the body is not JSON: {e}") from e
                 model, body = endpoint.session_for(req)
+                stops = generation.StopSequences.of(body["spec"].get("stopSequences"))
                 made = endpoint.create(body)
             except RequestError as e:
                 return self._error(e)
@@ -324,9 +340,9 @@ def handler_for(endpoint: Endpoint):
             log.info("%s created for %s (%s)", name, self.address_string(), model)
             ident = {"id": f"chatcmpl-{name}", "created": int(time.time()), "model": model}
             if req.get("stream"):
-                self._stream(name, ident)
+                self._stream(name, ident, stops)
             else:
-                self._complete(name, ident)
+                self._complete(name, ident, stops)
 
         def _follow(self, name: str, view: follow.SessionView) -> dict:
             try:
@@ -342,7 +358,7 @@ def handler_for(endpoint: Endpoint):
                                    f"the session goes on", "api_error") from e
             return view.status
 
-        def _complete(self, name: str, ident: dict) -> None:
+        def _complete(self, name: str, ident: dict, stops: generation.StopSequences) -> None:
             view = _Waiting(name, self.connection)
             try:
                 st = self._follow(name, view)
@@ -353,11 +369,12 @@ def handler_for(endpoint: Endpoint):
             except RequestError as e:
                 return self._error(e, {"consortium": summary(endpoint.namespace, name, view.status)})
             self._json(200, {**ident, "object": "chat.completion",
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": st.get("text") or ""},
+                             "choices": [{"index": 0, "message": {"role": "assistant",
+                                                                  "content": stops.shown(st.get("text") or "", True)},
                                           "finish_reason": finish_reason(st)}],
                              "usage": usage(st), "consortium": summary(endpoint.namespace, name, st)})
 
-        def _stream(self, name: str, ident: dict) -> None:
+        def _stream(self, name: str, ident: dict, stops: generation.StopSequences) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -367,7 +384,7 @@ def handler_for(endpoint: Endpoint):
                 return {**ident, "object": "chat.completion.chunk",
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
 
-            view = _Relay(name, lambda text: self._sse(chunk({"content": text})))
+            view = _Relay(name, lambda text: self._sse(chunk({"content": text})), stops)
             try:
                 self._sse(chunk({"role": "assistant", "content": ""}))
                 try:

@@ -279,6 +279,9 @@ class Failover(_Model):
         "whole session (skipped where its ComputeNode's memoryBytes cannot hold them)."))
 
 
+MAX_STOP_SEQUENCE = 64   # characters
+
+
 class InferenceSessionSpec(_Model):
     # Immutable, as a Job's template: the operator runs a session with the spec it was created with,
     # and one resumed after an operator restart would join a changed spec to the state saved under
@@ -291,6 +294,11 @@ class InferenceSessionSpec(_Model):
     prompt: str | None = Field(default=None, max_length=65536)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int = Field(default=64, ge=1, le=32768)
+    stop_sequences: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_SEQUENCE)]] | None = Field(
+        default=None, max_length=4, description=(
+            "Generation ends once the generated text contains one of these (OpenAI's stop): the tokens up "
+            "to the one that completed it are kept, signed and audited as any; report.stopped is "
+            "stop_sequence and report.stopSequence the one found. status.text keeps the whole decoded text."))
     sampling: Sampling = _defaulted(Sampling)
     stages: Stages
     audit: Audit = _defaulted(Audit)

@@ -265,6 +265,7 @@ class SessionRun:
         full_announced = False   # its StatusFull Event posted
         failure = None   # (reason, message) of a session that cannot go on
         stop_reason = None   # given with a request to stop, once generation has stopped for it
+        stop_sequence = None   # the spec's stop sequence that ended generation
 
         def publish(final: bool = False) -> None:
             nonlocal seen_failovers
@@ -333,11 +334,17 @@ class SessionRun:
             if time.monotonic() - saved_at >= interval and progress.idle():
                 progress.offer(snapshot(tokens))
 
+        stops = generation.StopSequences.of(spec.stop_sequences)
+
         def stop() -> str | None:
-            """Asked before each token: a full status, or its owner's request, ends generation there."""
-            nonlocal stop_reason
+            """Asked before each token: a full status, one of the spec's stop sequences in the text, or
+            the owner's request ends generation there."""
+            nonlocal stop_reason, stop_sequence
             if status_full:
                 return "status_full"
+            stop_sequence = stops.in_tail(latest, tok.decode)
+            if stop_sequence is not None:
+                return "stop_sequence"
             stop_reason = self.stop_requested()
             return None if stop_reason is None else "stop_requested"
 
@@ -420,6 +427,9 @@ class SessionRun:
         if result.stopped == "stop_requested":
             end["report"]["stopReason"] = stop_reason
             why += f": {stop_reason}"
+        elif result.stopped == "stop_sequence":
+            end["report"]["stopSequence"] = stop_sequence
+            why += f" {json.dumps(stop_sequence)}"
 
         def complete() -> None:
             self.patch_status(**end)

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an InferenceSession manifest to start from (model, stages, audit, ...)")
     parser.add_argument("--name", help="the session's name (default: generated, ask-xxxxx)")
     parser.add_argument("--max-tokens", type=int, help="tokens to generate (default: the manifest's, else 64)")
+    parser.add_argument("--stop", action="append", metavar="TEXT",
+                        help="end generation once the text holds TEXT (repeat for up to 4)")
     parser.add_argument("--layers", metavar="RANGES",
                         help="one stage per range, any approved node each (default without --from: "
                              f"{client.DEFAULT_LAYERS})")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             with open(args.manifest, encoding="utf-8") as f:
                 manifest = yaml.safe_load(f)
         body = client.session_body(manifest, prompt=args.prompt, name=args.name, max_tokens=args.max_tokens,
-                                   layers=args.layers)
+                                   layers=args.layers, stop_sequences=args.stop)
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"consortium ask: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,16 @@ def test_ask_creates_a_session_and_streams_its_text(bed):
     assert [st["layers"] for st in s["spec"]["stages"]] == ["0-9", "10-19", "20-29"]
 
 
+def test_ask_with_a_stop_sequence_ends_where_the_text_holds_it(bed):
+    got = ask(bed, "Explain in one paragraph why the sky appears blue.", "--max-tokens", "40", "--stop", "Rayleigh",
+              "--name", "stop-at-rayleigh")
+    assert got.returncode == 0, got.stderr
+    st = bed.api().get_namespaced_custom_object(r.GROUP, r.VERSION, NS, "inferencesessions", "stop-at-rayleigh")["status"]
+    assert st["report"]["stopped"] == "stop_sequence" and len(st["tokens"]) < 40
+    assert got.stdout == st["text"] + "\n" and "Rayleigh" in got.stdout
+    assert 'Completed: stopped at "Rayleigh"' in got.stderr, got.stderr
+
+
 def test_ask_prints_the_schemas_reason_for_a_session_it_refuses(bed):
     got = ask(bed, "Hello", "--layers", "5-29", "--name", "starts-late")
     assert got.returncode == 2

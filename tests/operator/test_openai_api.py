@@ -93,6 +93,27 @@ def test_a_streamed_completion_arrives_in_pieces_that_make_the_sessions_text(end
     assert "".join(pieces) == s["status"]["text"] and s["status"]["phase"] == "Completed"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["answered-whole", "streamed"])
+def test_a_stop_sequence_ends_the_session_and_the_answer_before_it(endpoint, bed, baseline, stream):
+    # The answer to PROMPT names Rayleigh scattering within its first 20 tokens.
+    _, url = endpoint
+    status, _, text = call(f"{url}/v1/chat/completions", ask(40, stream=stream, stop=["Rayleigh", "never seen"]))
+    assert status == 200, text
+    if stream:
+        chunks = [json.loads(e[len("data: "):]) for e in text.split("\n\n") if e.startswith("data: {")]
+        content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        last = chunks[-1]
+    else:
+        last = json.loads(text)
+        content = last["choices"][0]["message"]["content"]
+    assert last["choices"][0]["finish_reason"] == "stop"
+    st = session(bed, last["consortium"]["session"].split("/")[1])["status"]
+    assert st["report"]["stopped"] == "stop_sequence" and st["report"]["stopSequence"] == "Rayleigh"
+    assert st["text"].startswith(content + "Rayleigh") and "Rayleigh" not in content and content
+    tokens = st["tokens"]
+    assert len(tokens) < 40 and tokens == baseline[:len(tokens)]
+
+
 def test_the_official_openai_client_reads_answers_streams_and_refusals(endpoint, bed, baseline):
     import openai
 
@@ -125,7 +146,8 @@ def test_the_official_openai_client_reads_answers_streams_and_refusals(endpoint,
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served here"),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role must be one of"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "only text parts"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400, "stop sequences are not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, 400, "at most 4 sequences"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [7]}, 400, "a string or a list of strings"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "maxTokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature must be a number"),
 ])
