@@ -24,7 +24,6 @@ from consortium import resources as r
 
 KIND = "SessionArchive"
 FORMAT_VERSION = 1
-FINAL_PHASES = ("Completed", "Failed")
 # What an archived object keeps of its metadata: enough to name it and to tie a Receipt to its
 # session (ownerReferences carry the session's uid, which the signatures cover).
 _METADATA = ("name", "namespace", "uid", "labels", "creationTimestamp", "ownerReferences")
@@ -34,11 +33,11 @@ class ArchiveError(ValueError):
     """A file that is not a readable session archive, with the reason."""
 
 
-def _kept(obj: dict, *, status: bool = True) -> dict:
+def _kept(obj: dict) -> dict:
     md = obj.get("metadata") or {}
     out = {"apiVersion": obj.get("apiVersion", r.API_VERSION), "kind": obj.get("kind"),
            "metadata": {k: md[k] for k in _METADATA if k in md}, "spec": obj.get("spec") or {}}
-    if status and obj.get("status") is not None:
+    if obj.get("status") is not None:
         out["status"] = obj["status"]
     return out
 
@@ -159,5 +158,5 @@ def key_lines(doc: dict) -> list[str]:
     return out
 
 
-__all__ = ["ArchiveError", "FINAL_PHASES", "KIND", "build", "check", "collect", "file_name", "fingerprint",
+__all__ = ["ArchiveError", "KIND", "build", "check", "collect", "file_name", "fingerprint",
            "key_lines", "read", "write"]

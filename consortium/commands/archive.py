@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(doc: dict, path: str, size: int, ended: str = "") -> str:
     """One line per archive written: what it holds and whether its receipts verify."""
+    from consortium.follow import FINAL_PHASES
+
     md, st, c = doc["session"]["metadata"], doc["session"].get("status") or {}, doc["check"]
     phase = st.get("phase") or "Pending"
     if not c["receipts"]:
@@ -53,6 +55,6 @@ def describe(doc: dict, path: str, size: int, ended: str = "") -> str:
         verdict = "all verify"
     else:
         verdict = f"check FAILS: {c['verified']} of {c['receipts']} verify" + ("" if c["complete"] else ", positions not covered")
-    note = "" if phase in ("Completed", "Failed") else " (still running: its record so far)"
+    note = "" if phase in FINAL_PHASES else " (still running: its record so far)"
     return (f"{md.get('namespace')}/{md['name']}: {phase}{' ' + ended if ended else ''}{note}, {c['tokens']} tokens, {c['receipts']} receipts "
             f"({verdict}) -> {path} ({size / 1024:.1f} KiB)")

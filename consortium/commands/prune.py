@@ -39,10 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def ended_at(session: dict) -> dt.datetime | None:
     """When a session ended: status.finishedAt, else when its Ready condition last changed; None while
     it runs."""
-    from consortium import archive, kube
+    from consortium import follow, kube
 
     st = session.get("status") or {}
-    if st.get("phase") not in archive.FINAL_PHASES:
+    if st.get("phase") not in follow.FINAL_PHASES:
         return None
     ready = kube.condition(st.get("conditions"), "Ready") or {}
     return kube.parse_time(st.get("finishedAt") or ready.get("lastTransitionTime"))
