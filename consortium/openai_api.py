@@ -28,6 +28,7 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -79,7 +80,22 @@ class Endpoint:
     api_key: str | None = None
     max_tokens_cap: int | None = None   # the most tokens one request may ask for (None: the schema's limit)
     keep_on_disconnect: bool = False     # a session whose client went away generates on to its end
+    max_concurrent: int | None = None    # requests answered at once; more are refused 429 (None: no limit)
     api: object = None
+    _in_flight: int = dataclasses.field(default=0, init=False, repr=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False)
+
+    def admit(self) -> bool:
+        """Take one of the request slots (False: all taken); give it back with release()."""
+        with self._lock:
+            if self.max_concurrent is not None and self._in_flight >= self.max_concurrent:
+                return False
+            self._in_flight += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     @classmethod
     def from_files(cls, paths: list[str], **kw) -> "Endpoint":
@@ -325,6 +341,17 @@ def handler_for(endpoint: Endpoint):
                 return
             if self.path != "/v1/chat/completions":
                 return self._error(RequestError(404, f"no route {self.path}", "not_found"))
+            if not endpoint.admit():
+                # Each answer is a session on the cluster's nodes: past the limit, the client retries.
+                self.close_connection = True
+                return self._error(RequestError(429, f"{endpoint.max_concurrent} requests are being answered, this "
+                                                     f"endpoint's limit; try again shortly", "rate_limit_exceeded"))
+            try:
+                self._chat()
+            finally:
+                endpoint.release()
+
+        def _chat(self):
             try:
                 length = int(self.headers.get("Content-Length") or 0)
                 try:

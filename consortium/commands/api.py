@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest answer in seconds (default 600); the session itself goes on")
     parser.add_argument("--max-tokens-cap", type=int, metavar="N",
                         help="refuse requests for more than N tokens (default: only the session schema's limit)")
+    parser.add_argument("--max-concurrent", type=int, default=32, metavar="N",
+                        help="requests answered at once (default 32; each is a session on the nodes); more are "
+                             "refused 429 for the client to retry. 0: no limit")
     parser.add_argument("--keep-on-disconnect", action="store_true",
                         help="let a session whose client went away generate to its end (default: stop it, "
                              "which needs patch on inferencesessions)")
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         endpoint = openai_api.Endpoint.from_files(args.template, namespace=args.namespace, timeout_s=args.timeout,
                                                   api_key=args.api_key or openai_api.api_key_from_env(),
                                                   max_tokens_cap=args.max_tokens_cap,
-                                                  keep_on_disconnect=args.keep_on_disconnect)
+                                                  keep_on_disconnect=args.keep_on_disconnect,
+                                                  max_concurrent=args.max_concurrent or None)
         kube.load_config(args.kubeconfig)
         srv = openai_api.serve(endpoint, host.strip("[]") or "127.0.0.1", int(port))
     except (OSError, ValueError) as e:

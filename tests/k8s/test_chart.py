@@ -67,7 +67,7 @@ def test_the_openai_endpoint_runs_the_template_it_is_given(cluster):
     c = pod["containers"][0]
     assert c["command"] == ["consortium", "api"] and pod["serviceAccountName"] == "consortium-api"
     assert c["args"] == ["--listen=0.0.0.0:8080", "--namespace=chat", "--timeout=600", "--max-tokens-cap=4096",
-                         "--template=/etc/consortium/api/template.yaml"]
+                         "--max-concurrent=32", "--template=/etc/consortium/api/template.yaml"]
     assert c["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "k", "key": "api-key"}
     manifest = yaml.safe_load(got["ConfigMap", "consortium-api"]["data"]["template.yaml"])
     assert manifest["kind"] == "InferenceSession" and manifest["spec"] == template

@@ -177,6 +177,24 @@ def test_a_token_cap_refuses_longer_requests_before_any_session_is_made(endpoint
         ep.max_tokens_cap = None
 
 
+def test_past_its_concurrency_limit_a_request_is_refused_429_and_makes_nothing(endpoint, bed):
+    ep, url = endpoint
+    ep.max_concurrent = 1
+    assert ep.admit()   # the one slot, as a request being answered holds it
+    try:
+        before = len(bed.get("inferencesessions", namespace=NS)["items"])
+        status, _, text = call(f"{url}/v1/chat/completions", ask(4))
+        assert status == 429 and json.loads(text)["error"]["type"] == "rate_limit_exceeded", text
+        assert len(bed.get("inferencesessions", namespace=NS)["items"]) == before
+    finally:
+        ep.release()
+    try:
+        status, _, text = call(f"{url}/v1/chat/completions", ask(4))   # the slot is free again
+        assert status == 200, text
+    finally:
+        ep.max_concurrent = None
+
+
 def test_with_an_api_key_only_clients_that_send_it_are_served(endpoint):
     ep, url = endpoint
     ep.api_key = "s3cret"
