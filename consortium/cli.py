@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("consortium.commands.bench", "benchmarks with figures measured side by side in one run"),
     "cluster": ("consortium.commands.cluster", "start, stop or inspect the local Kubernetes control plane"),
     "ask": ("consortium.commands.ask", "create an InferenceSession for a prompt and stream its text as it is generated"),
+    "chat": ("consortium.commands.chat", "a conversation in the terminal, each answer an InferenceSession followed as it is generated"),
     "api": ("consortium.commands.api", "an OpenAI-compatible chat endpoint: each request becomes an InferenceSession, its text streamed back"),
     "follow": ("consortium.commands.follow", "stream a session's text as it is generated, with its failovers, rollbacks and outcome"),
     "stop": ("consortium.commands.stop", "end a session's generation now: it completes with the tokens it has, their receipts and audits"),

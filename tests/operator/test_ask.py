@@ -1,6 +1,7 @@
-"""`consortium ask` against the operator on a real API server: the session is created, its text
-streams to stdout and equals what its status keeps; a session the API server's schema refuses is
-not created, and the schema's reason is printed."""
+"""`consortium ask` and `consortium chat` against the operator on a real API server: the session is
+created, its text streams to stdout and equals what its status keeps; a session the API server's
+schema refuses is not created, and the schema's reason is printed; a chat's every answer is a
+session holding the conversation so far, and Ctrl-C stops an answer the conversation then keeps."""
 from __future__ import annotations
 
 import subprocess
@@ -21,8 +22,12 @@ def ask(bed, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_ask_creates_a_session_and_streams_its_text(bed):
+@pytest.fixture(autouse=True, scope="module")
+def namespace(bed):
     bed.cluster.kubectl("create", "namespace", NS)
+
+
+def test_ask_creates_a_session_and_streams_its_text(bed):
     got = ask(bed, "Why is the sky blue?", "--max-tokens", "8", "--name", "why-blue")
     assert got.returncode == 0, got.stderr
     s = bed.api().get_namespaced_custom_object(r.GROUP, r.VERSION, NS, "inferencesessions", "why-blue")
@@ -56,3 +61,58 @@ def test_following_a_session_that_does_not_exist_says_so(bed):
     got = subprocess.run([sys.executable, "-m", "consortium.cli", "follow", "no-such", "-n", NS,
                           "--kubeconfig", bed.cluster.kubeconfig], capture_output=True, text=True, timeout=60)
     assert got.returncode == 2 and "inferencesession tc-ask/no-such not found" in got.stderr
+
+
+def _chat_sessions(bed) -> list[dict]:
+    items = bed.get("inferencesessions", namespace=NS, selector="consortium.io/created-by=consortium-chat")["items"]
+    return sorted(items, key=lambda s: s["metadata"]["creationTimestamp"] + s["metadata"]["name"])
+
+
+def test_chat_keeps_the_conversation_one_session_per_answer(bed, tmp_path):
+    got = subprocess.run([sys.executable, "-m", "consortium.cli", "chat", "-n", NS, "--max-tokens", "6",
+                          "--system", "You are terse.", "--kubeconfig", bed.cluster.kubeconfig],
+                         input="Why is the sky blue?\n\nSay it again.\n/exit\n", capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    first, second = _chat_sessions(bed)[-2:]
+    answer = first["status"]["text"]
+    assert first["spec"]["messages"] == [{"role": "system", "content": "You are terse."},
+                                         {"role": "user", "content": "Why is the sky blue?"}]
+    assert second["spec"]["messages"] == first["spec"]["messages"] + [
+        {"role": "assistant", "content": answer}, {"role": "user", "content": "Say it again."}]
+    assert got.stdout == answer + "\n" + second["status"]["text"] + "\n"
+    assert got.stderr.count("[Completed, 6 tokens") == 2, got.stderr
+
+
+def test_ctrl_c_in_chat_stops_the_answer_and_the_conversation_keeps_it(bed, tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "consortium.cli", "chat", "-n", NS, "--max-tokens", "500",
+                             "--kubeconfig", bed.cluster.kubeconfig], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        seen = {s["metadata"]["name"] for s in _chat_sessions(bed)}
+        proc.stdin.write("Write the numbers from 1 to 300 in words, separated by commas.\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while not (new := [s for s in _chat_sessions(bed) if s["metadata"]["name"] not in seen]) or \
+                ((new[0].get("status") or {}).get("position") or 0) < 3:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)   # as Ctrl-C in the terminal
+        name = new[0]["metadata"]["name"]
+        while (bed.session(name, NS).get("status") or {}).get("phase") != "Completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.stdin.write("Thanks.\n/exit\n")
+        proc.stdin.close()
+        assert proc.wait(120) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+    stopped = bed.session(name, NS)["status"]
+    assert stopped["report"]["stopped"] == "stop_requested" and len(stopped["tokens"]) < 500
+    assert stopped["report"]["stopReason"] == "interrupted in consortium chat"
+    after = _chat_sessions(bed)[-1]
+    assert after["spec"]["messages"][-2:] == [{"role": "assistant", "content": stopped["text"]},
+                                              {"role": "user", "content": "Thanks."}]
