@@ -35,6 +35,9 @@ PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
         {"name": "Stages", "type": "string", "jsonPath": ".status.stagesReady",
          "description": "Ready stages / all stages"},
         AGE,
+        {"name": "Stopped", "type": "string", "jsonPath": ".status.report.stopped", "priority": 1,
+         "description": "Why generation ended: max_tokens, end_of_generation, stop_sequence, stop_requested, ..."},
+        {"name": "Tokens/s", "type": "number", "jsonPath": ".status.metrics.tokensPerSecond", "priority": 1},
     ],
     "StageAssignment": [
         {"name": "Session", "type": "string", "jsonPath": ".spec.session"},

@@ -30,6 +30,7 @@ import select
 import socket
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from consortium import client, follow, generation, kube
@@ -201,6 +202,10 @@ def _messages(messages) -> list[dict]:
     return out
 
 
+def _model(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "consortium"}
+
+
 def _stop_sequences(stop) -> list[str] | None:
     """A request's `stop` (a string or up to four) as the session's spec.stopSequences."""
     if stop is None:
@@ -332,8 +337,12 @@ def handler_for(endpoint: Endpoint):
             if not self._authorized():
                 return
             if self.path == "/v1/models":
-                return self._json(200, {"object": "list", "data": [
-                    {"id": m, "object": "model", "created": 0, "owned_by": "consortium"} for m in endpoint.templates]})
+                return self._json(200, {"object": "list", "data": [_model(m) for m in endpoint.templates]})
+            if self.path.startswith("/v1/models/"):
+                name = urllib.parse.unquote(self.path[len("/v1/models/"):])
+                if name in endpoint.templates:
+                    return self._json(200, _model(name))
+                return self._error(RequestError(404, f"model {name!r} is not served here", "model_not_found"))
             self._error(RequestError(404, f"no route {self.path}", "not_found"))
 
         def do_POST(self):

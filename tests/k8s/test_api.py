@@ -93,6 +93,10 @@ def test_session_columns(api):
     row = _row(api, "isess", "sky-is-blue", "-n", NS)
     assert (row["MODEL"], row["PHASE"], row["TOKENS"], row["MAX"], row["STAGES"]) == \
         ("SmolLM2-135M-Instruct", "Running", "20", "64", "3/3")
+    _patch_status(api, "inferencesession", "sky-is-blue",
+                  {"phase": "Completed", "report": {"stopped": "stop_sequence"}, "metrics": {"tokensPerSecond": 41.5}}, NS)
+    wide = api.kubectl("get", "isess", "sky-is-blue", "-n", NS, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[-2:] == ["STOPPED", "TOKENS/S"] and wide[1].split()[-2:] == ["stop_sequence", "41.5"]
 
 
 def test_stage_assignment_columns(api):

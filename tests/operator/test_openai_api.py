@@ -58,6 +58,9 @@ def test_a_chat_completion_is_a_session_with_the_single_nodes_tokens(endpoint, b
     _, url = endpoint
     status, _, text = call(f"{url}/v1/models")
     assert status == 200 and [m["id"] for m in json.loads(text)["data"]] == [MODEL]
+    status, _, text = call(f"{url}/v1/models/{MODEL}")
+    assert status == 200 and json.loads(text)["id"] == MODEL
+    assert call(f"{url}/v1/models/gpt-4o")[0] == 404
 
     status, ctype, text = call(f"{url}/v1/chat/completions", ask())
     assert status == 200 and ctype == "application/json", text
@@ -119,7 +122,7 @@ def test_the_official_openai_client_reads_answers_streams_and_refusals(endpoint,
 
     _, url = endpoint
     c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-    assert [m.id for m in c.models.list()] == [MODEL]
+    assert [m.id for m in c.models.list()] == [MODEL] and c.models.retrieve(MODEL).id == MODEL
     got = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=6,
                                     temperature=0)
     name = got.model_extra["consortium"]["session"].split("/")[1]
