@@ -21,6 +21,17 @@ def default_template() -> dict:
                      "stages": [{"layers": part} for part in DEFAULT_LAYERS.split(",")]}}
 
 
+def read_template(path: str | None) -> dict | None:
+    """A session manifest from a YAML file, to make sessions from (None when no file is named: the
+    default session). OSError or yaml.YAMLError when it cannot be read."""
+    if not path:
+        return None
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
 def session_body(template: dict | None = None, *, prompt: str | None = None, messages: list[dict] | None = None,
                  name: str | None = None, generate_name: str = "ask-", max_tokens: int | None = None,
                  layers: str | None = None, sampling: dict | None = None, labels: dict | None = None,
@@ -85,4 +96,4 @@ def refusal(e) -> str:
         return str(getattr(e, "body", e))
 
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_LAYERS", "default_template", "session_body", "request_stop", "refusal"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_LAYERS", "default_template", "read_template", "session_body", "request_stop", "refusal"]

@@ -111,6 +111,12 @@ def certificates():
     return client.CertificatesV1Api(_client())
 
 
+def session_unread(e, namespace: str, name: str) -> str:
+    """Why a command could not read a session, from the API's refusal: missing, or the server's status."""
+    return (f"inferencesession {namespace}/{name} not found" if e.status == 404 else
+            f"the API server answered {e.status} {e.reason}")
+
+
 def unreachable(e: BaseException) -> str:
     """What a command says when its kubeconfig or the API server fails it before any answer."""
     return f"cannot reach the API server: {type(e).__name__}: {e}"

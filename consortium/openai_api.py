@@ -100,12 +100,9 @@ class Endpoint:
 
     @classmethod
     def from_files(cls, paths: list[str], **kw) -> "Endpoint":
-        import yaml
-
         templates: dict[str, dict] = {}
         for p in paths:
-            with open(p, encoding="utf-8") as f:
-                t = yaml.safe_load(f)
+            t = client.read_template(p)
             if not isinstance(t, dict) or t.get("kind") != "InferenceSession":
                 raise ValueError(f"{p}: not an InferenceSession manifest")
             name = ((t.get("spec") or {}).get("model") or {}).get("name")

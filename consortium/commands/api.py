@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import yaml
+
     from consortium import kube, openai_api
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s consortium-api %(message)s")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                                                   max_concurrent=args.max_concurrent or None)
         kube.load_config(args.kubeconfig)
         srv = openai_api.serve(endpoint, host.strip("[]") or "127.0.0.1", int(port))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"consortium api: {e}", file=sys.stderr)
         return 2
     h, p = srv.server_address[:2]

@@ -24,9 +24,7 @@ def run(args: argparse.Namespace) -> int:
         kube.load_config(args.kubeconfig)
         doc = archive.collect(kube.api(), args.namespace, args.session)
     except ApiException as e:
-        what = f"inferencesession {args.namespace}/{args.session} not found" if e.status == 404 else \
-            f"the API server answered {e.status} {e.reason}"
-        print(f"cannot archive the session: {what}", file=sys.stderr)
+        print(f"cannot archive the session: {kube.session_unread(e, args.namespace, args.session)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - kubeconfig missing or unreadable, server unreachable
         print(kube.unreachable(e), file=sys.stderr)

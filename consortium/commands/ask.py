@@ -39,11 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from consortium.commands.follow import follow_session
 
     try:
-        manifest = None
-        if args.manifest:
-            with open(args.manifest, encoding="utf-8") as f:
-                manifest = yaml.safe_load(f)
-        body = client.session_body(manifest, prompt=args.prompt, name=args.name, max_tokens=args.max_tokens,
+        body = client.session_body(client.read_template(args.manifest), prompt=args.prompt, name=args.name, max_tokens=args.max_tokens,
                                    layers=args.layers, stop_sequences=args.stop)
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"consortium ask: {e}", file=sys.stderr)

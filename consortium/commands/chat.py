@@ -56,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from consortium import resources as r
 
     try:
-        template = None
-        if args.manifest:
-            with open(args.manifest, encoding="utf-8") as f:
-                template = yaml.safe_load(f)
+        template = client.read_template(args.manifest)
         # A template that is no session, or a bad stage list, is refused before the first line is read.
         client.session_body(template, prompt="-", max_tokens=args.max_tokens, layers=args.layers)
         kube.load_config(args.kubeconfig)

@@ -17,22 +17,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def follow_session(namespace: str, name: str, kubeconfig: str | None, timeout_s: float | None,
-                   api=None) -> int:
+                   api=None, out=None) -> int:
     """The text to stdout, events and the outcome to stderr. Exit 0 Completed, 1 Failed or deleted,
     2 not found or no API server, 3 timed out."""
     from kubernetes.client.exceptions import ApiException
 
     from consortium import follow, kube
 
-    view = follow.SessionView(sys.stdout, sys.stderr)
+    view = follow.SessionView(out or sys.stdout, sys.stderr)
     try:
         if api is None:
             kube.load_config(kubeconfig)
         follow.follow(namespace, name, view, timeout_s=timeout_s, api=api)
     except ApiException as e:
-        what = f"inferencesession {namespace}/{name} not found" if e.status == 404 else \
-            f"the API server answered {e.status} {e.reason}"
-        print(f"cannot follow the session: {what}", file=sys.stderr)
+        print(f"cannot follow the session: {kube.session_unread(e, namespace, name)}", file=sys.stderr)
         return 2
     except follow.SessionGone as e:
         print(str(e), file=sys.stderr)

@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from consortium import client, follow, kube
     from consortium import resources as r
+    from consortium.commands.follow import follow_session
 
     where = f"inferencesession {args.namespace}/{args.session}"
     try:
@@ -36,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         client.request_stop(api, args.namespace, args.session, args.reason)
     except ApiException as e:
-        what = "not found" if e.status == 404 else f"refused: the API server answered {e.status} {e.reason}"
-        print(f"cannot stop {where}: {what}", file=sys.stderr)
+        print(f"cannot stop the session: {kube.session_unread(e, args.namespace, args.session)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - kubeconfig missing or unreadable, server unreachable
         print(kube.unreachable(e), file=sys.stderr)
@@ -46,12 +46,6 @@ def run(args: argparse.Namespace) -> int:
           f"the operator ends it after the token in hand", file=sys.stderr)
     if not args.wait:
         return 0
-    view = follow.SessionView(io.StringIO(), sys.stderr)
-    try:
-        follow.follow(args.namespace, args.session, view, timeout_s=args.timeout, api=api)
-    except TimeoutError as e:
-        print(f"{e} (is the operator running?)", file=sys.stderr)
-        return 3
-    except follow.SessionGone as e:
-        print(str(e), file=sys.stderr)
-    return 0
+    # Its outcome, not its text; ended either way (Completed, or Failed before it began), it stopped.
+    done = follow_session(args.namespace, args.session, None, args.timeout, api=api, out=io.StringIO())
+    return 0 if done in (0, 1) else done

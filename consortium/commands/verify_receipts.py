@@ -61,9 +61,8 @@ def _from_api(args: argparse.Namespace):
                                                      label_selector=f"{r.GROUP}/session={args.session}")["items"]
         nodes = api.list_cluster_custom_object(r.GROUP, r.VERSION, "computenodes")["items"]
     except ApiException as e:
-        what = f"inferencesession {args.namespace}/{args.session} not found" if e.status == 404 else \
-            f"the API server answered {e.status} {e.reason}"
-        print(f"cannot read the session's receipts: {what}", file=sys.stderr)
+        print(f"cannot read the session's receipts: {kube.session_unread(e, args.namespace, args.session)}",
+              file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - kubeconfig missing or unreadable, server unreachable
         print(kube.unreachable(e), file=sys.stderr)
