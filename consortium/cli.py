@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("consortium.commands.calibrate", "measure honest and cheating stage outputs; choose the verification tolerances"),
     "chaos": ("consortium.commands.chaos", "randomized fault trials (kill, hang, partition, slow link, double failure, operator death) with agents in network namespaces"),
     "nodes": ("consortium.commands.nodes", "the ComputeNodes with their records; approve, quarantine or release one"),
+    "report": ("consortium.commands.report", "one session's report (summary.md, report.json, latency.png) from the API or an archive"),
     "verify-proof": ("consortium.commands.verify_proof", "re-check a fraud proof file: HOLDS or DOES NOT HOLD, and why"),
     "verify-receipts": ("consortium.commands.verify_receipts", "re-check a session's Receipts from the API or an archive: signatures under the nodes' published keys, every position covered, fraud proofs"),
     "archive": ("consortium.commands.archive", "write a session's evidence to one file (the session, its Receipts, its nodes' keys) that verify-receipts --archive checks offline"),

@@ -452,9 +452,9 @@ def liar_figures(node: str, lie: str, state: dict) -> dict:
             "dropped_verdicts": len(mine) - overruled, "standing_accusations": standing}
 
 
-def plot_latency(steps: list[dict], path: Path, outcome: str | None = None) -> None:
+def plot_latency(steps: list[dict], path: Path, outcome: str | None = None, ok: bool | None = None) -> None:
     """Per-token latency, per stage where the steps have stage_ms, with failovers marked; `outcome`
-    (the verdict in words) heads the plot."""
+    (the verdict in words) heads the plot, green when `ok` (by default: when it says PASS)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -475,7 +475,8 @@ def plot_latency(steps: list[dict], path: Path, outcome: str | None = None) -> N
     ax.set_ylabel("ms")
     ax.set_title("per-token latency per stage" if steps and steps[0].get("stage_ms") else "per-token latency")
     if outcome:
-        fig.suptitle(outcome, color="green" if outcome.startswith("PASS") else "red", fontsize=11)
+        good = outcome.startswith("PASS") if ok is None else ok
+        fig.suptitle(outcome, color="green" if good else "red", fontsize=11)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         res, preface = archive.check(doc), archive.key_lines(doc)
     else:
-        read = _from_api(args)
+        read = session_objects(args)
         if isinstance(read, int):
             return read
         res, preface = receipt_check.check(*read), []
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if res["ok"] else 1
 
 
-def _from_api(args: argparse.Namespace):
+def session_objects(args: argparse.Namespace):
     """(session, receipts, nodes) from the API, or the exit code after saying why not."""
     from kubernetes.client.exceptions import ApiException
 

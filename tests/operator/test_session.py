@@ -88,6 +88,33 @@ def test_a_follower_saw_the_text_grow_the_failover_and_the_outcome(completed, fo
     assert f"audits: {m['auditsPassed']} passed" in told and f"receipts {m['receipts']}" in told
 
 
+def test_its_report_from_the_api_and_from_an_archive_says_the_same(completed, bed, tmp_path):
+    s, victim = completed
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+    kc = ["--kubeconfig", bed.cluster.kubeconfig, "-n", NS]
+    live = cli("report", "sky-is-blue", *kc, "--out", str(tmp_path / "live"))
+    assert live.returncode == 0, live.stderr
+    assert live.stdout.startswith(f"Completed (max_tokens): {MAX_TOKENS} tokens") and "receipts verify" in live.stdout
+    r = json.loads((tmp_path / "live" / "report.json").read_text())
+    drv = s["status"]["report"]["driverState"]
+    assert r["tokens"] == MAX_TOKENS and r["audits"]["total"] == len(audit_records(drv)) > 0
+    assert [(f["stage"], f["from"]) for f in r["failovers"]] == [(1, victim)]
+    assert r["receipts"]["ok"] and r["receipts"]["complete"] and r["receipts"]["tokens_signed"] >= MAX_TOKENS - 2
+    assert sum(st["failover"] for st in r["steps"]) == 1 and r["step_ms"]["median"] > 0
+    assert (tmp_path / "live" / "latency.png").read_bytes()[:4] == b"\x89PNG"
+    summary = (tmp_path / "live" / "summary.md").read_text()
+    assert "## Failovers" in summary and f"| 1 | {victim} | {r['failovers'][0]['to']} |" in summary
+    assert "OK: all" in summary
+
+    assert cli("archive", "sky-is-blue", *kc, "-o", str(tmp_path / "a.json.gz")).returncode == 0
+    offline = cli("report", "--archive", str(tmp_path / "a.json.gz"), "--out", str(tmp_path / "offline"))
+    assert offline.returncode == 0 and offline.stdout == live.stdout, offline.stderr
+    assert json.loads((tmp_path / "offline" / "report.json").read_text()) == r
+
+
 def test_placement_follows_the_seeds_roles(completed, bed):
     s, victim = completed
     nodes = {i: bed.get("stageassignment", f"sky-is-blue-s{i}", NS) for i in range(3)}
