@@ -183,15 +183,27 @@ class LayerRange(_Model):
 
 class ModelRef(_Model):
     """The GGUF file every stage slices its layers from; every node must hold the same file."""
+    model_config = ConfigDict(json_schema_extra=_extra(validations=[
+        _cel("!has(self.source) || !(self.source.startsWith('http://') || self.source.startsWith('https://')) "
+             "|| has(self.sha256)",
+             "a model fetched by URL needs its sha256: every node must load the same bytes")]))
     name: str = Field(min_length=1, max_length=253, description="Display name, e.g. SmolLM2-135M-Instruct.")
     file: str = Field(min_length=1, max_length=4096, description=(
         "Path of the GGUF file on the nodes. Relative paths resolve against the agent's model "
         "directory, or inside the installed package when source is pypi:<distribution>."))
     sha256: str | None = Field(default=None, pattern=HEX64, description=(
         "Lower-case hex SHA-256 of the whole file; agents refuse a file that differs."))
-    source: str | None = Field(default=None, max_length=256, pattern=r"^(path|pypi:[A-Za-z0-9._-]+)$",
-                               description="Where the file comes from: 'path' (default) or "
-                                           "'pypi:<distribution>' for a model shipped in a Python package.")
+    source: str | None = Field(default=None, max_length=2048,
+                               pattern=r"^(path|pypi:[A-Za-z0-9._-]+|https?://[^\s]+)$", description=(
+                                   "Where the file comes from: 'path' (default), 'pypi:<distribution>' for a model "
+                                   "shipped in a Python package, or an http(s) URL that the operator and every "
+                                   "node fetch it from into their own cache (sha256 required)."))
+
+    @model_validator(mode="after")
+    def _pinned(self) -> "ModelRef":
+        if self.source and self.source.startswith(("http://", "https://")) and not self.sha256:
+            raise ValueError("a model fetched by URL needs its sha256: every node must load the same bytes")
+        return self
 
 
 class CanonicalGrid(_Model):

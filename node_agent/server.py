@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from consortium import wire
+from consortium import fetch, wire
 from consortium.batches import largest_allowed, merge_decode_steps
 from consortium.layers import LayerRange
 from consortium.resources import MAX_SESSION_ID, MAX_WINDOW
@@ -371,6 +371,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         self.backend = ll.detect_backend()
         self.build = ll.build_info()
         self.engines = Engines(config)
+        self.fetches = fetch.Fetches()
         self._lock = threading.Lock()
         self._assignments: dict[tuple[str, int], Assignment] = {}
         self._fences: dict[tuple[str, int], int] = {}
@@ -456,6 +457,33 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
                           f"epoch {epoch} is newer than the loaded epoch {a.epoch}: LoadStage it first")
         return a
 
+    def _model_path(self, req) -> str:
+        """The model file a LoadStage, Prepare or Audit names: its path here, or with model_url the
+        file this agent fetched from there (RESOURCE_EXHAUSTED, saying how far, while it fetches:
+        the operator waits, as for a busy node)."""
+        if not req.model_url:
+            return req.model_path
+        if not fetch.is_url(req.model_url) or len(req.model_sha256) != 64:
+            raise _bad("model_url must be an http(s) URL, with the model_sha256 that pins it")
+        path = self.fetches.ready(req.model_url, req.model_sha256)
+        if path is not None:
+            return str(path)
+        p = self.fetches.progress(req.model_url, req.model_sha256)
+        if p.error:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"the model could not be fetched: {p.error}")
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"fetching the model from {req.model_url}: {p}")
+
+    def FetchModel(self, request, context):
+        return self._handle(context, self._fetch_model, request)
+
+    def _fetch_model(self, req: pb.FetchModelRequest) -> pb.FetchModelResponse:
+        if not fetch.is_url(req.url):
+            raise _bad(f"url {req.url[:200]!r} is not an http(s) URL")
+        if len(req.sha256) != 64 or any(c not in "0123456789abcdef" for c in req.sha256):
+            raise _bad("sha256 must be 64 lower-case hex digits: a fetched model is pinned by it")
+        p = self.fetches.progress(req.url, req.sha256)
+        return pb.FetchModelResponse(done=p.done, bytes=p.bytes, total=p.total, error=p.error)
+
     def _stage_path(self, model_path: str, sha: str, layers: LayerRange):
         if not model_path:
             raise _bad("no model path")
@@ -494,12 +522,13 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             old = self._assignments.get(key)
         if old is not None and epoch < old.epoch:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"stale epoch {epoch}: this node serves epoch {old.epoch}")
-        path, info = self._stage_path(req.model_path, req.model_sha256, layers)
+        model_path = self._model_path(req)
+        path, info = self._stage_path(model_path, req.model_sha256, layers)
         found = self.engines.is_loaded(path, self.row_fault)
-        engine, seq = self.engines.acquire(path, layers, info.n_layers, model_path=req.model_path, fault=self.row_fault)
+        engine, seq = self.engines.acquire(path, layers, info.n_layers, model_path=model_path, fault=self.row_fault)
         signer = receipts.WindowSigner(self.identity.private_key, session=session, stage=stage_index,
                                        node_id=self.identity.node_id, epoch=epoch, grid=grid, window=window)
-        a = Assignment(session, stage_index, epoch, layers, info.n_layers, req.model_path, engine, seq, signer, grid,
+        a = Assignment(session, stage_index, epoch, layers, info.n_layers, model_path, engine, seq, signer, grid,
                        window_states=req.window_states, state_window=state_window, stage_file=str(path))
         with self._lock:
             old = self._assignments.get(key)
@@ -521,8 +550,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         until a LoadStage of a session's stage finds them loaded."""
         layers = self._layers(req.first_layer, req.last_layer)
         t0 = time.perf_counter()
-        path, info = self._stage_path(req.model_path, req.model_sha256, layers)
-        loaded = self.engines.prepare(path, layers, info.n_layers, model_path=req.model_path, fault=self.row_fault)
+        model_path = self._model_path(req)
+        path, info = self._stage_path(model_path, req.model_sha256, layers)
+        loaded = self.engines.prepare(path, layers, info.n_layers, model_path=model_path, fault=self.row_fault)
         # While the stage waits idle: whether a failover's replay on it may merge decode steps.
         self.engines.check_replay_merging(path, self.row_fault)
         return pb.PrepareResponse(load_ms=(time.perf_counter() - t0) * 1000 if loaded else 0.0)
@@ -916,7 +946,7 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         layers = self._layers(req.first_layer, req.last_layer)
         # Audits are honest on a cheating worker (--fault): the cheater under test is a worker. A
         # lying verifier (--audit-fault) is another agent.
-        path, info = self._stage_path(req.model_path, req.model_sha256, layers)
+        path, info = self._stage_path(self._model_path(req), req.model_sha256, layers)
         key = (session, stage_index, str(path))
         with self._lock:
             self._audit_keys.add(key)

@@ -29,7 +29,7 @@ import grpc
 import kopf
 import numpy as np
 
-from consortium import generation, kube, receipt_check, wire
+from consortium import fetch, generation, kube, receipt_check, wire
 from consortium import resources as r
 from consortium.driver.policy import NoCandidate
 from consortium.driver.session import DriverError, NodeBusy, SessionDriver
@@ -80,6 +80,10 @@ PROOF_KEY = None   # the operator's identity that signs fraud proofs (--proof-ke
 
 class Interrupted(Exception):
     """The operator is stopping: the session's progress is in status, the next operator resumes it."""
+
+
+class ModelFetchFailed(Exception):
+    """A model fetched by URL could not be had, here or on a stage's node (the reason says which)."""
 
 
 class StopRequested(Exception):
@@ -153,6 +157,53 @@ class SessionRun:
         if why is not None:
             raise StopRequested(why)
 
+    # -- the model file --------------------------------------------------------------------------
+
+    def _model_file(self) -> Path:
+        """The model's path here; one named by URL is fetched into the operator's cache first (it
+        reads the tokenizer and layer count from it), the condition saying how far it has got."""
+        m = self.spec.model
+        if not fetch.is_url(m.source):
+            return resolve_model_file(m)
+        progress, got = fetch.Progress(), {}
+
+        def run() -> None:
+            try:
+                got["path"] = fetch.fetch(m.source, m.sha256, progress=progress)
+            except fetch.FetchError as e:
+                got["error"] = str(e)
+        t = threading.Thread(target=run, name=f"fetch {self.namespace}/{self.name}", daemon=True)
+        t.start()
+        while t.is_alive():
+            self.set_condition("Scheduled", False, "FetchingModel", f"the operator fetches {m.source}: {progress}",
+                               phase="Scheduling")
+            t.join(PLACEMENT_RETRY_S)
+            why = self.stop_requested()
+            if why is not None:
+                raise StopRequested(f"stopped while the model was fetched: {why}")
+            if self.stopped.is_set():
+                raise Interrupted()
+        if "error" in got:
+            raise ModelFetchFailed(got["error"])
+        return got["path"]
+
+    def _fetch_on_nodes(self, driver: SessionDriver) -> None:
+        """A model named by URL, fetched by every node the session may use (its stages', and the
+        verifiers and backups it may call on) before the first stage loads: a stage's node that
+        cannot fetch it fails the session; another node that cannot is left to the driver."""
+        while True:
+            got = driver.fetch_model(list(driver.clients))
+            needed = set(driver.state.nodes)
+            failed = {n: r.error for n, r in got.items() if r is not None and r.error}
+            if failed.keys() & needed:
+                raise ModelFetchFailed("; ".join(f"{n}: {failed[n]}" for n in sorted(failed.keys() & needed)))
+            waiting = {n: r for n, r in got.items() if r is not None and not r.done and not r.error}
+            if not waiting:
+                return
+            shown = ", ".join(f"{n} {fetch.Progress(bytes=r.bytes, total=r.total)}" for n, r in sorted(waiting.items()))
+            self.set_condition("Scheduled", False, "FetchingModel", f"the nodes fetch {driver.model_url}: {shown}")
+            self._waiting()
+
     # -- placement -------------------------------------------------------------------------------
 
     def place(self, need: list[int]) -> list[str]:
@@ -187,7 +238,11 @@ class SessionRun:
     def run(self) -> None:
         from consortium.tokenizer import Tokenizer
 
-        model_path = resolve_model_file(self.spec.model)
+        try:
+            model_path = self._model_file()
+        except (ModelFetchFailed, StopRequested) as e:
+            self.fail("ModelFetchFailed" if isinstance(e, ModelFetchFailed) else "StopRequested", str(e))
+            return
         n_layers = read_model_info(model_path).n_layers   # parsed once per file
         if self.spec.stages[-1].layer_range.end != n_layers - 1:
             self.fail("StagesDoNotCoverModel",
@@ -245,7 +300,8 @@ class SessionRun:
                                state_window=spec.audit.state_window,
                                warm_backups=spec.failover.warm_backups,
                                registered_keys={n: v.public_key for n, v in views.items() if v.public_key},
-                               proof_key=PROOF_KEY and PROOF_KEY.private_key, proof_signer="consortium-operator")
+                               proof_key=PROOF_KEY and PROOF_KEY.private_key, proof_signer="consortium-operator",
+                               model_url=spec.model.source if fetch.is_url(spec.model.source) else "")
         policy.driver = driver
         session_metrics.track(self.namespace, self.name, driver, len(generated))
         writer = receipts.ReceiptWriter(self.body)
@@ -393,6 +449,8 @@ class SessionRun:
             failure = ("PromptTooLong", f"{e} (node-agent --ctx)")
         except StopRequested as e:   # while its nodes were busy: nothing was generated
             failure = ("StopRequested", f"stopped before generation began: {e}")
+        except ModelFetchFailed as e:
+            failure = ("ModelFetchFailed", f"a stage's node could not fetch the model: {e}")
         finally:
             nodes_watch.close()
             # A session that ended, completed or failed, gives back its sequence slots (and KV
@@ -506,6 +564,9 @@ class SessionRun:
         sessions holding them have not ended): Scheduled=False, NodesBusy, until one ends."""
         placed = next((c for c in self.status.get("conditions") or [] if c["type"] == "Scheduled"), None)
         waiting = False
+        if driver.model_url:
+            self._fetch_on_nodes(driver)
+            waiting = True   # the Scheduled condition said so: put back what placement said
         while True:
             try:
                 driver.start()

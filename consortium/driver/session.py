@@ -170,6 +170,7 @@ class SessionDriver:
                  tls=None, registered_keys: dict[str, str] | None = None, defer_commitments: bool = True,
                  sign_per_window: bool = False, receipt_window: int = receipts.DEFAULT_WINDOW,
                  proof_key: signing.Ed25519PrivateKey | None = None, proof_signer: str | None = None,
+                 model_url: str = "",
                  audit_replay_rows: int = 0, audit_from_state: bool = False,
                  state_window: int | None = None, warm_backups: bool = True,
                  sample_at_final: bool = True, replay_exact_shapes: bool = False,
@@ -192,6 +193,8 @@ class SessionDriver:
         self.sample_at_final = sample_at_final
         self.prepared: list[dict] = []   # likely backups that loaded a stage ahead: stage, node, load_ms
         self.session, self.model_path, self.model_sha256 = session, str(model_path), model_sha256
+        # The agents' own copy of a model fetched by URL (the session's model.source), pinned by the sha256.
+        self.model_url = model_url
         self.split, self.n_layers = list(split), n_layers
         self.n_stages = len(self.split)
         self.state, self.policy, self.grid = state, policy, grid
@@ -329,7 +332,7 @@ class SessionDriver:
     def _load(self, node: str, stage: int) -> pb.LoadStageResponse:
         r = self.split[stage]
         resp = self.clients[node].call("LoadStage", pb.LoadStageRequest(
-            ref=self._ref(stage), model_path=self.model_path, model_sha256=self.model_sha256,
+            ref=self._ref(stage), model_path=self.model_path, model_sha256=self.model_sha256, model_url=self.model_url,
             first_layer=r.first, last_layer=r.last, grid=wire.grid_to_pb(self.grid),
             receipt_window=self.receipt_window, window_states=self.audit_from_state,
             state_window=self.state_window), timeout=self.load_timeout_s)
@@ -363,6 +366,19 @@ class SessionDriver:
         self._auditor.start()
         self.start_warming()
 
+    def fetch_model(self, nodes: list[str]) -> dict[str, pb.FetchModelResponse | None]:
+        """Have each node fetch the session's model from model_url (in the background there); how far
+        each has got, None for a node that did not answer."""
+        out: dict[str, pb.FetchModelResponse | None] = {}
+        for node in nodes:
+            try:
+                out[node] = self.clients[node].call("FetchModel", pb.FetchModelRequest(
+                    url=self.model_url, sha256=self.model_sha256), timeout=10.0)
+            except grpc.RpcError as e:
+                log.info("%s did not say how far it has fetched the model: %s %s", node, e.code().name, e.details())
+                out[node] = None
+        return out
+
     def start_warming(self) -> None:
         """With warm_backups, have each stage's likely backup (the policy's `likely_backup`) load the
         stage's layers now, in the background: a failover then finds them in memory and costs only
@@ -381,7 +397,8 @@ class SessionDriver:
                 if backup is None:
                     continue
                 resp = self.clients[backup].call("Prepare", pb.PrepareRequest(
-                    model_path=self.model_path, model_sha256=self.model_sha256, first_layer=r.first,
+                    model_path=self.model_path, model_sha256=self.model_sha256, model_url=self.model_url,
+                    first_layer=r.first,
                     last_layer=r.last), timeout=self.load_timeout_s)
                 self.prepared.append({"stage": s, "node": backup, "load_ms": round(resp.load_ms, 3)})
             except grpc.RpcError as e:   # only a failover's load gets slower
@@ -1238,7 +1255,8 @@ class SessionDriver:
             except KeyError:
                 return  # rolled back meanwhile
         req = pb.AuditRequest(ref=self._ref(s, units[0].epoch), model_path=self.model_path,
-                              model_sha256=self.model_sha256, first_layer=r.first, last_layer=r.last,
+                              model_sha256=self.model_sha256, model_url=self.model_url,
+                              first_layer=r.first, last_layer=r.last,
                               start_position=start, batch_sizes=sizes, positions=want,
                               exact_shapes=self.audit_replay_rows > 0)
         if s == 0:
@@ -1462,7 +1480,8 @@ class SessionDriver:
                 self._distrust_states(s)
             return units
         req = pb.AuditRequest(ref=self._ref(s, units[0].epoch), model_path=self.model_path,
-                              model_sha256=self.model_sha256, first_layer=r.first, last_layer=r.last,
+                              model_sha256=self.model_sha256, model_url=self.model_url,
+                              first_layer=r.first, last_layer=r.last,
                               start_position=ws, batch_sizes=sizes, positions=[u.position for u in units],
                               prefix_states=list(got.states), export_state=window is not None,
                               exact_shapes=self.audit_replay_rows > 0)

@@ -99,6 +99,11 @@ class NodeAgentStub:
                 request_serializer=consortium_dot_v1_dot_agent__pb2.HealthRequest.SerializeToString,
                 response_deserializer=consortium_dot_v1_dot_agent__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.FetchModel = channel.unary_unary(
+                '/consortium.v1.NodeAgent/FetchModel',
+                request_serializer=consortium_dot_v1_dot_agent__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=consortium_dot_v1_dot_agent__pb2.FetchModelResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -183,6 +188,12 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +261,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=consortium_dot_v1_dot_agent__pb2.HealthRequest.FromString,
                     response_serializer=consortium_dot_v1_dot_agent__pb2.HealthResponse.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=consortium_dot_v1_dot_agent__pb2.FetchModelRequest.FromString,
+                    response_serializer=consortium_dot_v1_dot_agent__pb2.FetchModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -603,6 +619,33 @@ class NodeAgent:
             '/consortium.v1.NodeAgent/Health',
             consortium_dot_v1_dot_agent__pb2.HealthRequest.SerializeToString,
             consortium_dot_v1_dot_agent__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.v1.NodeAgent/FetchModel',
+            consortium_dot_v1_dot_agent__pb2.FetchModelRequest.SerializeToString,
+            consortium_dot_v1_dot_agent__pb2.FetchModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

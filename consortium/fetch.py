@@ -1,0 +1,177 @@
+"""Model files fetched by URL (an InferenceSession's `model.source: https://...`), pinned by SHA-256.
+
+Every machine that runs, audits or may take over a stage needs the same GGUF. A session whose model
+names a URL has the operator and each of those agents fetch it into their own cache
+(`<cache>/models/fetched/<sha256>/<file name>`), where it is used only once its bytes hash to the
+session's `model.sha256`. A download goes to a `.partial` file beside it and continues from there
+(an HTTP Range request) when it was cut short; one process at a time fetches a given file (a lock
+file), and the others wait for it or take it once it is there. A file that hashes to anything else
+is deleted and the fetch fails with both digests: nothing unpinned is ever loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import consortium.cache
+
+log = logging.getLogger("consortium.fetch")
+
+CHUNK = 1 << 20
+TIMEOUT_S = 30.0            # per read: a server that stops sending fails the fetch, which may be tried again
+SCHEMES = ("http://", "https://")
+
+
+class FetchError(RuntimeError):
+    """A fetch that cannot give the pinned file: the server refused, the bytes hash otherwise, ..."""
+
+
+def is_url(source: str | None) -> bool:
+    return bool(source) and source.startswith(SCHEMES)
+
+
+def local_path(url: str, sha256: str, cache: Path | None = None) -> Path:
+    """Where the file pinned by `sha256` is kept once fetched."""
+    name = os.path.basename(url.split("?", 1)[0]) or "model.gguf"
+    return (cache or consortium.cache.cache_dir()) / "models" / "fetched" / sha256 / name
+
+
+@dataclasses.dataclass
+class Progress:
+    done: bool = False
+    bytes: int = 0
+    total: int = 0          # 0: the server did not say
+    error: str = ""
+
+    def __str__(self) -> str:
+        if self.error:
+            return f"failed: {self.error}"
+        if self.done:
+            return "fetched"
+        of = f" of {self.total / 1e6:.0f} MB ({100 * self.bytes / self.total:.0f}%)" if self.total else " MB"
+        return f"{self.bytes / 1e6:.0f}{of}"
+
+
+def fetch(url: str, sha256: str, cache: Path | None = None, progress: Progress | None = None) -> Path:
+    """The pinned file, fetched first if it is not in the cache yet. Blocks; FetchError when the
+    file cannot be had."""
+    if not is_url(url):
+        raise FetchError(f"{url!r} is not an http(s) URL")
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise FetchError("a model fetched by URL needs its sha256 (64 lower-case hex digits)")
+    progress = progress or Progress()
+    path = local_path(url, sha256, cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # another process fetching it: wait, then find it there
+        if path.is_file():
+            progress.done, progress.bytes = True, path.stat().st_size
+            progress.total = progress.bytes
+            return path
+        partial = path.with_name(path.name + ".partial")
+        _download(url, partial, progress)
+        digest = _sha256(partial)
+        if digest != sha256:
+            partial.unlink()
+            raise FetchError(f"{url} gave a file whose sha256 is {digest}, not the {sha256} the session pins")
+        os.replace(partial, path)
+        progress.done = True
+        log.info("fetched %s (%d bytes, sha256 %s)", url, progress.bytes, sha256[:16])
+        return path
+
+
+def _download(url: str, partial: Path, progress: Progress) -> None:
+    have = partial.stat().st_size if partial.exists() else 0
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = urllib.request.urlopen(req, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:   # asked past the end: what is there is the whole file
+            progress.bytes = progress.total = have
+            return
+        raise FetchError(f"{url}: the server answered {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise FetchError(f"{url}: {getattr(e, 'reason', e)}") from None
+    with resp:
+        resumed = have and resp.status == 206
+        if not resumed:
+            have = 0   # the server sends it whole: start over
+        length = int(resp.headers.get("Content-Length") or 0)
+        progress.total, progress.bytes = (have + length if length else 0), have
+        said = time.monotonic()
+        with open(partial, "ab" if resumed else "wb") as f:
+            while True:
+                try:
+                    chunk = resp.read(CHUNK)
+                except OSError as e:
+                    raise FetchError(f"{url}: cut off after {progress.bytes} bytes ({e}); fetching again goes "
+                                     f"on from there") from None
+                if not chunk:
+                    break
+                f.write(chunk)
+                progress.bytes += len(chunk)
+                if time.monotonic() - said > 10:
+                    log.info("fetching %s: %s", url, progress)
+                    said = time.monotonic()
+    if progress.total and progress.bytes < progress.total:
+        raise FetchError(f"{url}: cut off after {progress.bytes} of {progress.total} bytes; fetching again goes on "
+                         f"from there")
+    progress.total = progress.total or progress.bytes
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Fetches:
+    """Fetches running in the background, one per pinned file: an agent starts one when asked and
+    answers with its progress until the file is there."""
+
+    def __init__(self, cache: Path | None = None):
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._running: dict[str, tuple[Progress, threading.Thread]] = {}
+
+    def ready(self, url: str, sha256: str) -> Path | None:
+        path = local_path(url, sha256, self.cache)
+        return path if path.is_file() else None
+
+    def progress(self, url: str, sha256: str) -> Progress:
+        """The file's progress, starting its fetch when none runs (a failed one is started again)."""
+        if self.ready(url, sha256):
+            size = local_path(url, sha256, self.cache).stat().st_size
+            return Progress(done=True, bytes=size, total=size)
+        with self._lock:
+            run = self._running.get(sha256)
+            if run is not None and run[1].is_alive():
+                return run[0]
+            if run is not None and run[0].error:   # said once; asked again, it is tried again
+                del self._running[sha256]
+                return run[0]
+            p = Progress()
+            t = threading.Thread(target=self._run, args=(url, sha256, p), name=f"fetch-{sha256[:8]}", daemon=True)
+            self._running[sha256] = (p, t)
+            t.start()
+            return p
+
+    def _run(self, url: str, sha256: str, p: Progress) -> None:
+        try:
+            fetch(url, sha256, self.cache, p)
+        except FetchError as e:
+            p.error = str(e)
+            log.warning("fetching %s failed: %s", url, e)
+        except Exception as e:  # noqa: BLE001 - said to whoever asks next
+            p.error = f"{type(e).__name__}: {e}"
+            log.exception("fetching %s failed", url)

@@ -1,0 +1,127 @@
+"""Models fetched by URL (consortium.fetch) from a real HTTP server on loopback: the pinned file and
+nothing else, a download cut short continued with a Range request, one download for several
+fetchers, and the background fetches an agent answers FetchModel from."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import threading
+import time
+
+import pytest
+
+from consortium import fetch
+
+BODY = os.urandom(3 * fetch.CHUNK + 12345)
+SHA = hashlib.sha256(BODY).hexdigest()
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """Serves BODY at /model.gguf, honoring `Range: bytes=N-`; `cut_after` bytes into the next
+    answer it closes the connection (once)."""
+    daemon_threads = True
+
+    def __init__(self):
+        self.requests: list[str | None] = []   # the Range header of each GET
+        self.cut_after: int | None = None
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/model.gguf"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv: Server = self.server
+        srv.requests.append(self.headers.get("Range"))
+        if self.path != "/model.gguf":
+            self.send_error(404)
+            return
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        if start >= len(BODY):
+            self.send_error(416)
+            return
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(BODY) - start))
+        self.end_headers()
+        data = BODY[start:]
+        if srv.cut_after is not None:
+            data, srv.cut_after = data[:srv.cut_after], None
+            self.wfile.write(data)
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def server():
+    srv = Server()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_the_pinned_file_is_fetched_once_and_then_found(server, tmp_path):
+    p = fetch.Progress()
+    path = fetch.fetch(server.url, SHA, tmp_path, p)
+    assert path.read_bytes() == BODY and path == fetch.local_path(server.url, SHA, tmp_path)
+    assert p.done and p.bytes == p.total == len(BODY) and str(p) == "fetched"
+    assert fetch.fetch(server.url, SHA, tmp_path) == path and server.requests == [None]   # no second download
+
+
+def test_bytes_that_hash_otherwise_are_refused_and_not_kept(server, tmp_path):
+    wrong = "0" * 64
+    with pytest.raises(fetch.FetchError, match=f"sha256 is {SHA}, not the {wrong}"):
+        fetch.fetch(server.url, wrong, tmp_path)
+    assert not any(f.is_file() and not f.name.startswith(".") for f in (tmp_path / "models" / "fetched" / wrong).iterdir())
+    with pytest.raises(fetch.FetchError, match="needs its sha256"):
+        fetch.fetch(server.url, "abc", tmp_path)
+    with pytest.raises(fetch.FetchError, match="404"):
+        fetch.fetch(server.url.replace("model.gguf", "other.gguf"), SHA, tmp_path)
+    with pytest.raises(fetch.FetchError, match="not an http"):
+        fetch.fetch("file:///etc/passwd", SHA, tmp_path)
+
+
+def test_a_download_cut_short_goes_on_from_where_it_stopped(server, tmp_path):
+    server.cut_after = fetch.CHUNK + 7
+    with pytest.raises(fetch.FetchError, match="cut off after"):
+        fetch.fetch(server.url, SHA, tmp_path)
+    path = fetch.fetch(server.url, SHA, tmp_path)
+    assert path.read_bytes() == BODY
+    assert server.requests == [None, f"bytes={fetch.CHUNK + 7}-"]
+
+
+def test_several_fetchers_share_one_download(server, tmp_path):
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(fetch.fetch(server.url, SHA, tmp_path))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 3 and len(set(got)) == 1 and server.requests == [None]
+
+
+def test_background_fetches_say_how_far_then_done_and_a_failure_once(server, tmp_path):
+    fetches = fetch.Fetches(tmp_path)
+    first = fetches.progress(server.url, SHA)
+    assert not first.error
+    deadline = time.monotonic() + 30
+    while not fetches.progress(server.url, SHA).done:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert fetches.ready(server.url, SHA).read_bytes() == BODY and server.requests == [None]
+
+    bad = "f" * 64
+    fetches.progress(server.url, bad)
+    while not (p := fetches.progress(server.url, bad)).error:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "not the" in p.error
+    assert not fetches.progress(server.url, bad).error   # asked again: tried again
