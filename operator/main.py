@@ -1,4 +1,7 @@
-"""`consortium-operator`: kopf in standalone mode (one replica, no peering objects).
+"""`consortium-operator`: the kopf operator that drives InferenceSessions (with --leader-elect, one of several replicas).
+
+kopf runs in standalone mode (no peering objects); with --leader-elect only the holder of a Lease
+runs it, the other replicas waiting to take over (operator/leadership.py).
 
 Out of the cluster it reads --kubeconfig (or KUBECONFIG); in a pod, its ServiceAccount. It watches
 --namespace (repeatable; CONSORTIUM_WATCH_NAMESPACES, comma list) or every namespace. kopf's own
@@ -41,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a session stops generating (stopped: status_full) once its status reaches N bytes, so "
                         "that the object stays under etcd's request limit (default CONSORTIUM_STATUS_BUDGET_BYTES, "
                         "else 1310720: 1.25 MiB, for etcd's default 1.5 MiB)")
+    p.add_argument("--leader-elect", action="store_true",
+                   default=os.environ.get("CONSORTIUM_LEADER_ELECT") == "1",
+                   help="run as one of several replicas: only the holder of the Lease consortium-operator-leader "
+                        "in --agent-namespace drives sessions; the others wait to take over (default "
+                        "CONSORTIUM_LEADER_ELECT=1; the chart sets it with operator.replicas > 1)")
+    p.add_argument("--leader-lease-seconds", type=int, default=30, metavar="S",
+                   help="how long a leader's Lease holds without renewal before another replica takes it (default 30)")
+    p.add_argument("--leader-renew-seconds", type=int, default=20, metavar="S",
+                   help="a leader that could not renew its Lease for this long exits (default 20; below the lease)")
     tls.add_arguments(p, "driver")
     return p
 
@@ -75,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.status_budget_bytes < 1:
         print("error: --status-budget-bytes must be positive", file=sys.stderr)
+        return 2
+    if args.leader_elect and not 1 <= args.leader_renew_seconds < args.leader_lease_seconds:
+        print("error: --leader-renew-seconds must be at least 1 and below --leader-lease-seconds", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -138,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("consortium.operator").warning(
             "none of the namespaces to watch (%s) exists yet: kopf watches nothing, sessions nor certificate "
             "requests, until one does", ", ".join(namespaces))
+    if args.leader_elect:
+        from consortium_operator import leadership
+
+        leadership.lead(args.agent_namespace, lease_s=args.leader_lease_seconds, renew_s=args.leader_renew_seconds)
     try:
         kopf.run(standalone=True, namespaces=namespaces, clusterwide=not namespaces,
                  liveness_endpoint=args.liveness)

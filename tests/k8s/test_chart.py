@@ -269,6 +269,9 @@ def test_operator_cannot_read_secrets_or_delete_sessions(installed):
     assert _forbidden(_as(installed, "operator", "delete", "inferencesession", "minimal", "-n", SESSIONS))
     assert _forbidden(_as(installed, "operator", "get", "pods", "-n", NS))
     assert not _can(installed, "operator", "create", "leases", NS)
+    # Its replicas' leader Lease, which the chart made, it may renew; no agent's.
+    assert _can(installed, "operator", "update", "leases/consortium-operator-leader", NS)
+    assert not _can(installed, "operator", "update", "leases/some-agent", NS)
 
 
 def test_agent_registers_and_reports_its_node(installed):
