@@ -40,7 +40,9 @@ def is_url(source: str | None) -> bool:
 
 def local_path(url: str, sha256: str, cache: Path | None = None) -> Path:
     """Where the file pinned by `sha256` is kept once fetched."""
-    name = os.path.basename(url.split("?", 1)[0]) or "model.gguf"
+    name = os.path.basename(url.split("?", 1)[0].split("#", 1)[0])
+    if name in ("", ".", ".."):
+        name = "model.gguf"
     return (cache or consortium.cache.cache_dir()) / "models" / "fetched" / sha256 / name
 
 

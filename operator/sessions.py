@@ -188,12 +188,15 @@ class SessionRun:
         return got["path"]
 
     def _fetch_on_nodes(self, driver: SessionDriver) -> None:
-        """A model named by URL, fetched by every node the session may use (its stages', and the
-        verifiers and backups it may call on) before the first stage loads: a stage's node that
+        """A model named by URL, fetched by every node the session may use (its stages', and those its
+        verifier and backup selectors match) before the first stage loads: a stage's node that
         cannot fetch it fails the session; another node that cannot is left to the driver."""
+        labels = {n.name: n.labels for n in placement.node_views(agent_namespace())}
+        needed = set(driver.state.nodes)
+        helpers = {n for n in driver.clients if any(placement.matches(sel, labels.get(n, {})) for sel in (
+            self.spec.audit.verifier_selector, self.spec.failover.backup_selector))}
         while True:
-            got = driver.fetch_model(list(driver.clients))
-            needed = set(driver.state.nodes)
+            got = driver.fetch_model(sorted(needed | helpers))
             failed = {n: r.error for n, r in got.items() if r is not None and r.error}
             if failed.keys() & needed:
                 raise ModelFetchFailed("; ".join(f"{n}: {failed[n]}" for n in sorted(failed.keys() & needed)))
