@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         turn = history + [{"role": "user", "content": line}]
         body = client.session_body(template, messages=turn, generate_name="chat-", max_tokens=args.max_tokens,
                                    layers=args.layers, labels=CREATED_BY)
+        body["metadata"].pop("name", None)   # a session per turn, whatever the manifest is called
+        body["metadata"]["generateName"] = "chat-"
         try:
             made = api.create_namespaced_custom_object(r.GROUP, r.VERSION, args.namespace, "inferencesessions", body)
         except ApiException as e:

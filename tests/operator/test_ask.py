@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from consortium import resources as r
+from consortium import testbed
 
 pytestmark = pytest.mark.k8s
 
@@ -69,7 +70,9 @@ def _chat_sessions(bed) -> list[dict]:
 
 
 def test_chat_keeps_the_conversation_one_session_per_answer(bed, tmp_path):
+    # From a manifest that has a name of its own: each turn is still a session of its own.
     got = subprocess.run([sys.executable, "-m", "consortium.cli", "chat", "-n", NS, "--max-tokens", "6",
+                          "--from", str(testbed.ROOT / "manifests/sessions/sky-is-blue.yaml"),
                           "--system", "You are terse.", "--kubeconfig", bed.cluster.kubeconfig],
                          input="Why is the sky blue?\n\nSay it again.\n/exit\n", capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
