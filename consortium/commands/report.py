@@ -16,24 +16,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consortium import archive, session_report
+    from consortium import session_report
+    from consortium.commands.verify_receipts import session_input
 
-    if bool(args.archive) == bool(args.session):
-        print("name a session, or an archive with --archive (not both)", file=sys.stderr)
-        return 2
-    if args.archive:
-        try:
-            doc = archive.read(args.archive)
-        except archive.ArchiveError as e:
-            print(str(e), file=sys.stderr)
-            return 2
-        objects = doc["session"], doc["receipts"], doc["computeNodes"]
-    else:
-        from consortium.commands.verify_receipts import session_objects
-
-        objects = session_objects(args)
-        if isinstance(objects, int):
-            return objects
+    got = session_input(args)
+    if isinstance(got, int):
+        return got
+    objects, _ = got
     r = session_report.build(*objects)
     out = Path(args.out or f"report-{objects[0]['metadata']['name']}")
     written = session_report.write(r, out)

@@ -19,21 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from consortium import archive, receipt_check
 
-    if bool(args.archive) == bool(args.session):
-        print("name a session, or an archive with --archive (not both)", file=sys.stderr)
-        return 2
-    if args.archive:
-        try:
-            doc = archive.read(args.archive)
-        except archive.ArchiveError as e:
-            print(str(e), file=sys.stderr)
-            return 2
-        res, preface = archive.check(doc), archive.key_lines(doc)
-    else:
-        read = session_objects(args)
-        if isinstance(read, int):
-            return read
-        res, preface = receipt_check.check(*read), []
+    got = session_input(args)
+    if isinstance(got, int):
+        return got
+    objects, doc = got
+    res = archive.check(doc) if doc else receipt_check.check(*objects)
+    preface = archive.key_lines(doc) if doc else []
     if args.json:
         text = json.dumps(res, indent=2) + "\n"
         if args.json == "-":
@@ -43,6 +34,25 @@ def run(args: argparse.Namespace) -> int:
             f.write(text)
     print("\n".join(preface + receipt_check.lines(res)))
     return 0 if res["ok"] else 1
+
+
+def session_input(args: argparse.Namespace):
+    """((session, receipts, nodes), archive or None) for the SESSION or the --archive FILE a command
+    names (verify-receipts, report), or the exit code after saying why not."""
+    from consortium import archive
+
+    if bool(args.archive) == bool(args.session):
+        print("name a session, or an archive with --archive (not both)", file=sys.stderr)
+        return 2
+    if args.archive:
+        try:
+            doc = archive.read(args.archive)
+        except archive.ArchiveError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        return (doc["session"], doc["receipts"], doc["computeNodes"]), doc
+    read = session_objects(args)
+    return read if isinstance(read, int) else (read, None)
 
 
 def session_objects(args: argparse.Namespace):
