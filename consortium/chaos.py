@@ -280,8 +280,16 @@ def run_trial(cl: ChaosLab, t: Trial, baseline: list[int], max_tokens: int, time
         else:
             _inject(cl, t.fault, victim)
             if t.fault == "double":
-                backup = testbed.wait_until(lambda: _moved(bed, name, ns, t.stage, victim), 120,
-                                            f"a backup for stage {t.stage}", every=0.05)
+                try:
+                    backup = testbed.wait_until(lambda: _moved(bed, name, ns, t.stage, victim), 120,
+                                                f"a backup for stage {t.stage}", every=0.05)
+                except TimeoutError as e:   # say where the session stood: the test's only trace
+                    st = bed.session(name, ns).get("status") or {}
+                    conds = {c["type"]: f"{c['status']} {c.get('reason')}: {c.get('message')}"
+                             for c in st.get("conditions") or []}
+                    raise TimeoutError(f"{e}; the session is {st.get('phase')} at token {st.get('position')}, "
+                                       f"conditions {conds}; the operator's log ends: "
+                                       f"{bed.operator_log()[-3000:]}") from None
                 bed.kill_agent(backup)
                 out["backup_killed"] = backup
         s = bed.wait_phase(name, ns, ("Completed", "Failed"), timeout_s)
