@@ -21,6 +21,7 @@ from pathlib import Path
 
 from consortium import kube, receipt_check
 from consortium import resources as r
+from consortium.follow import FINAL_PHASES
 
 KIND = "SessionArchive"
 FORMAT_VERSION = 1
@@ -158,5 +159,20 @@ def key_lines(doc: dict) -> list[str]:
     return out
 
 
-__all__ = ["ArchiveError", "KIND", "build", "check", "collect", "file_name", "fingerprint",
+def describe(doc: dict, path: str, size: int, ended: str = "") -> str:
+    """One line per archive written: what it holds and whether its receipts verify."""
+    md, st, c = doc["session"]["metadata"], doc["session"].get("status") or {}, doc["check"]
+    phase = st.get("phase") or "Pending"
+    if not c["receipts"]:
+        verdict = "no receipts"
+    elif c["ok"]:
+        verdict = "all verify"
+    else:
+        verdict = f"check FAILS: {c['verified']} of {c['receipts']} verify" + ("" if c["complete"] else ", positions not covered")
+    note = "" if phase in FINAL_PHASES else " (still running: its record so far)"
+    return (f"{md.get('namespace')}/{md['name']}: {phase}{' ' + ended if ended else ''}{note}, {c['tokens']} tokens, {c['receipts']} receipts "
+            f"({verdict}) -> {path} ({size / 1024:.1f} KiB)")
+
+
+__all__ = ["ArchiveError", "KIND", "build", "check", "collect", "describe", "file_name", "fingerprint",
            "key_lines", "read", "write"]

@@ -35,24 +35,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"cannot write {out}: {e.strerror or e}", file=sys.stderr)
         return 2
-    print(describe(doc, out, size))
+    print(archive.describe(doc, out, size))
     for line in archive.key_lines(doc)[1:]:
         print(line, file=sys.stderr)
     return 0
 
-
-def describe(doc: dict, path: str, size: int, ended: str = "") -> str:
-    """One line per archive written: what it holds and whether its receipts verify."""
-    from consortium.follow import FINAL_PHASES
-
-    md, st, c = doc["session"]["metadata"], doc["session"].get("status") or {}, doc["check"]
-    phase = st.get("phase") or "Pending"
-    if not c["receipts"]:
-        verdict = "no receipts"
-    elif c["ok"]:
-        verdict = "all verify"
-    else:
-        verdict = f"check FAILS: {c['verified']} of {c['receipts']} verify" + ("" if c["complete"] else ", positions not covered")
-    note = "" if phase in FINAL_PHASES else " (still running: its record so far)"
-    return (f"{md.get('namespace')}/{md['name']}: {phase}{' ' + ended if ended else ''}{note}, {c['tokens']} tokens, {c['receipts']} receipts "
-            f"({verdict}) -> {path} ({size / 1024:.1f} KiB)")

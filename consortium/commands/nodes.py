@@ -113,11 +113,12 @@ def _decide(api, name: str, action: str, reason: str | None) -> str:
         kube.event(node, "Approved", "approved by an admin", component="consortium-admin")
         return f"{name}: approved"
     quarantine = action == "quarantine"
-    kube.update_status(get, lambda b: api.patch_cluster_custom_object_status(r.GROUP, r.VERSION, "computenodes", name, b),
-                       lambda status: {**status, "conditions": kube.with_condition(
-                           status.get("conditions"), "Quarantined", quarantine,
-                           "QuarantinedByAdmin" if quarantine else "ReleasedByAdmin", reason)})
-    kube.event(get(), "NodeQuarantined" if quarantine else "NodeReleased", f"{name}: {action}d by an admin: {reason}",
+    node = kube.update_status(
+        get, lambda b: api.patch_cluster_custom_object_status(r.GROUP, r.VERSION, "computenodes", name, b),
+        lambda status: {**status, "conditions": kube.with_condition(
+            status.get("conditions"), "Quarantined", quarantine,
+            "QuarantinedByAdmin" if quarantine else "ReleasedByAdmin", reason)})
+    kube.event(node, "NodeQuarantined" if quarantine else "NodeReleased", f"{name}: {action}d by an admin: {reason}",
                type_="Warning" if quarantine else "Normal", component="consortium-admin")
     return (f"{name}: quarantined ({reason}); placement skips it and running sessions drop it" if quarantine else
             f"{name}: released ({reason}); placement may use it again")

@@ -97,7 +97,6 @@ def _prune(api, session: dict, args: argparse.Namespace) -> str:
 
     from consortium import archive, kube
     from consortium import resources as r
-    from consortium.commands.archive import describe
 
     md = session["metadata"]
     ago = kube.now() - ended_at(session)
@@ -112,7 +111,7 @@ def _prune(api, session: dict, args: argparse.Namespace) -> str:
         size = archive.write(doc, path)
         if len(archive.read(path)["receipts"]) != len(doc["receipts"]):   # what was written reads back whole
             raise RuntimeError(f"{path} did not read back whole")
-        line = describe(doc, str(path), size, ended=f"{_ago(ago)} ago") + ", deleted"
+        line = archive.describe(doc, str(path), size, ended=f"{_ago(ago)} ago") + ", deleted"
     elif args.dry_run:
         return f"{line}: would be deleted"
     else:
