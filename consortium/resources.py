@@ -76,6 +76,9 @@ MAX_PROOF_BYTES = 1048576
 
 HEX64 = r"^[0-9a-f]{64}$"
 LAYERS_PATTERN = r"^[0-9]{1,4}-[0-9]{1,4}$"
+# A session's stage may leave its layers to the operator: every stage "auto", or none.
+AUTO_LAYERS = "auto"
+STAGE_LAYERS_PATTERN = r"^(auto|[0-9]{1,4}-[0-9]{1,4})$"
 
 
 def _base64(value: str) -> str:
@@ -230,33 +233,46 @@ class Sampling(_Model):
 
 
 class Stage(_Model):
-    """One pipeline stage: a layer range and the nodes that may run it."""
+    """One pipeline stage: a layer range (or "auto") and the nodes that may run it."""
     model_config = ConfigDict(json_schema_extra=_extra(validations=[
-        _cel("int(self.layers.split('-')[0]) <= int(self.layers.split('-')[1])",
+        _cel("self.layers == 'auto' || int(self.layers.split('-')[0]) <= int(self.layers.split('-')[1])",
              "layers 'a-b' needs a <= b", fieldPath=".layers")]))
-    layers: str = Field(pattern=LAYERS_PATTERN, max_length=9,
-                        description="Inclusive layer range 'a-b', e.g. '0-9'.")
+    layers: str = Field(pattern=STAGE_LAYERS_PATTERN, max_length=9, description=(
+        "Inclusive layer range 'a-b', e.g. '0-9'; or 'auto' on every stage: the operator splits the "
+        "model's layers over the nodes it places the stages on, in proportion to the memory each declares "
+        "(status.layers says the split)."))
     node_selector: LabelSelector | None = None
 
     @property
+    def auto(self) -> bool:
+        return self.layers == AUTO_LAYERS
+
+    @property
     def layer_range(self) -> LayerRange:
+        if self.auto:
+            raise ValueError("this stage's layers are 'auto': the operator chooses them (status.layers)")
         return LayerRange.parse(self.layers)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Stage":
-        LayerRange.parse(self.layers)  # raises ValueError when start > end
+        if not self.auto:
+            LayerRange.parse(self.layers)  # raises ValueError when start > end
         return self
 
 
 _STAGE_START = "int(self[{i}].layers.split('-')[0])"
 _STAGE_END = "int(self[{i}].layers.split('-')[1])"
+_ALL_AUTO = "self.all(s, s.layers == 'auto')"
+_ANY_AUTO = "self.exists(s, s.layers == 'auto')"   # the rule above then speaks; a range rule would not parse 'auto'
 # CEL has no index loop that every supported server knows, so the indices are a literal list,
 # bounded by MAX_STAGES (which also bounds the rule's cost).
-_CONTIGUOUS = (f"[{', '.join(str(i) for i in range(1, MAX_STAGES))}].all(i, i >= self.size() || "
+_CONTIGUOUS = (f"{_ANY_AUTO} || [{', '.join(str(i) for i in range(1, MAX_STAGES))}].all(i, i >= self.size() || "
                + _STAGE_START.format(i="i") + " == " + _STAGE_END.format(i="i - 1") + " + 1)")
 
 Stages = Annotated[list[Stage], Field(min_length=1, max_length=MAX_STAGES, json_schema_extra=_extra(validations=[
-    _cel(_STAGE_START.format(i=0) + " == 0", "stages[0].layers must start at layer 0"),
+    _cel(f"{_ALL_AUTO} || self.all(s, s.layers != 'auto')",
+         "either every stage's layers are 'auto' (the operator splits the model) or none"),
+    _cel(f"{_ANY_AUTO} || " + _STAGE_START.format(i=0) + " == 0", "stages[0].layers must start at layer 0"),
     _cel(_CONTIGUOUS, "stages must cover contiguous layer ranges in order: each stage starts at "
                       "the layer after the previous stage's last layer (no gaps, no overlaps)"),
 ]))]
@@ -324,11 +340,21 @@ class InferenceSessionSpec(_Model):
         "its replacement, and audits see a row up to a window later."))
     failover: Failover = _defaulted(Failover)
 
+    @property
+    def auto_split(self) -> bool:
+        """Every stage's layers are 'auto': the operator splits the model (status.layers)."""
+        return self.stages[0].auto
+
     # The same rules as the CEL above, so objects built in Python fail before they reach the server.
     @model_validator(mode="after")
     def _check(self) -> "InferenceSessionSpec":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt or messages must be set")
+        autos = [stage.auto for stage in self.stages]
+        if any(autos):
+            if not all(autos):
+                raise ValueError("either every stage's layers are 'auto' (the operator splits the model) or none")
+            return self
         ranges = [stage.layer_range for stage in self.stages]
         if ranges[0].start != 0:
             raise ValueError("stages[0].layers must start at layer 0")
@@ -353,6 +379,10 @@ class InferenceSessionStatus(_Model):
                                      description="Ready stages over all stages, e.g. '3/3'.")
     stage_epochs: list[int] | None = Field(default=None, max_length=MAX_STAGES,
                                            description="Current epoch of each stage, by stage index.")
+    layers: list[Annotated[str, Field(pattern=LAYERS_PATTERN, max_length=9)]] | None = Field(
+        default=None, max_length=MAX_STAGES, description=(
+            "Each stage's layer range, by stage index, as the session runs them: the spec's, or the "
+            "operator's split when the spec says 'auto'."))
     metrics: dict[str, float] | None = None
     proof_key: Base64 | None = Field(default=None, max_length=64, description=(
         "The Ed25519 public key (base64) that signs this session's fraud proofs: a proof's "

@@ -32,8 +32,10 @@ def build(session: dict, receipts: list[dict], nodes: list[dict]) -> dict:
         "stop_detail": rep.get("stopReason") or rep.get("stopSequence"),
         "tokens": len(st.get("tokens") or []), "max_tokens": spec.get("maxTokens"),
         "prompt_tokens": len(drv.get("prompt_tokens") or []),
-        "stages": [{"layers": s.get("layers"), "node": n, "epoch": e}
-                   for s, n, e in zip(spec.get("stages") or [], drv.get("nodes") or [], drv.get("epochs") or [])],
+        # The layers as the stages ran them: the operator's split where the spec says 'auto'.
+        "stages": [{"layers": layers, "node": n, "epoch": e} for layers, n, e in zip(
+            st.get("layers") or [s.get("layers") for s in spec.get("stages") or []],
+            drv.get("nodes") or [], drv.get("epochs") or [])],
         "started_at": st.get("startedAt"), "finished_at": st.get("finishedAt"),
         "tokens_per_s": (st.get("metrics") or {}).get("tokensPerSecond"),
         "step_tokens_per_s": (st.get("metrics") or {}).get("stepTokensPerSecond"),

@@ -4,11 +4,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 
 from consortium import tls
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def memory_size(text: str) -> int:
+    """Bytes from '12GiB', '512M', '8g' or a plain number of bytes (binary units either way)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"cannot read memory size {text!r}: write it as e.g. 12GiB, 512MiB "
+                                         f"or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-stall-s", type=float, default=120.0, metavar="S",
                    help="kill the audit process when it has advanced by no batch for S seconds while an audit "
                         "waits (the audit is refused INTERNAL, the next one starts a new process; default 120)")
+    p.add_argument("--memory", type=memory_size, default=env("CONSORTIUM_MEMORY") or None, metavar="SIZE",
+                   help="the memory this node offers its stages, e.g. 12GiB (on a GPU: the VRAM it may use); the "
+                        "operator places stages within it and splits 'auto' layers in proportion to it (default "
+                        "$CONSORTIUM_MEMORY, else the machine's physical memory)")
     p.add_argument("--ctx", type=int, default=2048, help="positions each session (and each audit replay) can hold on a loaded layer range")
     p.add_argument("--no-repack", action="store_true",
                    help="turn off llama.cpp's CPU weight repacking: other kernels, honest float differences")
@@ -171,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         endpoint = args.endpoint or (f"{pod_ip}:{port}" if in_cluster and pod_ip else f"{host}:{port}")
         registrar = registration.Registrar(service, name=name,
                                            endpoint=endpoint, labels=labels, namespace=args.namespace,
-                                           lease_seconds=args.lease_seconds,
+                                           lease_seconds=args.lease_seconds, memory_bytes=args.memory,
                                            renew_seconds=max(0.5, args.lease_seconds / 5), credentials=credentials)
         registrar.start()
     if args.port_file:

@@ -43,8 +43,10 @@ def node_labels(node_name: str) -> dict[str, str]:
 
 class Registrar:
     def __init__(self, service, *, name: str, endpoint: str, labels: dict[str, str], namespace: str,
-                 lease_seconds: int = 10, renew_seconds: float = 2.0, credentials=None):
+                 lease_seconds: int = 10, renew_seconds: float = 2.0, credentials=None,
+                 memory_bytes: int | None = None):
         self.service, self.name, self.endpoint = service, name, endpoint
+        self.memory_bytes = memory_bytes or total_memory_bytes()   # what the node offers (node-agent --memory)
         # A bare agent's kubeconfig (node_agent.credentials.Kubeconfig): reloaded when it changes,
         # its token's expiry told in the ComputeNode. None in the cluster, where the kubelet renews.
         self.credentials = credentials
@@ -66,7 +68,7 @@ class Registrar:
         from kubernetes.client.exceptions import ApiException
 
         spec = r.ComputeNodeSpec(endpoint=self.endpoint, public_key=self.service.identity.public_key_text,
-                                 memory_bytes=total_memory_bytes(), labels=self.labels).to_k8s()
+                                 memory_bytes=self.memory_bytes, labels=self.labels).to_k8s()
         del spec["approved"]  # never the agent's to say
         body = {"apiVersion": r.API_VERSION, "kind": "ComputeNode", "metadata": {"name": self.name}, "spec": spec}
         api = kube.api()

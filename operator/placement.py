@@ -6,12 +6,14 @@ on it (the stage's share of the model file, a rough but honest bound for weights
 are placed most-constrained first, each on the matching node with the fewest stages of this session,
 so the seed's roles come out as written (stage 1 on the only Metal node, stage 2 on the coordinator,
 stage 0 on the other CUDA worker). When nothing fits, the reasons per stage are returned and the
-session waits with a condition saying them.
+session waits with a condition saying them. Stages whose layers are 'auto' are placed the same way,
+then given the model's layers in proportion to their nodes' declared memory (`memory_split`).
 
 The backend a node detected is shown beside its accelerator label, never replaced by it.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
@@ -20,6 +22,7 @@ from typing import Any, Callable
 
 from consortium import kube
 from consortium import resources as r
+from consortium.layers import LayerRange, format_split, weighted_split
 
 log = logging.getLogger("consortium.operator.placement")
 
@@ -148,8 +151,27 @@ def matches(selector: r.LabelSelector | None, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in want.items())
 
 
-def stage_bytes(model_bytes: int, n_layers: int, stages: list[r.Stage]) -> list[int]:
-    return [model_bytes * s.layer_range.count // max(1, n_layers) for s in stages]
+def stage_bytes(model_bytes: int, n_layers: int, ranges: list[LayerRange]) -> list[int]:
+    return [model_bytes * lr.count // max(1, n_layers) for lr in ranges]
+
+
+def memory_split(chosen: list[str], nodes: list[NodeView], n_layers: int,
+                 model_bytes: int) -> tuple[list[LayerRange] | None, str | None]:
+    """The layers of stages whose layers are 'auto', placed on `chosen`: in proportion to the memory
+    each node declares (shared evenly between the stages one node holds; even where a node declares
+    none). None and the reason when a node's share would not fit its memory."""
+    memory = {n.name: n.memory_bytes for n in nodes}
+    held_stages = collections.Counter(chosen)
+    ranges = weighted_split(n_layers, [memory.get(c, 0) / held_stages[c] for c in chosen])
+    held: dict[str, int] = {}
+    for c, b in zip(chosen, stage_bytes(model_bytes, n_layers, ranges)):
+        held[c] = held.get(c, 0) + b
+    over = [f"{c} would hold about {b >> 20} MiB of its {memory[c] >> 20} MiB" for c, b in sorted(held.items())
+            if memory.get(c) and b > memory[c]]
+    if over:
+        return None, (f"the model ({model_bytes >> 20} MiB) split by the memory of the nodes chosen "
+                      f"({format_split(ranges)}) does not fit: {'; '.join(over)}")
+    return ranges, None
 
 
 def place(stages: list[r.Stage], nodes: list[NodeView], need: list[int]) -> tuple[list[str] | None, list[str]]:

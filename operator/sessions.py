@@ -209,15 +209,25 @@ class SessionRun:
 
     # -- placement -------------------------------------------------------------------------------
 
-    def place(self, need: list[int]) -> list[str]:
-        """Node per stage; waits (condition Scheduled=False with the reasons) until everything fits."""
+    def place(self, n_layers: int, model_bytes: int) -> tuple[list[str], list[str]]:
+        """Node and layer range ('a-b') per stage; waits (condition Scheduled=False with the reasons)
+        until everything fits. Stages whose layers are 'auto' get the nodes' memory split."""
+        auto = self.spec.auto_split
+        fixed = None if auto else [s.layer_range for s in self.spec.stages]
+        need = [0] * len(self.spec.stages) if auto else placement.stage_bytes(model_bytes, n_layers, fixed)
         last = None
         while True:
             nodes = placement.node_views(agent_namespace())
             chosen, reasons = placement.place(self.spec.stages, nodes, need)
+            ranges = fixed
+            if chosen and auto:
+                ranges, why = placement.memory_split(chosen, nodes, n_layers, model_bytes)
+                if why:
+                    chosen, reasons = None, [why]
             if chosen:
                 shown = {n.name: n.shown for n in nodes}
-                msg = ", ".join(f"stage {i} -> {n} ({shown[n]})" for i, n in enumerate(chosen))
+                msg = ", ".join(f"stage {i}{f' (layers {ranges[i]})' if auto else ''} -> {n} ({shown[n]})"
+                                for i, n in enumerate(chosen))
                 # Verifiers and backups come from the usable nodes their selectors match.
                 helpers = [n.name for n in nodes if n.why_not() is None and any(
                     placement.matches(sel, n.labels) for sel in (self.spec.audit.verifier_selector,
@@ -228,7 +238,7 @@ class SessionRun:
                     msg += f"; {mixed}"
                 self.set_condition("Scheduled", True, "Placed", msg, phase="Scheduling")
                 kube.event(self.body, "Scheduled", msg)
-                return chosen
+                return chosen, [str(lr) for lr in ranges]
             msg = "; ".join(reasons)
             if msg != last:
                 self.set_condition("Scheduled", False, "Unschedulable", msg, phase="Scheduling")
@@ -247,7 +257,12 @@ class SessionRun:
             self.fail("ModelFetchFailed" if isinstance(e, ModelFetchFailed) else "StopRequested", str(e))
             return
         n_layers = read_model_info(model_path).n_layers   # parsed once per file
-        if self.spec.stages[-1].layer_range.end != n_layers - 1:
+        if self.spec.auto_split:
+            if len(self.spec.stages) > n_layers:
+                self.fail("StagesDoNotCoverModel",
+                          f"{len(self.spec.stages)} stages cannot share the model's {n_layers} layers")
+                return
+        elif self.spec.stages[-1].layer_range.end != n_layers - 1:
             self.fail("StagesDoNotCoverModel",
                       f"the stages end at layer {self.spec.stages[-1].layer_range.end}; the model has {n_layers}")
             return
@@ -264,27 +279,36 @@ class SessionRun:
             tok.close()
 
     def _run(self, model_path: Path, n_layers: int, tok, prompt: list[int]) -> None:
-        spec = self.spec
         saved = (self.status.get("report") or {}).get("driverState")
         generated = list(self.status.get("tokens") or [])
         resume = bool(saved and generated)
-        need = placement.stage_bytes(model_path.stat().st_size, n_layers, spec.stages)
+        model_bytes = model_path.stat().st_size
         if resume:
             state = SessionState.from_json(saved)
             chosen = list(state.nodes)
+            layers = self.status.get("layers") or [s.layers for s in self.spec.stages]
+            if len(layers) != len(chosen) or r.AUTO_LAYERS in layers:
+                self.fail("LayersUnknown", f"the session's saved state holds no layer split for its stages "
+                                           f"(status.layers: {self.status.get('layers')})")
+                return
         else:
             try:
-                chosen = self.place(need)
+                chosen, layers = self.place(n_layers, model_bytes)
             except StopRequested as e:
                 self.fail("StopRequested", f"stopped before it was placed: {e}")
                 return
             state = SessionState(session=r.session_id(self.namespace, self.name, self.body["metadata"]["uid"]), prompt_tokens=prompt,
-                                 nodes=chosen, epochs=[1] * len(chosen), audit_probability=spec.audit.probability,
-                                 audit_seed=spec.audit.seed)
+                                 nodes=chosen, epochs=[1] * len(chosen), audit_probability=self.spec.audit.probability,
+                                 audit_seed=self.spec.audit.seed)
+        # From here on each stage holds its layer range as it runs ('auto' resolved; the spec stays as written).
+        spec = self.spec = self.spec.model_copy(update={"stages": [
+            s.model_copy(update={"layers": lr}) for s, lr in zip(self.spec.stages, layers)]})
+        need = placement.stage_bytes(model_bytes, n_layers, [s.layer_range for s in spec.stages])
+        if not resume:
             for i, n in enumerate(chosen):
                 placement.write_assignment(self.body, i, spec.stages[i], n, 1, spec.model.to_k8s())
             self.patch_status(startedAt=kube.timestamp(), stageEpochs=state.epochs, position=0, tokens=[],
-                              stagesReady=f"0/{len(chosen)}")
+                              stagesReady=f"0/{len(chosen)}", layers=layers)
         views = {n.name: n for n in placement.node_views(agent_namespace())}
         endpoints = {n.name: n.endpoint for n in views.values()
                      if n.why_not() is None or n.name in state.nodes and not n.quarantined and n.approved}

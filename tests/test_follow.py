@@ -98,6 +98,12 @@ def test_a_session_is_built_from_the_default_or_a_template():
     assert chat["spec"]["messages"]   # the manifest itself is left as it was
     assert session_body(chat, name="again")["spec"]["messages"] == chat["spec"]["messages"]
     assert [s["layers"] for s in session_body(chat, layers="0-29")["spec"]["stages"]] == ["0-29"]
+    assert [s["layers"] for s in session_body(chat, stages=2)["spec"]["stages"]] == ["auto", "auto"]
+    # A template naming no stages: the operator splits its model in three (its layer count unknown here).
+    no_stages = {**chat, "spec": {k: v for k, v in chat["spec"].items() if k != "stages"}}
+    assert [s["layers"] for s in session_body(no_stages)["spec"]["stages"]] == ["auto"] * 3
+    with pytest.raises(ValueError, match="not both"):
+        session_body(chat, layers="0-29", stages=2)
     asked = session_body(chat, messages=[{"role": "user", "content": "hi again"}], sampling={"temperature": 0.5},
                          labels={"a": "b"}, generate_name="chat-")
     assert asked["spec"]["messages"] == [{"role": "user", "content": "hi again"}] and "prompt" not in asked["spec"]

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", metavar="RANGES",
                         help="one stage per range, any approved node each (default without --from: "
                              f"{client.DEFAULT_LAYERS})")
+    parser.add_argument("--stages", type=int, metavar="N",
+                        help="N stages, any approved node each, the layers split by the nodes' memory")
     parser.add_argument("-n", "--namespace", default="default", help="where to create it (default: default)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, else ~/.kube/config)")
     parser.add_argument("--timeout", type=float, metavar="S", help="stop following after S seconds (exit 3)")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         body = client.session_body(client.read_template(args.manifest), prompt=args.prompt, name=args.name, max_tokens=args.max_tokens,
-                                   layers=args.layers, stop_sequences=args.stop)
+                                   layers=args.layers, stages=args.stages, stop_sequences=args.stop)
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"consortium ask: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, help="tokens per answer (default: the manifest's, else 64)")
     parser.add_argument("--layers", metavar="RANGES", help=f"one stage per range (default without --from: "
                                                            f"{client.DEFAULT_LAYERS})")
+    parser.add_argument("--stages", type=int, metavar="N", help="N stages, the layers split by the nodes' memory")
     parser.add_argument("-n", "--namespace", default="default", help="where the sessions are made (default: default)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, else ~/.kube/config)")
 
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         template = client.read_template(args.manifest)
         # A template that is no session, or a bad stage list, is refused before the first line is read.
-        client.session_body(template, prompt="-", max_tokens=args.max_tokens, layers=args.layers)
+        client.session_body(template, prompt="-", max_tokens=args.max_tokens, layers=args.layers,
+                            stages=args.stages)
         kube.load_config(args.kubeconfig)
         api = kube.api()
     except (OSError, ValueError, yaml.YAMLError) as e:
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         turn = history + [{"role": "user", "content": line}]
         body = client.session_body(template, messages=turn, generate_name="chat-", max_tokens=args.max_tokens,
-                                   layers=args.layers, labels=CREATED_BY)
+                                   layers=args.layers, stages=args.stages, labels=CREATED_BY)
         body["metadata"].pop("name", None)   # a session per turn, whatever the manifest is called
         body["metadata"]["generateName"] = "chat-"
         try:

@@ -36,6 +36,41 @@ def test_nodes_on_different_llama_cpp_builds_are_named_with_the_consequence():
     assert placement.mixed_builds([a, dataclasses.replace(c, llama_commit="")], ["a", "c"]) is None   # unknown
 
 
+def test_auto_layers_follow_the_memory_each_chosen_node_declares():
+    """Stages whose layers are 'auto': the model's layers in proportion to the memory of the nodes the
+    stages landed on (a node holding two stages shares its memory between them), even where a node
+    declares none, and refused with the nodes it would not fit."""
+    from consortium.layers import format_split, weighted_split
+
+    gib = 1 << 30
+    nodes = [dataclasses.replace(view(n, True), memory_bytes=m) for n, m in (("a", 24 * gib), ("b", 16 * gib),
+                                                                             ("c", 8 * gib))]
+    stages = [r.Stage(layers="auto") for _ in range(3)]
+    chosen, _ = placement.place(stages, nodes, [0, 0, 0])
+    assert chosen == ["a", "b", "c"]
+    ranges, why = placement.memory_split(chosen, nodes, 32, 5 * gib)
+    assert why is None and format_split(ranges) == "0-15,16-26,27-31"   # 16 : 11 : 5 layers for 24 : 16 : 8
+    ranges, _ = placement.memory_split(["a", "a", "c"], nodes, 32, 5 * gib)
+    assert format_split(ranges) == "0-11,12-23,24-31"                     # a's 24 GiB shared by two stages
+    unknown = [dataclasses.replace(n, memory_bytes=0) if n.name == "b" else n for n in nodes]
+    assert format_split(placement.memory_split(chosen, unknown, 30, gib)[0]) == "0-9,10-19,20-29"
+    ranges, why = placement.memory_split(chosen, nodes, 32, 60 * gib)
+    assert ranges is None and "does not fit" in why and "a would hold about 30720 MiB of its 24576 MiB" in why
+    assert format_split(weighted_split(30, [1, 1, 1])) == "0-9,10-19,20-29"
+    assert format_split(weighted_split(4, [100, 1, 1, 1])) == "0-0,1-1,2-2,3-3"   # one layer at least each
+
+
+def test_auto_stages_are_all_or_none_and_resolved_by_the_operator():
+    spec = r.InferenceSessionSpec(model=r.ModelRef(name="m", file="m.gguf"), prompt="hi",
+                                  stages=[r.Stage(layers="auto"), r.Stage(layers="auto")])
+    assert spec.auto_split
+    with pytest.raises(ValueError, match="the operator chooses them"):
+        spec.stages[0].layer_range
+    with pytest.raises(ValueError, match="or none"):
+        r.InferenceSessionSpec(model=r.ModelRef(name="m", file="m.gguf"), prompt="hi",
+                               stages=[r.Stage(layers="0-9"), r.Stage(layers="auto")])
+
+
 def test_a_verifier_choice_waits_at_most_a_second_for_an_api_that_hangs(monkeypatch):
     """A hung API server answers a LIST only after the client's read timeout: the auditor's verifier
     choice takes the last good reading after VERIFIER_READ_WAIT_S, while one read goes on behind it."""
