@@ -7,6 +7,12 @@ session's `model.sha256`. A download goes to a `.partial` file beside it and con
 (an HTTP Range request) when it was cut short; one process at a time fetches a given file (a lock
 file), and the others wait for it or take it once it is there. A file that hashes to anything else
 is deleted and the fetch fails with both digests: nothing unpinned is ever loaded.
+
+The operator runs no stage: it needs the model's GGUF header alone (tokenizer, layer count, tensor
+index), which `fetch_header` reads with Range requests into a sparse file of the model's size
+(`<sha256>/header/<file name>`), a few MB of a model of gigabytes. Those bytes cannot be checked
+against the pin on their own, so the nodes, once they hold the verified file, say the digest of its
+first `header_bytes` bytes (FetchModel) and the operator compares it with what it read.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import struct
 import threading
 import time
 import urllib.error
@@ -127,6 +134,160 @@ def _download(url: str, partial: Path, progress: Progress) -> None:
         raise FetchError(f"{url}: cut off after {progress.bytes} of {progress.total} bytes; fetching again goes on "
                          f"from there")
     progress.total = progress.total or progress.bytes
+
+
+HEADER_FIRST_READ = 4 << 20   # most GGUF headers fit (a 128k vocabulary takes about 8 MB): read 4x more until one does
+
+
+def header_path(url: str, sha256: str, cache: Path | None = None) -> Path:
+    """Where the header of the file pinned by `sha256` is kept (a sparse file of the model's size)."""
+    full = local_path(url, sha256, cache)
+    return full.parent / "header" / full.name
+
+
+def fetch_header(url: str, sha256: str, cache: Path | None = None, progress: Progress | None = None) -> Path:
+    """A file that holds the model's GGUF header and is the model's size (zeros after the header), for
+    reading its metadata and tokenizer, never its weights; the verified file itself where the cache
+    holds it already, and a server that ignores Range requests has it fetched whole. Blocks;
+    FetchError when it cannot be had or is no GGUF."""
+    full = local_path(url, sha256, cache)
+    if full.is_file():
+        return full
+    path = header_path(url, sha256, cache)
+    progress = progress or Progress()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(full.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if full.is_file():
+            return full
+        if path.is_file():
+            progress.done = True
+            return path
+        size = HEADER_FIRST_READ
+        while True:
+            got = _read_range(url, size)
+            if got is None:
+                break
+            data, total = got
+            progress.bytes, progress.total = len(data), total
+            length = gguf_header_length(data)
+            if length is not None:
+                tmp = path.with_name(path.name + ".partial")
+                with open(tmp, "wb") as f:
+                    f.write(data[:length])
+                    f.truncate(total)
+                os.replace(tmp, path)
+                progress.done = True
+                log.info("read the GGUF header of %s: %d of %d bytes", url, length, total)
+                return path
+            if len(data) >= total:
+                raise FetchError(f"{url}: the GGUF header runs past the end of the file ({total} bytes)")
+            size *= 4
+    log.info("%s answers no Range requests: fetching it whole for its header", url)
+    return fetch(url, sha256, cache, progress)
+
+
+def _read_range(url: str, size: int) -> tuple[bytes, int] | None:
+    """The first `size` bytes of `url` and the file's whole size; None when the server would send the
+    whole file instead (no Range support)."""
+    req = urllib.request.Request(url, headers={"Range": f"bytes=0-{size - 1}"})
+    try:
+        resp = urllib.request.urlopen(req, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        raise FetchError(f"{url}: the server answered {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise FetchError(f"{url}: {getattr(e, 'reason', e)}") from None
+    with resp:
+        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+        if resp.status != 206 or not total.isdigit():
+            return None
+        try:
+            return resp.read(), int(total)
+        except OSError as e:
+            raise FetchError(f"{url}: cut off reading its header ({e})") from None
+
+
+# GGUF metadata value types: fixed sizes by type id; 8 is a string, 9 an array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_header_length(data: bytes) -> int | None:
+    """Where a GGUF file's tensor data begins (its header: metadata, tensor index, padding), read from
+    its first bytes; None when `data` ends inside the header. FetchError when it is no GGUF (v2, v3)."""
+    if len(data) >= 8 and (data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] not in (2, 3)):
+        raise FetchError("not a GGUF file (version 2 or 3)")
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        out = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return out[0]
+
+    def string() -> bytes:
+        nonlocal pos
+        n = take("<Q")
+        if pos + n > len(data):
+            raise struct.error("short")
+        pos += n
+        return data[pos - n:pos]
+
+    def skip(kind: int) -> None:
+        nonlocal pos
+        if kind == 8:
+            string()
+        elif kind == 9:
+            elem, count = take("<I"), take("<Q")
+            if elem in _GGUF_SIZES:
+                pos += _GGUF_SIZES[elem] * count
+            else:
+                for _ in range(count):
+                    skip(elem)
+        elif kind in _GGUF_SIZES:
+            pos += _GGUF_SIZES[kind]
+        else:
+            raise FetchError(f"not a GGUF file: metadata value type {kind}")
+
+    try:
+        pos = 8
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key, kind = string(), take("<I")
+            if key == b"general.alignment" and kind == 4:
+                alignment = take("<I")
+            else:
+                skip(kind)
+        for _ in range(n_tensors):
+            string()
+            n_dims = take("<I")
+            pos += 8 * n_dims + 4 + 8   # dims, type, offset
+        if pos > len(data):
+            return None
+    except struct.error:
+        return None
+    return -(-pos // alignment) * alignment
+
+
+def header_digest(path: Path) -> tuple[int, str]:
+    """The length of a GGUF file's header and the sha256 of those bytes (to compare with another's)."""
+    size = HEADER_FIRST_READ
+    with open(path, "rb") as f:
+        while True:
+            f.seek(0)
+            data = f.read(size)
+            length = gguf_header_length(data)
+            if length is not None:
+                return length, prefix_digest(path, length)
+            if len(data) < size:
+                raise FetchError(f"{path}: the GGUF header runs past the end of the file")
+            size *= 4
+
+
+def prefix_digest(path: Path, length: int) -> str:
+    """sha256 of the first `length` bytes of a file (zeros past its end)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(length).ljust(length, b"\0")).hexdigest()
 
 
 def _sha256(path: Path) -> str:

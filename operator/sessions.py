@@ -120,6 +120,7 @@ class SessionRun:
         self.spec = r.InferenceSessionSpec.model_validate(body["spec"])
         self.status = dict(body.get("status") or {})
         self.live = body   # kopf keeps a daemon's body fresh: how a stop request reaches the token loop
+        self._header: tuple[int, str] | None = None   # (length, sha256) of a URL model's header read here
         self.stopped = stopped
         self.api = kube.api()
         # Conditions are read, changed and written whole from the token loop (a failover) and the
@@ -160,8 +161,9 @@ class SessionRun:
     # -- the model file --------------------------------------------------------------------------
 
     def _model_file(self) -> Path:
-        """The model's path here; one named by URL is fetched into the operator's cache first (it
-        reads the tokenizer and layer count from it), the condition saying how far it has got."""
+        """The model's path here. Of one named by URL the operator reads only the GGUF header (the
+        tokenizer, the layer count) into its cache first, the condition saying how far it has got;
+        `_fetch_on_nodes` then has the nodes that verified the whole file vouch for those bytes."""
         m = self.spec.model
         if not fetch.is_url(m.source):
             return resolve_model_file(m)
@@ -169,13 +171,14 @@ class SessionRun:
 
         def run() -> None:
             try:
-                got["path"] = fetch.fetch(m.source, m.sha256, progress=progress)
+                got["path"] = fetch.fetch_header(m.source, m.sha256, progress=progress)
             except fetch.FetchError as e:
                 got["error"] = str(e)
         t = threading.Thread(target=run, name=f"fetch {self.namespace}/{self.name}", daemon=True)
         t.start()
         while t.is_alive():
-            self.set_condition("Scheduled", False, "FetchingModel", f"the operator fetches {m.source}: {progress}",
+            self.set_condition("Scheduled", False, "FetchingModel",
+                               f"the operator reads the model's header from {m.source}: {progress}",
                                phase="Scheduling")
             t.join(PLACEMENT_RETRY_S)
             why = self.stop_requested()
@@ -185,6 +188,11 @@ class SessionRun:
                 raise Interrupted()
         if "error" in got:
             raise ModelFetchFailed(got["error"])
+        if got["path"] != fetch.local_path(m.source, m.sha256):   # the header alone: unverified yet
+            try:
+                self._header = fetch.header_digest(got["path"])
+            except fetch.FetchError as e:
+                raise ModelFetchFailed(str(e)) from None
         return got["path"]
 
     def _fetch_on_nodes(self, driver: SessionDriver) -> None:
@@ -195,13 +203,22 @@ class SessionRun:
         needed = set(driver.state.nodes)
         helpers = {n for n in driver.clients if any(placement.matches(sel, labels.get(n, {})) for sel in (
             self.spec.audit.verifier_selector, self.spec.failover.backup_selector))}
+        header_bytes, header_sha = self._header or (0, "")
         while True:
-            got = driver.fetch_model(sorted(needed | helpers))
+            got = driver.fetch_model(sorted(needed | helpers), header_bytes=header_bytes)
             failed = {n: r.error for n, r in got.items() if r is not None and r.error}
             if failed.keys() & needed:
                 raise ModelFetchFailed("; ".join(f"{n}: {failed[n]}" for n in sorted(failed.keys() & needed)))
             waiting = {n: r for n, r in got.items() if r is not None and not r.done and not r.error}
             if not waiting:
+                differ = {n: r.header_sha256 for n, r in got.items()
+                          if header_bytes and n in needed and r is not None and r.header_sha256 != header_sha}
+                if differ:
+                    raise ModelFetchFailed(
+                        f"the first {header_bytes} bytes of the pinned file hash to "
+                        + ", ".join(f"{d or 'nothing said'} on {n}" for n, d in sorted(differ.items()))
+                        + f"; the header the operator read from {driver.model_url} hashes to {header_sha}: "
+                          f"the server gave different bytes to different readers")
                 return
             shown = ", ".join(f"{n} {fetch.Progress(bytes=r.bytes, total=r.total)}" for n, r in sorted(waiting.items()))
             self.set_condition("Scheduled", False, "FetchingModel", f"the nodes fetch {driver.model_url}: {shown}")

@@ -18,11 +18,12 @@ SHA = hashlib.sha256(BODY).hexdigest()
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """Serves BODY at /model.gguf, honoring `Range: bytes=N-`; `cut_after` bytes into the next
-    answer it closes the connection (once)."""
+    """Serves `body` (BODY) at /model.gguf, honoring `Range: bytes=N-` and `bytes=N-M` unless
+    `ranges` is off; `cut_after` bytes into the next answer it closes the connection (once)."""
     daemon_threads = True
 
-    def __init__(self):
+    def __init__(self, body: bytes = BODY, ranges: bool = True):
+        self.body, self.ranges = body, ranges
         self.requests: list[str | None] = []   # the Range header of each GET
         self.cut_after: int | None = None
         super().__init__(("127.0.0.1", 0), Handler)
@@ -42,21 +43,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path != "/model.gguf":
             self.send_error(404)
             return
-        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
-        if start >= len(BODY):
+        body, start, end = srv.body, 0, len(srv.body) - 1
+        if self.headers.get("Range") and srv.ranges:
+            first, _, last = self.headers["Range"].split("=")[1].partition("-")
+            start, end = int(first), min(end, int(last)) if last else end
+        if start >= len(body):
             self.send_error(416)
             return
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(BODY) - start))
+        partial = (start, end) != (0, len(body) - 1)
+        self.send_response(206 if partial else 200)
+        if partial:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+        self.send_header("Content-Length", str(end + 1 - start))
         self.end_headers()
-        data = BODY[start:]
+        data = body[start:end + 1]
         if srv.cut_after is not None:
             data, srv.cut_after = data[:srv.cut_after], None
             self.wfile.write(data)
             self.wfile.flush()
             self.close_connection = True
             return
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # a reader that wanted the first bytes alone hung up
 
 
 @pytest.fixture
@@ -125,3 +135,62 @@ def test_background_fetches_say_how_far_then_done_and_a_failure_once(server, tmp
         time.sleep(0.05)
     assert "not the" in p.error
     assert not fetches.progress(server.url, bad).error   # asked again: tried again
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    from consortium.models import resolve_model
+
+    path = resolve_model(None)
+    return path, path.read_bytes()
+
+
+def test_the_gguf_header_length_is_where_the_tensor_data_begins(gguf):
+    from gguf import GGUFReader
+
+    path, body = gguf
+    length = fetch.gguf_header_length(body[:16 << 20])
+    assert length == GGUFReader(str(path)).data_offset and length < 16 << 20
+    assert fetch.gguf_header_length(body[:length - 100]) is None   # ends inside the header: read more
+    with pytest.raises(fetch.FetchError, match="not a GGUF"):
+        fetch.gguf_header_length(BODY[:1 << 20])
+    assert fetch.header_digest(path) == (length, hashlib.sha256(body[:length]).hexdigest())
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["ranges", "no-ranges"])
+def test_the_operator_reads_a_models_header_alone(gguf, tmp_path, ranges):
+    """A few MB in a sparse file of the model's size, from which llama.cpp reads the tokenizer and the
+    layer count as from the model; a server without Range requests has the file fetched whole."""
+    from consortium.tokenizer import Tokenizer
+    from node_agent.engine.slicing import read_model_info
+
+    path, body = gguf
+    srv = Server(body, ranges=ranges)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        sha = hashlib.sha256(body).hexdigest()
+        got = fetch.fetch_header(srv.url, sha, tmp_path)
+        length = fetch.gguf_header_length(body[:16 << 20])
+        if ranges:
+            assert got == fetch.header_path(srv.url, sha, tmp_path) and got.stat().st_size == len(body)
+            assert got.stat().st_blocks * 512 < 2 * length + (1 << 20)   # sparse: the header's blocks alone
+            assert srv.requests[0] == f"bytes=0-{fetch.HEADER_FIRST_READ - 1}"
+            assert all(r.startswith("bytes=0-") for r in srv.requests)   # never the whole file
+            assert fetch.header_digest(got) == fetch.header_digest(path)
+        else:
+            assert got == fetch.local_path(srv.url, sha, tmp_path) and got.read_bytes() == body
+            assert srv.requests == [f"bytes=0-{fetch.HEADER_FIRST_READ - 1}", None]
+        assert read_model_info(got).n_layers == read_model_info(path).n_layers == 30
+        a, b = Tokenizer(got), Tokenizer(path)
+        try:
+            text = "Why is the sky blue? Rayleigh scattering."
+            assert a.encode(text) == b.encode(text) and a.chat_template == b.chat_template
+        finally:
+            a.close()
+            b.close()
+        asked = len(srv.requests)
+        assert fetch.fetch_header(srv.url, sha, tmp_path) == got and len(srv.requests) == asked   # kept
+        assert fetch.prefix_digest(path, length) == fetch.header_digest(got)[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()

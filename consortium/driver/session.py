@@ -366,14 +366,15 @@ class SessionDriver:
         self._auditor.start()
         self.start_warming()
 
-    def fetch_model(self, nodes: list[str]) -> dict[str, pb.FetchModelResponse | None]:
+    def fetch_model(self, nodes: list[str], header_bytes: int = 0) -> dict[str, pb.FetchModelResponse | None]:
         """Have each node fetch the session's model from model_url (in the background there); how far
-        each has got, None for a node that did not answer."""
+        each has got, None for a node that did not answer. With header_bytes, a node that has the file
+        also says the digest of its first header_bytes bytes."""
         out: dict[str, pb.FetchModelResponse | None] = {}
         for node in nodes:
             try:
                 out[node] = self.clients[node].call("FetchModel", pb.FetchModelRequest(
-                    url=self.model_url, sha256=self.model_sha256), timeout=10.0)
+                    url=self.model_url, sha256=self.model_sha256, header_bytes=header_bytes), timeout=10.0)
             except grpc.RpcError as e:
                 log.info("%s did not say how far it has fetched the model: %s %s", node, e.code().name, e.details())
                 out[node] = None

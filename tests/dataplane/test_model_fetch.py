@@ -60,6 +60,10 @@ def test_an_agent_fetches_a_model_by_url_and_loads_it_once_pinned(agent, model_p
     got = until(lambda: stub.FetchModel(pb.FetchModelRequest(url=served, sha256=sha)), lambda r: r.done or r.error)
     assert got.done and not got.error and got.bytes == got.total == Path(model_path).stat().st_size
     assert stub.LoadStage(load).n_layers_total == 30
+    # What the operator, which read the header alone, asks: the digest of the verified file's first bytes.
+    length, digest = fetch.header_digest(Path(model_path))
+    said = stub.FetchModel(pb.FetchModelRequest(url=served, sha256=sha, header_bytes=length))
+    assert said.done and said.header_sha256 == digest
     out = stub.Forward(pb.ForwardRequest(ref=load.ref, position=0, tokens=[1, 504, 3458]))
     with LocalPipeline(model_path, [LayerRange(0, 9), LayerRange(10, 29)], StageConfig(threads=1)) as pipe:
         want = pipe.stages[0].forward(0, 0, tokens=np.array([1, 504, 3458], np.int32))
@@ -75,6 +79,9 @@ def test_a_fetch_that_hashes_otherwise_or_a_malformed_one_is_refused(agent, serv
         with pytest.raises(grpc.RpcError) as e:
             stub.FetchModel(pb.FetchModelRequest(url=url, sha256=sha))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.FetchModel(pb.FetchModelRequest(url=served, sha256=wrong, header_bytes=-1))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header_bytes" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         stub.LoadStage(pb.LoadStageRequest(ref=pb.StageRef(session="unpinned", stage=0, epoch=1), model_url=served,
                                            first_layer=0, last_layer=9))
