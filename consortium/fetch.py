@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
@@ -115,6 +116,9 @@ def _download(url: str, partial: Path, progress: Progress) -> None:
             have = 0   # the server sends it whole: start over
         length = int(resp.headers.get("Content-Length") or 0)
         progress.total, progress.bytes = (have + length if length else 0), have
+        free = shutil.disk_usage(partial.parent).free + (0 if resumed else (partial.stat().st_size if partial.exists() else 0))
+        if length > free:   # refused before the first byte rather than failing with a full disk
+            raise FetchError(f"{url}: {length / 1e6:.0f} MB to fetch, {free / 1e6:.0f} MB free where the cache is")
         said = time.monotonic()
         with open(partial, "ab" if resumed else "wb") as f:
             while True:

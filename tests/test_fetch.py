@@ -99,6 +99,17 @@ def test_bytes_that_hash_otherwise_are_refused_and_not_kept(server, tmp_path):
         fetch.fetch("file:///etc/passwd", SHA, tmp_path)
 
 
+def test_a_file_larger_than_the_free_disk_is_refused_before_its_first_byte(server, tmp_path, monkeypatch):
+    real = fetch.shutil.disk_usage
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda p: real(p)._replace(free=len(BODY) - 1))
+    with pytest.raises(fetch.FetchError, match=r"3 MB to fetch, 3 MB free where the cache is"):
+        fetch.fetch(server.url, SHA, tmp_path)
+    assert list(fetch.local_path(server.url, SHA, tmp_path).parent.iterdir()) == [
+        fetch.local_path(server.url, SHA, tmp_path).parent / ".lock"]   # not a byte written
+    monkeypatch.setattr(fetch.shutil, "disk_usage", real)
+    assert fetch.fetch(server.url, SHA, tmp_path).read_bytes() == BODY
+
+
 def test_a_download_cut_short_goes_on_from_where_it_stopped(server, tmp_path):
     server.cut_after = fetch.CHUNK + 7
     with pytest.raises(fetch.FetchError, match="cut off after"):
