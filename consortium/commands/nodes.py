@@ -43,6 +43,7 @@ def rows(nodes: list[dict], assignments: list[dict], sessions: list[dict]) -> li
             "name": name, "backend": st.get("backend") or "-",
             "accelerator": (spec.get("labels") or {}).get("consortium.io/accelerator", "-"),
             "approved": bool(spec.get("approved")), "ready": kube.condition_true(n, "Ready"),
+            "memoryBytes": int(spec.get("memoryBytes") or 0),
             "quarantined": q.get("status") == "True", "quarantineReason": q.get("message") if q.get("status") == "True" else None,
             "audits": int(work.get("audits", 0)), "mismatches": int(work.get("mismatches", 0)),
             "frauds": int(work.get("frauds", 0)), "verdicts": int(verdicts.get("verdicts", 0)),
@@ -54,10 +55,12 @@ def rows(nodes: list[dict], assignments: list[dict], sessions: list[dict]) -> li
 
 
 def table(rs: list[dict]) -> list[str]:
-    head = ("NAME", "BACKEND", "ACCEL", "APPROVED", "READY", "QUARANTINED", "STAGES", "WORK A/M/F", "VERDICTS/OVERRULED",
-            "LLAMA.CPP")
+    head = ("NAME", "BACKEND", "ACCEL", "APPROVED", "READY", "QUARANTINED", "MEMORY", "STAGES", "WORK A/M/F",
+            "VERDICTS/OVERRULED", "LLAMA.CPP")
     lines = [[r["name"], r["backend"], r["accelerator"], "yes" if r["approved"] else "no", "yes" if r["ready"] else "no",
-              "yes" if r["quarantined"] else "no", str(r["stages"]), f"{r['audits']}/{r['mismatches']}/{r['frauds']}",
+              "yes" if r["quarantined"] else "no",
+              f"{r['memoryBytes'] / (1 << 30):.1f}Gi" if r["memoryBytes"] else "-",   # what placement and auto splits go by
+              str(r["stages"]), f"{r['audits']}/{r['mismatches']}/{r['frauds']}",
               f"{r['verdicts']}/{r['overruled']}", r["llamaCpp"]] for r in rs]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     out = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *lines]]

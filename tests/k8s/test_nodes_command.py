@@ -32,6 +32,7 @@ def nodes_cli(cluster, tmp_path, *args):
 
 def test_approve_quarantine_and_release_as_the_operator_and_placement_read_them(nodes, tmp_path):
     cluster = nodes
+    cluster.kubectl("patch", "computenode", "judge-b", "--type=merge", "-p", json.dumps({"spec": {"memoryBytes": 12 << 30}}))
     cluster.kubectl("patch", "computenode", "judge-b", "--subresource=status", "--type=merge", "-p", json.dumps(
         {"status": {"backend": "cuda", "auditRecord": {"audits": 12, "mismatches": 1, "frauds": 0},
                     "verifierRecord": {"verdicts": 30, "overruled": 2}}}))
@@ -55,7 +56,8 @@ def test_approve_quarantine_and_release_as_the_operator_and_placement_read_them(
     table = nodes_cli(cluster, tmp_path).stdout
     assert table.splitlines()[0].split()[:3] == ["NAME", "BACKEND", "ACCEL"]
     row = next(line.split() for line in table.splitlines() if line.startswith("judge-b"))
-    assert row[1:6] == ["cuda", "-", "yes", "no", "yes"] and "12/1/0" in row and "30/2" in row
+    assert row[1:7] == ["cuda", "-", "yes", "no", "yes", "12.0Gi"] and "12/1/0" in row and "30/2" in row
+    assert mine["judge-b"]["memoryBytes"] == 12 << 30 and mine["judge-a"]["memoryBytes"] == 0
     assert "judge-b is quarantined: answers drift since the driver update" in table
 
     released = nodes_cli(cluster, tmp_path, "release", "judge-b", "--reason", "driver rolled back")
