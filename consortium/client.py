@@ -35,11 +35,14 @@ def read_template(path: str | None) -> dict | None:
 
 def session_body(template: dict | None = None, *, prompt: str | None = None, messages: list[dict] | None = None,
                  name: str | None = None, generate_name: str = "ask-", max_tokens: int | None = None,
-                 layers: str | None = None, stages: int | None = None, sampling: dict | None = None,
-                 labels: dict | None = None, stop_sequences: list[str] | None = None) -> dict:
+                 layers: str | None = None, stages: int | None = None, model: dict | None = None,
+                 sampling: dict | None = None, labels: dict | None = None,
+                 stop_sequences: list[str] | None = None) -> dict:
     """The InferenceSession to create: `template` (or the default session) with these changes. The
     template itself is left as it was. `layers` ("0-9,10-19,20-29") or `stages` (N stages whose layers
-    the operator splits by the nodes' memory) replace the template's stages, node selectors included."""
+    the operator splits by the nodes' memory) replace the template's stages, node selectors included;
+    another `model` without either keeps the template's stages, their layers left to the operator
+    (ranges written for one model do not fit another)."""
     body = copy.deepcopy(template) if template else default_template()
     if body.get("kind") != "InferenceSession":
         raise ValueError(f"the template is a {body.get('kind')!r}, not an InferenceSession")
@@ -68,10 +71,14 @@ def session_body(template: dict | None = None, *, prompt: str | None = None, mes
         spec["maxTokens"] = max_tokens
     if layers and stages:
         raise ValueError("give layer ranges or a number of stages, not both")
+    if model:
+        spec["model"] = dict(model)
     if layers:
         spec["stages"] = [{"layers": part.strip()} for part in layers.split(",") if part.strip()]
     elif stages or "stages" not in spec:
         spec["stages"] = [{"layers": "auto"} for _ in range(stages or DEFAULT_STAGES)]
+    elif model:
+        spec["stages"] = [{**st, "layers": "auto"} for st in spec["stages"]]
     if sampling:
         spec["sampling"] = {**(spec.get("sampling") or {}), **sampling}
     if stop_sequences is not None:
@@ -79,6 +86,31 @@ def session_body(template: dict | None = None, *, prompt: str | None = None, mes
     if labels:
         meta["labels"] = {**(meta.get("labels") or {}), **labels}
     return body
+
+
+def model_by_url(url: str, sha256: str) -> dict:
+    """The model of a session fetched from `url` by every node, pinned by `sha256`, named after its file."""
+    from consortium import fetch
+
+    if not fetch.is_url(url):
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    if not sha256:
+        raise ValueError("a model fetched by URL needs its sha256 (--sha256): every node must load the same bytes")
+    name = fetch.local_path(url, sha256.lower()).name
+    return {"name": name.removesuffix(".gguf")[:253], "file": name, "source": url, "sha256": sha256.lower()}
+
+
+def add_model_arguments(parser) -> None:
+    """--model-url and --sha256, for the commands that make sessions."""
+    parser.add_argument("--model-url", metavar="URL", help="a GGUF model every node fetches from this http(s) URL "
+                        "(with --sha256); its layers are split by the nodes' memory unless --layers says otherwise")
+    parser.add_argument("--sha256", metavar="HEX", help="the sha256 of the --model-url file: nothing else is loaded")
+
+
+def model_from_args(args) -> dict | None:
+    if args.sha256 and not args.model_url:
+        raise ValueError("--sha256 pins a --model-url: give both")
+    return model_by_url(args.model_url, args.sha256 or "") if args.model_url else None
 
 
 def request_stop(api, namespace: str, name: str, reason: str) -> dict:
@@ -102,4 +134,5 @@ def refusal(e) -> str:
         return str(getattr(e, "body", e))
 
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_LAYERS", "DEFAULT_STAGES", "default_template", "read_template", "session_body", "request_stop", "refusal"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_LAYERS", "DEFAULT_STAGES", "default_template", "read_template", "session_body", "model_by_url",
+           "add_model_arguments", "model_from_args", "request_stop", "refusal"]

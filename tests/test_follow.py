@@ -104,6 +104,23 @@ def test_a_session_is_built_from_the_default_or_a_template():
     assert [s["layers"] for s in session_body(no_stages)["spec"]["stages"]] == ["auto"] * 3
     with pytest.raises(ValueError, match="not both"):
         session_body(chat, layers="0-29", stages=2)
+    # Another model by URL: the template's stages keep their selectors, their layers left to the operator.
+    from consortium import client
+
+    url, sha = "https://models.example/dir/Qwen2.5-7B-Instruct-Q4_K_M.gguf", "AB" * 32
+    model = client.model_by_url(url, sha)
+    assert model == {"name": "Qwen2.5-7B-Instruct-Q4_K_M", "file": "Qwen2.5-7B-Instruct-Q4_K_M.gguf",
+                     "source": url, "sha256": "ab" * 32}
+    sky = {**chat, "spec": {**chat["spec"], "stages": [{"layers": "0-14", "nodeSelector": {"matchLabels": {"a": "b"}}},
+                                                       {"layers": "15-29"}]}}
+    other = session_body(sky, model=model)["spec"]
+    assert other["model"] == model and other["stages"] == [{"layers": "auto", "nodeSelector": {"matchLabels": {"a": "b"}}},
+                                                           {"layers": "auto"}]
+    assert [s["layers"] for s in session_body(sky, model=model, layers="0-27")["spec"]["stages"]] == ["0-27"]
+    with pytest.raises(ValueError, match="needs its sha256"):
+        client.model_by_url(url, "")
+    with pytest.raises(ValueError, match="not an http"):
+        client.model_by_url("/models/x.gguf", sha)
     asked = session_body(chat, messages=[{"role": "user", "content": "hi again"}], sampling={"temperature": 0.5},
                          labels={"a": "b"}, generate_name="chat-")
     assert asked["spec"]["messages"] == [{"role": "user", "content": "hi again"}] and "prompt" not in asked["spec"]

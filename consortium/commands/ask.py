@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{client.DEFAULT_LAYERS})")
     parser.add_argument("--stages", type=int, metavar="N",
                         help="N stages, any approved node each, the layers split by the nodes' memory")
+    client.add_model_arguments(parser)
     parser.add_argument("-n", "--namespace", default="default", help="where to create it (default: default)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, else ~/.kube/config)")
     parser.add_argument("--timeout", type=float, metavar="S", help="stop following after S seconds (exit 3)")
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         body = client.session_body(client.read_template(args.manifest), prompt=args.prompt, name=args.name, max_tokens=args.max_tokens,
-                                   layers=args.layers, stages=args.stages, stop_sequences=args.stop)
+                                   layers=args.layers, stages=args.stages, model=client.model_from_args(args),
+                                   stop_sequences=args.stop)
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"consortium ask: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", metavar="RANGES", help=f"one stage per range (default without --from: "
                                                            f"{client.DEFAULT_LAYERS})")
     parser.add_argument("--stages", type=int, metavar="N", help="N stages, the layers split by the nodes' memory")
+    client.add_model_arguments(parser)
     parser.add_argument("-n", "--namespace", default="default", help="where the sessions are made (default: default)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, else ~/.kube/config)")
 
@@ -58,9 +59,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         template = client.read_template(args.manifest)
+        model = client.model_from_args(args)
         # A template that is no session, or a bad stage list, is refused before the first line is read.
         client.session_body(template, prompt="-", max_tokens=args.max_tokens, layers=args.layers,
-                            stages=args.stages)
+                            stages=args.stages, model=model)
         kube.load_config(args.kubeconfig)
         api = kube.api()
     except (OSError, ValueError, yaml.YAMLError) as e:
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         turn = history + [{"role": "user", "content": line}]
         body = client.session_body(template, messages=turn, generate_name="chat-", max_tokens=args.max_tokens,
-                                   layers=args.layers, stages=args.stages, labels=CREATED_BY)
+                                   layers=args.layers, stages=args.stages, model=model, labels=CREATED_BY)
         body["metadata"].pop("name", None)   # a session per turn, whatever the manifest is called
         body["metadata"]["generateName"] = "chat-"
         try:

@@ -9,6 +9,8 @@ import functools
 import http.server
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -92,6 +94,22 @@ def test_a_model_named_by_url_is_fetched_once_pinned_and_gives_the_single_nodes_
     assert fetch.local_path(url, sha).is_file() and fetch.header_path(url, sha).is_file()
     placed = kube.condition(s["status"]["conditions"], "Scheduled")
     assert placed["status"] == "True" and placed["reason"] == "Placed"
+
+
+def test_ask_runs_any_model_by_url_split_by_the_nodes_memory(bed, served, baseline):
+    """`consortium ask --model-url URL --sha256 HEX --stages 2`: no manifest, no layer ranges."""
+    url, sha = served
+    prompt = testbed.sky_is_blue(MAX_TOKENS)["spec"]["prompt"]
+    got = subprocess.run([sys.executable, "-m", "consortium.cli", "ask", prompt, "--model-url", url, "--sha256", sha,
+                          "--stages", "2", "--max-tokens", str(MAX_TOKENS), "--name", "ask-by-url", "-n", NS,
+                          "--kubeconfig", bed.cluster.kubeconfig, "--timeout", "240"],
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr
+    s = bed.session("ask-by-url", NS)
+    assert s["spec"]["model"] == {"name": Path(url).stem, "file": Path(url).name, "source": url, "sha256": sha}
+    assert [st["layers"] for st in s["spec"]["stages"]] == ["auto", "auto"]
+    assert s["status"]["layers"] == ["0-14", "15-29"]   # the agents here declare equal memory
+    assert s["status"]["tokens"] == baseline and got.stdout == s["status"]["text"] + "\n"
 
 
 def test_a_pin_the_bytes_do_not_match_fails_the_session_saying_both_digests(bed, served):
