@@ -38,6 +38,8 @@ PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
         {"name": "Stopped", "type": "string", "jsonPath": ".status.report.stopped", "priority": 1,
          "description": "Why generation ended: max_tokens, end_of_generation, stop_sequence, stop_requested, ..."},
         {"name": "Tokens/s", "type": "number", "jsonPath": ".status.metrics.tokensPerSecond", "priority": 1},
+        {"name": "Layers", "type": "string", "jsonPath": ".status.layers", "priority": 1,
+         "description": "Each stage's layers as they run (the operator's split of 'auto')"},
     ],
     "StageAssignment": [
         {"name": "Session", "type": "string", "jsonPath": ".spec.session"},
