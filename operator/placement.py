@@ -151,7 +151,8 @@ def matches(selector: r.LabelSelector | None, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in want.items())
 
 
-def stage_bytes(model_bytes: int, n_layers: int, ranges: list[LayerRange]) -> list[int]:
+def stage_bytes(model_bytes: int, n_layers: int, ranges: list[LayerRange | r.LayerRange]) -> list[int]:
+    """Each range's share of the model file, a rough but honest bound for its weights plus KV."""
     return [model_bytes * lr.count // max(1, n_layers) for lr in ranges]
 
 
