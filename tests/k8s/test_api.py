@@ -94,9 +94,11 @@ def test_session_columns(api):
     assert (row["MODEL"], row["PHASE"], row["TOKENS"], row["MAX"], row["STAGES"]) == \
         ("SmolLM2-135M-Instruct", "Running", "20", "64", "3/3")
     _patch_status(api, "inferencesession", "sky-is-blue",
-                  {"phase": "Completed", "report": {"stopped": "stop_sequence"}, "metrics": {"tokensPerSecond": 41.5}}, NS)
+                  {"phase": "Completed", "report": {"stopped": "stop_sequence"}, "metrics": {"tokensPerSecond": 41.5},
+                   "layers": ["0-9", "10-19", "20-29"]}, NS)
     wide = api.kubectl("get", "isess", "sky-is-blue", "-n", NS, "-o", "wide").stdout.splitlines()
-    assert wide[0].split()[-2:] == ["STOPPED", "TOKENS/S"] and wide[1].split()[-2:] == ["stop_sequence", "41.5"]
+    assert wide[0].split()[-3:] == ["STOPPED", "TOKENS/S", "LAYERS"]
+    assert wide[1].split()[-3:] == ["stop_sequence", "41.5", '["0-9","10-19","20-29"]']
 
 
 def test_stage_assignment_columns(api):
