@@ -73,7 +73,9 @@ def test_a_running_agent_tells_its_tokens_expiry_and_takes_up_a_new_kubeconfig(b
     path = bed.workdir / f"agent-{NODE}.kubeconfig"
     cluster.write_kubeconfig(path, token=cluster.node_bound_token(testbed.AGENT_SA, testbed.NS, NODE, duration="2h"))
     bed.start_agent(NODE, {"consortium.io/accelerator": "metal"}, kubeconfig=str(path),
-                    extra=["--credentials-warn-hours", "3", "--lease-seconds", "5"])
+                    extra=["--credentials-warn-hours", "3", "--lease-seconds", "5", "--memory", "3GiB"])
+    # What it offers its stages, as declared (not the machine's memory): placement goes by it.
+    assert bed.get("computenodes", NODE)["spec"]["memoryBytes"] == 3 << 30
     c = _condition(cluster)
     assert c["status"] == "True" and c["reason"] == "TokenExpiring", c
     assert "its token expires at" in c["message"] and str(path) in c["message"]
