@@ -2,7 +2,7 @@
 
 A node can take a stage when an admin approved it, its agent reports Ready and renews its Lease, it
 is not Quarantined, its labels match the stage's nodeSelector, and its memory holds the stages put
-on it (the stage's share of the model file, a rough but honest bound for weights plus KV). Stages
+on it (the weights the stage loads, from the model's tensor index; KV comes on top). Stages
 are placed most-constrained first, each on the matching node with the fewest stages of this session,
 so the seed's roles come out as written (stage 1 on the only Metal node, stage 2 on the coordinator,
 stage 0 on the other CUDA worker). When nothing fits, the reasons per stage are returned and the
@@ -23,6 +23,7 @@ from typing import Any, Callable
 from consortium import kube
 from consortium import resources as r
 from consortium.layers import LayerRange, format_split, weighted_split
+from node_agent.engine.slicing import ModelInfo, stage_weight_bytes
 
 log = logging.getLogger("consortium.operator.placement")
 
@@ -151,27 +152,27 @@ def matches(selector: r.LabelSelector | None, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in want.items())
 
 
-def stage_bytes(model_bytes: int, n_layers: int, ranges: list[LayerRange | r.LayerRange]) -> list[int]:
-    """Each range's share of the model file, a rough but honest bound for its weights plus KV."""
-    return [model_bytes * lr.count // max(1, n_layers) for lr in ranges]
+def stage_bytes(info: ModelInfo, ranges: list[LayerRange | r.LayerRange]) -> list[int]:
+    """The bytes of the weights each stage loads, from the model's tensor index (its blocks; the
+    embedding on the first and final stage, the LM head on the final one). KV comes on top."""
+    return [stage_weight_bytes(info, LayerRange.parse(str(lr))) for lr in ranges]
 
 
-def memory_split(chosen: list[str], nodes: list[NodeView], n_layers: int,
-                 model_bytes: int) -> tuple[list[LayerRange] | None, str | None]:
+def memory_split(chosen: list[str], nodes: list[NodeView], info: ModelInfo) -> tuple[list[LayerRange] | None, str | None]:
     """The layers of stages whose layers are 'auto', placed on `chosen`: in proportion to the memory
     each node declares (shared evenly between the stages one node holds; even where a node declares
     none). None and the reason when a node's share would not fit its memory."""
     memory = {n.name: n.memory_bytes for n in nodes}
     held_stages = collections.Counter(chosen)
-    ranges = weighted_split(n_layers, [memory.get(c, 0) / held_stages[c] for c in chosen])
+    ranges = weighted_split(info.n_layers, [memory.get(c, 0) / held_stages[c] for c in chosen])
     held: dict[str, int] = {}
-    for c, b in zip(chosen, stage_bytes(model_bytes, n_layers, ranges)):
+    for c, b in zip(chosen, stage_bytes(info, ranges)):
         held[c] = held.get(c, 0) + b
     over = [f"{c} would hold about {b >> 20} MiB of its {memory[c] >> 20} MiB" for c, b in sorted(held.items())
             if memory.get(c) and b > memory[c]]
     if over:
-        return None, (f"the model ({model_bytes >> 20} MiB) split by the memory of the nodes chosen "
-                      f"({format_split(ranges)}) does not fit: {'; '.join(over)}")
+        return None, (f"the model split by the memory of the nodes chosen ({format_split(ranges)}) does not "
+                      f"fit: {'; '.join(over)}")
     return ranges, None
 
 

@@ -41,7 +41,7 @@ from consortium.verification.canonical import CanonicalGrid
 from consortium.wire import pb
 from consortium_operator import audits, failover, placement, proofs, receipts
 from consortium_operator import metrics as session_metrics
-from node_agent.engine.slicing import read_model_info, sha256_file
+from node_agent.engine.slicing import ModelInfo, read_model_info, sha256_file
 
 log = logging.getLogger("consortium.operator.sessions")
 
@@ -226,19 +226,19 @@ class SessionRun:
 
     # -- placement -------------------------------------------------------------------------------
 
-    def place(self, n_layers: int, model_bytes: int) -> tuple[list[str], list[str]]:
+    def place(self, info: ModelInfo) -> tuple[list[str], list[str]]:
         """Node and layer range ('a-b') per stage; waits (condition Scheduled=False with the reasons)
         until everything fits. Stages whose layers are 'auto' get the nodes' memory split."""
         auto = self.spec.auto_split
         fixed = None if auto else [s.layer_range for s in self.spec.stages]
-        need = [0] * len(self.spec.stages) if auto else placement.stage_bytes(model_bytes, n_layers, fixed)
+        need = [0] * len(self.spec.stages) if auto else placement.stage_bytes(info, fixed)
         last = None
         while True:
             nodes = placement.node_views(agent_namespace())
             chosen, reasons = placement.place(self.spec.stages, nodes, need)
             ranges = fixed
             if chosen and auto:
-                ranges, why = placement.memory_split(chosen, nodes, n_layers, model_bytes)
+                ranges, why = placement.memory_split(chosen, nodes, info)
                 if why:
                     chosen, reasons = None, [why]
             if chosen:
@@ -273,7 +273,8 @@ class SessionRun:
         except (ModelFetchFailed, StopRequested) as e:
             self.fail("ModelFetchFailed" if isinstance(e, ModelFetchFailed) else "StopRequested", str(e))
             return
-        n_layers = read_model_info(model_path).n_layers   # parsed once per file
+        info = read_model_info(model_path)   # parsed once per file
+        n_layers = info.n_layers
         if self.spec.auto_split:
             if len(self.spec.stages) > n_layers:
                 self.fail("StagesDoNotCoverModel",
@@ -291,15 +292,14 @@ class SessionRun:
             except ValueError as e:   # a model without a tokenizer, or messages without a chat template
                 self.fail("PromptNotTokenized", str(e))
                 return
-            self._run(model_path, n_layers, tok, prompt)
+            self._run(model_path, info, tok, prompt)
         finally:
             tok.close()
 
-    def _run(self, model_path: Path, n_layers: int, tok, prompt: list[int]) -> None:
+    def _run(self, model_path: Path, info: ModelInfo, tok, prompt: list[int]) -> None:
         saved = (self.status.get("report") or {}).get("driverState")
         generated = list(self.status.get("tokens") or [])
         resume = bool(saved and generated)
-        model_bytes = model_path.stat().st_size
         if resume:
             state = SessionState.from_json(saved)
             chosen = list(state.nodes)
@@ -310,7 +310,7 @@ class SessionRun:
                 return
         else:
             try:
-                chosen, layers = self.place(n_layers, model_bytes)
+                chosen, layers = self.place(info)
             except StopRequested as e:
                 self.fail("StopRequested", f"stopped before it was placed: {e}")
                 return
@@ -320,7 +320,7 @@ class SessionRun:
         # From here on each stage holds its layer range as it runs ('auto' resolved; the spec stays as written).
         spec = self.spec = self.spec.model_copy(update={"stages": [
             s.model_copy(update={"layers": lr}) for s, lr in zip(self.spec.stages, layers)]})
-        need = placement.stage_bytes(model_bytes, n_layers, [s.layer_range for s in spec.stages])
+        need = placement.stage_bytes(info, [s.layer_range for s in spec.stages])
         if not resume:
             for i, n in enumerate(chosen):
                 placement.write_assignment(self.body, i, spec.stages[i], n, 1, spec.model.to_k8s())
@@ -337,7 +337,7 @@ class SessionRun:
         driver = SessionDriver(session=state.session, model_path=str(model_path),
                                model_sha256=self.spec.model.sha256 or _sha256(model_path),
                                split=[LayerRange(s.layer_range.start, s.layer_range.end) for s in spec.stages],
-                               n_layers=n_layers, endpoints=endpoints, state=state, policy=policy, grid=grid,
+                               n_layers=info.n_layers, endpoints=endpoints, state=state, policy=policy, grid=grid,
                                rpc_timeout_s=spec.failover.rpc_timeout_seconds, tls=AGENT_TLS,
                                receipt_window=spec.receipt_window, sign_per_window=spec.signing == "PerWindow",
                                audit_from_state=spec.audit.from_window_states,

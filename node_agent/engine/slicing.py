@@ -29,7 +29,7 @@ from consortium.layers import LayerRange
 # names the model's size in its log); tested like llama on synthetic models of their shapes.
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "qwen2", "qwen3")
 STAGE_FORMAT = 2  # bump when stage files are written differently: cached files of older formats are not reused
-MODEL_INFO_FORMAT = 1  # bump when ModelInfo's fields change meaning: remembered infos of older formats are not read
+MODEL_INFO_FORMAT = 2  # bump when ModelInfo's fields change meaning: remembered infos of older formats are not read
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -51,6 +51,12 @@ class ModelInfo:
     n_vocab: int
     tied_output: bool  # no output.weight: the LM head reuses token_embd
     file_type: str     # quantization of the bulk of the weights, e.g. Q4_1, Q4_K_M
+    # Bytes of the weights by where they go (from the tensor index): each block's, token_embd,
+    # output.weight (0 when tied), and the rest (output_norm, rope_freqs, ...), which every stage keeps.
+    block_bytes: tuple[int, ...] = ()
+    embd_bytes: int = 0
+    output_bytes: int = 0
+    other_bytes: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,7 +92,8 @@ def _read_model_info(path: str, size: int, mtime_ns: int) -> ModelInfo:
     memo = consortium.cache.cache_dir() / "model-info" / f"v{MODEL_INFO_FORMAT}-{_file_key(path, size, mtime_ns)}.json"
     if memo.is_file():
         try:
-            return ModelInfo(**json.loads(memo.read_text()))
+            saved = json.loads(memo.read_text())
+            return ModelInfo(**{**saved, "block_bytes": tuple(saved.get("block_bytes", ()))})
         except (ValueError, TypeError):
             pass   # unreadable or from another version of ModelInfo: parse again and rewrite it
     info = _parse_model_info(path)
@@ -114,8 +121,28 @@ def _parse_model_info(path: str) -> ModelInfo:
         file_type = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None else "unknown"
     except ValueError:
         file_type = f"type{ftype}"
+    blocks, other = [0] * int(n_layers or 0), 0
+    for t in reader.tensors:
+        m = _BLOCK_RE.match(t.name)
+        if m and int(m.group(1)) < len(blocks):
+            blocks[int(m.group(1))] += int(t.n_bytes)
+        elif t.name not in ("token_embd.weight", "output.weight"):
+            other += int(t.n_bytes)
     return ModelInfo(path=path, architecture=arch, n_layers=int(n_layers or 0), n_embd=int(n_embd or 0),
-                     n_vocab=n_vocab, tied_output="output.weight" not in names, file_type=file_type)
+                     n_vocab=n_vocab, tied_output="output.weight" not in names, file_type=file_type,
+                     block_bytes=tuple(blocks), embd_bytes=int(embd.n_bytes) if embd is not None else 0,
+                     output_bytes=int(names["output.weight"].n_bytes) if "output.weight" in names else 0,
+                     other_bytes=other)
+
+
+def stage_weight_bytes(info: ModelInfo, layers: LayerRange) -> int:
+    """Bytes of the weights a stage of `layers` loads, as slice_model writes its file: its blocks and
+    the small shared tensors; token_embd on the first and the final stage (the final one's LM head
+    when tied, and the loader wants it), output.weight on the final stage; a middle stage's stand-in
+    embedding is one row."""
+    first, last = layers.first == 0, layers.last == info.n_layers - 1
+    return (sum(info.block_bytes[layers.first:layers.last + 1]) + info.other_bytes
+            + (info.embd_bytes if first or last else 4 * info.n_embd) + (info.output_bytes if last else 0))
 
 
 # Architectures checked and found unsplittable on this llama.cpp, with the reason.

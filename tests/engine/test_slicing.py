@@ -47,6 +47,21 @@ def test_even_split_covers_the_model(default_model):
     assert ranges[0].first == 0 and ranges[-1].last == info.n_layers - 1
 
 
+def test_a_stages_weight_bytes_are_those_its_file_holds(default_model, tmp_path):
+    """What placement counts per stage (read from the tensor index alone) is what the stage file it
+    loads holds: the embedding on the first and final stage, the blocks, a one-row stand-in between."""
+    from node_agent.engine.slicing import stage_weight_bytes
+
+    info = read_model_info(default_model)
+    got = []
+    for r in (LayerRange(0, 9), LayerRange(10, 19), LayerRange(20, 29), LayerRange(0, 29)):
+        out, _ = _fields(stage_file(default_model, r, cache_dir=tmp_path))
+        assert stage_weight_bytes(info, r) == sum(int(t.n_bytes) for t in out.tensors), r
+        got.append(stage_weight_bytes(info, r))
+    assert got[0] > 2 * got[1] and got[2] > 2 * got[1]   # the 49152-token embedding outweighs ten blocks
+    assert got[3] == sum(info.block_bytes) + info.embd_bytes + info.output_bytes + info.other_bytes
+
+
 def test_a_middle_stage_carries_no_vocabulary(default_model, tmp_path):
     _, kv = _fields(stage_file(default_model, LayerRange(10, 19), cache_dir=tmp_path))
     assert kv["tokenizer.ggml.model"] == "none" and kv["llama.vocab_size"] == 1

@@ -39,23 +39,32 @@ def test_nodes_on_different_llama_cpp_builds_are_named_with_the_consequence():
 def test_auto_layers_follow_the_memory_each_chosen_node_declares():
     """Stages whose layers are 'auto': the model's layers in proportion to the memory of the nodes the
     stages landed on (a node holding two stages shares its memory between them), even where a node
-    declares none, and refused with the nodes it would not fit."""
+    declares none, and refused with the nodes it would not fit, counting the weights each stage loads."""
     from consortium.layers import format_split, weighted_split
+    from node_agent.engine.slicing import ModelInfo
 
-    gib = 1 << 30
+    gib, mib = 1 << 30, 1 << 20
+
+    def model(block: int) -> ModelInfo:   # Llama-3-8B's shape: 32 blocks, a 128k vocabulary, untied head
+        return ModelInfo(path="m.gguf", architecture="llama", n_layers=32, n_embd=4096, n_vocab=128256,
+                         tied_output=False, file_type="Q4_K_M", block_bytes=(block,) * 32, embd_bytes=280 * mib,
+                         output_bytes=420 * mib, other_bytes=mib)
+
     nodes = [dataclasses.replace(view(n, True), memory_bytes=m) for n, m in (("a", 24 * gib), ("b", 16 * gib),
                                                                              ("c", 8 * gib))]
     stages = [r.Stage(layers="auto") for _ in range(3)]
     chosen, _ = placement.place(stages, nodes, [0, 0, 0])
     assert chosen == ["a", "b", "c"]
-    ranges, why = placement.memory_split(chosen, nodes, 32, 5 * gib)
+    ranges, why = placement.memory_split(chosen, nodes, model(150 * mib))
     assert why is None and format_split(ranges) == "0-15,16-26,27-31"   # 16 : 11 : 5 layers for 24 : 16 : 8
-    ranges, _ = placement.memory_split(["a", "a", "c"], nodes, 32, 5 * gib)
+    assert placement.stage_bytes(model(150 * mib), ranges) == [(16 * 150 + 280 + 1) * mib, (11 * 150 + 1) * mib + 4 * 4096,
+                                                               (5 * 150 + 280 + 420 + 1) * mib]
+    ranges, _ = placement.memory_split(["a", "a", "c"], nodes, model(150 * mib))
     assert format_split(ranges) == "0-11,12-23,24-31"                     # a's 24 GiB shared by two stages
     unknown = [dataclasses.replace(n, memory_bytes=0) if n.name == "b" else n for n in nodes]
-    assert format_split(placement.memory_split(chosen, unknown, 30, gib)[0]) == "0-9,10-19,20-29"
-    ranges, why = placement.memory_split(chosen, nodes, 32, 60 * gib)
-    assert ranges is None and "does not fit" in why and "a would hold about 30720 MiB of its 24576 MiB" in why
+    assert format_split(placement.memory_split(chosen, unknown, model(mib))[0]) == "0-10,11-21,22-31"
+    ranges, why = placement.memory_split(chosen, nodes, model(2 * gib))
+    assert ranges is None and "does not fit" in why and "a would hold about 33049 MiB of its 24576 MiB" in why
     assert format_split(weighted_split(30, [1, 1, 1])) == "0-9,10-19,20-29"
     assert format_split(weighted_split(4, [100, 1, 1, 1])) == "0-0,1-1,2-2,3-3"   # one layer at least each
 
