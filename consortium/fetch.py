@@ -141,6 +141,8 @@ def _download(url: str, partial: Path, progress: Progress) -> None:
 
 
 HEADER_FIRST_READ = 4 << 20   # most GGUF headers fit (a 128k vocabulary takes about 8 MB): read 4x more until one does
+# A 256k vocabulary's header is some 20 MB; a "header" past this is no model's, and is not read into memory.
+MAX_HEADER_BYTES = 256 << 20
 
 
 def header_path(url: str, sha256: str, cache: Path | None = None) -> Path:
@@ -186,7 +188,9 @@ def fetch_header(url: str, sha256: str, cache: Path | None = None, progress: Pro
                 return path
             if len(data) >= total:
                 raise FetchError(f"{url}: the GGUF header runs past the end of the file ({total} bytes)")
-            size *= 4
+            if size >= MAX_HEADER_BYTES:
+                raise FetchError(f"{url}: no GGUF header ends within its first {MAX_HEADER_BYTES >> 20} MiB")
+            size = min(4 * size, MAX_HEADER_BYTES)
     log.info("%s answers no Range requests: fetching it whole for its header", url)
     return fetch(url, sha256, cache, progress)
 
@@ -283,9 +287,9 @@ def header_digest(path: Path) -> tuple[int, str]:
             length = gguf_header_length(data)
             if length is not None:
                 return length, prefix_digest(path, length)
-            if len(data) < size:
-                raise FetchError(f"{path}: the GGUF header runs past the end of the file")
-            size *= 4
+            if len(data) < size or size >= MAX_HEADER_BYTES:
+                raise FetchError(f"{path}: no GGUF header ends within the file's first {len(data)} bytes")
+            size = min(4 * size, MAX_HEADER_BYTES)
 
 
 def prefix_digest(path: Path, length: int) -> str:

@@ -50,9 +50,6 @@ log = logging.getLogger("node_agent")
 # The final stage keeps only its latest logits rows: a Llama-3 row is 0.5 MB.
 FINAL_STAGE_KEEP = 64
 
-# FetchModel's header_bytes: a GGUF header with a 256k vocabulary is some 20 MB; the digest reads it at once.
-MAX_HEADER_BYTES = 256 << 20
-
 # Batch sizes a failover's replay may merge decode steps into, where the backup checked they keep the
 # bits. Replaying 192 decode rows of a default-model stage on one thread took 0.72 of the one-row
 # time in batches of 8, 0.67 in 16 and 0.66 in 32; checking 2, 4, 8, 16 costs about 0.15-0.25 s once.
@@ -484,8 +481,8 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
             raise _bad(f"url {req.url[:200]!r} is not an http(s) URL")
         if len(req.sha256) != 64 or any(c not in "0123456789abcdef" for c in req.sha256):
             raise _bad("sha256 must be 64 lower-case hex digits: a fetched model is pinned by it")
-        if not 0 <= req.header_bytes <= MAX_HEADER_BYTES:
-            raise _bad(f"header_bytes must be 0 to {MAX_HEADER_BYTES}")
+        if not 0 <= req.header_bytes <= fetch.MAX_HEADER_BYTES:   # the digest reads them at once
+            raise _bad(f"header_bytes must be 0 to {fetch.MAX_HEADER_BYTES}")
         p = self.fetches.progress(req.url, req.sha256)
         out = pb.FetchModelResponse(done=p.done, bytes=p.bytes, total=p.total, error=p.error)
         path = self.fetches.ready(req.url, req.sha256)

@@ -205,3 +205,21 @@ def test_the_operator_reads_a_models_header_alone(gguf, tmp_path, ranges):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_header_that_never_ends_is_not_read_past_the_cap(tmp_path, monkeypatch):
+    """A file whose "header" claims a billion-entry array: the operator gives up at the cap instead of
+    reading a model of gigabytes into memory."""
+    import struct
+
+    monkeypatch.setattr(fetch, "MAX_HEADER_BYTES", 8 << 20)
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"x" + struct.pack("<IIQ", 9, 4, 10 ** 9)
+    srv = Server(head + bytes(20 << 20))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(fetch.FetchError, match="no GGUF header ends within its first 8 MiB"):
+            fetch.fetch_header(srv.url, "a" * 64, tmp_path)
+        assert srv.requests == [f"bytes=0-{(4 << 20) - 1}", f"bytes=0-{(8 << 20) - 1}"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
