@@ -372,6 +372,9 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         self.build = ll.build_info()
         self.engines = Engines(config)
         self.fetches = fetch.Fetches()
+        # (sha256, header_bytes) -> digest: the operator asks every few seconds until its slowest node
+        # is done, and a fetched file never changes (it is named by its sha256).
+        self._header_digests: dict[tuple[str, int], str] = {}
         self._lock = threading.Lock()
         self._assignments: dict[tuple[str, int], Assignment] = {}
         self._fences: dict[tuple[str, int], int] = {}
@@ -488,7 +491,10 @@ class NodeAgentService(wire.pb_grpc.NodeAgentServicer):
         path = self.fetches.ready(req.url, req.sha256)
         if req.header_bytes and path is not None:
             # The operator read only the header, unverifiable alone: this file's first bytes are pinned.
-            out.header_sha256 = fetch.prefix_digest(path, req.header_bytes)
+            key = (req.sha256, req.header_bytes)
+            if key not in self._header_digests:
+                self._header_digests[key] = fetch.prefix_digest(path, req.header_bytes)
+            out.header_sha256 = self._header_digests[key]
         return out
 
     def _stage_path(self, model_path: str, sha: str, layers: LayerRange):
