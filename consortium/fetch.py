@@ -98,18 +98,26 @@ def fetch(url: str, sha256: str, cache: Path | None = None, progress: Progress |
         return path
 
 
-def _download(url: str, partial: Path, progress: Progress) -> None:
-    have = partial.stat().st_size if partial.exists() else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+def _open(url: str, byte_range: str | None = None):
+    """The server's answer to a GET (of `byte_range`, 'A-' or 'A-B', when given); None when the range
+    starts past the end of the file (416). FetchError for any other refusal or a server not reached."""
+    req = urllib.request.Request(url, headers={"Range": f"bytes={byte_range}"} if byte_range else {})
     try:
-        resp = urllib.request.urlopen(req, timeout=TIMEOUT_S)
+        return urllib.request.urlopen(req, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:   # asked past the end: what is there is the whole file
-            progress.bytes = progress.total = have
-            return
+        if e.code == 416 and byte_range:
+            return None
         raise FetchError(f"{url}: the server answered {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         raise FetchError(f"{url}: {getattr(e, 'reason', e)}") from None
+
+
+def _download(url: str, partial: Path, progress: Progress) -> None:
+    have = partial.stat().st_size if partial.exists() else 0
+    resp = _open(url, f"{have}-" if have else None)
+    if resp is None:   # asked past the end: what is there is the whole file
+        progress.bytes = progress.total = have
+        return
     with resp:
         resumed = have and resp.status == 206
         if not resumed:
@@ -198,13 +206,9 @@ def fetch_header(url: str, sha256: str, cache: Path | None = None, progress: Pro
 def _read_range(url: str, size: int) -> tuple[bytes, int] | None:
     """The first `size` bytes of `url` and the file's whole size; None when the server would send the
     whole file instead (no Range support)."""
-    req = urllib.request.Request(url, headers={"Range": f"bytes=0-{size - 1}"})
-    try:
-        resp = urllib.request.urlopen(req, timeout=TIMEOUT_S)
-    except urllib.error.HTTPError as e:
-        raise FetchError(f"{url}: the server answered {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise FetchError(f"{url}: {getattr(e, 'reason', e)}") from None
+    resp = _open(url, f"0-{size - 1}")
+    if resp is None:
+        raise FetchError(f"{url}: the file is empty")
     with resp:
         total = resp.headers.get("Content-Range", "").rpartition("/")[2]
         if resp.status != 206 or not total.isdigit():
